@@ -1,0 +1,1 @@
+"""The HRNN network and its offline life. Nothing here knows about Kafka."""

@@ -1,0 +1,188 @@
+"""Model versions on disk: `<registry>/<version>/` and the registry pointer.
+
+A version directory holds weights.pt (a state_dict, loaded with weights_only=True),
+config.json (every hyperparameter), items.json (the item index), metrics.json and
+manifest.json (sha256 of every file). It is written under a temporary name and renamed
+into place, and the registry's CURRENT pointer is replaced atomically afterwards, so a
+reader never sees a half-written version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from model.config import DataConfig, HRNNConfig, load_config, to_dict
+from model.errors import ArtifactError
+from model.network import HRNN
+
+POINTER = "CURRENT"
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    path: Path
+    created_at: str
+    metrics: dict[str, Any]
+    current: bool
+
+
+@dataclass
+class LoadedModel:
+    version: str
+    path: Path
+    model: HRNN
+    config: HRNNConfig
+    data_config: DataConfig
+    item_ids: list[str]
+    event_types: list[str]
+    metrics: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def new_version_name() -> str:
+    now = datetime.now(timezone.utc)
+    return now.strftime("v%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
+
+
+def save_version(registry: str | Path, model: HRNN, config: HRNNConfig, data_config: DataConfig,
+                 item_ids: list[str], event_types: list[str], metrics: dict[str, Any] | None = None,
+                 *, version: str | None = None, make_current: bool = True,
+                 extras: Callable[[Path], None] | None = None) -> Path:
+    """Write a complete version, rename it into place, then (optionally) point CURRENT at it.
+
+    `extras(dir)` may add files (plots, reports) before the manifest is written; they are checksummed too.
+    """
+    reg = Path(registry)
+    reg.mkdir(parents=True, exist_ok=True)
+    version = version or new_version_name()
+    final = reg / version
+    if final.exists():
+        raise ArtifactError(f"version {version} already exists in {reg}")
+    tmp = Path(tempfile.mkdtemp(dir=reg, prefix=f".tmp-{version}-"))
+    try:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
+        _write_json(tmp / "config.json", {"version": version, "n_items": len(item_ids),
+                                          "hrnn": to_dict(config), "data": to_dict(data_config)})
+        _write_json(tmp / "items.json", {"item_ids": list(item_ids), "event_types": list(event_types)})
+        _write_json(tmp / "metrics.json", metrics or {})
+        if extras is not None:
+            extras(tmp)
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        manifest = {"version": version, "created_at": datetime.now(timezone.utc).isoformat(),
+                    "files": {name: _sha256(tmp / name) for name in names}}
+        _write_json(tmp / "manifest.json", manifest)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if make_current:
+        set_current(reg, version)
+    return final
+
+
+def set_current(registry: str | Path, version: str) -> None:
+    reg = Path(registry)
+    if not (reg / version / "manifest.json").exists():
+        raise ArtifactError(f"no complete version {version!r} in {reg}")
+    _atomic_write(reg / POINTER, version + "\n")
+
+
+def current_version(registry: str | Path) -> str | None:
+    try:
+        return (Path(registry) / POINTER).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def latest_version_dir(registry: str | Path) -> Path:
+    version = current_version(registry)
+    if version is None:
+        raise ArtifactError(f"registry {registry} has no current version (train one with `hrnn train`)")
+    return Path(registry) / version
+
+
+def list_versions(registry: str | Path) -> list[VersionInfo]:
+    reg = Path(registry)
+    if not reg.is_dir():
+        raise ArtifactError(f"registry {reg} does not exist")
+    cur = current_version(reg)
+    out = []
+    for d in sorted(p for p in reg.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+            metrics = json.loads((d / "metrics.json").read_text())
+        except (OSError, ValueError):
+            continue  # not a complete version
+        out.append(VersionInfo(d.name, d, manifest.get("created_at", ""), metrics, d.name == cur))
+    return out
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check the manifest's checksums; return the manifest."""
+    d = Path(path)
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{d}: manifest.json unreadable ({exc})") from None
+    for name, digest in manifest.get("files", {}).items():
+        f = d / name
+        if not f.exists():
+            raise ArtifactError(f"{d}: {name} is missing")
+        if _sha256(f) != digest:
+            raise ArtifactError(f"{d}: checksum mismatch for {name}")
+    return manifest
+
+
+def load_version(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Load and validate a version: checksums, config, item index and weight shapes."""
+    d = Path(path)
+    manifest = verify(d)
+    try:
+        cfg_obj = json.loads((d / "config.json").read_text())
+        items = json.loads((d / "items.json").read_text())
+        metrics = json.loads((d / "metrics.json").read_text())
+        config = load_config(HRNNConfig, file_values=cfg_obj["hrnn"])
+        data_config = load_config(DataConfig, file_values=cfg_obj["data"])
+        state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ArtifactError(f"{d}: cannot read version ({exc})") from None
+    item_ids = [str(i) for i in items["item_ids"]]
+    model = HRNN(len(item_ids), config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{d}: weights do not fit the config/item index: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    return LoadedModel(manifest.get("version", d.name), d, model, config, data_config, item_ids,
+                       list(items.get("event_types", [])), metrics)
+

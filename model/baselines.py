@@ -1,0 +1,339 @@
+"""Non-neural baselines, each a Scorer (model.scorer): fit on training interactions, then score
+every target of a user sequence over the whole catalogue.
+
+Shared conventions:
+- A target at position t sees only positions < t. Its current session is the events from the
+  last session start at or before t up to t - 1; it is empty when the target opens a session.
+- Items with code -1 (unknown to training) are skipped as inputs.
+- Ties are broken by training popularity with a term too small to reorder the primary scores:
+  integer-valued scores (counts) get popularity / (max popularity + 1) < 1; real-valued scores
+  get 1e-6 (similarities in [0, 1]) or 1e-9 (recency weights) times popularity / max popularity.
+  Without it the evaluator's pessimistic tie rule would rank every unscored item last together.
+- Scores are deterministic (no sampling by chance: sknn samples the most recent sessions).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from model.errors import ConfigError
+from model.interactions import Interactions
+from model.scorer import Scorer, UserSequence
+from model.sessions import session_index
+
+DAY_MS = 86_400_000
+
+
+def _session_begin(seq: UserSequence) -> np.ndarray:
+    """For each position p, the index of the last session start at or before p."""
+    idx = np.arange(len(seq.items))
+    return np.maximum.accumulate(np.where(seq.session_start, idx, 0)) if len(idx) else idx
+
+
+def _ragged_gather(ptr: np.ndarray, values: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate values[ptr[w]:ptr[w+1]] for w in which; also return, per element, its index into which."""
+    lens = ptr[which + 1] - ptr[which]
+    owner = np.repeat(np.arange(len(which)), lens)
+    start = np.repeat(ptr[which] - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    return values[start + np.arange(int(lens.sum()))], owner
+
+
+class _Baseline:
+    """Common fitting (catalogue size, popularity) and the per-target loop."""
+
+    name = "baseline"
+
+    def fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        session_start = np.asarray(session_start, dtype=bool)
+        if session_start.shape != (len(train),):
+            raise ConfigError(f"{self.name}: session_start has shape {session_start.shape}, expected ({len(train)},)")
+        self.n_items = train.n_items
+        self.pop = np.bincount(train.item, minlength=self.n_items).astype(np.float64)
+        self.pop_norm = self.pop / max(1.0, self.pop.max())  # in [0, 1]
+        self._fit(train, session_start)
+
+    def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        pass
+
+    def score(self, seqs: list[UserSequence]) -> list[np.ndarray]:
+        if not hasattr(self, "n_items"):
+            raise ConfigError(f"{self.name}: fit() must be called before score()")
+        return [self._score_seq(s) for s in seqs]
+
+    def _score_seq(self, seq: UserSequence) -> np.ndarray:
+        out = np.empty((len(seq.targets), self.n_items), dtype=np.float32)
+        begin = _session_begin(seq)
+        for r, t in enumerate(seq.targets):
+            t = int(t)
+            out[r] = self._score_one(seq, int(begin[t]), t)
+        return out
+
+    def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class Popularity(_Baseline):
+    """Number of training events of each item."""
+
+    name = "pop"
+
+    def _score_seq(self, seq: UserSequence) -> np.ndarray:
+        return np.broadcast_to(self.pop.astype(np.float32), (len(seq.targets), self.n_items)).copy()
+
+
+class RecentPopularity(_Baseline):
+    """Training events of each item in the last `days` days of training, ties by overall popularity."""
+
+    name = "recent-pop"
+
+    def __init__(self, days: float = 1.0) -> None:
+        if days <= 0:
+            raise ConfigError(f"recent-pop: days must be > 0, got {days}")
+        self.days = float(days)
+
+    def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        recent = train.ts_ms >= (train.ts_ms.max() if len(train) else 0) - self.days * DAY_MS
+        counts = np.bincount(train.item[recent], minlength=self.n_items).astype(np.float64)
+        self.row = (counts + self.pop / (self.pop.max() + 1.0)).astype(np.float32)
+
+    def _score_seq(self, seq: UserSequence) -> np.ndarray:
+        return np.broadcast_to(self.row, (len(seq.targets), self.n_items)).copy()
+
+
+def _training_sessions(train: Interactions, session_start: np.ndarray):
+    """Unique (session, item) pairs of the training data, sorted by session then item."""
+    sess = session_index(session_start).astype(np.int64)
+    n_sess = int(sess[-1]) + 1 if len(sess) else 0
+    key = np.unique(sess * train.n_items + train.item)
+    return key // train.n_items, (key % train.n_items).astype(np.int64), n_sess
+
+
+class ItemKNN(_Baseline):
+    """Cosine similarity of items as binary session-membership vectors; a target is scored by the
+    similarities to the last (known) item of its current session, popularity if the session is
+    empty. An item's similarity to itself is 1, so the last item itself ranks first unless
+    `exclude_self` (the classic next-item variant). Each item keeps its `neighbours` most similar items.
+    """
+
+    name = "item-knn"
+
+    def __init__(self, neighbours: int = 200, exclude_self: bool = False) -> None:
+        if neighbours < 1:
+            raise ConfigError(f"item-knn: neighbours must be >= 1, got {neighbours}")
+        self.neighbours = int(neighbours)
+        self.exclude_self = bool(exclude_self)
+
+    def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        s, i, n_sess = _training_sessions(train, session_start)
+        n = self.n_items
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch flags its sparse API as beta
+            x = torch.sparse_coo_tensor(torch.from_numpy(np.stack([s, i])), torch.ones(len(s), dtype=torch.float64),
+                                        (max(1, n_sess), n)).coalesce()
+            co = torch.sparse.mm(x.t().coalesce(), x).coalesce()
+        r, c = co.indices().numpy()
+        v = co.values().numpy()
+        support = np.bincount(i, minlength=n).astype(np.float64)  # sessions per item
+        sim = v / np.sqrt(support[r] * support[c])
+        if self.exclude_self:
+            keep = r != c
+            r, c, sim = r[keep], c[keep], sim[keep]
+        m = min(self.neighbours, n)
+        order = np.lexsort((c, -sim, r))  # per item: most similar first, then by code
+        r, c, sim = r[order], c[order], sim[order]
+        row_start = np.searchsorted(r, np.arange(n))
+        pos = np.arange(len(r)) - row_start[r]
+        keep = pos < m
+        self.nbr = np.zeros((n, m), dtype=np.int64)
+        self.sim = np.zeros((n, m), dtype=np.float64)
+        self.nbr[r[keep], pos[keep]] = c[keep]
+        self.sim[r[keep], pos[keep]] = sim[keep]
+        self.base = 1e-6 * self.pop_norm
+
+    def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
+        row = self.base.copy()
+        ctx = seq.items[begin:t]
+        ctx = ctx[ctx >= 0]
+        if len(ctx):
+            last = int(ctx[-1])
+            row[self.nbr[last]] += self.sim[last]
+        return row
+
+
+class SessionKNN(_Baseline):
+    """Session-based kNN: the current session (a set of items) is compared with past training
+    sessions that share an item with it; of those, the `sample_size` most recent (by last event)
+    are candidates, the `k` most similar (cosine of binary item sets) are the neighbours, and an
+    item scores the summed similarity of the neighbours containing it. Popularity if the current
+    session is empty.
+    """
+
+    name = "sknn"
+
+    def __init__(self, k: int = 500, sample_size: int = 2000) -> None:
+        if k < 1 or sample_size < 1:
+            raise ConfigError(f"sknn: k and sample_size must be >= 1, got k={k}, sample_size={sample_size}")
+        self.k, self.sample_size = int(k), int(sample_size)
+
+    def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        s, i, n_sess = _training_sessions(train, session_start)
+        sess = session_index(session_start)
+        self.sess_time = np.full(n_sess, np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(self.sess_time, sess, train.ts_ms)
+        # rank of each session by recency; ties by session number so the order is total
+        recency = np.empty(n_sess, dtype=np.int64)
+        recency[np.lexsort((np.arange(n_sess), self.sess_time))] = np.arange(n_sess)
+        self.recency = recency
+        self.sess_ptr = np.concatenate([[0], np.cumsum(np.bincount(s, minlength=n_sess))]).astype(np.int64)
+        self.sess_items = i
+        self.sess_len = np.diff(self.sess_ptr).astype(np.float64)
+        # item -> its sessions, oldest first, cut to the most recent sample_size: the sample_size most
+        # recent sessions sharing any item with a query are always among these
+        order = np.lexsort((recency[s], i))
+        it, ss = i[order], s[order]
+        item_ptr = np.concatenate([[0], np.cumsum(np.bincount(it, minlength=self.n_items))]).astype(np.int64)
+        pos_from_end = item_ptr[it + 1] - 1 - np.arange(len(it))
+        keep = pos_from_end < self.sample_size
+        self.item_sessions = ss[keep]
+        self.item_ptr = np.concatenate([[0], np.cumsum(np.bincount(it[keep], minlength=self.n_items))]).astype(np.int64)
+        self.base = 1e-6 * self.pop_norm
+
+    def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
+        row = self.base.copy()
+        q = seq.items[begin:t]
+        q = np.unique(q[q >= 0])
+        if len(q) == 0:
+            return row
+        cand, _ = _ragged_gather(self.item_ptr, self.item_sessions, q)
+        cand, overlap = np.unique(cand, return_counts=True)
+        if len(cand) > self.sample_size:
+            recent = np.argsort(-self.recency[cand], kind="stable")[: self.sample_size]
+            cand, overlap = cand[recent], overlap[recent]
+        sim = overlap / np.sqrt(len(q) * self.sess_len[cand])
+        if len(cand) > self.k:
+            best = np.lexsort((-self.recency[cand], -sim))[: self.k]
+            cand, sim = cand[best], sim[best]
+        items, owner = _ragged_gather(self.sess_ptr, self.sess_items, cand)
+        row += np.bincount(items, weights=sim[owner], minlength=self.n_items)
+        return row
+
+
+class Markov(_Baseline):
+    """First-order transitions: an item scores how often it followed the previous (known) item in
+    training, ties and unseen transitions by popularity. With `within_session` only transitions
+    inside a session count and the previous item must be in the current session; otherwise the
+    user's previous event counts whatever the gap (so session-opening targets get scores too).
+    """
+
+    name = "markov"
+
+    def __init__(self, within_session: bool = False) -> None:
+        self.within_session = bool(within_session)
+
+    def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        n = self.n_items
+        ok = train.user[1:] == train.user[:-1]
+        if self.within_session:
+            ok &= ~session_start[1:]
+        key = np.unique(train.item[:-1][ok].astype(np.int64) * n + train.item[1:][ok], return_counts=True)
+        prev, nxt = key[0] // n, key[0] % n
+        self.next_ptr = np.concatenate([[0], np.cumsum(np.bincount(prev, minlength=n))]).astype(np.int64)
+        self.next_item, self.next_count = nxt, key[1].astype(np.float64)
+        self.base = self.pop / (self.pop.max() + 1.0)
+
+    def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
+        row = self.base.copy()
+        ctx = seq.items[begin if self.within_session else 0:t]
+        ctx = ctx[ctx >= 0]
+        if len(ctx):
+            p = int(ctx[-1])
+            a, b = self.next_ptr[p], self.next_ptr[p + 1]
+            row[self.next_item[a:b]] += self.next_count[a:b]
+        return row
+
+
+class UserRepeat(_Baseline):
+    """The user's own history: item i scores sum over the user's earlier events e of item i of
+    2 ** (-age_e / half_life), age measured to the last event before the target (the request time;
+    any common reference time gives the same ranking). Ties/unseen items by popularity * 1e-9.
+    """
+
+    name = "user-repeat"
+
+    def __init__(self, half_life_days: float = 7.0) -> None:
+        if half_life_days <= 0:
+            raise ConfigError(f"{self.name}: half_life_days must be > 0, got {half_life_days}")
+        self.half_life_days = float(half_life_days)
+
+    def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        self.base = 1e-9 * self.pop_norm
+
+    def _history(self, seq: UserSequence, t: int) -> np.ndarray:
+        items, ts = seq.items[:t], seq.ts_ms[:t]
+        known = items >= 0
+        if not known.any():
+            return np.zeros(self.n_items)
+        age_days = (ts[t - 1] - ts[known]) / DAY_MS
+        return np.bincount(items[known], weights=np.exp2(-age_days / self.half_life_days), minlength=self.n_items)
+
+    def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
+        return self.base + self._history(seq, t)
+
+
+class UserRepeatSession(UserRepeat):
+    """user-repeat plus the current session: item i scores
+    user_repeat(i) + session_weight * (events of i in the current session) / (events in the current session),
+    i.e. the session's item shares, scaled. The session events also count in user_repeat(i)."""
+
+    name = "user-repeat+session"
+
+    def __init__(self, half_life_days: float = 7.0, session_weight: float = 3.0) -> None:
+        super().__init__(half_life_days)
+        if session_weight < 0:
+            raise ConfigError(f"{self.name}: session_weight must be >= 0, got {session_weight}")
+        self.session_weight = float(session_weight)
+
+    def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
+        row = self.base + self._history(seq, t)
+        ctx = seq.items[begin:t]
+        ctx = ctx[ctx >= 0]
+        if len(ctx):
+            row += self.session_weight * np.bincount(ctx, minlength=self.n_items) / len(ctx)
+        return row
+
+
+_REGISTRY: dict[str, Callable[..., _Baseline]] = {
+    "pop": Popularity,
+    "recent-pop": RecentPopularity,
+    "item-knn": ItemKNN,
+    "sknn": SessionKNN,
+    "markov": Markov,
+    "user-repeat": UserRepeat,
+    "user-repeat+session": UserRepeatSession,
+}
+BASELINES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def make_baseline(name: str, **params: Any) -> Scorer:
+    """A new, unfitted baseline by name; params are its constructor's keyword arguments."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters for baseline {name!r}: {exc}") from None
+
+
+def fit_baselines(names: list[str] | tuple[str, ...], train: Interactions, session_start: np.ndarray,
+                  params: dict[str, dict[str, Any]] | None = None) -> dict[str, Scorer]:
+    """Make and fit the named baselines, in order: {name: fitted scorer}."""
+    params = params or {}
+    out: dict[str, Scorer] = {}
+    for name in names:
+        b = make_baseline(name, **params.get(name, {}))
+        b.fit(train, session_start)
+        out[name] = b
+    return out

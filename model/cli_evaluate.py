@@ -1,0 +1,67 @@
+"""`hrnn evaluate`: models and baselines on one split, one table, one JSON, one plot."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model.artifact import load_version
+from model.baselines import BASELINES, make_baseline
+from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data
+from model.config import DataConfig, to_dict
+from model.errors import ConfigError
+from model.evaluate import evaluate, format_table
+from model.inference import HRNNScorer
+from model.network import resolve_device
+from model.pipeline import prepare
+from model.plots import plot_eval_table
+from model.splits import PROTOCOLS, make_split
+
+DEFAULT_BASELINES = "pop,recent-pop,item-knn,sknn"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_flags(p)
+    p.add_argument("--model", action="append", default=[], metavar="DIR", help="a model version directory (repeatable)")
+    p.add_argument("--baselines", default=DEFAULT_BASELINES, help=f"comma list of: {', '.join(BASELINES)} ('' for none)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="last-session")
+    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--plot", help="write a bar chart PNG here (default: next to --json)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the personalize protocol's user sample")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    add_config_flags(p, DataConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    loaded = [load_version(d, device) for d in args.model]
+    # The split must match the one the models were trained around: use the first model's featurization.
+    base = to_dict(loaded[0].data_config) if loaded else None
+    _, data_config = configs_from_args(args, base)
+    for m in loaded:
+        if m.metrics.get("holdout") not in (args.protocol, None):
+            print(f"warning: {m.path} was trained holding out {m.metrics.get('holdout')!r}, not {args.protocol!r}: "
+                  "its scores may include events it trained on", file=sys.stderr)
+    prep = prepare(load_data(args), data_config)
+    split = make_split(args.protocol, prep.data, prep.starts, seed=args.seed)
+    if not split.test:
+        raise ConfigError(f"{args.data}: no user qualifies for a {args.protocol} test (too few sessions per user?)")
+    scorers = {}
+    for name in [b.strip() for b in args.baselines.split(",") if b.strip()]:
+        scorers[name] = make_baseline(name)
+    for m in loaded:
+        scorers[f"hrnn:{m.version}"] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids,
+                                                                 name=f"hrnn:{m.version}")
+    for s in scorers.values():
+        s.fit(split.train, split.train_starts)
+    result = evaluate(split, scorers, progress=not args.quiet)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2))
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot:
+        plot_eval_table(result, plot)
+    return 0

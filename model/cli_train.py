@@ -1,0 +1,37 @@
+"""`hrnn train`: train an HRNN on an interactions file and publish a model version."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data
+from model.pipeline import HOLDOUTS, train_version
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_flags(p)
+    p.add_argument("--registry", required=True, help="model registry directory")
+    p.add_argument("--holdout", choices=HOLDOUTS, default="last-session",
+                   help="reserve this protocol's test events so `hrnn evaluate` scores unseen events")
+    p.add_argument("--no-early-stopping", action="store_true", help="train all epochs, no validation split")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p, *_config_classes())
+
+
+def _config_classes():
+    from model.config import DataConfig, HRNNConfig
+    return HRNNConfig, DataConfig
+
+
+def run(args: argparse.Namespace) -> int:
+    config, data_config = configs_from_args(args)
+    data = load_data(args)
+    run_ = train_version(data, args.registry, config=config, data_config=data_config, holdout=args.holdout,
+                         early_stopping=not args.no_early_stopping, device=args.device, progress=not args.quiet)
+    for line in run_.report.lines():
+        print(line, file=sys.stderr)
+    val = {k: round(v, 4) for k, v in run_.metrics.items() if k.startswith("val_")}
+    print(f"best epoch {run_.fit.best_epoch}, validation {val}", file=sys.stderr)
+    print(run_.version_dir)
+    return 0

@@ -1,0 +1,189 @@
+"""Typed configuration: the Personalize HRNN hyperparameters and the featurization options.
+
+Every setting object here is a dataclass; `load_config` fills one from (in rising priority)
+its defaults, a JSON/TOML file, environment variables `<PREFIX><FIELD>` and explicit
+overrides (command-line flags). Values are coerced to the field's type and range-checked.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from model.errors import ConfigError
+
+T = TypeVar("T")
+
+VARIANTS = ("hrnn-init", "hrnn-all", "session-only")
+LOSSES = ("top1", "bpr-max", "cross-entropy")
+OPTIMIZERS = ("adagrad", "adam")
+
+
+@dataclass
+class DataConfig:
+    """How an interactions log becomes training sequences (Personalize 'featurization')."""
+
+    session_timeout_s: float = 1800.0
+    whole_history_session: bool = False  # transaction-only data: a user's history is one session
+    event_types: tuple[str, ...] = ()  # keep only these types (empty: all)
+    event_type_weights: dict[str, float] = field(default_factory=dict)  # loss weight per type
+    min_user_history_length_percentile: float = 0.0
+    max_user_history_length_percentile: float = 0.99
+    min_item_support: int = 1
+    collapse_repeats: bool = False  # merge consecutive events of the same item in a session
+
+    def validate(self) -> None:
+        _in_range("session_timeout_s", self.session_timeout_s, 1, 365 * 86400)
+        _in_range("min_user_history_length_percentile", self.min_user_history_length_percentile, 0.0, 1.0)
+        _in_range("max_user_history_length_percentile", self.max_user_history_length_percentile, 0.0, 1.0)
+        if self.min_user_history_length_percentile >= self.max_user_history_length_percentile:
+            raise ConfigError("min_user_history_length_percentile must be below max_user_history_length_percentile")
+        _in_range("min_item_support", self.min_item_support, 1, 10**9)
+        for name, w in self.event_type_weights.items():
+            if w < 0:
+                raise ConfigError(f"event_type_weights[{name!r}] must be >= 0, got {w}")
+
+
+@dataclass
+class HRNNConfig:
+    """The network and its training. Names and defaults of the Personalize aws-hrnn recipe where it has them."""
+
+    variant: str = "hrnn-init"
+    hidden_dimension: int = 43
+    bptt: int = 32
+    recency_mask: bool = True
+    recency_half_life_days: float = 0.0  # 0: a quarter of the training time span
+    embedding_dimension: int = 0  # 0: same as hidden_dimension
+    tied_embeddings: bool = False  # output layer reuses the input item embeddings
+    dropout_embedding: float = 0.0
+    dropout_session: float = 0.1
+    dropout_user: float = 0.1
+    dropout_init: float = 0.1
+    time_gap_input: bool = False  # feed log(1 + seconds since the user's previous event)
+    predict_session_start: bool = True  # also train on the first item of a session, from the user state
+    optimizer: str = "adam"
+    learning_rate: float = 0.005
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 5
+    loss: str = "cross-entropy"
+    n_sample: int = 256
+    sample_alpha: float = 0.75
+    logq: float = 0.0
+    bpreg: float = 1.0
+    history_length: int = 100  # H: events kept per user for rebuilds and the repeat head
+    repeat_head: bool = False
+    seed: int = 42
+
+    def validate(self) -> None:
+        _one_of("variant", self.variant, VARIANTS)
+        _one_of("loss", self.loss, LOSSES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _in_range("hidden_dimension", self.hidden_dimension, 32, 256)
+        _in_range("bptt", self.bptt, 1, 32)
+        _in_range("embedding_dimension", self.embedding_dimension, 0, 1024)
+        for name in ("dropout_embedding", "dropout_session", "dropout_user", "dropout_init"):
+            _in_range(name, getattr(self, name), 0.0, 0.9)
+        _in_range("learning_rate", self.learning_rate, 1e-6, 10.0)
+        _in_range("batch_size", self.batch_size, 1, 8192)
+        _in_range("epochs", self.epochs, 1, 1000)
+        _in_range("n_sample", self.n_sample, 0, 100_000)
+        _in_range("history_length", self.history_length, 1, 10_000)
+        if self.tied_embeddings and self.embedding_dimension not in (0, self.hidden_dimension):
+            raise ConfigError("tied_embeddings needs embedding_dimension equal to hidden_dimension (or 0)")
+
+    @property
+    def emb_dim(self) -> int:
+        return self.embedding_dimension or self.hidden_dimension
+
+
+def _in_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} = {value} is outside its range [{lo}, {hi}]")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(allowed)}")
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
+            return None
+        return _coerce(name, args[0], value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+        if origin is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(v).strip() for v in items if str(v).strip())
+        if origin is dict:
+            if isinstance(value, str):  # "click=1,purchase=3" or JSON
+                value = json.loads(value) if value.strip().startswith("{") else \
+                    dict(kv.split("=", 1) for kv in value.split(",") if kv.strip())
+            return {str(k).strip(): float(v) for k, v in dict(value).items()}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from exc
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from None
+
+
+def load_config(cls: type[T], *, file_values: dict[str, Any] | None = None, env_prefix: str | None = None,
+                overrides: dict[str, Any] | None = None, strict_file: bool = False) -> T:
+    """Build `cls` from defaults < file values < environment < overrides (None means 'not given')."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        if key in names:
+            values[key] = _coerce(key, hints[key], value)
+        elif strict_file:
+            raise ConfigError(f"unknown setting {key!r} (known: {', '.join(sorted(names))})")
+    if env_prefix:
+        for key in names:
+            env = os.environ.get(env_prefix + key.upper())
+            if env is not None:
+                values[key] = _coerce(key, hints[key], env)
+    for key, value in (overrides or {}).items():
+        if value is not None and key in names:
+            values[key] = _coerce(key, hints[key], value)
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate:
+        validate()
+    return obj
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(obj)))

@@ -1,0 +1,122 @@
+"""The event contract shared by file loaders and the stream decoder.
+
+An event is one user interaction. Timestamps are carried as epoch milliseconds everywhere
+inside the project; files and messages may give seconds, milliseconds or ISO-8601.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import msgspec
+
+from model.errors import EventError
+
+TimeUnit = Literal["s", "ms", "iso"]
+# Timestamps outside [1990, 2200) in epoch-ms are almost always a unit mix-up (seconds sent as ms).
+_MIN_MS, _MAX_MS = 631_152_000_000, 7_258_118_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    user_id: str
+    item_id: str
+    event_type: str
+    timestamp_ms: int
+    session_id: str | None = None
+    event_id: str | None = None
+    event_value: float | None = None
+
+
+def parse_timestamp(value: Any, unit: TimeUnit = "ms") -> int:
+    """Return epoch milliseconds. Numbers are read in `unit`; strings may also be ISO-8601."""
+    if isinstance(value, bool):
+        raise EventError("bad_timestamp", f"timestamp must be a number or ISO-8601 string, got {value!r}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise EventError("bad_timestamp", f"timestamp is not finite: {value!r}")
+        return int(round(value * 1000)) if unit == "s" else int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if unit != "iso":
+            try:
+                return parse_timestamp(float(text) if "." in text else int(text), unit)
+            except ValueError:
+                pass
+        try:
+            dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise EventError("bad_timestamp", f"cannot parse timestamp {value!r} (epoch number or ISO-8601)") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return int(dt.timestamp() * 1000)
+    raise EventError("bad_timestamp", f"timestamp must be a number or ISO-8601 string, got {type(value).__name__}")
+
+
+def _required_str(obj: dict, key: str) -> str:
+    if key not in obj or obj[key] is None:
+        raise EventError("missing_field", f"field {key!r} is required")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise EventError("bad_field", f"field {key!r} must be a string, got {type(value).__name__}")
+    text = str(value)
+    if not text:
+        raise EventError("bad_field", f"field {key!r} is empty")
+    return text
+
+
+def _optional_str(obj: dict, key: str) -> str | None:
+    value = obj.get(key)
+    return None if value is None or value == "" else str(value)
+
+
+def event_from_mapping(obj: Any, *, check_range: bool = True) -> Event:
+    """Validate one decoded JSON object against the contract in DESIGN.md."""
+    if not isinstance(obj, dict):
+        raise EventError("not_an_object", f"event must be a JSON object, got {type(obj).__name__}")
+    if "timestamp" not in obj:
+        raise EventError("missing_field", "field 'timestamp' is required")
+    ts = parse_timestamp(obj["timestamp"], "ms")
+    if check_range and not (_MIN_MS <= ts < _MAX_MS):
+        raise EventError("bad_timestamp", f"timestamp {obj['timestamp']!r} is not epoch-ms between 1990 and 2200")
+    value = obj.get("event_value")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise EventError("bad_field", f"field 'event_value' must be a finite number, got {value!r}")
+        value = float(value)
+    return Event(
+        user_id=_required_str(obj, "user_id"),
+        item_id=_required_str(obj, "item_id"),
+        event_type=_required_str(obj, "event_type"),
+        timestamp_ms=ts,
+        session_id=_optional_str(obj, "session_id"),
+        event_id=_optional_str(obj, "event_id"),
+        event_value=value,
+    )
+
+
+_decoder = msgspec.json.Decoder()
+
+
+def decode_event(raw: bytes | None) -> Event:
+    """Decode and validate one UTF-8 JSON message value."""
+    if raw is None:
+        raise EventError("empty_value", "message has no value")
+    try:
+        obj = _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise EventError("bad_json", str(exc)) from None
+    return event_from_mapping(obj)
+
+
+def encode_event(event: Event) -> bytes:
+    """The JSON form producers send; fields that are None are left out."""
+    obj = {"user_id": event.user_id, "item_id": event.item_id, "event_type": event.event_type,
+           "timestamp": event.timestamp_ms}
+    for key in ("session_id", "event_id", "event_value"):
+        value = getattr(event, key)
+        if value is not None:
+            obj[key] = value
+    return msgspec.json.encode(obj)

@@ -1,0 +1,118 @@
+"""Featurization as Amazon Personalize does it: which events and users a model trains on.
+
+Steps, in order (each one sees what the previous left):
+1. event types: keep only `cfg.event_types` (all when empty);
+2. collapse repeats: within a session, a run of consecutive events of the same item and the
+   same type keeps only its first event (a click followed by a purchase of that item stays:
+   the purchase is a different signal);
+3. item support: drop items with fewer than `cfg.min_item_support` events;
+4. user history length: drop users whose event count is below the
+   `min_user_history_length_percentile` quantile or above the
+   `max_user_history_length_percentile` quantile of all users' counts (with max 0.99 the
+   longest 1% go; a percentile of 0.0 / 1.0 disables its side).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.config import DataConfig
+from model.interactions import Interactions
+from model.sessions import session_starts
+
+
+@dataclass(frozen=True)
+class StepCount:
+    """What one featurization step removed."""
+
+    step: str
+    events_dropped: int
+    users_dropped: int
+    items_dropped: int
+
+
+@dataclass(frozen=True)
+class FeaturizeReport:
+    events_before: int
+    events_after: int
+    users_before: int
+    users_after: int
+    items_before: int
+    items_after: int
+    steps: tuple[StepCount, ...] = field(default_factory=tuple)
+    min_user_events: float = 0.0  # history-length bounds that were applied (events per user)
+    max_user_events: float = float("inf")
+
+    def dropped(self, step: str) -> StepCount:
+        return next(s for s in self.steps if s.step == step)
+
+    def lines(self) -> list[str]:
+        out = [f"events {self.events_before} -> {self.events_after}, users {self.users_before} -> "
+               f"{self.users_after}, items {self.items_before} -> {self.items_after}"]
+        for s in self.steps:
+            out.append(f"  {s.step}: -{s.events_dropped} events, -{s.users_dropped} users, -{s.items_dropped} items")
+        out.append(f"  user history length kept: {self.min_user_events:g} .. {self.max_user_events:g} events")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def featurize(data: Interactions, cfg: DataConfig) -> tuple[Interactions, FeaturizeReport]:
+    """Apply the steps of the module docstring; the result has compacted vocabularies."""
+    cur = data.compact()
+    steps: list[StepCount] = []
+
+    def apply(step: str, keep: np.ndarray) -> None:
+        nonlocal cur
+        before = (len(cur), _n_present(cur.user), _n_present(cur.item))
+        cur = cur.subset(keep)
+        steps.append(StepCount(step, before[0] - len(cur), before[1] - cur.n_users, before[2] - cur.n_items))
+
+    # 1. event types
+    if cfg.event_types:
+        wanted = [cur.type_code(t) for t in cfg.event_types]
+        apply("event_types", np.isin(cur.event_type, [c for c in wanted if c is not None]))
+    else:
+        apply("event_types", np.ones(len(cur), dtype=bool))
+
+    # 2. collapse repeats
+    keep = np.ones(len(cur), dtype=bool)
+    if cfg.collapse_repeats and len(cur) > 1:
+        starts = session_starts(cur, cfg.session_timeout_s, cfg.whole_history_session)
+        keep[1:] = starts[1:] | (cur.item[1:] != cur.item[:-1]) | (cur.event_type[1:] != cur.event_type[:-1])
+    apply("collapse_repeats", keep)
+
+    # 3. item support
+    support = np.bincount(cur.item, minlength=cur.n_items)
+    apply("min_item_support", support[cur.item] >= cfg.min_item_support)
+
+    # 4. user history length percentiles
+    lengths = np.bincount(cur.user, minlength=cur.n_users)
+    lo, hi = 0.0, float("inf")
+    if len(lengths):
+        if cfg.min_user_history_length_percentile > 0.0:
+            lo = float(np.quantile(lengths, cfg.min_user_history_length_percentile))
+        if cfg.max_user_history_length_percentile < 1.0:
+            hi = float(np.quantile(lengths, cfg.max_user_history_length_percentile))
+    ok_user = (lengths >= lo) & (lengths <= hi)
+    apply("user_history_length", ok_user[cur.user])
+
+    report = FeaturizeReport(
+        events_before=len(data), events_after=len(cur),
+        users_before=_n_present(data.user), users_after=cur.n_users,
+        items_before=_n_present(data.item), items_after=cur.n_items,
+        steps=tuple(steps), min_user_events=lo, max_user_events=hi,
+    )
+    return cur, report
+
+
+def event_weights(data: Interactions, cfg: DataConfig) -> np.ndarray:
+    """float32 loss weight of each row from `cfg.event_type_weights` (types not listed weigh 1.0)."""
+    table = np.array([cfg.event_type_weights.get(t, 1.0) for t in data.event_types] or [1.0], dtype=np.float32)
+    return table[data.event_type]
+
+
+def _n_present(codes: np.ndarray) -> int:
+    return int(np.unique(codes).size)

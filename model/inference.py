@@ -1,0 +1,254 @@
+"""Inference: the offline sequence scorer used by evaluation, and the online API the worker calls.
+
+Both run `HRNN.transition`, so streaming adds no error to what evaluation measured.
+The online API takes a batch of events in arrival order plus the stored states of their
+users and returns new states and catalogue scores. Events of one user are applied in
+order: the batch is cut into waves (the k-th event of every user in wave k), each wave is
+one batched network step, and all events are scored with one matmul at the end.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from model.artifact import LoadedModel, load_version
+from model.interactions import Interactions
+from model.network import HRNN, PaddedSequences, resolve_device, run_sequences
+from model.scorer import UserSequence
+from model.sessions import is_new_session
+from model.state import HistoryEvent, UserState
+
+MAX_K = 500
+
+
+class HRNNScorer:
+    """The Scorer protocol for a trained network: evaluation's batched forward pass."""
+
+    def __init__(self, model: HRNN, name: str = "hrnn", batch_size: int = 256,
+                 item_map: np.ndarray | None = None) -> None:
+        """item_map[c] is the model's index of the evaluation data's item code c (-1: unknown to the model);
+        None when the codes already agree."""
+        self.model, self.name, self.batch_size, self.item_map = model, name, batch_size, item_map
+        self.unseen: torch.Tensor | None = None
+
+    @classmethod
+    def for_vocabulary(cls, model: HRNN, model_items: list[str], data_items, name: str = "hrnn") -> "HRNNScorer":
+        index = {item: i for i, item in enumerate(model_items)}
+        return cls(model, name, item_map=np.array([index.get(str(i), -1) for i in data_items], dtype=np.int64))
+
+    def fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        """Nothing to learn here (training is model.train); remember which items training never saw."""
+        seen = np.bincount(train.item, minlength=train.n_items) > 0
+        if self.item_map is not None:
+            seen &= self.item_map >= 0
+        self.unseen = torch.from_numpy(~seen)
+
+    @torch.inference_mode()
+    def score(self, seqs: list[UserSequence]) -> list[np.ndarray]:
+        self.model.eval()
+        out: list[np.ndarray] = [np.empty(0)] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].items))  # similar lengths pad less
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, scores in zip(chunk, self._score_chunk([seqs[i] for i in chunk])):
+                out[i] = scores
+        return out
+
+    def _score_chunk(self, seqs: list[UserSequence]) -> list[np.ndarray]:
+        dev = next(self.model.parameters()).device
+        items = [s.items if self.item_map is None else np.where(s.items >= 0, self.item_map[s.items], -1)
+                 for s in seqs]
+        padded = PaddedSequences.build(items, [s.session_start for s in seqs],
+                                       [s.ts_ms for s in seqs], dev)
+        collect = torch.zeros_like(padded.valid)
+        for r, s in enumerate(seqs):
+            collect[r, torch.as_tensor(s.targets, dtype=torch.long)] = True
+        _, _, pre = run_sequences(self.model, padded, collect)
+        scores = self.model.score_all(pre)
+        if self.item_map is not None:
+            scores = scores[:, torch.from_numpy(self.item_map.clip(min=0)).to(dev)]
+        if self.unseen is not None:
+            scores[:, self.unseen.to(dev)] = -torch.inf
+        parts = torch.split(scores.float().cpu(), [len(s.targets) for s in seqs])
+        return [p.numpy() for p in parts]
+
+
+@dataclass(frozen=True)
+class StepInput:
+    user_id: str
+    item_id: str
+    event_type: str
+    ts_ms: int
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Serving-time exclusions, drawn from the user's stored last-H events (evaluation never filters)."""
+
+    exclude_purchased: bool = True
+    purchase_types: tuple[str, ...] = ("purchase",)
+    exclude_session_items: bool = False
+    exclude_event_types: tuple[str, ...] = ()
+
+
+@dataclass
+class Advanced:
+    states: dict[str, UserState]
+    scores: torch.Tensor  # (n_events, n_items): scores after each event, i.e. for the next one
+    new_session: list[bool]
+    known: list[bool]
+    session_ids: list[str]
+    rebuilt_users: int
+    excluded: list[list[int]] = field(default_factory=list)  # item indices to filter, per event
+
+
+@dataclass
+class Recommendations:
+    states: dict[str, UserState]
+    items: list[list[tuple[str, float]]]
+    new_session: list[bool]
+    known: list[bool]
+    session_ids: list[str]
+    rebuilt_users: int
+    model_version: str
+
+
+def _excluded(history: list[HistoryEvent], index: Mapping[str, int], f: Filters) -> list[int]:
+    types = set(f.exclude_event_types) | (set(f.purchase_types) if f.exclude_purchased else set())
+    out = {index[e.item_id] for e in history if e.event_type in types and e.item_id in index}
+    if f.exclude_session_items:
+        for e in reversed(history):
+            if e.item_id in index:
+                out.add(index[e.item_id])
+            if e.new_session:
+                break
+    return sorted(out)
+
+
+class Recommender:
+    """A loaded model version serving batches of events."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model, self.version = loaded.model, loaded.version
+        self.config, self.data_config = loaded.config, loaded.data_config
+        self.item_ids = loaded.item_ids
+        self.index = {item: i for i, item in enumerate(loaded.item_ids)}
+        self.device = next(self.model.parameters()).device
+        self.timeout_ms = int(loaded.data_config.session_timeout_s * 1000)
+        self.history_length = loaded.config.history_length
+
+    @classmethod
+    def load(cls, version_dir: str | Path, device: str = "auto") -> "Recommender":
+        return cls(load_version(version_dir, resolve_device(device)))
+
+    def blank_state(self) -> UserState:
+        z = np.zeros(self.model.hidden, dtype=np.float32)
+        return UserState(self.version, z, z.copy(), None, 0, 0, [])
+
+    @torch.inference_mode()
+    def rebuild(self, states: list[UserState]) -> list[UserState]:
+        """Recompute hidden states with this version from each state's stored last-H events, in one batch."""
+        if not states:
+            return []
+        items = [np.array([self.index.get(e.item_id, -1) for e in s.history], dtype=np.int64) for s in states]
+        flags = [np.array([e.new_session for e in s.history], dtype=bool) for s in states]
+        ts = [np.array([e.ts_ms for e in s.history], dtype=np.int64) for s in states]
+        h_user, h_sess, _ = run_sequences(self.model, PaddedSequences.build(items, flags, ts, self.device))
+        hu, hs = h_user.cpu().numpy(), h_sess.cpu().numpy()
+        return [replace(s, model_version=self.version, user_hidden=hu[i].copy(), session_hidden=hs[i].copy(),
+                        history=list(s.history)) for i, s in enumerate(states)]
+
+    def _prepare(self, states: Mapping[str, UserState | None], users: list[str]) -> tuple[dict, int]:
+        work = {u: states.get(u) for u in users}
+        stale = [u for u, s in work.items() if s is not None and s.model_version != self.version]
+        for u, s in zip(stale, self.rebuild([work[u] for u in stale])):
+            work[u] = s
+        for u, s in work.items():
+            work[u] = self.blank_state() if s is None else replace(s, history=list(s.history))
+        return work, len(stale)
+
+    @torch.inference_mode()
+    def advance(self, states: Mapping[str, UserState | None], events: Sequence[StepInput],
+                filters: Filters | None = None) -> Advanced:
+        users = list(dict.fromkeys(e.user_id for e in events))
+        work, rebuilt = self._prepare(states, users)
+        row = {u: i for i, u in enumerate(users)}
+        h_user = torch.from_numpy(np.stack([work[u].user_hidden for u in users])).to(self.device) \
+            if users else torch.zeros(0, self.model.hidden, device=self.device)
+        h_sess = torch.from_numpy(np.stack([work[u].session_hidden for u in users])).to(self.device) \
+            if users else torch.zeros(0, self.model.hidden, device=self.device)
+        post = torch.zeros(len(events), self.model.hidden, device=self.device)
+        new_session, known, session_ids = [False] * len(events), [False] * len(events), [""] * len(events)
+        excluded: list[list[int]] = [[] for _ in events]
+        for wave in _waves(events):
+            flags = [self._bookkeep(work[events[i].user_id], events[i]) for i in wave]
+            rows = torch.tensor([row[events[i].user_id] for i in wave], device=self.device)
+            t = lambda xs, dt: torch.tensor(xs, dtype=dt, device=self.device)  # noqa: E731
+            hu, hs, _ = self.model.transition(
+                h_user[rows], h_sess[rows], t([f[0] for f in flags], torch.long), t([f[1] for f in flags], torch.bool),
+                t([f[2] for f in flags], torch.bool), t([f[0] >= 0 for f in flags], torch.bool),
+                t([f[3] for f in flags], torch.long))
+            h_user[rows], h_sess[rows] = hu, hs
+            post[torch.tensor(wave, device=self.device)] = hs
+            for i, f in zip(wave, flags):
+                s = work[events[i].user_id]
+                new_session[i], known[i], session_ids[i] = f[2], f[0] >= 0, s.session_id or ""
+                if filters is not None:
+                    excluded[i] = _excluded(s.history, self.index, filters)
+        hu_np, hs_np = h_user.cpu().numpy(), h_sess.cpu().numpy()
+        for u, s in work.items():
+            s.user_hidden, s.session_hidden = hu_np[row[u]].copy(), hs_np[row[u]].copy()
+        scores = self.model.score_all(post) if events else torch.zeros(0, len(self.item_ids), device=self.device)
+        return Advanced(work, scores, new_session, known, session_ids, rebuilt, excluded)
+
+    def _bookkeep(self, s: UserState, e: StepInput) -> tuple[int, bool, bool, int]:
+        """Apply one event's session/time/history bookkeeping; return (item, new_user, new_session, gap_ms)."""
+        new_user = s.n_events == 0
+        prev_ts = None if new_user else s.last_event_ms
+        new_sess = is_new_session(s.session_id, prev_ts, e.session_id, e.ts_ms, self.timeout_ms,
+                                  self.data_config.whole_history_session)
+        gap = 0 if new_user else max(e.ts_ms - s.last_event_ms, 0)
+        if new_sess:
+            s.session_id = e.session_id or f"{e.user_id}-{e.ts_ms}"
+            s.session_length = 0
+        s.session_length += 1
+        s.last_event_ms = e.ts_ms if new_user else max(s.last_event_ms, e.ts_ms)  # late events never rewind the clock
+        s.n_events += 1
+        s.history.append(HistoryEvent(e.item_id, e.ts_ms, e.event_type, new_sess))
+        del s.history[:-self.history_length]
+        return self.index.get(e.item_id, -1), new_user, new_sess, gap
+
+    @torch.inference_mode()
+    def recommend(self, states: Mapping[str, UserState | None], events: Sequence[StepInput], *, k: int = 25,
+                  filters: Filters = Filters()) -> Recommendations:
+        k = max(1, min(k, MAX_K, len(self.item_ids)))
+        adv = self.advance(states, events, filters)
+        scores = adv.scores
+        rows = [i for i, ex in enumerate(adv.excluded) for _ in ex]
+        cols = [c for ex in adv.excluded for c in ex]
+        if rows:
+            scores[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = -torch.inf
+        top_s, top_i = torch.topk(scores, k, dim=1) if len(events) else (scores, scores.long())
+        top_s, top_i = top_s.cpu().tolist(), top_i.cpu().tolist()
+        items = [[(self.item_ids[j], s) for j, s in zip(ji, si) if s != -np.inf] for ji, si in zip(top_i, top_s)]
+        return Recommendations(adv.states, items, adv.new_session, adv.known, adv.session_ids, adv.rebuilt_users,
+                               self.version)
+
+
+def _waves(events: Sequence[StepInput]) -> list[list[int]]:
+    """Split event indices so each user appears at most once per wave, keeping per-user order."""
+    seen: dict[str, int] = {}
+    waves: list[list[int]] = []
+    for i, e in enumerate(events):
+        w = seen.get(e.user_id, 0)
+        seen[e.user_id] = w + 1
+        if w == len(waves):
+            waves.append([])
+        waves[w].append(i)
+    return waves

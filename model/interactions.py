@@ -1,0 +1,84 @@
+"""In-memory interactions: columnar arrays sorted by (user, time), with string vocabularies.
+
+`Interactions` is the one shape every offline component takes: loaders produce it, the
+synthetic generator produces it, featurization filters it, sessionizing annotates it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Interactions:
+    user: np.ndarray  # int32 codes into user_ids
+    item: np.ndarray  # int32 codes into item_ids
+    ts_ms: np.ndarray  # int64 epoch milliseconds
+    event_type: np.ndarray  # int16 codes into event_types
+    value: np.ndarray  # float32 EVENT_VALUE (NaN where absent)
+    session_key: np.ndarray | None  # int64 codes of SESSION_ID when the file has one
+    user_ids: np.ndarray  # object array of str
+    item_ids: np.ndarray  # object array of str
+    event_types: tuple[str, ...]
+    source: str = "<memory>"
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @classmethod
+    def from_columns(cls, user_ids, item_ids, ts_ms, event_types=None, values=None, session_ids=None,
+                     source: str = "<memory>") -> "Interactions":
+        """Encode string columns and sort by (user, time, input order)."""
+        n = len(ts_ms)
+        u_vocab, user = np.unique(np.asarray(user_ids).astype(str), return_inverse=True)
+        i_vocab, item = np.unique(np.asarray(item_ids).astype(str), return_inverse=True)
+        if event_types is None:
+            t_vocab, etype = np.array(["click"]), np.zeros(n, dtype=np.int64)
+        else:
+            t_vocab, etype = np.unique(np.asarray(event_types).astype(str), return_inverse=True)
+        val = np.full(n, np.nan, dtype=np.float32) if values is None else np.asarray(values, dtype=np.float32)
+        skey = None
+        if session_ids is not None:
+            _, skey = np.unique(np.asarray(session_ids).astype(str), return_inverse=True)
+            skey = skey.astype(np.int64)
+        ts = np.asarray(ts_ms, dtype=np.int64)
+        order = np.lexsort((np.arange(n), ts, user))
+        return cls(
+            user=user.astype(np.int32)[order], item=item.astype(np.int32)[order], ts_ms=ts[order],
+            event_type=etype.astype(np.int16)[order], value=val[order],
+            session_key=None if skey is None else skey[order],
+            user_ids=u_vocab.astype(object), item_ids=i_vocab.astype(object),
+            event_types=tuple(str(t) for t in t_vocab), source=source,
+        )
+
+    def subset(self, mask: np.ndarray, *, reindex: bool = True) -> "Interactions":
+        """Rows where mask is true; with reindex, vocabularies shrink to what is left."""
+        cols = dict(user=self.user[mask], item=self.item[mask], ts_ms=self.ts_ms[mask],
+                    event_type=self.event_type[mask], value=self.value[mask],
+                    session_key=None if self.session_key is None else self.session_key[mask])
+        out = replace(self, **cols)
+        return out.compact() if reindex else out
+
+    def compact(self) -> "Interactions":
+        """Drop users and items that no longer occur, keeping relative code order."""
+        u_keep, user = np.unique(self.user, return_inverse=True)
+        i_keep, item = np.unique(self.item, return_inverse=True)
+        return replace(self, user=user.astype(np.int32), item=item.astype(np.int32),
+                       user_ids=self.user_ids[u_keep], item_ids=self.item_ids[i_keep])
+
+    def user_bounds(self) -> np.ndarray:
+        """Start offsets of each user's run of rows, plus the end: shape (n_present_users + 1,)."""
+        change = np.flatnonzero(np.diff(self.user)) + 1
+        return np.concatenate([[0], change, [len(self)]]).astype(np.int64)
+
+    def type_code(self, name: str) -> int | None:
+        return self.event_types.index(name) if name in self.event_types else None

@@ -1,0 +1,470 @@
+"""Interactions files (CSV, TSV, Parquet) into `Interactions`.
+
+The expected schema is Amazon Personalize's interactions dataset: USER_ID, ITEM_ID,
+TIMESTAMP (epoch seconds), optional EVENT_TYPE, EVENT_VALUE, SESSION_ID; lower-case names
+are accepted too. Other logs load without a conversion script through a column mapping
+(`columns={"USER_ID": "userId", ...}`, positional names "0", "1", ... for headerless files)
+and a time unit. Parsing is done by pyarrow so a million rows take a second or two; the
+slow Python paths run only to explain an error (which line, which value).
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import csv
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from model.errors import DataError, EventError
+from model.events import parse_timestamp
+from model.interactions import Interactions
+
+TimeUnit = Literal["s", "ms", "iso"]
+
+REQUIRED = ("USER_ID", "ITEM_ID", "TIMESTAMP")
+OPTIONAL = ("EVENT_TYPE", "EVENT_VALUE", "SESSION_ID")
+FIELDS = REQUIRED + OPTIONAL
+
+_PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+_DELIMITER_NAMES = {",": "comma ','", "\t": "tab '\\t'", ";": "semicolon ';'", "|": "pipe '|'"}
+_SNIFF_BYTES = 1 << 16
+_SNIFF_LINES = 20
+_NUMBER = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+
+
+def parse_column_map(text: str) -> dict[str, str]:
+    """Read the CLI form "USER_ID=userId,ITEM_ID=movieId,TIMESTAMP=timestamp" into a mapping.
+
+    Field names are case-insensitive; source names are kept as written ("0", "1", ... address
+    the columns of a headerless file by position).
+    """
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise DataError("<column map>", f"cannot read {part!r}",
+                            expected="FIELD=source pairs like USER_ID=userId,ITEM_ID=movieId,TIMESTAMP=timestamp")
+        field, source = (s.strip() for s in part.split("=", 1))
+        field = field.upper()
+        if field not in FIELDS:
+            raise DataError("<column map>", f"unknown field {field!r}", expected=f"one of {', '.join(FIELDS)}")
+        if not source:
+            raise DataError("<column map>", f"field {field} has no source column", expected=f"{field}=<column>")
+        if field in mapping:
+            raise DataError("<column map>", f"field {field} is mapped twice")
+        mapping[field] = source
+    if not mapping:
+        raise DataError("<column map>", "the mapping is empty", expected="USER_ID=...,ITEM_ID=...,TIMESTAMP=...")
+    return mapping
+
+
+def format_column_map(mapping: dict[str, str]) -> str:
+    """The inverse of `parse_column_map`, for messages that suggest a mapping."""
+    return ",".join(f"{k}={v}" for k, v in mapping.items())
+
+
+def guess_headerless_3col(rows: list[list[str]]) -> dict[str, str] | None:
+    """Suggest a positional mapping for a headerless user/item/time file of three columns.
+
+    The time column is the one whose sample values are all numbers (or ISO dates) and never
+    decrease; failing that, the numeric one with the largest values. The other two keep
+    their order as user, item (the common layout of research logs). None if nothing fits.
+    """
+    rows = [r for r in rows if len(r) == 3]
+    if not rows:
+        return None
+    scores: list[tuple[int, float, int]] = []
+    for col in range(3):
+        values = [r[col].strip() for r in rows]
+        nums = _as_numbers(values)
+        if nums is not None:
+            monotone = int(all(b >= a for a, b in zip(nums, nums[1:])))
+            has_fraction = int(any(v != int(v) for v in nums))
+            scores.append((monotone + has_fraction, max(nums), col))
+        elif all(_is_iso(v) for v in values):
+            scores.append((3, float("inf"), col))
+    if not scores:
+        return None
+    t = max(scores)[2]
+    u, i = [c for c in range(3) if c != t]
+    return {"USER_ID": str(u), "ITEM_ID": str(i), "TIMESTAMP": str(t)}
+
+
+def load_interactions(path: str | Path, *, columns: dict[str, str] | None = None, time_unit: TimeUnit = "s",
+                      delimiter: str | None = None, header: bool | None = None,
+                      base_epoch_s: float = 0.0) -> Interactions:
+    """Load a CSV/TSV/Parquet interactions file.
+
+    columns: field -> source column (see module docstring); fields not mapped are looked up
+    by their Personalize name, upper or lower case. time_unit: how numeric TIMESTAMPs are
+    read ("s" as Personalize, "ms", or "iso" for ISO-8601 strings; ISO strings are also
+    recognised under "s"/"ms" when the whole column is ISO). base_epoch_s is added to numeric
+    times, for logs that count seconds from their own start. delimiter/header: sniffed from
+    the extension and the first lines unless given.
+    """
+    p = Path(path)
+    name = str(p)
+    if time_unit not in ("s", "ms", "iso"):
+        raise DataError(name, f"unknown time unit {time_unit!r}", expected="'s', 'ms' or 'iso'")
+    mapping = _normalise_mapping(name, columns)
+    if not p.exists():
+        raise DataError(name, "file not found", expected="an existing CSV, TSV or Parquet file")
+    if not p.is_file():
+        raise DataError(name, "not a regular file", expected="a CSV, TSV or Parquet file")
+    if p.stat().st_size == 0:
+        raise DataError(name, "file is empty", expected="a header row and at least one event")
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    if p.suffix.lower() in _PARQUET_SUFFIXES or magic == b"PAR1":
+        table, header_lines, resolved = _read_parquet(name, mapping)
+    else:
+        table, header_lines, resolved = _read_text(name, mapping, delimiter, header)
+    return _to_interactions(name, table, resolved, header_lines, time_unit, base_epoch_s)
+
+
+def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
+    """The loader's options as flags, for every command that reads an interactions file."""
+    g = parser.add_argument_group("interactions file format")
+    g.add_argument("--columns", type=str, default=None, metavar="MAP",
+                   help="column mapping, e.g. USER_ID=userId,ITEM_ID=movieId,TIMESTAMP=timestamp "
+                        "(USER_ID=0,ITEM_ID=1,TIMESTAMP=2 for a headerless file)")
+    g.add_argument("--time-unit", choices=("s", "ms", "iso"), default="s",
+                   help="unit of numeric TIMESTAMP values (default s, as Amazon Personalize)")
+    g.add_argument("--delimiter", type=str, default=None, help="field delimiter (default: sniffed; 'tab' for \\t)")
+    g.add_argument("--base-epoch", type=float, default=0.0, metavar="SECONDS",
+                   help="added to numeric timestamps, for logs that count from their own start")
+
+
+def loader_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments for `load_interactions` from the flags of `add_loader_arguments`."""
+    delim = getattr(args, "delimiter", None)
+    if delim is not None and delim.lower() in ("tab", "\\t"):
+        delim = "\t"
+    text = getattr(args, "columns", None)
+    return {"columns": parse_column_map(text) if text else None, "time_unit": getattr(args, "time_unit", "s"),
+            "delimiter": delim, "base_epoch_s": float(getattr(args, "base_epoch", 0.0) or 0.0)}
+
+
+# --- mapping and header resolution -------------------------------------------------------
+
+def _normalise_mapping(name: str, columns: dict[str, str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for field, source in (columns or {}).items():
+        key = str(field).upper()
+        if key not in FIELDS:
+            raise DataError(name, f"column mapping names unknown field {field!r}",
+                            expected=f"one of {', '.join(FIELDS)}")
+        out[key] = str(source)
+    return out
+
+
+def _resolve(name: str, found: list[str], mapping: dict[str, str], positional: bool) -> dict[str, int]:
+    """Field -> column index, or a DataError that lists what the file has."""
+    lower = {c.strip().lower(): i for i, c in enumerate(found)}
+    exact = {c: i for i, c in enumerate(found)}
+    resolved: dict[str, int] = {}
+    for field in FIELDS:
+        if field in mapping:
+            src = mapping[field]
+            if src in exact:
+                resolved[field] = exact[src]
+            elif src.strip().lower() in lower:
+                resolved[field] = lower[src.strip().lower()]
+            elif src.isdigit() and (positional or int(src) < len(found)):
+                if int(src) >= len(found):
+                    raise DataError(name, f"column mapping {field}={src} points past the last column",
+                                    column=src, expected=f"a position below {len(found)}")
+                resolved[field] = int(src)
+            else:
+                raise DataError(name, f"mapped column {src!r} for {field} is not in the file",
+                                column=src, expected=f"one of the columns found: {', '.join(found)}")
+        elif not positional and field.lower() in lower:
+            resolved[field] = lower[field.lower()]
+    missing = [f for f in REQUIRED if f not in resolved]
+    if missing:
+        what = "columns found: " + ", ".join(repr(c) for c in found)
+        raise DataError(name, f"required column(s) {', '.join(missing)} missing; {what}",
+                        expected="USER_ID, ITEM_ID, TIMESTAMP (or a column mapping such as "
+                                 "USER_ID=userId,ITEM_ID=movieId,TIMESTAMP=timestamp)")
+    return resolved
+
+
+# --- Parquet -----------------------------------------------------------------------------
+
+def _read_parquet(name: str, mapping: dict[str, str]) -> tuple[pa.Table, int, dict[str, int]]:
+    try:
+        pf = pq.ParquetFile(name)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(name, f"not a readable Parquet file ({exc})", expected="a Parquet file") from None
+    found = list(pf.schema_arrow.names)
+    resolved = _resolve(name, found, mapping, positional=False)
+    try:
+        table = pf.read(columns=[found[i] for i in sorted(set(resolved.values()))])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(name, f"cannot read Parquet data ({exc})") from None
+    table = table.rename_columns([str(c) for c in table.column_names])
+    by_name = {c: i for i, c in enumerate(table.column_names)}
+    return table, 0, {f: by_name[found[i]] for f, i in resolved.items()}
+
+
+# --- CSV / TSV ---------------------------------------------------------------------------
+
+def _sample_text(name: str) -> str:
+    with open(name, "rb") as fh:
+        raw = fh.read(_SNIFF_BYTES)
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    if len(raw) == _SNIFF_BYTES and b"\n" in raw:
+        raw = raw[: raw.rindex(b"\n") + 1]  # never cut a multi-byte character in half
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(name, f"not UTF-8 text (byte 0x{raw[exc.start]:02x})", line=line,
+                        expected="a UTF-8 encoded file; re-encode it, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _sniff_delimiter(name: str, lines: list[str]) -> str:
+    by_ext = {".tsv": "\t", ".tab": "\t", ".csv": ","}.get(Path(name).suffix.lower())
+    best, best_count = None, 0
+    for cand in _DELIMITER_NAMES:
+        counts = [ln.count(cand) for ln in lines]
+        # a real delimiter occurs the same number of times on every line
+        if counts and min(counts) > 0 and len(set(counts)) == 1:
+            if counts[0] > best_count or (counts[0] == best_count and cand == by_ext):
+                best, best_count = cand, counts[0]
+    return best or by_ext or ","
+
+
+def _split(line: str, delimiter: str) -> list[str]:
+    return next(csv.reader([line], delimiter=delimiter), [])
+
+
+def _looks_like_header(fields: list[str], mapping: dict[str, str]) -> bool:
+    names = {f.lower() for f in FIELDS} | {s.strip().lower() for s in mapping.values() if not s.isdigit()}
+    return any(f.strip().lower() in names for f in fields)
+
+
+def _read_text(name: str, mapping: dict[str, str], delimiter: str | None,
+               header: bool | None) -> tuple[pa.Table, int, dict[str, int]]:
+    text = _sample_text(name)
+    lines = [ln for ln in text.splitlines() if ln.strip()][:_SNIFF_LINES]
+    if not lines:
+        raise DataError(name, "file has no rows", expected="a header row and at least one event")
+    delim = delimiter if delimiter is not None else _sniff_delimiter(name, lines)
+    if len(delim) != 1:
+        raise DataError(name, f"delimiter {delim!r} is not a single character", expected="',', '\\t', ';' or '|'")
+    first = _split(lines[0], delim)
+    if len(first) == 1:
+        others = [d for d in _DELIMITER_NAMES if d != delim and lines[0].count(d) > 0
+                  and len({ln.count(d) for ln in lines}) == 1]
+        if others:
+            raise DataError(name, f"every line reads as one column with delimiter {_DELIMITER_NAMES.get(delim, repr(delim))}",
+                            line=1, expected=f"delimiter {_DELIMITER_NAMES[others[0]]}, which this file appears to use")
+    has_header = _looks_like_header(first, mapping) if header is None else header
+    positional = not has_header
+    if positional:
+        needs_position = [f for f in REQUIRED if not mapping.get(f, "").isdigit()]
+        if needs_position:
+            hint = ""
+            if len(first) == 3 and not mapping:
+                guess = guess_headerless_3col([_split(ln, delim) for ln in lines])
+                if guess:
+                    hint = f"; it has 3 columns: try the column mapping {format_column_map(guess)}"
+            raise DataError(name, "the first line is not a header with USER_ID, ITEM_ID, TIMESTAMP "
+                                  f"(found {', '.join(repr(f) for f in first)}){hint}", line=1,
+                            expected="a header row, or a positional column mapping such as "
+                                     "USER_ID=0,ITEM_ID=1,TIMESTAMP=2 for a headerless file")
+        found = [str(i) for i in range(len(first))]
+    else:
+        found = [f.strip() for f in first]
+    resolved = _resolve(name, found, mapping, positional)
+    col_names = [f"c{i}" for i in range(len(found))]  # unique names even if the header repeats one
+    wanted = sorted(set(resolved.values()))
+    types = {col_names[i]: pa.string() for i in wanted if i != resolved.get("EVENT_VALUE")}
+    if "EVENT_VALUE" in resolved:
+        types[col_names[resolved["EVENT_VALUE"]]] = pa.string()
+    try:
+        table = pa_csv.read_csv(
+            name,
+            read_options=pa_csv.ReadOptions(column_names=col_names, skip_rows=1 if has_header else 0,
+                                            block_size=1 << 24),
+            parse_options=pa_csv.ParseOptions(delimiter=delim, newlines_in_values=False),
+            convert_options=pa_csv.ConvertOptions(column_types=types,
+                                                  include_columns=[col_names[i] for i in wanted],
+                                                  strings_can_be_null=False, quoted_strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid as exc:
+        raise _explain_csv_error(name, str(exc), delim, len(found)) from None
+    by_name = {c: i for i, c in enumerate(table.column_names)}
+    return table, 1 if has_header else 0, {f: by_name[col_names[i]] for f, i in resolved.items()}
+
+
+def _explain_csv_error(name: str, message: str, delim: str, n_cols: int) -> DataError:
+    """Find the line pyarrow choked on; this slow scan only runs on the error path."""
+    if "UTF8" in message or "utf8" in message.lower():
+        data = Path(name).read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            return DataError(name, f"not UTF-8 text (byte 0x{data[exc.start]:02x})", line=line,
+                             expected="a UTF-8 encoded file; re-encode it, e.g. iconv -f latin1 -t utf-8")
+        return DataError(name, f"not UTF-8 text ({message})", expected="a UTF-8 encoded file")
+    m = re.search(r"Expected (\d+) columns, got (\d+)", message)
+    if m:
+        with open(name, encoding="utf-8", errors="replace", newline="") as fh:
+            for lineno, row in enumerate(csv.reader(fh, delimiter=delim), start=1):
+                if row and len(row) != n_cols:
+                    return DataError(name, f"line has {len(row)} fields, the first line has {n_cols}",
+                                     line=lineno, expected=f"{n_cols} fields separated by {_DELIMITER_NAMES.get(delim, repr(delim))}")
+        return DataError(name, f"a line has {m.group(2)} fields, the first line has {m.group(1)}")
+    return DataError(name, f"cannot parse as delimited text: {message}")
+
+
+# --- columns into Interactions -----------------------------------------------------------
+
+def _to_interactions(name: str, table: pa.Table, resolved: dict[str, int], header_lines: int,
+                     time_unit: TimeUnit, base_epoch_s: float) -> Interactions:
+    n = table.num_rows
+    if n == 0:
+        raise DataError(name, "no events after the header", expected="at least one event row")
+
+    def line_of(row: int) -> int:
+        return row + 1 + header_lines
+
+    def col(field: str) -> pa.ChunkedArray:
+        return table.column(resolved[field])
+
+    def ids(field: str) -> np.ndarray:
+        arr = col(field)
+        if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
+            if pa.types.is_floating(arr.type):
+                # ids stored as floats in Parquet: 12.0 must still read as "12"
+                as_int = pc.cast(arr, pa.int64(), safe=False)
+                if pc.all(pc.equal(pc.cast(as_int, arr.type), arr)).as_py():
+                    arr = as_int
+            arr = pc.cast(arr, pa.string())
+        bad = pc.or_kleene(pc.is_null(arr), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0))
+        _raise_first(name, bad, arr, field, line_of, "empty value", f"a non-empty {field}")
+        return np.asarray(arr.to_numpy(zero_copy_only=False))
+
+    users, items = ids("USER_ID"), ids("ITEM_ID")
+    ts_ms = _timestamps(name, col("TIMESTAMP"), time_unit, base_epoch_s, line_of)
+    types = ids("EVENT_TYPE") if "EVENT_TYPE" in resolved else None
+    values = _numbers(name, col("EVENT_VALUE"), "EVENT_VALUE", line_of, allow_empty=True) \
+        if "EVENT_VALUE" in resolved else None
+    sessions = ids("SESSION_ID") if "SESSION_ID" in resolved else None
+    return Interactions.from_columns(users, items, ts_ms, event_types=types, values=values,
+                                     session_ids=sessions, source=name)
+
+
+def _raise_first(name: str, bad: pa.ChunkedArray | pa.Array, arr, field: str, line_of, problem: str,
+                 expected: str) -> None:
+    if pc.any(bad).as_py():
+        row = int(pc.index(bad, True).as_py())
+        value = arr[row].as_py()
+        raise DataError(name, f"{problem} {value!r}" if value not in (None, "") else problem,
+                        line=line_of(row), column=field, expected=expected)
+
+
+def _numbers(name: str, arr: pa.ChunkedArray, field: str, line_of, *, allow_empty: bool = False) -> np.ndarray:
+    """float64 values of a numeric or numeric-string column; the first bad one is reported."""
+    if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
+        if not allow_empty:
+            _raise_first(name, pc.is_null(arr), arr, field, line_of, "empty value", "a number")
+        return arr.to_numpy(zero_copy_only=False).astype(np.float64)
+    if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
+        raise DataError(name, f"column has type {arr.type}", column=field, expected="numbers")
+    text = pc.utf8_trim_whitespace(arr)
+    empty = pc.equal(pc.utf8_length(text), 0)
+    if allow_empty:
+        text = pc.if_else(empty, pa.scalar(None, pa.string()), text)
+    try:
+        return pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+    except pa.ArrowInvalid:
+        ok = pc.match_substring_regex(text, _NUMBER)
+        bad = pc.invert(pc.fill_null(ok, True)) if allow_empty else pc.invert(pc.fill_null(ok, False))
+        _raise_first(name, bad, arr, field, line_of, "not a number:", "a number")
+        raise DataError(name, "cannot read the column as numbers", column=field, expected="numbers") from None
+
+
+def _timestamps(name: str, arr: pa.ChunkedArray, unit: TimeUnit, base_epoch_s: float, line_of) -> np.ndarray:
+    expected = {"s": "epoch seconds", "ms": "epoch milliseconds", "iso": "ISO-8601 date-times"}[unit]
+    if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
+        _raise_first(name, pc.is_null(arr), arr, "TIMESTAMP", line_of, "empty timestamp", expected)
+        return pc.cast(pc.cast(arr, pa.timestamp("ms")), pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64)
+    is_text = pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
+    if unit != "iso":
+        if is_text:
+            text = pc.utf8_trim_whitespace(arr)
+            numeric = pc.match_substring_regex(text, _NUMBER)
+            if not pc.any(numeric).as_py() and _is_iso(str(text[0].as_py())):
+                return _iso(name, arr, line_of)  # a whole column of ISO dates: read it as such
+            _raise_first(name, pc.invert(numeric), arr, "TIMESTAMP", line_of, "cannot parse timestamp", expected)
+        values = _numbers(name, arr, "TIMESTAMP", line_of)
+        finite = np.isfinite(values)
+        if not finite.all():
+            _raise_first(name, pa.array(~finite), arr, "TIMESTAMP", line_of, "cannot parse timestamp", expected)
+        if unit == "s" and values.max() > 1e11:  # past year 5000 in seconds: these are milliseconds
+            row = int(np.argmax(values > 1e11))
+            raise DataError(name, f"timestamp {values[row]:.0f} is too large for epoch seconds", line=line_of(row),
+                            column="TIMESTAMP", expected="epoch seconds; for epoch milliseconds use time unit 'ms'")
+        scale = 1000.0 if unit == "s" else 1.0
+        return np.rint(values * scale + base_epoch_s * 1000.0).astype(np.int64)
+    if not is_text:
+        raise DataError(name, f"time unit 'iso' but the column holds {arr.type}", column="TIMESTAMP",
+                        expected="ISO-8601 strings, or time_unit 's'/'ms' for numbers")
+    return _iso(name, arr, line_of)
+
+
+def _iso(name: str, arr: pa.ChunkedArray, line_of) -> np.ndarray:
+    text = pc.utf8_trim_whitespace(arr)
+    # fast paths: a column that is all zoned, or all naive (read as UTC)
+    for target in (pa.timestamp("ms", tz="UTC"), pa.timestamp("ms")):
+        try:
+            return pc.cast(pc.cast(text, target), pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    uniq, inverse = np.unique(np.asarray(text.to_numpy(zero_copy_only=False)).astype(str), return_inverse=True)
+    parsed = np.empty(len(uniq), dtype=np.int64)
+    bad_values: set[str] = set()
+    for k, value in enumerate(uniq):
+        try:
+            parsed[k] = parse_timestamp(value, "iso")
+        except EventError:
+            bad_values.add(value)
+    if bad_values:
+        bad = pc.is_in(text, value_set=pa.array(sorted(bad_values)))
+        _raise_first(name, bad, arr, "TIMESTAMP", line_of, "cannot parse timestamp", "ISO-8601 date-times")
+    return parsed[inverse]
+
+
+def _as_numbers(values: list[str]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def _is_iso(value: str) -> bool:
+    if not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+        return False
+    try:
+        parse_timestamp(value, "iso")
+        return True
+    except EventError:
+        return False
+
+
+__all__ = ["FIELDS", "REQUIRED", "OPTIONAL", "TimeUnit", "load_interactions", "parse_column_map",
+           "format_column_map", "guess_headerless_3col", "add_loader_arguments", "loader_options"]

@@ -1,0 +1,110 @@
+"""From an interactions log to a published model version.
+
+Featurize, sessionize, hold out the evaluation protocol's test events (so `hrnn evaluate`
+on the same file scores events the model never saw), hold out each remaining user's last
+session for early stopping, train, and publish the version with its metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.artifact import save_version
+from model.config import DataConfig, HRNNConfig
+from model.evaluate import evaluate
+from model.featurize import FeaturizeReport, event_weights, featurize
+from model.inference import HRNNScorer
+from model.interactions import Interactions
+from model.network import HRNN
+from model.plots import plot_training_curve
+from model.sessions import session_starts
+from model.splits import Split, make_split, validation_split
+from model.train import FitResult, Validator, fit
+
+HOLDOUTS = ("last-session", "personalize", "none")
+MAX_VALIDATION_USERS = 3000  # validation runs every epoch; a sample keeps it cheap
+
+
+@dataclass
+class Prepared:
+    data: Interactions
+    starts: np.ndarray
+    report: FeaturizeReport
+
+
+@dataclass
+class TrainingRun:
+    version_dir: Path
+    fit: FitResult
+    report: FeaturizeReport
+    metrics: dict
+
+
+def prepare(data: Interactions, data_config: DataConfig) -> Prepared:
+    feat, report = featurize(data, data_config)
+    return Prepared(feat, session_starts(feat, data_config.session_timeout_s, data_config.whole_history_session),
+                    report)
+
+
+def training_part(prep: Prepared, holdout: str, seed: int = 0) -> tuple[Interactions, np.ndarray]:
+    """The events a model may learn from when `holdout` protocol's test events are reserved."""
+    if holdout == "none":
+        return prep.data, prep.starts
+    split = make_split(holdout, prep.data, prep.starts, seed=seed)
+    return split.train, split.train_starts
+
+
+def validator(split: Split, seed: int = 0) -> Validator:
+    """MRR@20 and recall@20 of the network on (a sample of) the split's test sessions."""
+    rng = np.random.default_rng(seed)
+    test, first = split.test, split.target_first
+    if len(test) > MAX_VALIDATION_USERS:
+        keep = np.sort(rng.choice(len(test), MAX_VALIDATION_USERS, replace=False))
+        test, first = [test[i] for i in keep], [first[i] for i in keep]
+    sample = Split(split.protocol, split.train, split.train_starts, test, first)
+
+    def run(model: HRNN) -> dict:
+        scorer = HRNNScorer(model)
+        scorer.fit(sample.train, sample.train_starts)
+        m = evaluate(sample, {"hrnn": scorer}, cutoffs=(20,), progress=False).models["hrnn"]
+        model.train()
+        return {"mrr@20": m["mrr@20"], "recall@20": m["recall@20"]}
+    return run
+
+
+def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfig, data_config: DataConfig,
+                  holdout: str = "last-session", early_stopping: bool = True, device: str = "auto",
+                  progress: bool = True, init_state: dict | None = None, make_current: bool = True,
+                  extra_metrics: dict | None = None) -> TrainingRun:
+    prep = prepare(data, data_config)
+    train, starts = training_part(prep, holdout, config.seed)
+    train = train.compact()  # the served catalogue is what the model learned from
+    validate = None
+    if early_stopping:
+        val = validation_split(Split("last-session", train, starts, [], []))
+        if val.test:
+            train, starts, validate = val.train, val.train_starts, validator(val, config.seed)
+    weights = event_weights(train, data_config)
+    result = fit(train, starts, config, type_weights=weights, validate=validate, device=device, progress=progress,
+                 init_state=init_state)
+    last = result.history[result.best_epoch - 1] if result.history else {}
+    metrics = {"best_epoch": result.best_epoch, "history": result.history, "holdout": holdout,
+               "train_events": len(train), "train_users": int(len(np.unique(train.user))),
+               "featurize": report_dict(prep.report),
+               **{k: v for k, v in last.items() if k.startswith("val_")}, **(extra_metrics or {})}
+    path = save_version(registry, result.model, config, data_config, [str(i) for i in train.item_ids],
+                        list(train.event_types), metrics, make_current=make_current,
+                        extras=lambda d: plot_training_curve(result.history, d / "training_curve.png"))
+    return TrainingRun(path, result, prep.report, metrics)
+
+
+def report_dict(report: FeaturizeReport) -> dict:
+    return {"lines": report.lines()}
+
+
+def train_and_publish(data: Interactions, registry: str | Path, *, config: HRNNConfig, data_config: DataConfig,
+                      **kwargs) -> Path:
+    """Convenience for callers that only need the version directory."""
+    return train_version(data, registry, config=config, data_config=data_config, **kwargs).version_dir

@@ -1,0 +1,74 @@
+"""PNG charts of evaluation results and training progress (matplotlib, headless Agg backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from model.evaluate import EvalResult  # noqa: E402
+
+EVAL_METRICS = ("recall@20", "mrr@20", "ndcg@20")
+
+
+def plot_eval_table(result: EvalResult, path: str | Path, metrics: tuple[str, ...] = EVAL_METRICS) -> Path:
+    """Grouped bars: one group per model, one bar per metric, value printed on each bar."""
+    path = Path(path)
+    names = list(result.models)
+    metrics = tuple(m for m in metrics if any(m in result.models[n] for n in names)) or metrics
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names) + 2.5), 4.5), dpi=120)
+    x = np.arange(len(names))
+    width = 0.8 / max(1, len(metrics))
+    for j, m in enumerate(metrics):
+        vals = [result.models[n].get(m, np.nan) for n in names]
+        bars = ax.bar(x + (j - (len(metrics) - 1) / 2) * width, vals, width, label=m)
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=1, rotation=90)
+    ax.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("score")
+    ax.set_title(f"{result.protocol}: {result.n_test_events} test events", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", ncols=len(metrics))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_training_curve(history: list[dict], path: str | Path, metric: str = "val_mrr@20") -> Path:
+    """Training loss (left axis) and a validation metric (right axis) per epoch; entries lacking a value are skipped."""
+    path = Path(path)
+    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
+    fig, ax = plt.subplots(figsize=(6.5, 4.0), dpi=120)
+    loss = [(e, h["loss"]) for e, h in zip(epochs, history) if h.get("loss") is not None]
+    if loss:
+        ax.plot(*zip(*loss), "o-", color="tab:blue", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:blue")
+    ax.grid(alpha=0.3)
+    val = [(e, h[metric]) for e, h in zip(epochs, history) if h.get(metric) is not None]
+    handles, labels = ax.get_legend_handles_labels()
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*val), "s-", color="tab:orange", label=metric)
+        ax2.set_ylabel(metric, color="tab:orange")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    speed = [h["events_per_s"] for h in history if h.get("events_per_s")]
+    title = "training"
+    if speed:
+        title += f" ({np.mean(speed):,.0f} events/s)"
+    ax.set_title(title, fontsize=10)
+    if handles:
+        ax.legend(handles, labels, fontsize=8, loc="best")
+    if epochs:
+        ax.set_xticks(sorted(set(int(e) for e in epochs)))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

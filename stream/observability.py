@@ -1,0 +1,197 @@
+"""Worker metrics (Prometheus), the /metrics + /health endpoint, and JSON-lines logging.
+
+Each WorkerMetrics owns its registry instead of using the process-global one, so several
+workers in one process (tests, the demo) do not collide on metric names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+NAMESPACE = "hrnn"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STEP_BUCKETS = (0.0005,) + LATENCY_BUCKETS
+BATCH_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192 events
+
+
+class WorkerMetrics:
+    """The worker's counters, histograms and gauges, exposed with the `hrnn_` prefix."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r, ns = self.registry, NAMESPACE
+        self.events_in_total = Counter("events_in", "Input records consumed", namespace=ns, registry=r)
+        self.recommendations_out_total = Counter("recommendations_out", "Recommendation records produced",
+                                                 namespace=ns, registry=r)
+        self.dlq_total = Counter("dlq", "Records sent to the dead-letter topic, by reason", ["reason"],
+                                 namespace=ns, registry=r)
+        self.unknown_items_total = Counter("unknown_items", "Events whose item the model does not know",
+                                           namespace=ns, registry=r)
+        self.repartitioned_total = Counter("repartitioned", "Records re-keyed to the user's partition",
+                                           namespace=ns, registry=r)
+        self.rebuilt_states_total = Counter("rebuilt_states", "User states rebuilt after a model swap",
+                                            namespace=ns, registry=r)
+        self.model_swaps_total = Counter("model_swaps", "Model versions switched to", namespace=ns, registry=r)
+        self.model_refused_total = Counter("model_refused", "Model versions refused, by reason", ["reason"],
+                                           namespace=ns, registry=r)
+        self.batch_size = Histogram("batch_size", "Events per worker batch", namespace=ns, registry=r,
+                                    buckets=BATCH_BUCKETS)
+        self.step_seconds = Histogram("step_seconds", "Wall time of one batch step", namespace=ns, registry=r,
+                                      buckets=STEP_BUCKETS)
+        self.event_to_recommendation_seconds = Histogram(
+            "event_to_recommendation_seconds", "Event timestamp to recommendation emit time",
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
+        self.consumer_lag = Gauge("consumer_lag", "Records behind the end, per assigned input partition "
+                                  "(approximate on Tansu)", ["partition"], namespace=ns, registry=r)
+        self.model_version_info = Gauge("model_version_info", "1 for the model version now serving",
+                                        ["version"], namespace=ns, registry=r)
+        self.states_stored = Gauge("states_stored", "User states in the local stores", namespace=ns, registry=r)
+        self._version: str | None = None
+        self._lock = threading.Lock()
+
+    def set_model_version(self, version: str) -> None:
+        """Point model_version_info at `version` only, so dashboards see one serving version."""
+        with self._lock:
+            if self._version is not None and self._version != version:
+                self.model_version_info.remove(self._version)
+            self._version = version
+            self.model_version_info.labels(version=version).set(1)
+
+    def set_lag(self, partition: int, lag: int) -> None:
+        self.consumer_lag.labels(partition=str(partition)).set(max(0, lag))
+
+    def forget_partitions(self, partitions: list[int]) -> None:
+        """Drop lag series of revoked partitions, so another worker's partitions are not reported twice."""
+        for p in partitions:
+            try:
+                self.consumer_lag.remove(str(p))
+            except KeyError:
+                pass
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """A sample's current value by its exposed name (e.g. "hrnn_events_in_total"), for tests and summaries."""
+        return self.registry.get_sample_value(name, labels or {})
+
+
+class HealthSource(Protocol):
+    alive: bool
+    details: dict[str, Any]
+
+
+@dataclass
+class Health:
+    """What /health reports: the worker flips `alive` off when its loop is stuck or has failed."""
+
+    alive: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, alive: bool | None = None, **details: Any) -> None:
+        if alive is not None:
+            self.alive = alive
+        self.details.update(details)
+
+
+class MetricsServer:
+    """A running /metrics + /health endpoint on a background thread."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread) -> None:
+        self._httpd, self._thread = httpd, thread
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def host(self) -> str:
+        return str(self._httpd.server_address[0])
+
+    def shutdown(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "MetricsServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def start_http_server(metrics: WorkerMetrics, port: int, health: HealthSource, *,
+                      host: str = "0.0.0.0") -> MetricsServer:
+    """Serve GET /metrics (Prometheus text) and GET /health (JSON; 200 while alive, 503 otherwise).
+    Port 0 picks a free port; read it from the returned server's `.port`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, CONTENT_TYPE_LATEST, metrics.exposition())
+            elif path in ("/health", "/healthz"):
+                alive = bool(health.alive)
+                body = {"status": "ok" if alive else "unavailable", **dict(health.details)}
+                self._send(200 if alive else 503, "application/json",
+                           json.dumps(body, default=str).encode())
+            else:
+                self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /health\n")
+
+        def _send(self, code: int, ctype: str, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: keep out of the log
+            logging.getLogger(__name__).debug(format % args)
+
+    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, name="hrnn-metrics-http", daemon=True)
+    thread.start()
+    return MetricsServer(httpd, thread)
+
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
+_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, the `extra` fields, and exc when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and key not in out and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def setup_json_logging(level: int | str = "INFO", stream: Any = None) -> logging.Handler:
+    """Route the root logger to JSON lines on stderr (or `stream`), replacing earlier handlers."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler

@@ -1,0 +1,96 @@
+"""What the worker writes to Kafka, besides the states themselves: recommendation values,
+dead-letter and changelog headers. Readers (tests, `hrnn tail`, downstream services) decode
+with the same definitions.
+
+Dead-letter records (`<input-topic>.dlq`) keep the original key and value bytes untouched and
+carry these headers (values UTF-8):
+  hrnn-dlq-reason       short machine-readable tag: bad_json, missing_field, bad_field,
+                        bad_timestamp, not_an_object, empty_value, ...
+  hrnn-dlq-detail       a sentence for a human
+  hrnn-source-topic     where the record was read
+  hrnn-source-partition
+  hrnn-source-offset
+Changelog records (`<group>.state-changelog`, key user_id, value the encoded state) carry
+  hrnn-source-offset    the input offset that produced the state (restores skip uncommitted ones)
+Repartitioned events (re-keyed by user_id onto the input topic) carry
+  hrnn-repartitioned-from  "<topic>/<partition>/<offset>" of the mis-keyed original.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+H_REASON = "hrnn-dlq-reason"
+H_DETAIL = "hrnn-dlq-detail"
+H_SOURCE_TOPIC = "hrnn-source-topic"
+H_SOURCE_PARTITION = "hrnn-source-partition"
+H_SOURCE_OFFSET = "hrnn-source-offset"
+H_REPARTITIONED_FROM = "hrnn-repartitioned-from"
+
+Headers = list[tuple[str, bytes]]
+
+
+class ScoredItem(msgspec.Struct, frozen=True):
+    item_id: str
+    score: float
+
+
+class Recommendation(msgspec.Struct, frozen=True):
+    """The value of one record on the output topic (key: user_id)."""
+
+    user_id: str
+    items: list[ScoredItem]
+    model_version: str
+    session_id: str | None
+    event_id: str | None
+    source_partition: int
+    source_offset: int
+    event_timestamp: int  # ms, the event's own timestamp
+    emitted_at: int  # ms, wall clock when the worker produced it
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Recommendation)
+
+
+def encode_recommendation(rec: Recommendation) -> bytes:
+    return _encoder.encode(rec)
+
+
+def decode_recommendation(raw: bytes) -> Recommendation:
+    return _decoder.decode(raw)
+
+
+def scored_items(items: Sequence[tuple[str, float]]) -> list[ScoredItem]:
+    return [ScoredItem(i, float(s)) for i, s in items]
+
+
+def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> Headers:
+    return [(H_REASON, reason.encode()), (H_DETAIL, detail.encode()), (H_SOURCE_TOPIC, topic.encode()),
+            (H_SOURCE_PARTITION, str(partition).encode()), (H_SOURCE_OFFSET, str(offset).encode())]
+
+
+def changelog_headers(source_offset: int) -> Headers:
+    return [(H_SOURCE_OFFSET, str(source_offset).encode())]
+
+
+def repartition_headers(topic: str, partition: int, offset: int) -> Headers:
+    return [(H_REPARTITIONED_FROM, f"{topic}/{partition}/{offset}".encode())]
+
+
+def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    """The last value of header `name`, decoded, or None."""
+    found = None
+    for key, value in headers or ():
+        if key == name:
+            found = None if value is None else value.decode("utf-8", "replace")
+    return found
+
+
+def source_offset_of(headers: Sequence[tuple[str, bytes | None]] | None) -> int | None:
+    value = header(headers, H_SOURCE_OFFSET)
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None

@@ -1,0 +1,128 @@
+"""Replaying an interactions file into the events topic, as a live shop would send it.
+
+Events go out in global event-time order (what a real stream looks like), keyed by user_id
+so a user's events stay on one partition in order. Each event's id is its row index in the
+Interactions (sorted by user, time), so a replay of the same file always yields the same ids
+and a downstream check can match recommendations to source rows.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from model.errors import ConfigError, HRNNError
+from model.events import Event, encode_event
+from model.interactions import Interactions
+
+
+class ReplayError(HRNNError):
+    """Events could not be delivered to the broker."""
+
+
+class ProducerLike(Protocol):
+    def produce(self, topic: str, value: bytes | None = ..., key: bytes | None = ..., **kwargs) -> None: ...
+    def poll(self, timeout: float = ...) -> int: ...
+    def flush(self, timeout: float = ...) -> int: ...
+
+
+def event_order(data: Interactions) -> np.ndarray:
+    """Row indices in global time order; ties keep the (user, time) row order, so per-user order holds."""
+    return np.argsort(data.ts_ms, kind="stable")
+
+
+def events_from_interactions(data: Interactions, *, limit: int | None = None) -> Iterator[Event]:
+    """The rows as Events in global time order, event_id = row index. SESSION_ID codes become strings
+    (the loader keeps only codes; equal codes still mean one session)."""
+    order = event_order(data)
+    if limit is not None:
+        order = order[:limit]
+    user_ids, item_ids, types = data.user_ids, data.item_ids, data.event_types
+    for row in order.tolist():
+        value = float(data.value[row])
+        yield Event(
+            user_id=str(user_ids[data.user[row]]),
+            item_id=str(item_ids[data.item[row]]),
+            event_type=types[data.event_type[row]],
+            timestamp_ms=int(data.ts_ms[row]),
+            session_id=None if data.session_key is None else str(int(data.session_key[row])),
+            event_id=str(row),
+            event_value=None if math.isnan(value) else value,
+        )
+
+
+class _Pacer:
+    """Holds the replay back to `rate` events/s, or to event time divided by `speedup`."""
+
+    def __init__(self, rate: float | None, speedup: float | None, first_ts_ms: int) -> None:
+        self.rate, self.speedup, self.first_ts_ms = rate, speedup, first_ts_ms
+        self.started = time.monotonic()
+
+    def due(self, index: int, ts_ms: int) -> float:
+        if self.rate:
+            return self.started + index / self.rate
+        if self.speedup:
+            return self.started + (ts_ms - self.first_ts_ms) / 1000.0 / self.speedup
+        return 0.0
+
+
+def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, rate: float | None = None,
+           speedup: float | None = None, limit: int | None = None, progress: bool = True) -> int:
+    """Produce the events (key user_id, value the event JSON) and wait until all are delivered.
+    Returns how many were delivered; raises ReplayError if the broker rejected any."""
+    if rate is not None and speedup is not None:
+        raise ConfigError("give either a rate (events/s) or a speedup of event time, not both")
+    if rate is not None and rate <= 0:
+        raise ConfigError(f"rate must be > 0 events/s, got {rate}")
+    if speedup is not None and speedup <= 0:
+        raise ConfigError(f"speedup must be > 0, got {speedup}")
+    if limit is not None and limit < 0:
+        raise ConfigError(f"limit must be >= 0, got {limit}")
+    total = len(interactions) if limit is None else min(limit, len(interactions))
+    delivered, failures = 0, []
+
+    def on_delivery(err, _msg) -> None:
+        nonlocal delivered
+        if err is None:
+            delivered += 1
+        elif len(failures) < 5:
+            failures.append(err)
+        else:
+            failures.append(None)  # only counted
+
+    first_ts = int(interactions.ts_ms.min()) if total else 0
+    pacer = _Pacer(rate, speedup, first_ts)
+    bar = tqdm(total=total, unit="ev", file=sys.stderr, disable=not progress, desc=f"-> {topic}")
+    try:
+        for i, event in enumerate(events_from_interactions(interactions, limit=limit)):
+            due = pacer.due(i, event.timestamp_ms)
+            while (wait := due - time.monotonic()) > 0:
+                producer.poll(min(wait, 0.1))  # serve delivery reports while pacing instead of idling
+            _produce(producer, topic, event.user_id.encode(), encode_event(event), on_delivery)
+            bar.update(1)
+            if i % 1000 == 0:
+                producer.poll(0)
+        remaining = producer.flush(60)
+    finally:
+        bar.close()
+    if remaining:
+        raise ReplayError(f"{remaining} events to {topic!r} were still undelivered after 60 s "
+                          f"(is the broker reachable?)")
+    if failures:
+        shown = "; ".join(e.str() for e in failures if e is not None)
+        raise ReplayError(f"{len(failures)} of {total} events to {topic!r} were rejected: {shown}")
+    return delivered
+
+
+def _produce(producer: ProducerLike, topic: str, key: bytes, value: bytes, on_delivery) -> None:
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(0.05)  # local queue full: let librdkafka drain it

@@ -1,0 +1,135 @@
+"""The streaming worker's settings: one typed object, filled (in rising priority) from defaults,
+a JSON/TOML file, environment variables HRNN_<FIELD> and command-line flags.
+
+A settings file may hold the worker's keys at its top level or in a `[serve]` table (so one
+file can also carry other commands' sections). Kafka client settings (`security.protocol`,
+`sasl.*`, `ssl.*`, ...) go in a `kafka` table, in HRNN_KAFKA as `key=value,key=value` or JSON,
+or in repeatable `--kafka-config KEY=VALUE` flags; they are passed to librdkafka unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.config import load_config, read_config_file
+from model.errors import ConfigError
+
+ENV_PREFIX = "HRNN_"
+GUARANTEES = ("at_least_once", "exactly_once")
+MAX_K = 500
+
+
+def _parse_kafka(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return {}
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise ConfigError(f"setting kafka: not valid JSON: {exc}") from None
+        else:
+            pairs = [kv.split("=", 1) for kv in text.split(",") if kv.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ConfigError(f"setting kafka: {value!r} must look like key=value,key=value")
+            value = dict(pairs)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"setting kafka must be a table of librdkafka settings, got {type(value).__name__}")
+    return {str(k).strip(): str(v).strip() if not isinstance(v, bool) else str(v).lower() for k, v in value.items()}
+
+
+@dataclass
+class WorkerSettings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    registry: str = ""  # model registry directory (required)
+    state_dir: str = ""  # where the per-partition RocksDB stores live (required)
+    input_topic: str = "hrnn.events"
+    output_topic: str = "hrnn.recommendations"
+    group: str = "hrnn-worker"
+    partitions: int = 0  # partitions for topics this worker creates; 0: the input topic's count, else 6
+    batch_size: int = 500  # most records per batch (one Recommender call)
+    batch_timeout_s: float = 0.02  # longest wait to fill a batch: bounds the added latency at low load
+    k: int = 25
+    exclude_purchased: bool = True
+    purchase_types: tuple[str, ...] = ("purchase",)
+    exclude_session_items: bool = False  # opt-in: in repeat-heavy domains these are the best recommendations
+    exclude_event_types: tuple[str, ...] = ()
+    processing_guarantee: str = "at_least_once"
+    transactional_id: str = ""  # exactly_once only; empty: <group>-<host>-<pid>
+    device: str = "auto"
+    metrics_port: int = 0  # 0: no metrics/health endpoint
+    log_level: str = "INFO"
+    restore_timeout_s: float = 120.0  # longest catch-up from the changelog for one assignment
+    create_topics: bool = True
+    # librdkafka pass-through for every client. Typed Mapping so the generic loader hands it over
+    # untouched (it would coerce a dict's values to float); __post_init__ reads it.
+    kafka: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kafka = _parse_kafka(self.kafka)
+
+    def validate(self) -> None:
+        if not self.registry:
+            raise ConfigError("no model registry given: pass --registry DIR (or set HRNN_REGISTRY)")
+        if not self.state_dir:
+            raise ConfigError("no state directory given: pass --state-dir DIR (or set HRNN_STATE_DIR)")
+        if not self.bootstrap_servers:
+            raise ConfigError("no Kafka bootstrap servers given: pass --bootstrap-servers HOST:PORT")
+        if not 1 <= self.k <= MAX_K:
+            raise ConfigError(f"k = {self.k} is outside its range [1, {MAX_K}]")
+        if not 1 <= self.batch_size <= 100_000:
+            raise ConfigError(f"batch_size = {self.batch_size} is outside its range [1, 100000]")
+        if not 0.0 <= self.batch_timeout_s <= 60.0:
+            raise ConfigError(f"batch_timeout_s = {self.batch_timeout_s} is outside its range [0, 60]")
+        if not 0 <= self.partitions <= 10_000:
+            raise ConfigError(f"partitions = {self.partitions} is outside its range [0, 10000]")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port = {self.metrics_port} is not a TCP port (0 turns the endpoint off)")
+        if self.processing_guarantee not in GUARANTEES:
+            raise ConfigError(f"processing_guarantee = {self.processing_guarantee!r} is not one of "
+                              f"{', '.join(GUARANTEES)}")
+        if self.input_topic == self.output_topic:
+            raise ConfigError("input_topic and output_topic must differ")
+        for key in ("bootstrap.servers", "group.id", "transactional.id"):
+            if key in self.kafka:
+                raise ConfigError(f"kafka setting {key!r} is set by the worker; use the matching worker setting")
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.input_topic}.dlq"
+
+    @property
+    def changelog_topic(self) -> str:
+        return f"{self.group}.state-changelog"
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.processing_guarantee == "exactly_once"
+
+    def effective_transactional_id(self) -> str:
+        return self.transactional_id or f"{self.group}-{socket.gethostname()}-{os.getpid()}"
+
+
+def load_settings(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+                  *, env_prefix: str | None = ENV_PREFIX) -> WorkerSettings:
+    """Defaults < file (top level or its [serve] table) < HRNN_* env < overrides (None: not given)."""
+    file_values: dict[str, Any] = {}
+    if config_file:
+        raw = read_config_file(config_file)
+        file_values = raw["serve"] if isinstance(raw.get("serve"), Mapping) else raw
+    extra_kafka = dict((overrides or {}).get("kafka") or {})
+    rest = {k: v for k, v in (overrides or {}).items() if k != "kafka"}
+    settings = load_config(WorkerSettings, file_values=file_values, env_prefix=env_prefix, overrides=rest,
+                           strict_file=True)
+    if extra_kafka:  # flags add to (and override single keys of) the file/env table
+        settings.kafka = {**settings.kafka, **_parse_kafka(extra_kafka)}
+        settings.validate()
+    return settings

@@ -1,0 +1,217 @@
+"""Per-partition user-state stores on RocksDB.
+
+One RocksDB database per assigned input partition, so a partition's state moves between
+workers as a unit: the new owner opens (or creates) its local copy and catches up from the
+changelog. A store holds two kinds of keys in its default column family:
+
+  b"u" + user_id (UTF-8)  -> the encoded UserState (model.state.encode_state)
+  b"\\x00changelog_offset" -> the changelog offset the stored states correspond to (ASCII int)
+
+States and the changelog offset are always written in one WriteBatch, so after a crash the
+store is at some batch boundary and the offset says where catching up has to start.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from rocksdict import Options, Rdict, WriteBatch
+
+from model.errors import HRNNError
+from model.state import StateFormatError, UserState, decode_state, encode_state
+
+log = logging.getLogger(__name__)
+
+_USER = b"u"
+_CHANGELOG_OFFSET = b"\x00changelog_offset"
+_RESTORE_CHUNK = 5000  # changelog records per WriteBatch while catching up
+
+
+class StoreError(HRNNError):
+    """A state store cannot be opened or written (path taken by another process, disk full, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangelogRecord:
+    """One record read back from the state changelog."""
+
+    user_id: str
+    value: bytes | None  # the encoded state; None is a tombstone (the user's state was deleted)
+    offset: int  # offset of this record in the changelog partition
+    source_offset: int  # offset of the input record that produced the state
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    applied: int
+    skipped: int  # records of batches whose input offsets were never committed
+    changelog_offset: int
+
+
+def _user_key(user_id: str) -> bytes:
+    return _USER + user_id.encode()
+
+
+def _options() -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    return opts
+
+
+class PartitionStore:
+    """The RocksDB database holding the user states of one input partition."""
+
+    def __init__(self, path: str | Path, partition: int) -> None:
+        self.path, self.partition = Path(path), partition
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = Rdict(str(self.path), options=_options())
+        except Exception as exc:  # rocksdict raises a bare Exception for I/O and lock errors
+            raise StoreError(f"cannot open state store {self.path}: {exc} "
+                             "(is another worker using the same --state-dir?)") from None
+        self.corrupt_states = 0
+
+    @property
+    def changelog_offset(self) -> int:
+        """The last changelog offset reflected in this store; -1 when it has none yet."""
+        raw = self._db.get(_CHANGELOG_OFFSET)
+        return -1 if raw is None else int(raw)
+
+    def get_many(self, user_ids: Iterable[str]) -> dict[str, UserState | None]:
+        """Multi-get; a user without a state (or with an unreadable one) maps to None."""
+        ids = list(user_ids)
+        if not ids:
+            return {}
+        raws = self._db.get([_user_key(u) for u in ids])
+        return {u: self._decode(u, raw) for u, raw in zip(ids, raws)}
+
+    def get(self, user_id: str) -> UserState | None:
+        return self.get_many([user_id])[user_id]
+
+    def _decode(self, user_id: str, raw: bytes | None) -> UserState | None:
+        if raw is None:
+            return None
+        try:
+            return decode_state(raw)
+        except StateFormatError as exc:
+            # A state we cannot read must not stop the partition: the user starts afresh.
+            self.corrupt_states += 1
+            log.warning("unreadable state, user starts afresh", extra={"user_id": user_id, "error": str(exc)})
+            return None
+
+    def write(self, encoded: Mapping[str, bytes], changelog_offset: int | None) -> None:
+        """Store encoded states and (when given) the changelog offset they correspond to, atomically."""
+        batch = WriteBatch(raw_mode=True)
+        for user_id, value in encoded.items():
+            batch.put(_user_key(user_id), value)
+        if changelog_offset is not None:
+            batch.put(_CHANGELOG_OFFSET, str(changelog_offset).encode())
+        self._write(batch)
+
+    def put_states(self, states: Mapping[str, UserState], changelog_offset: int | None = None) -> None:
+        self.write({u: encode_state(s) for u, s in states.items()}, changelog_offset)
+
+    def _write(self, batch: WriteBatch) -> None:
+        try:
+            self._db.write(batch)
+        except Exception as exc:
+            raise StoreError(f"cannot write state store {self.path}: {exc}") from None
+
+    def restore(self, records: Iterable[ChangelogRecord], committed_offset: int) -> RestoreResult:
+        """Apply changelog records in offset order.
+
+        `committed_offset` is the group's committed input offset of this partition (the next
+        offset to consume; < 0 when nothing was committed). A record whose source offset is at
+        or above it comes from a batch that was produced but never committed: that batch will be
+        processed again, so its state must not be applied now.
+        """
+        applied = skipped = 0
+        last = self.changelog_offset
+        batch, pending = WriteBatch(raw_mode=True), 0
+        for rec in records:
+            if rec.offset <= last:
+                continue
+            last = rec.offset
+            if committed_offset < 0 or rec.source_offset >= committed_offset:
+                skipped += 1
+            else:
+                applied += 1
+                if rec.value is None:
+                    batch.delete(_user_key(rec.user_id))
+                else:
+                    batch.put(_user_key(rec.user_id), rec.value)
+            pending += 1
+            if pending >= _RESTORE_CHUNK:
+                batch.put(_CHANGELOG_OFFSET, str(last).encode())
+                self._write(batch)
+                batch, pending = WriteBatch(raw_mode=True), 0
+        if pending:
+            batch.put(_CHANGELOG_OFFSET, str(last).encode())
+            self._write(batch)
+        return RestoreResult(applied, skipped, last)
+
+    def user_ids(self) -> list[str]:
+        """Every stored user (a full scan: for tests and tools, not the hot path)."""
+        out = []
+        for key in self._db.keys(from_key=_USER):
+            if not key.startswith(_USER):
+                break
+            out.append(key[len(_USER):].decode())
+        return out
+
+    def estimate_count(self) -> int:
+        # RocksDB's estimate counts the offset key too; the gauge is approximate anyway.
+        return max(0, int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0) - 1)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+class StateStores:
+    """The open partition stores of one worker: `<state_dir>/<group>/<topic>-<partition>`."""
+
+    def __init__(self, state_dir: str | Path, group: str, topic: str) -> None:
+        self.root = Path(state_dir) / group
+        self.topic = topic
+        self._open: dict[int, PartitionStore] = {}
+
+    def path(self, partition: int) -> Path:
+        return self.root / f"{self.topic}-{partition}"
+
+    def open(self, partition: int) -> PartitionStore:
+        store = self._open.get(partition)
+        if store is None:
+            store = self._open[partition] = PartitionStore(self.path(partition), partition)
+        return store
+
+    def get(self, partition: int) -> PartitionStore | None:
+        return self._open.get(partition)
+
+    def __getitem__(self, partition: int) -> PartitionStore:
+        return self._open[partition]
+
+    @property
+    def partitions(self) -> list[int]:
+        return sorted(self._open)
+
+    def close(self, partition: int) -> None:
+        store = self._open.pop(partition, None)
+        if store is not None:
+            store.close()
+
+    def close_all(self) -> None:
+        for p in list(self._open):
+            self.close(p)
+
+    def wipe(self, partition: int) -> None:
+        """Delete a partition's local copy (it is rebuilt from the changelog on the next open)."""
+        self.close(partition)
+        shutil.rmtree(self.path(partition), ignore_errors=True)
+
+    def estimate_count(self) -> int:
+        return sum(s.estimate_count() for s in self._open.values())

@@ -1,0 +1,91 @@
+"""Printing recommendation records readably as they arrive (`hrnn tail`).
+
+Reads without a consumer group (assign, no commits) so tailing never steals partitions from
+a downstream consumer group or leaves offsets behind.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+import msgspec
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
+
+from stream.kafka_clients import ClientSettings, KafkaClientError, _throwaway_consumer, topic_partitions
+from stream.records import Recommendation, decode_recommendation
+
+_DAY_MS = 86_400_000
+
+
+def _latency(rec: Recommendation) -> str:
+    ms = rec.emitted_at - rec.event_timestamp
+    # A replayed historical file has event times long past: that is the event's age, not a latency.
+    if abs(ms) >= _DAY_MS:
+        return f"event age {ms / _DAY_MS:.1f} d"
+    return f"latency {ms} ms"
+
+
+def format_recommendation(value: bytes | None, *, top: int = 5) -> str:
+    """One line: user, source partition@offset, model version, latency, the top items with scores.
+    A value that is not a recommendation record comes back as a warning line with its raw bytes."""
+    try:
+        rec = decode_recommendation(value if value is not None else b"")
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raw = repr(value[:200] + (b"..." if len(value) > 200 else b"")) if value is not None else "None"
+        return f"WARNING not a recommendation record ({exc}): {raw}"
+    items = ", ".join(f"{it.item_id} ({it.score:.3f})" for it in rec.items[:top])
+    more = f", +{len(rec.items) - top} more" if len(rec.items) > top else ""
+    session = f" session {rec.session_id}" if rec.session_id else ""
+    return (f"user {rec.user_id}  src p{rec.source_partition}@{rec.source_offset}  model {rec.model_version}"
+            f"{session}  {_latency(rec)}  items: {items or '(none)'}{more}")
+
+
+def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning: bool = False,
+         timeout_s: float | None = None, extra: ClientSettings | None = None, out: TextIO | None = None,
+         top: int = 5) -> int:
+    """Print records of `topic` to `out` until `count` were printed or `timeout_s` passed
+    (None: until interrupted). Returns how many were printed."""
+    out = out or sys.stdout
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    started_ms = int(time.time() * 1000)
+    consumer = _throwaway_consumer(bootstrap, extra)
+    printed = 0
+    try:
+        partitions: list[int] = []
+        while not partitions:  # the worker may not have created the output topic yet
+            partitions = topic_partitions(consumer, topic)
+            if not partitions:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return 0
+                time.sleep(0.2)
+        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
+        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+        # Tansu's "end" is the base offset of the last batch + 1, which can land inside a batch that
+        # was written before we started; skip such older records until a partition shows a new one.
+        skipping = set() if from_beginning else set(partitions)
+        while count is None or printed < count:
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            msg = consumer.poll(wait)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF and err.fatal():
+                    raise KafkaClientError(f"reading {topic!r} failed: {err.str()}")
+                continue
+            if msg.partition() in skipping:
+                ts_type, ts = msg.timestamp()
+                if ts_type != 0 and ts < started_ms:
+                    continue
+                skipping.discard(msg.partition())
+            line = format_recommendation(msg.value(), top=top)
+            if line.startswith("WARNING"):
+                line = f"{line}  [p{msg.partition()}@{msg.offset()} key={msg.key()!r}]"
+            print(line, file=out, flush=True)
+            printed += 1
+    finally:
+        consumer.close()
+    return printed

@@ -1,0 +1,162 @@
+"""The topics the system uses, and creating/checking them before anything reads or writes.
+
+A worker keeps one state store per input partition and mirrors it to the same partition of
+its changelog, so partition counts matter: a topic with fewer partitions than asked is an
+error the operator must fix, never something to work around silently.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+
+from model.errors import HRNNError
+
+log = logging.getLogger(__name__)
+
+EVENTS_TOPIC = "hrnn.events"
+RECOMMENDATIONS_TOPIC = "hrnn.recommendations"
+MODEL_UPDATES_TOPIC = "hrnn.model-updates"
+
+
+def dlq_topic(input_topic: str) -> str:
+    return f"{input_topic}.dlq"
+
+
+def changelog_topic(group: str) -> str:
+    return f"{group}.state-changelog"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    compacted: bool = False
+    replication: int = -1  # -1: the broker's default.replication.factor
+
+
+class TopicError(HRNNError):
+    """A topic is missing, cannot be created, or does not have the shape the system needs."""
+
+
+class TopicMismatchError(TopicError):
+    """An existing topic has fewer partitions than needed, or lacks compaction where it is needed."""
+
+
+class TopicCreationError(TopicError):
+    """The broker refused to create a topic; the message carries the broker's reason."""
+
+
+def standard_topics(input_topic: str = EVENTS_TOPIC, output_topic: str = RECOMMENDATIONS_TOPIC,
+                    group: str = "hrnn-worker", partitions: int = 1) -> list[TopicSpec]:
+    """Every topic a worker group touches. `partitions` must be the input topic's real count:
+    the changelog needs a partition for every input partition."""
+    return [
+        TopicSpec(input_topic, partitions),
+        TopicSpec(output_topic, partitions),
+        TopicSpec(dlq_topic(input_topic), 1),  # low volume; order across users does not matter
+        TopicSpec(changelog_topic(group), partitions, compacted=True),
+        TopicSpec(MODEL_UPDATES_TOPIC, 1, compacted=True),  # one announcement stream, read whole
+    ]
+
+
+def partition_counts(admin: AdminClient, timeout_s: float = 10.0) -> dict[str, int]:
+    """Partition count of every topic the broker lists."""
+    try:
+        md = admin.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        raise TopicError(f"cannot list topics (is the broker reachable?): {_reason(exc)}") from None
+    return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
+
+
+def ensure_topics(admin: AdminClient, specs: list[TopicSpec], *, timeout_s: float = 30.0) -> list[str]:
+    """Create the missing topics and check the existing ones; returns the names created.
+
+    Raises TopicMismatchError for an existing topic that has too few partitions or no
+    compaction where `compacted` is asked, TopicCreationError when the broker refuses."""
+    existing = partition_counts(admin, timeout_s)
+    missing = [s for s in specs if s.name not in existing]
+    created: list[str] = []
+    if missing:
+        futures = admin.create_topics(
+            [NewTopic(s.name, s.partitions, s.replication, config=_topic_config(s)) for s in missing],
+            request_timeout=timeout_s, operation_timeout=timeout_s)
+        for spec in missing:
+            try:
+                futures[spec.name].result(timeout=timeout_s)
+                created.append(spec.name)
+            except KafkaException as exc:
+                # Another worker of the group may have created it a moment ago: check it like any other.
+                if exc.args and isinstance(exc.args[0], KafkaError) and \
+                        exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue
+                raise TopicCreationError(
+                    f"the broker refused to create topic {spec.name!r} ({spec.partitions} partitions"
+                    f"{', compacted' if spec.compacted else ''}): {_reason(exc)}") from None
+        _wait_visible(admin, [s.name for s in missing], timeout_s)
+        existing = partition_counts(admin, timeout_s)
+    for spec in specs:
+        if spec.name not in created:
+            _check_existing(admin, spec, existing.get(spec.name, 0), timeout_s)
+    if created:
+        log.info("created topics", extra={"topics": created})
+    return created
+
+
+def _topic_config(spec: TopicSpec) -> dict[str, str]:
+    return {"cleanup.policy": "compact"} if spec.compacted else {}
+
+
+def _check_existing(admin: AdminClient, spec: TopicSpec, partitions: int, timeout_s: float) -> None:
+    if partitions < spec.partitions:
+        raise TopicMismatchError(
+            f"topic {spec.name!r} has {partitions} partition(s) but {spec.partitions} are needed: "
+            f"add partitions (kafka-topics.sh --alter --topic {spec.name} --partitions {spec.partitions}), "
+            f"or run with --partitions {partitions}, or delete the topic so it is re-created")
+    if not spec.compacted:
+        return
+    policy = cleanup_policy(admin, spec.name, timeout_s)
+    if policy is None:
+        # Tansu only reports the configs a topic was created with; an unreported policy cannot be checked.
+        log.warning("broker does not report cleanup.policy; cannot verify compaction",
+                    extra={"topic": spec.name})
+        return
+    if "compact" not in {p.strip() for p in policy.split(",")}:
+        raise TopicMismatchError(
+            f"topic {spec.name!r} has cleanup.policy={policy} but needs compaction: set it with "
+            f"kafka-configs.sh --alter --entity-type topics --entity-name {spec.name} "
+            f"--add-config cleanup.policy=compact, or delete the topic so it is re-created")
+
+
+def cleanup_policy(admin: AdminClient, topic: str, timeout_s: float = 10.0) -> str | None:
+    """The topic's cleanup.policy, or None when the broker does not report it."""
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(timeout=timeout_s)
+    except KafkaException as exc:
+        raise TopicError(f"cannot read the configuration of topic {topic!r}: {_reason(exc)}") from None
+    entry = configs.get("cleanup.policy")
+    return None if entry is None or entry.value is None else str(entry.value)
+
+
+def _wait_visible(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+    # Creation is acknowledged by the controller before every broker's metadata shows the topic.
+    deadline = time.monotonic() + timeout_s
+    pending = set(names)
+    while pending:
+        pending -= set(partition_counts(admin, timeout_s))
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            raise TopicError(f"topics {sorted(pending)} were created but not visible within {timeout_s:g} s")
+        time.sleep(0.1)
+
+
+def _reason(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    if isinstance(err, KafkaError):
+        return f"{err.name()}: {err.str()}"
+    return str(exc)

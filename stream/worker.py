@@ -1,0 +1,592 @@
+"""The streaming inference worker: events in, one recommendation per valid event out.
+
+One batch, start to end (the DESIGN.md commit order):
+
+  poll      consumer.consume(batch_size, batch_timeout_s)
+  route     decode + validate; invalid -> DLQ, mis-keyed -> re-keyed onto the input topic
+  load      RocksDB multi-get of the batch's users, from the store of their partition
+  step      ONE Recommender.recommend call for all events (events at or below a user's stored
+            source offset were applied before and are left out: replays are idempotent)
+  produce   recommendations, one changelog record per touched user (changelog partition =
+            input partition), DLQ and re-keyed records
+  flush     every record delivered (or, exactly_once: send offsets + commit the transaction)
+  commit    the consumer offsets, synchronously
+  store     one WriteBatch per partition: the new states + the changelog offset they match
+
+A crash before the commit replays the batch from the old states (outputs may repeat); a crash
+after it loses only the store write, which the changelog catch-up on the next assignment
+restores. Rebalance callbacks run inside consume(), i.e. always between two batches, so
+revocation only has to close the partition's store.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from model.artifact import latest_version_dir
+from model.errors import EventError, HRNNError
+from model.events import Event, decode_event
+from model.inference import Filters, Recommendations, Recommender, StepInput
+from model.state import StateFormatError, UserState, decode_state, encode_state
+from stream import records
+from stream.kafka_clients import admin_client, consumer_config, producer_config
+from stream.observability import Health, WorkerMetrics
+from stream.settings import WorkerSettings
+from stream.store import ChangelogRecord, StateStores
+from stream.topics import ensure_topics, partition_counts, standard_topics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARTITIONS = 6
+_CLIENT_TIMEOUT_S = 30.0
+_LAG_EVERY_S = 5.0
+_RESTORE_IDLE_S = 5.0  # a changelog partition silent this long (while not at its end) counts as read
+# Test-only fault injection (the SIGKILL tests): "<phase>:<batch number>" makes the process kill
+# itself with SIGKILL at that point of that batch. Phases: after_produce, after_flush, after_commit.
+FAULT_ENV = "HRNN_FAULT_INJECT"
+
+
+class WorkerError(HRNNError):
+    """The worker cannot go on: records were not delivered, a commit or restore failed for good."""
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A valid event and where it came from."""
+
+    partition: int
+    offset: int
+    event: Event
+    kafka_ts_ms: int | None  # the record's timestamp (producer create time), for the latency metric
+
+
+@dataclass
+class Routed:
+    events: list[Incoming]
+    dead: list[tuple[Message, EventError]]
+    rekey: list[tuple[Message, Event]]
+    next_offsets: dict[int, int]  # partition -> offset after the batch's last record of it
+    first_offsets: dict[int, int]  # partition -> the batch's first offset of it (to rewind an aborted batch)
+
+
+@dataclass
+class BatchResult:
+    records: int = 0
+    recommendations: int = 0
+    dead_lettered: int = 0
+    repartitioned: int = 0
+    replayed: int = 0  # events at or below their user's stored source offset: not applied again
+    unknown_items: int = 0
+    rebuilt_states: int = 0
+    users: int = 0
+    batches: int = 0
+    aborted: int = 0  # exactly_once batches whose transaction was aborted and will be re-read
+
+    def add(self, other: "BatchResult") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def route(msgs: Sequence[Message]) -> Routed:
+    """Split consumed records into valid events, dead letters and records to re-key."""
+    out = Routed([], [], [], {}, {})
+    for msg in msgs:
+        err = msg.error()
+        if err is not None:
+            if err.fatal():
+                raise WorkerError(f"consumer failed: {err.str()}")
+            log.warning("consumer error", extra={"error": err.str(), "code": err.code()})
+            continue
+        p, o = msg.partition(), msg.offset()
+        out.next_offsets[p] = max(out.next_offsets.get(p, 0), o + 1)
+        out.first_offsets[p] = min(out.first_offsets.get(p, o), o)
+        try:
+            event = decode_event(msg.value())
+        except EventError as exc:
+            out.dead.append((msg, exc))
+            continue
+        key = msg.key()
+        if key is None or key != event.user_id.encode():
+            out.rekey.append((msg, event))
+            continue
+        ts_type, ts = msg.timestamp()
+        out.events.append(Incoming(p, o, event, ts if ts_type else None))
+    out.events.sort(key=lambda e: (e.partition, e.offset))
+    return out
+
+
+def split_by_owner(events: list[Incoming]) -> tuple[list[Incoming], list[Incoming]]:
+    """Events whose user already appeared in another partition of this batch wait for a second round.
+
+    With keys equal to user ids this never happens; it guards against producers that use a
+    different partitioner, so a user's events are never stepped against two stores at once.
+    """
+    owner: dict[str, int] = {}
+    now, later = [], []
+    for e in events:
+        (now if owner.setdefault(e.event.user_id, e.partition) == e.partition else later).append(e)
+    return now, later
+
+
+def applied_before(state: UserState | None, offset: int) -> bool:
+    return state is not None and offset <= state.source_offset
+
+
+def filters_of(settings: WorkerSettings) -> Filters:
+    return Filters(exclude_purchased=settings.exclude_purchased, purchase_types=tuple(settings.purchase_types),
+                   exclude_session_items=settings.exclude_session_items,
+                   exclude_event_types=tuple(settings.exclude_event_types))
+
+
+def load_recommender(settings: WorkerSettings) -> Recommender:
+    return Recommender.load(latest_version_dir(settings.registry), settings.device)
+
+
+class _Deliveries:
+    """Delivery reports of one batch: failures, and the highest changelog offset per partition."""
+
+    def __init__(self, changelog_topic: str) -> None:
+        self.changelog_topic = changelog_topic
+        self.reset()
+
+    def reset(self) -> None:
+        self.errors: list[str] = []
+        self.changelog_offsets: dict[int, int] = {}
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.errors.append(f"{msg.topic()}: {err.str()}")
+        elif msg.topic() == self.changelog_topic:
+            p, o = msg.partition(), msg.offset()
+            if o > self.changelog_offsets.get(p, -1):
+                self.changelog_offsets[p] = o
+
+
+def _maybe_crash(phase: str, batch_no: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{phase}:{batch_no}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Worker:
+    """One member of the worker group. Use run(stop_event), or start() + poll_once() + close()."""
+
+    def __init__(self, settings: WorkerSettings, *, recommender: Recommender | None = None,
+                 metrics: WorkerMetrics | None = None, health: Health | None = None) -> None:
+        settings.validate()
+        self.settings = settings
+        self.recommender = recommender or load_recommender(settings)
+        self.filters = filters_of(settings)
+        self.metrics = metrics or WorkerMetrics()
+        self.health = health or Health()
+        self.stores = StateStores(settings.state_dir, settings.group, settings.input_topic)
+        self.totals = BatchResult()
+        self._deliveries = _Deliveries(settings.changelog_topic)
+        self._consumer: Consumer | None = None
+        self._producer: Producer | None = None
+        self._restorer: Consumer | None = None
+        self._next_recommender: Recommender | None = None
+        self._swap_lock = threading.Lock()
+        self._last_lag = 0.0
+        self.metrics.set_model_version(self.recommender.version)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        s = self.settings
+        if s.create_topics:
+            self._ensure_topics()
+        self._producer = Producer(producer_config(
+            s.bootstrap_servers, s.kafka, transactional_id=s.effective_transactional_id() if s.exactly_once else None))
+        if s.exactly_once:
+            self._producer.init_transactions(_CLIENT_TIMEOUT_S)
+        restore_extra = {**s.kafka, "enable.partition.eof": False}
+        self._restorer = Consumer(consumer_config(s.bootstrap_servers, f"{s.group}-restore-{uuid.uuid4().hex[:8]}",
+                                                  restore_extra))
+        extra = {**s.kafka, **({"isolation.level": "read_committed"} if s.exactly_once else {})}
+        self._consumer = Consumer(consumer_config(s.bootstrap_servers, s.group, extra))
+        self._consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                 on_lost=self._on_lost)
+        self.health.update(alive=True, state="running", group=s.group, model_version=self.recommender.version)
+        log.info("worker started", extra={"group": s.group, "input_topic": s.input_topic,
+                                          "model_version": self.recommender.version,
+                                          "guarantee": s.processing_guarantee})
+
+    def _ensure_topics(self) -> None:
+        s = self.settings
+        admin = admin_client(s.bootstrap_servers, s.kafka)
+        existing = partition_counts(admin)
+        n = existing.get(s.input_topic) or s.partitions or DEFAULT_PARTITIONS
+        ensure_topics(admin, standard_topics(s.input_topic, s.output_topic, s.group, n))
+
+    def run(self, stop: threading.Event) -> BatchResult:
+        """Process batches until `stop` is set, then finish the batch in hand and close."""
+        if self._consumer is None:
+            self.start()
+        try:
+            while not stop.is_set():
+                self.poll_once()
+        except BaseException as exc:
+            self.health.update(alive=False, state="failed", error=str(exc))
+            raise
+        finally:
+            self.close()
+        return self.totals
+
+    def poll_once(self) -> BatchResult | None:
+        msgs = self._consumer.consume(num_messages=self.settings.batch_size, timeout=self.settings.batch_timeout_s)
+        result = self.process_batch(msgs) if msgs else None
+        self._maybe_report_lag()
+        return result
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()  # runs the revocation callback: stores close there
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("consumer close failed", extra={"error": str(exc)})
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.flush(_CLIENT_TIMEOUT_S)
+            self._producer = None
+        if self._restorer is not None:
+            self._restorer.close()
+            self._restorer = None
+        self.stores.close_all()
+        if self.health.alive:
+            self.health.update(state="stopped")
+        log.info("worker stopped", extra={k: v for k, v in vars(self.totals).items()})
+
+    def swap_recommender(self, recommender: Recommender) -> None:
+        """Serve `recommender` from the next batch on (thread-safe; the batch in hand finishes first)."""
+        with self._swap_lock:
+            self._next_recommender = recommender
+
+    def _apply_swap(self) -> None:
+        with self._swap_lock:
+            new, self._next_recommender = self._next_recommender, None
+        if new is not None and new.version != self.recommender.version:
+            old, self.recommender = self.recommender.version, new
+            self.metrics.set_model_version(new.version)
+            self.health.update(model_version=new.version)
+            log.info("model swapped", extra={"from_version": old, "to_version": new.version})
+
+    # ---- rebalancing and restore -------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.open_partition(tp.partition)
+        self.health.update(partitions=self.stores.partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Callbacks run inside consume(), so the previous batch is already committed and stored.
+        for tp in partitions:
+            self.stores.close(tp.partition)
+        self.metrics.forget_partitions([tp.partition for tp in partitions])
+        self.health.update(partitions=self.stores.partitions)
+        log.info("partitions revoked", extra={"partitions": [tp.partition for tp in partitions]})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning("partitions lost (session timed out)", extra={"partitions": [tp.partition for tp in partitions]})
+        self._on_revoke(consumer, partitions)
+
+    def open_partition(self, partition: int) -> None:
+        """Open the partition's store and catch it up from the changelog."""
+        s = self.settings
+        t0 = time.perf_counter()
+        store = self.stores.open(partition)
+        committed = self._committed_offset(partition)
+        start = store.changelog_offset + 1
+        result = store.restore(read_changelog(self._restorer, s.changelog_topic, partition, start,
+                                              s.restore_timeout_s), committed)
+        log.info("partition assigned", extra={
+            "partition": partition, "committed_offset": committed, "restored": result.applied,
+            "skipped_uncommitted": result.skipped, "changelog_offset": result.changelog_offset,
+            "seconds": round(time.perf_counter() - t0, 3)})
+
+    def _committed_offset(self, partition: int) -> int:
+        tps = self._consumer.committed([TopicPartition(self.settings.input_topic, partition)],
+                                       timeout=_CLIENT_TIMEOUT_S)
+        tp = tps[0]
+        if tp.error is not None:
+            raise WorkerError(f"cannot read the committed offset of partition {partition}: {tp.error.str()}")
+        return tp.offset  # negative (OFFSET_INVALID) when the group never committed this partition
+
+    # ---- one batch -------------------------------------------------------------------------
+
+    def process_batch(self, msgs: Sequence[Message]) -> BatchResult:
+        t0 = time.perf_counter()
+        self._apply_swap()
+        routed = route(msgs)
+        result = BatchResult(records=len(msgs), batches=1)
+        self._deliveries.reset()
+        if self.settings.exactly_once:
+            self._producer.begin_transaction()
+        self._produce_dead(routed.dead, result)
+        self._produce_rekeyed(routed.rekey, result)
+        encoded = self._step(routed.events, result)
+        _maybe_crash("after_produce", self.totals.batches + 1)
+        if self._finish(routed, encoded):
+            result.aborted = 1
+        self.totals.add(result)
+        self._observe(result, len(msgs), time.perf_counter() - t0)
+        return result
+
+    def _step(self, events: list[Incoming], result: BatchResult) -> dict[int, dict[str, bytes]]:
+        """Apply the events and produce their outputs; returns the encoded new states per partition."""
+        encoded: dict[int, dict[str, bytes]] = defaultdict(dict)
+        pending = events
+        while pending:
+            now, pending = split_by_owner(pending)
+            self._step_round(now, encoded, result)
+        return encoded
+
+    def _step_round(self, events: list[Incoming], encoded: dict[int, dict[str, bytes]],
+                    result: BatchResult) -> None:
+        stored = self._load_states(events)
+        fresh = [e for e in events if not applied_before(stored[e.event.user_id], e.offset)]
+        result.replayed += len(events) - len(fresh)
+        if not fresh:
+            return
+        users = {e.event.user_id for e in fresh}
+        recs = self.recommender.recommend(
+            {u: stored[u] for u in users},
+            [StepInput(e.event.user_id, e.event.item_id, e.event.event_type, e.event.timestamp_ms,
+                       e.event.session_id) for e in fresh],
+            k=self.settings.k, filters=self.filters)
+        self._produce_changelog(fresh, recs, encoded)
+        self._produce_recommendations(fresh, recs)
+        result.recommendations += len(fresh)
+        result.users += len(recs.states)
+        result.unknown_items += recs.known.count(False)
+        result.rebuilt_states += recs.rebuilt_users
+
+    def _load_states(self, events: list[Incoming]) -> dict[str, UserState | None]:
+        by_partition: dict[int, set[str]] = defaultdict(set)
+        for e in events:
+            by_partition[e.partition].add(e.event.user_id)
+        states: dict[str, UserState | None] = {}
+        for p, users in by_partition.items():
+            store = self.stores.get(p)
+            if store is None:  # consumed before its assignment callback ran: should not happen
+                self.open_partition(p)
+                store = self.stores[p]
+            states.update(store.get_many(users))
+        return states
+
+    # ---- produce ----------------------------------------------------------------------------
+
+    def _produce(self, topic: str, value: bytes | None, key: bytes | str | None, *, partition: int | None = None,
+                 headers: list | None = None) -> None:
+        kwargs = {"partition": partition} if partition is not None else {}
+        while True:
+            try:
+                self._producer.produce(topic, value, key, headers=headers, on_delivery=self._deliveries, **kwargs)
+                return
+            except BufferError:  # local queue full: let librdkafka send, then retry
+                self._producer.poll(0.05)
+
+    def _produce_changelog(self, fresh: list[Incoming], recs: Recommendations,
+                           encoded: dict[int, dict[str, bytes]]) -> None:
+        last: dict[str, Incoming] = {}
+        for e in fresh:  # sorted by (partition, offset): the last one wins
+            last[e.event.user_id] = e
+        for user, state in recs.states.items():
+            src = last[user]
+            state.source_offset = src.offset
+            value = encode_state(state)
+            encoded[src.partition][user] = value
+            self._produce(self.settings.changelog_topic, value, user, partition=src.partition,
+                          headers=records.changelog_headers(src.offset))
+
+    def _produce_recommendations(self, fresh: list[Incoming], recs: Recommendations) -> None:
+        topic, version = self.settings.output_topic, recs.model_version
+        emitted = int(time.time() * 1000)
+        for e, items, session_id in zip(fresh, recs.items, recs.session_ids):
+            value = records.encode_recommendation(records.Recommendation(
+                user_id=e.event.user_id, items=records.scored_items(items), model_version=version,
+                session_id=session_id or e.event.session_id, event_id=e.event.event_id,
+                source_partition=e.partition, source_offset=e.offset, event_timestamp=e.event.timestamp_ms,
+                emitted_at=emitted))
+            self._produce(topic, value, e.event.user_id)
+            if e.kafka_ts_ms is not None:
+                self.metrics.event_to_recommendation_seconds.observe(max(0, emitted - e.kafka_ts_ms) / 1000)
+
+    def _produce_dead(self, dead: list[tuple[Message, EventError]], result: BatchResult) -> None:
+        for msg, exc in dead:
+            self._produce(self.settings.dlq_topic, msg.value(), msg.key(), headers=records.dlq_headers(
+                exc.reason, exc.detail, msg.topic(), msg.partition(), msg.offset()))
+            self.metrics.dlq_total.labels(reason=exc.reason).inc()
+        result.dead_lettered += len(dead)
+
+    def _produce_rekeyed(self, rekey: list[tuple[Message, Event]], result: BatchResult) -> None:
+        for msg, event in rekey:
+            self._produce(self.settings.input_topic, msg.value(), event.user_id,
+                          headers=records.repartition_headers(msg.topic(), msg.partition(), msg.offset()))
+        result.repartitioned += len(rekey)
+
+    # ---- commit -----------------------------------------------------------------------------
+
+    def _finish(self, routed: Routed, encoded: dict[int, dict[str, bytes]]) -> bool:
+        """Make the batch durable in the DESIGN.md order; True when an exactly_once batch was aborted."""
+        batch_no = self.totals.batches + 1
+        offsets = [TopicPartition(self.settings.input_topic, p, o) for p, o in sorted(routed.next_offsets.items())]
+        if self.settings.exactly_once:
+            if not self._commit_transaction(offsets):
+                self._rewind(routed.first_offsets)
+                return True
+        else:
+            self._flush()
+            _maybe_crash("after_flush", batch_no)
+            self._commit_offsets(offsets)
+        _maybe_crash("after_commit", batch_no)
+        self._write_stores(encoded)
+        return False
+
+    def _flush(self) -> None:
+        remaining = self._producer.flush(_CLIENT_TIMEOUT_S)
+        while remaining:  # librdkafka gives up by itself after delivery.timeout.ms; wait for its verdict
+            log.warning("records still in flight after flush", extra={"remaining": remaining})
+            remaining = self._producer.flush(_CLIENT_TIMEOUT_S)
+        if self._deliveries.errors:
+            raise WorkerError(f"{len(self._deliveries.errors)} records were not delivered, first: "
+                              f"{self._deliveries.errors[0]}; offsets not committed, the batch will be re-read")
+
+    def _commit_offsets(self, offsets: list[TopicPartition]) -> None:
+        if not offsets:
+            return
+        try:
+            done = self._consumer.commit(offsets=offsets, asynchronous=False)
+            failed = [tp for tp in done or () if tp.error is not None]
+            if failed:
+                raise KafkaException(failed[0].error)
+        except KafkaException as exc:
+            # Typically a rebalance in progress. The outputs are delivered, so the states are still
+            # stored: their source offsets keep a later re-read of these records from applying them twice.
+            log.warning("offset commit failed; the batch may be re-read", extra={"error": str(exc)})
+
+    def _commit_transaction(self, offsets: list[TopicPartition]) -> bool:
+        try:
+            self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(),
+                                                       _CLIENT_TIMEOUT_S)
+            self._producer.commit_transaction(_CLIENT_TIMEOUT_S)
+            return True
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.txn_requires_abort():
+                log.warning("transaction aborted; re-reading the batch", extra={"error": err.str()})
+                self._producer.abort_transaction(_CLIENT_TIMEOUT_S)
+                return False
+            raise WorkerError(f"transaction failed: {exc}") from None
+
+    def _rewind(self, first_offsets: dict[int, int]) -> None:
+        for p, o in first_offsets.items():
+            self._consumer.seek(TopicPartition(self.settings.input_topic, p, o))
+
+    def _write_stores(self, encoded: dict[int, dict[str, bytes]]) -> None:
+        for p, states in encoded.items():
+            self.stores[p].write(states, self._deliveries.changelog_offsets.get(p))
+
+    # ---- metrics ----------------------------------------------------------------------------
+
+    def _observe(self, result: BatchResult, n_records: int, seconds: float) -> None:
+        m = self.metrics
+        m.events_in_total.inc(n_records)
+        m.recommendations_out_total.inc(result.recommendations)
+        m.unknown_items_total.inc(result.unknown_items)
+        m.repartitioned_total.inc(result.repartitioned)
+        m.rebuilt_states_total.inc(result.rebuilt_states)
+        m.batch_size.observe(n_records)
+        m.step_seconds.observe(seconds)
+
+    def _maybe_report_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag < _LAG_EVERY_S or self._consumer is None:
+            return
+        self._last_lag = now
+        topic = self.settings.input_topic
+        tps = [TopicPartition(topic, p) for p in self.stores.partitions]
+        try:
+            for tp in self._consumer.position(tps):
+                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and high >= 0:
+                    self.metrics.set_lag(tp.partition, high - tp.offset)
+        except KafkaException as exc:
+            log.debug("lag not available", extra={"error": str(exc)})
+        self.metrics.states_stored.set(self.stores.estimate_count())
+        self.health.update(batches=self.totals.batches, recommendations=self.totals.recommendations,
+                           last_report=time.time())
+
+
+# ---- changelog catch-up ---------------------------------------------------------------------
+
+def _changelog_record(msg: Message) -> ChangelogRecord | None:
+    key, value = msg.key(), msg.value()
+    if key is None:
+        return None
+    source = records.source_offset_of(msg.headers())
+    if source is None and value is not None:
+        try:  # a record without the header (written by another tool): the state itself says
+            source = decode_state(value).source_offset
+        except StateFormatError:
+            return None
+    return ChangelogRecord(key.decode(), value, msg.offset(), -1 if source is None else source)
+
+
+def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
+                   timeout_s: float) -> Iterator[ChangelogRecord]:
+    """Changelog records of one partition from `start` to the end, in offset order.
+
+    "The end" is an empty fetch once the consumer's position has reached the high watermark:
+    on Tansu the watermark is only the base offset of the last batch + 1, so the watermark alone
+    would stop inside the last batch. A partition that stays silent for a while also counts as
+    read (offsets up to the watermark can be transaction markers or compacted away).
+    """
+    tp = TopicPartition(topic, partition)
+    low, high = consumer.get_watermark_offsets(tp, timeout=_CLIENT_TIMEOUT_S)
+    if start >= high:
+        return
+    consumer.assign([TopicPartition(topic, partition, max(start, low))])
+    deadline = time.monotonic() + timeout_s
+    last_data = time.monotonic()
+    try:
+        while True:
+            msgs = consumer.consume(num_messages=2000, timeout=0.1)
+            for msg in msgs:
+                if msg.error() is not None:
+                    if msg.error().fatal():
+                        raise WorkerError(f"reading changelog {topic}[{partition}] failed: {msg.error().str()}")
+                    continue
+                rec = _changelog_record(msg)
+                if rec is not None:
+                    yield rec
+            now = time.monotonic()
+            if msgs:
+                last_data = now
+                continue
+            position = consumer.position([tp])[0].offset
+            if position >= high or now - last_data > _RESTORE_IDLE_S:
+                return
+            if now > deadline:
+                raise WorkerError(f"changelog {topic}[{partition}] not caught up within {timeout_s:g} s "
+                                  f"(at {position}, end ~{high}); raise restore_timeout_s")
+    finally:
+        consumer.unassign()
+
+
+def serve(settings: WorkerSettings, stop: threading.Event, *, metrics: WorkerMetrics | None = None,
+          health: Health | None = None) -> BatchResult:
+    """Build a worker from settings and run it until `stop` is set."""
+    return Worker(settings, metrics=metrics, health=health).run(stop)
+
+
+__all__ = ["Worker", "WorkerError", "BatchResult", "route", "read_changelog", "serve", "FAULT_ENV"]

@@ -1,0 +1,135 @@
+"""The online inference API computes exactly what evaluation's forward pass computes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.artifact import latest_version_dir, save_version
+from model.config import DataConfig, HRNNConfig
+from model.inference import Filters, HRNNScorer, Recommender, StepInput
+from model.interactions import Interactions
+from model.network import HRNN
+from model.scorer import UserSequence
+from model.sessions import session_starts
+from model.state import decode_state, encode_state
+
+HOUR_MS = 3_600_000
+
+
+def _tiny_log(seed: int = 0, users: int = 12, per_user: int = 30, items: int = 40) -> Interactions:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(users):
+        t = 1_700_000_000_000 + int(rng.integers(0, HOUR_MS))
+        for _ in range(per_user):
+            t += int(rng.choice([60_000, 5 * HOUR_MS]))  # a gap of 5 h opens a new session
+            etype = "purchase" if rng.random() < 0.2 else "click"
+            rows.append((f"u{u}", f"i{int(rng.integers(0, items))}", t, etype))
+    u, i, t, e = zip(*rows)
+    return Interactions.from_columns(u, i, t, e)
+
+
+@pytest.fixture(scope="module", params=["hrnn-init", "hrnn-all", "session-only"])
+def version(request, tmp_path_factory):
+    data = _tiny_log()
+    cfg = HRNNConfig(variant=request.param, hidden_dimension=32, time_gap_input=True, seed=3)
+    torch.manual_seed(3)
+    model = HRNN(data.n_items, cfg).eval()
+    reg = tmp_path_factory.mktemp("reg")
+    save_version(reg, model, cfg, DataConfig(), list(data.item_ids), list(data.event_types))
+    return data, latest_version_dir(reg)
+
+
+def _events_of(data: Interactions, user: int) -> list[StepInput]:
+    rows = np.flatnonzero(data.user == user)
+    return [StepInput(data.user_ids[user], data.item_ids[data.item[r]], data.event_types[data.event_type[r]],
+                      int(data.ts_ms[r])) for r in rows]
+
+
+def test_event_by_event_api_gives_the_evaluation_forward_pass_scores(version):
+    data, path = version
+    rec = Recommender.load(path, device="cpu")
+    scorer = HRNNScorer(rec.model)
+    starts = session_starts(data, rec.data_config.session_timeout_s)
+    for user in range(3):
+        rows = np.flatnonzero(data.user == user)
+        targets = np.array([j for j in range(1, len(rows)) if not starts[rows[j]]])
+        seq = UserSequence(user, data.item[rows], data.ts_ms[rows], data.event_type[rows], starts[rows], targets)
+        offline = scorer.score([seq])[0]
+        state, online = None, []
+        for ev in _events_of(data, user):
+            adv = rec.advance({ev.user_id: state}, [ev])
+            state = decode_state(encode_state(adv.states[ev.user_id]))  # through the stored form, as the worker does
+            online.append(adv.scores[0].numpy())
+        np.testing.assert_allclose(np.stack([online[j - 1] for j in targets]), offline, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_with_several_events_per_user_equals_one_event_at_a_time(version):
+    data, path = version
+    rec = Recommender.load(path, device="cpu")
+    events = sorted(_events_of(data, 0) + _events_of(data, 1) + _events_of(data, 2), key=lambda e: e.ts_ms)
+    batch = rec.advance({}, events)
+    states: dict = {}
+    for i, ev in enumerate(events):
+        one = rec.advance(states, [ev])
+        states[ev.user_id] = one.states[ev.user_id]
+        np.testing.assert_allclose(one.scores[0].numpy(), batch.scores[i].numpy(), rtol=1e-5, atol=1e-5)
+        assert one.new_session[0] == batch.new_session[i]
+    for user, s in batch.states.items():
+        np.testing.assert_allclose(s.user_hidden, states[user].user_hidden, atol=1e-6)
+        assert s.history == states[user].history
+
+
+def test_unknown_items_advance_time_and_sessions_but_not_the_network(version):
+    data, path = version
+    rec = Recommender.load(path, device="cpu")
+    first = rec.advance({}, [StepInput("x", data.item_ids[0], "click", 1_700_000_000_000)])
+    s0 = first.states["x"]
+    later = StepInput("x", "never-seen-item", "click", 1_700_000_000_000 + 10 * HOUR_MS)
+    adv = rec.advance({"x": s0}, [later])
+    s1 = adv.states["x"]
+    assert adv.known == [False] and adv.new_session == [True]
+    assert s1.last_event_ms == later.ts_ms and s1.history[-1].item_id == "never-seen-item"
+    assert s1.session_id != s0.session_id
+    if rec.config.variant != "session-only":  # the closed session still reached the user GRU
+        assert not np.allclose(s1.user_hidden, s0.user_hidden)
+
+
+def test_late_events_do_not_move_the_clock_backwards(version):
+    data, path = version
+    rec = Recommender.load(path, device="cpu")
+    t0 = 1_700_000_000_000
+    evs = [StepInput("y", data.item_ids[1], "click", t0), StepInput("y", data.item_ids[2], "click", t0 - 60_000)]
+    adv = rec.advance({}, evs)
+    assert adv.states["y"].last_event_ms == t0
+    assert adv.new_session == [True, False]
+
+
+def test_purchased_items_are_filtered_by_default_and_session_items_only_on_request(version):
+    data, path = version
+    rec = Recommender.load(path, device="cpu")
+    n = len(rec.item_ids)
+    evs = [StepInput("z", item, "purchase" if j == 0 else "click", 1_700_000_000_000 + j * 1000)
+           for j, item in enumerate(rec.item_ids[:5])]
+    plain = rec.recommend({}, evs, k=n)
+    assert rec.item_ids[0] not in {i for i, _ in plain.items[-1]}
+    assert len(plain.items[-1]) == n - 1
+    strict = rec.recommend({}, evs, k=n, filters=Filters(exclude_session_items=True))
+    assert not {i for i, _ in strict.items[-1]} & set(rec.item_ids[:5])
+    scores = [s for _, s in plain.items[-1]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_state_of_another_version_is_rebuilt_from_its_last_events(version, tmp_path):
+    data, path = version
+    rec = Recommender.load(path, device="cpu")
+    events = _events_of(data, 4)
+    fresh = rec.advance({}, events[:-1]).states[events[0].user_id]
+    stale = decode_state(encode_state(fresh))
+    stale.model_version = "some-older-version"
+    stale.user_hidden[:] = 7.0
+    adv = rec.advance({events[0].user_id: stale}, events[-1:])
+    ref = rec.advance({events[0].user_id: fresh}, events[-1:])
+    assert adv.rebuilt_users == 1
+    np.testing.assert_allclose(adv.scores.numpy(), ref.scores.numpy(), rtol=1e-5, atol=1e-5)

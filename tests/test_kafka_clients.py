@@ -1,0 +1,83 @@
+"""Client settings factories and the group-less read helpers."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from confluent_kafka import Producer
+
+from model.errors import ConfigError
+from stream.kafka_clients import (
+    WaitTimeout, consumer_config, load_client_settings, parse_client_settings, producer_config, read_all,
+    wait_for_count,
+)
+
+
+def test_consumer_defaults_commit_manually_and_use_cooperative_assignment():
+    cfg = consumer_config("h:1", "g", {"session.timeout.ms": 6000, "security.protocol": "SASL_SSL"})
+    assert cfg["enable.auto.commit"] is False and cfg["enable.auto.offset.store"] is False
+    assert cfg["partition.assignment.strategy"] == "cooperative-sticky"
+    assert cfg["auto.offset.reset"] == "earliest"
+    assert (cfg["bootstrap.servers"], cfg["group.id"]) == ("h:1", "g")
+    assert cfg["session.timeout.ms"] == 6000 and cfg["security.protocol"] == "SASL_SSL"
+
+
+def test_extra_settings_cannot_redirect_bootstrap_or_group():
+    cfg = consumer_config("h:1", "g", {"bootstrap.servers": "other:2", "group.id": "x"})
+    assert (cfg["bootstrap.servers"], cfg["group.id"]) == ("h:1", "g")
+
+
+def test_producer_defaults_are_durable_and_idempotent():
+    cfg = producer_config("h:1", {"linger.ms": 50}, transactional_id="w-0")
+    assert cfg["acks"] == "all" and cfg["enable.idempotence"] is True
+    assert cfg["linger.ms"] == 50 and cfg["transactional.id"] == "w-0"
+
+
+def test_client_settings_come_from_key_value_flags_and_properties_files(tmp_path):
+    assert parse_client_settings(["sasl.mechanism=PLAIN", " sasl.username = u "]) == \
+        {"sasl.mechanism": "PLAIN", "sasl.username": "u"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_client_settings(["security.protocol"])
+    props = tmp_path / "client.properties"
+    props.write_text("# managed kafka\nsecurity.protocol=SASL_SSL\n\nsasl.password=a=b\n")
+    assert load_client_settings(props) == {"security.protocol": "SASL_SSL", "sasl.password": "a=b"}
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_client_settings(tmp_path / "missing.properties")
+
+
+@pytest.mark.broker
+def test_read_all_returns_every_record_even_when_produced_as_one_batch(broker):
+    topic = f"readall-{uuid.uuid4().hex[:8]}"
+    producer = Producer(producer_config(broker.bootstrap, {"linger.ms": 50}))
+    for i in range(60):
+        producer.produce(topic, key=str(i % 3).encode(), value=str(i).encode())
+    assert producer.flush(15) == 0
+    records = read_all(broker.bootstrap, topic, idle_s=1.0, timeout_s=30)
+    assert sorted(int(r.value) for r in records) == list(range(60))
+    assert all(r.topic == topic and r.timestamp_ms for r in records)
+    assert wait_for_count(broker.bootstrap, topic, 60, timeout_s=30)[:1]
+    with pytest.raises(WaitTimeout) as info:
+        wait_for_count(broker.bootstrap, topic, 61, timeout_s=2)
+    assert len(info.value.records) == 60 and "60 of 61" in str(info.value)
+
+
+@pytest.mark.broker
+def test_read_all_of_a_missing_topic_is_empty(broker):
+    assert read_all(broker.bootstrap, f"never-{uuid.uuid4().hex[:8]}", idle_s=0.5, timeout_s=5) == []
+
+
+@pytest.mark.broker
+def test_partition_for_predicts_where_the_default_producer_puts_a_key(broker):
+    from confluent_kafka.admin import NewTopic
+
+    from stream.kafka_clients import admin_client, partition_for
+    topic = f"part-{uuid.uuid4().hex[:8]}"
+    admin = admin_client(broker.bootstrap)
+    admin.create_topics([NewTopic(topic, 5, 1)])[topic].result(timeout=10)
+    producer = Producer(producer_config(broker.bootstrap))
+    keys = [f"user-{i}".encode() for i in range(40)] + [b"", b"a", b"ab", b"abc", "\u00e9t\u00e9".encode()]
+    for key in keys:
+        producer.produce(topic, key=key, value=b"x")
+    assert producer.flush(15) == 0
+    records = wait_for_count(broker.bootstrap, topic, len(keys), timeout_s=30)
+    assert {(r.key, r.partition) for r in records} == {(k, partition_for(k, 5)) for k in keys}

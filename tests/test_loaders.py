@@ -1,0 +1,290 @@
+"""Interactions loader: formats, column mappings, time units, and errors that say what to fix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from model.errors import DataError
+from model.loaders import guess_headerless_3col, load_interactions, parse_column_map
+
+REDDIT_MAP = {"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}
+
+
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    p = tmp_path / name
+    if isinstance(text, str):
+        p.write_text(text, encoding="utf-8")
+    else:
+        p.write_bytes(text)
+    return p
+
+
+PERSONALIZE_CSV = (
+    "USER_ID,ITEM_ID,TIMESTAMP,EVENT_TYPE,EVENT_VALUE\n"
+    "u2,i1,1767225610,click,\n"
+    "u1,i2,1767225600,click,1.5\n"
+    "u1,i3,1767225605,purchase,20\n"
+    "u2,i2,1767225601,click,\n"
+)
+
+
+def test_personalize_csv_loads_sorted_by_user_and_time_with_epoch_seconds_as_ms(tmp_path):
+    data = load_interactions(write(tmp_path, "x.csv", PERSONALIZE_CSV))
+    assert len(data) == 4 and data.n_users == 2 and data.n_items == 3
+    assert list(data.user_ids[data.user]) == ["u1", "u1", "u2", "u2"]
+    assert list(data.item_ids[data.item]) == ["i2", "i3", "i2", "i1"]
+    assert list(data.ts_ms) == [1767225600000, 1767225605000, 1767225601000, 1767225610000]
+    assert [data.event_types[t] for t in data.event_type] == ["click", "purchase", "click", "click"]
+    assert data.value[0] == pytest.approx(1.5) and data.value[1] == pytest.approx(20)
+    assert np.isnan(data.value[2]) and np.isnan(data.value[3])
+    assert data.session_key is None
+
+
+def test_lower_case_column_names_and_missing_event_type_mean_click(tmp_path):
+    data = load_interactions(write(tmp_path, "x.csv", "user_id,item_id,timestamp\na,x,1\nb,y,2\n"))
+    assert len(data) == 2 and data.event_types == ("click",)
+    assert list(data.ts_ms) == [1000, 2000]
+
+
+def test_session_id_column_is_kept_as_session_keys(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP,SESSION_ID\na,x,1,s1\na,y,2,s1\na,z,3,s2\n"
+    data = load_interactions(write(tmp_path, "x.csv", text))
+    assert data.session_key is not None
+    assert data.session_key[0] == data.session_key[1] != data.session_key[2]
+
+
+def test_ids_that_look_numeric_keep_their_text(tmp_path):
+    data = load_interactions(write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\n007,0042,1\n"))
+    assert data.user_ids[0] == "007" and data.item_ids[0] == "0042"
+
+
+def test_parquet_with_personalize_columns_loads_like_the_csv(tmp_path):
+    csv_data = load_interactions(write(tmp_path, "x.csv", PERSONALIZE_CSV))
+    table = pa.table({"USER_ID": ["u2", "u1", "u1", "u2"], "ITEM_ID": ["i1", "i2", "i3", "i2"],
+                      "TIMESTAMP": [1767225610, 1767225600, 1767225605, 1767225601],
+                      "EVENT_TYPE": ["click", "click", "purchase", "click"]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    data = load_interactions(tmp_path / "x.parquet")
+    assert list(data.ts_ms) == list(csv_data.ts_ms)
+    assert list(data.item_ids[data.item]) == list(csv_data.item_ids[csv_data.item])
+    assert data.event_types == csv_data.event_types
+
+
+def test_parquet_native_timestamp_and_integer_ids(tmp_path):
+    table = pa.table({"user_id": pa.array([5, 5], pa.int64()), "item_id": pa.array([7, 8], pa.int64()),
+                      "timestamp": pa.array([1_767_225_600_000, 1_767_225_601_500], pa.timestamp("ms"))})
+    pq.write_table(table, tmp_path / "x.parquet")
+    data = load_interactions(tmp_path / "x.parquet")
+    assert list(data.ts_ms) == [1_767_225_600_000, 1_767_225_601_500]
+    assert list(data.item_ids) == ["7", "8"] and list(data.user_ids) == ["5"]
+
+
+def test_reddit_tsv_loads_through_a_positional_mapping_with_the_documented_shape(reddit_path):
+    data = load_interactions(reddit_path, columns=REDDIT_MAP, time_unit="s")
+    assert (len(data), data.n_users, data.n_items) == (134_489, 8_640, 966)
+    assert data.ts_ms.min() == 0  # relative seconds stay relative
+    assert np.all(np.diff(data.ts_ms)[np.diff(data.user) == 0] >= 0)
+
+
+def test_base_epoch_is_added_to_relative_times(reddit_path):
+    data = load_interactions(reddit_path, columns=REDDIT_MAP, base_epoch_s=1_767_225_600)
+    assert data.ts_ms.min() == 1_767_225_600_000
+
+
+def test_headerless_three_column_file_without_mapping_suggests_the_mapping(reddit_path):
+    with pytest.raises(DataError) as err:
+        load_interactions(reddit_path)
+    msg = str(err.value)
+    assert str(reddit_path) in msg and "line 1" in msg
+    assert "USER_ID=0,ITEM_ID=1,TIMESTAMP=2" in msg
+
+
+def test_guess_headerless_3col_finds_the_time_column_wherever_it_is():
+    rows = [["1767225600", "u1", "i9"], ["1767225601", "u2", "i3"], ["1767225700", "u1", "i4"]]
+    assert guess_headerless_3col(rows) == {"USER_ID": "1", "ITEM_ID": "2", "TIMESTAMP": "0"}
+    rows = [["3", "12", "0.0"], ["1", "4", "6.5"], ["3", "9", "7.0"]]
+    assert guess_headerless_3col(rows)["TIMESTAMP"] == "2"
+    assert guess_headerless_3col([["a", "b", "c"]]) is None
+
+
+def test_movielens_ratings_load_with_a_cli_style_mapping(tmp_path):
+    text = "userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n2,10,4.0,835355493\n"
+    mapping = parse_column_map("USER_ID=userId, ITEM_ID=movieId ,TIMESTAMP=timestamp,EVENT_VALUE=rating")
+    assert mapping == {"USER_ID": "userId", "ITEM_ID": "movieId", "TIMESTAMP": "timestamp",
+                       "EVENT_VALUE": "rating"}
+    data = load_interactions(write(tmp_path, "ratings.csv", text), columns=mapping)
+    assert (len(data), data.n_users, data.n_items) == (3, 2, 3)
+    assert sorted(data.value.tolist()) == [2.5, 3.0, 4.0]
+    assert data.ts_ms.max() == 1260759179000
+
+
+def test_parse_column_map_rejects_unknown_fields_and_malformed_pairs():
+    with pytest.raises(DataError, match="unknown field 'USERID'"):
+        parse_column_map("USERID=u")
+    with pytest.raises(DataError, match="cannot read 'ITEM_ID'"):
+        parse_column_map("USER_ID=u,ITEM_ID")
+
+
+def test_iso_timestamps_with_and_without_zones(tmp_path):
+    text = ("USER_ID,ITEM_ID,TIMESTAMP\n"
+            "a,x,2026-01-01T00:00:00Z\na,y,2026-01-01T00:00:01.500+00:00\nb,x,2026-01-01 01:00:00\n")
+    data = load_interactions(write(tmp_path, "x.csv", text), time_unit="iso")
+    base = 1_767_225_600_000
+    assert list(data.ts_ms) == [base, base + 1500, base + 3_600_000]
+    # an all-ISO column is recognised even under the default unit
+    assert list(load_interactions(tmp_path / "x.csv").ts_ms) == list(data.ts_ms)
+
+
+def test_millisecond_unit_and_tab_delimiter_sniffed_from_content(tmp_path):
+    text = "USER_ID\tITEM_ID\tTIMESTAMP\na\tx\t1767225600123\n"
+    data = load_interactions(write(tmp_path, "events.txt", text), time_unit="ms")
+    assert list(data.ts_ms) == [1767225600123]
+
+
+def test_semicolon_file_with_csv_extension_is_sniffed(tmp_path):
+    data = load_interactions(write(tmp_path, "x.csv", "USER_ID;ITEM_ID;TIMESTAMP\na;x;1\n"))
+    assert len(data) == 1 and data.item_ids[0] == "x"
+
+
+# --- errors: each names the file and the line or column, and what was expected --------------
+
+def test_missing_file_is_a_data_error_naming_the_path(tmp_path):
+    with pytest.raises(DataError, match="nope.csv: file not found"):
+        load_interactions(tmp_path / "nope.csv")
+
+
+def test_empty_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="x.csv: file is empty"):
+        load_interactions(write(tmp_path, "x.csv", ""))
+
+
+def test_header_only_file_says_there_are_no_events(tmp_path):
+    with pytest.raises(DataError, match="no events"):
+        load_interactions(write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\n"))
+
+
+def test_missing_required_columns_lists_the_columns_found(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", "USER_ID,PRODUCT,TIMESTAMP\na,x,1\n"))
+    msg = str(err.value)
+    assert "x.csv" in msg and "ITEM_ID" in msg and "'PRODUCT'" in msg and "'USER_ID'" in msg
+
+
+def test_mapped_column_absent_from_the_file_is_named(tmp_path):
+    with pytest.raises(DataError, match="column 'movie'.*one of the columns found: userId, movieId, timestamp"):
+        load_interactions(write(tmp_path, "x.csv", "userId,movieId,timestamp\n1,2,3\n"),
+                          columns={"USER_ID": "userId", "ITEM_ID": "movie", "TIMESTAMP": "timestamp"})
+
+
+def test_unparsable_timestamp_names_the_first_bad_line_and_value(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP\na,x,1\na,y,2\nb,z,yesterday\nb,q,later\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    assert err.value.line == 4 and err.value.column == "TIMESTAMP"
+    assert "x.csv, line 4, column 'TIMESTAMP'" in str(err.value) and "'yesterday'" in str(err.value)
+    assert "epoch seconds" in str(err.value)
+
+
+def test_unparsable_iso_timestamp_names_its_line(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP\na,x,2026-01-01T00:00:00Z\na,y,2026-13-45T00:00:00Z\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text), time_unit="iso")
+    assert err.value.line == 3 and "2026-13-45" in str(err.value)
+
+
+def test_bad_event_value_names_line_and_column(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP,EVENT_VALUE\na,x,1,2.0\na,y,2,\na,z,3,lots\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    assert err.value.line == 4 and err.value.column == "EVENT_VALUE" and "'lots'" in str(err.value)
+
+
+def test_empty_user_id_names_its_line(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\na,x,1\n,y,2\n"))
+    assert err.value.line == 3 and err.value.column == "USER_ID"
+
+
+def test_wrong_delimiter_says_which_delimiter_looks_right(tmp_path):
+    path = write(tmp_path, "x.csv", "USER_ID\tITEM_ID\tTIMESTAMP\na\tx\t1\n")
+    with pytest.raises(DataError) as err:
+        load_interactions(path, delimiter=",")
+    msg = str(err.value)
+    assert "x.csv, line 1" in msg and "one column" in msg and "tab" in msg
+
+
+def test_wrong_delimiter_semicolons(tmp_path):
+    with pytest.raises(DataError, match="semicolon"):
+        load_interactions(write(tmp_path, "x.csv", "USER_ID;ITEM_ID;TIMESTAMP\na;x;1\n"), delimiter=",")
+
+
+def test_ragged_line_is_reported_with_its_number(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP\na,x,1\na,y,2\na,z,3,extra\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    assert err.value.line == 4 and "4 fields" in str(err.value)
+
+
+def test_non_utf8_file_names_the_line_of_the_bad_byte(tmp_path):
+    data = "USER_ID,ITEM_ID,TIMESTAMP\na,x,1\nb,caf\xe9,2\n".encode("latin-1")
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", data))
+    assert err.value.line == 3 and "UTF-8" in str(err.value) and "x.csv" in str(err.value)
+
+
+def test_non_utf8_byte_beyond_the_sniffed_sample_is_still_located(tmp_path):
+    rows = "".join(f"u{i},i{i % 50},{i}\n" for i in range(20_000))
+    data = ("USER_ID,ITEM_ID,TIMESTAMP\n" + rows).encode() + b"z,\xff\xfe,5\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", data))
+    assert err.value.line == 20_002 and "UTF-8" in str(err.value)
+
+
+def test_corrupt_parquet_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="x.parquet.*Parquet"):
+        load_interactions(write(tmp_path, "x.parquet", b"PAR1 this is not parquet"))
+
+
+def test_unknown_time_unit_is_rejected(tmp_path):
+    with pytest.raises(DataError, match="time unit"):
+        load_interactions(write(tmp_path, "x.csv", PERSONALIZE_CSV), time_unit="days")  # type: ignore[arg-type]
+
+
+def test_milliseconds_read_as_seconds_suggest_the_ms_unit(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP\na,x,1767225600000\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    assert err.value.line == 2 and "'ms'" in str(err.value)
+
+
+def test_byte_order_mark_and_windows_line_ends_are_accepted(tmp_path):
+    data = b"\xef\xbb\xbfUSER_ID,ITEM_ID,TIMESTAMP\r\na,x,1\r\nb,y,2\r\n"
+    out = load_interactions(write(tmp_path, "x.csv", data))
+    assert list(out.user_ids) == ["a", "b"] and list(out.item_ids) == ["x", "y"]
+
+
+def test_nan_timestamp_in_parquet_names_its_row(tmp_path):
+    table = pa.table({"USER_ID": ["a", "b"], "ITEM_ID": ["x", "y"], "TIMESTAMP": [1.0, float("nan")]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    with pytest.raises(DataError) as err:
+        load_interactions(tmp_path / "x.parquet")
+    assert err.value.line == 2 and err.value.column == "TIMESTAMP"
+
+
+def test_loader_flags_become_load_options(reddit_path):
+    import argparse
+
+    from model.loaders import add_loader_arguments, loader_options
+
+    parser = argparse.ArgumentParser()
+    add_loader_arguments(parser)
+    args = parser.parse_args(["--columns", "USER_ID=0,ITEM_ID=1,TIMESTAMP=2", "--delimiter", "tab",
+                              "--base-epoch", "100"])
+    opts = loader_options(args)
+    assert opts["delimiter"] == "\t" and opts["columns"]["TIMESTAMP"] == "2"
+    data = load_interactions(reddit_path, **opts)
+    assert len(data) == 134_489 and data.ts_ms.min() == 100_000

@@ -1,0 +1,140 @@
+"""The per-partition RocksDB state stores (real RocksDB files, no broker)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.state import HistoryEvent, UserState, encode_state
+from stream.store import ChangelogRecord, PartitionStore, StateStores, StoreError
+
+
+def make_state(seed: int, source_offset: int = 0) -> UserState:
+    rng = np.random.default_rng(seed)
+    return UserState(
+        model_version="v1", session_hidden=rng.standard_normal(8).astype(np.float32),
+        user_hidden=rng.standard_normal(8).astype(np.float32), session_id=f"s{seed}",
+        last_event_ms=1_700_000_000_000 + seed, session_length=seed % 5 + 1,
+        history=[HistoryEvent(f"i{seed}", 1_700_000_000_000 + seed, "click", True)],
+        source_offset=source_offset, n_events=seed + 1)
+
+
+def same_state(a: UserState, b: UserState) -> bool:
+    return encode_state(a) == encode_state(b)
+
+
+@pytest.fixture
+def stores(tmp_path):
+    s = StateStores(tmp_path, "group", "events")
+    yield s
+    s.close_all()
+
+
+def test_states_written_with_an_offset_survive_closing_and_reopening(stores):
+    states = {f"user-{i}": make_state(i, source_offset=10 + i) for i in range(20)}
+    stores.open(3).put_states(states, changelog_offset=41)
+    stores.close(3)
+    reopened = stores.open(3)
+    got = reopened.get_many(states)
+    assert all(same_state(got[u], s) for u, s in states.items())
+    assert reopened.changelog_offset == 41
+    assert sorted(reopened.user_ids()) == sorted(states)
+
+
+def test_multi_get_answers_none_for_users_without_state(stores):
+    store = stores.open(0)
+    store.put_states({"known": make_state(1)})
+    got = store.get_many(["nobody", "known", "else"])
+    assert list(got) == ["nobody", "known", "else"]
+    assert got["nobody"] is None and got["else"] is None
+    assert same_state(got["known"], make_state(1))
+
+
+def test_a_fresh_store_has_no_changelog_offset_and_writes_without_one_keep_it(stores):
+    store = stores.open(0)
+    assert store.changelog_offset == -1
+    store.put_states({"a": make_state(1)}, changelog_offset=5)
+    store.put_states({"b": make_state(2)})
+    assert store.changelog_offset == 5
+
+
+def test_partitions_are_separate_databases(stores):
+    stores.open(0).put_states({"a": make_state(1)})
+    assert stores.open(1).get("a") is None
+    assert stores.path(0) != stores.path(1) and stores.path(0).exists() and stores.path(1).exists()
+    assert stores.partitions == [0, 1]
+
+
+def test_an_unreadable_state_is_treated_as_a_new_user_and_counted(stores):
+    store = stores.open(0)
+    store.write({"broken": b"\x63garbage", "fine": encode_state(make_state(3))}, changelog_offset=None)
+    got = store.get_many(["broken", "fine"])
+    assert got["broken"] is None and got["fine"] is not None
+    assert store.corrupt_states == 1
+
+
+def test_restore_applies_committed_records_and_skips_those_of_uncommitted_batches(stores):
+    store = stores.open(0)
+    committed = 100  # the next input offset the group will consume
+    records = [
+        ChangelogRecord("a", encode_state(make_state(1, 50)), offset=0, source_offset=50),
+        ChangelogRecord("b", encode_state(make_state(2, 99)), offset=1, source_offset=99),
+        ChangelogRecord("a", encode_state(make_state(3, 100)), offset=2, source_offset=100),  # not committed
+        ChangelogRecord("c", encode_state(make_state(4, 130)), offset=3, source_offset=130),  # not committed
+    ]
+    result = store.restore(records, committed)
+    assert (result.applied, result.skipped, result.changelog_offset) == (2, 2, 3)
+    assert same_state(store.get("a"), make_state(1, 50))
+    assert same_state(store.get("b"), make_state(2, 99))
+    assert store.get("c") is None
+    assert store.changelog_offset == 3
+
+
+def test_restore_ignores_records_the_store_already_reflects(stores):
+    store = stores.open(0)
+    store.put_states({"a": make_state(7, 10)}, changelog_offset=4)
+    old = ChangelogRecord("a", encode_state(make_state(1, 3)), offset=4, source_offset=3)
+    new = ChangelogRecord("b", encode_state(make_state(2, 11)), offset=5, source_offset=11)
+    result = store.restore([old, new], committed_offset=20)
+    assert result.applied == 1
+    assert same_state(store.get("a"), make_state(7, 10))
+    assert store.get("b") is not None
+
+
+def test_restore_with_nothing_committed_applies_nothing(stores):
+    store = stores.open(0)
+    rec = ChangelogRecord("a", encode_state(make_state(1, 0)), offset=0, source_offset=0)
+    result = store.restore([rec], committed_offset=-1001)
+    assert result.applied == 0 and store.get("a") is None
+
+
+def test_restore_applies_tombstones_as_deletes(stores):
+    store = stores.open(0)
+    store.put_states({"a": make_state(1)})
+    store.restore([ChangelogRecord("a", None, offset=0, source_offset=1)], committed_offset=5)
+    assert store.get("a") is None
+
+
+def test_a_long_restore_is_written_in_chunks_and_ends_at_the_last_offset(stores):
+    store = stores.open(0)
+    n = 12_000
+    value = encode_state(make_state(1, 0))
+    result = store.restore((ChangelogRecord(f"u{i % 3000}", value, i, i) for i in range(n)), committed_offset=n)
+    assert result.applied == n and store.changelog_offset == n - 1
+    assert len(store.user_ids()) == 3000
+
+
+def test_opening_a_store_held_by_another_handle_is_a_clear_error(tmp_path):
+    first = PartitionStore(tmp_path / "p0", 0)
+    try:
+        with pytest.raises(StoreError, match="state-dir"):
+            PartitionStore(tmp_path / "p0", 0)
+    finally:
+        first.close()
+
+
+def test_wiping_a_partition_removes_its_local_copy(stores):
+    stores.open(2).put_states({"a": make_state(1)}, changelog_offset=9)
+    stores.wipe(2)
+    assert not stores.path(2).exists()
+    fresh = stores.open(2)
+    assert fresh.get("a") is None and fresh.changelog_offset == -1

@@ -1,0 +1,106 @@
+"""Creating and checking the system's topics against the real broker."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import NewTopic
+
+from model.errors import HRNNError
+from stream.kafka_clients import admin_client
+from stream.topics import (
+    TopicCreationError, TopicMismatchError, TopicSpec, changelog_topic, cleanup_policy, ensure_topics,
+    partition_counts, standard_topics,
+)
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def admin(broker):
+    return admin_client(broker.bootstrap)
+
+
+def test_standard_topics_cover_every_topic_the_worker_group_uses():
+    specs = {s.name: s for s in standard_topics("in", "out", "grp", 6)}
+    assert set(specs) == {"in", "out", "in.dlq", "grp.state-changelog", "hrnn.model-updates"}
+    assert specs["in"].partitions == 6 and specs[changelog_topic("grp")].partitions == 6
+    assert specs["grp.state-changelog"].compacted and specs["hrnn.model-updates"].compacted
+    assert not specs["in"].compacted and not specs["out"].compacted
+
+
+@pytest.mark.broker
+def test_missing_topics_are_created_with_their_partitions_and_compaction(admin):
+    specs = standard_topics(_name("in"), _name("out"), _name("grp"), 3)
+    created = ensure_topics(admin, specs)
+    assert sorted(created) == sorted(s.name for s in specs)
+    counts = partition_counts(admin)
+    for spec in specs:
+        assert counts[spec.name] == spec.partitions
+        policy = cleanup_policy(admin, spec.name)
+        if spec.compacted:
+            assert policy == "compact"  # Tansu reports configs given at creation
+        else:
+            assert policy in (None, "delete")  # Tansu reports nothing for an unset policy
+
+
+@pytest.mark.broker
+def test_ensure_topics_is_idempotent(admin):
+    specs = [TopicSpec(_name("t"), 2), TopicSpec(_name("c"), 2, compacted=True)]
+    assert len(ensure_topics(admin, specs)) == 2
+    assert ensure_topics(admin, specs) == []
+
+
+@pytest.mark.broker
+def test_existing_topic_with_fewer_partitions_is_a_mismatch_naming_the_fix(admin):
+    name = _name("small")
+    ensure_topics(admin, [TopicSpec(name, 2)])
+    with pytest.raises(TopicMismatchError) as info:
+        ensure_topics(admin, [TopicSpec(name, 4)])
+    msg = str(info.value)
+    assert name in msg and "2 partition" in msg and "4" in msg and "--partitions" in msg
+    assert isinstance(info.value, HRNNError)
+    ensure_topics(admin, [TopicSpec(name, 1)])  # more partitions than needed is fine
+
+
+@pytest.mark.broker
+def test_existing_topic_without_compaction_is_a_mismatch_when_compaction_is_needed(admin):
+    name = _name("notcompact")
+    admin.create_topics([NewTopic(name, 1, 1, config={"cleanup.policy": "delete"})])[name].result(timeout=10)
+    with pytest.raises(TopicMismatchError) as info:
+        ensure_topics(admin, [TopicSpec(name, 1, compacted=True)])
+    assert name in str(info.value) and "cleanup.policy=compact" in str(info.value)
+
+
+class _RefusingAdmin:
+    """Unit-test fake: lists no topics and refuses every creation the way librdkafka reports it."""
+
+    def list_topics(self, timeout=None):
+        return type("Md", (), {"topics": {}})()
+
+    def create_topics(self, topics, **_):
+        class Refused:
+            def result(self, timeout=None):
+                raise KafkaException(KafkaError(KafkaError.POLICY_VIOLATION, "topic creation disabled by policy"))
+        return {t.topic: Refused() for t in topics}
+
+
+def test_broker_refusing_creation_is_an_error_naming_topic_and_reason():
+    with pytest.raises(TopicCreationError) as info:
+        ensure_topics(_RefusingAdmin(), [TopicSpec("hrnn.events", 3)])
+    msg = str(info.value)
+    assert "hrnn.events" in msg and "POLICY_VIOLATION" in msg and "disabled by policy" in msg
+
+
+@pytest.mark.broker
+def test_unreported_cleanup_policy_is_a_warning_not_an_error(admin, caplog):
+    name = _name("unset")
+    admin.create_topics([NewTopic(name, 1, 1)])[name].result(timeout=10)
+    if cleanup_policy(admin, name) is not None:
+        pytest.skip("this broker reports cleanup.policy for every topic")
+    with caplog.at_level("WARNING", logger="stream.topics"):
+        assert ensure_topics(admin, [TopicSpec(name, 1, compacted=True)]) == []
+    assert any("cannot verify compaction" in r.getMessage() and r.topic == name for r in caplog.records)
