@@ -159,7 +159,7 @@ class ItemKNN(_Baseline):
         ctx = ctx[ctx >= 0]
         if len(ctx):
             last = int(ctx[-1])
-            row[self.nbr[last]] += self.sim[last]
+            np.add.at(row, self.nbr[last], self.sim[last])  # padding repeats code 0 with similarity 0
         return row
 
 
@@ -168,7 +168,8 @@ class SessionKNN(_Baseline):
     sessions that share an item with it; of those, the `sample_size` most recent (by last event)
     are candidates, the `k` most similar (cosine of binary item sets) are the neighbours, and an
     item scores the summed similarity of the neighbours containing it. Popularity if the current
-    session is empty.
+    session is empty. Defaults (k=500, sample_size=2000): larger neighbourhoods scored better on
+    the reddit validation split than the classic k=100/500 (R@20 .840 vs .816).
     """
 
     name = "sknn"
@@ -286,7 +287,8 @@ class UserRepeat(_Baseline):
 class UserRepeatSession(UserRepeat):
     """user-repeat plus the current session: item i scores
     user_repeat(i) + session_weight * (events of i in the current session) / (events in the current session),
-    i.e. the session's item shares, scaled. The session events also count in user_repeat(i)."""
+    i.e. the session's item shares, scaled. The session events also count in user_repeat(i).
+    The default weight 3 was the best of 0..10 on the reddit validation split (MRR@20; small effect)."""
 
     name = "user-repeat+session"
 

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=float, help="at most this many events per second")
     pace.add_argument("--speedup", type=float, help="replay event time this many times faster than real time")
+    parser.add_argument("--retime", action="store_true",
+                        help="stamp events with the time they are sent (for latency measurements); "
+                             "with --speedup, gaps between events keep their scaled length")
     parser.add_argument("--limit", type=int, help="send only the first N events (in time order)")
     parser.add_argument("--columns", help="column map, e.g. USER_ID=userId,ITEM_ID=movieId,TIMESTAMP=ts")
     parser.add_argument("--time-unit", choices=("s", "ms", "iso"), default="s",
@@ -53,6 +56,6 @@ def run(args: argparse.Namespace) -> int:
     ensure_topics(admin, [TopicSpec(args.topic, partitions)])
     producer = create_producer(args.bootstrap_servers, extra)
     sent = replay(data, producer, args.topic, rate=args.rate, speedup=args.speedup, limit=args.limit,
-                  progress=not args.quiet)
+                  progress=not args.quiet, retime=args.retime)
     print(sent, flush=True)
     return 0

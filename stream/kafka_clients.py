@@ -186,23 +186,45 @@ def partition_for(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
-def _throwaway_consumer(bootstrap: str, extra: ClientSettings | None) -> Consumer:
+def reader_consumer(bootstrap: str, extra: ClientSettings | None = None) -> Consumer:
+    """A consumer for assign()-only reading: it never joins a group or commits offsets."""
     # librdkafka insists on a group.id even for assign(); a unique one never joins or commits.
     cfg = _merge({"enable.auto.commit": False, "enable.auto.offset.store": False}, extra)
     cfg.update({"bootstrap.servers": bootstrap, "group.id": f"hrnn-reader-{uuid.uuid4().hex[:12]}"})
     try:
         return Consumer(cfg)
-    except (KafkaException, ValueError) as exc:
+    except (KafkaException, ValueError, TypeError) as exc:
         raise KafkaClientError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
 
 
 def topic_partitions(client: Consumer | AdminClient, topic: str, timeout_s: float = 5.0) -> list[int]:
     """Partition ids of `topic`, or [] while it does not exist."""
-    md = client.list_topics(topic, timeout=timeout_s)
+    try:
+        md = client.list_topics(topic, timeout=max(0.1, timeout_s))
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        detail = err.str() if isinstance(err, KafkaError) else str(err)
+        raise KafkaClientError(f"cannot read metadata of topic {topic!r} (is the broker reachable?): {detail}") from None
     meta = md.topics.get(topic)
     if meta is None or meta.error is not None:
         return []
     return sorted(meta.partitions)
+
+
+def wait_for_partitions(client: Consumer | AdminClient, topic: str, deadline: float | None) -> list[int]:
+    """Partition ids of `topic` once it exists; [] if it still does not at `deadline` (monotonic
+    time; None: wait forever). An unreachable broker is retried until the deadline, then raised."""
+    while True:
+        left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
+        try:
+            partitions = topic_partitions(client, topic, timeout_s=left)
+        except KafkaClientError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+            partitions = []
+        if partitions or (deadline is not None and time.monotonic() >= deadline):
+            return partitions
+        time.sleep(0.1)  # polling the metadata: the topic is created by another process
 
 
 def _consume_from_beginning(bootstrap: str, topic: str, *, stop_after: int | None, idle_s: float,
@@ -213,17 +235,12 @@ def _consume_from_beginning(bootstrap: str, topic: str, *, stop_after: int | Non
     deadline = start + timeout_s
     # read_all means "what is there now": a topic still missing after idle_s counts as empty.
     topic_deadline = deadline if stop_after is not None else min(deadline, start + idle_s)
-    consumer = _throwaway_consumer(bootstrap, extra)
+    consumer = reader_consumer(bootstrap, extra)
     records: list[Record] = []
     try:
-        partitions: list[int] = []
-        while not partitions:  # a topic created by someone else may not exist yet
-            partitions = topic_partitions(consumer, topic)
-            if partitions:
-                break
-            if time.monotonic() >= topic_deadline:
-                return records, stop_after is None
-            time.sleep(0.1)
+        partitions = wait_for_partitions(consumer, topic, topic_deadline)
+        if not partitions:
+            return records, stop_after is None
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         last_data = time.monotonic()
         # The high watermark cannot tell us we are caught up on Tansu (it is the base offset of the

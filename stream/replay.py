@@ -7,6 +7,7 @@ and a downstream check can match recommendations to source rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -72,9 +73,13 @@ class _Pacer:
 
 
 def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, rate: float | None = None,
-           speedup: float | None = None, limit: int | None = None, progress: bool = True) -> int:
+           speedup: float | None = None, limit: int | None = None, progress: bool = True,
+           retime: bool = False) -> int:
     """Produce the events (key user_id, value the event JSON) and wait until all are delivered.
-    Returns how many were delivered; raises ReplayError if the broker rejected any."""
+    Returns how many were delivered; raises ReplayError if the broker rejected any.
+
+    retime: stamp each event with the wall clock at sending instead of its file time, so that
+    emit time - event time is a real latency (file times of a historical log are years old)."""
     if rate is not None and speedup is not None:
         raise ConfigError("give either a rate (events/s) or a speedup of event time, not both")
     if rate is not None and rate <= 0:
@@ -103,6 +108,8 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
             due = pacer.due(i, event.timestamp_ms)
             while (wait := due - time.monotonic()) > 0:
                 producer.poll(min(wait, 0.1))  # serve delivery reports while pacing instead of idling
+            if retime:
+                event = dataclasses.replace(event, timestamp_ms=int(time.time() * 1000))
             _produce(producer, topic, event.user_id.encode(), encode_event(event), on_delivery)
             bar.update(1)
             if i % 1000 == 0:

@@ -5,6 +5,8 @@ A settings file may hold the worker's keys at its top level or in a `[serve]` ta
 file can also carry other commands' sections). Kafka client settings (`security.protocol`,
 `sasl.*`, `ssl.*`, ...) go in a `kafka` table, in HRNN_KAFKA as `key=value,key=value` or JSON,
 or in repeatable `--kafka-config KEY=VALUE` flags; they are passed to librdkafka unchanged.
+`kafka_consumer` / `kafka_producer` tables (HRNN_KAFKA_CONSUMER, HRNN_KAFKA_PRODUCER) add
+settings for one kind of client only, e.g. session.timeout.ms, which a producer would warn about.
 """
 from __future__ import annotations
 
@@ -72,9 +74,13 @@ class WorkerSettings:
     # librdkafka pass-through for every client. Typed Mapping so the generic loader hands it over
     # untouched (it would coerce a dict's values to float); __post_init__ reads it.
     kafka: Mapping[str, str] = field(default_factory=dict)
+    kafka_consumer: Mapping[str, str] = field(default_factory=dict)  # consumers only (session.timeout.ms, ...)
+    kafka_producer: Mapping[str, str] = field(default_factory=dict)  # producers only (linger.ms, ...)
 
     def __post_init__(self) -> None:
         self.kafka = _parse_kafka(self.kafka)
+        self.kafka_consumer = _parse_kafka(self.kafka_consumer)
+        self.kafka_producer = _parse_kafka(self.kafka_producer)
 
     def validate(self) -> None:
         if not self.registry:
@@ -98,9 +104,18 @@ class WorkerSettings:
                               f"{', '.join(GUARANTEES)}")
         if self.input_topic == self.output_topic:
             raise ConfigError("input_topic and output_topic must differ")
-        for key in ("bootstrap.servers", "group.id", "transactional.id"):
-            if key in self.kafka:
-                raise ConfigError(f"kafka setting {key!r} is set by the worker; use the matching worker setting")
+        for table in ("kafka", "kafka_consumer", "kafka_producer"):
+            for key in ("bootstrap.servers", "group.id", "transactional.id"):
+                if key in getattr(self, table):
+                    raise ConfigError(f"{table} setting {key!r} is set by the worker; use the matching worker setting")
+
+    @property
+    def consumer_kafka(self) -> dict[str, str]:
+        return {**self.kafka, **self.kafka_consumer}
+
+    @property
+    def producer_kafka(self) -> dict[str, str]:
+        return {**self.kafka, **self.kafka_producer}
 
     @property
     def dlq_topic(self) -> str:

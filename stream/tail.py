@@ -12,7 +12,7 @@ from typing import TextIO
 import msgspec
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
 
-from stream.kafka_clients import ClientSettings, KafkaClientError, _throwaway_consumer, topic_partitions
+from stream.kafka_clients import ClientSettings, KafkaClientError, reader_consumer, wait_for_partitions
 from stream.records import Recommendation, decode_recommendation
 
 _DAY_MS = 86_400_000
@@ -49,16 +49,13 @@ def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning
     out = out or sys.stdout
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     started_ms = int(time.time() * 1000)
-    consumer = _throwaway_consumer(bootstrap, extra)
+    consumer = reader_consumer(bootstrap, extra)
     printed = 0
     try:
-        partitions: list[int] = []
-        while not partitions:  # the worker may not have created the output topic yet
-            partitions = topic_partitions(consumer, topic)
-            if not partitions:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return 0
-                time.sleep(0.2)
+        # the worker may not have created the output topic yet
+        partitions = wait_for_partitions(consumer, topic, deadline)
+        if not partitions:
+            return 0
         start = OFFSET_BEGINNING if from_beginning else OFFSET_END
         consumer.assign([TopicPartition(topic, p, start) for p in partitions])
         # Tansu's "end" is the base offset of the last batch + 1, which can land inside a batch that

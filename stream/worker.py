@@ -206,13 +206,13 @@ class Worker:
         if s.create_topics:
             self._ensure_topics()
         self._producer = Producer(producer_config(
-            s.bootstrap_servers, s.kafka, transactional_id=s.effective_transactional_id() if s.exactly_once else None))
+            s.bootstrap_servers, s.producer_kafka, transactional_id=s.effective_transactional_id() if s.exactly_once else None))
         if s.exactly_once:
             self._producer.init_transactions(_CLIENT_TIMEOUT_S)
-        restore_extra = {**s.kafka, "enable.partition.eof": False}
+        restore_extra = {**s.consumer_kafka, "enable.partition.eof": False}
         self._restorer = Consumer(consumer_config(s.bootstrap_servers, f"{s.group}-restore-{uuid.uuid4().hex[:8]}",
                                                   restore_extra))
-        extra = {**s.kafka, **({"isolation.level": "read_committed"} if s.exactly_once else {})}
+        extra = {**s.consumer_kafka, **({"isolation.level": "read_committed"} if s.exactly_once else {})}
         self._consumer = Consumer(consumer_config(s.bootstrap_servers, s.group, extra))
         self._consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)

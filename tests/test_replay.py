@@ -160,3 +160,14 @@ def test_produce_cli_on_a_malformed_file_exits_non_zero_naming_the_problem(tmp_p
     assert proc.returncode != 0
     assert "hrnn produce: error:" in proc.stderr and "bad.csv" in proc.stderr and "TIMESTAMP" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_retime_stamps_events_with_the_send_time():
+    data = _small(n=30)
+    producer = _RecordingProducer()
+    before = int(time.time() * 1000)
+    replay(data, producer, "t", retime=True, progress=False)
+    after = int(time.time() * 1000)
+    events = [decode_event(v) for _, _, v, _ in producer.sent]
+    assert all(before <= e.timestamp_ms <= after for e in events)
+    assert sorted(int(e.event_id) for e in events) == list(range(30))

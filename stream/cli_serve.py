@@ -1,0 +1,84 @@
+"""`hrnn serve`: run one streaming inference worker until SIGTERM/SIGINT, then drain and exit 0.
+
+Every setting can also come from --config FILE (JSON/TOML, top level or a [serve] table) or
+HRNN_<SETTING> environment variables; flags win. See stream/settings.py for the full list.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from typing import Any
+
+from stream.kafka_clients import load_client_settings, parse_client_settings
+from stream.settings import GUARANTEES, MAX_K, load_settings
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--bootstrap-servers", help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
+    a("--registry", help="model registry directory (the CURRENT version is served)")
+    a("--state-dir", help="directory for the per-partition RocksDB state stores")
+    a("--input-topic", help="events topic (default hrnn.events)")
+    a("--output-topic", help="recommendations topic (default hrnn.recommendations)")
+    a("--group", help="consumer group; also names the state changelog <group>.state-changelog")
+    a("--partitions", type=int, help="partitions for topics this worker creates (default: the input topic's)")
+    a("--metrics-port", type=int, help="serve /metrics and /health on this port (0: off)")
+    a("--config", help="settings file (JSON or TOML)")
+    a("--batch-size", type=int, help="most records per batch (default 500)")
+    a("--batch-timeout", dest="batch_timeout_s", type=float, help="longest wait in seconds to fill a batch")
+    a("-k", "--k", type=int, help=f"recommendations per event (default 25, at most {MAX_K})")
+    a("--exclude-purchased", action=argparse.BooleanOptionalAction, default=None,
+      help="leave out items the user purchased recently (default on)")
+    a("--purchase-types", help="comma-separated event types that count as purchases (default purchase)")
+    a("--exclude-session-items", action=argparse.BooleanOptionalAction, default=None,
+      help="leave out items of the current session (default off)")
+    a("--exclude-event-types", help="comma-separated event types whose items are left out")
+    a("--processing-guarantee", choices=GUARANTEES, help="at_least_once (default) or exactly_once")
+    a("--device", help="auto (CUDA if present), cpu or cuda")
+    a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
+      help="librdkafka setting for every client, e.g. security.protocol=SASL_SSL (repeatable)")
+    a("--kafka-config-file", help="client.properties file with librdkafka settings")
+    a("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+
+
+_FIELDS = ("bootstrap_servers", "registry", "state_dir", "input_topic", "output_topic", "group", "partitions",
+           "metrics_port", "batch_size", "batch_timeout_s", "k", "exclude_purchased", "purchase_types",
+           "exclude_session_items", "exclude_event_types", "processing_guarantee", "device", "log_level")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {name: getattr(args, name, None) for name in _FIELDS}
+    kafka: dict[str, str] = {}
+    if getattr(args, "kafka_config_file", None):
+        kafka.update(load_client_settings(args.kafka_config_file))
+    kafka.update(parse_client_settings(getattr(args, "kafka_config", None) or []))
+    out["kafka"] = kafka
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream.observability import Health, WorkerMetrics, setup_json_logging, start_http_server
+    from stream.worker import Worker  # torch and librdkafka load only when serving
+
+    settings = load_settings(args.config, overrides_from(args))
+    setup_json_logging(settings.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("stopping: draining the batch in hand", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    metrics, health = WorkerMetrics(), Health(alive=False, details={"state": "starting"})
+    server = start_http_server(metrics, settings.metrics_port, health) if settings.metrics_port else None
+    try:
+        Worker(settings, metrics=metrics, health=health).run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+    return 0

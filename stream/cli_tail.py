@@ -1,0 +1,38 @@
+"""`hrnn tail`: print recommendations as they arrive (see stream/tail.py)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from model.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap-servers", default=os.environ.get("HRNN_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+                        help="Kafka bootstrap servers (default $HRNN_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
+    parser.add_argument("--topic", default="hrnn.recommendations", help="topic (default hrnn.recommendations)")
+    parser.add_argument("--count", type=int, help="stop after N records")
+    parser.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not new ones")
+    parser.add_argument("--timeout", type=float, help="stop after S seconds")
+    parser.add_argument("--top", type=int, default=5, help="items shown per record (default 5)")
+    parser.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream.kafka_clients import parse_client_settings
+    from stream.tail import tail
+
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count must be >= 1, got {args.count}")
+    if args.timeout is not None and args.timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
+    printed = tail(args.bootstrap_servers, args.topic, count=args.count, from_beginning=args.from_beginning,
+                   timeout_s=args.timeout, extra=parse_client_settings(args.kafka_config), top=args.top)
+    if args.count is not None and printed < args.count:
+        print(f"hrnn tail: {printed} of {args.count} records arrived within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,26 @@
+"""Evaluation and training-curve charts are written as PNG files."""
+from __future__ import annotations
+
+from model.evaluate import EvalResult
+from model.plots import plot_eval_table, plot_training_curve
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_table_plot_writes_a_png(tmp_path):
+    res = EvalResult("last-session", 100, {
+        "pop": {"recall@20": 0.41, "mrr@20": 0.11, "ndcg@20": 0.18},
+        "hrnn": {"recall@20": 0.9, "mrr@20": 0.7, "ndcg@20": 0.75},
+    })
+    out = plot_eval_table(res, tmp_path / "sub" / "eval.png")
+    data = out.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+
+
+def test_training_curve_plot_writes_a_png_and_tolerates_missing_values(tmp_path):
+    history = [{"epoch": 1, "loss": 6.0, "events_per_s": 1000.0},
+               {"epoch": 2, "loss": 5.1, "val_mrr@20": 0.4},
+               {"epoch": 3, "loss": 4.7, "val_mrr@20": 0.45}]
+    data = plot_training_curve(history, tmp_path / "curve.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+    assert plot_training_curve([], tmp_path / "empty.png").exists()

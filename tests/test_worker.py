@@ -1,0 +1,187 @@
+"""The streaming worker against the real local broker and real RocksDB files.
+
+One module-scoped run streams a mixed input (valid events, invalid records, mis-keyed records)
+through a worker; the tests below each check one promise about what came out of it.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+
+import pytest
+
+from model.artifact import latest_version_dir
+from model.events import Event, decode_event, encode_event
+from model.inference import Filters
+from stream import records
+from worker_testkit import (make_events, make_registry, offline, produce, records_of, recommendations, running,
+                            same_state, settings_for, stored_states)
+
+pytestmark = pytest.mark.broker
+
+N_VALID = 600
+N_USERS = 40
+PARTITIONS = 3
+INVALID = [  # (key, value, reason)
+    (b"user-1", b"{not json", "bad_json"),
+    (b"user-2", b'{"user_id": "user-2", "event_type": "click", "timestamp": 1767225600000}', "missing_field"),
+    (b"user-3", b'{"user_id": "user-3", "item_id": "item-1", "event_type": "click", "timestamp": 12}',
+     "bad_timestamp"),
+    (b"user-4", b"[1, 2, 3]", "not_an_object"),
+    (b"user-5", None, "empty_value"),
+]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    return make_registry(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture(scope="module")
+def streamed(broker, registry, tmp_path_factory):
+    """Stream the mixed input through one worker and collect everything it wrote."""
+    settings = settings_for(broker.bootstrap, registry, tmp_path_factory.mktemp("state"), partitions=PARTITIONS,
+                            batch_size=64)
+    events = make_events(N_VALID, N_USERS, unknown_every=37)
+    keyed, miskeyed = events[:-8], events[-8:]
+    wrong_keys = [None, b"someone-else"] * 4
+    with running(settings) as worker:
+        produce(broker.bootstrap, settings.input_topic, keyed)
+        produce(broker.bootstrap, settings.input_topic, [(k, v) for k, v, _ in INVALID], partition=0)
+        produce(broker.bootstrap, settings.input_topic,
+                [(k, encode_event(e)) for k, e in zip(wrong_keys, miskeyed)], partition=1)
+        recs = recommendations(broker.bootstrap, settings.output_topic, N_VALID)
+        totals = worker.totals
+        metrics = worker.metrics
+    inputs = records_of(broker.bootstrap, settings.input_topic, idle_s=0.5)
+    return dict(settings=settings, version=latest_version_dir(registry).name, events=events, miskeyed=miskeyed, recs=recs, totals=totals, metrics=metrics,
+                inputs=inputs, dlq=records_of(broker.bootstrap, settings.dlq_topic, idle_s=0.5),
+                states=stored_states(settings, range(PARTITIONS)))
+
+
+def processed_inputs(streamed) -> list[tuple[int, int, Event]]:
+    """(partition, offset, event) of every input record the worker should have recommended for."""
+    out = []
+    for r in streamed["inputs"]:
+        try:
+            e = decode_event(r.value)
+        except Exception:
+            continue
+        if r.key == e.user_id.encode():
+            out.append((r.partition, r.offset, e))
+    return sorted(out, key=lambda t: (t[0], t[1]))
+
+
+def test_every_valid_event_gets_exactly_one_recommendation_naming_its_source_offset(streamed):
+    expected = {(p, o): e for p, o, e in processed_inputs(streamed)}
+    got = Counter((r["source_partition"], r["source_offset"]) for r in streamed["recs"])
+    assert len(expected) == N_VALID
+    assert set(got) == set(expected) and max(got.values()) == 1
+    for r in streamed["recs"]:
+        e = expected[(r["source_partition"], r["source_offset"])]
+        assert (r["user_id"], r["event_id"], r["event_timestamp"]) == (e.user_id, e.event_id, e.timestamp_ms)
+        assert len(r["items"]) == 25 and r["emitted_at"] > 0 and r["session_id"]
+        assert r["model_version"] == streamed["version"]
+
+
+def test_recommendation_values_follow_the_output_contract(streamed):
+    keys = {"user_id", "items", "model_version", "session_id", "event_id", "source_partition", "source_offset",
+            "event_timestamp", "emitted_at"}
+    for r in streamed["recs"][:50]:
+        assert set(r) == keys
+        assert all(set(i) == {"item_id", "score"} for i in r["items"])
+        scores = [i["score"] for i in r["items"]]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_invalid_records_go_to_the_dead_letter_topic_with_reason_and_source(streamed):
+    dlq = streamed["dlq"]
+    assert len(dlq) == len(INVALID)
+    inputs = {(r.partition, r.offset): r for r in streamed["inputs"]}
+    for rec, (key, value, reason) in zip(sorted(dlq, key=lambda r: r.offset), INVALID):
+        assert (rec.key, rec.value) == (key, value)
+        assert records.header(rec.headers, records.H_REASON) == reason
+        assert records.header(rec.headers, records.H_DETAIL)
+        src = (int(records.header(rec.headers, records.H_SOURCE_PARTITION)),
+               int(records.header(rec.headers, records.H_SOURCE_OFFSET)))
+        assert inputs[src].value == value and src[0] == 0
+        assert records.header(rec.headers, records.H_SOURCE_TOPIC) == streamed["settings"].input_topic
+    assert streamed["totals"].dead_lettered == len(INVALID)
+
+
+def test_mis_keyed_records_are_repartitioned_and_land_with_their_users_state(streamed):
+    rekeyed = [r for r in streamed["inputs"] if records.header(r.headers, records.H_REPARTITIONED_FROM)]
+    assert len(rekeyed) == len(streamed["miskeyed"]) == streamed["totals"].repartitioned
+    home = {}  # user -> the partition its correctly keyed events use
+    for p, _, e in processed_inputs(streamed):
+        if e.event_id not in {m.event_id for m in streamed["miskeyed"]}:
+            home.setdefault(e.user_id, p)
+    recs = {(r["source_partition"], r["source_offset"]): r for r in streamed["recs"]}
+    for r in rekeyed:
+        e = decode_event(r.value)
+        assert r.key == e.user_id.encode()
+        assert r.partition == home.get(e.user_id, r.partition)
+        assert records.header(r.headers, records.H_REPARTITIONED_FROM).startswith(
+            f"{streamed['settings'].input_topic}/1/")
+        assert recs[(r.partition, r.offset)]["event_id"] == e.event_id
+    per_user = Counter(e.user_id for e in streamed["events"])
+    assert {u: s.n_events for u, s in streamed["states"].items()} == dict(per_user)
+
+
+def test_streamed_recommendations_equal_the_offline_inference_apis(streamed, registry):
+    ordered = processed_inputs(streamed)
+    items, states = offline(registry, [e for _, _, e in ordered])
+    recs = {(r["source_partition"], r["source_offset"]): r for r in streamed["recs"]}
+    differing = 0
+    for (p, o, _), want in zip(ordered, items):
+        got = recs[(p, o)]["items"]
+        assert [g["score"] for g in got] == pytest.approx([s for _, s in want], abs=1e-5)
+        differing += [g["item_id"] for g in got] != [i for i, _ in want]
+    assert differing <= len(ordered) // 100  # only exact score ties may swap places
+    assert set(states) == set(streamed["states"])
+    assert all(same_state(streamed["states"][u], s) for u, s in states.items())
+
+
+def test_recommendations_leave_out_items_the_user_purchased(streamed, registry):
+    ordered = processed_inputs(streamed)
+    unfiltered, _ = offline(registry, [e for _, _, e in ordered], filters=Filters(exclude_purchased=False))
+    recs = {(r["source_partition"], r["source_offset"]): r for r in streamed["recs"]}
+    purchased: dict[str, set[str]] = defaultdict(set)
+    would_have_shown = 0
+    for (p, o, e), plain in zip(ordered, unfiltered):
+        if e.event_type == "purchase":
+            purchased[e.user_id].add(e.item_id)
+        shown = {i["item_id"] for i in recs[(p, o)]["items"]}
+        assert not shown & purchased[e.user_id]
+        would_have_shown += bool({i for i, _ in plain} & purchased[e.user_id])
+    assert would_have_shown > 0  # the filter had something to do
+
+
+def test_unknown_items_advance_bookkeeping_and_are_counted(streamed):
+    unknown = sum(1 for e in streamed["events"] if e.item_id.startswith("new-item-"))
+    assert unknown > 0 and streamed["totals"].unknown_items == unknown
+    assert streamed["metrics"].value("hrnn_unknown_items_total") == unknown
+
+
+def test_metrics_count_records_recommendations_and_dead_letters(streamed):
+    m, t = streamed["metrics"], streamed["totals"]
+    assert m.value("hrnn_events_in_total") == t.records == N_VALID + len(INVALID) + len(streamed["miskeyed"])
+    assert m.value("hrnn_recommendations_out_total") == N_VALID
+    assert m.value("hrnn_repartitioned_total") == len(streamed["miskeyed"])
+    for _, _, reason in INVALID:
+        assert m.value("hrnn_dlq_total", {"reason": reason}) == 1
+    assert m.value("hrnn_batch_size_count") == t.batches > 1
+
+
+def test_the_changelog_holds_one_record_per_touched_user_per_batch_on_the_source_partition(streamed, broker):
+    settings = streamed["settings"]
+    log = records_of(broker.bootstrap, settings.changelog_topic, idle_s=0.5)
+    assert len(log) == streamed["totals"].users
+    home = {e.user_id: p for p, _, e in processed_inputs(streamed)}
+    last = {}
+    for r in log:
+        user = r.key.decode()
+        assert r.partition == home[user]
+        last[user] = r
+    assert all(records.source_offset_of(r.headers) == streamed["states"][u].source_offset for u, r in last.items())
+    assert json.dumps(sorted(last)) == json.dumps(sorted(streamed["states"]))
