@@ -18,6 +18,7 @@ import torch
 from model.artifact import LoadedModel, load_version
 from model.interactions import Interactions
 from model.network import HRNN, PaddedSequences, resolve_device, run_sequences
+from model.repeat import sequence_windows, type_slots, window_from_events
 from model.scorer import UserSequence
 from model.sessions import is_new_session
 from model.state import HistoryEvent, UserState
@@ -29,16 +30,23 @@ class HRNNScorer:
     """The Scorer protocol for a trained network: evaluation's batched forward pass."""
 
     def __init__(self, model: HRNN, name: str = "hrnn", batch_size: int = 256,
-                 item_map: np.ndarray | None = None) -> None:
+                 item_map: np.ndarray | None = None, type_map: np.ndarray | None = None) -> None:
         """item_map[c] is the model's index of the evaluation data's item code c (-1: unknown to the model);
-        None when the codes already agree."""
+        type_map likewise for event-type codes (only the repeat head reads types); None when the codes agree."""
         self.model, self.name, self.batch_size, self.item_map = model, name, batch_size, item_map
+        self.type_map = type_map
         self.unseen: torch.Tensor | None = None
 
     @classmethod
-    def for_vocabulary(cls, model: HRNN, model_items: list[str], data_items, name: str = "hrnn") -> "HRNNScorer":
+    def for_vocabulary(cls, model: HRNN, model_items: list[str], data_items, name: str = "hrnn",
+                       model_types: list[str] | None = None, data_types=None) -> "HRNNScorer":
         index = {item: i for i, item in enumerate(model_items)}
-        return cls(model, name, item_map=np.array([index.get(str(i), -1) for i in data_items], dtype=np.int64))
+        type_map = None
+        if model_types is not None and data_types is not None:
+            tindex = {t: i for i, t in enumerate(model_types)}
+            type_map = np.array([tindex.get(str(t), -1) for t in data_types], dtype=np.int64)
+        return cls(model, name, item_map=np.array([index.get(str(i), -1) for i in data_items], dtype=np.int64),
+                   type_map=type_map)
 
     def fit(self, train: Interactions, session_start: np.ndarray) -> None:
         """Nothing to learn here (training is model.train); remember which items training never saw."""
@@ -68,7 +76,12 @@ class HRNNScorer:
         for r, s in enumerate(seqs):
             collect[r, torch.as_tensor(s.targets, dtype=torch.long)] = True
         _, _, pre = run_sequences(self.model, padded, collect)
-        scores = self.model.score_all(pre)
+        window = None
+        if self.model.repeat is not None:
+            types = [s.event_type if self.type_map is None else self.type_map[s.event_type] for s in seqs]
+            window = sequence_windows(items, [s.ts_ms for s in seqs], types, [s.session_start for s in seqs],
+                                      [s.targets for s in seqs], self.model.cfg.history_length, dev)
+        scores = self.model.score_all(pre, window)
         if self.item_map is not None:
             scores = scores[:, torch.from_numpy(self.item_map.clip(min=0)).to(dev)]
         if self.unseen is not None:
@@ -142,6 +155,7 @@ class Recommender:
         self.device = next(self.model.parameters()).device
         self.timeout_ms = int(loaded.data_config.session_timeout_s * 1000)
         self.history_length = loaded.config.history_length
+        self.type_slot = {t: int(type_slots(np.array([i]))[0]) for i, t in enumerate(loaded.event_types)}
 
     @classmethod
     def load(cls, version_dir: str | Path, device: str = "auto") -> "Recommender":
@@ -186,6 +200,7 @@ class Recommender:
         post = torch.zeros(len(events), self.model.hidden, device=self.device)
         new_session, known, session_ids = [False] * len(events), [False] * len(events), [""] * len(events)
         excluded: list[list[int]] = [[] for _ in events]
+        windows: list[list[tuple[int, int, int, bool]]] = [[] for _ in events]
         for wave in _waves(events):
             flags = [self._bookkeep(work[events[i].user_id], events[i]) for i in wave]
             rows = torch.tensor([row[events[i].user_id] for i in wave], device=self.device)
@@ -201,11 +216,21 @@ class Recommender:
                 new_session[i], known[i], session_ids[i] = f[2], f[0] >= 0, s.session_id or ""
                 if filters is not None:
                     excluded[i] = _excluded(s.history, self.index, filters)
+                if self.model.repeat is not None:
+                    windows[i] = self._window_events(s.history)
         hu_np, hs_np = h_user.cpu().numpy(), h_sess.cpu().numpy()
         for u, s in work.items():
             s.user_hidden, s.session_hidden = hu_np[row[u]].copy(), hs_np[row[u]].copy()
-        scores = self.model.score_all(post) if events else torch.zeros(0, len(self.item_ids), device=self.device)
+        window = window_from_events(windows, self.history_length, self.device) \
+            if self.model.repeat is not None and events else None
+        scores = self.model.score_all(post, window) if events \
+            else torch.zeros(0, len(self.item_ids), device=self.device)
         return Advanced(work, scores, new_session, known, session_ids, rebuilt, excluded)
+
+    def _window_events(self, history: list[HistoryEvent]) -> list[tuple[int, int, int, bool]]:
+        """The repeat head's view of a stored history: model item index (-1 unknown), time, type slot, flag."""
+        return [(self.index.get(e.item_id, -1), e.ts_ms, self.type_slot.get(e.event_type, 0), e.new_session)
+                for e in history[-self.history_length:]]
 
     def _bookkeep(self, s: UserState, e: StepInput) -> tuple[int, bool, bool, int]:
         """Apply one event's session/time/history bookkeeping; return (item, new_user, new_session, gap_ms)."""

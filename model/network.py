@@ -6,7 +6,9 @@ steps once on the session's last hidden state; the next session starts from
 session step; `session-only` is the GRU4Rec-style ablation that starts sessions from zero.
 
 `HRNN.transition` is the single definition of "consume one event" used by training,
-evaluation and the streaming inference API, so the three cannot drift apart.
+evaluation and the streaming inference API, so the three cannot drift apart. With
+`repeat_head` the scores also take the user's last-H events (model.repeat); callers pass
+the same `HistoryWindow` in all three paths.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from model.config import HRNNConfig
+from model.repeat import HistoryWindow, RepeatHead
 
 GAP_SCALE = 1.0 / math.log1p(30 * 86400)  # log1p(gap seconds) scaled so 30 days ~ 1
 
@@ -43,6 +46,7 @@ class HRNN(nn.Module):
         self.drop_sess = nn.Dropout(cfg.dropout_session)
         self.drop_user = nn.Dropout(cfg.dropout_user)
         self.drop_init = nn.Dropout(cfg.dropout_init)
+        self.repeat = RepeatHead(n_items, hid) if cfg.repeat_head else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -100,13 +104,20 @@ class HRNN(nn.Module):
     def output(self, h_sess: torch.Tensor) -> torch.Tensor:
         return self.drop_sess(h_sess)
 
-    def score_all(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, H) -> (B, n_items) catalogue scores."""
-        return torch.addmm(self.out_bias, self.output(h), self.out_weight.t())
+    def score_all(self, h: torch.Tensor, history: HistoryWindow | None = None) -> torch.Tensor:
+        """(B, H) -> (B, n_items) catalogue scores; `history` (the rows' last-H events) feeds the repeat head."""
+        scores = torch.addmm(self.out_bias, self.output(h), self.out_weight.t())
+        if self.repeat is not None and history is not None:
+            scores = scores + self.repeat.dense(h, history, self.n_items)
+        return scores
 
-    def score_items(self, h: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def score_items(self, h: torch.Tensor, items: torch.Tensor, history: HistoryWindow | None = None
+                    ) -> torch.Tensor:
         """(B, H), (C,) -> (B, C) scores of a candidate set: training never scores the whole catalogue."""
-        return torch.addmm(self.out_bias[items], self.output(h), self.out_weight[items].t())
+        scores = torch.addmm(self.out_bias[items], self.output(h), self.out_weight[items].t())
+        if self.repeat is not None and history is not None:
+            scores = scores + self.repeat.at(h, history, items)
+        return scores
 
 
 @dataclass

@@ -11,6 +11,11 @@ from the fresh session state the user GRU produced. Negatives are the step's oth
 plus `n_sample` shared items drawn by popularity^sample_alpha; only targets and samples are
 scored, never the whole catalogue.
 
+With the repeat head (repeat_head=true) every scored row also carries the end of its
+history window: the row's own event for next-in-session targets, the previous event for
+session-start targets, so the window is the slot user's last H events (earlier sessions
+and the current one) exactly as evaluation and the online API see them.
+
 Recency mask (recency_mask=true): a target event at time t weighs
     w = 0.5 ** ((t_end - t) / half_life)
 where t_end is the newest training timestamp and half_life is recency_half_life_days, or a
@@ -33,6 +38,7 @@ from model.config import HRNNConfig
 from model.interactions import Interactions
 from model.losses import ranking_loss
 from model.network import HRNN, resolve_device
+from model.repeat import HistoryWindow, gather_windows, type_slots
 
 Validator = Callable[[HRNN], dict]
 
@@ -49,6 +55,9 @@ class TrainSequences:
     user_start: np.ndarray  # bool: first row of a user
     bounds: np.ndarray  # user start offsets + end
     popularity: np.ndarray  # float64 per item
+    type_slot: np.ndarray | None = None  # int64 repeat-head type slot per row
+    user_first: np.ndarray | None = None  # int64 first row of each row's user
+    session_first: np.ndarray | None = None  # int64 first row of each row's session
 
     @classmethod
     def build(cls, data: Interactions, session_start: np.ndarray, cfg: HRNNConfig,
@@ -64,8 +73,19 @@ class TrainSequences:
         bounds = data.user_bounds()
         first = np.zeros(n, dtype=bool)
         first[bounds[:-1]] = True
+        rows = np.arange(n)
+        user_first = np.repeat(bounds[:-1], np.diff(bounds)).astype(np.int64)
+        session_first = np.maximum.accumulate(np.where(session_start | first, rows, 0)).astype(np.int64) \
+            if n else rows
         return cls(data.item.astype(np.int64), data.ts_ms.astype(np.int64), session_start | first, nxt, w,
-                   first, bounds, pop)
+                   first, bounds, pop, type_slots(data.event_type).astype(np.int64), user_first, session_first)
+
+    def windows(self, ends: np.ndarray, length: int) -> HistoryWindow:
+        """The repeat head's windows ending at rows `ends` (each within its user's rows)."""
+        assert self.type_slot is not None and self.user_first is not None and self.session_first is not None
+        t = torch.from_numpy
+        return gather_windows(t(self.items), t(self.ts_ms), t(self.type_slot), t(ends), t(self.user_first[ends]),
+                              t(self.session_first[ends]), length)
 
 
 def recency_weights(ts_ms: np.ndarray, cfg: HRNNConfig) -> np.ndarray:
@@ -114,7 +134,7 @@ def _sampler(seqs: TrainSequences, cfg: HRNNConfig, device: torch.device) -> tor
 
 def _step_rows(model: HRNN, state: tuple, seqs: TrainSequences, slots: _Slots, cfg: HRNNConfig,
                device: torch.device) -> tuple[tuple, list]:
-    """Advance every slot by one event; return new hidden states and (hidden, target, weight) rows."""
+    """Advance every slot by one event; return new hidden states and (hidden, target, weight, window end) rows."""
     h_user, h_sess = state
     act = slots.active
     p = np.where(act, slots.cur, 0)  # parked slots read row 0 and are masked out
@@ -128,15 +148,16 @@ def _step_rows(model: HRNN, state: tuple, seqs: TrainSequences, slots: _Slots, c
     rows = []
     nxt = act & seqs.next_in_session[p] & (p + 1 < slots.end)
     if nxt.any():
-        rows.append((h_sess[t(nxt)], t(seqs.items[p[nxt] + 1]), t(seqs.weight[p[nxt] + 1])))
+        rows.append((h_sess[t(nxt)], t(seqs.items[p[nxt] + 1]), t(seqs.weight[p[nxt] + 1]), p[nxt]))
     if cfg.predict_session_start and cfg.variant != "session-only":
         st = act & seqs.new_session[p] & ~user_start
         if st.any():
-            rows.append((h_pre[t(st)], items[t(st)], t(seqs.weight[p[st]])))
+            rows.append((h_pre[t(st)], items[t(st)], t(seqs.weight[p[st]]), p[st] - 1))
     return (h_user, h_sess), rows
 
 
-def _chunk_loss(model: HRNN, rows: list, probs: torch.Tensor, cfg: HRNNConfig) -> torch.Tensor | None:
+def _chunk_loss(model: HRNN, rows: list, probs: torch.Tensor, cfg: HRNNConfig,
+                seqs: TrainSequences | None = None) -> torch.Tensor | None:
     if not rows:
         return None
     h = torch.cat([r[0] for r in rows])
@@ -145,7 +166,10 @@ def _chunk_loss(model: HRNN, rows: list, probs: torch.Tensor, cfg: HRNNConfig) -
     cands = targets
     if cfg.n_sample:
         cands = torch.cat([targets, torch.multinomial(probs, cfg.n_sample, replacement=True)])
-    logits = model.score_items(h, cands)
+    window = None
+    if model.repeat is not None and seqs is not None:
+        window = seqs.windows(np.concatenate([r[3] for r in rows]), cfg.history_length).to(h.device)
+    logits = model.score_items(h, cands, window)
     if cfg.logq:
         logits = logits - cfg.logq * torch.log(probs[cands] + 1e-12)
     loss = ranking_loss(cfg.loss, logits, cands, targets, bpreg=cfg.bpreg)
@@ -176,7 +200,7 @@ def run_epoch(model: HRNN, seqs: TrainSequences, cfg: HRNNConfig, opt: torch.opt
             state, step_rows = _step_rows(model, state, seqs, slots, cfg, device)
             rows += step_rows
             slots.advance()
-        loss = _chunk_loss(model, rows, probs, cfg)
+        loss = _chunk_loss(model, rows, probs, cfg, seqs)
         if loss is not None:
             opt.zero_grad(set_to_none=True)
             loss.backward()

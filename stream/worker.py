@@ -197,6 +197,7 @@ class Worker:
         self._next_recommender: Recommender | None = None
         self._swap_lock = threading.Lock()
         self._last_lag = 0.0
+        self.assigned = threading.Event()  # set once the first partitions are assigned and restored
         self.metrics.set_model_version(self.recommender.version)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -224,9 +225,11 @@ class Worker:
     def _ensure_topics(self) -> None:
         s = self.settings
         admin = admin_client(s.bootstrap_servers, s.kafka)
-        existing = partition_counts(admin)
-        n = existing.get(s.input_topic) or s.partitions or DEFAULT_PARTITIONS
+        n = partition_counts(admin).get(s.input_topic) or s.partitions or DEFAULT_PARTITIONS
         ensure_topics(admin, standard_topics(s.input_topic, s.output_topic, s.group, n))
+        actual = partition_counts(admin).get(s.input_topic, n)
+        if actual != n:  # someone (a producer's auto-create) made the input topic meanwhile
+            ensure_topics(admin, standard_topics(s.input_topic, s.output_topic, s.group, actual))
 
     def run(self, stop: threading.Event) -> BatchResult:
         """Process batches until `stop` is set, then finish the batch in hand and close."""
@@ -286,6 +289,8 @@ class Worker:
         for tp in partitions:
             self.open_partition(tp.partition)
         self.health.update(partitions=self.stores.partitions)
+        if partitions:
+            self.assigned.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Callbacks run inside consume(), so the previous batch is already committed and stored.
@@ -552,7 +557,11 @@ def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
     read (offsets up to the watermark can be transaction markers or compacted away).
     """
     tp = TopicPartition(topic, partition)
-    low, high = consumer.get_watermark_offsets(tp, timeout=_CLIENT_TIMEOUT_S)
+    try:
+        low, high = consumer.get_watermark_offsets(tp, timeout=_CLIENT_TIMEOUT_S)
+    except KafkaException as exc:
+        raise WorkerError(f"cannot read changelog {topic}[{partition}] (does it have as many partitions as "
+                          f"the input topic?): {exc.args[0] if exc.args else exc}") from None
     if start >= high:
         return
     consumer.assign([TopicPartition(topic, partition, max(start, low))])

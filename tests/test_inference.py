@@ -30,12 +30,22 @@ def _tiny_log(seed: int = 0, users: int = 12, per_user: int = 30, items: int = 4
     return Interactions.from_columns(u, i, t, e)
 
 
-@pytest.fixture(scope="module", params=["hrnn-init", "hrnn-all", "session-only"])
+# (variant, repeat head, H): H = 8 is shorter than a user's 30 events, so the window's cut is covered too.
+@pytest.fixture(scope="module", params=[("hrnn-init", False, 100), ("hrnn-all", False, 100),
+                                        ("session-only", False, 100), ("hrnn-init", True, 100),
+                                        ("hrnn-all", True, 8), ("session-only", True, 8)],
+                ids=lambda p: f"{p[0]}{'+repeat-H' + str(p[2]) if p[1] else ''}")
 def version(request, tmp_path_factory):
     data = _tiny_log()
-    cfg = HRNNConfig(variant=request.param, hidden_dimension=32, time_gap_input=True, seed=3)
+    variant, repeat, h = request.param
+    cfg = HRNNConfig(variant=variant, hidden_dimension=32, time_gap_input=True, seed=3, repeat_head=repeat,
+                     history_length=h)
     torch.manual_seed(3)
     model = HRNN(data.n_items, cfg).eval()
+    if model.repeat is not None:  # trained-looking weights: an untrained head's zero gate weights hide mistakes
+        with torch.no_grad():
+            for prm in model.repeat.parameters():
+                prm.add_(torch.randn_like(prm) * 0.5)
     reg = tmp_path_factory.mktemp("reg")
     save_version(reg, model, cfg, DataConfig(), list(data.item_ids), list(data.event_types))
     return data, latest_version_dir(reg)
@@ -130,6 +140,24 @@ def test_a_state_of_another_version_is_rebuilt_from_its_last_events(version, tmp
     stale.model_version = "some-older-version"
     stale.user_hidden[:] = 7.0
     adv = rec.advance({events[0].user_id: stale}, events[-1:])
-    ref = rec.advance({events[0].user_id: fresh}, events[-1:])
+    # A rebuild replays only the stored last-H events: it equals a user whose whole past is those events.
+    replayed = rec.advance({}, events[:-1][-rec.history_length:]).states[events[0].user_id]
+    ref = rec.advance({events[0].user_id: replayed}, events[-1:])
     assert adv.rebuilt_users == 1
     np.testing.assert_allclose(adv.scores.numpy(), ref.scores.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_repeat_head_moves_the_scores_of_items_in_the_users_history(version):
+    data, path = version
+    rec = Recommender.load(path, device="cpu")
+    if rec.model.repeat is None:
+        pytest.skip("plain model")
+    events = _events_of(data, 5)
+    adv = rec.advance({}, events)
+    with torch.no_grad():
+        h = torch.from_numpy(adv.states[events[0].user_id].session_hidden).unsqueeze(0)
+        plain = rec.model.score_all(h)[0]
+    diff = (adv.scores[-1] - plain).abs()
+    seen = {rec.index[e.item_id] for e in events[-rec.history_length:]}
+    assert all(float(diff[i]) < 1e-6 for i in range(len(rec.item_ids)) if i not in seen)
+    assert max(float(diff[i]) for i in seen) > 1e-3

@@ -102,8 +102,11 @@ class Running:
 
 
 @contextmanager
-def running(settings: WorkerSettings, **kwargs) -> Iterator[Worker]:
-    """A worker running in a thread; stopped (drained) and joined on exit, its error re-raised."""
+def running(settings: WorkerSettings, *, wait_assigned: bool = True, **kwargs) -> Iterator[Worker]:
+    """A worker running in a thread; stopped (drained) and joined on exit, its error re-raised.
+
+    By default it waits for the first assignment, so topics exist with the asked partition
+    count before a test produces (a producer would auto-create them otherwise)."""
     worker = Worker(settings, **kwargs)
     stop, errors = threading.Event(), []
 
@@ -116,6 +119,10 @@ def running(settings: WorkerSettings, **kwargs) -> Iterator[Worker]:
     thread = threading.Thread(target=target, name="worker-under-test", daemon=True)
     thread.start()
     try:
+        if wait_assigned:
+            wait_until(lambda: worker.assigned.is_set() or errors, 60, message="first assignment")
+        if errors:
+            raise errors[0]
         yield worker
     finally:
         stop.set()

@@ -1,0 +1,97 @@
+"""Registry operations over model/artifact.py: find, promote, roll back and prune versions.
+
+Versions are ordered by their manifest's created_at (then name), so "the last N" means the
+N most recently published, whatever their names. Pruning never touches the CURRENT version
+and removes a version by renaming it to a dot-name first: a reader either sees the complete
+version or none (list_versions skips dot-names), never a half-deleted one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from model.artifact import VersionInfo, current_version, list_versions, set_current, verify
+from model.errors import ArtifactError
+
+# A temp dir of save_version older than this is a leftover of a crashed publisher, not one in progress.
+STALE_TEMP_S = 3600.0
+
+
+def ordered_versions(registry: str | Path) -> list[VersionInfo]:
+    """Complete versions, oldest first (by created_at, then name)."""
+    return sorted(list_versions(registry), key=lambda v: (v.created_at, v.version))
+
+
+def version_path(registry: str | Path, version: str) -> Path:
+    """The directory of a complete version, or ArtifactError naming the versions there are."""
+    for v in list_versions(registry):
+        if v.version == version:
+            return v.path
+    known = ", ".join(v.version for v in ordered_versions(registry)[-5:]) or "none"
+    raise ArtifactError(f"no version {version!r} in {registry} (latest: {known})")
+
+
+def promote(registry: str | Path, version: str) -> Path:
+    """Check a version's checksums and make it the CURRENT one (also how a rollback is done)."""
+    path = version_path(registry, version)
+    verify(path)
+    set_current(registry, version)
+    return path
+
+
+def previous_version(registry: str | Path) -> str | None:
+    """The version published just before the current one: the target of a rollback."""
+    versions = [v.version for v in ordered_versions(registry)]
+    cur = current_version(registry)
+    if cur not in versions:
+        return None
+    i = versions.index(cur)
+    return versions[i - 1] if i > 0 else None
+
+
+def rollback(registry: str | Path) -> str:
+    """Promote the version before the current one; returns its name."""
+    prev = previous_version(registry)
+    if prev is None:
+        raise ArtifactError(f"{registry}: no version before {current_version(registry)!r} to roll back to")
+    promote(registry, prev)
+    return prev
+
+
+def prune(registry: str | Path, keep: int, *, protect: tuple[str, ...] = ()) -> list[str]:
+    """Delete all but the `keep` newest versions; the current one and `protect` always stay.
+
+    Returns the names deleted. Stale temp dirs of crashed publishers are removed too.
+    """
+    if keep < 1:
+        raise ArtifactError(f"keep must be at least 1, got {keep}")
+    reg = Path(registry)
+    versions = ordered_versions(reg)
+    spared = {v.version for v in versions[-keep:]} | {current_version(reg)} | set(protect)
+    removed = []
+    for v in versions:
+        if v.version in spared:
+            continue
+        trash = reg / f".trash-{v.version}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(v.path, trash)
+        except FileNotFoundError:
+            continue  # another pruner got there first
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(v.version)
+    _remove_stale_temp(reg)
+    return removed
+
+
+def _remove_stale_temp(reg: Path) -> None:
+    now = time.time()
+    for d in reg.iterdir():
+        if d.is_dir() and d.name.startswith((".tmp-", ".trash-")):
+            try:
+                if now - d.stat().st_mtime > STALE_TEMP_S:
+                    shutil.rmtree(d, ignore_errors=True)
+            except FileNotFoundError:
+                pass

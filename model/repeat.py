@@ -1,0 +1,204 @@
+"""The repeat-aware scoring head: re-rank the user's own last-H events next to the GRU's catalogue scores.
+
+A user GRU squeezes a whole history into one vector and so ranks "the item this user keeps
+coming back to" poorly; simple history counts beat it on repeat-heavy logs. This head
+adds, per scoring row,
+
+    score(c) = gru_logit(c) + gate(h) * repeat_logit(c)
+
+where repeat_logit(c) is 0 for items absent from the window and, for an item of the
+window, a small MLP of that item's aggregated history features (time-decayed counts at
+three learned half-lives weighted by a learned per-event-type factor, raw count, count in
+the current session, whether it is the newest / among the three newest events) plus a
+learned per-item repeat bias ("discount weights as a learnable function of the items and
+timestamps"). The gate is a softplus of the session state and the window's size, so each
+step decides how far the user's history outranks exploration. The head is additive in
+logit space, so every loss and sampled candidates work unchanged.
+
+Everything is computed from a `HistoryWindow`: the last H events before the scoring point
+(item, time, type slot, in-current-session flag), right-aligned so column H-1 is the newest
+event. Training, evaluation and the online API build the same window from the same events
+(`gather_windows` for sorted arrays, `window_from_events` for a stored user history), and
+ages are measured from the newest event of the window, the one the prediction is made
+from, so the three paths cannot disagree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_TYPE_SLOTS = 8  # slot 0: a type the model never saw; type code k -> slot min(k + 1, 7)
+INIT_HALF_LIVES_S = (600.0, 86_400.0, 7 * 86_400.0)  # minutes ("same as just now"), a day, a week (habits)
+_N_FEATURES = len(INIT_HALF_LIVES_S) + 4
+_MLP_WIDTH = 16
+
+
+def type_slots(codes: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """Event-type codes (index into the model's training event types, -1 unknown) -> head slots."""
+    if isinstance(codes, torch.Tensor):
+        return (codes.long() + 1).clamp(0, MAX_TYPE_SLOTS - 1)
+    return np.clip(np.asarray(codes, dtype=np.int64) + 1, 0, MAX_TYPE_SLOTS - 1)
+
+
+@dataclass
+class HistoryWindow:
+    """The last H events before each scoring row, oldest first, right-aligned (column H-1 newest)."""
+
+    items: torch.Tensor  # (R, H) long: model item index; -1 for padding and for items the model does not know
+    ts_ms: torch.Tensor  # (R, H) long
+    types: torch.Tensor  # (R, H) long: type slot (see type_slots)
+    in_session: torch.Tensor  # (R, H) bool: the event belongs to the session of the newest event
+    present: torch.Tensor  # (R, H) bool: a real event (known item or not); padding is False
+
+    @property
+    def known(self) -> torch.Tensor:
+        return self.present & (self.items >= 0)
+
+    def to(self, device: torch.device) -> "HistoryWindow":
+        return HistoryWindow(*(t.to(device) for t in (self.items, self.ts_ms, self.types, self.in_session,
+                                                      self.present)))
+
+    def now_ms(self) -> torch.Tensor:
+        """(R,) time the prediction is made from: the newest event of the window (0 for an empty one)."""
+        return torch.where(self.present, self.ts_ms, torch.zeros_like(self.ts_ms)).amax(dim=1)
+
+
+def gather_windows(items: torch.Tensor, ts_ms: torch.Tensor, types: torch.Tensor, ends: torch.Tensor,
+                   first: torch.Tensor, sess_first: torch.Tensor, length: int) -> HistoryWindow:
+    """Windows out of flat, time-ordered arrays (training rows, or concatenated evaluation sequences).
+
+    items/ts_ms/types are per flat position (types already as slots). Row r's window holds the positions
+    ends[r]-length+1 .. ends[r] that are >= first[r] (the first position of the row's user sequence);
+    sess_first[r] is the first position of the session of ends[r]. ends[r] < first[r] (a prediction
+    before the sequence's first event) gives an empty window.
+    """
+    ends, first = ends.long(), first.long()
+    idx = ends.unsqueeze(1) - torch.arange(length - 1, -1, -1, device=ends.device).unsqueeze(0)
+    present = idx >= first.unsqueeze(1)
+    safe = torch.where(present, idx, torch.zeros_like(idx))
+    it = torch.where(present, items[safe], torch.full_like(idx, -1))
+    return HistoryWindow(it, torch.where(present, ts_ms[safe], torch.zeros_like(idx)),
+                         torch.where(present, types[safe], torch.zeros_like(idx)),
+                         present & (idx >= sess_first.long().unsqueeze(1)), present)
+
+
+def sequence_windows(items: Sequence[np.ndarray], ts_ms: Sequence[np.ndarray], type_codes: Sequence[np.ndarray],
+                     session_start: Sequence[np.ndarray], targets: Sequence[np.ndarray], length: int,
+                     device: torch.device) -> HistoryWindow:
+    """Windows for predicting positions `targets` of whole user sequences (evaluation): the events before
+    each target, rows in sequence-then-target order. The first event of a sequence always opens a session."""
+    lens = np.array([len(x) for x in items], dtype=np.int64)
+    offset = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    flat_items = np.concatenate([np.asarray(x, dtype=np.int64) for x in items]) if len(items) else np.zeros(0, np.int64)
+    flat_ts = np.concatenate([np.asarray(x, dtype=np.int64) for x in ts_ms]) if len(items) else np.zeros(0, np.int64)
+    flat_types = type_slots(np.concatenate([np.asarray(x) for x in type_codes])) if len(items) \
+        else np.zeros(0, np.int64)
+    opens = np.concatenate([np.asarray(x, dtype=bool) for x in session_start]) if len(items) else np.zeros(0, bool)
+    opens[offset[lens > 0]] = True
+    pos = np.arange(len(flat_items))
+    sess_first = np.maximum.accumulate(np.where(opens, pos, 0)) if len(pos) else pos
+    ends = np.concatenate([o + np.asarray(t, dtype=np.int64) - 1 for o, t in zip(offset, targets)]) \
+        if len(items) else np.zeros(0, np.int64)
+    first = np.repeat(offset, [len(t) for t in targets])
+    row_sess = sess_first[np.clip(ends, 0, None)] if len(pos) else np.zeros(len(ends), np.int64)
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
+    if len(pos) == 0:  # nothing to index: every window is empty
+        flat_items = flat_ts = flat_types = np.zeros(1, np.int64)
+    return gather_windows(as_t(flat_items), as_t(flat_ts), as_t(flat_types), as_t(ends), as_t(first),
+                          as_t(row_sess), length)
+
+
+def window_from_events(events: Sequence[Sequence[tuple[int, int, int, bool]]], length: int,
+                       device: torch.device) -> HistoryWindow:
+    """Windows from per-row event lists [(item index or -1, ts_ms, type slot, opens a session), ...], oldest
+    first (the online API's stored last-H events). Only the newest `length` events of a row count."""
+    r = len(events)
+    it = np.full((r, length), -1, dtype=np.int64)
+    ts = np.zeros((r, length), dtype=np.int64)
+    ty = np.zeros((r, length), dtype=np.int64)
+    sess = np.zeros((r, length), dtype=bool)
+    present = np.zeros((r, length), dtype=bool)
+    for row, evs in enumerate(events):
+        evs = list(evs)[-length:]
+        if not evs:
+            continue
+        n = len(evs)
+        cols = slice(length - n, length)
+        it[row, cols] = [e[0] for e in evs]
+        ts[row, cols] = [e[1] for e in evs]
+        ty[row, cols] = [e[2] for e in evs]
+        present[row, cols] = True
+        opens = [j for j, e in enumerate(evs) if e[3]]
+        start = opens[-1] if opens else 0  # a session longer than the window covers all of it
+        sess[row, length - n + start:] = True
+    as_t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return HistoryWindow(as_t(it), as_t(ts), as_t(ty), as_t(sess), as_t(present))
+
+
+def _inverse_softplus(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
+class RepeatHead(nn.Module):
+    """Gate and per-item repeat logits over a HistoryWindow (see the module docstring)."""
+
+    def __init__(self, n_items: int, hidden: int) -> None:
+        super().__init__()
+        self.log_half_life = nn.Parameter(torch.tensor([math.log(h) for h in INIT_HALF_LIVES_S]))
+        self.type_weight = nn.Parameter(torch.full((MAX_TYPE_SLOTS,), _inverse_softplus(1.0)))
+        self.item_bias = nn.Parameter(torch.zeros(n_items))
+        self.mlp = nn.Sequential(nn.Linear(_N_FEATURES, _MLP_WIDTH), nn.Tanh(), nn.Linear(_MLP_WIDTH, 1))
+        self.gate = nn.Linear(hidden + 2, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, _inverse_softplus(1.0))  # start as a plain sum of the two scores
+
+    def forward(self, h: torch.Tensor, win: HistoryWindow) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (gate (R,), logits (R, H), keep (R, H)): `keep` marks the newest occurrence of each known
+        item in its row, which carries that item's logit; other columns must be ignored."""
+        known = win.known
+        age_s = (win.now_ms().unsqueeze(1) - win.ts_ms).clamp(min=0).to(torch.float32) / 1000.0
+        decay = torch.exp(-age_s.unsqueeze(-1) * (math.log(2.0) / torch.exp(self.log_half_life)))
+        w_type = F.softplus(self.type_weight)[win.types].unsqueeze(-1)
+        h_len = known.shape[1]
+        newest = torch.zeros_like(known)
+        newest[:, -1] = True
+        recent = torch.zeros_like(known)
+        recent[:, -3:] = True
+        kf = known.to(torch.float32).unsqueeze(-1)
+        per_event = torch.cat([decay * w_type, torch.ones_like(kf), win.in_session.unsqueeze(-1).float(),
+                               newest.unsqueeze(-1).float(), recent.unsqueeze(-1).float()], dim=-1) * kf
+        same = (win.items.unsqueeze(2) == win.items.unsqueeze(1)) & known.unsqueeze(2) & known.unsqueeze(1)
+        agg = torch.bmm(same.to(torch.float32), per_event)  # (R, H, F): sums over the item's occurrences
+        n_dec = len(INIT_HALF_LIVES_S)
+        feats = torch.cat([torch.log(agg[..., :n_dec] + 1e-4), torch.log1p(agg[..., n_dec:n_dec + 2]),
+                           agg[..., n_dec + 2:].clamp(max=1.0)], dim=-1)
+        logits = self.mlp(feats).squeeze(-1) + self.item_bias[win.items.clamp(min=0)]
+        later = torch.triu(torch.ones(h_len, h_len, dtype=torch.bool, device=known.device), diagonal=1)
+        keep = known & ~(same & later.unsqueeze(0)).any(dim=2)
+        n_known = known.sum(1, keepdim=True).to(torch.float32)
+        n_distinct = keep.sum(1, keepdim=True).to(torch.float32)
+        gate = F.softplus(self.gate(torch.cat([h, torch.log1p(n_known), torch.log1p(n_distinct)], dim=1)))
+        return gate.squeeze(1), logits, keep
+
+    def dense(self, h: torch.Tensor, win: HistoryWindow, n_items: int) -> torch.Tensor:
+        """(R, n_items) gate * repeat logit; 0 for items outside the window."""
+        gate, logits, keep = self(h, win)
+        out = torch.zeros(h.shape[0], n_items, device=h.device, dtype=logits.dtype)
+        out.scatter_add_(1, torch.where(keep, win.items, 0), torch.where(keep, logits, 0.0))
+        return out * gate.unsqueeze(1)
+
+    def at(self, h: torch.Tensor, win: HistoryWindow, cands: torch.Tensor) -> torch.Tensor:
+        """(R, C) gate * repeat logit at candidate columns (duplicates allowed), never the whole catalogue."""
+        gate, logits, keep = self(h, win)
+        uniq, inv = torch.unique(cands, return_inverse=True)
+        pos = torch.searchsorted(uniq, win.items.clamp(min=0)).clamp(max=len(uniq) - 1)
+        hit = keep & (uniq[pos] == win.items)
+        out = torch.zeros(h.shape[0], len(uniq), device=h.device, dtype=logits.dtype)
+        out.scatter_add_(1, torch.where(hit, pos, 0), torch.where(hit, logits, 0.0))
+        return out[:, inv] * gate.unsqueeze(1)

@@ -1,0 +1,278 @@
+"""`hrnn demo`: the whole product on one machine, ending by itself.
+
+Local broker -> synthetic log -> train + evaluate v1 against the baselines -> a worker with
+embedded RocksDB -> replay the newest events (a few malformed records and a brand-new item
+among them) -> live recommendations on screen -> a retrain on the events seen so far and a hot
+swap mid-stream -> summary (events in, recommendations out, DLQ, p50/p99 latency, how long
+the new item took to become recommendable) and plots under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from model.config import DataConfig, HRNNConfig
+from model.inference import Recommender
+from model.interactions import Interactions
+
+NEW_ITEM = "new-item-1"
+RETRAIN_AT = 0.15  # share of the live replay after which the retrain starts
+HOLD_AT = 0.6  # the replay waits here for the swap if the retrain is still running
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="out/demo", help="directory for data, registry, state, plots, summary.json")
+    p.add_argument("--users", type=int, default=1500)
+    p.add_argument("--items", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--rate", type=float, default=250.0, help="replay rate, events/s")
+    p.add_argument("--live-share", type=float, default=0.15, help="newest share of events replayed live")
+
+
+@dataclass
+class LiveRun:
+    produced: int = 0
+    bad: int = 0
+    swap_at: float | None = None  # wall time the worker switched to v2
+    new_item_first_seen: float | None = None  # wall time the new item's first event was produced
+    versions: list[str] = field(default_factory=list)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _split_live(data: Interactions, share: float, seed: int) -> tuple[Interactions, Interactions]:
+    """History = all but the newest `share` of events; a new item enters the live part."""
+    cut = np.quantile(data.ts_ms, 1 - share)
+    hist, live = data.subset(data.ts_ms < cut, reindex=False), data.subset(data.ts_ms >= cut, reindex=False)
+    rng = np.random.default_rng(seed)
+    items = live.item_ids[live.item].astype(object)
+    items[rng.random(len(items)) < 0.04] = NEW_ITEM  # an item the first model has never seen
+    live = Interactions.from_columns(live.user_ids[live.user], items, live.ts_ms,
+                                     np.array(live.event_types)[live.event_type])
+    return hist, live
+
+
+TRAIN_FLAGS = ("--hidden-dimension", "64")
+
+
+def _train(data: Interactions, registry: Path, epochs: int, label: str):
+    from model.pipeline import train_version
+
+    _say(f"\n== training {label} on {len(data):,} events")
+    cfg = HRNNConfig(hidden_dimension=64, epochs=epochs)
+    return train_version(data, registry, config=cfg, data_config=DataConfig(), progress=True)
+
+
+def _evaluate(data: Interactions, version_dir: Path, out: Path) -> dict:
+    from model.artifact import load_version
+    from model.baselines import make_baseline
+    from model.evaluate import evaluate, format_table
+    from model.inference import HRNNScorer
+    from model.pipeline import prepare
+    from model.plots import plot_eval_table
+    from model.splits import last_session_split
+
+    prep = prepare(data, DataConfig())
+    split = last_session_split(prep.data, prep.starts)
+    m = load_version(version_dir)
+    scorers = {name: make_baseline(name) for name in ("pop", "item-knn", "sknn", "user-repeat+session")}
+    scorers["hrnn"] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids)
+    for s in scorers.values():
+        s.fit(split.train, split.train_starts)
+    result = evaluate(split, scorers, progress=False)
+    _say("\n== offline evaluation (last-session protocol, full-catalogue ranking)\n" + format_table(result))
+    (out / "evaluation.json").write_text(json.dumps(result.to_json(), indent=2))
+    plot_eval_table(result, out / "evaluation.png")
+    return result.to_json()
+
+
+def _produce_bad(producer, topic: str) -> int:
+    bad = [b"{not json", b'{"user_id": "u1", "item_id": "i1"}', b'{"user_id": "u1", "item_id": "i1", '
+           b'"event_type": "click", "timestamp": "yesterday"}']
+    for value in bad:
+        producer.produce(topic, key=b"u1", value=value)
+    producer.flush(10)
+    return len(bad)
+
+
+def _replay_live(live: Interactions, bootstrap: str, topic: str, rate: float, run: LiveRun, on_retrain) -> None:
+    from model.events import encode_event
+    from stream.kafka_clients import create_producer
+    from stream.replay import events_from_interactions
+
+    producer = create_producer(bootstrap)
+    run.bad = _produce_bad(producer, topic)
+    events = list(events_from_interactions(live))
+    t0 = time.monotonic()
+    for i, ev in enumerate(events):
+        if i == int(len(events) * HOLD_AT) and run.swap_at is None:
+            t0 += _wait_for_swap(run)
+        while time.monotonic() < t0 + i / rate:
+            time.sleep(0.002)
+        producer.produce(topic, key=ev.user_id.encode(), value=encode_event(ev))
+        producer.poll(0)
+        if ev.item_id == NEW_ITEM and run.new_item_first_seen is None:
+            run.new_item_first_seen = time.time()
+        if i == int(len(events) * RETRAIN_AT):
+            on_retrain(events[:i])
+        if i % 1000 == 0:
+            print(f"\r   replayed {i:,}/{len(events):,} events", end="", file=sys.stderr, flush=True)
+    producer.flush(30)
+    print(f"\r   replayed {len(events):,}/{len(events):,} events", file=sys.stderr, flush=True)
+    run.produced = len(events)
+
+
+def _retrain_and_swap(hist: Interactions, seen, out: Path, registry: Path, epochs: int, worker,
+                      run: LiveRun) -> threading.Thread:
+    """Retrain on history + the live events archived so far, in a separate process (training must
+    not compete with the worker for the interpreter), then hand the worker the new version."""
+    from model.synth import write
+
+    def job() -> None:
+        u = np.concatenate([hist.user_ids[hist.user], [e.user_id for e in seen]])
+        i = np.concatenate([hist.item_ids[hist.item], [e.item_id for e in seen]])
+        t = np.concatenate([hist.ts_ms, [e.timestamp_ms for e in seen]])
+        y = np.concatenate([np.array(hist.event_types)[hist.event_type], [e.event_type for e in seen]])
+        archive = write(Interactions.from_columns(u, i, t, y), out / "archive.csv")
+        _say(f"\n== retraining v2 in a separate process on {len(u):,} archived events (the new item included)")
+        proc = subprocess.run([sys.executable, "-m", "stream.cli", "train", "--data", str(archive), "--registry",
+                               str(registry), "--epochs", str(epochs), *TRAIN_FLAGS, "--quiet"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            _say(f"retrain failed: {proc.stderr[-2000:]}")
+            return
+        v2 = Path(proc.stdout.strip().splitlines()[-1])
+        worker.swap_recommender(Recommender.load(v2))
+        run.swap_at = time.time()
+        run.versions.append(v2.name)
+        _say(f"\n== v2 {v2.name} handed to the worker; it serves from the next batch on")
+    th = threading.Thread(target=job, name="retrain", daemon=True)
+    th.start()
+    return th
+
+
+def _wait_for_swap(run: LiveRun, timeout_s: float = 600.0) -> float:
+    """Pause the replay until v2 serves, so the swap lands mid-stream even on a slow machine; returns the pause."""
+    print("\n   (replay paused until the retrained version is serving)", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    while run.swap_at is None and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+def _wait_assigned(worker, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not worker.stores.partitions and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _collect(bootstrap: str, settings, n_expected: int):
+    from stream.kafka_clients import read_all, wait_for_count
+    from stream.records import decode_recommendation
+
+    wait_for_count(bootstrap, settings.output_topic, n_expected, timeout_s=180)
+    recs = [decode_recommendation(r.value) for r in read_all(bootstrap, settings.output_topic, idle_s=1.0)]
+    inputs = {(r.partition, r.offset): r.timestamp_ms for r in read_all(bootstrap, settings.input_topic, idle_s=1.0)}
+    dlq = read_all(bootstrap, settings.dlq_topic, idle_s=1.0)
+    return recs, inputs, dlq
+
+
+def _summarise(recs, inputs, dlq, run: LiveRun, out: Path) -> dict:
+    lat = np.array([r.emitted_at - inputs[(r.source_partition, r.source_offset)] for r in recs
+                    if (r.source_partition, r.source_offset) in inputs], dtype=float)
+    emitted = np.array([r.emitted_at for r in recs], dtype=float)
+    first_rec_with_new = min((r.emitted_at for r in recs if any(s.item_id == NEW_ITEM for s in r.items)),
+                             default=None)
+    summary = {
+        "events_in": run.produced + run.bad, "valid_events": run.produced, "recommendations_out": len(recs),
+        "dlq": len(dlq), "p50_latency_ms": float(np.percentile(lat, 50)), "p99_latency_ms": float(np.percentile(lat, 99)),
+        "model_versions_seen": sorted({r.model_version for r in recs}),
+        "new_item_recommendable_after_s": None if run.swap_at is None or run.new_item_first_seen is None
+        else round(run.swap_at - run.new_item_first_seen, 2),
+        "new_item_first_recommended_after_s": None if first_rec_with_new is None or run.new_item_first_seen is None
+        else round(first_rec_with_new / 1000 - run.new_item_first_seen, 2),
+    }
+    _plot_latency(emitted, lat, run, out / "latency.png")
+    return summary
+
+
+def _plot_latency(emitted: np.ndarray, lat: np.ndarray, run: LiveRun, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = (emitted[: len(lat)] - emitted.min()) / 1000
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.scatter(t, lat, s=2, alpha=0.4)
+    if run.swap_at is not None:
+        a.axvline(run.swap_at - emitted.min() / 1000, color="red", ls="--", label="hot swap to v2")
+        a.legend()
+    a.set(xlabel="seconds into the replay", ylabel="event -> recommendation (ms)", title="Latency over time")
+    b.hist(lat, bins=60)
+    b.axvline(np.percentile(lat, 50), color="k", ls="--", label="p50")
+    b.axvline(np.percentile(lat, 99), color="r", ls="--", label="p99")
+    b.set(xlabel="ms", ylabel="recommendations", title="Latency distribution")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.synth import generate, write
+    from stream.broker import LocalBroker
+    from stream.settings import WorkerSettings
+    from stream.tail import format_recommendation
+    from stream.worker import Worker
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    registry, state = out / "registry", out / "state"
+    data = generate(args.users, args.items, seed=args.seed, repeat_share=0.3)
+    write(data, out / "events.csv")
+    hist, live = _split_live(data, args.live_share, args.seed)
+    _say(f"== synthetic log: {len(data):,} events, {data.n_users:,} users, {data.n_items:,} items "
+         f"({len(hist):,} history, {len(live):,} replayed live) -> {out / 'events.csv'}")
+    v1 = _train(hist, registry, args.epochs, "v1")
+    evaluation = _evaluate(hist, v1.version_dir, out)
+    with LocalBroker(log_path=out / "broker.log") as broker:
+        _say(f"\n== local broker on {broker.bootstrap}; worker state in {state}")
+        settings = WorkerSettings(bootstrap_servers=broker.bootstrap, registry=str(registry), state_dir=str(state),
+                                  partitions=4, kafka_consumer={"session.timeout.ms": "6000"})
+        worker = Worker(settings)
+        stop = threading.Event()
+        wt = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
+        wt.start()
+        _wait_assigned(worker)
+        retrain: list[threading.Thread] = []
+        live_run = LiveRun(versions=[v1.version_dir.name])
+        _say(f"\n== replaying {len(live):,} events at {args.rate:.0f}/s (plus 3 malformed records)")
+        _replay_live(live, broker.bootstrap, settings.input_topic, args.rate, live_run,
+                     lambda seen: retrain.append(_retrain_and_swap(hist, seen, out, registry, args.epochs, worker,
+                                                                   live_run)))
+        for th in retrain:
+            th.join()
+        recs, inputs, dlq = _collect(broker.bootstrap, settings, live_run.produced)
+        stop.set()
+        wt.join(timeout=30)
+    _say("\n== a few live recommendations")
+    from stream.records import encode_recommendation
+    for r in recs[:: max(1, len(recs) // 6)][:6]:
+        _say("   " + format_recommendation(encode_recommendation(r)))
+    summary = _summarise(recs, inputs, dlq, live_run, out)
+    summary["offline_recall@20"] = {k: round(v["recall@20"], 4) for k, v in evaluation["models"].items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _say("\n== summary\n" + "\n".join(f"   {k}: {v}" for k, v in summary.items()))
+    _say(f"\nplots: {out / 'evaluation.png'}, {out / 'latency.png'}, {v1.version_dir / 'training_curve.png'}")
+    return 0 if summary["recommendations_out"] >= summary["valid_events"] else 1

@@ -1,0 +1,334 @@
+"""Hot swap: the worker's serving model, replaced between two batches without stopping.
+
+`ModelHolder` owns the serving `Recommender`. A requested version (from an announcement, or
+directly) is loaded and validated on a background thread, so the worker never waits for
+disk or torch; a version that passes becomes *pending*, and the worker's call to
+`swap_if_ready()` between two batches makes it current. The worker reads `current()` once at
+the start of a batch and uses that object for the whole batch, so one batch is never scored by
+two versions, and an event waits at most for the batch in hand.
+
+A version that fails validation is refused with a log line and a counter per reason; the
+serving version is untouched. Reasons:
+  missing     no such version directory / manifest
+  integrity   manifest unreadable, a file missing or a checksum mismatch
+  unreadable  config, item index or weights cannot be read
+  shape       the weights do not fit the config and item index
+  item_index  the item index is empty or has duplicate ids
+  nonfinite   a weight is NaN or infinite
+  mismatch    the directory holds another version than the one announced
+  smoke       a small synthetic inference (fresh user + rebuilt stale user) failed or gave bad scores
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from model.artifact import latest_version_dir, verify
+from model.errors import ArtifactError
+from model.inference import Filters, Recommender, StepInput
+from model.state import HistoryEvent, UserState
+
+if TYPE_CHECKING:
+    from stream.announce import Announcement, AnnouncementWatcher
+    from stream.kafka_clients import ClientSettings
+    from stream.observability import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+REFUSAL_REASONS = ("missing", "integrity", "unreadable", "shape", "item_index", "nonfinite", "mismatch", "smoke")
+_SMOKE_T0_MS = 1_767_225_600_000  # any valid epoch-ms; the smoke events only need a plausible clock
+
+
+class ModelRefused(ArtifactError):
+    """A model version failed validation; `reason` is one of REFUSAL_REASONS."""
+
+    def __init__(self, reason: str, path: str | Path, detail: str) -> None:
+        self.reason, self.path, self.detail = reason, str(path), detail
+        super().__init__(f"model version at {path} refused ({reason}): {detail}")
+
+
+def validate_version(path: str | Path, *, device: str = "cpu", expected_version: str | None = None) -> Recommender:
+    """Load a version and prove it can serve; raises ModelRefused with the first failed check."""
+    d = Path(path)
+    if not (d / "manifest.json").is_file():
+        raise ModelRefused("missing", d, "no manifest.json (not a published version directory)")
+    try:
+        verify(d)
+    except ArtifactError as exc:
+        raise ModelRefused("integrity", d, str(exc)) from None
+    try:
+        rec = Recommender.load(d, device)
+    except ArtifactError as exc:
+        # load_version reports weights that do not fit the config/item index this way; checksums already passed
+        reason = "shape" if "do not fit" in str(exc) else "unreadable"
+        raise ModelRefused(reason, d, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 (any failure to read a version is a refusal, never a crash)
+        raise ModelRefused("unreadable", d, f"{type(exc).__name__}: {exc}") from None
+    if expected_version is not None and rec.version != expected_version:
+        raise ModelRefused("mismatch", d, f"directory holds version {rec.version!r}, announced {expected_version!r}")
+    if not rec.item_ids or len(set(rec.item_ids)) != len(rec.item_ids):
+        raise ModelRefused("item_index", d, f"{len(rec.item_ids)} item ids, {len(set(rec.item_ids))} distinct")
+    bad = [name for name, t in rec.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ModelRefused("nonfinite", d, f"non-finite values in {', '.join(bad[:3])}")
+    try:
+        _smoke(rec)
+    except ModelRefused:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelRefused("smoke", d, f"{type(exc).__name__}: {exc}") from None
+    return rec
+
+
+def _smoke(rec: Recommender) -> None:
+    """Two events of a new user and one of a user whose state came from another version (forces a rebuild)."""
+    items = rec.item_ids[:3]
+    hidden = rec.model.hidden
+    stale = UserState("__smoke_other_version__", np.zeros(hidden, np.float32), np.zeros(hidden, np.float32),
+                      None, _SMOKE_T0_MS, 2,
+                      [HistoryEvent(items[0], _SMOKE_T0_MS - 60_000, "click", True),
+                       HistoryEvent(items[-1], _SMOKE_T0_MS, "click", False)], 0, 2)
+    events = [StepInput("__smoke_new__", items[0], "click", _SMOKE_T0_MS),
+              StepInput("__smoke_new__", items[-1], "click", _SMOKE_T0_MS + 30_000),
+              StepInput("__smoke_stale__", items[0], "click", _SMOKE_T0_MS + 60_000)]
+    k = min(5, len(rec.item_ids))
+    out = rec.recommend({"__smoke_stale__": stale}, events, k=k, filters=Filters(exclude_purchased=False))
+    if len(out.items) != len(events) or any(len(row) != k for row in out.items):
+        raise ModelRefused("smoke", rec.loaded.path, f"expected {k} recommendations for each of {len(events)} events")
+    if not all(math.isfinite(score) for row in out.items for _, score in row):
+        raise ModelRefused("smoke", rec.loaded.path, "non-finite recommendation scores")
+    if out.rebuilt_users != 1 or out.states["__smoke_stale__"].model_version != rec.version:
+        raise ModelRefused("smoke", rec.loaded.path, "a state of another version was not rebuilt")
+    for s in out.states.values():
+        if s.user_hidden.shape != (hidden,) or not np.isfinite(s.user_hidden).all() \
+                or not np.isfinite(s.session_hidden).all():
+            raise ModelRefused("smoke", rec.loaded.path, "bad hidden state after a step")
+
+
+@dataclass
+class SwapStats:
+    serving: str
+    pending: str | None
+    loading: str | None
+    swaps: int
+    refused: dict[str, int] = field(default_factory=dict)  # reason -> count
+    last_refusal: str | None = None  # the last refusal's message
+    last_load_s: float | None = None  # wall time of the last successful load + validation
+
+
+@dataclass(frozen=True)
+class _Request:
+    path: Path
+    version: str | None
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.version or self.path.name
+
+
+class ModelHolder:
+    """The serving model of one worker and its background loader (see the module docstring).
+
+    Thread contract: `current()` and `swap_if_ready()` are called by the worker loop thread;
+    `request()` / `on_announcement()` by anyone (the announcement watcher's thread).
+    """
+
+    def __init__(self, recommender: Recommender, *, registry: str | Path | None = None, device: str = "auto",
+                 metrics: "WorkerMetrics | None" = None) -> None:
+        self.registry = Path(registry) if registry is not None else None
+        self.device, self.metrics = device, metrics
+        self._serving = recommender
+        self._pending: Recommender | None = None
+        self._wanted: _Request | None = None
+        self._generation = 0  # bumped by every new request; a load of an older generation is dropped
+        self._loading: _Request | None = None
+        self._lock = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._watcher: "AnnouncementWatcher | None" = None
+        self._swaps = 0
+        self._refused: Counter[str] = Counter()
+        self._last_refusal: str | None = None
+        self._last_load_s: float | None = None
+        if metrics is not None:
+            metrics.set_model_version(recommender.version)
+
+    @classmethod
+    def open(cls, registry: str | Path, *, device: str = "auto", version_dir: str | Path | None = None,
+             metrics: "WorkerMetrics | None" = None) -> "ModelHolder":
+        """Load and validate the registry's CURRENT version (or `version_dir`) before serving.
+
+        This first load is synchronous: there is nothing to serve until it is done. A broken
+        starting version raises ModelRefused (nothing old can keep serving)."""
+        path = Path(version_dir) if version_dir is not None else latest_version_dir(registry)
+        rec = validate_version(path, device=device)
+        log.info("serving model version", extra={"version": rec.version, "path": str(path)})
+        return cls(rec, registry=registry, device=device, metrics=metrics)
+
+    # --- the worker loop's side ---
+
+    def current(self) -> Recommender:
+        """The version to score the next batch with; read once per batch."""
+        return self._serving
+
+    @property
+    def version(self) -> str:
+        return self._serving.version
+
+    def swap_if_ready(self) -> Recommender | None:
+        """Between two batches: make a validated pending version current. Returns it, or None."""
+        with self._lock:
+            new, self._pending = self._pending, None
+            if new is None or new.version == self._serving.version:
+                return None
+            old, self._serving = self._serving.version, new
+            self._swaps += 1
+        if self.metrics is not None:
+            self.metrics.model_swaps_total.inc()
+            self.metrics.set_model_version(new.version)
+        log.info("model swapped", extra={"from_version": old, "to_version": new.version})
+        return new
+
+    # --- the announcing side ---
+
+    def request(self, path: str | Path, version: str | None = None, *, reason: str = "request") -> bool:
+        """Load and validate a version in the background; True if a load was scheduled.
+
+        The latest request wins: it supersedes a load in progress or a pending version. A request
+        for the version already in flight (or pending, or serving with nothing else under way)
+        changes nothing; one for the serving version while another is under way cancels that."""
+        req = _Request(self._resolve(Path(path), version), version, reason)
+        name = req.name
+        with self._lock:
+            if self._closed:
+                return False
+            in_flight = self._wanted.name if self._wanted is not None else self._loading_name()
+            if in_flight is not None:
+                if name == in_flight:
+                    return False
+            elif self._pending is not None:
+                if name == self._pending.version:
+                    return False
+            elif name == self._serving.version:
+                return False
+            self._generation += 1  # whatever is loading now finishes unused
+            self._pending, self._wanted = None, None
+            if name == self._serving.version:
+                log.info("back to the serving version; dropping the version under way", extra={
+                    "version": name, "dropped": in_flight or "pending", "reason": reason})
+                self._lock.notify_all()
+                return False
+            self._wanted = req
+            self._lock.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._load_loop, name="hrnn-model-loader", daemon=True)
+                self._thread.start()
+        log.info("model version requested", extra={"version": name, "path": str(req.path), "reason": reason})
+        return True
+
+    def on_announcement(self, ann: "Announcement") -> None:
+        """AnnouncementWatcher callback."""
+        self.request(ann.path, ann.version, reason=f"announcement ({ann.reason})")
+
+    def follow(self, bootstrap: str, topic: str | None = None, *, registry_id: str | None = None,
+               extra: "ClientSettings | None" = None) -> "AnnouncementWatcher":
+        """Start following the announcements topic; `close()` stops it."""
+        from stream.announce import AnnouncementWatcher
+        from stream.topics import MODEL_UPDATES_TOPIC
+
+        self._watcher = AnnouncementWatcher(bootstrap, topic or MODEL_UPDATES_TOPIC, registry_id=registry_id,
+                                            on_announcement=self.on_announcement, extra=extra).start()
+        return self._watcher
+
+    # --- observation ---
+
+    def stats(self) -> SwapStats:
+        with self._lock:
+            return SwapStats(self._serving.version, self._pending.version if self._pending else None,
+                             self._loading_name(), self._swaps, dict(self._refused), self._last_refusal,
+                             self._last_load_s)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no load is queued or running (tests, shutdown); False at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._wanted is not None or self._loading is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+            return True
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def __enter__(self) -> "ModelHolder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the loader thread ---
+
+    def _loading_name(self) -> str | None:
+        return None if self._loading is None else self._loading.name
+
+    def _resolve(self, path: Path, version: str | None) -> Path:
+        # An announcement carries the announcer's path; this host may mount the registry elsewhere.
+        if not path.exists() and self.registry is not None:
+            local = self.registry / (version or path.name)
+            if local.exists():
+                return local
+        return path
+
+    def _load_loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._wanted is None and not self._closed:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                req, self._wanted, self._loading = self._wanted, None, self._wanted
+                generation = self._generation
+            t0 = time.perf_counter()
+            rec: Recommender | None = None
+            try:
+                rec = validate_version(req.path, device=self.device, expected_version=req.version)
+            except ModelRefused as exc:
+                self._refuse(exc)
+            secs = time.perf_counter() - t0
+            with self._lock:
+                self._loading = None
+                if rec is not None:
+                    if generation != self._generation:
+                        log.info("model version superseded before it was ready", extra={"version": rec.version})
+                    else:
+                        self._pending, self._last_load_s = rec, secs
+                        log.info("model version ready to swap", extra={
+                            "version": rec.version, "load_s": round(secs, 3), "reason": req.reason})
+                self._lock.notify_all()
+
+    def _refuse(self, exc: ModelRefused) -> None:
+        with self._lock:
+            self._refused[exc.reason] += 1
+            self._last_refusal = str(exc)
+        if self.metrics is not None:
+            self.metrics.model_refused_total.labels(reason=exc.reason).inc()
+        log.error("model version refused; %s keeps serving: %s", self._serving.version, exc,
+                  extra={"reason": exc.reason, "path": exc.path, "serving_version": self._serving.version})

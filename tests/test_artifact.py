@@ -1,0 +1,79 @@
+"""Model versions: complete or invisible, checksummed, shape-checked."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.artifact import (current_version, latest_version_dir, list_versions, load_version, save_version,
+                            set_current)
+from model.config import DataConfig, HRNNConfig
+from model.errors import ArtifactError
+from model.network import HRNN
+
+CFG = HRNNConfig(hidden_dimension=32)
+ITEMS = [f"i{k}" for k in range(20)]
+
+
+def _save(reg, **kw):
+    torch.manual_seed(0)
+    return save_version(reg, HRNN(len(ITEMS), CFG), CFG, DataConfig(), ITEMS, ["click"], {"val_mrr@20": 0.5}, **kw)
+
+
+def test_a_saved_version_loads_back_with_the_same_weights_and_settings(tmp_path):
+    path = _save(tmp_path)
+    loaded = load_version(path)
+    assert loaded.item_ids == ITEMS and loaded.config == CFG and loaded.data_config == DataConfig()
+    torch.manual_seed(0)
+    torch.testing.assert_close(loaded.model.out_emb.weight, HRNN(len(ITEMS), CFG).out_emb.weight)
+    assert latest_version_dir(tmp_path) == path and current_version(tmp_path) == path.name
+
+
+def test_weights_load_with_weights_only(tmp_path):
+    path = _save(tmp_path)
+    state = torch.load(path / "weights.pt", weights_only=True)
+    assert "session_gru.weight_ih" in state
+
+
+def test_a_tampered_file_is_refused_with_the_file_named(tmp_path):
+    path = _save(tmp_path)
+    with open(path / "weights.pt", "ab") as f:
+        f.write(b"junk")
+    with pytest.raises(ArtifactError, match="checksum mismatch for weights.pt"):
+        load_version(path)
+
+
+def test_weights_that_do_not_fit_the_item_index_are_refused(tmp_path):
+    path = _save(tmp_path)
+    items = json.loads((path / "items.json").read_text())
+    items["item_ids"] = items["item_ids"][:-1]
+    (path / "items.json").write_text(json.dumps(items))
+    manifest = json.loads((path / "manifest.json").read_text())
+    import hashlib
+    manifest["files"]["items.json"] = hashlib.sha256((path / "items.json").read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="do not fit"):
+        load_version(path)
+
+
+def test_a_half_written_version_is_invisible(tmp_path):
+    _save(tmp_path)
+    (tmp_path / ".tmp-v2-abc").mkdir()
+    (tmp_path / "v3-no-manifest").mkdir()
+    assert [v.version for v in list_versions(tmp_path)] == [current_version(tmp_path)]
+    with pytest.raises(ArtifactError):
+        set_current(tmp_path, "v3-no-manifest")
+
+
+def test_an_empty_registry_says_how_to_get_a_version(tmp_path):
+    with pytest.raises(ArtifactError, match="hrnn train"):
+        latest_version_dir(tmp_path)
+
+
+def test_publishing_without_making_current_keeps_the_pointer(tmp_path):
+    first = _save(tmp_path)
+    second = _save(tmp_path, make_current=False)
+    assert current_version(tmp_path) == first.name
+    set_current(tmp_path, second.name)
+    assert latest_version_dir(tmp_path) == second

@@ -1,0 +1,83 @@
+"""`hrnn synth | train | evaluate | models` as a user runs them: real processes, real files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def hrnn(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "stream.cli", *args], capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hrnn {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    data = d / "events.csv"
+    hrnn("synth", "--out", str(data), "--users", "400", "--items", "150", "--seed", "3")
+    out = hrnn("train", "--data", str(data), "--registry", str(d / "reg"), "--epochs", "2", "--hidden-dimension", "32",
+               "--quiet")
+    return d, data, Path(out.stdout.strip().splitlines()[-1])
+
+
+def test_train_prints_the_published_version_directory_last(trained):
+    d, _, version = trained
+    assert version.parent == d / "reg" and (version / "manifest.json").exists()
+    assert (version / "training_curve.png").stat().st_size > 1000
+    listed = hrnn("models", "list", str(d / "reg")).stdout
+    assert version.name in listed and listed.lstrip().startswith("*")
+
+
+def test_evaluate_writes_the_documented_json_and_a_plot(trained):
+    d, data, version = trained
+    out = d / "eval.json"
+    proc = hrnn("evaluate", "--data", str(data), "--model", str(version), "--baselines", "pop,sknn",
+                "--protocol", "last-session", "--json", str(out), "--quiet")
+    result = json.loads(out.read_text())
+    assert result["protocol"] == "last-session" and result["n_test_events"] > 0
+    assert set(result["models"]) == {"pop", "sknn", f"hrnn:{version.name}"}
+    assert 0 <= result["models"]["pop"]["recall@20"] <= 1 and "mrr@20" in result["models"]["sknn"]
+    assert out.with_suffix(".png").exists()
+    assert "recall@20" in proc.stdout
+
+
+def test_evaluate_under_the_personalize_protocol(trained):
+    d, data, version = trained
+    out = d / "p.json"
+    hrnn("evaluate", "--data", str(data), "--model", str(version), "--baselines", "pop", "--protocol", "personalize",
+         "--json", str(out), "--quiet")
+    assert json.loads(out.read_text())["protocol"] == "personalize"
+
+
+def test_models_show_gives_manifest_config_and_metrics(trained):
+    d, _, version = trained
+    shown = json.loads(hrnn("models", "show", str(d / "reg"), version.name).stdout)
+    assert shown["config"]["hrnn"]["hidden_dimension"] == 32 and "weights.pt" in shown["manifest"]["files"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--data", "/nonexistent.csv", "--registry", "/tmp/x"], "/nonexistent.csv"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--hidden-dimension", "7"], "hidden_dimension = 7"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--loss", "hinge"], "loss = 'hinge'"),
+    (["evaluate", "--data", "{data}", "--baselines", "nope"], "unknown baseline 'nope'"),
+    (["models", "show", "{reg}", "v0"], "no version 'v0'"),
+])
+def test_bad_input_is_a_clear_error_and_a_nonzero_exit(trained, args, message):
+    d, data, _ = trained
+    args = [a.format(data=data, reg=d / "reg") for a in args]
+    proc = hrnn(*args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_file_without_the_required_columns_names_what_was_found(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user,thing\n1,2\n")
+    proc = hrnn("train", "--data", str(bad), "--registry", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and "bad.csv" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,123 @@
+"""Worker state across restarts, replays, lost stores and group membership changes
+(real broker, real RocksDB files)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from model.state import encode_state
+from worker_testkit import (commit_offsets, make_events, make_registry, offline, produce, records_of,
+                            recommendations, running, same_state, settings_for, stored_states, wait_until)
+
+pytestmark = pytest.mark.broker
+
+PARTITIONS = 3
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    return make_registry(tmp_path_factory.mktemp("registry"), seed=3)
+
+
+def in_input_order(bootstrap, settings):
+    """The input events in (partition, offset) order: the order a worker applies them per user."""
+    from model.events import decode_event
+
+    recs = sorted(records_of(bootstrap, settings.input_topic, idle_s=0.5), key=lambda r: (r.partition, r.offset))
+    return [decode_event(r.value) for r in recs]
+
+
+def assert_states_match_offline(settings, registry, bootstrap, partitions=range(PARTITIONS)):
+    _, want = offline(registry, in_input_order(bootstrap, settings))
+    got = stored_states(settings, partitions)
+    assert set(got) == set(want)
+    bad = [u for u in want if not same_state(got[u], want[u])]
+    assert not bad, f"{len(bad)} users' states differ from the offline API's, e.g. {bad[:3]}"
+    return got
+
+
+def test_states_survive_a_clean_restart(broker, registry, tmp_path):
+    settings = settings_for(broker.bootstrap, registry, tmp_path, partitions=PARTITIONS, batch_size=50)
+    events = make_events(400, 30, seed=5)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, events[:250])
+        recommendations(broker.bootstrap, settings.output_topic, 250)
+    before = stored_states(settings, range(PARTITIONS))
+    assert sum(s.n_events for s in before.values()) == 250
+    with running(settings) as second:
+        produce(broker.bootstrap, settings.input_topic, events[250:])
+        recommendations(broker.bootstrap, settings.output_topic, 400)
+        assert wait_until(lambda: second.totals.recommendations == 150, 30, message="second run's outputs")
+    assert len(records_of(broker.bootstrap, settings.output_topic, idle_s=0.5)) == 400  # nothing re-emitted
+    assert second.totals.replayed == 0
+    assert_states_match_offline(settings, registry, broker.bootstrap)
+
+
+def test_a_replayed_batch_is_not_applied_twice(broker, registry, tmp_path):
+    settings = settings_for(broker.bootstrap, registry, tmp_path, partitions=PARTITIONS, batch_size=40)
+    events = make_events(200, 20, seed=6)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, events)
+        recommendations(broker.bootstrap, settings.output_topic, len(events))
+    before = {u: encode_state(s) for u, s in stored_states(settings, range(PARTITIONS)).items()}
+    commit_offsets(settings, {p: 0 for p in range(PARTITIONS)})  # the group re-reads everything
+    with running(settings) as replay:
+        wait_until(lambda: replay.totals.records >= len(events), 60, message="replay consumed")
+    after = {u: encode_state(s) for u, s in stored_states(settings, range(PARTITIONS)).items()}
+    assert replay.totals.replayed == len(events) and replay.totals.recommendations == 0
+    assert after == before
+
+
+def test_a_lost_store_is_rebuilt_from_the_changelog(broker, registry, tmp_path):
+    settings = settings_for(broker.bootstrap, registry, tmp_path / "first", partitions=PARTITIONS, batch_size=50)
+    events = make_events(300, 25, seed=7)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, events[:200])
+        recommendations(broker.bootstrap, settings.output_topic, 200)
+    before = stored_states(settings, range(PARTITIONS))
+    settings.state_dir = str(tmp_path / "empty")  # another machine, or a wiped disk
+    with running(settings) as fresh:
+        restored = stored_states_while_running(fresh)
+        produce(broker.bootstrap, settings.input_topic, events[200:])
+        recommendations(broker.bootstrap, settings.output_topic, 300)
+        wait_until(lambda: fresh.totals.recommendations == 100, 30, message="outputs of the new events")
+    assert set(restored) == set(before)
+    assert all(same_state(restored[u], before[u], atol=0) for u in before)
+    assert_states_match_offline(settings, registry, broker.bootstrap)
+
+
+def stored_states_while_running(worker):
+    """The states the running worker's stores hold right after its assignment (restored, before new input)."""
+    out = {}
+    for p in worker.stores.partitions:
+        store = worker.stores[p]
+        out.update(store.get_many(store.user_ids()))
+    return out
+
+
+def test_two_workers_in_one_group_split_the_partitions_and_together_emit_every_record(broker, registry, tmp_path):
+    partitions = 4
+    settings_a = settings_for(broker.bootstrap, registry, tmp_path / "a", partitions=partitions, batch_size=50)
+    settings_b = settings_for(broker.bootstrap, registry, tmp_path / "b", partitions=partitions, batch_size=50,
+                              input_topic=settings_a.input_topic, output_topic=settings_a.output_topic,
+                              group=settings_a.group)
+    events = make_events(600, 60, seed=8)
+    with running(settings_a) as a:
+        with running(settings_b) as b:
+            wait_until(lambda: len(a.stores.partitions) + len(b.stores.partitions) == partitions
+                       and b.stores.partitions, 60, message="partitions split over both workers")
+            assert not set(a.stores.partitions) & set(b.stores.partitions)
+            produce(broker.bootstrap, settings_a.input_topic, events[:400])
+            recs = recommendations(broker.bootstrap, settings_a.output_topic, 400)
+            wait_until(lambda: a.totals.recommendations + b.totals.recommendations == 400, 30,
+                       message="both workers' outputs counted")
+            assert a.totals.recommendations > 0 and b.totals.recommendations > 0
+        # b left: a takes over b's partitions and catches up from the changelog b wrote.
+        wait_until(lambda: len(a.stores.partitions) == partitions, 60, message="a owns every partition")
+        produce(broker.bootstrap, settings_a.input_topic, events[400:])
+        recs = recommendations(broker.bootstrap, settings_a.output_topic, 600)
+    got = Counter((r["source_partition"], r["source_offset"]) for r in recs)
+    inputs = records_of(broker.bootstrap, settings_a.input_topic, idle_s=0.5)
+    assert set(got) == {(r.partition, r.offset) for r in inputs} and len(recs) == 600
+    assert_states_match_offline(settings_a, registry, broker.bootstrap, range(partitions))
