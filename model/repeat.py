@@ -9,7 +9,7 @@ adds, per scoring row,
 where repeat_logit(c) is 0 for items absent from the window and, for an item of the
 window, a small MLP of that item's aggregated history features (time-decayed counts at
 three learned half-lives weighted by a learned per-event-type factor, raw count, count in
-the current session, whether it is the newest / among the three newest events) plus a
+the current session, whether it is the newest event, events since its newest occurrence) plus a
 learned per-item repeat bias ("discount weights as a learnable function of the items and
 timestamps"). The gate is a softplus of the session state and the window's size, so each
 step decides how far the user's history outranks exploration. The head is additive in
@@ -35,7 +35,7 @@ from torch import nn
 
 MAX_TYPE_SLOTS = 8  # slot 0: a type the model never saw; type code k -> slot min(k + 1, 7)
 INIT_HALF_LIVES_S = (600.0, 86_400.0, 7 * 86_400.0)  # minutes ("same as just now"), a day, a week (habits)
-_N_FEATURES = len(INIT_HALF_LIVES_S) + 4
+_N_FEATURES = len(INIT_HALF_LIVES_S) + 4  # decays, count, session count, newest, steps back
 _MLP_WIDTH = 16
 
 
@@ -150,6 +150,7 @@ class RepeatHead(nn.Module):
 
     def __init__(self, n_items: int, hidden: int) -> None:
         super().__init__()
+        self.n_items = n_items
         self.log_half_life = nn.Parameter(torch.tensor([math.log(h) for h in INIT_HALF_LIVES_S]))
         self.type_weight = nn.Parameter(torch.full((MAX_TYPE_SLOTS,), _inverse_softplus(1.0)))
         self.item_bias = nn.Parameter(torch.zeros(n_items))
@@ -159,46 +160,44 @@ class RepeatHead(nn.Module):
         nn.init.constant_(self.gate.bias, _inverse_softplus(1.0))  # start as a plain sum of the two scores
 
     def forward(self, h: torch.Tensor, win: HistoryWindow) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (gate (R,), logits (R, H), keep (R, H)): `keep` marks the newest occurrence of each known
-        item in its row, which carries that item's logit; other columns must be ignored."""
+        """Gated repeat logits of each distinct (row, item) pair of the windows: (rows (K,), items (K,),
+        values (K,)), pairs sorted by row then item. Items absent from a row's window score 0 (no pair)."""
+        n_rows, length = win.items.shape
         known = win.known
-        age_s = (win.now_ms().unsqueeze(1) - win.ts_ms).clamp(min=0).to(torch.float32) / 1000.0
-        decay = torch.exp(-age_s.unsqueeze(-1) * (math.log(2.0) / torch.exp(self.log_half_life)))
-        w_type = F.softplus(self.type_weight)[win.types].unsqueeze(-1)
-        h_len = known.shape[1]
-        newest = torch.zeros_like(known)
-        newest[:, -1] = True
-        recent = torch.zeros_like(known)
-        recent[:, -3:] = True
-        kf = known.to(torch.float32).unsqueeze(-1)
-        per_event = torch.cat([decay * w_type, torch.ones_like(kf), win.in_session.unsqueeze(-1).float(),
-                               newest.unsqueeze(-1).float(), recent.unsqueeze(-1).float()], dim=-1) * kf
-        same = (win.items.unsqueeze(2) == win.items.unsqueeze(1)) & known.unsqueeze(2) & known.unsqueeze(1)
-        agg = torch.bmm(same.to(torch.float32), per_event)  # (R, H, F): sums over the item's occurrences
+        col = torch.arange(length, device=known.device).expand(n_rows, length)
+        row = torch.arange(n_rows, device=known.device).unsqueeze(1).expand(n_rows, length)
+        pair, inv = torch.unique((row * self.n_items + win.items)[known], return_inverse=True)
+        age_s = (win.now_ms().unsqueeze(1) - win.ts_ms)[known].clamp(min=0).to(torch.float32) / 1000.0
+        decay = torch.exp(-age_s.unsqueeze(1) * (math.log(2.0) / torch.exp(self.log_half_life)).unsqueeze(0))
+        newest = (col[known] == length - 1).to(torch.float32).unsqueeze(1)
+        per_event = torch.cat([decay * F.softplus(self.type_weight)[win.types[known]].unsqueeze(1),
+                               torch.ones_like(newest), win.in_session[known].to(torch.float32).unsqueeze(1),
+                               newest], dim=1)
+        agg = torch.zeros(len(pair), per_event.shape[1], device=h.device).index_add_(0, inv, per_event)
+        last_col = torch.zeros(len(pair), dtype=torch.long, device=h.device).scatter_reduce_(
+            0, inv, col[known], "amax", include_self=False)
         n_dec = len(INIT_HALF_LIVES_S)
-        feats = torch.cat([torch.log(agg[..., :n_dec] + 1e-4), torch.log1p(agg[..., n_dec:n_dec + 2]),
-                           agg[..., n_dec + 2:].clamp(max=1.0)], dim=-1)
-        logits = self.mlp(feats).squeeze(-1) + self.item_bias[win.items.clamp(min=0)]
-        later = torch.triu(torch.ones(h_len, h_len, dtype=torch.bool, device=known.device), diagonal=1)
-        keep = known & ~(same & later.unsqueeze(0)).any(dim=2)
+        steps_back = (length - 1 - last_col).to(torch.float32).unsqueeze(1)  # events since its newest occurrence
+        feats = torch.cat([torch.log(agg[:, :n_dec] + 1e-4), torch.log1p(agg[:, n_dec:n_dec + 2]),
+                           agg[:, n_dec + 2:], torch.log1p(steps_back)], dim=1)
+        rows, items = pair // self.n_items, pair % self.n_items
         n_known = known.sum(1, keepdim=True).to(torch.float32)
-        n_distinct = keep.sum(1, keepdim=True).to(torch.float32)
+        n_distinct = torch.bincount(rows, minlength=n_rows).unsqueeze(1).to(torch.float32)
         gate = F.softplus(self.gate(torch.cat([h, torch.log1p(n_known), torch.log1p(n_distinct)], dim=1)))
-        return gate.squeeze(1), logits, keep
+        values = (self.mlp(feats).squeeze(1) + self.item_bias[items]) * gate.squeeze(1)[rows]
+        return rows, items, values
 
     def dense(self, h: torch.Tensor, win: HistoryWindow, n_items: int) -> torch.Tensor:
-        """(R, n_items) gate * repeat logit; 0 for items outside the window."""
-        gate, logits, keep = self(h, win)
-        out = torch.zeros(h.shape[0], n_items, device=h.device, dtype=logits.dtype)
-        out.scatter_add_(1, torch.where(keep, win.items, 0), torch.where(keep, logits, 0.0))
-        return out * gate.unsqueeze(1)
+        """(R, n_items) gate * repeat logit; 0 for items outside the row's window."""
+        rows, items, values = self(h, win)
+        out = torch.zeros(h.shape[0], n_items, device=h.device, dtype=values.dtype)
+        return out.index_put((rows, items), values)
 
     def at(self, h: torch.Tensor, win: HistoryWindow, cands: torch.Tensor) -> torch.Tensor:
         """(R, C) gate * repeat logit at candidate columns (duplicates allowed), never the whole catalogue."""
-        gate, logits, keep = self(h, win)
+        rows, items, values = self(h, win)
         uniq, inv = torch.unique(cands, return_inverse=True)
-        pos = torch.searchsorted(uniq, win.items.clamp(min=0)).clamp(max=len(uniq) - 1)
-        hit = keep & (uniq[pos] == win.items)
-        out = torch.zeros(h.shape[0], len(uniq), device=h.device, dtype=logits.dtype)
-        out.scatter_add_(1, torch.where(hit, pos, 0), torch.where(hit, logits, 0.0))
-        return out[:, inv] * gate.unsqueeze(1)
+        pos = torch.searchsorted(uniq, items).clamp(max=len(uniq) - 1)
+        hit = uniq[pos] == items
+        out = torch.zeros(h.shape[0], len(uniq), device=h.device, dtype=values.dtype)
+        return out.index_put((rows[hit], pos[hit]), values[hit])[:, inv]

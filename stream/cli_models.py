@@ -1,10 +1,14 @@
-"""`hrnn models list|show|promote`: the versions of a registry."""
+"""`hrnn models list|show|promote|rollback|prune`: the versions of a registry.
+
+promote and rollback also announce the new current version on the model-updates topic when
+--bootstrap-servers is given, so running workers switch to it.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 
-from model.artifact import list_versions, set_current, verify
+from model.artifact import list_versions, verify
 from model.errors import ArtifactError
 
 
@@ -18,8 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     promote = sub.add_parser("promote", help="make VERSION the current one (rollback included)")
     promote.add_argument("registry")
     promote.add_argument("version")
-    promote.add_argument("--bootstrap-servers", help="also announce it on the model-updates topic")
-    promote.add_argument("--topic", default="hrnn.model-updates")
+    rollback = sub.add_parser("rollback", help="make the version before the current one current")
+    rollback.add_argument("registry")
+    for q in (promote, rollback):
+        q.add_argument("--bootstrap-servers", help="also announce it on the model-updates topic")
+        q.add_argument("--topic", default="hrnn.model-updates")
+        q.add_argument("--registry-id", help="announcement key (default: the registry's absolute path)")
+    prune = sub.add_parser("prune", help="delete all but the newest N versions (never the current one)")
+    prune.add_argument("registry")
+    prune.add_argument("--keep", type=int, required=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +40,19 @@ def run(args: argparse.Namespace) -> int:
             score = f"val_mrr@20={val:.4f}" if isinstance(val, (int, float)) else ""
             print(f"{'*' if v.current else ' '} {v.version}  {v.created_at}  {score}")
         return 0
+    if args.action == "rollback":
+        from model.registry import rollback, version_path
+
+        version = rollback(args.registry)
+        _announce(args, version, version_path(args.registry, version))
+        print(f"current version of {args.registry}: {version} (rolled back)")
+        return 0
+    if args.action == "prune":
+        from model.registry import prune
+
+        removed = prune(args.registry, args.keep)
+        print(f"removed {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else ""))
+        return 0
     d = _version_dir(args.registry, args.version)
     if args.action == "show":
         manifest = verify(d)
@@ -36,14 +60,20 @@ def run(args: argparse.Namespace) -> int:
                "metrics": {k: v for k, v in json.loads((d / "metrics.json").read_text()).items() if k != "history"}}
         print(json.dumps(out, indent=2))
         return 0
-    verify(d)
-    set_current(args.registry, args.version)
+    from model.registry import promote
+
+    promote(args.registry, args.version)
+    _announce(args, args.version, d)
+    print(f"current version of {args.registry}: {args.version}")
+    return 0
+
+
+def _announce(args: argparse.Namespace, version: str, path) -> None:
     if args.bootstrap_servers:
         from stream.announce import announce
 
-        announce(args.bootstrap_servers, args.topic, args.version, str(d))
-    print(f"current version of {args.registry}: {args.version}")
-    return 0
+        announce(args.bootstrap_servers, args.topic, version, str(path), reason="promote",
+                 registry_id=args.registry_id)
 
 
 def _version_dir(registry: str, version: str):

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--exclude-event-types", help="comma-separated event types whose items are left out")
     a("--processing-guarantee", choices=GUARANTEES, help="at_least_once (default) or exactly_once")
     a("--device", help="auto (CUDA if present), cpu or cuda")
+    a("--follow-updates", action=argparse.BooleanOptionalAction, default=None,
+      help="swap to model versions announced for this registry (default on)")
+    a("--updates-topic", help="model announcements topic (default hrnn.model-updates)")
     a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
       help="librdkafka setting for every client, e.g. security.protocol=SASL_SSL (repeatable)")
     a("--kafka-config-file", help="client.properties file with librdkafka settings")
@@ -47,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _FIELDS = ("bootstrap_servers", "registry", "state_dir", "input_topic", "output_topic", "group", "partitions",
            "metrics_port", "batch_size", "batch_timeout_s", "k", "exclude_purchased", "purchase_types",
-           "exclude_session_items", "exclude_event_types", "processing_guarantee", "device", "log_level")
+           "exclude_session_items", "exclude_event_types", "processing_guarantee", "device", "log_level",
+           "follow_updates", "updates_topic")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:

@@ -152,6 +152,7 @@ class ModelHolder:
         self._wanted: _Request | None = None
         self._generation = 0  # bumped by every new request; a load of an older generation is dropped
         self._loading: _Request | None = None
+        self._loading_gen = -1
         self._lock = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -212,7 +213,8 @@ class ModelHolder:
         with self._lock:
             if self._closed:
                 return False
-            in_flight = self._wanted.name if self._wanted is not None else self._loading_name()
+            live_load = self._loading_name() if self._loading_gen == self._generation else None
+            in_flight = self._wanted.name if self._wanted is not None else live_load
             if in_flight is not None:
                 if name == in_flight:
                     return False
@@ -305,7 +307,7 @@ class ModelHolder:
                 if self._closed:
                     return
                 req, self._wanted, self._loading = self._wanted, None, self._wanted
-                generation = self._generation
+                generation = self._loading_gen = self._generation
             t0 = time.perf_counter()
             rec: Recommender | None = None
             try:

@@ -10,8 +10,8 @@ settings for one kind of client only, e.g. session.timeout.ms, which a producer 
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,8 +65,10 @@ class WorkerSettings:
     exclude_session_items: bool = False  # opt-in: in repeat-heavy domains these are the best recommendations
     exclude_event_types: tuple[str, ...] = ()
     processing_guarantee: str = "at_least_once"
-    transactional_id: str = ""  # exactly_once only; empty: <group>-<host>-<pid>
+    transactional_id: str = ""  # exactly_once only; empty: <group>-<host>-<hash of state_dir>
     device: str = "auto"
+    follow_updates: bool = True  # swap to versions announced on updates_topic for this registry
+    updates_topic: str = "hrnn.model-updates"
     metrics_port: int = 0  # 0: no metrics/health endpoint
     log_level: str = "INFO"
     restore_timeout_s: float = 120.0  # longest catch-up from the changelog for one assignment
@@ -130,7 +132,13 @@ class WorkerSettings:
         return self.processing_guarantee == "exactly_once"
 
     def effective_transactional_id(self) -> str:
-        return self.transactional_id or f"{self.group}-{socket.gethostname()}-{os.getpid()}"
+        """Stable across restarts of the same worker (so a restart fences its predecessor's open
+        transaction instead of waiting for it to time out) and unique per worker: one state
+        directory belongs to one running worker (RocksDB locks it)."""
+        if self.transactional_id:
+            return self.transactional_id
+        where = hashlib.sha1(str(Path(self.state_dir).resolve()).encode()).hexdigest()[:10]
+        return f"{self.group}-{socket.gethostname()}-{where}"
 
 
 def load_settings(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,

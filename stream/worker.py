@@ -29,15 +29,16 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from model.artifact import latest_version_dir
 from model.errors import EventError, HRNNError
 from model.events import Event, decode_event
 from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
 from stream import records
+from stream.hotswap import ModelHolder
 from stream.kafka_clients import admin_client, consumer_config, producer_config
 from stream.observability import Health, WorkerMetrics
 from stream.settings import WorkerSettings
@@ -147,10 +148,6 @@ def filters_of(settings: WorkerSettings) -> Filters:
                    exclude_event_types=tuple(settings.exclude_event_types))
 
 
-def load_recommender(settings: WorkerSettings) -> Recommender:
-    return Recommender.load(latest_version_dir(settings.registry), settings.device)
-
-
 class _Deliveries:
     """Delivery reports of one batch: failures, and the highest changelog offset per partition."""
 
@@ -181,24 +178,31 @@ class Worker:
     """One member of the worker group. Use run(stop_event), or start() + poll_once() + close()."""
 
     def __init__(self, settings: WorkerSettings, *, recommender: Recommender | None = None,
-                 metrics: WorkerMetrics | None = None, health: Health | None = None) -> None:
+                 models: ModelHolder | None = None, metrics: WorkerMetrics | None = None,
+                 health: Health | None = None) -> None:
+        """The serving model comes from `models` (owned by the caller), else `recommender`, else the
+        registry's CURRENT version (validated; a broken one raises ModelRefused)."""
         settings.validate()
         self.settings = settings
-        self.recommender = recommender or load_recommender(settings)
         self.filters = filters_of(settings)
         self.metrics = metrics or WorkerMetrics()
         self.health = health or Health()
+        self._own_models = models is None
+        if models is not None:
+            self.models = models
+        elif recommender is not None:
+            self.models = ModelHolder(recommender, registry=settings.registry, device=settings.device,
+                                      metrics=self.metrics)
+        else:
+            self.models = ModelHolder.open(settings.registry, device=settings.device, metrics=self.metrics)
         self.stores = StateStores(settings.state_dir, settings.group, settings.input_topic)
         self.totals = BatchResult()
         self._deliveries = _Deliveries(settings.changelog_topic)
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._restorer: Consumer | None = None
-        self._next_recommender: Recommender | None = None
-        self._swap_lock = threading.Lock()
         self._last_lag = 0.0
         self.assigned = threading.Event()  # set once the first partitions are assigned and restored
-        self.metrics.set_model_version(self.recommender.version)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -206,8 +210,8 @@ class Worker:
         s = self.settings
         if s.create_topics:
             self._ensure_topics()
-        self._producer = Producer(producer_config(
-            s.bootstrap_servers, s.producer_kafka, transactional_id=s.effective_transactional_id() if s.exactly_once else None))
+        txn_id = s.effective_transactional_id() if s.exactly_once else None
+        self._producer = Producer(producer_config(s.bootstrap_servers, s.producer_kafka, transactional_id=txn_id))
         if s.exactly_once:
             self._producer.init_transactions(_CLIENT_TIMEOUT_S)
         restore_extra = {**s.consumer_kafka, "enable.partition.eof": False}
@@ -217,9 +221,12 @@ class Worker:
         self._consumer = Consumer(consumer_config(s.bootstrap_servers, s.group, extra))
         self._consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
-        self.health.update(alive=True, state="running", group=s.group, model_version=self.recommender.version)
+        if s.follow_updates and self._own_models:
+            self.models.follow(s.bootstrap_servers, s.updates_topic, registry_id=str(Path(s.registry).resolve()),
+                               extra=s.consumer_kafka)
+        self.health.update(alive=True, state="running", group=s.group, model_version=self.models.version)
         log.info("worker started", extra={"group": s.group, "input_topic": s.input_topic,
-                                          "model_version": self.recommender.version,
+                                          "model_version": self.models.version,
                                           "guarantee": s.processing_guarantee})
 
     def _ensure_topics(self) -> None:
@@ -265,23 +272,27 @@ class Worker:
             self._restorer.close()
             self._restorer = None
         self.stores.close_all()
+        if self._own_models:
+            self.models.close()
         if self.health.alive:
             self.health.update(state="stopped")
         log.info("worker stopped", extra={k: v for k, v in vars(self.totals).items()})
 
-    def swap_recommender(self, recommender: Recommender) -> None:
-        """Serve `recommender` from the next batch on (thread-safe; the batch in hand finishes first)."""
-        with self._swap_lock:
-            self._next_recommender = recommender
+    @property
+    def recommender(self) -> Recommender:
+        """The version serving now (a batch reads it once and keeps it to its end)."""
+        return self.models.current()
 
-    def _apply_swap(self) -> None:
-        with self._swap_lock:
-            new, self._next_recommender = self._next_recommender, None
-        if new is not None and new.version != self.recommender.version:
-            old, self.recommender = self.recommender.version, new
-            self.metrics.set_model_version(new.version)
-            self.health.update(model_version=new.version)
-            log.info("model swapped", extra={"from_version": old, "to_version": new.version})
+    def swap_recommender(self, recommender: Recommender, timeout_s: float = 120.0) -> bool:
+        """Validate `recommender`'s version like an announced one; when this returns True it serves
+        from the next batch on. Call from any thread but the worker loop's."""
+        self.models.request(recommender.loaded.path, recommender.version, reason="direct")
+        return self.models.wait_idle(timeout_s)
+
+    def _serving_model(self) -> Recommender:
+        if self.models.swap_if_ready() is not None:
+            self.health.update(model_version=self.models.version)
+        return self.models.current()
 
     # ---- rebalancing and restore -------------------------------------------------------------
 
@@ -330,7 +341,7 @@ class Worker:
 
     def process_batch(self, msgs: Sequence[Message]) -> BatchResult:
         t0 = time.perf_counter()
-        self._apply_swap()
+        model = self._serving_model()  # one version for the whole batch
         routed = route(msgs)
         result = BatchResult(records=len(msgs), batches=1)
         self._deliveries.reset()
@@ -338,7 +349,7 @@ class Worker:
             self._producer.begin_transaction()
         self._produce_dead(routed.dead, result)
         self._produce_rekeyed(routed.rekey, result)
-        encoded = self._step(routed.events, result)
+        encoded = self._step(model, routed.events, result)
         _maybe_crash("after_produce", self.totals.batches + 1)
         if self._finish(routed, encoded):
             result.aborted = 1
@@ -346,16 +357,16 @@ class Worker:
         self._observe(result, len(msgs), time.perf_counter() - t0)
         return result
 
-    def _step(self, events: list[Incoming], result: BatchResult) -> dict[int, dict[str, bytes]]:
+    def _step(self, model: Recommender, events: list[Incoming], result: BatchResult) -> dict[int, dict[str, bytes]]:
         """Apply the events and produce their outputs; returns the encoded new states per partition."""
         encoded: dict[int, dict[str, bytes]] = defaultdict(dict)
         pending = events
         while pending:
             now, pending = split_by_owner(pending)
-            self._step_round(now, encoded, result)
+            self._step_round(model, now, encoded, result)
         return encoded
 
-    def _step_round(self, events: list[Incoming], encoded: dict[int, dict[str, bytes]],
+    def _step_round(self, model: Recommender, events: list[Incoming], encoded: dict[int, dict[str, bytes]],
                     result: BatchResult) -> None:
         stored = self._load_states(events)
         fresh = [e for e in events if not applied_before(stored[e.event.user_id], e.offset)]
@@ -363,7 +374,7 @@ class Worker:
         if not fresh:
             return
         users = {e.event.user_id for e in fresh}
-        recs = self.recommender.recommend(
+        recs = model.recommend(
             {u: stored[u] for u in users},
             [StepInput(e.event.user_id, e.event.item_id, e.event.event_type, e.event.timestamp_ms,
                        e.event.session_id) for e in fresh],
@@ -445,13 +456,13 @@ class Worker:
         """Make the batch durable in the DESIGN.md order; True when an exactly_once batch was aborted."""
         batch_no = self.totals.batches + 1
         offsets = [TopicPartition(self.settings.input_topic, p, o) for p, o in sorted(routed.next_offsets.items())]
+        self._flush()
+        _maybe_crash("after_flush", batch_no)
         if self.settings.exactly_once:
             if not self._commit_transaction(offsets):
                 self._rewind(routed.first_offsets)
                 return True
         else:
-            self._flush()
-            _maybe_crash("after_flush", batch_no)
             self._commit_offsets(offsets)
         _maybe_crash("after_commit", batch_no)
         self._write_stores(encoded)

@@ -54,7 +54,8 @@ def streamed(broker, registry, tmp_path_factory):
         totals = worker.totals
         metrics = worker.metrics
     inputs = records_of(broker.bootstrap, settings.input_topic, idle_s=0.5)
-    return dict(settings=settings, version=latest_version_dir(registry).name, events=events, miskeyed=miskeyed, recs=recs, totals=totals, metrics=metrics,
+    return dict(settings=settings, version=latest_version_dir(registry).name, events=events, miskeyed=miskeyed,
+                recs=recs, totals=totals, metrics=metrics,
                 inputs=inputs, dlq=records_of(broker.bootstrap, settings.dlq_topic, idle_s=0.5),
                 states=stored_states(settings, range(PARTITIONS)))
 

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from model.events import decode_event
+from confluent_kafka import Producer
+
+from model.events import decode_event, encode_event
 from stream.broker import free_port
-from stream.kafka_clients import admin_client
+from stream.kafka_clients import admin_client, producer_config, wait_for_count
 from stream.topics import ensure_topics, standard_topics
 from stream.worker import FAULT_ENV
 from worker_testkit import (TEST_CONSUMER, make_events, make_registry, offline, produce, records_of, same_state,
@@ -43,7 +45,8 @@ class ServeProcess:
 
     def __init__(self, settings, tmp_path: Path, *, fault: str | None = None, metrics_port: int = 0) -> None:
         config = tmp_path / "serve.json"
-        config.write_text(json.dumps({"serve": {"kafka_consumer": TEST_CONSUMER, "batch_size": settings.batch_size}}))
+        config.write_text(json.dumps({"serve": {"kafka_consumer": TEST_CONSUMER, "batch_size": settings.batch_size,
+                                                 "processing_guarantee": settings.processing_guarantee}}))
         cmd = [sys.executable, "-m", "stream.cli", "serve", "--config", str(config),
                "--bootstrap-servers", settings.bootstrap_servers, "--registry", settings.registry,
                "--state-dir", settings.state_dir, "--input-topic", settings.input_topic,
@@ -154,12 +157,15 @@ def test_a_sigkill_between_the_commit_steps_loses_no_event_and_applies_none_twic
 def trickle(bootstrap: str, topic: str, events, per_second: float) -> threading.Thread:
     """Produce events at a steady rate in a thread, so a kill lands while the worker is busy."""
     def target() -> None:
+        producer = Producer(producer_config(bootstrap))
         start = time.monotonic()
-        for i in range(0, len(events), 10):
-            produce(bootstrap, topic, events[i:i + 10])
-            ahead = start + (i + 10) / per_second - time.monotonic()
+        for i, e in enumerate(events):
+            producer.produce(topic, encode_event(e), e.user_id.encode())
+            producer.poll(0)
+            ahead = start + (i + 1) / per_second - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
+        producer.flush(30)
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -174,8 +180,7 @@ def test_a_worker_killed_while_streaming_recovers_on_restart_and_drains_on_sigte
         wait_until(lambda: distinct_recommended(broker, settings) >= first or victim.proc.poll() is not None, 90,
                    interval_s=0.2, message="the worker streaming")
         producer = trickle(broker.bootstrap, settings.input_topic, events[first:], per_second=400)
-        wait_until(lambda: distinct_recommended(broker, settings) >= first + 400 or victim.proc.poll() is not None,
-                   60, interval_s=0.05, message="the worker busy with the trickle")
+        wait_for_count(broker.bootstrap, settings.output_topic, first + 300, timeout_s=60)  # busy with the trickle
         assert victim.proc.poll() is None, victim.tail()
         victim.proc.send_signal(signal.SIGKILL)
         assert victim.wait(30) == -signal.SIGKILL

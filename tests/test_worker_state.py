@@ -121,3 +121,36 @@ def test_two_workers_in_one_group_split_the_partitions_and_together_emit_every_r
     inputs = records_of(broker.bootstrap, settings_a.input_topic, idle_s=0.5)
     assert set(got) == {(r.partition, r.offset) for r in inputs} and len(recs) == 600
     assert_states_match_offline(settings_a, registry, broker.bootstrap, range(partitions))
+
+
+def test_an_announced_model_version_serves_from_a_batch_boundary_and_rebuilds_stale_states(
+        broker, tmp_path):
+    from model.artifact import latest_version_dir
+    from stream.announce import announce
+
+    registry = make_registry(tmp_path / "registry", seed=12)
+    v1 = latest_version_dir(registry).name
+    settings = settings_for(broker.bootstrap, registry, tmp_path / "state", partitions=2, batch_size=50)
+    settings.updates_topic = f"upd-{settings.group}"
+    events = make_events(300, 20, seed=13)
+    with running(settings) as worker:
+        produce(broker.bootstrap, settings.input_topic, events[:150])
+        recommendations(broker.bootstrap, settings.output_topic, 150)
+        v2_dir = make_registry(registry, seed=14)  # a second version in the same registry
+        v2 = latest_version_dir(v2_dir).name
+        announce(broker.bootstrap, settings.updates_topic, v2, registry / v2, reason="promote")
+        wait_until(lambda: worker.models.stats().pending == v2 or worker.models.version == v2, 60,
+                   message="v2 loaded and validated")
+        produce(broker.bootstrap, settings.input_topic, events[150:])
+        recs = recommendations(broker.bootstrap, settings.output_topic, 300)
+        wait_until(lambda: worker.totals.recommendations == 300, 30, message="every output counted")
+    assert v1 != v2
+    versions = Counter(r["model_version"] for r in recs)
+    assert versions == {v1: 150, v2: 150}  # the swap fell between two batches
+    assert worker.totals.rebuilt_states > 0 and worker.metrics.value("hrnn_rebuilt_states_total") > 0
+    states = stored_states(settings, range(2))
+    touched_late = {e.user_id for e in events[150:]}
+    assert all(states[u].model_version == v2 for u in touched_late)
+    # A rebuilt state is v2 run over the stored history: the same as v2 having seen every event.
+    _, want = offline(registry, in_input_order(broker.bootstrap, settings))
+    assert all(same_state(states[u], want[u], atol=1e-4) for u in touched_late)

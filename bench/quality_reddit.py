@@ -1,0 +1,124 @@
+"""Recommendation quality on reddit-jodie: repeat-aware HRNN vs plain HRNN-Init vs the simple baselines.
+
+    python bench/quality_reddit.py [--data ../shared/data/reddit-jodie/reddit.tsv] [--out-dir /tmp/quality]
+        [--repeat-set key=value,...] [--plain-set key=value,...] [--repeat-config best.json] [--models repeat,plain]
+
+Both networks are trained exactly as `hrnn train` does (model.pipeline.train_version: featurize,
+hold out the last-session test, early stopping on a validation split carved from the training
+part), then scored with the baselines under the last-session protocol (30-minute sessions,
+full-catalogue ranking, pessimistic ties) as `hrnn evaluate` does. Prints ONE JSON object
+(metrics per model, training time, the repeat model's relative gain over user-repeat+session)
+and writes a bar chart PNG next to it. Training time swings with the shared machine's load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.artifact import load_version  # noqa: E402
+from model.baselines import make_baseline  # noqa: E402
+from model.config import DataConfig, HRNNConfig, load_config, read_config_file, to_dict  # noqa: E402
+from model.evaluate import evaluate, format_table  # noqa: E402
+from model.inference import HRNNScorer  # noqa: E402
+from model.loaders import load_interactions  # noqa: E402
+from model.pipeline import prepare, train_version  # noqa: E402
+from model.plots import plot_eval_table  # noqa: E402
+from model.splits import make_split  # noqa: E402
+
+REDDIT = ROOT.parent / "shared" / "data" / "reddit-jodie" / "reddit.tsv"
+BASELINES = ("pop", "sknn", "user-repeat", "user-repeat+session")
+REFERENCE = "user-repeat+session"
+BAR = 0.05  # the issue's target: +5% relative on recall@20 and MRR@20 over REFERENCE
+# The repeat model's settings beyond the defaults (what bench runs measured best; see the report).
+REPEAT_DEFAULTS: dict = {"repeat_head": True}
+
+
+def _pairs(text: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in text.split(",") if kv.strip()) if text else {}
+
+
+def _config(base: dict, file: str | None, pairs: str) -> tuple[HRNNConfig, DataConfig]:
+    values = dict(base)
+    if file:
+        values.update(read_config_file(file))
+    values.update(_pairs(pairs))
+    return load_config(HRNNConfig, file_values=values), load_config(DataConfig, file_values=values)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(REDDIT))
+    p.add_argument("--out-dir", default=str(Path(tempfile.gettempdir()) / "quality_reddit"))
+    p.add_argument("--models", default="repeat,plain", help="which networks to train: repeat, plain")
+    p.add_argument("--repeat-config", help="config file for the repeat model (e.g. hrnn tune's best.json)")
+    p.add_argument("--repeat-set", default="", help="overrides for the repeat model: key=value,...")
+    p.add_argument("--plain-config", help="config file for plain HRNN-Init")
+    p.add_argument("--plain-set", default="", help="overrides for plain HRNN-Init: key=value,...")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}, time_unit="s")
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    configs = {}
+    if "repeat" in wanted:
+        configs["hrnn-repeat"] = _config(REPEAT_DEFAULTS, args.repeat_config, args.repeat_set)
+    if "plain" in wanted:
+        configs["hrnn-init"] = _config({"repeat_head": False}, args.plain_config, args.plain_set)
+
+    training: dict[str, dict] = {}
+    versions = {}
+    for name, (cfg, dcfg) in configs.items():
+        t0 = time.perf_counter()
+        run = train_version(data, out / "registry", config=cfg, data_config=dcfg, holdout="last-session",
+                            progress=not args.quiet, make_current=False)
+        training[name] = {"seconds": round(time.perf_counter() - t0, 1), "best_epoch": run.fit.best_epoch,
+                          "epochs_run": len(run.fit.history), "version": run.version_dir.name,
+                          "val_mrr@20": run.metrics.get("val_mrr@20"),
+                          "val_recall@20": run.metrics.get("val_recall@20"), "config": to_dict(cfg)}
+        versions[name] = (load_version(run.version_dir), dcfg)
+
+    # All networks of one run share the data config (the split must be the one they were trained around).
+    dcfg = next(iter(configs.values()))[1] if configs else DataConfig()
+    prep = prepare(data, dcfg)
+    split = make_split("last-session", prep.data, prep.starts)
+    scorers = {b: make_baseline(b) for b in BASELINES}
+    for name, (m, _) in versions.items():
+        scorers[name] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids, name=name,
+                                                  model_types=m.event_types, data_types=split.train.event_types)
+    for s in scorers.values():
+        s.fit(split.train, split.train_starts)
+    result = evaluate(split, scorers, progress=False)
+    print(format_table(result), file=sys.stderr)
+
+    keys = ("recall@5", "recall@20", "mrr@20", "ndcg@20", "first/recall@20", "first/mrr@20")
+    report: dict = {"data": str(args.data), "protocol": result.protocol, "n_test_events": result.n_test_events,
+                    "models": {n: {k: round(m[k], 4) for k in keys if k in m} for n, m in result.models.items()},
+                    "training": training}
+    ref = result.models[REFERENCE]
+    for name in versions:
+        m = result.models[name]
+        gain = {k: round(m[k] / ref[k] - 1.0, 4) for k in ("recall@20", "mrr@20")}
+        report.setdefault("relative_to_" + REFERENCE, {})[name] = gain
+        if name == "hrnn-repeat":
+            report["repeat_meets_bar"] = all(v >= BAR for v in gain.values())
+            if "hrnn-init" in result.models:
+                plain = result.models["hrnn-init"]
+                report["repeat_beats_plain"] = m["recall@20"] > plain["recall@20"] and m["mrr@20"] > plain["mrr@20"]
+    png = plot_eval_table(result, out / "quality_reddit.png")
+    report["png"] = str(png)
+    (out / "quality_reddit.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Streaming worker throughput and latency on this machine; prints ONE JSON object.
+
+    python bench/stream_throughput.py [--events 30000] [--users 3000] [--items 20000] [--hidden 64]
+
+Measured in one run, against the local broker (Tansu) and real RocksDB files:
+  model_only_events_per_s          Recommender.recommend alone, in-memory states, fed the same
+                                   sequence of batch sizes the end-to-end run consumed
+  end_to_end_events_per_s          the worker (own process), input pre-loaded: first batch consumed
+                                   to last batch's recommendations delivered and committed
+  ratio                            end-to-end / model-only
+  p50_ms, p99_ms                   event produced -> its recommendation received by a consumer,
+                                   at about half the end-to-end rate
+  per_event_baseline_events_per_s  the same worker with batch_size 1: a store get/put, one model
+                                   step, a produce, a flush and a commit per event
+  peak_rss_mb                      the largest worker process's peak resident memory
+The model version has random weights of the right shape (serving cost does not depend on
+what the weights learned).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.events import Event, encode_event  # noqa: E402
+
+# Tansu answers an empty fetch only after the consumer's fetch.wait.max.ms (librdkafka default 500 ms)
+# even when records arrive meanwhile; Apache Kafka answers as soon as data is there. The group join
+# takes about session.timeout.ms / 2 on Tansu.
+def consumer_settings(fetch_wait_ms: int) -> dict[str, str]:
+    return {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500", "fetch.wait.max.ms": str(fetch_wait_ms)}
+
+
+def make_model(registry: Path, n_items: int, hidden: int) -> str:
+    import torch
+
+    from model.artifact import save_version
+    from model.config import DataConfig, HRNNConfig
+    from model.network import HRNN
+
+    torch.manual_seed(0)
+    cfg = HRNNConfig(hidden_dimension=hidden)
+    items = [f"item-{i}" for i in range(n_items)]
+    return save_version(registry, HRNN(n_items, cfg).eval(), cfg, DataConfig(), items, ["click", "purchase"]).name
+
+
+def make_events(n: int, n_users: int, n_items: int, seed: int, start_ms: int) -> list[Event]:
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, n)
+    items = (rng.zipf(1.2, n) - 1) % n_items
+    purchase = rng.random(n) < 0.05
+    gaps = np.where(rng.random(n) < 0.1, 3_600_000, rng.integers(1_000, 60_000, n))
+    ts = start_ms + np.cumsum(gaps // 50)
+    return [Event(f"user-{u}", f"item-{i}", "purchase" if p else "click", int(t), event_id=f"e{j}")
+            for j, (u, i, p, t) in enumerate(zip(users, items, purchase, ts))]
+
+
+def settings(bootstrap: str, registry: Path, state_dir: Path, args, batch_size: int | None = None):
+    from stream.settings import WorkerSettings
+
+    name = uuid.uuid4().hex[:8]
+    return WorkerSettings(bootstrap_servers=bootstrap, registry=str(registry), state_dir=str(state_dir),
+                          input_topic=f"ev-{name}", output_topic=f"rec-{name}", group=f"grp-{name}",
+                          partitions=args.partitions, batch_size=batch_size or args.batch_size,
+                          batch_timeout_s=args.batch_timeout, k=25, device="cpu", follow_updates=False,
+                          kafka_consumer=consumer_settings(args.fetch_wait_ms))
+
+
+def produce_all(bootstrap: str, topic: str, events: list[Event]) -> None:
+    from confluent_kafka import Producer
+
+    from stream.kafka_clients import producer_config
+
+    p = Producer(producer_config(bootstrap, {"linger.ms": 20, "batch.num.messages": 10000}))
+    for e in events:
+        while True:
+            try:
+                p.produce(topic, encode_event(e), e.user_id.encode())
+                break
+            except BufferError:
+                p.poll(0.05)
+        p.poll(0)
+    assert p.flush(60) == 0
+
+
+# ---- the worker process -----------------------------------------------------------------------
+
+def worker_main(s, target: int, stop, ready, out) -> None:
+    """Run a worker until it has recommended `target` events (0: until `stop`); report timings."""
+    from stream.worker import Worker
+
+    class Timed(Worker):
+        first = last = None
+        sizes: list[int] = []
+
+        steps: list[float] = []
+
+        def process_batch(self, msgs):
+            start = time.perf_counter()
+            if self.first is None:
+                self.first = start
+            result = super().process_batch(msgs)
+            self.last = time.perf_counter()
+            self.sizes.append(len(msgs))
+            self.steps.append(self.last - start)
+            return result
+
+    w = Timed(s)
+    w.start()
+    while not w.assigned.is_set():
+        w.poll_once()
+    ready.set()
+    while not stop.is_set() and not (target and w.totals.recommendations >= target):
+        w.poll_once()
+    w.close()
+    out.put({"first": w.first, "last": w.last, "sizes": w.sizes, "steps": w.steps, "recommendations": w.totals.recommendations,
+             "batches": w.totals.batches, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def run_worker(s, target: int, before_start=None, while_running=None) -> dict:
+    ctx = mp.get_context("spawn")
+    stop, ready, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    if before_start:
+        before_start()
+    proc = ctx.Process(target=worker_main, args=(s, target, stop, ready, out))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.wait(0.2):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"worker process {'died' if not proc.is_alive() else 'got no partitions'}")
+        if while_running:
+            while_running()
+            stop.set()
+        return out.get(timeout=600)
+    finally:
+        stop.set()
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+
+
+# ---- the phases --------------------------------------------------------------------------------
+
+def model_only(registry: Path, events: list[Event], sizes: list[int]) -> float:
+    from model.artifact import latest_version_dir
+    from model.inference import Filters, Recommender, StepInput
+
+    rec = Recommender.load(latest_version_dir(registry), "cpu")
+    states: dict = {}
+    steps = [StepInput(e.user_id, e.item_id, e.event_type, e.timestamp_ms, e.session_id) for e in events]
+    start, i = time.perf_counter(), 0
+    for size in sizes:
+        batch = steps[i:i + size]
+        i += size
+        out = rec.recommend({e.user_id: states.get(e.user_id) for e in batch}, batch, k=25, filters=Filters())
+        states.update(out.states)
+    return i / (time.perf_counter() - start)
+
+
+def end_to_end(bootstrap: str, registry: Path, root: Path, events: list[Event], args) -> dict:
+    s = settings(bootstrap, registry, root / "e2e", args)
+    report = run_worker(s, len(events), before_start=lambda: _create_and_fill(s, events))
+    report["events_per_s"] = report["recommendations"] / (report["last"] - report["first"])
+    return report
+
+
+def _create_and_fill(s, events: list[Event]) -> None:
+    from stream.kafka_clients import admin_client
+    from stream.topics import ensure_topics, standard_topics
+
+    ensure_topics(admin_client(s.bootstrap_servers),
+                  standard_topics(s.input_topic, s.output_topic, s.group, s.partitions))
+    produce_all(s.bootstrap_servers, s.input_topic, events)
+
+
+def latency(bootstrap: str, registry: Path, root: Path, args, rate: float) -> dict:
+    """Produce at `rate` events/s with the wall clock as event time; latency = receive time - event time."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from stream.kafka_clients import consumer_config, producer_config
+    from stream.records import decode_recommendation
+
+    s = settings(bootstrap, registry, root / "lat", args)
+    partitions = args.partitions
+    n = int(rate * args.latency_seconds)
+    template = make_events(n, args.users, args.items, seed=2, start_ms=0)  # event times: the wall clock
+    lat: list[float] = []
+
+    def drive() -> None:
+        tail = Consumer(consumer_config(bootstrap, f"tail-{uuid.uuid4().hex[:6]}",
+                                        {"fetch.wait.max.ms": 5, "fetch.error.backoff.ms": 5}))
+        tail.assign([TopicPartition(s.output_topic, p, 0) for p in range(partitions)])
+        got = threading.Event()
+
+        def read() -> None:
+            deadline = time.monotonic() + args.latency_seconds + 60
+            while len(lat) < n and time.monotonic() < deadline:
+                for m in tail.consume(1000, 0.05):
+                    if m.error() is None:
+                        lat.append(time.time() * 1000 - decode_recommendation(m.value()).event_timestamp)
+            got.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        p = Producer(producer_config(bootstrap, {"linger.ms": 1}))
+        start = time.monotonic()
+        for j, e in enumerate(template):
+            ahead = start + j / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+            now_ms = int(time.time() * 1000)
+            p.produce(s.input_topic, encode_event(Event(e.user_id, e.item_id, e.event_type, now_ms)),
+                      e.user_id.encode())
+            p.poll(0)
+        p.flush(30)
+        got.wait(args.latency_seconds + 60)
+        tail.close()
+
+    report = run_worker(s, 0, before_start=lambda: _create_and_fill(s, []), while_running=drive)
+    arr = np.array(lat[len(lat) // 10:])  # skip the warm-up tenth
+    report.update(p50_ms=float(np.percentile(arr, 50)), p99_ms=float(np.percentile(arr, 99)),
+                  received=len(lat), produced=n)
+    return report
+
+
+def per_event(bootstrap: str, registry: Path, root: Path, events: list[Event], args) -> dict:
+    s = settings(bootstrap, registry, root / "one", args, batch_size=1)
+    report = run_worker(s, len(events), before_start=lambda: _create_and_fill(s, events))
+    report["events_per_s"] = report["recommendations"] / (report["last"] - report["first"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=30_000)
+    ap.add_argument("--users", type=int, default=3_000)
+    ap.add_argument("--items", type=int, default=20_000)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--partitions", type=int, default=3)
+    ap.add_argument("--batch-timeout", type=float, default=0.02, help="the worker's batch_timeout_s")
+    ap.add_argument("--fetch-wait-ms", type=int, default=10, help="consumers' fetch.wait.max.ms (see above)")
+    ap.add_argument("--latency-seconds", type=float, default=10.0)
+    ap.add_argument("--baseline-events", type=int, default=1_500)
+    args = ap.parse_args(argv)
+
+    from stream.broker import LocalBroker
+
+    with tempfile.TemporaryDirectory() as tmp, LocalBroker() as broker:
+        root = Path(tmp)
+        version = make_model(root / "registry", args.items, args.hidden)
+        events = make_events(args.events, args.users, args.items, seed=1, start_ms=1_767_225_600_000)
+        e2e = end_to_end(broker.bootstrap, root / "registry", root, events, args)
+        model_rate = model_only(root / "registry", events, e2e["sizes"])
+        lat = latency(broker.bootstrap, root / "registry", root, args, e2e["events_per_s"] / 2)
+        one = per_event(broker.bootstrap, root / "registry", root, events[:args.baseline_events], args)
+    result = {
+        "model_only_events_per_s": round(model_rate, 1),
+        "end_to_end_events_per_s": round(e2e["events_per_s"], 1),
+        "ratio": round(e2e["events_per_s"] / model_rate, 3),
+        "p50_ms": round(lat["p50_ms"], 1),
+        "p99_ms": round(lat["p99_ms"], 1),
+        "latency_rate_events_per_s": round(e2e["events_per_s"] / 2, 1),
+        "latency_events_received": lat["received"],
+        "per_event_baseline_events_per_s": round(one["events_per_s"], 1),
+        "end_to_end_over_baseline": round(e2e["events_per_s"] / one["events_per_s"], 1),
+        "peak_rss_mb": round(max(e2e["peak_rss_mb"], lat["peak_rss_mb"], one["peak_rss_mb"]), 1),
+        "mean_batch_size": round(float(np.mean(e2e["sizes"])), 1),
+        "events": args.events, "users": args.users, "items": args.items, "hidden": args.hidden, "k": 25,
+        "batch_size": args.batch_size, "batch_timeout_s": args.batch_timeout, "partitions": args.partitions,
+        "consumer_fetch_wait_max_ms": args.fetch_wait_ms, "model_version": version,
+        "step_ms_p50_e2e": round(float(np.percentile(e2e["steps"], 50)) * 1000, 1),
+        "step_ms_p50_at_half_load": round(float(np.percentile(lat["steps"], 50)) * 1000, 1),
+        "mean_batch_at_half_load": round(float(np.mean(lat["sizes"])), 1),
+        "model": "random weights of the right shape (serving cost does not depend on training)",
+        "broker": "Tansu (local, in memory)", "device": "cpu",
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""`hrnn retrainer`: archive the events topic and retrain on a schedule (leader only), or once with --once.
+
+Hyperparameters default to the serving version's; any HRNN/featurization flag (`--epochs 3`)
+or `--config FILE` overrides them for the retrained versions.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+
+from model.cli_common import add_config_flags
+from model.config import DataConfig, HRNNConfig, read_config_file
+from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--bootstrap-servers", help="Kafka bootstrap servers HOST:PORT[,...] (not needed with --once)")
+    a("--registry", required=True, help="model registry directory")
+    a("--archive", required=True, help="training store: Parquet files by day")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--interval-s", type=float, help="retrain every N seconds (default 3600)")
+    when.add_argument("--cron", help="retrain at crontab times, e.g. '0 3 * * *' (UTC)")
+    when.add_argument("--once", action="store_true", help="retrain once now from the archive and exit")
+    a("--window-days", type=int, default=7, help="train on the newest D days of the archive (default 7)")
+    a("--margin", type=float, default=0.05,
+      help="publish unless the new version's metric is worse than the serving one's by more than this share")
+    a("--metric", default="mrr@20", help="metric of the comparison (default mrr@20)")
+    a("--warm-start", action="store_true", help="start from the serving weights (item rows matched by id)")
+    a("--min-events", type=int, default=1000, help="skip a run with fewer events in the window")
+    a("--keep-versions", type=int, default=0, help="after publishing, keep the newest N versions (0: all)")
+    a("--events-topic", default=EVENTS_TOPIC)
+    a("--updates-topic", default=MODEL_UPDATES_TOPIC)
+    a("--registry-id", help="key of the announcements (default: the registry's absolute path)")
+    a("--app-id", default="hrnn-retrainer", help="Faust app id = consumer group of the archive")
+    a("--group-session-timeout-s", type=float, default=10.0,
+      help="consumer-group session timeout; a join on Tansu takes about half of it")
+    a("--job-timeout-s", type=float, default=6 * 3600.0, help="kill a retraining run after this long")
+    a("--train-device", default="cpu", help="device of the retraining run (cpu, cuda, auto)")
+    a("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
+    a("--log-level", default="INFO")
+    add_config_flags(p, HRNNConfig, DataConfig)
+
+
+def _overrides(args: argparse.Namespace, cls: type) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    if args.config:
+        values = read_config_file(args.config)
+        section = {HRNNConfig: "hrnn", DataConfig: "data"}[cls]
+        out.update({k: v for k, v in (values | values.get(section, {})).items() if k in names})
+    out.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
+    return out
+
+
+def settings_from(args: argparse.Namespace):
+    from stream.retrainer import RetrainerSettings
+
+    return RetrainerSettings(
+        bootstrap_servers=args.bootstrap_servers or "", registry=args.registry, archive=args.archive,
+        events_topic=args.events_topic, updates_topic=args.updates_topic, app_id=args.app_id,
+        interval_s=args.interval_s if args.interval_s is not None else 3600.0, cron=args.cron,
+        window_days=args.window_days, margin=args.margin, metric=args.metric, warm_start=args.warm_start,
+        min_events=args.min_events, keep_versions=args.keep_versions, device=args.train_device,
+        hrnn=_overrides(args, HRNNConfig), data=_overrides(args, DataConfig),
+        session_timeout_s=args.group_session_timeout_s, job_timeout_s=args.job_timeout_s,
+        registry_id=args.registry_id, metrics_port=args.metrics_port)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream.observability import setup_json_logging
+
+    setup_json_logging(args.log_level)
+    if args.log_level.upper() != "DEBUG":
+        for noisy in ("faust", "mode", "aiokafka"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    settings = settings_from(args)
+    if args.once:
+        return _once(settings)
+    from stream.retrainer import RetrainerService
+
+    return RetrainerService(settings).run()
+
+
+def _once(settings) -> int:
+    from stream.retrain_job import retrain
+
+    out = retrain(settings.spec())
+    if out.status == "published" and settings.bootstrap_servers:
+        from stream.announce import announce
+
+        announce(settings.bootstrap_servers, settings.updates_topic, out.version, out.path, reason="retrain",
+                 registry_id=settings.registry_id)
+    print(json.dumps(dataclasses.asdict(out), indent=2, default=str))
+    return 0 if out.status in ("published", "rejected", "skipped") else 1

@@ -1,0 +1,254 @@
+"""The retraining service (control plane), a Faust app.
+
+- An agent archives the events topic in batches (`stream.take_events`) into the training
+  store (stream/archive.py). Faust acks a batch only after the agent has written it, so offsets
+  are committed after the files exist; the archive's offset-named files absorb replays.
+- A timer (`--interval-s`) or crontab (`--cron`) with `on_leader=True` starts a retraining run
+  on the group's leader only: Faust elects as leader the member that is assigned partition 0
+  of its `<app id>-__assignor-__leader` topic, so with N instances exactly one runs the schedule.
+- A run is a child process (`python -m stream.retrain_job`), so the event loop keeps
+  heartbeating and archiving while torch trains; a published version is announced on
+  hrnn.model-updates with reason "retrain".
+
+Against Tansu a consumer-group join takes about session.timeout.ms / 2; Faust's default
+session timeout (60 s) made the first assignment take ~33 s, so the service sets 10 s by default.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from model.errors import ConfigError, EventError
+from model.events import decode_event
+from stream.archive import ArchivedEvent, ArchiveWriter, count_events
+from stream.retrain_job import RetrainOutcome, RetrainSpec
+from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrainerSettings:
+    bootstrap_servers: str
+    registry: str
+    archive: str
+    events_topic: str = EVENTS_TOPIC
+    updates_topic: str = MODEL_UPDATES_TOPIC
+    app_id: str = "hrnn-retrainer"  # also the consumer group of the archive
+    interval_s: float | None = 3600.0
+    cron: str | None = None  # crontab expression; wins over interval_s
+    window_days: int = 7
+    margin: float = 0.05
+    metric: str = "mrr@20"
+    warm_start: bool = False
+    min_events: int = 1000
+    keep_versions: int = 0
+    device: str = "cpu"
+    hrnn: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    archive_batch: int = 1000
+    archive_within_s: float = 2.0
+    session_timeout_s: float = 10.0
+    job_timeout_s: float = 6 * 3600.0
+    registry_id: str | None = None
+    metrics_port: int = 0
+
+    def validate(self) -> None:
+        if not self.bootstrap_servers:
+            raise ConfigError("the retrainer needs --bootstrap-servers")
+        if not self.registry or not self.archive:
+            raise ConfigError("the retrainer needs --registry DIR and --archive DIR")
+        if self.cron is None and (self.interval_s is None or self.interval_s <= 0):
+            raise ConfigError("give --interval-s N (> 0) or --cron EXPR")
+        if self.cron is not None:
+            from croniter import croniter
+
+            if not croniter.is_valid(self.cron):
+                raise ConfigError(f"--cron {self.cron!r} is not a crontab expression (e.g. '0 3 * * *')")
+        if self.window_days < 1:
+            raise ConfigError(f"--window-days must be at least 1, got {self.window_days}")
+        if not -1.0 <= self.margin <= 1.0:
+            raise ConfigError(f"--margin must be in [-1, 1] (a share of the serving metric), got {self.margin}")
+        if self.session_timeout_s < 3:
+            raise ConfigError("--session-timeout-s must be at least 3")
+
+    def spec(self) -> RetrainSpec:
+        return RetrainSpec(registry=self.registry, archive=self.archive, window_days=self.window_days,
+                           margin=self.margin, metric=self.metric, warm_start=self.warm_start,
+                           min_events=self.min_events, device=self.device, keep_versions=self.keep_versions,
+                           hrnn=dict(self.hrnn), data=dict(self.data))
+
+
+class RetrainerMetrics:
+    """The service's Prometheus metrics (own registry, `hrnn_retrainer_` prefix)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        ns = "hrnn_retrainer"
+        self.archived_events = Counter("archived_events", "Events written to the archive", namespace=ns, registry=r)
+        self.invalid_events = Counter("invalid_events", "Events not archived (invalid), by reason", ["reason"],
+                                      namespace=ns, registry=r)
+        self.duplicate_events = Counter("duplicate_events", "Replayed events already archived", namespace=ns,
+                                        registry=r)
+        self.runs = Counter("runs", "Retraining runs, by outcome", ["status"], namespace=ns, registry=r)
+        self.run_seconds = Histogram("run_seconds", "Wall time of a retraining run", namespace=ns, registry=r,
+                                     buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600))
+        self.leader = Gauge("leader", "1 while this instance runs the schedule", namespace=ns, registry=r)
+        self.last_published = Gauge("last_published_timestamp_seconds", "When a version was last published",
+                                    namespace=ns, registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def run_job(spec: RetrainSpec, timeout_s: float) -> RetrainOutcome:
+    """Run one retraining in a child process without blocking the event loop."""
+    with tempfile.TemporaryDirectory(prefix="hrnn-retrain-") as tmp:
+        spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "outcome.json")
+        spec_path.write_text(json.dumps(asdict(spec)))
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "stream.retrain_job", str(spec_path),
+                                                    str(out_path), stdin=asyncio.subprocess.DEVNULL)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout_s)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            proc.kill()
+            await proc.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return RetrainOutcome("failed", f"the retraining process ran past {timeout_s:g} s and was killed")
+        if not out_path.exists():
+            return RetrainOutcome("failed", f"the retraining process exited with code {proc.returncode} "
+                                            "without an outcome (see its log above)")
+        return RetrainOutcome(**json.loads(out_path.read_text()))
+
+
+class RetrainerService:
+    """Builds the Faust app; `run()` serves it until SIGTERM/SIGINT."""
+
+    def __init__(self, settings: RetrainerSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.metrics = RetrainerMetrics()
+        self.writer = ArchiveWriter(settings.archive, settings.events_topic)
+        self.runs: list[RetrainOutcome] = []
+        self.app = self._build_app()
+
+    def _build_app(self):
+        import faust
+
+        s = self.settings
+        self._datadir = tempfile.mkdtemp(prefix="hrnn-retrainer-faust-")
+        app = faust.App(
+            s.app_id,
+            broker=[f"kafka://{h.strip()}" for h in s.bootstrap_servers.split(",") if h.strip()],
+            datadir=self._datadir, store="memory://", web_enabled=False,
+            topic_partitions=1, consumer_auto_offset_reset="earliest",
+            broker_session_timeout=s.session_timeout_s,
+            broker_heartbeat_interval=max(0.5, s.session_timeout_s / 5),
+            broker_rebalance_timeout=max(s.session_timeout_s, 10.0),
+        )
+        events = app.topic(s.events_topic, key_serializer="raw", value_serializer="raw")
+
+        @app.agent(events, name="archive")
+        async def archive(stream) -> None:
+            async for batch in stream.take_events(s.archive_batch, within=s.archive_within_s):
+                await self._archive(batch)
+
+        @app.on_partitions_assigned.connect
+        async def on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
+            # another instance may have archived these partitions up to a later offset
+            self.writer.refresh()
+            self.metrics.leader.set(1 if app.is_leader() else 0)
+            log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}/{tp.partition}"
+                                                                      for tp in assigned),
+                                                     "leader": app.is_leader()})
+
+        async def scheduled(app_) -> None:  # noqa: ARG001 (Faust passes the app)
+            await self.retrain_now()
+
+        if s.cron:
+            app.crontab(s.cron, on_leader=True)(scheduled)
+        else:
+            app.timer(s.interval_s, on_leader=True, name="hrnn-retrain")(scheduled)
+        return app
+
+    async def _archive(self, batch) -> None:
+        good: list[ArchivedEvent] = []
+        for ev in batch:
+            msg = ev.message
+            try:
+                good.append(ArchivedEvent(msg.partition, msg.offset, decode_event(ev.value)))
+            except EventError as exc:
+                self.metrics.invalid_events.labels(reason=exc.reason).inc()
+        before_dup = self.writer.duplicates_skipped
+        files = await asyncio.get_running_loop().run_in_executor(None, self.writer.write, good)
+        dup = self.writer.duplicates_skipped - before_dup
+        self.metrics.archived_events.inc(len(good) - dup)
+        self.metrics.duplicate_events.inc(dup)
+        log.info("archived events", extra={"events": len(good) - dup, "invalid": len(batch) - len(good),
+                                           "duplicates": dup, "files": [f.name for f in files]})
+
+    async def retrain_now(self) -> RetrainOutcome:
+        """One retraining run (the schedule calls this on the leader), then announce what was published."""
+        s = self.settings
+        n = await asyncio.get_running_loop().run_in_executor(None, count_events, s.archive, s.window_days)
+        log.info("retraining run starts", extra={"window_days": s.window_days, "window_events": n,
+                                                 "registry": s.registry})
+        if n < s.min_events:
+            # decided here, so an empty archive costs no child process
+            out = RetrainOutcome("skipped", f"{n} events in the {s.window_days}-day window, {s.min_events} needed",
+                                 window_events=n)
+        else:
+            t0 = time.monotonic()
+            out = await run_job(s.spec(), s.job_timeout_s)
+            self.metrics.run_seconds.observe(time.monotonic() - t0)
+        if out.status == "published" and out.version and out.path:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._announce, out)
+                self.metrics.last_published.set_to_current_time()
+            except Exception as exc:  # noqa: BLE001 (the version is published; announcing is retried by promote)
+                out.reason += f"; announcing failed: {exc}"
+                log.error("published %s but could not announce it: %s (run `hrnn models promote %s %s "
+                          "--bootstrap-servers ...`)", out.version, exc, s.registry, out.version)
+        self.metrics.runs.labels(status=out.status).inc()
+        self.runs.append(out)
+        log.info("retraining run finished", extra={"outcome": asdict(out)})
+        return out
+
+    def _announce(self, out: RetrainOutcome) -> None:
+        from stream.announce import announce
+
+        announce(self.settings.bootstrap_servers, self.settings.updates_topic, out.version, out.path,
+                 reason="retrain", registry_id=self.settings.registry_id)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (Faust installs the handlers)."""
+        import faust
+
+        server = None
+        if self.settings.metrics_port:
+            from stream.observability import Health, start_http_server
+
+            server = start_http_server(self.metrics, self.settings.metrics_port, Health())  # type: ignore[arg-type]
+        worker = faust.Worker(self.app, quiet=True, override_logging=False, redirect_stdouts=False,
+                              loglevel=logging.getLevelName(logging.getLogger().level))
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        finally:
+            if server is not None:
+                server.shutdown()
+            shutil.rmtree(self._datadir, ignore_errors=True)
+        return 0
+

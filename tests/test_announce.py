@@ -1,0 +1,105 @@
+"""Announcements on the model-updates topic against the real local broker."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from model.artifact import current_version, save_version
+from model.config import DataConfig, HRNNConfig
+from model.network import HRNN
+from stream.announce import Announcement, AnnouncementError, AnnouncementWatcher, announce
+from stream.cli import main as hrnn
+from stream.kafka_clients import read_all
+
+pytestmark = pytest.mark.broker
+CFG = HRNNConfig(hidden_dimension=32)
+
+
+def _topic() -> str:
+    return f"hrnn.model-updates-{uuid.uuid4().hex[:8]}"
+
+
+def _publish(registry: Path, n: int) -> list[str]:
+    items = [f"i{k}" for k in range(20)]
+    return [save_version(registry, HRNN(len(items), CFG), CFG, DataConfig(), items, ["click"],
+                         version=f"v{k:03d}").name for k in range(n)]
+
+
+def test_value_round_trip_and_malformed_values_are_typed_errors():
+    ann = Announcement("v1", "/r/v1", "2026-01-01T00:00:00+00:00", "retrain", "/r")
+    assert Announcement.decode(b"/r", ann.value()) == ann
+    for raw in (b"not json", b"[]", b'{"version": "v1"}', None):
+        with pytest.raises(AnnouncementError):
+            Announcement.decode(b"/r", raw)
+
+
+def test_an_announcement_round_trips_through_the_compacted_topic(broker, tmp_path):
+    topic = _topic()
+    sent = announce(broker.bootstrap, topic, "v007", tmp_path / "v007", reason="retrain")
+    records = read_all(broker.bootstrap, topic, idle_s=0.5)
+    assert len(records) == 1 and records[0].partition == 0
+    got = Announcement.decode(records[0].key, records[0].value)
+    assert got == sent and got.registry_id == str(tmp_path.resolve())
+    assert set(__import__("json").loads(records[0].value)) == {"version", "path", "announced_at", "reason"}
+
+
+def test_a_starting_watcher_delivers_only_the_latest_then_every_new_one(broker, tmp_path):
+    topic = _topic()
+    for v in ("v1", "v2", "v3"):
+        announce(broker.bootstrap, topic, v, tmp_path / v)
+    got: list[str] = []
+    with AnnouncementWatcher(broker.bootstrap, topic, on_announcement=lambda a: got.append(a.version)) as w:
+        assert w.wait_caught_up(20)
+        assert w.latest.version == "v3"
+        announce(broker.bootstrap, topic, "v4", tmp_path / "v4")
+        assert w.wait_for("v4", 20) is not None
+    assert got == ["v3", "v4"]
+
+
+def test_a_watcher_of_an_empty_topic_catches_up_with_nothing(broker):
+    got: list[str] = []
+    with AnnouncementWatcher(broker.bootstrap, _topic(), on_announcement=lambda a: got.append(a.version)) as w:
+        assert w.wait_caught_up(20)
+        assert w.latest is None and got == []
+
+
+def test_malformed_records_and_other_registries_are_skipped(broker, tmp_path):
+    topic = _topic()
+    announce(broker.bootstrap, topic, "v1", tmp_path / "mine" / "v1")
+    p = Producer({"bootstrap.servers": broker.bootstrap})
+    p.produce(topic, key=str((tmp_path / "mine").resolve()).encode(), value=b"garbage", partition=0)
+    p.flush(10)
+    announce(broker.bootstrap, topic, "v9", tmp_path / "theirs" / "v9")
+    with AnnouncementWatcher(broker.bootstrap, topic, registry_id=str((tmp_path / "mine").resolve())) as w:
+        assert w.wait_caught_up(20)
+        assert w.latest.version == "v1" and w.malformed == 1 and w.received == 1
+
+
+def test_promote_and_rollback_announce_and_a_watcher_follows(broker, tmp_path):
+    reg = tmp_path / "registry"
+    v0, v1, v2 = _publish(reg, 3)
+    topic = _topic()
+    args = ["--bootstrap-servers", broker.bootstrap, "--topic", topic]
+    with AnnouncementWatcher(broker.bootstrap, topic) as w:
+        assert w.wait_caught_up(20)
+        assert hrnn(["models", "promote", str(reg), v1, *args]) == 0
+        ann = w.wait_for(v1, 20)
+        assert ann is not None and ann.reason == "promote" and Path(ann.path) == (reg / v1).resolve()
+        assert hrnn(["models", "rollback", str(reg), *args]) == 0  # v1 -> v0
+        assert w.wait_for(v0, 20) is not None and current_version(reg) == v0
+        assert hrnn(["models", "promote", str(reg), v2, *args]) == 0
+        assert w.wait_for(v2, 20) is not None
+    assert current_version(reg) == v2
+
+
+def test_promote_of_an_unknown_version_fails_without_announcing(broker, tmp_path, capsys):
+    reg = tmp_path / "registry"
+    _publish(reg, 1)
+    topic = _topic()
+    assert hrnn(["models", "promote", str(reg), "v999", "--bootstrap-servers", broker.bootstrap,
+                 "--topic", topic]) == 2
+    assert "no version 'v999'" in capsys.readouterr().err
+    assert read_all(broker.bootstrap, topic, idle_s=0.5) == []

@@ -1,0 +1,239 @@
+"""ModelHolder: background load + validation, swap between batches, refusal of broken versions."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.artifact import set_current
+from model.config import DataConfig, HRNNConfig
+from model.inference import StepInput
+from model.network import HRNN
+from model.pipeline import train_version
+from model.synth import generate
+from stream.hotswap import ModelHolder, ModelRefused, validate_version
+from stream.observability import WorkerMetrics
+
+TINY = HRNNConfig(hidden_dimension=32, epochs=1, n_sample=32, batch_size=32)
+
+
+def _train(registry: Path, seed: int) -> Path:
+    data = generate(200, 80, seed=seed, events_per_user=10)
+    return train_version(data, registry, config=TINY, data_config=DataConfig(), early_stopping=False,
+                         progress=False, make_current=False).version_dir
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A registry with two trained versions; CURRENT is the first."""
+    reg = tmp_path_factory.mktemp("registry")
+    a = _train(reg, seed=1)
+    b = _train(reg, seed=2)
+    set_current(reg, a.name)
+    return reg, a, b
+
+
+def _rehash(d: Path) -> None:
+    """Rewrite the manifest so checksums match again: a broken version a buggy publisher signed."""
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["version"] = d.name
+    manifest["files"] = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in manifest["files"]}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _copy(src: Path, name: str) -> Path:
+    dst = src.parent / f"{name}-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(src, dst)
+    _rehash(dst)
+    return dst
+
+
+def broken_copy(src: Path, kind: str) -> Path:
+    d = _copy(src, kind)
+    if kind == "integrity":  # bytes flipped after publishing: the manifest no longer matches
+        raw = bytearray((d / "weights.pt").read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        (d / "weights.pt").write_bytes(bytes(raw))
+        return d
+    if kind == "shape":
+        items = json.loads((d / "items.json").read_text())["item_ids"]
+        other = HRNN(len(items), HRNNConfig(hidden_dimension=48))
+        torch.save(other.state_dict(), d / "weights.pt")
+    elif kind == "unreadable":
+        (d / "config.json").write_text("{ not json")
+    elif kind == "nonfinite":
+        state = torch.load(d / "weights.pt", weights_only=True)
+        state["out_bias"][0] = float("nan")
+        torch.save(state, d / "weights.pt")
+    elif kind == "item_index":
+        items = json.loads((d / "items.json").read_text())
+        items["item_ids"][1] = items["item_ids"][0]
+        (d / "items.json").write_text(json.dumps(items))
+    _rehash(d)
+    return d
+
+
+def test_a_trained_version_validates_and_serves(versions):
+    _, a, _ = versions
+    rec = validate_version(a)
+    out = rec.recommend({}, [StepInput("u", rec.item_ids[0], "click", 1_767_225_600_000)], k=5)
+    assert rec.version == a.name and len(out.items[0]) == 5
+
+
+@pytest.mark.parametrize("kind", ["integrity", "shape", "unreadable", "nonfinite", "item_index"])
+def test_broken_versions_are_refused_with_their_reason(versions, kind):
+    _, a, _ = versions
+    with pytest.raises(ModelRefused) as err:
+        validate_version(broken_copy(a, kind))
+    assert err.value.reason == kind
+
+
+def test_missing_and_mismatched_versions_are_refused(versions, tmp_path):
+    _, a, b = versions
+    with pytest.raises(ModelRefused) as err:
+        validate_version(tmp_path / "nothing-here")
+    assert err.value.reason == "missing"
+    with pytest.raises(ModelRefused) as err:
+        validate_version(b, expected_version=a.name)
+    assert err.value.reason == "mismatch"
+
+
+def test_a_version_swaps_in_only_between_batches(versions):
+    reg, a, b = versions
+    metrics = WorkerMetrics()
+    with ModelHolder.open(reg, device="cpu", metrics=metrics) as holder:
+        assert holder.current().version == a.name
+        assert holder.swap_if_ready() is None
+        assert holder.request(b, b.name)
+        assert holder.wait_idle(60)
+        assert holder.current().version == a.name  # loaded, but the worker has not swapped yet
+        assert holder.stats().pending == b.name
+        new = holder.swap_if_ready()
+        assert new is not None and new.version == b.name and holder.current() is new
+        assert holder.swap_if_ready() is None
+        stats = holder.stats()
+        assert stats.swaps == 1 and stats.serving == b.name and stats.pending is None
+        assert not holder.request(b, b.name)  # already serving: nothing to do
+    assert metrics.value("hrnn_model_swaps_total") == 1
+    assert metrics.value("hrnn_model_version_info", {"version": b.name}) == 1
+
+
+def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(versions, caplog):
+    reg, a, _ = versions
+    metrics = WorkerMetrics()
+    bad = broken_copy(a, "integrity")
+    with ModelHolder.open(reg, device="cpu", metrics=metrics) as holder, caplog.at_level(logging.ERROR):
+        serving = holder.current()
+        assert holder.request(bad, bad.name)
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready() is None and holder.current() is serving
+        stats = holder.stats()
+        assert stats.refused == {"integrity": 1} and stats.swaps == 0
+        assert "checksum mismatch" in stats.last_refusal
+    assert metrics.value("hrnn_model_refused_total", {"reason": "integrity"}) == 1
+    refusals = [r for r in caplog.records if r.name == "stream.hotswap" and "refused" in r.getMessage()]
+    assert refusals and refusals[0].reason == "integrity" and a.name in refusals[0].getMessage()
+
+
+def test_the_latest_request_wins(versions):
+    reg, a, b = versions
+    with ModelHolder.open(reg, device="cpu") as holder:
+        holder.request(b, b.name)
+        holder.request(a, a.name)  # back to the serving version (a rollback) before b was swapped in
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready() is None and holder.current().version == a.name
+
+
+def test_an_announced_path_from_another_host_resolves_in_the_local_registry(versions):
+    reg, _, b = versions
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(f"/elsewhere/registry/{b.name}", b.name)
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready().version == b.name
+
+
+def test_a_broken_starting_version_fails_loudly(versions, tmp_path):
+    _, a, _ = versions
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    bad = broken_copy(a, "shape")
+    shutil.copytree(bad, reg / bad.name)
+    set_current(reg, bad.name)
+    with pytest.raises(ModelRefused, match="shape"):
+        ModelHolder.open(reg, device="cpu")
+
+
+def test_batches_never_mix_versions_while_swapping(versions):
+    """A worker-like loop: current() at batch start, swap_if_ready() between batches, requests from another thread."""
+    reg, a, b = versions
+    with ModelHolder.open(reg, device="cpu") as holder:
+        seen: list[set[str]] = []
+        stop = threading.Event()
+
+        def announcer() -> None:
+            for target in (b, a, b):
+                holder.request(target, target.name)
+                holder.wait_idle(60)
+            stop.set()
+
+        t = threading.Thread(target=announcer)
+        t.start()
+        batches = 0
+        while not stop.is_set() or holder.stats().pending:
+            holder.swap_if_ready()
+            rec = holder.current()
+            events = [StepInput(f"u{i}", rec.item_ids[i % len(rec.item_ids)], "click", 1_767_225_600_000 + i)
+                      for i in range(8)]
+            out = rec.recommend({}, events, k=3)
+            seen.append({out.model_version})
+            batches += 1
+        t.join()
+        assert all(len(s) == 1 for s in seen)
+        assert holder.current().version == b.name and holder.stats().swaps >= 1
+
+
+@pytest.mark.broker
+def test_announced_versions_swap_in_and_a_broken_announcement_is_refused(versions, broker):
+    from stream.announce import announce
+
+    reg, a, b = versions
+    topic = f"hrnn.model-updates-{uuid.uuid4().hex[:8]}"
+    bad = broken_copy(b, "integrity")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        watcher = holder.follow(broker.bootstrap, topic)
+        assert watcher.wait_caught_up(20)
+        announce(broker.bootstrap, topic, bad.name, bad)
+        assert _until(lambda: holder.stats().refused.get("integrity") == 1 and holder.wait_idle(0))
+        assert holder.swap_if_ready() is None and holder.current().version == a.name
+        announce(broker.bootstrap, topic, b.name, b, reason="retrain")
+        assert _until(lambda: holder.swap_if_ready() is not None)
+        assert holder.current().version == b.name
+        assert holder.stats().swaps == 1
+
+
+def _until(cond, timeout_s: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_version_requested_again_after_a_cancel_is_loaded(versions):
+    reg, a, b = versions
+    with ModelHolder.open(reg, device="cpu") as holder:
+        holder.request(b, b.name)
+        holder.request(a, a.name)  # cancels b (maybe while it loads)
+        holder.request(b, b.name)  # and b again: it must not be lost with the cancelled load
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready().version == b.name

@@ -1,0 +1,261 @@
+"""The training store, one retraining run, and the retraining service against the real broker."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.artifact import current_version, list_versions, load_version, save_version
+from model.config import DataConfig, HRNNConfig
+from model.events import Event
+from model.loaders import load_interactions
+from model.network import HRNN
+from model.synth import generate
+from stream.archive import ArchivedEvent, ArchiveWriter, count_events, read_window
+from stream.replay import events_from_interactions
+from stream.retrain_job import RetrainSpec, passes_gate, retrain, warm_start_state
+
+TINY = {"hidden_dimension": 32, "epochs": 1, "n_sample": 32, "batch_size": 32}
+DAY_MS = 86_400_000
+T0 = 1_767_225_600_000  # 2026-01-01
+
+
+def _archived(data, partitions: int = 2) -> list[ArchivedEvent]:
+    return [ArchivedEvent(i % partitions, i, e) for i, e in enumerate(events_from_interactions(data))]
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return generate(300, 120, seed=3, events_per_user=12, start_spread_days=2)
+
+
+# --- the archive ---
+
+def test_archive_writes_parquet_by_day_with_personalize_columns(tmp_path):
+    evs = [ArchivedEvent(0, 0, Event("u1", "i1", "click", T0 + 1_500)),
+           ArchivedEvent(0, 1, Event("u1", "i2", "purchase", T0 + DAY_MS, session_id="s1", event_value=2.5)),
+           ArchivedEvent(0, 2, Event("u2", "i1", "click", T0 + 5_000)),  # late: back to day one
+           ArchivedEvent(1, 0, Event("u3", "i3", "click", T0 + 9_000))]
+    files = ArchiveWriter(tmp_path, "ev").write(evs)
+    assert sorted(f.parent.name for f in files) == ["date=2026-01-01", "date=2026-01-01", "date=2026-01-02"]
+    day2 = next(f for f in files if f.parent.name == "date=2026-01-02")
+    loaded = load_interactions(day2)  # a plain interactions file for `hrnn train`, too
+    assert len(loaded) == 1 and loaded.event_types == ("purchase",) and loaded.session_key is not None
+    data = read_window(tmp_path, 7)
+    assert len(data) == 4 and set(data.user_ids) == {"u1", "u2", "u3"}
+    assert int(data.ts_ms.min()) == T0 + 1_000  # whole epoch seconds, as Personalize stores them
+
+
+def test_archive_skips_replayed_offsets_and_ignores_incomplete_batches(tmp_path, synth):
+    evs = _archived(synth)
+    w = ArchiveWriter(tmp_path, "ev")
+    w.write(evs[:2000])
+    w2 = ArchiveWriter(tmp_path, "ev")  # a restart: the high-water marks come from the file names
+    w2.write(evs[1500:])  # the last 500 were archived before the crash
+    assert w2.duplicates_skipped == 500
+    assert count_events(tmp_path, 30) == len(synth)
+    data = read_window(tmp_path, 30)
+    assert np.array_equal(data.ts_ms, synth.ts_ms // 1000 * 1000)
+    assert list(data.item_ids[data.item]) == list(synth.item_ids[synth.item])
+    # a crash between the files of one batch leaves it incomplete: it does not count, and is rewritten
+    files = ArchiveWriter(tmp_path / "b", "ev").write(
+        [ArchivedEvent(0, 0, Event("u", "i", "click", T0)), ArchivedEvent(0, 1, Event("u", "j", "click", T0 + DAY_MS))])
+    files[1].unlink()
+    assert count_events(tmp_path / "b", 30) == 0 and ArchiveWriter(tmp_path / "b", "ev").high == {}
+
+
+def test_window_follows_the_newest_archived_day(tmp_path):
+    w = ArchiveWriter(tmp_path, "ev")
+    w.write([ArchivedEvent(0, k, Event(f"u{k}", "i", "click", T0 + k * DAY_MS)) for k in range(10)])
+    assert count_events(tmp_path, 3) == 3 and count_events(tmp_path, 30) == 10
+
+
+# --- one retraining run ---
+
+def test_gate():
+    assert passes_gate(0.10, None, 0.05)
+    assert passes_gate(0.096, 0.10, 0.05) and not passes_gate(0.094, 0.10, 0.05)
+    assert not passes_gate(0.10, 0.10, -0.01)  # a negative margin demands an improvement
+
+
+def test_warm_start_carries_item_rows_by_id(tmp_path):
+    cfg = HRNNConfig(hidden_dimension=32)
+    old_items = ["a", "b", "c"]
+    serving = HRNN(len(old_items), cfg)
+    loaded = load_version(save_version(tmp_path, serving, cfg, DataConfig(), old_items, ["click"]))
+    state, info = warm_start_state(loaded, ["c", "d"], cfg)
+    assert info == {"from": loaded.version, "items_shared": 1, "items_new": 1}
+    old = serving.state_dict()
+    assert torch.equal(state["item_emb.weight"][0], old["item_emb.weight"][2])
+    assert torch.equal(state["session_gru.weight_hh"], old["session_gru.weight_hh"])
+    model = HRNN(2, cfg)
+    model.load_state_dict(state)  # fits the new catalogue
+    none, why = warm_start_state(loaded, ["x", "y"], cfg)
+    assert none is None and "no item" in why["reason"]
+    none, why = warm_start_state(loaded, ["a"], HRNNConfig(hidden_dimension=48))
+    assert none is None and "shape" in why["reason"]
+
+
+def test_retrain_publishes_compares_and_rejects(tmp_path, synth):
+    ArchiveWriter(tmp_path / "archive", "ev").write(_archived(synth))
+    reg = tmp_path / "registry"
+    spec = RetrainSpec(registry=str(reg), archive=str(tmp_path / "archive"), window_days=30, min_events=100,
+                       hrnn=dict(TINY))
+    first = retrain(spec)
+    assert first.status == "published" and first.serving_version is None
+    assert current_version(reg) == first.version and first.candidate["mrr@20"] > 0
+
+    spec.warm_start, spec.margin = True, 1.0  # anything not worse than 100 % passes
+    second = retrain(spec)
+    assert second.status == "published" and second.serving_version == first.version
+    assert second.warm_start["from"] == first.version and second.warm_start["items_shared"] > 0
+    metrics = json.loads((reg / second.version / "metrics.json").read_text())
+    cmp_ = metrics["comparison"]
+    assert cmp_["serving_version"] == first.version and cmp_["accepted"] and cmp_["metric"] == "mrr@20"
+    assert cmp_["serving"]["mrr@20"] == pytest.approx(second.serving["mrr@20"])
+    assert metrics["retrain"]["warm_start"]["from"] == first.version
+
+    spec.margin = -10.0  # must beat the serving version elevenfold: rejected
+    third = retrain(spec)
+    assert third.status == "rejected" and "worse" in third.reason
+    assert current_version(reg) == second.version and len(list_versions(reg)) == 2
+    assert not [p for p in reg.iterdir() if p.name.startswith(".staging")]
+
+
+def test_retrain_skips_a_thin_window(tmp_path):
+    ArchiveWriter(tmp_path / "a", "ev").write([ArchivedEvent(0, 0, Event("u", "i", "click", T0))])
+    out = retrain(RetrainSpec(registry=str(tmp_path / "r"), archive=str(tmp_path / "a"), min_events=10))
+    assert out.status == "skipped" and "1 events" in out.reason
+
+
+# --- the service against the broker ---
+
+class Service:
+    """`hrnn retrainer` in a subprocess, its JSON log lines collected as they come."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name, self.lines = name, []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "retrainer", *args],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = {"msg": line.rstrip()}
+            rec["_t"] = time.monotonic()
+            with self._lock:
+                self.lines.append(rec)
+
+    def logs(self, msg: str, since: float = 0.0) -> list[dict]:
+        with self._lock:
+            return [r for r in self.lines if r.get("msg") == msg and r["_t"] >= since]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self._reader.join(5)
+
+
+def _until(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
+def _service_args(broker, tmp_path: Path, topic: str, app_id: str, *extra: str) -> list[str]:
+    return ["--bootstrap-servers", broker.bootstrap, "--registry", str(tmp_path / "registry"),
+            "--archive", str(tmp_path / "archive"), "--events-topic", topic, "--app-id", app_id,
+            "--updates-topic", f"{topic}.updates", "--group-session-timeout-s", "6", *extra]
+
+
+@pytest.mark.broker
+def test_two_instances_run_the_schedule_on_the_leader_only_and_fail_over(broker, tmp_path):
+    from stream.kafka_clients import admin_client
+    from stream.topics import TopicSpec, ensure_topics
+
+    topic, app_id = f"ev-{uuid.uuid4().hex[:8]}", f"retrainer-{uuid.uuid4().hex[:8]}"
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(topic, 2)])
+    args = _service_args(broker, tmp_path, topic, app_id, "--interval-s", "0.5", "--min-events", "1000000000")
+    services = [Service("a", args), Service("b", args)]
+    try:
+        # stable group: both members assigned, exactly one leader, no rebalance for a while
+        def stable() -> bool:
+            last = [s.logs("partitions assigned") for s in services]
+            return all(last) and sum(bool(x[-1]["leader"]) for x in last) == 1 \
+                and time.monotonic() - max(x[-1]["_t"] for x in last) > 1.5
+        _until(stable, 60, "both instances to be assigned")
+        since = time.monotonic()
+        time.sleep(4)
+        assert not any(s.logs("partitions assigned", since) for s in services), "rebalanced while observing"
+        runs = {s.name: len(s.logs("retraining run starts", since)) for s in services}
+        leader = next(s.name for s in services if s.logs("partitions assigned")[-1]["leader"])
+        assert runs[leader] >= 3, runs
+        assert sum(runs.values()) == runs[leader], f"a non-leader ran the schedule: {runs}"
+        # the leader goes away: the other instance takes the schedule over
+        codes = [s.stop() for s in services if s.name == leader]
+        other = next(s for s in services if s.name != leader)
+        since = time.monotonic()
+        _until(lambda: any(r["leader"] for r in other.logs("partitions assigned", since))
+               and other.logs("retraining run starts", since), 60, "the other instance to take over")
+    finally:
+        codes = [s.stop() for s in services]
+    assert codes == [0, 0]
+
+
+@pytest.mark.broker
+def test_the_service_archives_retrains_publishes_and_announces(broker, tmp_path, synth):
+    from confluent_kafka import Producer
+
+    from stream.announce import AnnouncementWatcher
+    from stream.kafka_clients import admin_client, create_producer
+    from stream.replay import replay
+    from stream.topics import TopicSpec, ensure_topics
+
+    topic, app_id = f"ev-{uuid.uuid4().hex[:8]}", f"retrainer-{uuid.uuid4().hex[:8]}"
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(topic, 2)])
+    assert replay(synth, create_producer(broker.bootstrap), topic, progress=False) == len(synth)
+    bad = Producer({"bootstrap.servers": broker.bootstrap})
+    bad.produce(topic, key=b"u", value=b"{not json")
+    bad.flush(10)
+    tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    svc = Service("a", _service_args(broker, tmp_path, topic, app_id, "--interval-s", "2", "--min-events",
+                                     str(len(synth)), "--window-days", "30", "--keep-versions", "2", *tiny))
+    try:
+        with AnnouncementWatcher(broker.bootstrap, f"{topic}.updates") as watcher:
+            _until(lambda: count_events(tmp_path / "archive", 30) == len(synth), 60, "the archive to fill")
+            data = read_window(tmp_path / "archive", 30)
+            assert sorted(map(tuple, np.c_[data.user_ids[data.user], data.item_ids[data.item]])) == \
+                sorted(map(tuple, np.c_[synth.user_ids[synth.user], synth.item_ids[synth.item]]))
+            assert sum(r["invalid"] for r in svc.logs("archived events")) == 1
+            _until(lambda: watcher.latest is not None, 90, "a retrained version to be announced")
+            ann = watcher.latest
+            assert ann.reason == "retrain" and current_version(tmp_path / "registry") == ann.version
+            metrics = json.loads((Path(ann.path) / "metrics.json").read_text())
+            assert metrics["comparison"]["accepted"] and metrics["retrain"]["window_events"] == len(synth)
+            finished = [r["outcome"] for r in svc.logs("retraining run finished")]
+            assert any(o["status"] == "published" and o["version"] == ann.version for o in finished)
+    finally:
+        assert svc.stop() == 0

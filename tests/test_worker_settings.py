@@ -1,0 +1,97 @@
+"""The worker's settings object and the `hrnn serve` flags that fill it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.errors import ConfigError
+from stream import cli
+from stream.cli_serve import overrides_from
+from stream.settings import WorkerSettings, load_settings
+
+
+@pytest.fixture(autouse=True)
+def no_hrnn_env(monkeypatch):
+    import os
+
+    for key in [k for k in os.environ if k.startswith("HRNN_")]:
+        monkeypatch.delenv(key)
+
+
+def test_defaults_follow_the_design():
+    s = load_settings(None, {"registry": "r", "state_dir": "s"})
+    assert (s.k, s.exclude_purchased, s.purchase_types, s.exclude_session_items) == (25, True, ("purchase",), False)
+    assert s.processing_guarantee == "at_least_once"
+    assert (s.input_topic, s.output_topic, s.group) == ("hrnn.events", "hrnn.recommendations", "hrnn-worker")
+    assert (s.dlq_topic, s.changelog_topic) == ("hrnn.events.dlq", "hrnn-worker.state-changelog")
+
+
+def test_flags_beat_environment_which_beats_the_file(tmp_path, monkeypatch):
+    cfg = tmp_path / "worker.toml"
+    cfg.write_text('[serve]\nk = 10\nbatch_size = 100\ngroup = "from-file"\nregistry = "reg"\nstate_dir = "st"\n'
+                   '[serve.kafka]\n"security.protocol" = "SASL_SSL"\n"sasl.mechanism" = "PLAIN"\n'
+                   '[train]\nepochs = 3\n')
+    monkeypatch.setenv("HRNN_K", "40")
+    monkeypatch.setenv("HRNN_GROUP", "from-env")
+    s = load_settings(cfg, {"k": 50, "group": None, "kafka": {"sasl.mechanism": "SCRAM-SHA-512"}})
+    assert (s.k, s.group, s.batch_size) == (50, "from-env", 100)
+    assert s.kafka == {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}
+
+
+def test_kafka_settings_can_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HRNN_KAFKA", "security.protocol=SSL,ssl.ca.location=/etc/ca.pem")
+    monkeypatch.setenv("HRNN_KAFKA_CONSUMER", '{"session.timeout.ms": 6000}')
+    s = load_settings(None, {"registry": "r", "state_dir": "s"})
+    assert s.kafka == {"security.protocol": "SSL", "ssl.ca.location": "/etc/ca.pem"}
+    assert s.consumer_kafka == {**s.kafka, "session.timeout.ms": "6000"}
+    assert s.producer_kafka == s.kafka
+
+
+@pytest.mark.parametrize("overrides, complaint", [
+    ({"k": 501}, "k = 501"),
+    ({"k": 0}, "k = 0"),
+    ({"processing_guarantee": "twice"}, "processing_guarantee"),
+    ({"registry": ""}, "--registry"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"kafka": {"group.id": "x"}}, "group.id"),
+    ({"output_topic": "hrnn.events"}, "must differ"),
+])
+def test_out_of_range_settings_are_refused_with_what_to_fix(overrides, complaint):
+    with pytest.raises(ConfigError, match=complaint):
+        load_settings(None, {"registry": "r", "state_dir": "s", **overrides})
+
+
+def test_an_unknown_key_in_the_settings_file_is_refused(tmp_path):
+    cfg = tmp_path / "w.json"
+    cfg.write_text(json.dumps({"registry": "r", "state_dir": "s", "batchsize": 3}))
+    with pytest.raises(ConfigError, match="batchsize"):
+        load_settings(cfg)
+
+
+def test_exactly_once_transactional_id_is_stable_per_state_dir_and_unique_across_them(tmp_path):
+    a = WorkerSettings(registry="r", state_dir=str(tmp_path / "a"))
+    assert a.effective_transactional_id() == WorkerSettings(registry="r", state_dir=str(tmp_path / "a")) \
+        .effective_transactional_id()
+    assert a.effective_transactional_id() != WorkerSettings(registry="r", state_dir=str(tmp_path / "b")) \
+        .effective_transactional_id()
+    assert WorkerSettings(registry="r", state_dir="s", transactional_id="pod-7").effective_transactional_id() == "pod-7"
+
+
+def test_serve_flags_become_settings(tmp_path):
+    props = tmp_path / "client.properties"
+    props.write_text("# managed kafka\nsecurity.protocol=SASL_SSL\nsasl.username=me\n")
+    argv = ["serve", "--bootstrap-servers", "h:9093", "--registry", "reg", "--state-dir", "st", "--k", "7",
+            "--no-exclude-purchased", "--exclude-session-items", "--metrics-port", "9400",
+            "--kafka-config-file", str(props), "--kafka-config", "sasl.username=you",
+            "--processing-guarantee", "exactly_once", "--batch-timeout", "0.1"]
+    args = cli.build_parser(argv).parse_args(argv)
+    s = load_settings(args.config, overrides_from(args))
+    assert (s.bootstrap_servers, s.registry, s.state_dir, s.k, s.metrics_port) == ("h:9093", "reg", "st", 7, 9400)
+    assert (s.exclude_purchased, s.exclude_session_items, s.exactly_once, s.batch_timeout_s) == (False, True, True, 0.1)
+    assert s.kafka == {"security.protocol": "SASL_SSL", "sasl.username": "you"}
+
+
+def test_serve_without_a_registry_exits_2_with_the_fix(capsys):
+    assert cli.main(["serve", "--state-dir", "st"]) == 2
+    assert "--registry" in capsys.readouterr().err

@@ -1,0 +1,89 @@
+"""The worker's pure parts: routing consumed records, ownership rounds, replay detection, filters.
+No broker: records are real confluent_kafka.Message objects built in memory."""
+from __future__ import annotations
+
+import numpy as np
+from confluent_kafka import KafkaError, Message
+
+from model.events import Event, encode_event
+from model.state import UserState
+from stream.settings import WorkerSettings
+from stream.worker import Incoming, applied_before, filters_of, route, split_by_owner
+
+TS = 1_767_225_600_000
+
+
+def message(partition: int, offset: int, value: bytes | None, key: bytes | None) -> Message:
+    return Message(topic="ev", partition=partition, offset=offset, key=key, value=value, timestamp=(1, TS))
+
+
+def event_bytes(user: str, item: str = "i1") -> bytes:
+    return encode_event(Event(user, item, "click", TS))
+
+
+def test_valid_records_keyed_by_their_user_become_events_in_partition_and_offset_order():
+    msgs = [message(1, 7, event_bytes("b"), b"b"), message(0, 3, event_bytes("a"), b"a"),
+            message(1, 6, event_bytes("c"), b"c")]
+    routed = route(msgs)
+    assert [(e.partition, e.offset, e.event.user_id) for e in routed.events] == \
+        [(0, 3, "a"), (1, 6, "c"), (1, 7, "b")]
+    assert routed.events[0].kafka_ts_ms == TS
+    assert not routed.dead and not routed.rekey
+
+
+def test_invalid_records_are_set_aside_with_their_reason():
+    msgs = [message(0, 0, b"{oops", b"a"), message(0, 1, None, b"a"),
+            message(0, 2, b'{"user_id": "a", "item_id": "x", "event_type": "click"}', b"a")]
+    routed = route(msgs)
+    assert [exc.reason for _, exc in routed.dead] == ["bad_json", "empty_value", "missing_field"]
+    assert [m.offset() for m, _ in routed.dead] == [0, 1, 2]
+    assert not routed.events
+
+
+def test_records_whose_key_is_not_their_user_id_are_set_aside_for_re_keying():
+    msgs = [message(0, 0, event_bytes("alice"), None), message(0, 1, event_bytes("alice"), b"bob"),
+            message(0, 2, event_bytes("alice"), b"alice")]
+    routed = route(msgs)
+    assert [(m.offset(), e.user_id) for m, e in routed.rekey] == [(0, "alice"), (1, "alice")]
+    assert [e.offset for e in routed.events] == [2]
+
+
+def test_the_offsets_to_commit_cover_every_record_including_set_aside_ones():
+    msgs = [message(0, 4, b"bad", b"a"), message(0, 5, event_bytes("a"), b"x"), message(2, 9, event_bytes("z"), b"z")]
+    routed = route(msgs)
+    assert routed.next_offsets == {0: 6, 2: 10}
+    assert routed.first_offsets == {0: 4, 2: 9}
+
+
+def test_consumer_errors_that_are_not_fatal_are_skipped():
+    err = Message(topic="ev", partition=0, offset=-1, error=KafkaError(KafkaError._TRANSPORT))
+    routed = route([err, message(0, 1, event_bytes("a"), b"a")])
+    assert len(routed.events) == 1 and routed.next_offsets == {0: 2}
+
+
+def incoming(user: str, partition: int, offset: int) -> Incoming:
+    return Incoming(partition, offset, Event(user, "i", "click", TS), None)
+
+
+def test_a_user_seen_in_two_partitions_of_one_batch_is_stepped_in_two_rounds():
+    events = [incoming("a", 0, 1), incoming("b", 1, 1), incoming("a", 1, 2), incoming("a", 0, 3)]
+    now, later = split_by_owner(events)
+    assert [(e.event.user_id, e.partition, e.offset) for e in now] == [("a", 0, 1), ("b", 1, 1), ("a", 0, 3)]
+    assert [(e.event.user_id, e.partition) for e in later] == [("a", 1)]
+    assert split_by_owner(later) == (later, [])
+
+
+def test_an_event_at_or_below_the_stored_source_offset_counts_as_applied():
+    z = np.zeros(4, dtype=np.float32)
+    state = UserState("v", z, z, "s", TS, 1, [], source_offset=10)
+    assert applied_before(state, 10) and applied_before(state, 3)
+    assert not applied_before(state, 11)
+    assert not applied_before(None, 0)
+
+
+def test_filters_come_from_the_settings():
+    f = filters_of(WorkerSettings(registry="r", state_dir="s", exclude_purchased=False,
+                                  purchase_types=("buy", "order"), exclude_session_items=True,
+                                  exclude_event_types=("dislike",)))
+    assert (f.exclude_purchased, f.purchase_types, f.exclude_session_items, f.exclude_event_types) == \
+        (False, ("buy", "order"), True, ("dislike",))
