@@ -2,6 +2,7 @@
 
     python bench/quality_reddit.py [--data ../shared/data/reddit-jodie/reddit.tsv] [--out-dir /tmp/quality]
         [--repeat-set key=value,...] [--plain-set key=value,...] [--repeat-config best.json] [--models repeat,plain]
+    python bench/quality_reddit.py --synth [--repeat-share 0]   # the same on `hrnn synth`'s default log
 
 Both networks are trained exactly as `hrnn train` does (model.pipeline.train_version: featurize,
 hold out the last-session test, early stopping on a validation split carved from the training
@@ -31,13 +32,16 @@ from model.loaders import load_interactions  # noqa: E402
 from model.pipeline import prepare, train_version  # noqa: E402
 from model.plots import plot_eval_table  # noqa: E402
 from model.splits import make_split  # noqa: E402
+from model.synth import generate  # noqa: E402
 
 REDDIT = ROOT.parent / "shared" / "data" / "reddit-jodie" / "reddit.tsv"
 BASELINES = ("pop", "sknn", "user-repeat", "user-repeat+session")
 REFERENCE = "user-repeat+session"
 BAR = 0.05  # the issue's target: +5% relative on recall@20 and MRR@20 over REFERENCE
-# The repeat model's settings beyond the defaults (what bench runs measured best; see the report).
-REPEAT_DEFAULTS: dict = {"repeat_head": True}
+# Settings beyond the defaults: more epochs than the default 5 (validation MRR still rose to epoch ~8 on
+# reddit; early stopping ends the run), the same budget for both networks.
+REPEAT_DEFAULTS: dict = {"repeat_head": True, "epochs": 12}
+PLAIN_DEFAULTS: dict = {"repeat_head": False, "epochs": 12}
 
 
 def _pairs(text: str) -> dict[str, str]:
@@ -61,18 +65,25 @@ def main() -> int:
     p.add_argument("--repeat-set", default="", help="overrides for the repeat model: key=value,...")
     p.add_argument("--plain-config", help="config file for plain HRNN-Init")
     p.add_argument("--plain-set", default="", help="overrides for plain HRNN-Init: key=value,...")
+    p.add_argument("--synth", action="store_true", help="hrnn synth's default log (2000 users, 1000 items) instead")
+    p.add_argument("--repeat-share", type=float, default=0.0, help="with --synth: the repeat knob")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}, time_unit="s")
+    if args.synth:
+        args.data = f"synth(2000 users, 1000 items, seed 0, repeat_share {args.repeat_share})"
+        data = generate(2000, 1000, seed=0, repeat_share=args.repeat_share)
+    else:
+        data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"},
+                                 time_unit="s")
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     configs = {}
     if "repeat" in wanted:
         configs["hrnn-repeat"] = _config(REPEAT_DEFAULTS, args.repeat_config, args.repeat_set)
     if "plain" in wanted:
-        configs["hrnn-init"] = _config({"repeat_head": False}, args.plain_config, args.plain_set)
+        configs["hrnn-init"] = _config(PLAIN_DEFAULTS, args.plain_config, args.plain_set)
 
     training: dict[str, dict] = {}
     versions = {}
@@ -113,9 +124,11 @@ def main() -> int:
             if "hrnn-init" in result.models:
                 plain = result.models["hrnn-init"]
                 report["repeat_beats_plain"] = m["recall@20"] > plain["recall@20"] and m["mrr@20"] > plain["mrr@20"]
-    png = plot_eval_table(result, out / "quality_reddit.png")
+                report["repeat_relative_to_plain"] = {k: round(m[k] / plain[k] - 1.0, 4)
+                                                      for k in ("recall@20", "mrr@20")}
+    png = plot_eval_table(result, out / ("quality_synth.png" if args.synth else "quality_reddit.png"))
     report["png"] = str(png)
-    (out / "quality_reddit.json").write_text(json.dumps(report, indent=2))
+    (out / ("quality_synth.json" if args.synth else "quality_reddit.json")).write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
     return 0
 

@@ -10,6 +10,8 @@ Measured in one run, against the local broker (Tansu) and real RocksDB files:
   ratio                            end-to-end / model-only
   p50_ms, p99_ms                   event produced -> its recommendation received by a consumer,
                                    at about half the end-to-end rate
+  broker_only_hop_p50_ms, _p99_ms  the same producer and consumer with no worker: one broker hop
+                                   at the same rate (the worker path has two hops)
   per_event_baseline_events_per_s  the same worker with batch_size 1: a store get/put, one model
                                    step, a produce, a flush and a commit per event
   peak_rss_mb                      the largest worker process's peak resident memory
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import sys
 import tempfile
@@ -29,6 +32,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +79,7 @@ def settings(bootstrap: str, registry: Path, state_dir: Path, args, batch_size: 
                           input_topic=f"ev-{name}", output_topic=f"rec-{name}", group=f"grp-{name}",
                           partitions=args.partitions, batch_size=batch_size or args.batch_size,
                           batch_timeout_s=args.batch_timeout, k=25, device="cpu", follow_updates=False,
+                          torch_threads=args.torch_threads,
                           kafka_consumer=consumer_settings(args.fetch_wait_ms))
 
 
@@ -154,10 +159,14 @@ def run_worker(s, target: int, before_start=None, while_running=None) -> dict:
 
 # ---- the phases --------------------------------------------------------------------------------
 
-def model_only(registry: Path, events: list[Event], sizes: list[int]) -> float:
+def model_only(registry: Path, events: list[Event], sizes: list[int], torch_threads: int) -> float:
+    import torch
+
     from model.artifact import latest_version_dir
     from model.inference import Filters, Recommender, StepInput
 
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     rec = Recommender.load(latest_version_dir(registry), "cpu")
     states: dict = {}
     steps = [StepInput(e.user_id, e.item_id, e.event_type, e.timestamp_ms, e.session_id) for e in events]
@@ -186,54 +195,83 @@ def _create_and_fill(s, events: list[Event]) -> None:
     produce_all(s.bootstrap_servers, s.input_topic, events)
 
 
-def latency(bootstrap: str, registry: Path, root: Path, args, rate: float) -> dict:
-    """Produce at `rate` events/s with the wall clock as event time; latency = receive time - event time."""
+class _Stamp(msgspec.Struct):
+    event_timestamp: int  # the only field the latency reader needs; the rest is skipped unparsed
+
+
+class _EventStamp(msgspec.Struct):
+    timestamp: int
+
+
+def drive(bootstrap: str, args, rate: float, in_topic: str, out_topic: str, stamp_type: type) -> list[float]:
+    """Produce events at `rate`/s into in_topic with the wall clock as event time, and return, for
+    each record read back from out_topic, receive time - event time (ms), in arrival order.
+
+    It shares the CPU with the worker and the broker, so it stays lean: it produces the events
+    that are due every few milliseconds and decodes only the timestamp of what it reads."""
     from confluent_kafka import Consumer, Producer, TopicPartition
 
     from stream.kafka_clients import consumer_config, producer_config
-    from stream.records import decode_recommendation
 
-    s = settings(bootstrap, registry, root / "lat", args)
-    partitions = args.partitions
     n = int(rate * args.latency_seconds)
-    template = make_events(n, args.users, args.items, seed=2, start_ms=0)  # event times: the wall clock
+    template = make_events(n, args.users, args.items, seed=2, start_ms=0)
     lat: list[float] = []
+    decode = msgspec.json.Decoder(stamp_type).decode
+    field = next(iter(stamp_type.__struct_fields__))
+    tail = Consumer(consumer_config(bootstrap, f"tail-{uuid.uuid4().hex[:6]}",
+                                    {"fetch.wait.max.ms": args.fetch_wait_ms}))
+    tail.assign([TopicPartition(out_topic, p, 0) for p in range(args.partitions)])
 
-    def drive() -> None:
-        tail = Consumer(consumer_config(bootstrap, f"tail-{uuid.uuid4().hex[:6]}",
-                                        {"fetch.wait.max.ms": 5, "fetch.error.backoff.ms": 5}))
-        tail.assign([TopicPartition(s.output_topic, p, 0) for p in range(partitions)])
-        got = threading.Event()
+    def read() -> None:
+        deadline = time.monotonic() + args.latency_seconds + 60
+        while len(lat) < n and time.monotonic() < deadline:
+            for m in tail.consume(1000, 0.05):
+                if m.error() is None:
+                    lat.append(time.time() * 1000 - getattr(decode(m.value()), field))
 
-        def read() -> None:
-            deadline = time.monotonic() + args.latency_seconds + 60
-            while len(lat) < n and time.monotonic() < deadline:
-                for m in tail.consume(1000, 0.05):
-                    if m.error() is None:
-                        lat.append(time.time() * 1000 - decode_recommendation(m.value()).event_timestamp)
-            got.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    p = Producer(producer_config(bootstrap, {"linger.ms": 1}))
+    start, sent = time.monotonic(), 0
+    while sent < n:
+        due = min(n, int((time.monotonic() - start) * rate) + 1)
+        now_ms = int(time.time() * 1000)
+        for e in template[sent:due]:
+            p.produce(in_topic, encode_event(Event(e.user_id, e.item_id, e.event_type, now_ms)), e.user_id.encode())
+        sent = due
+        p.poll(0)
+        time.sleep(0.002)
+    p.flush(30)
+    reader.join(args.latency_seconds + 60)
+    tail.close()
+    return lat
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        p = Producer(producer_config(bootstrap, {"linger.ms": 1}))
-        start = time.monotonic()
-        for j, e in enumerate(template):
-            ahead = start + j / rate - time.monotonic()
-            if ahead > 0:
-                time.sleep(ahead)
-            now_ms = int(time.time() * 1000)
-            p.produce(s.input_topic, encode_event(Event(e.user_id, e.item_id, e.event_type, now_ms)),
-                      e.user_id.encode())
-            p.poll(0)
-        p.flush(30)
-        got.wait(args.latency_seconds + 60)
-        tail.close()
 
-    report = run_worker(s, 0, before_start=lambda: _create_and_fill(s, []), while_running=drive)
+def percentiles(lat: list[float]) -> dict:
     arr = np.array(lat[len(lat) // 10:])  # skip the warm-up tenth
-    report.update(p50_ms=float(np.percentile(arr, 50)), p99_ms=float(np.percentile(arr, 99)),
-                  received=len(lat), produced=n)
+    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99)), "received": len(lat)}
+
+
+def latency(bootstrap: str, registry: Path, root: Path, args, rate: float) -> dict:
+    """Event produced -> its recommendation read back, with the worker in between."""
+    s = settings(bootstrap, registry, root / "lat", args)
+    lat: list[float] = []
+    report = run_worker(s, 0, before_start=lambda: _create_and_fill(s, []),
+                        while_running=lambda: lat.extend(drive(bootstrap, args, rate, s.input_topic,
+                                                                s.output_topic, _Stamp)))
+    report.update(percentiles(lat), latencies_ms=lat)
     return report
+
+
+def broker_hop(bootstrap: str, args, rate: float) -> dict:
+    """The same driver with no worker: event produced -> the same event read back (one broker hop;
+    the worker path has two)."""
+    from stream.kafka_clients import admin_client
+    from stream.topics import TopicSpec, ensure_topics
+
+    topic = f"hop-{uuid.uuid4().hex[:8]}"
+    ensure_topics(admin_client(bootstrap), [TopicSpec(topic, args.partitions)])
+    return percentiles(drive(bootstrap, args, rate, topic, topic, _EventStamp))
 
 
 def per_event(bootstrap: str, registry: Path, root: Path, events: list[Event], args) -> dict:
@@ -251,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--partitions", type=int, default=3)
-    ap.add_argument("--batch-timeout", type=float, default=0.02, help="the worker's batch_timeout_s")
+    ap.add_argument("--batch-timeout", type=float, default=0.01, help="the worker's batch_timeout_s")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="model CPU threads, the same for model-only and the worker (0: torch's default)")
     ap.add_argument("--fetch-wait-ms", type=int, default=10, help="consumers' fetch.wait.max.ms (see above)")
     ap.add_argument("--latency-seconds", type=float, default=10.0)
     ap.add_argument("--baseline-events", type=int, default=1_500)
@@ -259,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from stream.broker import LocalBroker
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp, LocalBroker() as broker:
         root = Path(tmp)
         version = make_model(root / "registry", args.items, args.hidden)
         events = make_events(args.events, args.users, args.items, seed=1, start_ms=1_767_225_600_000)
         e2e = end_to_end(broker.bootstrap, root / "registry", root, events, args)
-        model_rate = model_only(root / "registry", events, e2e["sizes"])
+        model_rate = model_only(root / "registry", events, e2e["sizes"], args.torch_threads)
         lat = latency(broker.bootstrap, root / "registry", root, args, e2e["events_per_s"] / 2)
+        hop = broker_hop(broker.bootstrap, args, e2e["events_per_s"] / 2)
         one = per_event(broker.bootstrap, root / "registry", root, events[:args.baseline_events], args)
     result = {
         "model_only_events_per_s": round(model_rate, 1),
@@ -275,18 +317,22 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": round(lat["p99_ms"], 1),
         "latency_rate_events_per_s": round(e2e["events_per_s"] / 2, 1),
         "latency_events_received": lat["received"],
+        # The broker alone at the same rate, one hop (the worker path has two: in and out).
+        "broker_only_hop_p50_ms": round(hop["p50_ms"], 1), "broker_only_hop_p99_ms": round(hop["p99_ms"], 1),
         "per_event_baseline_events_per_s": round(one["events_per_s"], 1),
         "end_to_end_over_baseline": round(e2e["events_per_s"] / one["events_per_s"], 1),
         "peak_rss_mb": round(max(e2e["peak_rss_mb"], lat["peak_rss_mb"], one["peak_rss_mb"]), 1),
         "mean_batch_size": round(float(np.mean(e2e["sizes"])), 1),
         "events": args.events, "users": args.users, "items": args.items, "hidden": args.hidden, "k": 25,
         "batch_size": args.batch_size, "batch_timeout_s": args.batch_timeout, "partitions": args.partitions,
-        "consumer_fetch_wait_max_ms": args.fetch_wait_ms, "model_version": version,
+        "consumer_fetch_wait_max_ms": args.fetch_wait_ms, "torch_threads": args.torch_threads, "model_version": version,
         "step_ms_p50_e2e": round(float(np.percentile(e2e["steps"], 50)) * 1000, 1),
         "step_ms_p50_at_half_load": round(float(np.percentile(lat["steps"], 50)) * 1000, 1),
         "mean_batch_at_half_load": round(float(np.mean(lat["sizes"])), 1),
         "model": "random weights of the right shape (serving cost does not depend on training)",
-        "broker": "Tansu (local, in memory)", "device": "cpu",
+        "broker": "Tansu (local, in memory)", "device": "cpu", "cpu_cores": os.cpu_count(),
+        # Other work on the machine shows here; every figure above moves with it.
+        "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result))
     return 0

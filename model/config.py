@@ -75,7 +75,7 @@ class HRNNConfig:
     loss: str = "cross-entropy"
     n_sample: int = 256
     sample_alpha: float = 0.75
-    logq: float = 0.0
+    logq: float = 1.0  # sampled-softmax popularity correction: 0 let popular items sink (plain and repeat, reddit and synth)
     bpreg: float = 1.0
     history_length: int = 100  # H: events kept per user for rebuilds and the repeat head
     repeat_head: bool = False

@@ -21,9 +21,11 @@ def _masks(cands: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def cross_entropy(logits: torch.Tensor, cands: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    eye, collide = _masks(cands, targets)
-    logits = logits.masked_fill(collide, NEG_INF)
-    return -(F.log_softmax(logits, dim=1)[eye])
+    # Same values as _masks + [eye], without the (rows, cands) eye mask and its nonzero (~10% of a training epoch)
+    m = targets.shape[0]
+    collide = cands.unsqueeze(0) == targets.unsqueeze(1)
+    collide[:, :m].fill_diagonal_(False)
+    return -F.log_softmax(logits.masked_fill(collide, NEG_INF), dim=1).diagonal()
 
 
 def bpr_max(logits: torch.Tensor, cands: torch.Tensor, targets: torch.Tensor, reg: float) -> torch.Tensor:

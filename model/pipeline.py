@@ -56,6 +56,31 @@ def training_part(prep: Prepared, holdout: str, seed: int = 0) -> tuple[Interact
     return split.train, split.train_starts
 
 
+@dataclass
+class FitInputs:
+    """What one training run learns from and stops early on (shared by `hrnn train` and `hrnn tune`)."""
+
+    prep: Prepared
+    train: Interactions  # compacted: the served catalogue is what the model learned from
+    starts: np.ndarray
+    validation: Split | None  # each training user's last session, carved out of `train`'s source
+
+
+def fit_inputs(data: Interactions, data_config: DataConfig, holdout: str = "last-session", seed: int = 0,
+               early_stopping: bool = True) -> FitInputs:
+    """Featurize, reserve the `holdout` protocol's test events, then (early_stopping) hold out each remaining
+    user's last session as the validation split; never touches the test events."""
+    prep = prepare(data, data_config)
+    train, starts = training_part(prep, holdout, seed)
+    train = train.compact()
+    val = None
+    if early_stopping:
+        cand = validation_split(Split("last-session", train, starts, [], []))
+        if cand.test:
+            train, starts, val = cand.train, cand.train_starts, cand
+    return FitInputs(prep, train, starts, val)
+
+
 def validator(split: Split, seed: int = 0) -> Validator:
     """MRR@20 and recall@20 of the network on (a sample of) the split's test sessions."""
     rng = np.random.default_rng(seed)
@@ -78,14 +103,9 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
                   holdout: str = "last-session", early_stopping: bool = True, device: str = "auto",
                   progress: bool = True, init_state: dict | None = None, make_current: bool = True,
                   extra_metrics: dict | None = None) -> TrainingRun:
-    prep = prepare(data, data_config)
-    train, starts = training_part(prep, holdout, config.seed)
-    train = train.compact()  # the served catalogue is what the model learned from
-    validate = None
-    if early_stopping:
-        val = validation_split(Split("last-session", train, starts, [], []))
-        if val.test:
-            train, starts, validate = val.train, val.train_starts, validator(val, config.seed)
+    inputs = fit_inputs(data, data_config, holdout, config.seed, early_stopping)
+    prep, train, starts = inputs.prep, inputs.train, inputs.starts
+    validate = validator(inputs.validation, config.seed) if inputs.validation is not None else None
     weights = event_weights(train, data_config)
     result = fit(train, starts, config, type_weights=weights, validate=validate, device=device, progress=progress,
                  init_state=init_state)

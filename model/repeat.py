@@ -7,11 +7,14 @@ adds, per scoring row,
     score(c) = gru_logit(c) + gate(h) * repeat_logit(c)
 
 where repeat_logit(c) is 0 for items absent from the window and, for an item of the
-window, a small MLP of that item's aggregated history features (time-decayed counts at
-three learned half-lives weighted by a learned per-event-type factor, raw count, count in
-the current session, whether it is the newest event, events since its newest occurrence) plus a
-learned per-item repeat bias ("discount weights as a learnable function of the items and
-timestamps"). The gate is a softplus of the session state and the window's size, so each
+window, a small MLP of that item's aggregated history features plus a learned per-item
+repeat bias ("discount weights as a learnable function of the items and timestamps").
+Item features: time-decayed counts at three learned half-lives, each event weighted by a
+learned per-event-type factor; raw count; count and share in the current session; whether
+it is the newest event; events since its newest occurrence; how often it followed the
+newest item in this user's window (a personal "after X comes Y"). Row context, also fed to
+the MLP: window size, distinct items, how often the newest item occurs and repeats itself,
+session length. The gate is a softplus of the session state and the window's size, so each
 step decides how far the user's history outranks exploration. The head is additive in
 logit space, so every loss and sampled candidates work unchanged.
 
@@ -35,8 +38,9 @@ from torch import nn
 
 MAX_TYPE_SLOTS = 8  # slot 0: a type the model never saw; type code k -> slot min(k + 1, 7)
 INIT_HALF_LIVES_S = (600.0, 86_400.0, 7 * 86_400.0)  # minutes ("same as just now"), a day, a week (habits)
-_N_FEATURES = len(INIT_HALF_LIVES_S) + 4  # decays, count, session count, newest, steps back
-_MLP_WIDTH = 16
+# decays; count, session count, transitions from the newest item; session share; newest; steps back; 5 row context
+_N_FEATURES = len(INIT_HALF_LIVES_S) + 6 + 5
+_MLP_WIDTH = 32
 
 
 def type_slots(codes: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -53,7 +57,7 @@ class HistoryWindow:
     items: torch.Tensor  # (R, H) long: model item index; -1 for padding and for items the model does not know
     ts_ms: torch.Tensor  # (R, H) long
     types: torch.Tensor  # (R, H) long: type slot (see type_slots)
-    in_session: torch.Tensor  # (R, H) bool: the event belongs to the session of the newest event
+    in_session: torch.Tensor  # (R, H) bool: the event belongs to the session of the predicted event
     present: torch.Tensor  # (R, H) bool: a real event (known item or not); padding is False
 
     @property
@@ -75,8 +79,9 @@ def gather_windows(items: torch.Tensor, ts_ms: torch.Tensor, types: torch.Tensor
 
     items/ts_ms/types are per flat position (types already as slots). Row r's window holds the positions
     ends[r]-length+1 .. ends[r] that are >= first[r] (the first position of the row's user sequence);
-    sess_first[r] is the first position of the session of ends[r]. ends[r] < first[r] (a prediction
-    before the sequence's first event) gives an empty window.
+    sess_first[r] is the first position of the predicted event's session (ends[r] + 1 when that event
+    opens a session: then no window event is in it). ends[r] < first[r] (a prediction before the
+    sequence's first event) gives an empty window.
     """
     ends, first = ends.long(), first.long()
     idx = ends.unsqueeze(1) - torch.arange(length - 1, -1, -1, device=ends.device).unsqueeze(0)
@@ -92,7 +97,8 @@ def sequence_windows(items: Sequence[np.ndarray], ts_ms: Sequence[np.ndarray], t
                      session_start: Sequence[np.ndarray], targets: Sequence[np.ndarray], length: int,
                      device: torch.device) -> HistoryWindow:
     """Windows for predicting positions `targets` of whole user sequences (evaluation): the events before
-    each target, rows in sequence-then-target order. The first event of a sequence always opens a session."""
+    each target, rows in sequence-then-target order. The first event of a sequence always opens a session;
+    a target that opens one sees no window event in its session."""
     lens = np.array([len(x) for x in items], dtype=np.int64)
     offset = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
     flat_items = np.concatenate([np.asarray(x, dtype=np.int64) for x in items]) if len(items) else np.zeros(0, np.int64)
@@ -106,7 +112,7 @@ def sequence_windows(items: Sequence[np.ndarray], ts_ms: Sequence[np.ndarray], t
     ends = np.concatenate([o + np.asarray(t, dtype=np.int64) - 1 for o, t in zip(offset, targets)]) \
         if len(items) else np.zeros(0, np.int64)
     first = np.repeat(offset, [len(t) for t in targets])
-    row_sess = sess_first[np.clip(ends, 0, None)] if len(pos) else np.zeros(len(ends), np.int64)
+    row_sess = sess_first[ends + 1] if len(pos) else np.zeros(len(ends), np.int64)  # the target's session
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
     if len(pos) == 0:  # nothing to index: every window is empty
         flat_items = flat_ts = flat_types = np.zeros(1, np.int64)
@@ -117,7 +123,8 @@ def sequence_windows(items: Sequence[np.ndarray], ts_ms: Sequence[np.ndarray], t
 def window_from_events(events: Sequence[Sequence[tuple[int, int, int, bool]]], length: int,
                        device: torch.device) -> HistoryWindow:
     """Windows from per-row event lists [(item index or -1, ts_ms, type slot, opens a session), ...], oldest
-    first (the online API's stored last-H events). Only the newest `length` events of a row count."""
+    first (the online API's stored last-H events). Only the newest `length` events of a row count. The
+    predicted event is taken to continue the newest event's session: online, nobody knows yet."""
     r = len(events)
     it = np.full((r, length), -1, dtype=np.int64)
     ts = np.zeros((r, length), dtype=np.int64)
@@ -163,41 +170,83 @@ class RepeatHead(nn.Module):
         """Gated repeat logits of each distinct (row, item) pair of the windows: (rows (K,), items (K,),
         values (K,)), pairs sorted by row then item. Items absent from a row's window score 0 (no pair)."""
         n_rows, length = win.items.shape
+        dev = win.items.device
         known = win.known
-        col = torch.arange(length, device=known.device).expand(n_rows, length)
-        row = torch.arange(n_rows, device=known.device).unsqueeze(1).expand(n_rows, length)
+        col = torch.arange(length, device=dev).expand(n_rows, length)
+        row = torch.arange(n_rows, device=dev).unsqueeze(1).expand(n_rows, length)
         pair, inv = torch.unique((row * self.n_items + win.items)[known], return_inverse=True)
+        # the newest known item, and which events follow an occurrence of it (the user's own "after X comes Y")
+        last_col = torch.where(known, col, -1).amax(dim=1)
+        last_item = win.items.gather(1, last_col.clamp(min=0).unsqueeze(1))
+        is_last = known & (win.items == last_item) & (last_col >= 0).unsqueeze(1)
+        follows_last = torch.zeros_like(known)
+        follows_last[:, 1:] = is_last[:, :-1] & known[:, 1:]
         age_s = (win.now_ms().unsqueeze(1) - win.ts_ms)[known].clamp(min=0).to(torch.float32) / 1000.0
         decay = torch.exp(-age_s.unsqueeze(1) * (math.log(2.0) / torch.exp(self.log_half_life)).unsqueeze(0))
         newest = (col[known] == length - 1).to(torch.float32).unsqueeze(1)
+        in_sess = (win.in_session & known).to(torch.float32)
         per_event = torch.cat([decay * F.softplus(self.type_weight)[win.types[known]].unsqueeze(1),
-                               torch.ones_like(newest), win.in_session[known].to(torch.float32).unsqueeze(1),
-                               newest], dim=1)
-        agg = torch.zeros(len(pair), per_event.shape[1], device=h.device).index_add_(0, inv, per_event)
-        last_col = torch.zeros(len(pair), dtype=torch.long, device=h.device).scatter_reduce_(
+                               torch.ones_like(newest), in_sess[known].unsqueeze(1), newest,
+                               follows_last[known].to(torch.float32).unsqueeze(1)], dim=1)
+        agg = torch.zeros(len(pair), per_event.shape[1], device=dev).index_add_(0, inv, per_event)
+        newest_col = torch.zeros(len(pair), dtype=torch.long, device=dev).scatter_reduce_(
             0, inv, col[known], "amax", include_self=False)
-        n_dec = len(INIT_HALF_LIVES_S)
-        steps_back = (length - 1 - last_col).to(torch.float32).unsqueeze(1)  # events since its newest occurrence
-        feats = torch.cat([torch.log(agg[:, :n_dec] + 1e-4), torch.log1p(agg[:, n_dec:n_dec + 2]),
-                           agg[:, n_dec + 2:], torch.log1p(steps_back)], dim=1)
         rows, items = pair // self.n_items, pair % self.n_items
-        n_known = known.sum(1, keepdim=True).to(torch.float32)
-        n_distinct = torch.bincount(rows, minlength=n_rows).unsqueeze(1).to(torch.float32)
-        gate = F.softplus(self.gate(torch.cat([h, torch.log1p(n_known), torch.log1p(n_distinct)], dim=1)))
-        values = (self.mlp(feats).squeeze(1) + self.item_bias[items]) * gate.squeeze(1)[rows]
+        n_dec = len(INIT_HALF_LIVES_S)
+        count, sess_count, is_newest, trans = (agg[:, n_dec + k] for k in range(4))
+        sess_len = in_sess.sum(1)
+        n_known = known.sum(1).to(torch.float32)
+        n_distinct = torch.bincount(rows, minlength=n_rows).to(torch.float32)
+        last_count = is_last.sum(1).to(torch.float32)
+        last_repeats = (follows_last & is_last).sum(1).to(torch.float32)
+        context = torch.log1p(torch.stack([n_known, n_distinct, last_count, last_repeats, sess_len], dim=1))
+        feats = torch.cat([torch.log(agg[:, :n_dec] + 1e-4),
+                           torch.log1p(torch.stack([count, sess_count, trans], dim=1)),
+                           (sess_count / sess_len[rows].clamp(min=1.0)).unsqueeze(1), is_newest.unsqueeze(1),
+                           torch.log1p((length - 1 - newest_col).to(torch.float32)).unsqueeze(1),
+                           context[rows]], dim=1)
+        gate = F.softplus(self.gate(torch.cat([h, context[:, :2]], dim=1))).squeeze(1)
+        values = (self.mlp(feats).squeeze(1) + self.item_bias[items]) * gate[rows]
         return rows, items, values
 
     def dense(self, h: torch.Tensor, win: HistoryWindow, n_items: int) -> torch.Tensor:
         """(R, n_items) gate * repeat logit; 0 for items outside the row's window."""
-        rows, items, values = self(h, win)
-        out = torch.zeros(h.shape[0], n_items, device=h.device, dtype=values.dtype)
-        return out.index_put((rows, items), values)
+        return scatter_dense(self(h, win), h.shape[0], n_items)
 
     def at(self, h: torch.Tensor, win: HistoryWindow, cands: torch.Tensor) -> torch.Tensor:
         """(R, C) gate * repeat logit at candidate columns (duplicates allowed), never the whole catalogue."""
-        rows, items, values = self(h, win)
-        uniq, inv = torch.unique(cands, return_inverse=True)
-        pos = torch.searchsorted(uniq, items).clamp(max=len(uniq) - 1)
-        hit = uniq[pos] == items
-        out = torch.zeros(h.shape[0], len(uniq), device=h.device, dtype=values.dtype)
-        return out.index_put((rows[hit], pos[hit]), values[hit])[:, inv]
+        return scatter_at(self(h, win), h.shape[0], cands)
+
+    @staticmethod
+    def members(win: HistoryWindow, cands: torch.Tensor) -> torch.Tensor:
+        """(R, C) bool: candidate column c's item occurs (known) in row r's window."""
+        rows = torch.arange(win.items.shape[0], device=cands.device).unsqueeze(1).expand_as(win.items)
+        known = win.known
+        ones = torch.ones(int(known.sum()), dtype=torch.bool, device=cands.device)
+        return scatter_at((rows[known], win.items[known], ones), win.items.shape[0], cands)
+
+
+Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (rows, items, values) of distinct (row, item) pairs
+
+
+def scatter_dense(pairs: Pairs, n_rows: int, n_items: int) -> torch.Tensor:
+    rows, items, values = pairs
+    out = torch.zeros(n_rows, n_items, device=values.device, dtype=values.dtype)
+    return out.index_put((rows, items), values)
+
+
+def scatter_at(pairs: Pairs, n_rows: int, cands: torch.Tensor) -> torch.Tensor:
+    """Pair values at candidate columns (R, C); 0 (False) where a row has no pair for the column's item."""
+    rows, items, values = pairs
+    uniq, inv = torch.unique(cands, return_inverse=True)
+    pos = torch.searchsorted(uniq, items).clamp(max=len(uniq) - 1)
+    hit = uniq[pos] == items
+    out = torch.zeros(n_rows, len(uniq), device=values.device, dtype=values.dtype)
+    return out.index_put((rows[hit], pos[hit]), values[hit])[:, inv]
+
+
+def pair_columns(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
+    """Column of each pair within its row (pairs sorted by row) and the widest row: lays pairs out as (R, W)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    first = torch.cumsum(counts, 0) - counts
+    return torch.arange(len(rows), device=rows.device) - first[rows], int(counts.max()) if n_rows else 0

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--metrics-port", type=int, help="serve /metrics and /health on this port (0: off)")
     a("--config", help="settings file (JSON or TOML)")
     a("--batch-size", type=int, help="most records per batch (default 500)")
-    a("--batch-timeout", dest="batch_timeout_s", type=float, help="longest wait in seconds to fill a batch")
+    a("--batch-timeout", dest="batch_timeout_s", type=float,
+      help="seconds to wait for more records after a batch's first one (default 0.01)")
     a("-k", "--k", type=int, help=f"recommendations per event (default 25, at most {MAX_K})")
     a("--exclude-purchased", action=argparse.BooleanOptionalAction, default=None,
       help="leave out items the user purchased recently (default on)")
@@ -39,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--exclude-event-types", help="comma-separated event types whose items are left out")
     a("--processing-guarantee", choices=GUARANTEES, help="at_least_once (default) or exactly_once")
     a("--device", help="auto (CUDA if present), cpu or cuda")
+    a("--torch-threads", type=int, help="CPU threads for the model (0: one per core); on a host shared with "
+      "the broker or other workers, fewer threads are often faster")
     a("--follow-updates", action=argparse.BooleanOptionalAction, default=None,
       help="swap to model versions announced for this registry (default on)")
     a("--updates-topic", help="model announcements topic (default hrnn.model-updates)")
@@ -51,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = ("bootstrap_servers", "registry", "state_dir", "input_topic", "output_topic", "group", "partitions",
            "metrics_port", "batch_size", "batch_timeout_s", "k", "exclude_purchased", "purchase_types",
            "exclude_session_items", "exclude_event_types", "processing_guarantee", "device", "log_level",
-           "follow_updates", "updates_topic")
+           "follow_updates", "updates_topic", "torch_threads")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:

@@ -50,6 +50,8 @@ def _parse_kafka(value: Any) -> dict[str, str]:
 
 @dataclass
 class WorkerSettings:
+    """Everything `hrnn serve` can be told; field names are the file keys and HRNN_<NAME> variables."""
+
     bootstrap_servers: str = "127.0.0.1:9092"
     registry: str = ""  # model registry directory (required)
     state_dir: str = ""  # where the per-partition RocksDB stores live (required)
@@ -58,7 +60,7 @@ class WorkerSettings:
     group: str = "hrnn-worker"
     partitions: int = 0  # partitions for topics this worker creates; 0: the input topic's count, else 6
     batch_size: int = 500  # most records per batch (one Recommender call)
-    batch_timeout_s: float = 0.02  # longest wait to fill a batch: bounds the added latency at low load
+    batch_timeout_s: float = 0.01  # after a batch's first record, how long to wait for more (0: take what is there)
     k: int = 25
     exclude_purchased: bool = True
     purchase_types: tuple[str, ...] = ("purchase",)
@@ -67,6 +69,7 @@ class WorkerSettings:
     processing_guarantee: str = "at_least_once"
     transactional_id: str = ""  # exactly_once only; empty: <group>-<host>-<hash of state_dir>
     device: str = "auto"
+    torch_threads: int = 0  # CPU threads for the model (process-wide); 0: torch's default (one per core)
     follow_updates: bool = True  # swap to versions announced on updates_topic for this registry
     updates_topic: str = "hrnn.model-updates"
     metrics_port: int = 0  # 0: no metrics/health endpoint
@@ -99,6 +102,8 @@ class WorkerSettings:
             raise ConfigError(f"batch_timeout_s = {self.batch_timeout_s} is outside its range [0, 60]")
         if not 0 <= self.partitions <= 10_000:
             raise ConfigError(f"partitions = {self.partitions} is outside its range [0, 10000]")
+        if not 0 <= self.torch_threads <= 1024:
+            raise ConfigError(f"torch_threads = {self.torch_threads} is outside its range [0, 1024] (0: torch's default)")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port = {self.metrics_port} is not a TCP port (0 turns the endpoint off)")
         if self.processing_guarantee not in GUARANTEES:

@@ -2,7 +2,7 @@
 
 One batch, start to end (the DESIGN.md commit order):
 
-  poll      consumer.consume(batch_size, batch_timeout_s)
+  poll      consumer.consume(batch_size, ...): what is fetched, as soon as one record is there
   route     decode + validate; invalid -> DLQ, mis-keyed -> re-keyed onto the input topic
   load      RocksDB multi-get of the batch's users, from the store of their partition
   step      ONE Recommender.recommend call for all events (events at or below a user's stored
@@ -31,10 +31,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from model.errors import EventError, HRNNError
-from model.events import Event, decode_event
+from model.events import Event
 from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
 from stream import records
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PARTITIONS = 6
 _CLIENT_TIMEOUT_S = 30.0
 _LAG_EVERY_S = 5.0
+_IDLE_POLL_S = 0.1  # longest wait for a first record: how soon an idle worker notices a stop
 _RESTORE_IDLE_S = 5.0  # a changelog partition silent this long (while not at its end) counts as read
 # Test-only fault injection (the SIGKILL tests): "<phase>:<batch number>" makes the process kill
 # itself with SIGKILL at that point of that batch. Phases: after_produce, after_flush, after_commit.
@@ -111,7 +113,7 @@ def route(msgs: Sequence[Message]) -> Routed:
         out.next_offsets[p] = max(out.next_offsets.get(p, 0), o + 1)
         out.first_offsets[p] = min(out.first_offsets.get(p, o), o)
         try:
-            event = decode_event(msg.value())
+            event = records.decode_input(msg.value())
         except EventError as exc:
             out.dead.append((msg, exc))
             continue
@@ -183,6 +185,8 @@ class Worker:
         """The serving model comes from `models` (owned by the caller), else `recommender`, else the
         registry's CURRENT version (validated; a broken one raises ModelRefused)."""
         settings.validate()
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.filters = filters_of(settings)
         self.metrics = metrics or WorkerMetrics()
@@ -253,10 +257,26 @@ class Worker:
         return self.totals
 
     def poll_once(self) -> BatchResult | None:
-        msgs = self._consumer.consume(num_messages=self.settings.batch_size, timeout=self.settings.batch_timeout_s)
+        msgs = self.poll_batch()
         result = self.process_batch(msgs) if msgs else None
         self._maybe_report_lag()
         return result
+
+    def poll_batch(self) -> list[Message]:
+        """Up to batch_size records, as soon as there is one.
+
+        consume(n, t) waits until n records or t, so a fixed timeout would hold every batch at low
+        load. Instead: take what is already fetched; if nothing, wait for the first record, then
+        take what came with it (waiting at most batch_timeout_s for more). Under load the fetch
+        queue is full and batches are full; at low load a record waits for nothing."""
+        n = self.settings.batch_size
+        msgs = self._consumer.consume(num_messages=n, timeout=0)
+        if msgs:
+            return msgs
+        msgs = self._consumer.consume(num_messages=1, timeout=_IDLE_POLL_S)
+        if msgs and n > 1:
+            msgs.extend(self._consumer.consume(num_messages=n - 1, timeout=self.settings.batch_timeout_s))
+        return msgs
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -351,8 +371,8 @@ class Worker:
         self._produce_rekeyed(routed.rekey, result)
         encoded = self._step(model, routed.events, result)
         _maybe_crash("after_produce", self.totals.batches + 1)
-        if self._finish(routed, encoded):
-            result.aborted = 1
+        if self._finish(routed, encoded):  # aborted: nothing of this batch counts, it is read again
+            result = BatchResult(records=len(msgs), batches=1, aborted=1)
         self.totals.add(result)
         self._observe(result, len(msgs), time.perf_counter() - t0)
         return result
@@ -425,17 +445,22 @@ class Worker:
                           headers=records.changelog_headers(src.offset))
 
     def _produce_recommendations(self, fresh: list[Incoming], recs: Recommendations) -> None:
+        # The hot loop of the worker: one record per event, so no helper calls in it.
         topic, version = self.settings.output_topic, recs.model_version
+        produce, on_delivery = self._producer.produce, self._deliveries
+        encode, Rec, Item = records.encode_recommendation, records.Recommendation, records.ScoredItem
+        observe = self.metrics.event_to_recommendation_seconds.observe
         emitted = int(time.time() * 1000)
         for e, items, session_id in zip(fresh, recs.items, recs.session_ids):
-            value = records.encode_recommendation(records.Recommendation(
-                user_id=e.event.user_id, items=records.scored_items(items), model_version=version,
-                session_id=session_id or e.event.session_id, event_id=e.event.event_id,
-                source_partition=e.partition, source_offset=e.offset, event_timestamp=e.event.timestamp_ms,
-                emitted_at=emitted))
-            self._produce(topic, value, e.event.user_id)
+            ev = e.event
+            value = encode(Rec(ev.user_id, [Item(i, s) for i, s in items], version, session_id or ev.session_id,
+                               ev.event_id, e.partition, e.offset, ev.timestamp_ms, emitted))
+            try:
+                produce(topic, value, ev.user_id, on_delivery=on_delivery)
+            except BufferError:
+                self._produce(topic, value, ev.user_id)
             if e.kafka_ts_ms is not None:
-                self.metrics.event_to_recommendation_seconds.observe(max(0, emitted - e.kafka_ts_ms) / 1000)
+                observe(max(0, emitted - e.kafka_ts_ms) / 1000)
 
     def _produce_dead(self, dead: list[tuple[Message, EventError]], result: BatchResult) -> None:
         for msg, exc in dead:
@@ -490,23 +515,32 @@ class Worker:
             # stored: their source offsets keep a later re-read of these records from applying them twice.
             log.warning("offset commit failed; the batch may be re-read", extra={"error": str(exc)})
 
-    def _commit_transaction(self, offsets: list[TopicPartition]) -> bool:
-        try:
-            self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(),
-                                                       _CLIENT_TIMEOUT_S)
-            self._producer.commit_transaction(_CLIENT_TIMEOUT_S)
-            return True
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if isinstance(err, KafkaError) and err.txn_requires_abort():
-                log.warning("transaction aborted; re-reading the batch", extra={"error": err.str()})
-                self._producer.abort_transaction(_CLIENT_TIMEOUT_S)
-                return False
-            raise WorkerError(f"transaction failed: {exc}") from None
+    def _commit_transaction(self, offsets: list[TopicPartition], attempts: int = 3) -> bool:
+        for attempt in range(1, attempts + 1):
+            try:
+                self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(),
+                                                           _CLIENT_TIMEOUT_S)
+                self._producer.commit_transaction(_CLIENT_TIMEOUT_S)
+                return True
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not isinstance(err, KafkaError):
+                    raise WorkerError(f"transaction failed: {exc}") from None
+                if err.retriable() and attempt < attempts:
+                    continue
+                if err.txn_requires_abort():  # e.g. the group moved on: someone else owns these offsets now
+                    log.warning("transaction aborted; re-reading the batch", extra={"error": err.str()})
+                    self._producer.abort_transaction(_CLIENT_TIMEOUT_S)
+                    return False
+                raise WorkerError(f"transaction failed: {err.str()}") from None
+        return False
 
     def _rewind(self, first_offsets: dict[int, int]) -> None:
         for p, o in first_offsets.items():
-            self._consumer.seek(TopicPartition(self.settings.input_topic, p, o))
+            try:
+                self._consumer.seek(TopicPartition(self.settings.input_topic, p, o))
+            except KafkaException as exc:  # no longer ours: the new owner reads from the committed offset
+                log.info("not rewinding a partition we no longer own", extra={"partition": p, "error": str(exc)})
 
     def _write_stores(self, encoded: dict[int, dict[str, bytes]]) -> None:
         for p, states in encoded.items():
@@ -603,10 +637,4 @@ def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
         consumer.unassign()
 
 
-def serve(settings: WorkerSettings, stop: threading.Event, *, metrics: WorkerMetrics | None = None,
-          health: Health | None = None) -> BatchResult:
-    """Build a worker from settings and run it until `stop` is set."""
-    return Worker(settings, metrics=metrics, health=health).run(stop)
-
-
-__all__ = ["Worker", "WorkerError", "BatchResult", "route", "read_changelog", "serve", "FAULT_ENV"]
+__all__ = ["Worker", "WorkerError", "BatchResult", "route", "read_changelog", "FAULT_ENV"]

@@ -53,10 +53,10 @@ def streamed(broker, registry, tmp_path_factory):
         recs = recommendations(broker.bootstrap, settings.output_topic, N_VALID)
         totals = worker.totals
         metrics = worker.metrics
-    inputs = records_of(broker.bootstrap, settings.input_topic, idle_s=0.5)
+    inputs = records_of(broker.bootstrap, settings.input_topic)
     return dict(settings=settings, version=latest_version_dir(registry).name, events=events, miskeyed=miskeyed,
                 recs=recs, totals=totals, metrics=metrics,
-                inputs=inputs, dlq=records_of(broker.bootstrap, settings.dlq_topic, idle_s=0.5),
+                inputs=inputs, dlq=records_of(broker.bootstrap, settings.dlq_topic),
                 states=stored_states(settings, range(PARTITIONS)))
 
 
@@ -176,7 +176,7 @@ def test_metrics_count_records_recommendations_and_dead_letters(streamed):
 
 def test_the_changelog_holds_one_record_per_touched_user_per_batch_on_the_source_partition(streamed, broker):
     settings = streamed["settings"]
-    log = records_of(broker.bootstrap, settings.changelog_topic, idle_s=0.5)
+    log = records_of(broker.bootstrap, settings.changelog_topic)
     assert len(log) == streamed["totals"].users
     home = {e.user_id: p for p, _, e in processed_inputs(streamed)}
     last = {}

@@ -90,7 +90,7 @@ def prepare(broker, registry, tmp_path, n_events: int, batch_size: int, seed: in
 
 
 def distinct_recommended(broker, settings) -> int:
-    recs = records_of(broker.bootstrap, settings.output_topic, idle_s=0.3)
+    recs = records_of(broker.bootstrap, settings.output_topic, idle_s=1.0)
     return len({(json.loads(r.value)["source_partition"], json.loads(r.value)["source_offset"]) for r in recs})
 
 
@@ -121,9 +121,9 @@ def check_endpoints(port: int, n_events: int) -> None:
 
 
 def assert_nothing_lost_nothing_applied_twice(broker, settings, registry) -> Counter:
-    inputs = sorted(records_of(broker.bootstrap, settings.input_topic, idle_s=0.5),
+    inputs = sorted(records_of(broker.bootstrap, settings.input_topic),
                     key=lambda r: (r.partition, r.offset))
-    recs = [json.loads(r.value) for r in records_of(broker.bootstrap, settings.output_topic, idle_s=0.5)]
+    recs = [json.loads(r.value) for r in records_of(broker.bootstrap, settings.output_topic)]
     per_offset = Counter((r["source_partition"], r["source_offset"]) for r in recs)
     assert set(per_offset) == {(r.partition, r.offset) for r in inputs}  # no event without a recommendation
     _, want = offline(registry, [decode_event(r.value) for r in inputs])

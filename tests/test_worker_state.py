@@ -24,7 +24,7 @@ def in_input_order(bootstrap, settings):
     """The input events in (partition, offset) order: the order a worker applies them per user."""
     from model.events import decode_event
 
-    recs = sorted(records_of(bootstrap, settings.input_topic, idle_s=0.5), key=lambda r: (r.partition, r.offset))
+    recs = sorted(records_of(bootstrap, settings.input_topic), key=lambda r: (r.partition, r.offset))
     return [decode_event(r.value) for r in recs]
 
 
@@ -49,7 +49,7 @@ def test_states_survive_a_clean_restart(broker, registry, tmp_path):
         produce(broker.bootstrap, settings.input_topic, events[250:])
         recommendations(broker.bootstrap, settings.output_topic, 400)
         assert wait_until(lambda: second.totals.recommendations == 150, 30, message="second run's outputs")
-    assert len(records_of(broker.bootstrap, settings.output_topic, idle_s=0.5)) == 400  # nothing re-emitted
+    assert len(records_of(broker.bootstrap, settings.output_topic)) == 400  # nothing re-emitted
     assert second.totals.replayed == 0
     assert_states_match_offline(settings, registry, broker.bootstrap)
 
@@ -118,7 +118,7 @@ def test_two_workers_in_one_group_split_the_partitions_and_together_emit_every_r
         produce(broker.bootstrap, settings_a.input_topic, events[400:])
         recs = recommendations(broker.bootstrap, settings_a.output_topic, 600)
     got = Counter((r["source_partition"], r["source_offset"]) for r in recs)
-    inputs = records_of(broker.bootstrap, settings_a.input_topic, idle_s=0.5)
+    inputs = records_of(broker.bootstrap, settings_a.input_topic)
     assert set(got) == {(r.partition, r.offset) for r in inputs} and len(recs) == 600
     assert_states_match_offline(settings_a, registry, broker.bootstrap, range(partitions))
 

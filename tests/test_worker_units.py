@@ -3,10 +3,13 @@ No broker: records are real confluent_kafka.Message objects built in memory."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from confluent_kafka import KafkaError, Message
 
-from model.events import Event, encode_event
+from model.errors import EventError
+from model.events import Event, decode_event, encode_event
 from model.state import UserState
+from stream.records import decode_input
 from stream.settings import WorkerSettings
 from stream.worker import Incoming, applied_before, filters_of, route, split_by_owner
 
@@ -87,3 +90,36 @@ def test_filters_come_from_the_settings():
                                   exclude_event_types=("dislike",)))
     assert (f.exclude_purchased, f.purchase_types, f.exclude_session_items, f.exclude_event_types) == \
         (False, ("buy", "order"), True, ("dislike",))
+
+
+RAW_EVENTS = [
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "session_id": "s",'
+    b' "event_id": "e", "event_value": 2.5, "extra": [1]}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "session_id": "",'
+    b' "event_id": null, "event_value": 3}',
+    b'{"user_id": 17, "item_id": 4, "event_type": "click", "timestamp": 1767225600000}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": "2026-01-01T00:00:00Z"}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000.7}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": "1767225600000"}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600}',
+    b'{"user_id": "", "item_id": "i", "event_type": "click", "timestamp": 1767225600000}',
+    b'{"user_id": "u", "event_type": "click", "timestamp": 1767225600000}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click"}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": true}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "event_value": true}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "event_value": "x"}',
+    b'{"user_id": null, "item_id": "i", "event_type": "click", "timestamp": 1767225600000}',
+    b'["u", "i"]', b'{not json', b'', None,
+]
+
+
+@pytest.mark.parametrize("raw", RAW_EVENTS)
+def test_the_fast_event_decoder_agrees_with_the_contract_decoder(raw):
+    def outcome(decode):
+        try:
+            return decode(raw)
+        except EventError as exc:
+            return exc.reason
+
+    assert outcome(decode_input) == outcome(decode_event)

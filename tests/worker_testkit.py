@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,20 +84,10 @@ def recommendations(bootstrap: str, topic: str, n: int, timeout_s: float = 90.0)
     return [json.loads(r.value) for r in wait_for_count(bootstrap, topic, n, timeout_s)]
 
 
-def records_of(bootstrap: str, topic: str, idle_s: float = 1.0) -> list[Record]:
+def records_of(bootstrap: str, topic: str, idle_s: float = 1.5) -> list[Record]:
+    """Everything in `topic` now. The idle clock of read_all starts before the first fetch answers,
+    so a short idle_s can read nothing on a busy machine."""
     return read_all(bootstrap, topic, idle_s=idle_s)
-
-
-def input_records(bootstrap: str, topic: str, n: int) -> list[Record]:
-    return wait_for_count(bootstrap, topic, n, 60)
-
-
-@dataclass
-class Running:
-    worker: Worker
-    stop: threading.Event
-    thread: threading.Thread
-    error: list[BaseException]
 
 
 @contextmanager

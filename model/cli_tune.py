@@ -1,0 +1,34 @@
+"""`hrnn tune`: hyperparameter optimisation on an interactions file (Personalize performHPO)."""
+from __future__ import annotations
+
+import argparse
+
+from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data
+from model.config import DataConfig, HRNNConfig
+from model.pipeline import HOLDOUTS
+
+TRIAL_EPOCHS = 4  # per-trial budget unless --epochs/--config says otherwise: pruning does the rest
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_data_flags(p)
+    p.add_argument("--out", required=True, help="directory for best.json, trials.json/csv and the history PNG")
+    p.add_argument("--trials", type=int, default=20, help="trial budget (default 20)")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="time budget in seconds (default 1800)")
+    p.add_argument("--holdout", choices=HOLDOUTS, default="last-session",
+                   help="the evaluation protocol whose test events tuning must never see")
+    p.add_argument("--tune-seed", type=int, default=0, help="seed of the Optuna sampler")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    add_config_flags(p, HRNNConfig, DataConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.tune import tune
+
+    if args.epochs is None and not args.config:
+        args.epochs = TRIAL_EPOCHS
+    config, data_config = configs_from_args(args)
+    result = tune(load_data(args), args.out, base=config, data_config=data_config, trials=args.trials,
+                  timeout_s=args.timeout_s, holdout=args.holdout, device=args.device, seed=args.tune_seed)
+    print(result.out_dir / "best.json")
+    return 0
