@@ -258,7 +258,11 @@ class Worker:
 
     def poll_once(self) -> BatchResult | None:
         msgs = self.poll_batch()
-        result = self.process_batch(msgs) if msgs else None
+        if msgs:
+            result = self.process_batch(msgs)
+        else:  # idle: a validated version still takes over now, so /health and metrics name it
+            result = None
+            self._serving_model()
         self._maybe_report_lag()
         return result
 

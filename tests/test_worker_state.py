@@ -139,8 +139,9 @@ def test_an_announced_model_version_serves_from_a_batch_boundary_and_rebuilds_st
         v2_dir = make_registry(registry, seed=14)  # a second version in the same registry
         v2 = latest_version_dir(v2_dir).name
         announce(broker.bootstrap, settings.updates_topic, v2, registry / v2, reason="promote")
-        wait_until(lambda: worker.models.stats().pending == v2 or worker.models.version == v2, 60,
-                   message="v2 loaded and validated")
+        # idle (nothing to read), the worker still takes the validated version over
+        wait_until(lambda: worker.models.version == v2, 60, message="v2 loaded, validated and serving")
+        assert worker.health.details["model_version"] == v2  # what /health reports
         produce(broker.bootstrap, settings.input_topic, events[150:])
         recs = recommendations(broker.bootstrap, settings.output_topic, 300)
         wait_until(lambda: worker.totals.recommendations == 300, 30, message="every output counted")
