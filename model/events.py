@@ -100,8 +100,40 @@ def event_from_mapping(obj: Any, *, check_range: bool = True) -> Event:
 _decoder = msgspec.json.Decoder()
 
 
+class _PlainEvent(msgspec.Struct):
+    """The usual shape of a valid message: integer epoch-ms timestamp, string ids, type-checked in C."""
+
+    user_id: str
+    item_id: str
+    event_type: str
+    timestamp: int
+    session_id: str | None = None
+    event_id: str | None = None
+    event_value: float | None = None
+
+
+_plain_decoder = msgspec.json.Decoder(_PlainEvent)
+
+
 def decode_event(raw: bytes | None) -> Event:
-    """Decode and validate one UTF-8 JSON message value."""
+    """Decode and validate one UTF-8 JSON message value.
+
+    Messages of the usual shape take a typed msgspec decoder (about ten times faster: this is the
+    worker's hot path); anything else (ISO or second timestamps, numeric ids, missing or bad fields)
+    takes the general decoder, which also names the reason of a rejection. Tests check both agree."""
+    if raw is not None:
+        try:
+            e = _plain_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            e = None
+        if (e is not None and e.user_id and e.item_id and e.event_type and _MIN_MS <= e.timestamp < _MAX_MS
+                and (e.event_value is None or math.isfinite(e.event_value))):
+            return Event(e.user_id, e.item_id, e.event_type, e.timestamp, e.session_id or None, e.event_id or None,
+                         e.event_value)
+    return _decode_general(raw)
+
+
+def _decode_general(raw: bytes | None) -> Event:
     if raw is None:
         raise EventError("empty_value", "message has no value")
     try:

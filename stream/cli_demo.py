@@ -24,7 +24,8 @@ from model.inference import Recommender
 from model.interactions import Interactions
 
 NEW_ITEM = "new-item-1"
-RETRAIN_AT = 0.15  # share of the live replay after which the retrain starts
+RETRAIN_AT = 0.25  # share of the live replay after which the retrain starts
+NEW_ITEM_SHARE = 0.08  # a trending item: this share of the live events, none of the history
 HOLD_AT = 0.6  # the replay waits here for the swap if the retrain is still running
 
 
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, default=1500)
     p.add_argument("--items", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--rate", type=float, default=250.0, help="replay rate, events/s")
     p.add_argument("--live-share", type=float, default=0.15, help="newest share of events replayed live")
 
@@ -57,20 +58,21 @@ def _split_live(data: Interactions, share: float, seed: int) -> tuple[Interactio
     hist, live = data.subset(data.ts_ms < cut, reindex=False), data.subset(data.ts_ms >= cut, reindex=False)
     rng = np.random.default_rng(seed)
     items = live.item_ids[live.item].astype(object)
-    items[rng.random(len(items)) < 0.04] = NEW_ITEM  # an item the first model has never seen
+    items[rng.random(len(items)) < NEW_ITEM_SHARE] = NEW_ITEM  # an item the first model has never seen
     live = Interactions.from_columns(live.user_ids[live.user], items, live.ts_ms,
                                      np.array(live.event_types)[live.event_type])
     return hist, live
 
 
-TRAIN_FLAGS = ("--hidden-dimension", "64")
+# The repeat-aware head: synthetic users come back to their items (repeat_share 0.3), as real ones do.
+TRAIN_FLAGS = ("--hidden-dimension", "64", "--repeat-head", "true")
 
 
 def _train(data: Interactions, registry: Path, epochs: int, label: str):
     from model.pipeline import train_version
 
     _say(f"\n== training {label} on {len(data):,} events")
-    cfg = HRNNConfig(hidden_dimension=64, epochs=epochs)
+    cfg = HRNNConfig(hidden_dimension=64, epochs=epochs, repeat_head=True)
     return train_version(data, registry, config=cfg, data_config=DataConfig(), progress=True)
 
 
@@ -136,8 +138,10 @@ def _replay_live(live: Interactions, bootstrap: str, topic: str, rate: float, ru
 def _retrain_and_swap(hist: Interactions, seen, out: Path, registry: Path, epochs: int, worker,
                       run: LiveRun) -> threading.Thread:
     """Retrain on history + the live events archived so far, in a separate process (training must
-    not compete with the worker for the interpreter), then hand the worker the new version."""
+    not compete with the worker for the interpreter), then announce the new version on the model
+    updates topic, the way the retrainer does: the worker validates it in the background and swaps."""
     from model.synth import write
+    from stream.announce import announce
 
     def job() -> None:
         u = np.concatenate([hist.user_ids[hist.user], [e.user_id for e in seen]])
@@ -153,10 +157,19 @@ def _retrain_and_swap(hist: Interactions, seen, out: Path, registry: Path, epoch
             _say(f"retrain failed: {proc.stderr[-2000:]}")
             return
         v2 = Path(proc.stdout.strip().splitlines()[-1])
-        worker.swap_recommender(Recommender.load(v2))
-        run.swap_at = time.time()
-        run.versions.append(v2.name)
-        _say(f"\n== v2 {v2.name} handed to the worker; it serves from the next batch on")
+        settings = worker.settings
+        announce(settings.bootstrap_servers, settings.updates_topic, v2.name, v2, reason="retrain",
+                 extra=settings.producer_kafka)
+        _say(f"\n== v2 {v2.name} announced on {settings.updates_topic}; the worker validates it and swaps")
+        deadline = time.monotonic() + 120
+        while worker.models.version != v2.name and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if worker.models.version == v2.name:
+            run.swap_at = time.time()
+            run.versions.append(v2.name)
+            _say(f"\n== the worker serves {v2.name} from this batch on")
+        else:
+            _say(f"\n== the worker did not swap to {v2.name} within 120 s: {worker.models.stats()}")
     th = threading.Thread(target=job, name="retrain", daemon=True)
     th.start()
     return th
@@ -249,7 +262,10 @@ def run(args: argparse.Namespace) -> int:
     with LocalBroker(log_path=out / "broker.log") as broker:
         _say(f"\n== local broker on {broker.bootstrap}; worker state in {state}")
         settings = WorkerSettings(bootstrap_servers=broker.bootstrap, registry=str(registry), state_dir=str(state),
-                                  partitions=4, kafka_consumer={"session.timeout.ms": "6000"})
+                                  partitions=4,
+                                  # Tansu: a small session timeout makes group joins quick; a short fetch wait
+                                  # keeps it from holding an empty fetch (and the next batch) for 500 ms.
+                                  kafka_consumer={"session.timeout.ms": "6000", "fetch.wait.max.ms": "10"})
         worker = Worker(settings)
         stop = threading.Event()
         wt = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)

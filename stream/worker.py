@@ -35,7 +35,7 @@ import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from model.errors import EventError, HRNNError
-from model.events import Event
+from model.events import Event, decode_event
 from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
 from stream import records
@@ -113,7 +113,7 @@ def route(msgs: Sequence[Message]) -> Routed:
         out.next_offsets[p] = max(out.next_offsets.get(p, 0), o + 1)
         out.first_offsets[p] = min(out.first_offsets.get(p, o), o)
         try:
-            event = records.decode_input(msg.value())
+            event = decode_event(msg.value())
         except EventError as exc:
             out.dead.append((msg, exc))
             continue

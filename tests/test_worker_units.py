@@ -7,9 +7,8 @@ import pytest
 from confluent_kafka import KafkaError, Message
 
 from model.errors import EventError
-from model.events import Event, decode_event, encode_event
+from model.events import Event, _decode_general, decode_event, encode_event
 from model.state import UserState
-from stream.records import decode_input
 from stream.settings import WorkerSettings
 from stream.worker import Incoming, applied_before, filters_of, route, split_by_owner
 
@@ -122,4 +121,4 @@ def test_the_fast_event_decoder_agrees_with_the_contract_decoder(raw):
         except EventError as exc:
             return exc.reason
 
-    assert outcome(decode_input) == outcome(decode_event)
+    assert outcome(decode_event) == outcome(_decode_general)
