@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from model.config import DataConfig, HRNNConfig
-from model.inference import Recommender
 from model.interactions import Interactions
 
 NEW_ITEM = "new-item-1"

@@ -94,4 +94,3 @@ def source_offset_of(headers: Sequence[tuple[str, bytes | None]] | None) -> int 
         return None if value is None else int(value)
     except ValueError:
         return None
-

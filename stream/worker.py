@@ -307,12 +307,6 @@ class Worker:
         """The version serving now (a batch reads it once and keeps it to its end)."""
         return self.models.current()
 
-    def swap_recommender(self, recommender: Recommender, timeout_s: float = 120.0) -> bool:
-        """Validate `recommender`'s version like an announced one; when this returns True it serves
-        from the next batch on. Call from any thread but the worker loop's."""
-        self.models.request(recommender.loaded.path, recommender.version, reason="direct")
-        return self.models.wait_idle(timeout_s)
-
     def _serving_model(self) -> Recommender:
         if self.models.swap_if_ready() is not None:
             self.health.update(model_version=self.models.version)
