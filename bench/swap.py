@@ -73,10 +73,16 @@ Keys of the JSON object:
                                timestamp is its produce time), by emit time in the two windows
   capacity_events_per_s        the calibration burst: events / (first batch start -> last batch
                                end), i.e. full batches, poll included; rate_events_per_s the steady rate
-  rebuild_ms_per_user          H=100: wall time of the worker's own Recommender.rebuild calls in
-                               the swap window (timed inside the worker thread) / users they rebuilt
-                               (users whose stored state names A, rebuilt by B on their next
-                               event). rebuild_users_swap_window, rebuild_history_len_mean go with it.
+  rebuild_ms_per_user          H=100: by default (rebuild_mode "background before the swap") the
+                               worker's loader thread rebuilds every stored state with B before B
+                               may swap in: prebuild_s / prebuilt_states, off the batch path; a
+                               user's next event then only catches up on the events since the scan
+                               (catch_up_users_swap_window, catch_up_ms_per_batch_max). With
+                               --prebuild-max-users 0 (rebuild_mode "in the batches"): wall time of
+                               the worker's own Recommender.rebuild calls in the swap window / users
+                               they rebuilt (users whose stored state names A, rebuilt by B on their
+                               next event); rebuild_ms_per_user_in_batches is this figure in either
+                               mode, with rebuild_users_swap_window and rebuild_history_len_mean.
   rebuild_ms_per_user_offline  Recommender.rebuild of B timed alone (no broker running) on
                                --rebuild-users seeded states in one call, and on one user
                                (rebuild_ms_single_user): the batched vs unbatched cost
@@ -154,6 +160,8 @@ class Batch:
     rebuild_ms: float = 0.0
     rebuild_users: int = 0
     rebuild_hist: int = 0  # summed history lengths of the rebuilt states
+    catch_up_ms: float = 0.0  # prebuilt states advanced over the events since their background rebuild
+    catch_up_users: int = 0
     cpu_ms: float = 0.0  # the worker thread's own CPU time in the batch (wall - cpu: waiting for I/O, GIL or a core)
     gc_ms: float = 0.0  # Python garbage collections (any thread) during the batch
     keys: list = field(default_factory=list)  # (partition, offset) consumed
@@ -184,8 +192,10 @@ class Probe:
     def install(self, worker) -> None:
         from model.inference import Recommender
 
-        self._orig = {"recommend": Recommender.recommend, "rebuild": Recommender.rebuild}
+        self._orig = {"recommend": Recommender.recommend, "rebuild": Recommender.rebuild,
+                      "catch_up": Recommender.catch_up}
         orig_rec, orig_reb, probe = self._orig["recommend"], self._orig["rebuild"], self
+        orig_cu = self._orig["catch_up"]
 
         def recommend(rec_self, states, events, **kw):
             b = probe.cur
@@ -211,7 +221,17 @@ class Probe:
             b.rebuild_hist += sum(len(s.history) for s in states)
             return out
 
-        Recommender.recommend, Recommender.rebuild = recommend, rebuild
+        def catch_up(rec_self, pairs):
+            b = probe.cur
+            if b is None or threading.get_ident() != probe.worker_ident or not pairs:
+                return orig_cu(rec_self, pairs)
+            t = time.perf_counter()
+            out = orig_cu(rec_self, pairs)
+            b.catch_up_ms += (time.perf_counter() - t) * 1000
+            b.catch_up_users += len(pairs)
+            return out
+
+        Recommender.recommend, Recommender.rebuild, Recommender.catch_up = recommend, rebuild, catch_up
         inner = worker.process_batch  # the bound method; poll_once calls self.process_batch
 
         def process_batch(msgs):
@@ -239,6 +259,7 @@ class Probe:
             gc.callbacks.remove(self._on_gc)
         if self._orig:
             Recommender.recommend, Recommender.rebuild = self._orig["recommend"], self._orig["rebuild"]
+            Recommender.catch_up = self._orig["catch_up"]
 
 
 # ---- state seeding and traffic -----------------------------------------------------------------
@@ -509,6 +530,8 @@ def main() -> None:
     p.add_argument("--new-item-timeout-s", type=float, default=120.0)
     p.add_argument("--skip-new-item", action="store_true", help="no retrain phase (new_item_* keys null)")
     p.add_argument("--rebuild-users", type=int, default=256, help="users in the offline rebuild timing")
+    p.add_argument("--prebuild-max-users", type=int, default=None,
+                   help="the worker's prebuild_max_users (default: the worker's default; 0: rebuild in batches)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="/tmp/swap_bench")
     p.add_argument("--retrain-child", nargs=2, metavar=("NPZ", "REGISTRY"), help=argparse.SUPPRESS)
@@ -548,6 +571,8 @@ def run(args) -> dict:
                            output_topic=f"rec-{name}", group=f"grp-{name}", updates_topic=f"upd-{name}",
                            partitions=args.partitions, batch_size=args.batch_size, torch_threads=args.torch_threads,
                            device="cpu", kafka_consumer=dict(CONSUMER), log_level="WARNING")
+        if args.prebuild_max_users is not None:
+            settings_kw["prebuild_max_users"] = args.prebuild_max_users
 
         # -- seed H=100 states, time the rebuild alone
         rec_a, rec_b = Recommender.load(ver_a, "cpu"), Recommender.load(ver_b, "cpu")
@@ -627,7 +652,8 @@ def run(args) -> dict:
             log(f"announced B; producing {args.swap_s:.0f} s")
             traffic.run(args.swap_s, rate)
             swap_hi = time.perf_counter()
-            load_b_s = worker.models.stats().last_load_s
+            stats_b = worker.models.stats()
+            load_b_s = stats_b.last_load_s
             marks.append((t_ann_b, "announce B", "tab:red"))
 
             # -- new item -> retrain -> swap -> first recommendation naming it
@@ -733,6 +759,8 @@ def run(args) -> dict:
             marks.append((t_swap_c, "swap to C", "tab:green"))
         reb = [b for b in swap if b.rebuild_users]
         reb_users = sum(b.rebuild_users for b in reb)
+        in_batch_ms_per_user = round(sum(b.rebuild_ms for b in reb) / reb_users, 3) if reb_users else None
+        cu = [b for b in swap if b.catch_up_users]
         base_ms, swap_ms = [b.ms for b in base], [b.ms for b in swap]
         wall = lambda t: (t + wall_minus_perf) * 1000  # noqa: E731  (perf_counter -> epoch ms)
         e2e_base = [d for t, d in e2e if wall(base_lo) <= t < wall(base_hi)]
@@ -757,7 +785,8 @@ def run(args) -> dict:
             "mixed_version_outputs": mixed,
             "max_batch_latency_ms_base": max_base,
             "max_batch_latency_ms_swap": max_swap,
-            "rebuild_ms_per_user": round(sum(b.rebuild_ms for b in reb) / reb_users, 3) if reb_users else None,
+            "rebuild_ms_per_user": round(stats_b.last_prebuild_s * 1000 / stats_b.last_prebuilt, 3)
+            if stats_b.last_prebuilt else in_batch_ms_per_user,
             "new_item_recommendable_after_s": new_after,
             "targets_met": targets,
             "plot": str(png),
@@ -784,6 +813,12 @@ def run(args) -> dict:
             "announce_to_swap_s": None if t_swap_b is None else round(t_swap_b - t_ann_b, 3),
             "first_batch_after_swap": describe(on_b[0], t_swap_b) if on_b else None,
             "top_swap_batches": top(swap), "top_base_batches": top(base),
+            "rebuild_mode": "background before the swap" if stats_b.last_prebuilt else "in the batches",
+            "prebuilt_states": stats_b.last_prebuilt,
+            "prebuild_s": None if stats_b.last_prebuild_s is None else round(stats_b.last_prebuild_s, 3),
+            "catch_up_users_swap_window": sum(b.catch_up_users for b in cu),
+            "catch_up_ms_per_batch_max": round(max((b.catch_up_ms for b in cu), default=0.0), 1),
+            "rebuild_ms_per_user_in_batches": in_batch_ms_per_user,
             "rebuild_users_swap_window": reb_users,
             "rebuild_batches_swap_window": len(reb),
             "rebuild_history_len_mean": round(sum(b.rebuild_hist for b in reb) / reb_users, 1) if reb_users else None,

@@ -120,6 +120,16 @@ class Advanced:
     excluded: list[list[int]] = field(default_factory=list)  # item indices to filter, per event
 
 
+@dataclass(frozen=True, slots=True)
+class Prebuilt:
+    """A stale state rebuilt ahead of a swap: this version's hidden states after the user's first
+    `n_events` events; `last_event_ms` is the user's clock at that point."""
+
+    n_events: int
+    last_event_ms: int
+    hidden: np.ndarray  # float32 (2, hidden_dimension): user, session
+
+
 @dataclass
 class Recommendations:
     states: dict[str, UserState]
@@ -156,6 +166,8 @@ class Recommender:
         self.timeout_ms = int(loaded.data_config.session_timeout_s * 1000)
         self.history_length = loaded.config.history_length
         self.type_slot = {t: int(type_slots(np.array([i]))[0]) for i, t in enumerate(loaded.event_types)}
+        # Filled by prebuild() before this version serves; the worker thread takes entries out after.
+        self.prebuilt: dict[str, Prebuilt] = {}
 
     @classmethod
     def load(cls, version_dir: str | Path, device: str = "auto") -> "Recommender":
@@ -178,10 +190,47 @@ class Recommender:
         return [replace(s, model_version=self.version, user_hidden=hu[i].copy(), session_hidden=hs[i].copy(),
                         history=list(s.history)) for i, s in enumerate(states)]
 
+    def prebuild(self, states: Mapping[str, UserState]) -> int:
+        """Rebuild the stale ones of `states` now (before this version serves) and keep the result, so
+        their users' next events only catch up on what happened since; returns how many were rebuilt."""
+        stale = {u: s for u, s in states.items() if s.model_version != self.version}
+        for (u, old), new in zip(stale.items(), self.rebuild(list(stale.values()))):
+            self.prebuilt[u] = Prebuilt(old.n_events, old.last_event_ms,
+                                        np.stack([new.user_hidden, new.session_hidden]))
+        return len(stale)
+
+    @torch.inference_mode()
+    def catch_up(self, pairs: list[tuple[UserState, Prebuilt]]) -> list[UserState]:
+        """States of this version from prebuilt ones, advanced over the events each user had since
+        (the newest of its stored history), batched: as if this version had served those events."""
+        if not pairs:
+            return []
+        tails = [s.history[len(s.history) - (s.n_events - p.n_events):] for s, p in pairs]
+        seqs = PaddedSequences.build(
+            [np.array([self.index.get(e.item_id, -1) for e in t], dtype=np.int64) for t in tails],
+            [np.array([e.new_session for e in t], dtype=bool) for t in tails],
+            [np.array([e.ts_ms for e in t], dtype=np.int64) for t in tails], self.device,
+            prev_ts=[p.last_event_ms for _, p in pairs])
+        start = torch.from_numpy(np.stack([p.hidden for _, p in pairs])).to(self.device)
+        h_user, h_sess, _ = run_sequences(self.model, seqs, start=(start[:, 0], start[:, 1]))
+        hu, hs = h_user.cpu().numpy(), h_sess.cpu().numpy()
+        return [replace(s, model_version=self.version, user_hidden=hu[i].copy(), session_hidden=hs[i].copy(),
+                        history=list(s.history)) for i, (s, _) in enumerate(pairs)]
+
+    def _take_prebuilt(self, user: str, s: UserState) -> Prebuilt | None:
+        p = self.prebuilt.pop(user, None)
+        if p is None or not 0 <= s.n_events - p.n_events <= len(s.history):
+            return None  # never prebuilt, or more events since than the history holds: rebuild
+        return p
+
     def _prepare(self, states: Mapping[str, UserState | None], users: list[str]) -> tuple[dict, int]:
         work = {u: states.get(u) for u in users}
         stale = [u for u, s in work.items() if s is not None and s.model_version != self.version]
-        for u, s in zip(stale, self.rebuild([work[u] for u in stale])):
+        prebuilt = {u: p for u in stale if (p := self._take_prebuilt(u, work[u])) is not None}
+        for u, s in zip(prebuilt, self.catch_up([(work[u], p) for u, p in prebuilt.items()])):
+            work[u] = s
+        rebuild = [u for u in stale if u not in prebuilt]
+        for u, s in zip(rebuild, self.rebuild([work[u] for u in rebuild])):
             work[u] = s
         for u, s in work.items():
             work[u] = self.blank_state() if s is None else replace(s, history=list(s.history))

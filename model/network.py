@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -131,7 +132,9 @@ class PaddedSequences:
 
     @classmethod
     def build(cls, items: list[np.ndarray], new_session: list[np.ndarray], ts_ms: list[np.ndarray],
-              device: torch.device) -> "PaddedSequences":
+              device: torch.device, prev_ts: Sequence[int] | None = None) -> "PaddedSequences":
+        """`prev_ts[r]`: the user's clock (latest event time) before row r's first event, when the rows
+        continue a user's stream rather than start it; the first event's gap is measured from it."""
         b, t = len(items), max((len(x) for x in items), default=0)
         it = np.full((b, t), -1, dtype=np.int64)
         ns = np.zeros((b, t), dtype=bool)
@@ -140,15 +143,19 @@ class PaddedSequences:
         for r, (i, s, ts) in enumerate(zip(items, new_session, ts_ms)):
             n = len(i)
             it[r, :n], ns[r, :n], valid[r, :n] = i, s, True
-            if n > 1:
+            if prev_ts is not None and n:
+                gap[r, :n] = np.diff(np.maximum.accumulate(np.concatenate([[prev_ts[r]], ts])))
+            elif n > 1:
                 gap[r, 1:n] = np.maximum(np.diff(np.maximum.accumulate(ts)), 0)
         as_t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         return cls(as_t(it), as_t(ns), as_t(gap), as_t(valid))
 
 
-def run_sequences(model: HRNN, seqs: PaddedSequences, collect: torch.Tensor | None = None
+def run_sequences(model: HRNN, seqs: PaddedSequences, collect: torch.Tensor | None = None,
+                  start: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Replay whole sequences from a blank user state; every row starts as a new user.
+    """Replay whole sequences from a blank user state (every row starts as a new user), or continue
+    them from `start` = (h_user, h_sess) per row.
 
     Returns final (h_user, h_sess) per row and, if `collect` (B, T bool) is given, the
     pre-event states h_pre at the collected positions in row-major order (predictions of
@@ -156,12 +163,15 @@ def run_sequences(model: HRNN, seqs: PaddedSequences, collect: torch.Tensor | No
     """
     b, t = seqs.items.shape
     dev = seqs.items.device
-    h_user = torch.zeros(b, model.hidden, device=dev)
-    h_sess = torch.zeros(b, model.hidden, device=dev)
+    if start is None:
+        h_user = torch.zeros(b, model.hidden, device=dev)
+        h_sess = torch.zeros(b, model.hidden, device=dev)
+    else:
+        h_user, h_sess = start
     pre = torch.zeros(b, t, model.hidden, device=dev) if collect is not None else None
     for j in range(t):
         v = seqs.valid[:, j]
-        new_user = torch.full_like(v, j == 0)
+        new_user = torch.full_like(v, j == 0 and start is None)
         hu, hs, hp = model.transition(h_user, h_sess, seqs.items[:, j], new_user, seqs.new_session[:, j] | new_user,
                                       seqs.items[:, j] >= 0, seqs.gap_ms[:, j])
         vv = v.unsqueeze(-1)

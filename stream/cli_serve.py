@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--follow-updates", action=argparse.BooleanOptionalAction, default=None,
       help="swap to model versions announced for this registry (default on)")
     a("--updates-topic", help="model announcements topic (default hrnn.model-updates)")
+    a("--prebuild-max-users", type=int, help="stored states a new version rebuilds in the background before "
+      "it swaps in (default 200000; 0: rebuild each on its user's next event)")
     a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
       help="librdkafka setting for every client, e.g. security.protocol=SASL_SSL (repeatable)")
     a("--kafka-config-file", help="client.properties file with librdkafka settings")
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = ("bootstrap_servers", "registry", "state_dir", "input_topic", "output_topic", "group", "partitions",
            "metrics_port", "batch_size", "batch_timeout_s", "k", "exclude_purchased", "purchase_types",
            "exclude_session_items", "exclude_event_types", "processing_guarantee", "device", "log_level",
-           "follow_updates", "updates_topic", "torch_threads")
+           "follow_updates", "updates_topic", "torch_threads", "prebuild_max_users")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:

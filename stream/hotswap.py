@@ -3,7 +3,10 @@
 `ModelHolder` owns the serving `Recommender`. A requested version (from an announcement, or
 directly) is loaded and validated on a background thread, so the worker never waits for
 disk or torch; a version that passes becomes *pending*, and the worker's call to
-`swap_if_ready()` between two batches makes it current. The worker reads `current()` once at
+`swap_if_ready()` between two batches makes it current. Before a loaded version becomes
+pending, the loader thread also rebuilds the stored users' states with it (`prebuild_from`;
+Recommender.prebuild), so after the swap a user's next event only catches up on the few
+events since, instead of the worker replaying last-H histories in the middle of a batch. The worker reads `current()` once at
 the start of a batch and uses that object for the whole batch, so one batch is never scored by
 two versions, and an event waits at most for the batch in hand.
 
@@ -22,10 +25,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,6 +122,27 @@ def _smoke(rec: Recommender) -> None:
             raise ModelRefused("smoke", rec.loaded.path, "bad hidden state after a step")
 
 
+def _lowest_cpu_priority() -> None:
+    """Give the calling thread the lowest CPU priority (Linux: a thread is a task with its own nice
+    value), so loading and prebuilding a version take only CPU time the serving batches leave."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: the load only runs at normal priority
+        log.debug("cannot lower the loader thread's priority", extra={"error": str(exc)})
+
+
+@contextmanager
+def _short_gil_slices(seconds: float = 0.0005) -> Iterator[None]:
+    """While the loader runs Python code, the worker thread waits for the GIL up to the interpreter's
+    switch interval (5 ms) each time it needs it back, many times a batch; shorten it for the load."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 @dataclass
 class SwapStats:
     serving: str
@@ -122,7 +151,9 @@ class SwapStats:
     swaps: int
     refused: dict[str, int] = field(default_factory=dict)  # reason -> count
     last_refusal: str | None = None  # the last refusal's message
-    last_load_s: float | None = None  # wall time of the last successful load + validation
+    last_load_s: float | None = None  # wall time of the last successful load + validation (+ prebuild)
+    last_prebuilt: int = 0  # states the last loaded version rebuilt before its swap
+    last_prebuild_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +192,9 @@ class ModelHolder:
         self._refused: Counter[str] = Counter()
         self._last_refusal: str | None = None
         self._last_load_s: float | None = None
+        self._prebuild_source: Callable[[], Iterable[Mapping[str, UserState]]] | None = None
+        self._prebuild_max = 0
+        self._last_prebuilt, self._last_prebuild_s = 0, None
         if metrics is not None:
             metrics.set_model_version(recommender.version)
 
@@ -199,6 +233,13 @@ class ModelHolder:
             self.metrics.set_model_version(new.version)
         log.info("model swapped", extra={"from_version": old, "to_version": new.version})
         return new
+
+    def prebuild_from(self, source: Callable[[], Iterable[Mapping[str, UserState]]], max_users: int) -> None:
+        """Have each loaded version rebuild up to `max_users` stored states before it becomes pending.
+
+        `source()` yields chunks of {user: state} and runs on the loader thread (StateStores.scan_states
+        is safe there); users past the cap, or met later, are rebuilt on their next event."""
+        self._prebuild_source, self._prebuild_max = source, max_users
 
     # --- the announcing side ---
 
@@ -258,7 +299,7 @@ class ModelHolder:
         with self._lock:
             return SwapStats(self._serving.version, self._pending.version if self._pending else None,
                              self._loading_name(), self._swaps, dict(self._refused), self._last_refusal,
-                             self._last_load_s)
+                             self._last_load_s, self._last_prebuilt, self._last_prebuild_s)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until no load is queued or running (tests, shutdown); False at the deadline."""
@@ -300,6 +341,7 @@ class ModelHolder:
         return path
 
     def _load_loop(self) -> None:
+        _lowest_cpu_priority()
         while True:
             with self._lock:
                 while self._wanted is None and not self._closed:
@@ -310,10 +352,13 @@ class ModelHolder:
                 generation = self._loading_gen = self._generation
             t0 = time.perf_counter()
             rec: Recommender | None = None
-            try:
-                rec = validate_version(req.path, device=self.device, expected_version=req.version)
-            except ModelRefused as exc:
-                self._refuse(exc)
+            with _short_gil_slices():
+                try:
+                    rec = validate_version(req.path, device=self.device, expected_version=req.version)
+                except ModelRefused as exc:
+                    self._refuse(exc)
+                if rec is not None:
+                    self._prebuild(rec, generation)
             secs = time.perf_counter() - t0
             with self._lock:
                 self._loading = None
@@ -325,6 +370,31 @@ class ModelHolder:
                         log.info("model version ready to swap", extra={
                             "version": rec.version, "load_s": round(secs, 3), "reason": req.reason})
                 self._lock.notify_all()
+
+    def _prebuild(self, rec: Recommender, generation: int) -> None:
+        if self._prebuild_source is None or self._prebuild_max <= 0:
+            return
+        t0 = time.perf_counter()
+        try:
+            for chunk in self._prebuild_source():
+                if self._closed or generation != self._generation:
+                    return  # superseded: this version will never serve
+                t = time.perf_counter()
+                rec.prebuild(dict(islice(chunk.items(), self._prebuild_max - len(rec.prebuilt))))
+                if len(rec.prebuilt) >= self._prebuild_max:
+                    break
+                # Half duty: on a host whose cores the batches need, a swap may wait; the batches may not.
+                time.sleep(min(time.perf_counter() - t, 0.1))
+        except Exception as exc:  # noqa: BLE001 (a failed prebuild only leaves rebuilds to the next events)
+            log.warning("background state rebuild failed; stale states rebuild on their next event",
+                        extra={"version": rec.version, "error": f"{type(exc).__name__}: {exc}"})
+        secs = time.perf_counter() - t0
+        with self._lock:
+            self._last_prebuilt, self._last_prebuild_s = len(rec.prebuilt), secs
+        if self.metrics is not None:
+            self.metrics.prebuilt_states_total.inc(len(rec.prebuilt))
+        log.info("states rebuilt ahead of the swap", extra={
+            "version": rec.version, "states": len(rec.prebuilt), "seconds": round(secs, 3)})
 
     def _refuse(self, exc: ModelRefused) -> None:
         with self._lock:

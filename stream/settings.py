@@ -71,6 +71,9 @@ class WorkerSettings:
     device: str = "auto"
     torch_threads: int = 0  # CPU threads for the model (process-wide); 0: torch's default (one per core)
     follow_updates: bool = True  # swap to versions announced on updates_topic for this registry
+    # States a new version rebuilds in the background before it swaps in (0: all rebuild on their
+    # user's next event). Each costs 8 x hidden_dimension bytes until that event.
+    prebuild_max_users: int = 200_000
     updates_topic: str = "hrnn.model-updates"
     metrics_port: int = 0  # 0: no metrics/health endpoint
     log_level: str = "INFO"
@@ -104,6 +107,8 @@ class WorkerSettings:
             raise ConfigError(f"partitions = {self.partitions} is outside its range [0, 10000]")
         if not 0 <= self.torch_threads <= 1024:
             raise ConfigError(f"torch_threads = {self.torch_threads} is outside its range [0, 1024] (0: torch's default)")
+        if self.prebuild_max_users < 0:
+            raise ConfigError(f"prebuild_max_users = {self.prebuild_max_users} must be >= 0 (0 turns it off)")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port = {self.metrics_port} is not a TCP port (0 turns the endpoint off)")
         if self.processing_guarantee not in GUARANTEES:

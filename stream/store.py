@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class PartitionStore:
             raise StoreError(f"cannot open state store {self.path}: {exc} "
                              "(is another worker using the same --state-dir?)") from None
         self.corrupt_states = 0
+        self._closing = threading.Lock()  # a scan on another thread never reads a closed database
 
     @property
     def changelog_offset(self) -> int:
@@ -162,14 +164,40 @@ class PartitionStore:
             out.append(key[len(_USER):].decode())
         return out
 
+    def scan_states(self, chunk: int = 256) -> Iterator[dict[str, UserState]]:
+        """Every stored state, `chunk` users at a time, safe to run on another thread than the writer's.
+
+        Each chunk is read under the close lock with an iterator of its own, so a close (on
+        revocation) waits for at most one chunk and a scan that meets a closed store just ends.
+        A state written during the scan may be seen before or after its update."""
+        start = _USER
+        while True:
+            with self._closing:
+                if self._db is None:
+                    return
+                out: dict[str, UserState] = {}
+                last = None
+                for key, raw in self._db.items(from_key=start):
+                    if not key.startswith(_USER) or len(out) >= chunk:
+                        break
+                    last = key
+                    state = self._decode(key[len(_USER):].decode(), raw)
+                    if state is not None:
+                        out[key[len(_USER):].decode()] = state
+            if last is None:
+                return
+            yield out
+            start = last + b"\x00"
+
     def estimate_count(self) -> int:
         # RocksDB's estimate counts the offset key too; the gauge is approximate anyway.
         return max(0, int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0) - 1)
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        with self._closing:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
 
 class StateStores:
@@ -215,3 +243,8 @@ class StateStores:
 
     def estimate_count(self) -> int:
         return sum(s.estimate_count() for s in self._open.values())
+
+    def scan_states(self, chunk: int = 256) -> Iterator[dict[str, UserState]]:
+        """The states of every store open now, in chunks (see PartitionStore.scan_states)."""
+        for store in list(self._open.values()):
+            yield from store.scan_states(chunk)

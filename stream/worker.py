@@ -200,6 +200,7 @@ class Worker:
         else:
             self.models = ModelHolder.open(settings.registry, device=settings.device, metrics=self.metrics)
         self.stores = StateStores(settings.state_dir, settings.group, settings.input_topic)
+        self.models.prebuild_from(lambda: self.stores.scan_states(chunk=64), settings.prebuild_max_users)
         self.totals = BatchResult()
         self._deliveries = _Deliveries(settings.changelog_topic)
         self._consumer: Consumer | None = None

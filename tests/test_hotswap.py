@@ -9,6 +9,7 @@ import threading
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,6 +124,25 @@ def test_a_version_swaps_in_only_between_batches(versions):
         assert not holder.request(b, b.name)  # already serving: nothing to do
     assert metrics.value("hrnn_model_swaps_total") == 1
     assert metrics.value("hrnn_model_version_info", {"version": b.name}) == 1
+
+
+def test_a_loaded_version_rebuilds_stored_states_before_it_can_swap_in(versions):
+    reg, a, b = versions
+    metrics = WorkerMetrics()
+    with ModelHolder.open(reg, device="cpu", metrics=metrics) as holder:
+        serving = holder.current()
+        items = serving.item_ids
+        events = [StepInput(f"user-{u}", items[(u * 7 + j) % len(items)], "click", 1_700_000_000_000 + j * 60_000)
+                  for u in range(3) for j in range(5)]
+        stored = serving.advance({}, events).states
+        chunks = [{u: stored[u] for u in ("user-0", "user-1")}, {"user-2": stored["user-2"]}]
+        holder.prebuild_from(lambda: iter(chunks), max_users=2)
+        assert holder.request(b, b.name) and holder.wait_idle(60)
+        new = holder.swap_if_ready()
+    assert new is not None and sorted(new.prebuilt) == ["user-0", "user-1"]  # capped at max_users
+    want = new.rebuild([stored["user-0"]])[0]
+    assert np.allclose(new.prebuilt["user-0"].hidden, [want.user_hidden, want.session_hidden], atol=1e-6)
+    assert holder.stats().last_prebuilt == 2 and metrics.value("hrnn_prebuilt_states_total") == 2
 
 
 def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(versions, caplog):

@@ -147,6 +147,42 @@ def test_a_state_of_another_version_is_rebuilt_from_its_last_events(version, tmp
     np.testing.assert_allclose(adv.scores.numpy(), ref.scores.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_since", [0, 3])
+def test_a_state_rebuilt_ahead_of_a_swap_catches_up_on_the_events_served_since(version, n_since):
+    data, path = version
+    serving, incoming = Recommender.load(path, device="cpu"), Recommender.load(path, device="cpu")
+    serving.version = "the-serving-version"
+    events = _events_of(data, 5)
+    u, cut = events[0].user_id, len(events) - 1 - n_since
+    at_scan = serving.advance({}, events[:cut]).states[u]
+    at_scan.user_hidden[:] = 7.0  # the serving version's hidden states must not leak into the new one's
+    assert incoming.prebuild({u: at_scan}) == 1
+    since = serving.advance({u: at_scan}, events[cut:-1]).states[u] if n_since else at_scan
+    adv = incoming.advance({u: since}, events[-1:])
+    # As if the new version had taken over at the scan: rebuilt from the then last-H, then serving.
+    ref = incoming.advance({u: incoming.rebuild([at_scan])[0]}, events[cut:])
+    assert adv.rebuilt_users == 1 and u not in incoming.prebuilt
+    np.testing.assert_allclose(adv.scores.numpy(), ref.scores.numpy()[-1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adv.states[u].user_hidden, ref.states[u].user_hidden, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adv.states[u].session_hidden, ref.states[u].session_hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prebuilt_state_older_than_the_stored_history_is_rebuilt_instead(version):
+    data, path = version
+    serving, incoming = Recommender.load(path, device="cpu"), Recommender.load(path, device="cpu")
+    serving.version = "the-serving-version"
+    events = _events_of(data, 6)
+    u, h = events[0].user_id, incoming.history_length
+    if len(events) <= h + 2:
+        pytest.skip("the history holds every event of this log")
+    at_scan = serving.advance({}, events[:2]).states[u]
+    incoming.prebuild({u: at_scan})
+    since = serving.advance({u: at_scan}, events[2:-1]).states[u]  # more events than the history keeps
+    adv = incoming.advance({u: since}, events[-1:])
+    ref = incoming.advance({u: incoming.rebuild([since])[0]}, events[-1:])
+    np.testing.assert_allclose(adv.scores.numpy(), ref.scores.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_repeat_head_moves_the_scores_of_items_in_the_users_history(version):
     data, path = version
     rec = Recommender.load(path, device="cpu")

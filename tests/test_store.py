@@ -138,3 +138,20 @@ def test_wiping_a_partition_removes_its_local_copy(stores):
     assert not stores.path(2).exists()
     fresh = stores.open(2)
     assert fresh.get("a") is None and fresh.changelog_offset == -1
+
+
+def test_a_scan_yields_every_state_of_every_open_store_in_chunks(stores):
+    stores.open(0).put_states({f"a-{i}": make_state(i) for i in range(25)}, changelog_offset=3)
+    stores.open(1).put_states({f"b-{i}": make_state(i) for i in range(7)})
+    chunks = list(stores.scan_states(chunk=10))
+    assert [len(c) for c in chunks] == [10, 10, 5, 7]
+    got = {u: s for c in chunks for u, s in c.items()}
+    assert len(got) == 32 and same_state(got["a-4"], make_state(4)) and same_state(got["b-6"], make_state(6))
+
+
+def test_a_store_closed_during_a_scan_ends_the_scan_quietly(stores):
+    stores.open(0).put_states({f"a-{i}": make_state(i) for i in range(25)})
+    scan = stores.scan_states(chunk=10)
+    first = next(scan)
+    stores.close(0)  # a revocation on the worker thread while the loader thread scans
+    assert len(first) == 10 and list(scan) == []

@@ -149,6 +149,8 @@ def test_an_announced_model_version_serves_from_a_batch_boundary_and_rebuilds_st
     versions = Counter(r["model_version"] for r in recs)
     assert versions == {v1: 150, v2: 150}  # the swap fell between two batches
     assert worker.totals.rebuilt_states > 0 and worker.metrics.value("hrnn_rebuilt_states_total") > 0
+    # idle, the worker had every stored state rebuilt by v2 in the background before the swap
+    assert worker.metrics.value("hrnn_prebuilt_states_total") == len({e.user_id for e in events[:150]})
     states = stored_states(settings, range(2))
     touched_late = {e.user_id for e in events[150:]}
     assert all(states[u].model_version == v2 for u in touched_late)
