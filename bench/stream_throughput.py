@@ -10,6 +10,8 @@ Measured in one run, against the local broker (Tansu) and real RocksDB files:
   ratio                            end-to-end / model-only
   p50_ms, p99_ms                   event produced -> its recommendation received by a consumer,
                                    at about half the end-to-end rate
+  event_to_emit_p50_ms, _p99_ms    the first part of it: event produced -> recommendation produced by
+                                   the worker (its emitted_at): the hop in, the wait for a batch, the step
   broker_only_hop_p50_ms, _p99_ms  the same producer and consumer with no worker: one broker hop
                                    at the same rate (the worker path has two hops)
   per_event_baseline_events_per_s  the same worker with batch_size 1: a store get/put, one model
@@ -196,16 +198,19 @@ def _create_and_fill(s, events: list[Event]) -> None:
 
 
 class _Stamp(msgspec.Struct):
-    event_timestamp: int  # the only field the latency reader needs; the rest is skipped unparsed
+    event_timestamp: int  # the only fields the latency reader needs; the rest is skipped unparsed
+    emitted_at: int  # when the worker produced the recommendation: splits the latency in two
 
 
 class _EventStamp(msgspec.Struct):
     timestamp: int
 
 
-def drive(bootstrap: str, args, rate: float, in_topic: str, out_topic: str, stamp_type: type) -> list[float]:
+def drive(bootstrap: str, args, rate: float, in_topic: str, out_topic: str, stamp_type: type
+          ) -> tuple[list[float], list[float]]:
     """Produce events at `rate`/s into in_topic with the wall clock as event time, and return, for
-    each record read back from out_topic, receive time - event time (ms), in arrival order.
+    each record read back from out_topic, receive time - event time (ms), in arrival order, and
+    (records with emitted_at) emitted_at - event time.
 
     It shares the CPU with the worker and the broker, so it stays lean: it produces the events
     that are due every few milliseconds and decodes only the timestamp of what it reads."""
@@ -216,6 +221,7 @@ def drive(bootstrap: str, args, rate: float, in_topic: str, out_topic: str, stam
     n = int(rate * args.latency_seconds)
     template = make_events(n, args.users, args.items, seed=2, start_ms=0)
     lat: list[float] = []
+    to_emit: list[float] = []
     decode = msgspec.json.Decoder(stamp_type).decode
     field = next(iter(stamp_type.__struct_fields__))
     tail = Consumer(consumer_config(bootstrap, f"tail-{uuid.uuid4().hex[:6]}",
@@ -229,7 +235,10 @@ def drive(bootstrap: str, args, rate: float, in_topic: str, out_topic: str, stam
         while len(lat) < n and time.monotonic() < deadline:
             for m in tail.consume(1000, 0) or tail.consume(1, 0.05):
                 if m.error() is None:
-                    lat.append(time.time() * 1000 - getattr(decode(m.value()), field))
+                    stamp = decode(m.value())
+                    lat.append(time.time() * 1000 - getattr(stamp, field))
+                    if hasattr(stamp, "emitted_at"):
+                        to_emit.append(stamp.emitted_at - stamp.event_timestamp)
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
@@ -246,7 +255,7 @@ def drive(bootstrap: str, args, rate: float, in_topic: str, out_topic: str, stam
     p.flush(30)
     reader.join(args.latency_seconds + 60)
     tail.close()
-    return lat
+    return lat, to_emit
 
 
 def percentiles(lat: list[float]) -> dict:
@@ -257,11 +266,12 @@ def percentiles(lat: list[float]) -> dict:
 def latency(bootstrap: str, registry: Path, root: Path, args, rate: float) -> dict:
     """Event produced -> its recommendation read back, with the worker in between."""
     s = settings(bootstrap, registry, root / "lat", args)
-    lat: list[float] = []
+    got: list[tuple[list[float], list[float]]] = []
     report = run_worker(s, 0, before_start=lambda: _create_and_fill(s, []),
-                        while_running=lambda: lat.extend(drive(bootstrap, args, rate, s.input_topic,
-                                                                s.output_topic, _Stamp)))
-    report.update(percentiles(lat), latencies_ms=lat)
+                        while_running=lambda: got.append(drive(bootstrap, args, rate, s.input_topic,
+                                                               s.output_topic, _Stamp)))
+    lat, to_emit = got[0] if got else ([], [])
+    report.update(percentiles(lat), latencies_ms=lat, to_emit=percentiles(to_emit) if to_emit else None)
     return report
 
 
@@ -273,7 +283,7 @@ def broker_hop(bootstrap: str, args, rate: float) -> dict:
 
     topic = f"hop-{uuid.uuid4().hex[:8]}"
     ensure_topics(admin_client(bootstrap), [TopicSpec(topic, args.partitions)])
-    return percentiles(drive(bootstrap, args, rate, topic, topic, _EventStamp))
+    return percentiles(drive(bootstrap, args, rate, topic, topic, _EventStamp)[0])
 
 
 def per_event(bootstrap: str, registry: Path, root: Path, events: list[Event], args) -> dict:
@@ -319,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": round(lat["p99_ms"], 1),
         "latency_rate_events_per_s": round(e2e["events_per_s"] / 2, 1),
         "latency_events_received": lat["received"],
+        # Its first part: event produced -> the worker produced the recommendation (hop in, waiting for
+        # the batch, the step); the rest is the flush, the commit and the hop out.
+        "event_to_emit_p50_ms": round(lat["to_emit"]["p50_ms"], 1) if lat["to_emit"] else None,
+        "event_to_emit_p99_ms": round(lat["to_emit"]["p99_ms"], 1) if lat["to_emit"] else None,
         # The broker alone at the same rate, one hop (the worker path has two: in and out).
         "broker_only_hop_p50_ms": round(hop["p50_ms"], 1), "broker_only_hop_p99_ms": round(hop["p99_ms"], 1),
         "per_event_baseline_events_per_s": round(one["events_per_s"], 1),

@@ -3,12 +3,15 @@
 `ModelHolder` owns the serving `Recommender`. A requested version (from an announcement, or
 directly) is loaded and validated on a background thread, so the worker never waits for
 disk or torch; a version that passes becomes *pending*, and the worker's call to
-`swap_if_ready()` between two batches makes it current. Before a loaded version becomes
-pending, the loader thread also rebuilds the stored users' states with it (`prebuild_from`;
-Recommender.prebuild), so after the swap a user's next event only catches up on the few
-events since, instead of the worker replaying last-H histories in the middle of a batch. The worker reads `current()` once at
+`swap_if_ready()` between two batches makes it current. The worker reads `current()` once at
 the start of a batch and uses that object for the whole batch, so one batch is never scored by
 two versions, and an event waits at most for the batch in hand.
+
+Before a loaded version becomes pending, the loader thread also rebuilds the stored users'
+states with it (`prebuild_from`, Recommender.prebuild), so after the swap a user's next event
+only catches up on the few events since, instead of the worker replaying last-H histories in
+the middle of a batch. The loader runs at the lowest CPU priority, with short GIL slices and at
+half duty while prebuilding: a swap may take longer, the batches must not.
 
 A version that fails validation is refused with a log line and a counter per reason; the
 serving version is untouched. Reasons:
@@ -30,9 +33,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING

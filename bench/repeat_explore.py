@@ -1,0 +1,94 @@
+"""Where the hits and misses are on reddit-jodie: repeat targets (the user had the item before) vs
+explore targets (a new item for the user), and what the +5% bar asks of each; prints ONE JSON object.
+
+    python bench/repeat_explore.py [--data ../shared/data/reddit-jodie/reddit.tsv] [VERSION_DIR ...]
+
+Same split as bench/quality_reddit.py (last-session protocol, 30-minute sessions, events 2..n of
+each test session, full-catalogue ranks with ties counted pessimistically). VERSION_DIRs are
+trained versions to score beside the baselines, e.g. the registry that quality_reddit.py wrote.
+
+  repeat_share                 share of targets whose item is in the user's earlier events
+  <model>.recall@20_repeat / _explore, mrr@20_repeat / _explore
+  bar                          the recall@20 and MRR@20 that +5% over user-repeat+session means,
+                               and explore_recall@20_needed: the explore recall@20 that reaches
+                               the recall bar even if every repeat target were in the top 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.artifact import load_version  # noqa: E402
+from model.baselines import make_baseline  # noqa: E402
+from model.config import DataConfig  # noqa: E402
+from model.inference import HRNNScorer  # noqa: E402
+from model.loaders import load_interactions  # noqa: E402
+from model.pipeline import prepare  # noqa: E402
+from model.scorer import Scorer, UserSequence  # noqa: E402
+from model.splits import make_split  # noqa: E402
+
+REDDIT = ROOT.parent / "shared" / "data" / "reddit-jodie" / "reddit.tsv"
+REFERENCE = "user-repeat+session"
+BAR = 0.05
+CUT = 20
+
+
+def ranks_and_kinds(scorer: Scorer, seqs: list[UserSequence]) -> tuple[np.ndarray, np.ndarray]:
+    """Pessimistic rank of each main-slice target (events 2..n), and whether it repeats an earlier item."""
+    ranks, repeat = [], []
+    for a in range(0, len(seqs), 256):
+        chunk = seqs[a:a + 256]
+        for s, mat in zip(chunk, scorer.score(chunk)):
+            for row, t in zip(mat[1:], s.targets[1:]):
+                truth = s.items[t]
+                ranks.append(int((row >= row[truth]).sum()))
+                repeat.append(bool((s.items[:t] == truth).any()))
+    return np.array(ranks), np.array(repeat)
+
+
+def summary(ranks: np.ndarray, repeat: np.ndarray) -> dict[str, float]:
+    hit = ranks <= CUT
+    rr = np.where(hit, 1.0 / ranks, 0.0)
+    return {f"recall@{CUT}": float(hit.mean()), f"mrr@{CUT}": float(rr.mean()),
+            f"recall@{CUT}_repeat": float(hit[repeat].mean()), f"recall@{CUT}_explore": float(hit[~repeat].mean()),
+            f"mrr@{CUT}_repeat": float(rr[repeat].mean()), f"mrr@{CUT}_explore": float(rr[~repeat].mean())}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(REDDIT))
+    p.add_argument("versions", nargs="*", help="trained version directories to score too")
+    args = p.parse_args()
+
+    data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}, time_unit="s")
+    prep = prepare(data, DataConfig())
+    split = make_split("last-session", prep.data, prep.starts)
+    scorers: dict[str, Scorer] = {b: make_baseline(b) for b in ("pop", "sknn", "user-repeat", REFERENCE)}
+    for d in args.versions:
+        m = load_version(d)
+        scorers[Path(d).name] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids, name=Path(d).name,
+                                                          model_types=m.event_types,
+                                                          data_types=split.train.event_types)
+    report: dict = {"data": args.data, "models": {}}
+    for name, scorer in scorers.items():
+        scorer.fit(split.train, split.train_starts)
+        ranks, repeat = ranks_and_kinds(scorer, split.test)
+        report["models"][name] = {k: round(v, 4) for k, v in summary(ranks, repeat).items()}
+        report["n_targets"], report["repeat_share"] = len(ranks), round(float(repeat.mean()), 4)
+    ref, share = report["models"][REFERENCE], report["repeat_share"]
+    need = ref[f"recall@{CUT}"] * (1 + BAR)
+    report["bar"] = {f"recall@{CUT}": round(need, 4), f"mrr@{CUT}": round(ref[f"mrr@{CUT}"] * (1 + BAR), 4),
+                     f"explore_recall@{CUT}_needed": round((need - share) / (1 - share), 4)}
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
