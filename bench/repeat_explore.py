@@ -12,6 +12,9 @@ trained versions to score beside the baselines, e.g. the registry that quality_r
   bar                          the recall@20 and MRR@20 that +5% over user-repeat+session means,
                                and explore_recall@20_needed: the explore recall@20 that reaches
                                the recall bar even if every repeat target were in the top 20
+  own_items_first              recall@20 of a hand-made hybrid per scorer: the user's earlier items
+                               first (in user-repeat+session's order), the slots left filled by
+                               that scorer's ranking of the other items
 """
 from __future__ import annotations
 
@@ -53,6 +56,22 @@ def ranks_and_kinds(scorer: Scorer, seqs: list[UserSequence]) -> tuple[np.ndarra
     return np.array(ranks), np.array(repeat)
 
 
+def own_items_first(ur_scores: list[np.ndarray], other: list[np.ndarray], seqs: list[UserSequence]) -> list[bool]:
+    """Per main-slice target: is it in the top 20 of (own items by UR+S, then `other`'s new items)?"""
+    hits = []
+    for s, mu, mo in zip(seqs, ur_scores, other):
+        for r, t in enumerate(s.targets[1:], start=1):
+            earlier = s.items[:t]
+            own = np.unique(earlier[earlier >= 0])
+            own = own[np.argsort(-mu[r][own], kind="stable")][:CUT]
+            row = mo[r].copy()
+            row[own] = -np.inf
+            top = np.argpartition(-row, CUT)[:CUT]
+            fill = top[np.argsort(-row[top], kind="stable")][:CUT - len(own)]
+            hits.append(bool(s.items[t] in own or s.items[t] in fill))
+    return hits
+
+
 def summary(ranks: np.ndarray, repeat: np.ndarray) -> dict[str, float]:
     hit = ranks <= CUT
     rr = np.where(hit, 1.0 / ranks, 0.0)
@@ -76,12 +95,20 @@ def main() -> int:
         scorers[Path(d).name] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids, name=Path(d).name,
                                                           model_types=m.event_types,
                                                           data_types=split.train.event_types)
-    report: dict = {"data": args.data, "models": {}}
-    for name, scorer in scorers.items():
+    report: dict = {"data": args.data, "models": {}, "own_items_first": {}}
+    for scorer in scorers.values():
         scorer.fit(split.train, split.train_starts)
+    for name, scorer in scorers.items():
         ranks, repeat = ranks_and_kinds(scorer, split.test)
         report["models"][name] = {k: round(v, 4) for k, v in summary(ranks, repeat).items()}
         report["n_targets"], report["repeat_share"] = len(ranks), round(float(repeat.mean()), 4)
+    ur = scorers[REFERENCE]
+    for name, scorer in scorers.items():
+        hits: list[bool] = []
+        for a in range(0, len(split.test), 256):
+            chunk = split.test[a:a + 256]
+            hits += own_items_first(ur.score(chunk), scorer.score(chunk), chunk)
+        report["own_items_first"][name] = {f"recall@{CUT}": round(float(np.mean(hits)), 4)}
     ref, share = report["models"][REFERENCE], report["repeat_share"]
     need = ref[f"recall@{CUT}"] * (1 + BAR)
     report["bar"] = {f"recall@{CUT}": round(need, 4), f"mrr@{CUT}": round(ref[f"mrr@{CUT}"] * (1 + BAR), 4),
