@@ -29,8 +29,11 @@ machine; step times swing with other processes' load, so compare runs taken back
             broker's round trips grow with the data it holds (Tansu keeps everything in memory;
             batch times drift up over a run), so a base taken only before the swap would count
             that drift against the swap; bracketing the swap window with two base windows does not.
-  new item  a never-seen item NEW_ITEM takes --new-item-share of the events (the demo's 4 %); once
-            --new-item-min-events of it were produced, a small retrain (model.pipeline.train_version,
+  new item  a never-seen item NEW_ITEM takes --new-item-share of the events (the demo's 8 %); once
+            --new-item-min-events of it were produced (400: 2 % of the retrain window, a trending
+            item; with 150, 0.75 %, whether the 1-epoch retrain ranked it in anybody's top 25
+            depended on the draw, and an unanswered item kept the traffic going to the
+            timeout, which Tansu did not keep up with), a small retrain (model.pipeline.train_version,
             --retrain-epochs epochs, hidden --hidden, no holdout) runs in a child process on the
             newest --retrain-events archived events (seeded histories + everything produced so far,
             the new item included) into the same registry; the version is announced and swapped
@@ -464,7 +467,11 @@ def retrain(archive: dict, n_last: int, work: Path, registry: Path, args) -> Pat
                           capture_output=True, text=True, timeout=args.new_item_timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"retrain failed: {proc.stderr[-2000:]}")
-    return Path(proc.stdout.strip().splitlines()[-1])
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    known = NEW_ITEM in json.loads((out / "items.json").read_text())["item_ids"]
+    log(f"retrained on the newest {len(archive['items'][sl])} events "
+        f"({archive['items'][sl].count(NEW_ITEM)} of {NEW_ITEM}); the new version knows it: {known}")
+    return out
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -533,12 +540,12 @@ def main() -> None:
     p.add_argument("--base-after-s", type=float, default=10.0,
                    help="second base window, right after the swap window (see max_batch_latency_ms_base)")
     p.add_argument("--seconds", type=float, default=None, help="shorthand: base-s = swap-s = SECONDS")
-    p.add_argument("--new-item-share", type=float, default=0.04)
-    p.add_argument("--new-item-min-events", type=int, default=150,
+    p.add_argument("--new-item-share", type=float, default=0.08)
+    p.add_argument("--new-item-min-events", type=int, default=400,
                    help="new-item events produced before the retrain starts")
     p.add_argument("--retrain-events", type=int, default=20000, help="newest archived events the retrain sees")
     p.add_argument("--retrain-epochs", type=int, default=1)
-    p.add_argument("--new-item-timeout-s", type=float, default=120.0)
+    p.add_argument("--new-item-timeout-s", type=float, default=60.0)
     p.add_argument("--skip-new-item", action="store_true", help="no retrain phase (new_item_* keys null)")
     p.add_argument("--rebuild-users", type=int, default=256, help="users in the offline rebuild timing")
     p.add_argument("--prebuild-max-users", type=int, default=None,
