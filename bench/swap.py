@@ -222,27 +222,28 @@ class Probe:
                 probe.item_recommended_at = time.time()
             return out
 
-        def rebuild(rec_self, states):
-            b = probe.cur
-            if b is None or threading.get_ident() != probe.worker_ident or not states:
-                return orig_reb(rec_self, states)
-            t = time.perf_counter()
-            out = orig_reb(rec_self, states)
-            b.rebuild_ms += (time.perf_counter() - t) * 1000
+        def timed(orig, record):
+            """Wrap a state-rebuilding method: time it (worker thread only) and let `record` book it."""
+            def wrapper(rec_self, items):
+                b = probe.cur
+                if b is None or threading.get_ident() != probe.worker_ident or not items:
+                    return orig(rec_self, items)
+                t = time.perf_counter()
+                out = orig(rec_self, items)
+                record(b, (time.perf_counter() - t) * 1000, items)
+                return out
+            return wrapper
+
+        def on_rebuild(b: Batch, ms: float, states) -> None:
+            b.rebuild_ms += ms
             b.rebuild_users += len(states)
             b.rebuild_hist += sum(len(s.history) for s in states)
-            return out
 
-        def catch_up(rec_self, pairs):
-            b = probe.cur
-            if b is None or threading.get_ident() != probe.worker_ident or not pairs:
-                return orig_cu(rec_self, pairs)
-            t = time.perf_counter()
-            out = orig_cu(rec_self, pairs)
-            b.catch_up_ms += (time.perf_counter() - t) * 1000
+        def on_catch_up(b: Batch, ms: float, pairs) -> None:
+            b.catch_up_ms += ms
             b.catch_up_users += len(pairs)
-            return out
 
+        rebuild, catch_up = timed(orig_reb, on_rebuild), timed(orig_cu, on_catch_up)
         Recommender.recommend, Recommender.rebuild, Recommender.catch_up = recommend, rebuild, catch_up
         inner = worker.process_batch  # the bound method; poll_once calls self.process_batch
 
