@@ -180,10 +180,10 @@ class PartitionStore:
                 for key, raw in self._db.items(from_key=start):
                     if not key.startswith(_USER) or len(out) >= chunk:
                         break
-                    last = key
-                    state = self._decode(key[len(_USER):].decode(), raw)
+                    last, user = key, key[len(_USER):].decode()
+                    state = self._decode(user, raw)
                     if state is not None:
-                        out[key[len(_USER):].decode()] = state
+                        out[user] = state
             if last is None:
                 return
             yield out
