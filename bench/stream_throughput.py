@@ -106,7 +106,7 @@ def produce_all(bootstrap: str, topic: str, events: list[Event]) -> None:
 
 def worker_main(s, target: int, stop, ready, out) -> None:
     """Run a worker until it has recommended `target` events (0: until `stop`); report timings."""
-    from stream.worker import Worker
+    from stream.worker import Worker, tune_process_gc
 
     class Timed(Worker):
         first = last = None
@@ -125,6 +125,7 @@ def worker_main(s, target: int, stop, ready, out) -> None:
             return result
 
     w = Timed(s)
+    tune_process_gc(s.gc_threshold)  # what `hrnn serve` does
     w.start()
     while not w.assigned.is_set():
         w.poll_once()

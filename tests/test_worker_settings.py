@@ -56,6 +56,8 @@ def test_kafka_settings_can_come_from_the_environment(monkeypatch):
     ({"batch_size": 0}, "batch_size"),
     ({"kafka": {"group.id": "x"}}, "group.id"),
     ({"output_topic": "hrnn.events"}, "must differ"),
+    ({"prebuild_max_users": -1}, "prebuild_max_users"),
+    ({"gc_threshold": -5}, "gc_threshold"),
 ])
 def test_out_of_range_settings_are_refused_with_what_to_fix(overrides, complaint):
     with pytest.raises(ConfigError, match=complaint):

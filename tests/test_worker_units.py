@@ -2,6 +2,7 @@
 No broker: records are real confluent_kafka.Message objects built in memory."""
 from __future__ import annotations
 
+import gc
 import numpy as np
 import pytest
 from confluent_kafka import KafkaError, Message
@@ -10,7 +11,7 @@ from model.errors import EventError
 from model.events import Event, _decode_general, decode_event, encode_event
 from model.state import UserState
 from stream.settings import WorkerSettings
-from stream.worker import Incoming, applied_before, filters_of, route, split_by_owner
+from stream.worker import Incoming, applied_before, filters_of, route, split_by_owner, tune_process_gc
 
 TS = 1_767_225_600_000
 
@@ -81,6 +82,16 @@ def test_an_event_at_or_below_the_stored_source_offset_counts_as_applied():
     assert applied_before(state, 10) and applied_before(state, 3)
     assert not applied_before(state, 11)
     assert not applied_before(None, 0)
+
+
+def test_the_serving_process_freezes_what_it_loaded_and_collects_rarely():
+    before = gc.get_threshold()
+    try:
+        tune_process_gc(12_345)
+        assert gc.get_threshold() == (12_345, *before[1:]) and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 def test_filters_come_from_the_settings():
