@@ -182,10 +182,22 @@ class Recommender:
         """Recompute hidden states with this version from each state's stored last-H events, in one batch."""
         if not states:
             return []
-        items = [np.array([self.index.get(e.item_id, -1) for e in s.history], dtype=np.int64) for s in states]
-        flags = [np.array([e.new_session for e in s.history], dtype=bool) for s in states]
-        ts = [np.array([e.ts_ms for e in s.history], dtype=np.int64) for s in states]
-        h_user, h_sess, _ = run_sequences(self.model, PaddedSequences.build(items, flags, ts, self.device))
+        return self._replay(states, [s.history for s in states])
+
+    def _replay(self, states: Sequence[UserState], events: list[list[HistoryEvent]],
+                start: Sequence[Prebuilt] | None = None) -> list[UserState]:
+        """`states` restamped with this version and the hidden states reached by running each row's
+        `events` through the network, from a blank user or, with `start`, from a prebuilt state."""
+        seqs = PaddedSequences.build(
+            [np.array([self.index.get(e.item_id, -1) for e in ev], dtype=np.int64) for ev in events],
+            [np.array([e.new_session for e in ev], dtype=bool) for ev in events],
+            [np.array([e.ts_ms for e in ev], dtype=np.int64) for ev in events], self.device,
+            prev_ts=None if start is None else [p.last_event_ms for p in start])
+        h0 = None
+        if start is not None:
+            hidden = torch.from_numpy(np.stack([p.hidden for p in start])).to(self.device)
+            h0 = (hidden[:, 0], hidden[:, 1])
+        h_user, h_sess, _ = run_sequences(self.model, seqs, start=h0)
         hu, hs = h_user.cpu().numpy(), h_sess.cpu().numpy()
         return [replace(s, model_version=self.version, user_hidden=hu[i].copy(), session_hidden=hs[i].copy(),
                         history=list(s.history)) for i, s in enumerate(states)]
@@ -206,16 +218,7 @@ class Recommender:
         if not pairs:
             return []
         tails = [s.history[len(s.history) - (s.n_events - p.n_events):] for s, p in pairs]
-        seqs = PaddedSequences.build(
-            [np.array([self.index.get(e.item_id, -1) for e in t], dtype=np.int64) for t in tails],
-            [np.array([e.new_session for e in t], dtype=bool) for t in tails],
-            [np.array([e.ts_ms for e in t], dtype=np.int64) for t in tails], self.device,
-            prev_ts=[p.last_event_ms for _, p in pairs])
-        start = torch.from_numpy(np.stack([p.hidden for _, p in pairs])).to(self.device)
-        h_user, h_sess, _ = run_sequences(self.model, seqs, start=(start[:, 0], start[:, 1]))
-        hu, hs = h_user.cpu().numpy(), h_sess.cpu().numpy()
-        return [replace(s, model_version=self.version, user_hidden=hu[i].copy(), session_hidden=hs[i].copy(),
-                        history=list(s.history)) for i, (s, _) in enumerate(pairs)]
+        return self._replay([s for s, _ in pairs], tails, start=[p for _, p in pairs])
 
     def _take_prebuilt(self, user: str, s: UserState) -> Prebuilt | None:
         p = self.prebuilt.pop(user, None)
