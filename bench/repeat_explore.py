@@ -12,6 +12,12 @@ trained versions to score beside the baselines, e.g. the registry that quality_r
   bar                          the recall@20 and MRR@20 that +5% over user-repeat+session means,
                                and explore_recall@20_needed: the explore recall@20 that reaches
                                the recall bar even if every repeat target were in the top 20
+  explore_recall@20_new_items_only
+                               explore targets in the scorer's top 20 of the items new to the user:
+                               what a perfect repeat/explore gate would leave them
+  perfect_gate_bound           recall@20 if every repeat target were in the top 20 and every explore
+                               target got all 20 slots of the best scorer's new items (a ranking
+                               that orders new items as that scorer does cannot do better)
   own_items_first              recall@20 of a hand-made hybrid per scorer: the user's earlier items
                                first (in user-repeat+session's order), the slots left filled by
                                that scorer's ranking of the other items
@@ -43,17 +49,21 @@ BAR = 0.05
 CUT = 20
 
 
-def ranks_and_kinds(scorer: Scorer, seqs: list[UserSequence]) -> tuple[np.ndarray, np.ndarray]:
-    """Pessimistic rank of each main-slice target (events 2..n), and whether it repeats an earlier item."""
-    ranks, repeat = [], []
+def ranks_and_kinds(scorer: Scorer, seqs: list[UserSequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per main-slice target (events 2..n): pessimistic rank, whether it repeats an earlier item, and
+    its rank among the items new to the user (meaningful for explore targets only)."""
+    ranks, repeat, new_ranks = [], [], []
     for a in range(0, len(seqs), 256):
         chunk = seqs[a:a + 256]
         for s, mat in zip(chunk, scorer.score(chunk)):
             for row, t in zip(mat[1:], s.targets[1:]):
-                truth = s.items[t]
-                ranks.append(int((row >= row[truth]).sum()))
-                repeat.append(bool((s.items[:t] == truth).any()))
-    return np.array(ranks), np.array(repeat)
+                truth, earlier = s.items[t], s.items[:t]
+                above = row >= row[truth]
+                ranks.append(int(above.sum()))
+                repeat.append(bool((earlier == truth).any()))
+                above[np.unique(earlier[earlier >= 0])] = False
+                new_ranks.append(int(above.sum()) + int(repeat[-1]))
+    return np.array(ranks), np.array(repeat), np.array(new_ranks)
 
 
 def own_items_first(ur_scores: list[np.ndarray], other: list[np.ndarray], seqs: list[UserSequence]) -> list[bool]:
@@ -72,10 +82,11 @@ def own_items_first(ur_scores: list[np.ndarray], other: list[np.ndarray], seqs: 
     return hits
 
 
-def summary(ranks: np.ndarray, repeat: np.ndarray) -> dict[str, float]:
+def summary(ranks: np.ndarray, repeat: np.ndarray, new_ranks: np.ndarray) -> dict[str, float]:
     hit = ranks <= CUT
     rr = np.where(hit, 1.0 / ranks, 0.0)
     return {f"recall@{CUT}": float(hit.mean()), f"mrr@{CUT}": float(rr.mean()),
+            f"explore_recall@{CUT}_new_items_only": float((new_ranks[~repeat] <= CUT).mean()),
             f"recall@{CUT}_repeat": float(hit[repeat].mean()), f"recall@{CUT}_explore": float(hit[~repeat].mean()),
             f"mrr@{CUT}_repeat": float(rr[repeat].mean()), f"mrr@{CUT}_explore": float(rr[~repeat].mean())}
 
@@ -89,7 +100,7 @@ def main() -> int:
     data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}, time_unit="s")
     prep = prepare(data, DataConfig())
     split = make_split("last-session", prep.data, prep.starts)
-    scorers: dict[str, Scorer] = {b: make_baseline(b) for b in ("pop", "sknn", "user-repeat", REFERENCE)}
+    scorers: dict[str, Scorer] = {b: make_baseline(b) for b in ("pop", "sknn", "user-knn", "user-repeat", REFERENCE)}
     for d in args.versions:
         m = load_version(d)
         scorers[Path(d).name] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids, name=Path(d).name,
@@ -99,8 +110,8 @@ def main() -> int:
     for scorer in scorers.values():
         scorer.fit(split.train, split.train_starts)
     for name, scorer in scorers.items():
-        ranks, repeat = ranks_and_kinds(scorer, split.test)
-        report["models"][name] = {k: round(v, 4) for k, v in summary(ranks, repeat).items()}
+        ranks, repeat, new_ranks = ranks_and_kinds(scorer, split.test)
+        report["models"][name] = {k: round(v, 4) for k, v in summary(ranks, repeat, new_ranks).items()}
         report["n_targets"], report["repeat_share"] = len(ranks), round(float(repeat.mean()), 4)
     ur = scorers[REFERENCE]
     for name, scorer in scorers.items():
@@ -113,6 +124,9 @@ def main() -> int:
     need = ref[f"recall@{CUT}"] * (1 + BAR)
     report["bar"] = {f"recall@{CUT}": round(need, 4), f"mrr@{CUT}": round(ref[f"mrr@{CUT}"] * (1 + BAR), 4),
                      f"explore_recall@{CUT}_needed": round((need - share) / (1 - share), 4)}
+    best = max(m[f"explore_recall@{CUT}_new_items_only"] for m in report["models"].values())
+    report["perfect_gate_bound"] = {f"recall@{CUT}": round(share + (1 - share) * best, 4),
+                                    "explore_scorer": best}
     print(json.dumps(report))
     return 0
 

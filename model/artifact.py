@@ -171,7 +171,8 @@ def load_version(path: str | Path, device: torch.device | str = "cpu") -> Loaded
         cfg_obj = json.loads((d / "config.json").read_text())
         items = json.loads((d / "items.json").read_text())
         metrics = json.loads((d / "metrics.json").read_text())
-        config = load_config(HRNNConfig, file_values=cfg_obj["hrnn"])
+        # versions written before window_profile existed were trained without it
+        config = load_config(HRNNConfig, file_values={"window_profile": False, **cfg_obj["hrnn"]})
         data_config = load_config(DataConfig, file_values=cfg_obj["data"])
         state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

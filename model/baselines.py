@@ -176,7 +176,7 @@ class SessionKNN(_Baseline):
 
     def __init__(self, k: int = 500, sample_size: int = 2000) -> None:
         if k < 1 or sample_size < 1:
-            raise ConfigError(f"sknn: k and sample_size must be >= 1, got k={k}, sample_size={sample_size}")
+            raise ConfigError(f"{self.name}: k and sample_size must be >= 1, got k={k}, sample_size={sample_size}")
         self.k, self.sample_size = int(k), int(sample_size)
 
     def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
@@ -220,6 +220,30 @@ class SessionKNN(_Baseline):
         items, owner = _ragged_gather(self.sess_ptr, self.sess_items, cand)
         row += np.bincount(items, weights=sim[owner], minlength=self.n_items)
         return row
+
+
+class UserKNN(SessionKNN):
+    """User-based kNN: sknn with whole user histories in place of sessions. The query is every earlier
+    event of the user; the neighbours are training users (their whole training history as one item
+    set); an item scores the summed similarity of the neighbours that have it. Where sknn follows the
+    session, this follows taste: on reddit it ranks the subreddits new to a user best of all scorers
+    here (explore targets in the top 20 of the user's new items, bench/repeat_explore.py: user-knn
+    .47, tuned repeat-aware HRNN .45, sknn .42, popularity .22). k=200 found more of them than k=50
+    in a first look (.50 vs .44, log-count cosine over all users).
+    """
+
+    name = "user-knn"
+
+    def __init__(self, k: int = 200, sample_size: int = 2000) -> None:
+        super().__init__(k, sample_size)
+
+    def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        user_start = np.ones(len(train), dtype=bool)
+        user_start[1:] = train.user[1:] != train.user[:-1]
+        super()._fit(train, user_start)
+
+    def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
+        return super()._score_one(seq, 0, t)
 
 
 class Markov(_Baseline):
@@ -312,6 +336,7 @@ _REGISTRY: dict[str, Callable[..., _Baseline]] = {
     "recent-pop": RecentPopularity,
     "item-knn": ItemKNN,
     "sknn": SessionKNN,
+    "user-knn": UserKNN,
     "markov": Markov,
     "user-repeat": UserRepeat,
     "user-repeat+session": UserRepeatSession,

@@ -18,7 +18,7 @@ from model.pipeline import prepare
 from model.plots import plot_eval_table
 from model.splits import PROTOCOLS, make_split
 
-DEFAULT_BASELINES = "pop,recent-pop,item-knn,sknn"
+DEFAULT_BASELINES = "pop,recent-pop,item-knn,sknn,user-knn,user-repeat+session"  # the strongest bars by default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

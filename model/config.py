@@ -79,6 +79,7 @@ class HRNNConfig:
     bpreg: float = 1.0
     history_length: int = 100  # H: events kept per user for rebuilds and the repeat head
     repeat_head: bool = False
+    window_profile: bool = True  # with repeat_head: the window's mean item embedding joins the catalogue scores
     seed: int = 42
 
     def validate(self) -> None:

@@ -47,7 +47,7 @@ class HRNN(nn.Module):
         self.drop_sess = nn.Dropout(cfg.dropout_session)
         self.drop_user = nn.Dropout(cfg.dropout_user)
         self.drop_init = nn.Dropout(cfg.dropout_init)
-        self.repeat = RepeatHead(n_items, hid) if cfg.repeat_head else None
+        self.repeat = RepeatHead(n_items, hid, cfg.window_profile) if cfg.repeat_head else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -105,9 +105,15 @@ class HRNN(nn.Module):
     def output(self, h_sess: torch.Tensor) -> torch.Tensor:
         return self.drop_sess(h_sess)
 
+    def output_with(self, h_sess: torch.Tensor, history: HistoryWindow | None) -> torch.Tensor:
+        """The vector the catalogue is scored against: the session state, plus the window profile."""
+        out = self.output(h_sess)
+        profile = self.repeat.profile(history) if self.repeat is not None and history is not None else None
+        return out if profile is None else out + profile
+
     def score_all(self, h: torch.Tensor, history: HistoryWindow | None = None) -> torch.Tensor:
         """(B, H) -> (B, n_items) catalogue scores; `history` (the rows' last-H events) feeds the repeat head."""
-        scores = torch.addmm(self.out_bias, self.output(h), self.out_weight.t())
+        scores = torch.addmm(self.out_bias, self.output_with(h, history), self.out_weight.t())
         if self.repeat is not None and history is not None:
             scores = scores + self.repeat.dense(h, history, self.n_items)
         return scores
@@ -115,7 +121,7 @@ class HRNN(nn.Module):
     def score_items(self, h: torch.Tensor, items: torch.Tensor, history: HistoryWindow | None = None
                     ) -> torch.Tensor:
         """(B, H), (C,) -> (B, C) scores of a candidate set: training never scores the whole catalogue."""
-        scores = torch.addmm(self.out_bias[items], self.output(h), self.out_weight[items].t())
+        scores = torch.addmm(self.out_bias[items], self.output_with(h, history), self.out_weight[items].t())
         if self.repeat is not None and history is not None:
             scores = scores + self.repeat.at(h, history, items)
         return scores

@@ -60,6 +60,7 @@ def suggest(trial: optuna.Trial, base: HRNNConfig) -> HRNNConfig:
     }
     if repeat:  # H only matters with the head; without it the base value is kept
         values["history_length"] = trial.suggest_int("history_length", 10, 200, log=True)
+        values["window_profile"] = trial.suggest_categorical("window_profile", [False, True])
     cfg = dataclasses.replace(base, **values)
     cfg.validate()
     return cfg
@@ -74,6 +75,7 @@ def base_params(base: HRNNConfig) -> dict[str, Any]:
          "logq": 1.0 if base.logq >= 0.5 else 0.0, "bptt": max(base.bptt, 4), "recency_mask": base.recency_mask}
     if base.repeat_head:
         p["history_length"] = min(max(base.history_length, 10), 200)
+        p["window_profile"] = base.window_profile
     return p
 
 

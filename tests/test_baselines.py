@@ -150,6 +150,22 @@ def test_sknn_finds_the_similar_session(bg):
     assert r.index("f") < r.index("a") and r.index("g") < r.index("pop")
 
 
+def test_user_knn_follows_the_users_whole_history_where_sknn_sees_only_the_session(bg):
+    data, starts = bg
+    seq = sequence(data, ["d", "e"], [0, 2 * DAY_MS])
+    opening = UserSequence(seq.user, seq.items, np.array([0, 2 * DAY_MS, 3 * DAY_MS]), seq.event_type,
+                           np.array([True, True, True]), seq.targets)  # the target opens a third session
+    uk = make_baseline("user-knn", k=3)
+    uk.fit(data, starts)
+    r = ranking(uk, opening, data)
+    assert set(r[:4]) == {"d", "e", "f", "g"}  # users who had d and e also had f and g
+    sk = make_baseline("sknn")
+    sk.fit(data, starts)
+    assert ranking(sk, opening, data)[0] == "pop"  # no current session: sknn falls back to popularity
+    with pytest.raises(ConfigError, match="user-knn: k"):
+        make_baseline("user-knn", k=0)
+
+
 def test_item_knn_scores_items_that_share_sessions_with_the_last_item(bg):
     data, starts = bg
     knn = make_baseline("item-knn")

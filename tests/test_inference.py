@@ -183,17 +183,21 @@ def test_a_prebuilt_state_older_than_the_stored_history_is_rebuilt_instead(versi
     np.testing.assert_allclose(adv.scores.numpy(), ref.scores.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_repeat_head_moves_the_scores_of_items_in_the_users_history(version):
+def test_the_repeat_head_rescores_the_users_own_items_and_the_window_profile_shifts_the_catalogue(version):
     data, path = version
     rec = Recommender.load(path, device="cpu")
     if rec.model.repeat is None:
         pytest.skip("plain model")
     events = _events_of(data, 5)
     adv = rec.advance({}, events)
+    window = [rec.index[e.item_id] for e in events[-rec.history_length:] if e.item_id in rec.index]
     with torch.no_grad():
-        h = torch.from_numpy(adv.states[events[0].user_id].session_hidden).unsqueeze(0)
-        plain = rec.model.score_all(h)[0]
-    diff = (adv.scores[-1] - plain).abs()
-    seen = {rec.index[e.item_id] for e in events[-rec.history_length:]}
-    assert all(float(diff[i]) < 1e-6 for i in range(len(rec.item_ids)) if i not in seen)
+        h = torch.from_numpy(adv.states[events[0].user_id].session_hidden)
+        profile = rec.model.repeat.profile_emb[window].mean(0)  # the fixture's versions have the profile
+        catalogue = rec.model.out_bias + rec.model.out_weight @ (h + profile)
+        without_profile = rec.model.out_bias + rec.model.out_weight @ h
+    diff = (adv.scores[-1] - catalogue).abs()
+    seen = set(window)
+    assert all(float(diff[i]) < 1e-5 for i in range(len(rec.item_ids)) if i not in seen)
     assert max(float(diff[i]) for i in seen) > 1e-3
+    assert float((catalogue - without_profile).abs().max()) > 1e-3

@@ -108,6 +108,53 @@ def test_only_items_of_the_window_are_rescored_and_candidate_columns_match_the_c
                                                        [False] * 6]
 
 
+def test_the_window_profile_is_the_mean_embedding_of_the_windows_known_events():
+    head = _random_head(10)
+    t0 = 1_700_000_000_000
+    events = [[(2, t0, 1, True), (-1, t0 + MIN_MS, 1, False), (2, t0 + 2 * MIN_MS, 1, False), (5, t0 + 3 * MIN_MS, 1, False)],
+              [(-1, t0, 1, True)], []]
+    with torch.no_grad():
+        prof = head.profile(window_from_events(events, 6, torch.device("cpu")))
+        emb = head.profile_emb
+        torch.testing.assert_close(prof[0], (2 * emb[2] + emb[5]) / 3)  # unknown items and padding do not count
+    assert not prof[1:].any()  # nothing known: no profile
+    assert RepeatHead(10, 8, profile=False).profile(window_from_events(events, 6, torch.device("cpu"))) is None
+
+
+@pytest.mark.parametrize("profile", [True, False])
+def test_only_the_window_profile_lets_the_window_move_the_scores_of_items_the_user_never_had(profile):
+    torch.manual_seed(0)
+    model = HRNN(12, HRNNConfig(hidden_dimension=32, repeat_head=True, window_profile=profile)).eval()
+    with torch.no_grad():
+        for prm in model.repeat.parameters():
+            prm.add_(torch.randn_like(prm) * 0.5)
+    t0 = 1_700_000_000_000
+    a = window_from_events([[(1, t0, 1, True), (2, t0 + MIN_MS, 1, False)]], 10, torch.device("cpu"))
+    b = window_from_events([[(3, t0, 1, True), (4, t0 + MIN_MS, 1, False)]], 10, torch.device("cpu"))
+    h = torch.randn(1, 32)
+    with torch.no_grad():
+        never = torch.tensor([0, 5, 6, 7, 8, 9, 10, 11])  # in neither window
+        moved = not torch.allclose(model.score_all(h, a)[:, never], model.score_all(h, b)[:, never])
+    assert moved == profile
+
+
+def test_a_version_saved_before_the_window_profile_existed_loads_without_it(tmp_path):
+    import json
+
+    from model.artifact import _sha256, load_version, save_version
+
+    cfg = HRNNConfig(hidden_dimension=32, repeat_head=True, window_profile=False)
+    path = save_version(tmp_path, HRNN(6, cfg), cfg, DataConfig(), [f"i{k}" for k in range(6)], ["click"])
+    conf = json.loads((path / "config.json").read_text())
+    del conf["hrnn"]["window_profile"]
+    (path / "config.json").write_text(json.dumps(conf))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["config.json"] = _sha256(path / "config.json")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = load_version(path)
+    assert loaded.config.window_profile is False and loaded.model.repeat.profile_emb is None
+
+
 def test_ages_are_measured_from_the_newest_event_so_a_common_time_shift_changes_nothing():
     head = _random_head(10)
     t0 = 1_700_000_000_000
