@@ -2,6 +2,7 @@
 
     python bench/quality_reddit.py [--data ../shared/data/reddit-jodie/reddit.tsv] [--out-dir /tmp/quality]
         [--repeat-set key=value,...] [--plain-set key=value,...] [--repeat-config best.json] [--models repeat,plain]
+        [--seeds 42,1,2]
     python bench/quality_reddit.py --synth [--repeat-share 0]   # the same on `hrnn synth`'s default log
 
 Both networks are trained exactly as `hrnn train` does (model.pipeline.train_version: featurize,
@@ -14,6 +15,7 @@ and writes a bar chart PNG next to it. Training time swings with the shared mach
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -56,6 +58,22 @@ def _config(base: dict, file: str | None, pairs: str) -> tuple[HRNNConfig, DataC
     return load_config(HRNNConfig, file_values=values), load_config(DataConfig, file_values=values)
 
 
+def _seed_means(models: dict[str, dict[str, float]], names: list[str]) -> dict[str, dict[str, float]]:
+    """Per network (name before "/seed"), recall@20 and MRR@20 averaged over its seeds, with min and max."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for n in names:
+        groups.setdefault(n.split("/seed")[0], []).append(models[n])
+    out = {}
+    for net, runs in groups.items():
+        out[net] = {}
+        for k in ("recall@20", "mrr@20"):
+            vals = [r[k] for r in runs]
+            out[net].update({k: round(sum(vals) / len(vals), 4), f"{k}_min": round(min(vals), 4),
+                            f"{k}_max": round(max(vals), 4)})
+        out[net]["seeds"] = len(runs)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REDDIT))
@@ -67,6 +85,8 @@ def main() -> int:
     p.add_argument("--plain-set", default="", help="overrides for plain HRNN-Init: key=value,...")
     p.add_argument("--synth", action="store_true", help="hrnn synth's default log (2000 users, 1000 items) instead")
     p.add_argument("--repeat-share", type=float, default=0.0, help="with --synth: the repeat knob")
+    p.add_argument("--seeds", default="", help="train each network once per seed (comma list) and compare the "
+                   "means: seed-to-seed spread on reddit is about 0.3% MRR (default: the config's seed)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
 
@@ -85,6 +105,10 @@ def main() -> int:
     if "plain" in wanted:
         configs["hrnn-init"] = _config(PLAIN_DEFAULTS, args.plain_config, args.plain_set)
 
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if seeds:
+        configs = {(f"{name}/seed{sd}" if len(seeds) > 1 else name): (dataclasses.replace(cfg, seed=sd), dcfg)
+                   for name, (cfg, dcfg) in configs.items() for sd in seeds}
     training: dict[str, dict] = {}
     versions = {}
     for name, (cfg, dcfg) in configs.items():
@@ -115,14 +139,16 @@ def main() -> int:
                     "models": {n: {k: round(m[k], 4) for k in keys if k in m} for n, m in result.models.items()},
                     "training": training}
     ref = result.models[REFERENCE]
-    for name in versions:
-        m = result.models[name]
+    networks = _seed_means(result.models, list(versions))
+    if len(networks) < len(versions):
+        report["seed_means"] = networks
+    for name, m in networks.items():
         gain = {k: round(m[k] / ref[k] - 1.0, 4) for k in ("recall@20", "mrr@20")}
         report.setdefault("relative_to_" + REFERENCE, {})[name] = gain
         if name == "hrnn-repeat":
             report["repeat_meets_bar"] = all(v >= BAR for v in gain.values())
-            if "hrnn-init" in result.models:
-                plain = result.models["hrnn-init"]
+            if "hrnn-init" in networks:
+                plain = networks["hrnn-init"]
                 report["repeat_beats_plain"] = m["recall@20"] > plain["recall@20"] and m["mrr@20"] > plain["mrr@20"]
                 report["repeat_relative_to_plain"] = {k: round(m[k] / plain[k] - 1.0, 4)
                                                       for k in ("recall@20", "mrr@20")}
