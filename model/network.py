@@ -149,10 +149,9 @@ class PaddedSequences:
         for r, (i, s, ts) in enumerate(zip(items, new_session, ts_ms)):
             n = len(i)
             it[r, :n], ns[r, :n], valid[r, :n] = i, s, True
-            if prev_ts is not None and n:
-                gap[r, :n] = np.diff(np.maximum.accumulate(np.concatenate([[prev_ts[r]], ts])))
-            elif n > 1:
-                gap[r, 1:n] = np.maximum(np.diff(np.maximum.accumulate(ts)), 0)
+            if n:  # a new user's first event has no gap: measure it from its own time
+                prev = ts[0] if prev_ts is None else prev_ts[r]
+                gap[r, :n] = np.diff(np.maximum.accumulate(np.concatenate([[prev], ts])))
         as_t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         return cls(as_t(it), as_t(ns), as_t(gap), as_t(valid))
 
