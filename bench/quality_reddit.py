@@ -37,7 +37,7 @@ from model.splits import make_split  # noqa: E402
 from model.synth import generate  # noqa: E402
 
 REDDIT = ROOT.parent / "shared" / "data" / "reddit-jodie" / "reddit.tsv"
-BASELINES = ("pop", "sknn", "user-knn", "user-repeat", "user-repeat+session")
+BASELINES = ("pop", "sknn", "user-knn", "ease", "user-repeat", "user-repeat+session")
 REFERENCE = "user-repeat+session"
 BAR = 0.05  # the target: +5% relative on recall@20 and MRR@20 over REFERENCE
 # Settings beyond the defaults: more epochs than the default 5 (validation MRR still rose to epoch ~8 on

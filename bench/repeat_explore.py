@@ -21,6 +21,9 @@ trained versions to score beside the baselines, e.g. the registry that quality_r
   own_items_first              recall@20 of a hand-made hybrid per scorer: the user's earlier items
                                first (in user-repeat+session's order), the slots left filled by
                                that scorer's ranking of the other items
+  ease_fusion                  per VERSION_DIR: recall@20 and MRR@20 of (its scores + beta * EASE's)
+                               for each beta of a grid, read on the test split itself: an optimistic
+                               look at what the best explore scorer here could add to the network
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ REDDIT = ROOT.parent / "shared" / "data" / "reddit-jodie" / "reddit.tsv"
 REFERENCE = "user-repeat+session"
 BAR = 0.05
 CUT = 20
+FUSION_BETAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def ranks_and_kinds(scorer: Scorer, seqs: list[UserSequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -82,6 +86,26 @@ def own_items_first(ur_scores: list[np.ndarray], other: list[np.ndarray], seqs: 
     return hits
 
 
+def fusion_grid(network: Scorer, ease: Scorer, seqs: list[UserSequence]) -> dict[str, dict[str, float]]:
+    """Per beta: recall@20 and MRR@20 over the main-slice targets of network scores + beta * ease scores."""
+    net, add, truth = [], [], []
+    for a in range(0, len(seqs), 256):
+        chunk = seqs[a:a + 256]
+        for s, mn, me in zip(chunk, network.score(chunk), ease.score(chunk)):
+            net.append(mn[1:])
+            add.append(me[1:])
+            truth.append(s.items[s.targets[1:]])
+    n_mat, e_mat, t = np.concatenate(net), np.concatenate(add), np.concatenate(truth).astype(np.int64)
+    out = {}
+    for beta in FUSION_BETAS:
+        scores = n_mat + beta * e_mat
+        ranks = (scores >= scores[np.arange(len(t)), t][:, None]).sum(axis=1)
+        hit = ranks <= CUT
+        out[str(beta)] = {f"recall@{CUT}": round(float(hit.mean()), 4),
+                          f"mrr@{CUT}": round(float(np.where(hit, 1.0 / ranks, 0.0).mean()), 4)}
+    return out
+
+
 def summary(ranks: np.ndarray, repeat: np.ndarray, new_ranks: np.ndarray) -> dict[str, float]:
     hit = ranks <= CUT
     rr = np.where(hit, 1.0 / ranks, 0.0)
@@ -100,13 +124,14 @@ def main() -> int:
     data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}, time_unit="s")
     prep = prepare(data, DataConfig())
     split = make_split("last-session", prep.data, prep.starts)
-    scorers: dict[str, Scorer] = {b: make_baseline(b) for b in ("pop", "sknn", "user-knn", "user-repeat", REFERENCE)}
+    scorers: dict[str, Scorer] = {b: make_baseline(b) for b in ("pop", "sknn", "user-knn", "ease", "user-repeat",
+                                                             REFERENCE)}
     for d in args.versions:
         m = load_version(d)
         scorers[Path(d).name] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids, name=Path(d).name,
                                                           model_types=m.event_types,
                                                           data_types=split.train.event_types)
-    report: dict = {"data": args.data, "models": {}, "own_items_first": {}}
+    report: dict = {"data": args.data, "models": {}, "own_items_first": {}, "ease_fusion": {}}
     for scorer in scorers.values():
         scorer.fit(split.train, split.train_starts)
     for name, scorer in scorers.items():
@@ -120,6 +145,8 @@ def main() -> int:
             chunk = split.test[a:a + 256]
             hits += own_items_first(ur.score(chunk), scorer.score(chunk), chunk)
         report["own_items_first"][name] = {f"recall@{CUT}": round(float(np.mean(hits)), 4)}
+    for d in args.versions:
+        report["ease_fusion"][Path(d).name] = fusion_grid(scorers[Path(d).name], scorers["ease"], split.test)
     ref, share = report["models"][REFERENCE], report["repeat_share"]
     need = ref[f"recall@{CUT}"] * (1 + BAR)
     report["bar"] = {f"recall@{CUT}": round(need, 4), f"mrr@{CUT}": round(ref[f"mrr@{CUT}"] * (1 + BAR), 4),

@@ -226,10 +226,10 @@ class UserKNN(SessionKNN):
     """User-based kNN: sknn with whole user histories in place of sessions. The query is every earlier
     event of the user; the neighbours are training users (their whole training history as one item
     set); an item scores the summed similarity of the neighbours that have it. Where sknn follows the
-    session, this follows taste: on reddit it ranks the subreddits new to a user best of all scorers
-    here (explore targets in the top 20 of the user's new items, bench/repeat_explore.py: user-knn
-    .47, tuned repeat-aware HRNN .45, sknn .42, popularity .22). k=200 found more of them than k=50
-    in a first look (.50 vs .44, log-count cosine over all users).
+    session, this follows taste: on reddit it ranks the subreddits new to a user second best of the
+    scorers here (explore targets in the top 20 of the user's new items, bench/repeat_explore.py:
+    ease .52, user-knn .47, tuned repeat-aware HRNN .45, sknn .42, popularity .22). k=200 found more
+    of them than k=50 in a first look (.50 vs .44, log-count cosine over all users).
     """
 
     name = "user-knn"
@@ -244,6 +244,48 @@ class UserKNN(SessionKNN):
 
     def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
         return super()._score_one(seq, 0, t)
+
+
+class EASE(_Baseline):
+    """EASE (Steck, WWW 2019): a full item-item linear model fit in closed form on the binary user x item
+    matrix X of training: P = (X'X + l2 I)^-1, B[i, j] = -P[i, j] / P[j, j], B[j, j] = 0. A target scores
+    x B, where x marks the items of the user's earlier events (the whole history, not only the session).
+    On reddit it ranks the subreddits new to a user best of the scorers here (bench/repeat_explore.py).
+    Memory and fitting grow with the square and the cube of the catalogue: catalogues above
+    `max_items` are refused rather than left to exhaust the machine.
+    """
+
+    name = "ease"
+
+    def __init__(self, l2: float = 300.0, max_items: int = 10_000) -> None:
+        if l2 <= 0:
+            raise ConfigError(f"{self.name}: l2 must be > 0, got {l2}")
+        self.l2, self.max_items = float(l2), int(max_items)
+
+    def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
+        n = self.n_items
+        if n > self.max_items:
+            raise ConfigError(f"{self.name}: {n} items is above max_items={self.max_items} (it inverts an n x n "
+                              "matrix, 8 n^2 bytes): leave ease out of the baselines, or raise max_items "
+                              "(make_baseline('ease', max_items=...)) where the memory is there")
+        key = np.unique(train.user.astype(np.int64) * n + train.item)
+        users, items = np.unique(key // n, return_inverse=True)[1], key % n
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch flags its sparse API as beta
+            x = torch.sparse_coo_tensor(torch.from_numpy(np.stack([users, items])),
+                                        torch.ones(len(key), dtype=torch.float64),
+                                        (int(users.max()) + 1 if len(key) else 1, n)).coalesce()
+            gram = torch.sparse.mm(x.t().coalesce(), x).to_dense()
+        p = torch.linalg.inv(gram + self.l2 * torch.eye(n, dtype=torch.float64))
+        b = -p / torch.diagonal(p).unsqueeze(0)
+        b.fill_diagonal_(0.0)
+        self.weights = b.to(torch.float32).numpy()
+        self.base = 1e-6 * self.pop_norm
+
+    def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
+        earlier = seq.items[:t]
+        earlier = np.unique(earlier[earlier >= 0])
+        return self.base + self.weights[earlier].sum(axis=0)
 
 
 class Markov(_Baseline):
@@ -337,6 +379,7 @@ _REGISTRY: dict[str, Callable[..., _Baseline]] = {
     "item-knn": ItemKNN,
     "sknn": SessionKNN,
     "user-knn": UserKNN,
+    "ease": EASE,
     "markov": Markov,
     "user-repeat": UserRepeat,
     "user-repeat+session": UserRepeatSession,

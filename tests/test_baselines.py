@@ -166,6 +166,23 @@ def test_user_knn_follows_the_users_whole_history_where_sknn_sees_only_the_sessi
         make_baseline("user-knn", k=0)
 
 
+def test_ease_ranks_the_items_that_go_with_the_users_items_across_users_first(bg):
+    data, starts = bg
+    ease = make_baseline("ease")
+    ease.fit(data, starts)
+    r = ranking(ease, sequence(data, ["d", "e"], [0, 2 * DAY_MS]), data)
+    new = [x for x in r if x not in ("d", "e")]
+    assert set(new[:2]) == {"f", "g"}  # every user with d and e also had f and g
+    assert new.index("f") < new.index("pop") and new.index("g") < new.index("a")
+
+
+def test_ease_refuses_a_catalogue_above_max_items_and_a_non_positive_l2(bg):
+    data, starts = bg
+    with pytest.raises(ConfigError, match="max_items=3"):
+        make_baseline("ease", max_items=3).fit(data, starts)
+    with pytest.raises(ConfigError, match="l2 must be > 0"):
+        make_baseline("ease", l2=0)
+
 def test_item_knn_scores_items_that_share_sessions_with_the_last_item(bg):
     data, starts = bg
     knn = make_baseline("item-knn")
