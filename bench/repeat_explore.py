@@ -1,7 +1,7 @@
 """Where the hits and misses are on reddit-jodie: repeat targets (the user had the item before) vs
 explore targets (a new item for the user), and what the +5% bar asks of each; prints ONE JSON object.
 
-    python bench/repeat_explore.py [--data ../shared/data/reddit-jodie/reddit.tsv] [VERSION_DIR ...]
+    python bench/repeat_explore.py [--data ../shared/data/reddit-jodie/reddit.tsv] [--png PATH] [VERSION_DIR ...]
 
 Same split as bench/quality_reddit.py (last-session protocol, 30-minute sessions, events 2..n of
 each test session, full-catalogue ranks with ties counted pessimistically). VERSION_DIRs are
@@ -21,6 +21,8 @@ trained versions to score beside the baselines, e.g. the registry that quality_r
   own_items_first              recall@20 of a hand-made hybrid per scorer: the user's earlier items
                                first (in user-repeat+session's order), the slots left filled by
                                that scorer's ranking of the other items
+  png                          a chart of the recall@20 figures against the bar (default
+                               /tmp/repeat_explore.png)
   ease_fusion                  per VERSION_DIR: recall@20 and MRR@20 of (its scores + beta * EASE's)
                                for each beta of a grid, read on the test split itself: an optimistic
                                look at what the best explore scorer here could add to the network
@@ -115,9 +117,51 @@ def summary(ranks: np.ndarray, repeat: np.ndarray, new_ranks: np.ndarray) -> dic
             f"mrr@{CUT}_repeat": float(rr[repeat].mean()), f"mrr@{CUT}_explore": float(rr[~repeat].mean())}
 
 
+def plot(report: dict, path: Path) -> Path:
+    """Left: where each scorer's hits are; right: recall@20 of scorers, hybrids and the bound vs the bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    names = list(models)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=120)
+    kinds = (f"recall@{CUT}_repeat", f"recall@{CUT}_explore", f"explore_recall@{CUT}_new_items_only")
+    x = np.arange(len(names))
+    for j, k in enumerate(kinds):
+        bars = left.bar(x + (j - 1) * 0.27, [models[n][k] for n in names], 0.27, label=k)
+        left.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+    left.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+    left.set_ylim(0, 1.25)
+    left.set_title(f"repeat targets ({report['repeat_share']:.0%}) vs explore targets", fontsize=10)
+    left.legend(fontsize=7, loc="upper left", ncols=3)
+    rows = [(n, models[n][f"recall@{CUT}"]) for n in names]
+    rows += [(f"{n}: own items first", v[f"recall@{CUT}"]) for n, v in report["own_items_first"].items()
+             if n not in ("user-repeat", REFERENCE)]
+    rows += [(f"{n} + beta x ease (best beta)", max(g[f"recall@{CUT}"] for g in grid.values()))
+             for n, grid in report["ease_fusion"].items()]
+    rows.append(("perfect gate, best explore scorer", report["perfect_gate_bound"][f"recall@{CUT}"]))
+    y, lo = np.arange(len(rows)), 0.8
+    bars = right.barh(y, [max(v, lo) for _, v in rows], color=["tab:gray"] * len(names) + ["tab:blue"] * (len(rows) - len(names) - 1)
+                      + ["tab:green"])
+    right.bar_label(bars, labels=[f"{v:.3f}" + (" (off scale)" if v < lo else "") for _, v in rows], fontsize=6,
+                    padding=1)
+    right.axvline(report["bar"][f"recall@{CUT}"], color="tab:red", label=f"bar (+5% over {REFERENCE})")
+    right.set_yticks(y, [n for n, _ in rows], fontsize=7)
+    right.set_xlim(lo, 0.95)
+    right.invert_yaxis()
+    right.set_title(f"recall@{CUT}", fontsize=10)
+    right.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(REDDIT))
+    p.add_argument("--png", default="/tmp/repeat_explore.png", help="where to write the chart")
     p.add_argument("versions", nargs="*", help="trained version directories to score too")
     args = p.parse_args()
 
@@ -154,6 +198,7 @@ def main() -> int:
     best = max(m[f"explore_recall@{CUT}_new_items_only"] for m in report["models"].values())
     report["perfect_gate_bound"] = {f"recall@{CUT}": round(share + (1 - share) * best, 4),
                                     "explore_scorer": best}
+    report["png"] = str(plot(report, Path(args.png)))
     print(json.dumps(report))
     return 0
 
