@@ -142,8 +142,8 @@ def plot(report: dict, path: Path) -> Path:
              for n, grid in report["ease_fusion"].items()]
     rows.append(("perfect gate, best explore scorer", report["perfect_gate_bound"][f"recall@{CUT}"]))
     y, lo = np.arange(len(rows)), 0.8
-    bars = right.barh(y, [max(v, lo) for _, v in rows], color=["tab:gray"] * len(names) + ["tab:blue"] * (len(rows) - len(names) - 1)
-                      + ["tab:green"])
+    colors = ["tab:gray"] * len(names) + ["tab:blue"] * (len(rows) - len(names) - 1) + ["tab:green"]
+    bars = right.barh(y, [max(v, lo) for _, v in rows], color=colors)
     right.bar_label(bars, labels=[f"{v:.3f}" + (" (off scale)" if v < lo else "") for _, v in rows], fontsize=6,
                     padding=1)
     right.axvline(report["bar"][f"recall@{CUT}"], color="tab:red", label=f"bar (+5% over {REFERENCE})")

@@ -72,6 +72,9 @@ class HRNNConfig:
     weight_decay: float = 0.0
     batch_size: int = 64
     epochs: int = 5
+    # After early stopping: train again from scratch on every training event, the validation sessions
+    # (each user's latest) included, for the best epoch count; the served model learns the freshest behaviour.
+    refit: bool = True
     loss: str = "cross-entropy"
     n_sample: int = 256
     sample_alpha: float = 0.75

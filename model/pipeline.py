@@ -2,11 +2,14 @@
 
 Featurize, sessionize, hold out the evaluation protocol's test events (so `hrnn evaluate`
 on the same file scores events the model never saw), hold out each remaining user's last
-session for early stopping, train, and publish the version with its metrics.
+session for early stopping, train, and publish the version with its metrics. With `refit`
+(the default) the published network is trained once more, from scratch, on the whole
+training part for the epoch count early stopping chose: the held-out sessions are each
+user's most recent ones, the behaviour (and the new items) a retrained model exists to learn.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +40,7 @@ class Prepared:
 @dataclass
 class TrainingRun:
     version_dir: Path
-    fit: FitResult
+    fit: FitResult  # the early-stopping run (its history, best epoch); with refit, not the published network
     report: FeaturizeReport
     metrics: dict
 
@@ -63,7 +66,9 @@ class FitInputs:
     prep: Prepared
     train: Interactions  # compacted: the served catalogue is what the model learned from
     starts: np.ndarray
-    validation: Split | None  # each training user's last session, carved out of `train`'s source
+    validation: Split | None  # each training user's last session, carved out of `full`
+    full: Interactions  # the whole training part (train plus the validation sessions), same catalogue
+    full_starts: np.ndarray
 
 
 def fit_inputs(data: Interactions, data_config: DataConfig, holdout: str = "last-session", seed: int = 0,
@@ -72,13 +77,13 @@ def fit_inputs(data: Interactions, data_config: DataConfig, holdout: str = "last
     user's last session as the validation split; never touches the test events."""
     prep = prepare(data, data_config)
     train, starts = training_part(prep, holdout, seed)
-    train = train.compact()
-    val = None
+    full, full_starts = train.compact(), starts
+    train, val = full, None
     if early_stopping:
-        cand = validation_split(Split("last-session", train, starts, [], []))
+        cand = validation_split(Split("last-session", full, starts, [], []))
         if cand.test:
             train, starts, val = cand.train, cand.train_starts, cand
-    return FitInputs(prep, train, starts, val)
+    return FitInputs(prep, train, starts, val, full, full_starts)
 
 
 def validator(split: Split, seed: int = 0) -> Validator:
@@ -110,11 +115,21 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
     result = fit(train, starts, config, type_weights=weights, validate=validate, device=device, progress=progress,
                  init_state=init_state)
     last = result.history[result.best_epoch - 1] if result.history else {}
+    model, refit = result.model, {}
+    if config.refit and validate is not None:
+        train, starts = inputs.full, inputs.full_starts
+        if progress:
+            print(f"refit: {len(train)} events (validation sessions included), {result.best_epoch} epochs", flush=True)
+        again = fit(train, starts, replace(config, epochs=result.best_epoch),
+                    type_weights=event_weights(train, data_config), device=device, progress=progress,
+                    init_state=init_state)
+        model, refit = again.model, {"refit": {"epochs": result.best_epoch, "history": again.history}}
+    # val_* are the early-stopping run's: a refit network has trained on the validation sessions
     metrics = {"best_epoch": result.best_epoch, "history": result.history, "holdout": holdout,
                "train_events": len(train), "train_users": int(len(np.unique(train.user))),
-               "featurize": report_dict(prep.report),
+               "featurize": report_dict(prep.report), **refit,
                **{k: v for k, v in last.items() if k.startswith("val_")}, **(extra_metrics or {})}
-    path = save_version(registry, result.model, config, data_config, [str(i) for i in train.item_ids],
+    path = save_version(registry, model, config, data_config, [str(i) for i in train.item_ids],
                         list(train.event_types), metrics, make_current=make_current,
                         extras=lambda d: plot_training_curve(result.history, d / "training_curve.png"))
     return TrainingRun(path, result, prep.report, metrics)

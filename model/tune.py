@@ -9,7 +9,8 @@ is a trial that would run past the time budget. The first trial is the base conf
 study never ends worse than the defaults it started from.
 
 Outputs in `out_dir`: best.json (every HRNNConfig and DataConfig field: `hrnn train --config
-best.json` reruns the best trial), trials.json and trials.csv (one row per trial) and
+best.json` reruns the best trial and, with `refit`, then trains it once more on the validation
+sessions too), trials.json and trials.csv (one row per trial) and
 optimization_history.png.
 """
 from __future__ import annotations
