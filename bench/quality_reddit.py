@@ -7,8 +7,9 @@
 
 Both networks are trained exactly as `hrnn train` does (model.pipeline.train_version: featurize,
 hold out the last-session test, early stopping on a validation split carved from the training
-part, then the refit on the whole training part), then scored with the baselines under the last-session protocol (30-minute sessions,
-full-catalogue ranking, pessimistic ties) as `hrnn evaluate` does. Prints ONE JSON object
+part, then the refit on the whole training part), then scored with the baselines under the
+last-session protocol (30-minute sessions, full-catalogue ranking, pessimistic ties) as
+`hrnn evaluate` does. Prints ONE JSON object
 (metrics per model, training time, the repeat model's relative gain over user-repeat+session)
 and writes a bar chart PNG next to it. Training time swings with the shared machine's load.
 """

@@ -64,10 +64,10 @@ class FitInputs:
     """What one training run learns from and stops early on (shared by `hrnn train` and `hrnn tune`)."""
 
     prep: Prepared
-    train: Interactions  # compacted: the served catalogue is what the model learned from
+    train: Interactions  # what early stopping trains on: `full` less the validation sessions
     starts: np.ndarray
     validation: Split | None  # each training user's last session, carved out of `full`
-    full: Interactions  # the whole training part (train plus the validation sessions), same catalogue
+    full: Interactions  # the whole training part, compacted: its catalogue is the served one (train shares it)
     full_starts: np.ndarray
 
 
