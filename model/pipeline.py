@@ -115,7 +115,7 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
     result = fit(train, starts, config, type_weights=weights, validate=validate, device=device, progress=progress,
                  init_state=init_state)
     last = result.history[result.best_epoch - 1] if result.history else {}
-    model, refit = result.model, {}
+    model, refit, again = result.model, {}, None
     if config.refit and validate is not None:
         train, starts = inputs.full, inputs.full_starts
         if progress:
@@ -131,7 +131,8 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
                **{k: v for k, v in last.items() if k.startswith("val_")}, **(extra_metrics or {})}
     path = save_version(registry, model, config, data_config, [str(i) for i in train.item_ids],
                         list(train.event_types), metrics, make_current=make_current,
-                        extras=lambda d: plot_training_curve(result.history, d / "training_curve.png"))
+                        extras=lambda d: plot_training_curve(result.history, d / "training_curve.png",
+                                                             refit=again.history if again else None))
     return TrainingRun(path, result, prep.report, metrics)
 
 

@@ -39,14 +39,19 @@ def plot_eval_table(result: EvalResult, path: str | Path, metrics: tuple[str, ..
     return path
 
 
-def plot_training_curve(history: list[dict], path: str | Path, metric: str = "val_mrr@20") -> Path:
-    """Training loss (left axis) and a validation metric (right axis) per epoch; entries lacking a value are skipped."""
+def plot_training_curve(history: list[dict], path: str | Path, metric: str = "val_mrr@20",
+                        refit: list[dict] | None = None) -> Path:
+    """Training loss (left axis) and a validation metric (right axis) per epoch; entries lacking a value are
+    skipped. `refit`: the refit run's history, its loss drawn dashed on the same axis."""
     path = Path(path)
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
     fig, ax = plt.subplots(figsize=(6.5, 4.0), dpi=120)
     loss = [(e, h["loss"]) for e, h in zip(epochs, history) if h.get("loss") is not None]
     if loss:
         ax.plot(*zip(*loss), "o-", color="tab:blue", label="train loss")
+    again = [(h.get("epoch", i + 1), h["loss"]) for i, h in enumerate(refit or []) if h.get("loss") is not None]
+    if again:
+        ax.plot(*zip(*again), "x--", color="tab:blue", alpha=0.6, label="refit loss (validation sessions too)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss", color="tab:blue")
     ax.grid(alpha=0.3)

@@ -24,3 +24,11 @@ def test_training_curve_plot_writes_a_png_and_tolerates_missing_values(tmp_path)
     data = plot_training_curve(history, tmp_path / "curve.png").read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5_000
     assert plot_training_curve([], tmp_path / "empty.png").exists()
+
+
+def test_training_curve_draws_the_refit_loss_beside_the_early_stopping_run(tmp_path):
+    history = [{"epoch": 1, "loss": 6.0, "val_mrr@20": 0.4}, {"epoch": 2, "loss": 5.1, "val_mrr@20": 0.45}]
+    plain = plot_training_curve(history, tmp_path / "plain.png").read_bytes()
+    refit = [{"epoch": 1, "loss": 5.8}, {"epoch": 2, "loss": 4.9}]
+    both = plot_training_curve(history, tmp_path / "refit.png", refit=refit).read_bytes()
+    assert both.startswith(PNG_MAGIC) and both != plain
