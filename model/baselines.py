@@ -111,6 +111,23 @@ def _training_sessions(train: Interactions, session_start: np.ndarray):
     return key // train.n_items, (key % train.n_items).astype(np.int64), n_sess
 
 
+def _user_starts(train: Interactions) -> np.ndarray:
+    """True at each user's first event: whole user histories as the 'sessions' of _training_sessions."""
+    starts = np.ones(len(train), dtype=bool)
+    starts[1:] = train.user[1:] != train.user[:-1]
+    return starts
+
+
+def _cooccurrence(groups: np.ndarray, items: np.ndarray, n_groups: int, n_items: int) -> torch.Tensor:
+    """Sparse (n_items, n_items) counts of groups holding both items, from unique (group, item) pairs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch flags its sparse API as beta
+        x = torch.sparse_coo_tensor(torch.from_numpy(np.stack([groups, items])),
+                                    torch.ones(len(groups), dtype=torch.float64),
+                                    (max(1, n_groups), n_items)).coalesce()
+        return torch.sparse.mm(x.t().coalesce(), x).coalesce()
+
+
 class ItemKNN(_Baseline):
     """Cosine similarity of items as binary session-membership vectors; a target is scored by the
     similarities to the last (known) item of its current session, popularity if the session is
@@ -129,11 +146,7 @@ class ItemKNN(_Baseline):
     def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
         s, i, n_sess = _training_sessions(train, session_start)
         n = self.n_items
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch flags its sparse API as beta
-            x = torch.sparse_coo_tensor(torch.from_numpy(np.stack([s, i])), torch.ones(len(s), dtype=torch.float64),
-                                        (max(1, n_sess), n)).coalesce()
-            co = torch.sparse.mm(x.t().coalesce(), x).coalesce()
+        co = _cooccurrence(s, i, n_sess, n)
         r, c = co.indices().numpy()
         v = co.values().numpy()
         support = np.bincount(i, minlength=n).astype(np.float64)  # sessions per item
@@ -238,9 +251,7 @@ class UserKNN(SessionKNN):
         super().__init__(k, sample_size)
 
     def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
-        user_start = np.ones(len(train), dtype=bool)
-        user_start[1:] = train.user[1:] != train.user[:-1]
-        super()._fit(train, user_start)
+        super()._fit(train, _user_starts(train))
 
     def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
         return super()._score_one(seq, 0, t)
@@ -268,14 +279,8 @@ class EASE(_Baseline):
             raise ConfigError(f"{self.name}: {n} items is above max_items={self.max_items} (it inverts an n x n "
                               "matrix, 8 n^2 bytes): leave ease out of the baselines, or raise max_items "
                               "(make_baseline('ease', max_items=...)) where the memory is there")
-        key = np.unique(train.user.astype(np.int64) * n + train.item)
-        users, items = np.unique(key // n, return_inverse=True)[1], key % n
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch flags its sparse API as beta
-            x = torch.sparse_coo_tensor(torch.from_numpy(np.stack([users, items])),
-                                        torch.ones(len(key), dtype=torch.float64),
-                                        (int(users.max()) + 1 if len(key) else 1, n)).coalesce()
-            gram = torch.sparse.mm(x.t().coalesce(), x).to_dense()
+        users, items, n_users = _training_sessions(train, _user_starts(train))
+        gram = _cooccurrence(users, items, n_users, n).to_dense()
         p = torch.linalg.inv(gram + self.l2 * torch.eye(n, dtype=torch.float64))
         b = -p / torch.diagonal(p).unsqueeze(0)
         b.fill_diagonal_(0.0)
