@@ -55,20 +55,23 @@ CUT = 20
 FUSION_BETAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
-def ranks_and_kinds(scorer: Scorer, seqs: list[UserSequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score_all(scorer: Scorer, seqs: list[UserSequence]) -> list[np.ndarray]:
+    """The scorer's (targets, catalogue) matrix per sequence, scored once, 256 sequences at a time."""
+    return [m for a in range(0, len(seqs), 256) for m in scorer.score(seqs[a:a + 256])]
+
+
+def ranks_and_kinds(scores: list[np.ndarray], seqs: list[UserSequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per main-slice target (events 2..n): pessimistic rank, whether it repeats an earlier item, and
     its rank among the items new to the user (meaningful for explore targets only)."""
     ranks, repeat, new_ranks = [], [], []
-    for a in range(0, len(seqs), 256):
-        chunk = seqs[a:a + 256]
-        for s, mat in zip(chunk, scorer.score(chunk)):
-            for row, t in zip(mat[1:], s.targets[1:]):
-                truth, earlier = s.items[t], s.items[:t]
-                above = row >= row[truth]
-                ranks.append(int(above.sum()))
-                repeat.append(bool((earlier == truth).any()))
-                above[np.unique(earlier[earlier >= 0])] = False
-                new_ranks.append(int(above.sum()) + int(repeat[-1]))
+    for s, mat in zip(seqs, scores):
+        for row, t in zip(mat[1:], s.targets[1:]):
+            truth, earlier = s.items[t], s.items[:t]
+            above = row >= row[truth]
+            ranks.append(int(above.sum()))
+            repeat.append(bool((earlier == truth).any()))
+            above[np.unique(earlier[earlier >= 0])] = False
+            new_ranks.append(int(above.sum()) + int(repeat[-1]))
     return np.array(ranks), np.array(repeat), np.array(new_ranks)
 
 
@@ -88,16 +91,11 @@ def own_items_first(ur_scores: list[np.ndarray], other: list[np.ndarray], seqs: 
     return hits
 
 
-def fusion_grid(network: Scorer, ease: Scorer, seqs: list[UserSequence]) -> dict[str, dict[str, float]]:
+def fusion_grid(network: list[np.ndarray], ease: list[np.ndarray], seqs: list[UserSequence]
+                ) -> dict[str, dict[str, float]]:
     """Per beta: recall@20 and MRR@20 over the main-slice targets of network scores + beta * ease scores."""
-    net, add, truth = [], [], []
-    for a in range(0, len(seqs), 256):
-        chunk = seqs[a:a + 256]
-        for s, mn, me in zip(chunk, network.score(chunk), ease.score(chunk)):
-            net.append(mn[1:])
-            add.append(me[1:])
-            truth.append(s.items[s.targets[1:]])
-    n_mat, e_mat, t = np.concatenate(net), np.concatenate(add), np.concatenate(truth).astype(np.int64)
+    n_mat, e_mat = np.concatenate([m[1:] for m in network]), np.concatenate([m[1:] for m in ease])
+    t = np.concatenate([s.items[s.targets[1:]] for s in seqs]).astype(np.int64)
     out = {}
     for beta in FUSION_BETAS:
         scores = n_mat + beta * e_mat
@@ -176,21 +174,18 @@ def main() -> int:
                                                           model_types=m.event_types,
                                                           data_types=split.train.event_types)
     report: dict = {"data": args.data, "models": {}, "own_items_first": {}, "ease_fusion": {}}
-    for scorer in scorers.values():
-        scorer.fit(split.train, split.train_starts)
+    scores = {}
     for name, scorer in scorers.items():
-        ranks, repeat, new_ranks = ranks_and_kinds(scorer, split.test)
+        scorer.fit(split.train, split.train_starts)
+        scores[name] = score_all(scorer, split.test)
+    for name, mats in scores.items():
+        ranks, repeat, new_ranks = ranks_and_kinds(mats, split.test)
         report["models"][name] = {k: round(v, 4) for k, v in summary(ranks, repeat, new_ranks).items()}
         report["n_targets"], report["repeat_share"] = len(ranks), round(float(repeat.mean()), 4)
-    ur = scorers[REFERENCE]
-    for name, scorer in scorers.items():
-        hits: list[bool] = []
-        for a in range(0, len(split.test), 256):
-            chunk = split.test[a:a + 256]
-            hits += own_items_first(ur.score(chunk), scorer.score(chunk), chunk)
+        hits = own_items_first(scores[REFERENCE], mats, split.test)
         report["own_items_first"][name] = {f"recall@{CUT}": round(float(np.mean(hits)), 4)}
     for d in args.versions:
-        report["ease_fusion"][Path(d).name] = fusion_grid(scorers[Path(d).name], scorers["ease"], split.test)
+        report["ease_fusion"][Path(d).name] = fusion_grid(scores[Path(d).name], scores["ease"], split.test)
     ref, share = report["models"][REFERENCE], report["repeat_share"]
     need = ref[f"recall@{CUT}"] * (1 + BAR)
     report["bar"] = {f"recall@{CUT}": round(need, 4), f"mrr@{CUT}": round(ref[f"mrr@{CUT}"] * (1 + BAR), 4),
