@@ -42,6 +42,13 @@ def ranking(scorer, seq: UserSequence, data: Interactions) -> list[str]:
     return [data.item_ids[j] for j in np.argsort(-scores[0], kind="stable")]
 
 
+def fitted(name: str, data: Interactions, starts: np.ndarray, **params):
+    """A baseline made by name and fitted on the log (data, starts)."""
+    sc = make_baseline(name, **params)
+    sc.fit(data, starts)
+    return sc
+
+
 def background() -> list[tuple[str, str, int]]:
     """Other users: 'pop' is the most popular item; sessions {a, b, c} and {d, e, f}; a -> b transitions."""
     ev = []
@@ -61,25 +68,21 @@ def bg():
 
 def test_pop_ranks_the_most_frequent_item_first(bg):
     data, starts = bg
-    pop = make_baseline("pop")
-    pop.fit(data, starts)
+    pop = fitted("pop", data, starts)
     assert ranking(pop, sequence(data, ["d"], [0]), data)[0] == "pop"
 
 
 def test_recent_pop_prefers_what_was_popular_lately():
     ev = [(f"old{k}", "x", 0) for k in range(10)] + [(f"new{k}", "y", 10 * DAY_MS) for k in range(3)]
     data, starts = build(ev)
-    recent, pop = make_baseline("recent-pop", days=2), make_baseline("pop")
-    recent.fit(data, starts)
-    pop.fit(data, starts)
+    recent, pop = fitted("recent-pop", data, starts, days=2), fitted("pop", data, starts)
     seq = sequence(data, ["x"], [11 * DAY_MS])
     assert ranking(recent, seq, data)[0] == "y" and ranking(pop, seq, data)[0] == "x"
 
 
 def test_user_repeat_ranks_the_users_recent_item_first(bg):
     data, starts = build(background() + [("me", "a", 0), ("me", "e", 30 * DAY_MS)])
-    ur = make_baseline("user-repeat")
-    ur.fit(data, starts)
+    ur = fitted("user-repeat", data, starts)
     seq = sequence(data, ["a", "a", "a", "e"], [0, MIN_MS, 2 * MIN_MS, 20 * DAY_MS])
     assert ranking(ur, seq, data)[:2] == ["e", "a"]
 
@@ -87,17 +90,15 @@ def test_user_repeat_ranks_the_users_recent_item_first(bg):
 def test_user_repeat_half_life_trades_frequency_against_recency(bg):
     data, starts = bg
     seq = sequence(data, ["a", "a", "a", "e"], [0, MIN_MS, 2 * MIN_MS, 20 * DAY_MS])
-    short, long_ = make_baseline("user-repeat", half_life_days=7), make_baseline("user-repeat", half_life_days=100)
-    short.fit(data, starts)
-    long_.fit(data, starts)
+    short = fitted("user-repeat", data, starts, half_life_days=7)
+    long_ = fitted("user-repeat", data, starts, half_life_days=100)
     assert ranking(short, seq, data)[0] == "e"  # 1 vs 3 * 2^(-20/7) = 0.41
     assert ranking(long_, seq, data)[0] == "a"  # 1 vs 3 * 2^(-20/100) = 2.6
 
 
 def test_user_repeat_ranks_unseen_items_by_popularity(bg):
     data, starts = bg
-    ur = make_baseline("user-repeat")
-    ur.fit(data, starts)
+    ur = fitted("user-repeat", data, starts)
     assert ranking(ur, sequence(data, ["e"], [0]), data)[:2] == ["e", "pop"]
 
 
@@ -105,25 +106,21 @@ def test_session_term_lifts_the_current_sessions_items(bg):
     data, starts = bg
     # history: a twice a day ago; current session: c once
     seq = sequence(data, ["a", "a", "c"], [0, MIN_MS, DAY_MS])
-    ur, urs = make_baseline("user-repeat"), make_baseline("user-repeat+session", session_weight=3.0)
-    ur.fit(data, starts)
-    urs.fit(data, starts)
+    ur, urs = fitted("user-repeat", data, starts), fitted("user-repeat+session", data, starts, session_weight=3.0)
     assert ranking(ur, seq, data)[0] == "a"
     assert ranking(urs, seq, data)[0] == "c"
 
 
 def test_markov_follows_transitions(bg):
     data, starts = bg
-    mk = make_baseline("markov")
-    mk.fit(data, starts)
+    mk = fitted("markov", data, starts)
     assert ranking(mk, sequence(data, ["d", "a"], [0, MIN_MS]), data)[0] == "b"
     assert ranking(mk, sequence(data, ["a", "d"], [0, MIN_MS]), data)[0] == "e"
 
 
 def test_markov_backs_off_to_popularity(bg):
     data, starts = bg
-    mk = make_baseline("markov")
-    mk.fit(data, starts)
+    mk = fitted("markov", data, starts)
     # g was never followed by anything
     assert ranking(mk, sequence(data, ["g"], [0]), data)[0] == "pop"
 
@@ -131,20 +128,17 @@ def test_markov_backs_off_to_popularity(bg):
 def test_unknown_items_are_skipped_as_inputs(bg):
     data, starts = bg
     for name in BASELINES:
-        sc = make_baseline(name)
-        sc.fit(data, starts)
+        sc = fitted(name, data, starts)
         with_unknown = sc.score([sequence(data, ["d", "a", "?"], [0, MIN_MS, 2 * MIN_MS])])[0]
         without = sc.score([sequence(data, ["d", "a"], [0, MIN_MS])])[0]
         assert np.argmax(with_unknown) == np.argmax(without), name
-    mk = make_baseline("markov")
-    mk.fit(data, starts)
+    mk = fitted("markov", data, starts)
     assert ranking(mk, sequence(data, ["a", "?"], [0, MIN_MS]), data)[0] == "b"
 
 
 def test_sknn_finds_the_similar_session(bg):
     data, starts = bg
-    sk = make_baseline("sknn", k=3, sample_size=50)
-    sk.fit(data, starts)
+    sk = fitted("sknn", data, starts, k=3, sample_size=50)
     r = ranking(sk, sequence(data, ["d", "e"], [0, MIN_MS]), data)
     assert set(r[:4]) == {"d", "e", "f", "g"}
     assert r.index("f") < r.index("a") and r.index("g") < r.index("pop")
@@ -155,12 +149,10 @@ def test_user_knn_follows_the_users_whole_history_where_sknn_sees_only_the_sessi
     seq = sequence(data, ["d", "e"], [0, 2 * DAY_MS])
     opening = UserSequence(seq.user, seq.items, np.array([0, 2 * DAY_MS, 3 * DAY_MS]), seq.event_type,
                            np.array([True, True, True]), seq.targets)  # the target opens a third session
-    uk = make_baseline("user-knn", k=3)
-    uk.fit(data, starts)
+    uk = fitted("user-knn", data, starts, k=3)
     r = ranking(uk, opening, data)
     assert set(r[:4]) == {"d", "e", "f", "g"}  # users who had d and e also had f and g
-    sk = make_baseline("sknn")
-    sk.fit(data, starts)
+    sk = fitted("sknn", data, starts)
     assert ranking(sk, opening, data)[0] == "pop"  # no current session: sknn falls back to popularity
     with pytest.raises(ConfigError, match="user-knn: k"):
         make_baseline("user-knn", k=0)
@@ -168,8 +160,7 @@ def test_user_knn_follows_the_users_whole_history_where_sknn_sees_only_the_sessi
 
 def test_ease_ranks_the_items_that_go_with_the_users_items_across_users_first(bg):
     data, starts = bg
-    ease = make_baseline("ease")
-    ease.fit(data, starts)
+    ease = fitted("ease", data, starts)
     r = ranking(ease, sequence(data, ["d", "e"], [0, 2 * DAY_MS]), data)
     new = [x for x in r if x not in ("d", "e")]
     assert set(new[:2]) == {"f", "g"}  # every user with d and e also had f and g
@@ -183,14 +174,13 @@ def test_ease_refuses_a_catalogue_above_max_items_and_a_non_positive_l2(bg):
     with pytest.raises(ConfigError, match="l2 must be > 0"):
         make_baseline("ease", l2=0)
 
+
 def test_item_knn_scores_items_that_share_sessions_with_the_last_item(bg):
     data, starts = bg
-    knn = make_baseline("item-knn")
-    knn.fit(data, starts)
+    knn = fitted("item-knn", data, starts)
     r = ranking(knn, sequence(data, ["d", "a"], [0, MIN_MS]), data)
     assert set(r[:3]) == {"a", "b", "c"}  # always together: cosine 1, itself included
-    no_self = make_baseline("item-knn", exclude_self=True)
-    no_self.fit(data, starts)
+    no_self = fitted("item-knn", data, starts, exclude_self=True)
     assert set(ranking(no_self, sequence(data, ["a"], [0]), data)[:2]) == {"b", "c"}
 
 
@@ -200,8 +190,7 @@ def test_session_only_baselines_fall_back_to_popularity_when_a_session_opens(bg)
     opening = UserSequence(seq.user, seq.items, np.array([0, MIN_MS, 5 * HOUR_MS]), seq.event_type,
                            np.array([True, False, True]), seq.targets)
     for name in ("item-knn", "sknn"):
-        sc = make_baseline(name)
-        sc.fit(data, starts)
+        sc = fitted(name, data, starts)
         assert ranking(sc, opening, data)[0] == "pop", name
 
 
@@ -214,8 +203,7 @@ def test_scores_use_only_events_before_the_target(bg):
                            seq.ts_ms + np.array([0, 0, 9 * HOUR_MS]), seq.event_type, seq.session_start,
                            seq.targets)
     for name in BASELINES:
-        sc = make_baseline(name)
-        sc.fit(data, starts)
+        sc = fitted(name, data, starts)
         a, b = sc.score([seq])[0], sc.score([changed])[0]
         assert np.array_equal(a[0], b[0]), name  # row 0 sees only position 0, which is identical
 
