@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from model.artifact import load_version  # noqa: E402
 from model.baselines import make_baseline  # noqa: E402
 from model.config import DataConfig  # noqa: E402
+from model.errors import exit_status  # noqa: E402
 from model.inference import HRNNScorer  # noqa: E402
 from model.loaders import load_interactions  # noqa: E402
 from model.pipeline import prepare  # noqa: E402
@@ -199,4 +200,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main, Path(__file__).name))

@@ -1,6 +1,9 @@
 """Typed errors that tell the user what to fix in their input."""
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class HRNNError(Exception):
     """Base class: every error the CLI reports as a clear message and a non-zero exit."""
@@ -37,3 +40,15 @@ class ConfigError(HRNNError):
 
 class ArtifactError(HRNNError):
     """A model version is unreadable, incomplete or fails validation."""
+
+
+def exit_status(main: Callable[[], int | None], name: str) -> int:
+    """Run a command's main: its status, or 2 with "name: error: message" on stderr for an HRNNError (bad
+    input, said plainly, no traceback), or 130 on Ctrl-C."""
+    try:
+        return int(main() or 0)
+    except HRNNError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from model.errors import HRNNError
+from model.errors import exit_status
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("model.cli_synth", "write a synthetic Personalize-schema interactions file"),
@@ -41,13 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    try:
-        return int(module.run(args) or 0)
-    except HRNNError as exc:
-        print(f"hrnn {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return exit_status(lambda: module.run(args), f"hrnn {args.command}")
 
 
 if __name__ == "__main__":

@@ -81,3 +81,13 @@ def test_a_file_without_the_required_columns_names_what_was_found(tmp_path):
     bad.write_text("user,thing\n1,2\n")
     proc = hrnn("train", "--data", str(bad), "--registry", str(tmp_path / "r"), check=False)
     assert proc.returncode == 2 and "bad.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_benchmark_scripts_report_bad_input_as_one_error_line_and_exit_2(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    for script, args in (("quality_reddit.py", ["--data", str(tmp_path / "missing.tsv")]),
+                         ("repeat_explore.py", [str(tmp_path / "no-version")])):
+        proc = subprocess.run([sys.executable, str(root / "bench" / script), *args], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2, script
+        assert proc.stderr.startswith(f"{script}: error: ") and "Traceback" not in proc.stderr, proc.stderr
