@@ -69,6 +69,8 @@ class HRNNConfig:
     predict_session_start: bool = True  # also train on the first item of a session, from the user state
     optimizer: str = "adam"
     learning_rate: float = 0.005
+    # > 0: validate and publish a moving average of the weights over about this many epochs of steps, not the last step
+    weight_average_epochs: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 64
     epochs: int = 5
@@ -95,6 +97,7 @@ class HRNNConfig:
         for name in ("dropout_embedding", "dropout_session", "dropout_user", "dropout_init"):
             _in_range(name, getattr(self, name), 0.0, 0.9)
         _in_range("learning_rate", self.learning_rate, 1e-6, 10.0)
+        _in_range("weight_average_epochs", self.weight_average_epochs, 0.0, 100.0)
         _in_range("batch_size", self.batch_size, 1, 8192)
         _in_range("epochs", self.epochs, 1, 1000)
         _in_range("n_sample", self.n_sample, 0, 100_000)

@@ -227,8 +227,31 @@ def _make_optimizer(model: HRNN, cfg: HRNNConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+class WeightAverage:
+    """A moving average of the network's weights over about the last `epochs` epochs of optimizer steps:
+    the plain mean of every step so far until that many steps were taken, an exponential average with
+    that horizon after. The horizon is counted in epochs so that it means the same on any log size;
+    the first epoch's step count turns it into steps."""
+
+    def __init__(self, model: HRNN, epochs: float) -> None:
+        self.model, self.epochs = copy.deepcopy(model), epochs
+        self.steps, self.horizon = 0, math.inf
+
+    def end_epoch(self) -> None:
+        if math.isinf(self.horizon):
+            self.horizon = max(1.0, self.epochs * self.steps)
+
+    def update(self, model: HRNN) -> None:
+        self.steps += 1
+        weight = max(1 / self.steps, 1 / self.horizon)
+        with torch.no_grad():
+            for a, p in zip(self.model.parameters(), model.parameters()):
+                a.lerp_(p, weight)
+
+
 def run_epoch(model: HRNN, seqs: TrainSequences, cfg: HRNNConfig, opt: torch.optim.Optimizer,
-              rng: np.random.Generator, device: torch.device, bar: tqdm | None = None) -> dict:
+              rng: np.random.Generator, device: torch.device, bar: tqdm | None = None,
+              average: WeightAverage | None = None) -> dict:
     model.train()
     n_users = len(seqs.bounds) - 1
     slots = _Slots(seqs, rng.permutation(n_users), min(cfg.batch_size, max(n_users, 1)))
@@ -250,6 +273,8 @@ def run_epoch(model: HRNN, seqs: TrainSequences, cfg: HRNNConfig, opt: torch.opt
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if average is not None:
+                average.update(model)
             total, batches = total + float(loss.detach()), batches + 1
         state = tuple(s.detach() for s in state)
         if bar is not None:
@@ -273,18 +298,22 @@ def fit(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig, *, type_
     opt = _make_optimizer(model, cfg)
     result = FitResult(model)
     best, best_state, bad = -math.inf, None, 0
+    average = WeightAverage(model, cfg.weight_average_epochs) if cfg.weight_average_epochs > 0 else None
+    served = average.model if average is not None else model  # what is validated and published
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         with tqdm(total=len(data), desc=f"epoch {epoch}/{cfg.epochs}", unit="ev", disable=not progress,
                   leave=True, mininterval=1.0) as bar:
-            stats = run_epoch(model, seqs, cfg, opt, rng, dev, bar)
+            stats = run_epoch(model, seqs, cfg, opt, rng, dev, bar, average)
+        if average is not None:
+            average.end_epoch()
         secs = time.perf_counter() - t0
         entry = {"epoch": epoch, "loss": stats["loss"], "seconds": secs, "events_per_s": stats["events"] / secs}
         if validate is not None:
-            entry.update({f"val_{k}": v for k, v in validate(model).items()})
+            entry.update({f"val_{k}": v for k, v in validate(served).items()})
             score = entry.get("val_mrr@20", -stats["loss"])
             if score > best:
-                best, best_state, bad, result.best_epoch = score, copy.deepcopy(model.state_dict()), 0, epoch
+                best, best_state, bad, result.best_epoch = score, copy.deepcopy(served.state_dict()), 0, epoch
             else:
                 bad += 1
         result.history.append(entry)
@@ -293,9 +322,11 @@ def fit(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig, *, type_
             tqdm.write(f"epoch {epoch}: {shown}")
         if validate is not None and bad >= patience:
             break
+    if best_state is None and average is not None:
+        best_state = average.model.state_dict()
     if best_state is not None:
         model.load_state_dict(best_state)
-    else:
+    if validate is None:
         result.best_epoch = len(result.history)
     model.eval()
     return result

@@ -15,7 +15,7 @@ from model.network import HRNN
 from model.sessions import session_starts
 from model.splits import last_session_split
 from model.synth import generate
-from model.train import TrainSequences, fit, run_epoch
+from model.train import TrainSequences, WeightAverage, fit, run_epoch
 
 SMALL = dict(hidden_dimension=32, batch_size=16, n_sample=16, epochs=1)
 
@@ -60,6 +60,41 @@ def test_training_with_a_seed_is_deterministic_on_cpu(synth):
     for k, v in a.model.state_dict().items():
         torch.testing.assert_close(v, b.model.state_dict()[k], rtol=0, atol=0)
     assert not torch.equal(a.model.out_bias, c.model.out_bias)
+
+
+def _shift(model: HRNN, by: float) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(by)
+
+
+def test_the_weight_average_is_the_mean_of_the_steps_until_its_horizon_then_exponential():
+    model = HRNN(10, HRNNConfig(hidden_dimension=32))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    average = WeightAverage(model, epochs=2)
+    for by in (1.0, 2.0):  # one "epoch" of two steps: weights at start+1, then start+3
+        _shift(model, by)
+        average.update(model)
+    average.end_epoch()  # horizon: 2 epochs x 2 steps
+    for k, v in average.model.state_dict().items():
+        torch.testing.assert_close(v, start[k] + 2.0)  # the random start itself is not in the mean
+    for _ in range(2):  # steps 3 and 4: still the plain mean, of 1, 3, 3, 3
+        average.update(model)
+    for k, v in average.model.state_dict().items():
+        torch.testing.assert_close(v, start[k] + 2.5)
+    _shift(model, 2.0)  # step 5, past the horizon: moves by 1/4 of the gap (start+5 vs start+2.5)
+    average.update(model)
+    for k, v in average.model.state_dict().items():
+        torch.testing.assert_close(v, start[k] + 3.125)
+
+
+def test_with_weight_average_the_published_network_is_the_average_not_the_last_step(synth):
+    starts = session_starts(synth, 1800)
+    plain = fit(synth, starts, HRNNConfig(**SMALL, seed=11), progress=False, device="cpu")
+    averaged = fit(synth, starts, HRNNConfig(**SMALL, seed=11, weight_average_epochs=0.5), progress=False, device="cpu")
+    assert not torch.equal(plain.model.out_bias, averaged.model.out_bias)
+    # the same optimisation path, so the average stays close to the last step's weights
+    torch.testing.assert_close(averaged.model.out_bias, plain.model.out_bias, rtol=0, atol=0.05)
 
 
 @pytest.mark.parametrize("loss", ["top1", "bpr-max", "cross-entropy"])
