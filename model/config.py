@@ -77,6 +77,10 @@ class HRNNConfig:
     # After early stopping: train again from scratch on every training event, the validation sessions
     # (each user's latest) included, for the best epoch count; the served model learns the freshest behaviour.
     refit: bool = True
+    # > 0: first train this many networks of this config (seeds seed+1 ...), then the published one learns
+    # their mean predictions too (weight distill_weight): most of an ensemble's gain at one network's serving cost
+    distill_teachers: int = 0
+    distill_weight: float = 1.0
     loss: str = "cross-entropy"
     n_sample: int = 256
     sample_alpha: float = 0.75
@@ -101,6 +105,8 @@ class HRNNConfig:
         _in_range("batch_size", self.batch_size, 1, 8192)
         _in_range("epochs", self.epochs, 1, 1000)
         _in_range("n_sample", self.n_sample, 0, 100_000)
+        _in_range("distill_teachers", self.distill_teachers, 0, 16)
+        _in_range("distill_weight", self.distill_weight, 0.0, 100.0)
         _in_range("history_length", self.history_length, 1, 10_000)
         if self.tied_embeddings and self.embedding_dimension not in (0, self.hidden_dimension):
             raise ConfigError("tied_embeddings needs embedding_dimension equal to hidden_dimension (or 0)")

@@ -6,6 +6,8 @@ session for early stopping, train, and publish the version with its metrics. Wit
 (the default) the published network is trained once more, from scratch, on the whole
 training part for the epoch count early stopping chose: the held-out sessions are each
 user's most recent ones, the behaviour (and the new items) a retrained model exists to learn.
+With `distill_teachers` = N > 0, N networks of the same config (other seeds) are trained that way
+first, and both runs of the published network also learn the teachers' mean predictions.
 """
 from __future__ import annotations
 
@@ -104,36 +106,80 @@ def validator(split: Split, seed: int = 0) -> Validator:
     return run
 
 
+@dataclass
+class Trained:
+    """One network's training: the early-stopping run and, with refit, the run that is published."""
+
+    early: FitResult
+    refit: FitResult | None
+
+    @property
+    def published(self) -> HRNN:
+        return (self.refit or self.early).model
+
+
+def fit_and_refit(inputs: FitInputs, config: HRNNConfig, data_config: DataConfig, validate: Validator | None, *,
+                  device: str = "auto", progress: bool = True, init_state: dict | None = None,
+                  teachers: list[Trained] | None = None) -> Trained:
+    """Early stopping on the validation sessions, then (refit) again from scratch on every training event for
+    the epoch count it chose. With teachers, each run learns from the teachers' networks trained on the same
+    events: their early-stopping networks never saw the validation sessions either."""
+    early = fit(inputs.train, inputs.starts, config, type_weights=event_weights(inputs.train, data_config),
+                validate=validate, device=device, progress=progress, init_state=init_state,
+                teachers=[t.early.model for t in teachers] if teachers else None)
+    if not (config.refit and validate is not None):
+        return Trained(early, None)
+    if progress:
+        print(f"refit: {len(inputs.full)} events (validation sessions included), {early.best_epoch} epochs",
+              flush=True)
+    again = fit(inputs.full, inputs.full_starts, replace(config, epochs=early.best_epoch),
+                type_weights=event_weights(inputs.full, data_config), device=device, progress=progress,
+                init_state=init_state, teachers=[t.published for t in teachers] if teachers else None)
+    return Trained(early, again)
+
+
+def train_teachers(inputs: FitInputs, config: HRNNConfig, data_config: DataConfig, validate: Validator | None,
+                   **kwargs) -> list[Trained]:
+    """config.distill_teachers networks of the same config with seeds seed+1, seed+2, ... (none when 0)."""
+    out = []
+    for i in range(config.distill_teachers):
+        cfg = replace(config, seed=config.seed + 1 + i, distill_teachers=0)
+        if kwargs.get("progress", True):
+            print(f"teacher {i + 1}/{config.distill_teachers} (seed {cfg.seed})", flush=True)
+        out.append(fit_and_refit(inputs, cfg, data_config, validate, **kwargs))
+    return out
+
+
+def _val_metrics(result: FitResult) -> dict:
+    last = result.history[result.best_epoch - 1] if result.history else {}
+    return {k: v for k, v in last.items() if k.startswith("val_")}
+
+
 def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfig, data_config: DataConfig,
                   holdout: str = "last-session", early_stopping: bool = True, device: str = "auto",
                   progress: bool = True, init_state: dict | None = None, make_current: bool = True,
                   extra_metrics: dict | None = None) -> TrainingRun:
     inputs = fit_inputs(data, data_config, holdout, config.seed, early_stopping)
-    prep, train, starts = inputs.prep, inputs.train, inputs.starts
     validate = validator(inputs.validation, config.seed) if inputs.validation is not None else None
-    weights = event_weights(train, data_config)
-    result = fit(train, starts, config, type_weights=weights, validate=validate, device=device, progress=progress,
-                 init_state=init_state)
-    last = result.history[result.best_epoch - 1] if result.history else {}
-    model, refit, again = result.model, {}, None
-    if config.refit and validate is not None:
-        train, starts = inputs.full, inputs.full_starts
-        if progress:
-            print(f"refit: {len(train)} events (validation sessions included), {result.best_epoch} epochs", flush=True)
-        again = fit(train, starts, replace(config, epochs=result.best_epoch),
-                    type_weights=event_weights(train, data_config), device=device, progress=progress,
-                    init_state=init_state)
-        model, refit = again.model, {"refit": {"epochs": result.best_epoch, "history": again.history}}
+    run = dict(device=device, progress=progress, init_state=init_state)
+    teachers = train_teachers(inputs, config, data_config, validate, **run)
+    trained = fit_and_refit(inputs, config, data_config, validate, teachers=teachers, **run)
+    result, again = trained.early, trained.refit
+    train = inputs.full if again else inputs.train
+    extra = {"refit": {"epochs": result.best_epoch, "history": again.history}} if again else {}
+    if teachers:
+        extra["distill"] = {"teachers": len(teachers), "weight": config.distill_weight,
+                            "teacher_validation": [_val_metrics(t.early) for t in teachers]}
     # val_* are the early-stopping run's: a refit network has trained on the validation sessions
     metrics = {"best_epoch": result.best_epoch, "history": result.history, "holdout": holdout,
                "train_events": len(train), "train_users": int(len(np.unique(train.user))),
-               "featurize": report_dict(prep.report), **refit,
-               **{k: v for k, v in last.items() if k.startswith("val_")}, **(extra_metrics or {})}
-    path = save_version(registry, model, config, data_config, [str(i) for i in train.item_ids],
+               "featurize": report_dict(inputs.prep.report), **extra, **_val_metrics(result),
+               **(extra_metrics or {})}
+    path = save_version(registry, trained.published, config, data_config, [str(i) for i in train.item_ids],
                         list(train.event_types), metrics, make_current=make_current,
                         extras=lambda d: plot_training_curve(result.history, d / "training_curve.png",
                                                              refit=again.history if again else None))
-    return TrainingRun(path, result, prep.report, metrics)
+    return TrainingRun(path, result, inputs.prep.report, metrics)
 
 
 def report_dict(report: FeaturizeReport) -> dict:

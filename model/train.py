@@ -16,6 +16,10 @@ history window: the row's own event for next-in-session targets, the previous ev
 session-start targets, so the window is the slot user's last H events (earlier sessions
 and the current one) exactly as evaluation and the online API see them.
 
+Distillation (fit's `teachers`): trained networks step through the same slots beside the network
+being trained, in eval mode, and score the same columns as its loss; their mean probabilities
+over those columns are a second target (KL, weight distill_weight) for every row.
+
 Recency mask (recency_mask=true): a target event at time t weighs
     w = 0.5 ** ((t_end - t) / half_life)
 where t_end is the newest training timestamp and half_life is recency_half_life_days, or a
@@ -32,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.config import HRNNConfig
@@ -160,8 +165,8 @@ def _step_rows(model: HRNN, state: tuple, seqs: TrainSequences, slots: _Slots, c
     return (h_user, h_sess), rows
 
 
-def _chunk_loss(model: HRNN, rows: list, probs: torch.Tensor, cfg: HRNNConfig,
-                seqs: TrainSequences | None = None) -> torch.Tensor | None:
+def _chunk_loss(model: HRNN, rows: list, probs: torch.Tensor, cfg: HRNNConfig, seqs: TrainSequences,
+                teachers: Teachers | None = None) -> torch.Tensor | None:
     if not rows:
         return None
     h = torch.cat([r[0] for r in rows])
@@ -170,40 +175,44 @@ def _chunk_loss(model: HRNN, rows: list, probs: torch.Tensor, cfg: HRNNConfig,
     cands = targets
     if cfg.n_sample:
         cands = torch.cat([targets, torch.multinomial(probs, cfg.n_sample, replacement=True)])
-    if model.repeat is not None and seqs is not None:
+    window = None
+    if model.repeat is not None:
         window = seqs.windows(np.concatenate([r[3] for r in rows]), cfg.history_length,
                               np.concatenate([r[4] for r in rows])).to(h.device)
-        return _repeat_loss(model, h, window, cands, targets, w, probs, cfg)
-    logits = model.score_items(h, cands)
-    if cfg.logq:
-        logits = logits - cfg.logq * torch.log(probs[cands] + 1e-12)
-    loss = ranking_loss(cfg.loss, logits, cands, targets, bpreg=cfg.bpreg)
-    return (loss * w).sum() / w.sum().clamp(min=1e-6)
+    logits, columns, gru = _row_logits(model, h, window, cands, probs, cfg)
+    loss = _weighted(ranking_loss(cfg.loss, logits, columns, targets, bpreg=cfg.bpreg), w)
+    if window is not None:
+        loss = loss + _explore_loss(gru, window, cands, targets, w, cfg)
+    if teachers is not None:
+        soft = teachers.predict(window, cands, probs, cfg)
+        loss = loss + cfg.distill_weight * _weighted(distillation_loss(logits, soft), w)
+    return loss
 
 
-def _repeat_loss(model: HRNN, h: torch.Tensor, window: HistoryWindow, cands: torch.Tensor, targets: torch.Tensor,
-                 w: torch.Tensor, probs: torch.Tensor, cfg: HRNNConfig) -> torch.Tensor:
-    """Loss of the repeat-aware scores, plus the GRU's own loss on new-to-the-user targets.
+def _weighted(per_row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (per_row * w).sum() / w.sum().clamp(min=1e-6)
 
-    1. Every item of a row's window is a negative of that row (unless it is the target), sampled or
-       not: shared samples rarely hold a user's other items in a large catalogue, and a head that only
-       ever saw its items as positives would learn to boost them all. (Not for top1: its score of a
-       masked column is not zero; it keeps the shared candidates only.)
-    2. Rows whose target is not in the window also train the GRU alone to rank it above the other
-       items outside the window (a repeat/explore split): left to the joint loss the GRU lets the head
-       explain the repeats and ranks new items worse than popularity does (reddit: 3% of the new-item
-       targets found in the free top-20 slots, popularity 17%, with this term 30%).
-    The GRU is trained jointly with the head, not frozen under it: on reddit the co-adapted GRU ranks
-    the user's own items better (MRR@20 .710 vs .690 with the GRU trained alone under a detached head).
+
+def _row_logits(model: HRNN, h: torch.Tensor, window: HistoryWindow | None, cands: torch.Tensor,
+                probs: torch.Tensor, cfg: HRNNConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scores the loss ranks: (logits, the item of each column, the GRU's own scores of the shared columns).
+
+    Columns are the shared candidates; with the repeat head (a window given) every item of a row's window
+    is also a negative of that row, sampled or not: shared samples rarely hold a user's other items in a
+    large catalogue, and a head that only ever saw its items as positives would learn to boost them all.
+    Those items that are not shared candidates get per-row columns after the shared ones (item -1, empty
+    cells NEG_INF); not for top1, whose score of a masked column is not zero: it keeps the shared columns.
+    The layout depends on the window and the candidates only, so teachers score the same columns.
     """
-    assert model.repeat is not None
     out = model.output_with(h, window)  # one dropout mask for every score of a row
     gru = torch.addmm(model.out_bias[cands], out, model.out_weight[cands].t())
     if cfg.logq:
         gru = gru - cfg.logq * torch.log(probs[cands] + 1e-12)
+    if model.repeat is None or window is None:
+        return gru, cands, gru
     p_rows, p_items, p_values = pairs = model.repeat(h, window)
-    n, m = h.shape[0], targets.shape[0]
-    logits, all_cands = gru + scatter_at(pairs, n, cands), cands
+    n = h.shape[0]
+    logits, columns = gru + scatter_at(pairs, n, cands), cands
     if cfg.loss != "top1" and len(p_rows):
         keep = ~torch.isin(p_items, cands)  # the shared columns (targets included) already score the others
         col, width = pair_columns(p_rows, n)
@@ -211,14 +220,64 @@ def _repeat_loss(model: HRNN, h: torch.Tensor, window: HistoryWindow, cands: tor
         extra = torch.full((n, width), NEG_INF, device=h.device, dtype=logits.dtype)
         extra = extra.index_put((p_rows[keep], col[keep]), (pair_gru + p_values)[keep])
         logits = torch.cat([logits, extra], dim=1)
-        all_cands = torch.cat([cands, torch.full((width,), -1, dtype=cands.dtype, device=cands.device)])
-    loss = (ranking_loss(cfg.loss, logits, all_cands, targets, bpreg=cfg.bpreg) * w).sum() / w.sum().clamp(min=1e-6)
+        columns = torch.cat([cands, torch.full((width,), -1, dtype=cands.dtype, device=cands.device)])
+    return logits, columns, gru
+
+
+def _explore_loss(gru: torch.Tensor, window: HistoryWindow, cands: torch.Tensor, targets: torch.Tensor,
+                  w: torch.Tensor, cfg: HRNNConfig) -> torch.Tensor:
+    """Rows whose target is not in the window also train the GRU alone to rank it above the other items
+    outside the window (a repeat/explore split): left to the joint loss the GRU lets the head explain the
+    repeats and ranks new items worse than popularity does (reddit: 3% of the new-item targets found in
+    the free top-20 slots, popularity 17%, with this term 30%).
+
+    The GRU is trained jointly with the head, not frozen under it: on reddit the co-adapted GRU ranks
+    the user's own items better (MRR@20 .710 vs .690 with the GRU trained alone under a detached head).
+    """
     member = RepeatHead.members(window, cands)
-    diag = torch.arange(m, device=h.device)
+    diag = torch.arange(targets.shape[0], device=gru.device)
     explore = ~member[diag, diag]
     member[diag, diag] = False
     per_row = ranking_loss(cfg.loss, gru.masked_fill(member, NEG_INF), cands, targets, bpreg=cfg.bpreg)
-    return loss + (per_row * w * explore).sum() / w.sum().clamp(min=1e-6)
+    return _weighted(per_row * explore, w)
+
+
+def distillation_loss(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """Per row: KL(soft || softmax(logits)) over the loss's columns; soft is a probability per column."""
+    return F.kl_div(F.log_softmax(logits, dim=1), soft, reduction="none").sum(1)
+
+
+class Teachers:
+    """Trained networks whose mean predictions the network being trained also learns (knowledge
+    distillation): they advance through the same slots, event by event, in eval mode, and score the
+    same columns as the loss, so each row's soft target is theirs for exactly the student's context."""
+
+    def __init__(self, models: list[HRNN]) -> None:
+        if not models:
+            raise ValueError("Teachers needs at least one network")
+        self.models = [m.eval() for m in models]
+        self.states: list[tuple] = []
+        self.rows: list[list[torch.Tensor]] = []
+
+    def begin(self, batch: int, device: torch.device) -> None:
+        z = lambda m: torch.zeros(batch, m.hidden, device=device)  # noqa: E731
+        self.states = [(z(m), z(m)) for m in self.models]
+        self.rows = [[] for _ in self.models]
+
+    @torch.no_grad()
+    def step(self, seqs: TrainSequences, slots: _Slots, cfg: HRNNConfig, device: torch.device) -> None:
+        for i, m in enumerate(self.models):
+            self.states[i], rows = _step_rows(m, self.states[i], seqs, slots, cfg, device)
+            self.rows[i] += [r[0] for r in rows]
+
+    @torch.no_grad()
+    def predict(self, window: HistoryWindow | None, cands: torch.Tensor, probs: torch.Tensor,
+                cfg: HRNNConfig) -> torch.Tensor:
+        """Mean probabilities over the loss's columns of the rows stepped since the last call."""
+        soft = torch.stack([F.softmax(_row_logits(m, torch.cat(rows), window, cands, probs, cfg)[0], dim=1)
+                            for m, rows in zip(self.models, self.rows)]).mean(0)
+        self.rows = [[] for _ in self.models]
+        return soft
 
 
 def _make_optimizer(model: HRNN, cfg: HRNNConfig) -> torch.optim.Optimizer:
@@ -251,12 +310,14 @@ class WeightAverage:
 
 def run_epoch(model: HRNN, seqs: TrainSequences, cfg: HRNNConfig, opt: torch.optim.Optimizer,
               rng: np.random.Generator, device: torch.device, bar: tqdm | None = None,
-              average: WeightAverage | None = None) -> dict:
+              average: WeightAverage | None = None, teachers: Teachers | None = None) -> dict:
     model.train()
     n_users = len(seqs.bounds) - 1
     slots = _Slots(seqs, rng.permutation(n_users), min(cfg.batch_size, max(n_users, 1)))
     b = len(slots.cur)
     state = (torch.zeros(b, model.hidden, device=device), torch.zeros(b, model.hidden, device=device))
+    if teachers is not None:
+        teachers.begin(b, device)
     probs = _sampler(seqs, cfg, device)
     total, batches, events = 0.0, 0, 0
     while slots.active.any():
@@ -265,10 +326,12 @@ def run_epoch(model: HRNN, seqs: TrainSequences, cfg: HRNNConfig, opt: torch.opt
             if not slots.active.any():
                 break
             events += int(slots.active.sum())
+            if teachers is not None:
+                teachers.step(seqs, slots, cfg, device)
             state, step_rows = _step_rows(model, state, seqs, slots, cfg, device)
             rows += step_rows
             slots.advance()
-        loss = _chunk_loss(model, rows, probs, cfg, seqs)
+        loss = _chunk_loss(model, rows, probs, cfg, seqs, teachers)
         if loss is not None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -285,8 +348,9 @@ def run_epoch(model: HRNN, seqs: TrainSequences, cfg: HRNNConfig, opt: torch.opt
 
 def fit(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig, *, type_weights: np.ndarray | None = None,
         validate: Validator | None = None, patience: int = 2, device: str = "auto", progress: bool = True,
-        init_state: dict | None = None) -> FitResult:
-    """Train an HRNN. With `validate`, keep the weights of the best epoch by its 'mrr@20'."""
+        init_state: dict | None = None, teachers: list[HRNN] | None = None) -> FitResult:
+    """Train an HRNN. With `validate`, keep the weights of the best epoch by its 'mrr@20'. With `teachers`
+    (trained on the same data), also learn their mean predictions, weighted by cfg.distill_weight."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -300,11 +364,12 @@ def fit(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig, *, type_
     best, best_state, bad = -math.inf, None, 0
     average = WeightAverage(model, cfg.weight_average_epochs) if cfg.weight_average_epochs > 0 else None
     served = average.model if average is not None else model  # what is validated and published
+    guides = Teachers([t.to(dev) for t in teachers]) if teachers else None
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         with tqdm(total=len(data), desc=f"epoch {epoch}/{cfg.epochs}", unit="ev", disable=not progress,
                   leave=True, mininterval=1.0) as bar:
-            stats = run_epoch(model, seqs, cfg, opt, rng, dev, bar, average)
+            stats = run_epoch(model, seqs, cfg, opt, rng, dev, bar, average, guides)
         if average is not None:
             average.end_epoch()
         secs = time.perf_counter() - t0

@@ -10,8 +10,8 @@ study never ends worse than the defaults it started from.
 
 Outputs in `out_dir`: best.json (every HRNNConfig and DataConfig field: `hrnn train --config
 best.json` reruns the best trial and, with `refit`, then trains it once more on the validation
-sessions too), trials.json and trials.csv (one row per trial) and
-optimization_history.png.
+sessions too; trials never distil, so with `distill_teachers` it also trains the teachers first),
+trials.json and trials.csv (one row per trial) and optimization_history.png.
 """
 from __future__ import annotations
 
