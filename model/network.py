@@ -60,6 +60,10 @@ class HRNN(nn.Module):
     def hidden(self) -> int:
         return self.cfg.hidden_dimension
 
+    def blank_state(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_user, h_sess) of `batch` users the network has not seen yet."""
+        return torch.zeros(batch, self.hidden, device=device), torch.zeros(batch, self.hidden, device=device)
+
     @property
     def out_weight(self) -> torch.Tensor:
         return self.item_emb.weight if self.out_emb is None else self.out_emb.weight
@@ -118,14 +122,6 @@ class HRNN(nn.Module):
             scores = scores + self.repeat.dense(h, history, self.n_items)
         return scores
 
-    def score_items(self, h: torch.Tensor, items: torch.Tensor, history: HistoryWindow | None = None
-                    ) -> torch.Tensor:
-        """(B, H), (C,) -> (B, C) scores of a candidate set: training never scores the whole catalogue."""
-        scores = torch.addmm(self.out_bias[items], self.output_with(h, history), self.out_weight[items].t())
-        if self.repeat is not None and history is not None:
-            scores = scores + self.repeat.at(h, history, items)
-        return scores
-
 
 @dataclass
 class PaddedSequences:
@@ -169,8 +165,7 @@ def run_sequences(model: HRNN, seqs: PaddedSequences, collect: torch.Tensor | No
     b, t = seqs.items.shape
     dev = seqs.items.device
     if start is None:
-        h_user = torch.zeros(b, model.hidden, device=dev)
-        h_sess = torch.zeros(b, model.hidden, device=dev)
+        h_user, h_sess = model.blank_state(b, dev)
     else:
         h_user, h_sess = start
     pre = torch.zeros(b, t, model.hidden, device=dev) if collect is not None else None

@@ -138,15 +138,15 @@ def fit_and_refit(inputs: FitInputs, config: HRNNConfig, data_config: DataConfig
     return Trained(early, again)
 
 
-def train_teachers(inputs: FitInputs, config: HRNNConfig, data_config: DataConfig, validate: Validator | None,
-                   **kwargs) -> list[Trained]:
+def train_teachers(inputs: FitInputs, config: HRNNConfig, data_config: DataConfig, validate: Validator | None, *,
+                   progress: bool = True, **kwargs) -> list[Trained]:
     """config.distill_teachers networks of the same config with seeds seed+1, seed+2, ... (none when 0)."""
     out = []
     for i in range(config.distill_teachers):
         cfg = replace(config, seed=config.seed + 1 + i, distill_teachers=0)
-        if kwargs.get("progress", True):
+        if progress:
             print(f"teacher {i + 1}/{config.distill_teachers} (seed {cfg.seed})", flush=True)
-        out.append(fit_and_refit(inputs, cfg, data_config, validate, **kwargs))
+        out.append(fit_and_refit(inputs, cfg, data_config, validate, progress=progress, **kwargs))
     return out
 
 

@@ -260,8 +260,7 @@ class Teachers:
         self.rows: list[list[torch.Tensor]] = []
 
     def begin(self, batch: int, device: torch.device) -> None:
-        z = lambda m: torch.zeros(batch, m.hidden, device=device)  # noqa: E731
-        self.states = [(z(m), z(m)) for m in self.models]
+        self.states = [m.blank_state(batch, device) for m in self.models]
         self.rows = [[] for _ in self.models]
 
     @torch.no_grad()
@@ -315,7 +314,7 @@ def run_epoch(model: HRNN, seqs: TrainSequences, cfg: HRNNConfig, opt: torch.opt
     n_users = len(seqs.bounds) - 1
     slots = _Slots(seqs, rng.permutation(n_users), min(cfg.batch_size, max(n_users, 1)))
     b = len(slots.cur)
-    state = (torch.zeros(b, model.hidden, device=device), torch.zeros(b, model.hidden, device=device))
+    state = model.blank_state(b, device)
     if teachers is not None:
         teachers.begin(b, device)
     probs = _sampler(seqs, cfg, device)
