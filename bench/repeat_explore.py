@@ -8,6 +8,12 @@ each test session, full-catalogue ranks with ties counted pessimistically). VERS
 trained versions to score beside the baselines, e.g. the registry that quality_reddit.py wrote.
 
   repeat_share                 share of targets whose item is in the user's earlier events
+  kind_shares                  the repeat targets split three ways: stay (the item of the event just
+                               before), session (another item of the current session), history (an
+                               item of earlier sessions only); and new (the explore targets)
+  <model>.recall@20_repeat_<kind>, mrr@20_repeat_<kind>
+                               the same metrics per kind of repeat target (a network that gains on
+                               history targets may pay for it on stay targets: this shows the trade)
   <model>.recall@20_repeat / _explore, mrr@20_repeat / _explore
   bar                          the recall@20 and MRR@20 that +5% over user-repeat+session means,
                                and explore_recall@20_needed: the explore recall@20 that reaches
@@ -54,6 +60,7 @@ REFERENCE = "user-repeat+session"
 BAR = 0.05
 CUT = 20
 FUSION_BETAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+KINDS = ("stay", "session", "history", "new")  # see target_kinds
 
 
 def score_all(scorer: Scorer, seqs: list[UserSequence]) -> list[np.ndarray]:
@@ -61,19 +68,32 @@ def score_all(scorer: Scorer, seqs: list[UserSequence]) -> list[np.ndarray]:
     return [m for a in range(0, len(seqs), 256) for m in scorer.score(seqs[a:a + 256])]
 
 
-def ranks_and_kinds(scores: list[np.ndarray], seqs: list[UserSequence]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per main-slice target (events 2..n): pessimistic rank, whether it repeats an earlier item, and
-    its rank among the items new to the user (meaningful for explore targets only)."""
-    ranks, repeat, new_ranks = [], [], []
+def target_kinds(seqs: list[UserSequence]) -> np.ndarray:
+    """Per main-slice target (events 2..n), which of KINDS it is: the item of the event just before it
+    (the user stays), another item of its session, an item of the user's earlier sessions only, or new."""
+    kinds = []
+    for s in seqs:
+        begin = s.targets[0]  # the test session's first event (last-session: targets are the session)
+        for t in s.targets[1:]:
+            truth = s.items[t]
+            kinds.append(0 if s.items[t - 1] == truth else 1 if (s.items[begin:t] == truth).any()
+                         else 2 if (s.items[:begin] == truth).any() else 3)
+    return np.array(kinds)
+
+
+def ranks_and_new_ranks(scores: list[np.ndarray], seqs: list[UserSequence]) -> tuple[np.ndarray, np.ndarray]:
+    """Per main-slice target: pessimistic rank, and its rank among the items new to the user (meaningful
+    for explore targets only)."""
+    ranks, new_ranks = [], []
     for s, mat in zip(seqs, scores):
         for row, t in zip(mat[1:], s.targets[1:]):
             truth, earlier = s.items[t], s.items[:t]
             above = row >= row[truth]
             ranks.append(int(above.sum()))
-            repeat.append(bool((earlier == truth).any()))
+            seen = bool((earlier == truth).any())
             above[np.unique(earlier[earlier >= 0])] = False
-            new_ranks.append(int(above.sum()) + int(repeat[-1]))
-    return np.array(ranks), np.array(repeat), np.array(new_ranks)
+            new_ranks.append(int(above.sum()) + int(seen))
+    return np.array(ranks), np.array(new_ranks)
 
 
 def own_items_first(ur_scores: list[np.ndarray], other: list[np.ndarray], seqs: list[UserSequence]) -> list[bool]:
@@ -107,13 +127,18 @@ def fusion_grid(network: list[np.ndarray], ease: list[np.ndarray], seqs: list[Us
     return out
 
 
-def summary(ranks: np.ndarray, repeat: np.ndarray, new_ranks: np.ndarray) -> dict[str, float]:
+def summary(ranks: np.ndarray, kinds: np.ndarray, new_ranks: np.ndarray) -> dict[str, float]:
     hit = ranks <= CUT
     rr = np.where(hit, 1.0 / ranks, 0.0)
-    return {f"recall@{CUT}": float(hit.mean()), f"mrr@{CUT}": float(rr.mean()),
-            f"explore_recall@{CUT}_new_items_only": float((new_ranks[~repeat] <= CUT).mean()),
-            f"recall@{CUT}_repeat": float(hit[repeat].mean()), f"recall@{CUT}_explore": float(hit[~repeat].mean()),
-            f"mrr@{CUT}_repeat": float(rr[repeat].mean()), f"mrr@{CUT}_explore": float(rr[~repeat].mean())}
+    repeat = kinds != KINDS.index("new")
+    out = {f"recall@{CUT}": float(hit.mean()), f"mrr@{CUT}": float(rr.mean()),
+           f"explore_recall@{CUT}_new_items_only": float((new_ranks[~repeat] <= CUT).mean()),
+           f"recall@{CUT}_repeat": float(hit[repeat].mean()), f"recall@{CUT}_explore": float(hit[~repeat].mean()),
+           f"mrr@{CUT}_repeat": float(rr[repeat].mean()), f"mrr@{CUT}_explore": float(rr[~repeat].mean())}
+    for k, kind in enumerate(KINDS[:3]):
+        out[f"recall@{CUT}_repeat_{kind}"] = float(hit[kinds == k].mean())
+        out[f"mrr@{CUT}_repeat_{kind}"] = float(rr[kinds == k].mean())
+    return out
 
 
 def plot(report: dict, path: Path) -> Path:
@@ -124,7 +149,7 @@ def plot(report: dict, path: Path) -> Path:
 
     models = report["models"]
     names = list(models)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=120)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(19, 4.8), dpi=120)
     kinds = (f"recall@{CUT}_repeat", f"recall@{CUT}_explore", f"explore_recall@{CUT}_new_items_only")
     x = np.arange(len(names))
     for j, k in enumerate(kinds):
@@ -134,6 +159,17 @@ def plot(report: dict, path: Path) -> Path:
     left.set_ylim(0, 1.25)
     left.set_title(f"repeat targets ({report['repeat_share']:.0%}) vs explore targets", fontsize=10)
     left.legend(fontsize=7, loc="upper left", ncols=3)
+    shares = report["kind_shares"]
+    for j, kind in enumerate(KINDS):
+        key = f"mrr@{CUT}_repeat_{kind}" if kind != "new" else f"mrr@{CUT}_explore"
+        bars = middle.bar(x + (j - 1.5) * 0.2, [models[n][key] for n in names], 0.2,
+                          label=f"{kind} ({shares[kind]:.0%})")
+        middle.bar_label(bars, fmt="%.2f", fontsize=5, padding=1)
+    middle.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+    middle.set_ylim(0, 1.15)
+    middle.set_title(f"MRR@{CUT} by target: stay = the item just before, session = another of the\n"
+                     "session, history = of earlier sessions only, new = new to the user", fontsize=9)
+    middle.legend(fontsize=7, loc="upper right", ncols=4)
     rows = [(n, models[n][f"recall@{CUT}"]) for n in names]
     rows += [(f"{n}: own items first", v[f"recall@{CUT}"]) for n, v in report["own_items_first"].items()
              if n not in ("user-repeat", REFERENCE)]
@@ -179,10 +215,13 @@ def main() -> int:
     for name, scorer in scorers.items():
         scorer.fit(split.train, split.train_starts)
         scores[name] = score_all(scorer, split.test)
+    kinds = target_kinds(split.test)
+    report["n_targets"] = len(kinds)
+    report["repeat_share"] = round(float((kinds != KINDS.index("new")).mean()), 4)
+    report["kind_shares"] = {kind: round(float((kinds == k).mean()), 4) for k, kind in enumerate(KINDS)}
     for name, mats in scores.items():
-        ranks, repeat, new_ranks = ranks_and_kinds(mats, split.test)
-        report["models"][name] = {k: round(v, 4) for k, v in summary(ranks, repeat, new_ranks).items()}
-        report["n_targets"], report["repeat_share"] = len(ranks), round(float(repeat.mean()), 4)
+        ranks, new_ranks = ranks_and_new_ranks(mats, split.test)
+        report["models"][name] = {k: round(v, 4) for k, v in summary(ranks, kinds, new_ranks).items()}
         hits = own_items_first(scores[REFERENCE], mats, split.test)
         report["own_items_first"][name] = {f"recall@{CUT}": round(float(np.mean(hits)), 4)}
     for d in args.versions:
