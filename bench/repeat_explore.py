@@ -11,10 +11,10 @@ trained versions to score beside the baselines, e.g. the registry that quality_r
   kind_shares                  the repeat targets split three ways: stay (the item of the event just
                                before), session (another item of the current session), history (an
                                item of earlier sessions only); and new (the explore targets)
+  <model>.recall@20_repeat / _explore, mrr@20_repeat / _explore
   <model>.recall@20_repeat_<kind>, mrr@20_repeat_<kind>
                                the same metrics per kind of repeat target (a network that gains on
                                history targets may pay for it on stay targets: this shows the trade)
-  <model>.recall@20_repeat / _explore, mrr@20_repeat / _explore
   bar                          the recall@20 and MRR@20 that +5% over user-repeat+session means,
                                and explore_recall@20_needed: the explore recall@20 that reaches
                                the recall bar even if every repeat target were in the top 20
