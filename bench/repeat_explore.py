@@ -90,9 +90,8 @@ def ranks_and_new_ranks(scores: list[np.ndarray], seqs: list[UserSequence]) -> t
             truth, earlier = s.items[t], s.items[:t]
             above = row >= row[truth]
             ranks.append(int(above.sum()))
-            seen = bool((earlier == truth).any())
             above[np.unique(earlier[earlier >= 0])] = False
-            new_ranks.append(int(above.sum()) + int(seen))
+            new_ranks.append(int(above.sum()))
     return np.array(ranks), np.array(new_ranks)
 
 
