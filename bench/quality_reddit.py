@@ -127,7 +127,9 @@ def main() -> int:
         training[name] = {"seconds": round(time.perf_counter() - t0, 1), "best_epoch": run.fit.best_epoch,
                           "epochs_run": len(run.fit.history), "version": run.version_dir.name,
                           "val_mrr@20": run.metrics.get("val_mrr@20"),
-                          "val_recall@20": run.metrics.get("val_recall@20"), "config": to_dict(cfg)}
+                          "val_recall@20": run.metrics.get("val_recall@20"),
+                          "window_offset": run.metrics.get("calibration", {}).get("window_offset"),
+                          "config": to_dict(cfg)}
         versions[name] = (load_version(run.version_dir), dcfg)
 
     # All networks of one run share the data config (the split must be the one they were trained around).

@@ -22,7 +22,7 @@ import torch
 
 from model.config import DataConfig, HRNNConfig, load_config, to_dict
 from model.errors import ArtifactError
-from model.network import HRNN
+from model.network import HRNN, WINDOW_OFFSET
 
 POINTER = "CURRENT"
 
@@ -179,6 +179,8 @@ def load_version(path: str | Path, device: torch.device | str = "cpu") -> Loaded
         raise ArtifactError(f"{d}: cannot read version ({exc})") from None
     item_ids = [str(i) for i in items["item_ids"]]
     model = HRNN(len(item_ids), config)
+    # versions written before rank calibration have no window offset; they were served without one
+    state = {**{k: v for k, v in model.state_dict().items() if k == WINDOW_OFFSET}, **state}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -89,6 +89,9 @@ class HRNNConfig:
     history_length: int = 100  # H: events kept per user for rebuilds and the repeat head
     repeat_head: bool = False
     window_profile: bool = True  # with repeat_head: the window's mean item embedding joins the catalogue scores
+    # with repeat_head and early stopping: after training, raise the window items' scores by the offset that
+    # maximizes validation MRR@20 (model.calibration; likelihood training leaves the top of the list too open)
+    calibrate_window_offset: bool = True
     seed: int = 42
 
     def validate(self) -> None:

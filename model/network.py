@@ -23,6 +23,7 @@ from torch import nn
 from model.config import HRNNConfig
 from model.repeat import HistoryWindow, RepeatHead
 
+WINDOW_OFFSET = "repeat.window_offset"  # RepeatHead.window_offset's state-dict key: calibrated, not trained
 GAP_SCALE = 1.0 / math.log1p(30 * 86400)  # log1p(gap seconds) scaled so 30 days ~ 1
 
 

@@ -8,6 +8,7 @@ training part for the epoch count early stopping chose: the held-out sessions ar
 user's most recent ones, the behaviour (and the new items) a retrained model exists to learn.
 With `distill_teachers` = N > 0, N networks of the same config (other seeds) are trained that way
 first, and both runs of the published network also learn the teachers' mean predictions.
+With the repeat head, the published network's window offset is then calibrated (model.calibration).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from model.artifact import save_version
+from model.calibration import Calibration, calibrate_window_offset, set_window_offset
 from model.config import DataConfig, HRNNConfig
 from model.evaluate import evaluate
 from model.featurize import FeaturizeReport, event_weights, featurize
@@ -150,6 +152,20 @@ def train_teachers(inputs: FitInputs, config: HRNNConfig, data_config: DataConfi
     return out
 
 
+def calibrate(trained: Trained, config: HRNNConfig, validate: Validator | None, progress: bool
+              ) -> Calibration | None:
+    """The window offset, read off the early-stopping network (the refit one has seen the validation
+    sessions) and given to the published network; None without the repeat head or validation."""
+    if not (config.repeat_head and config.calibrate_window_offset and validate is not None):
+        return None
+    cal = calibrate_window_offset(trained.early.model, validate)
+    set_window_offset(trained.published, cal.window_offset)
+    if progress:
+        print(f"calibration: window offset {cal.window_offset:g}, validation MRR@20 "
+              f"{cal.table[0.0]['mrr@20']:.4f} -> {cal.table[cal.window_offset]['mrr@20']:.4f}", flush=True)
+    return cal
+
+
 def _val_metrics(result: FitResult) -> dict:
     last = result.history[result.best_epoch - 1] if result.history else {}
     return {k: v for k, v in last.items() if k.startswith("val_")}
@@ -165,8 +181,11 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
     teachers = train_teachers(inputs, config, data_config, validate, **run)
     trained = fit_and_refit(inputs, config, data_config, validate, teachers=teachers, **run)
     result, again = trained.early, trained.refit
+    calibration = calibrate(trained, config, validate, progress)
     train = inputs.full if again else inputs.train
     extra = {"refit": {"epochs": result.best_epoch, "history": again.history}} if again else {}
+    if calibration:
+        extra["calibration"] = calibration.to_json()
     if teachers:
         extra["distill"] = {"teachers": len(teachers), "weight": config.distill_weight,
                             "teacher_validation": [_val_metrics(t.early) for t in teachers]}

@@ -18,6 +18,11 @@ session length. The gate is a softplus of the session state and the window's siz
 step decides how far the user's history outranks exploration. The head is additive in
 logit space, so every loss and sampled candidates work unchanged.
 
+One constant is not learned by gradient: `window_offset`, added to every window item's score after
+training (model.calibration picks it on the validation sessions). Cross-entropy pays for a new item
+scored far down and so keeps new items' scores close to the window's; MRR@20 and recall@20 only see
+the top of the list, where on reddit the user's own items deserve more room than likelihood gives them.
+
 The explore side (window_profile, on by default): gru_logit(c) is scored against the session
 state plus the mean of a learned embedding of the window's items, so the items that go with
 the user's items across users (reddit: the subreddits a user is about to try) rank higher among
@@ -170,6 +175,7 @@ class RepeatHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(_N_FEATURES, _MLP_WIDTH), nn.Tanh(), nn.Linear(_MLP_WIDTH, 1))
         self.gate = nn.Linear(hidden + 2, 1)
         self.profile_emb = nn.Parameter(torch.zeros(n_items, hidden)) if profile else None
+        self.register_buffer("window_offset", torch.zeros(()))  # 0 while training; see the module docstring
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, _inverse_softplus(1.0))  # start as a plain sum of the two scores
 
@@ -213,7 +219,7 @@ class RepeatHead(nn.Module):
                            torch.log1p((length - 1 - newest_col).to(torch.float32)).unsqueeze(1),
                            context[rows]], dim=1)
         gate = F.softplus(self.gate(torch.cat([h, context[:, :2]], dim=1))).squeeze(1)
-        values = (self.mlp(feats).squeeze(1) + self.item_bias[items]) * gate[rows]
+        values = (self.mlp(feats).squeeze(1) + self.item_bias[items]) * gate[rows] + self.window_offset
         return rows, items, values
 
     def profile(self, win: HistoryWindow) -> torch.Tensor | None:

@@ -33,7 +33,7 @@ from model.config import DataConfig, HRNNConfig, load_config, to_dict
 from model.errors import ArtifactError, HRNNError
 from model.evaluate import evaluate
 from model.inference import HRNNScorer
-from model.network import HRNN
+from model.network import HRNN, WINDOW_OFFSET
 from model.pipeline import prepare, train_version, training_part
 from model.registry import prune
 from model.splits import LAST_SESSION, make_split
@@ -111,7 +111,9 @@ def warm_start_state(serving: LoadedModel, item_ids: list[str], config: HRNNConf
     state = {}
     for k, t in fresh.items():
         o = old[k].to(t.device)
-        if k in per_item:
+        if k == WINDOW_OFFSET:
+            state[k] = t  # not the serving network's: the new network is calibrated after its own training
+        elif k in per_item:
             if o.shape[1:] != t.shape[1:]:
                 return None, {"reason": f"{k} has shape {tuple(o.shape)} in the serving model"}
             t = t.clone()
