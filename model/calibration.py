@@ -25,6 +25,11 @@ class Calibration:
     window_offset: float
     table: dict[float, dict[str, float]]  # per offset: the validator's metrics
 
+    @property
+    def chosen(self) -> tuple[float, float]:
+        """(offset, its validation MRR@20)."""
+        return self.window_offset, self.table[self.window_offset][METRIC]
+
     def to_json(self) -> dict:
         return {"window_offset": self.window_offset, "metric": f"val_{METRIC}",
                 "grid": [{"window_offset": c, **m} for c, m in self.table.items()]}

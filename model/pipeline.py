@@ -162,7 +162,7 @@ def calibrate(trained: Trained, config: HRNNConfig, validate: Validator | None, 
     set_window_offset(trained.published, cal.window_offset)
     if progress:
         print(f"calibration: window offset {cal.window_offset:g}, validation MRR@20 "
-              f"{cal.table[0.0]['mrr@20']:.4f} -> {cal.table[cal.window_offset]['mrr@20']:.4f}", flush=True)
+              f"{cal.table[0.0]['mrr@20']:.4f} -> {cal.chosen[1]:.4f}", flush=True)
     return cal
 
 
@@ -197,7 +197,8 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
     path = save_version(registry, trained.published, config, data_config, [str(i) for i in train.item_ids],
                         list(train.event_types), metrics, make_current=make_current,
                         extras=lambda d: plot_training_curve(result.history, d / "training_curve.png",
-                                                             refit=again.history if again else None))
+                                                             refit=again.history if again else None,
+                                                             calibrated=calibration and calibration.chosen))
     return TrainingRun(path, result, inputs.prep.report, metrics)
 
 

@@ -40,9 +40,10 @@ def plot_eval_table(result: EvalResult, path: str | Path, metrics: tuple[str, ..
 
 
 def plot_training_curve(history: list[dict], path: str | Path, metric: str = "val_mrr@20",
-                        refit: list[dict] | None = None) -> Path:
+                        refit: list[dict] | None = None, calibrated: tuple[float, float] | None = None) -> Path:
     """Training loss (left axis) and a validation metric (right axis) per epoch; entries lacking a value are
-    skipped. `refit`: the refit run's history, its loss drawn dashed on the same axis."""
+    skipped. `refit`: the refit run's history, its loss drawn dashed on the same axis. `calibrated`: (window
+    offset, the metric with it), a dotted level on the metric's axis."""
     path = Path(path)
     epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
     fig, ax = plt.subplots(figsize=(6.5, 4.0), dpi=120)
@@ -60,6 +61,8 @@ def plot_training_curve(history: list[dict], path: str | Path, metric: str = "va
     if val:
         ax2 = ax.twinx()
         ax2.plot(*zip(*val), "s-", color="tab:orange", label=metric)
+        if calibrated is not None:
+            ax2.axhline(calibrated[1], ls=":", color="tab:red", label=f"{metric} calibrated (window offset {calibrated[0]:g})")
         ax2.set_ylabel(metric, color="tab:orange")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2

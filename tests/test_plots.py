@@ -32,3 +32,10 @@ def test_training_curve_draws_the_refit_loss_beside_the_early_stopping_run(tmp_p
     refit = [{"epoch": 1, "loss": 5.8}, {"epoch": 2, "loss": 4.9}]
     both = plot_training_curve(history, tmp_path / "refit.png", refit=refit).read_bytes()
     assert both.startswith(PNG_MAGIC) and both != plain
+
+
+def test_training_curve_marks_the_calibrated_validation_level(tmp_path):
+    history = [{"epoch": 1, "loss": 6.0, "val_mrr@20": 0.4}, {"epoch": 2, "loss": 5.1, "val_mrr@20": 0.45}]
+    plain = plot_training_curve(history, tmp_path / "plain.png").read_bytes()
+    marked = plot_training_curve(history, tmp_path / "calibrated.png", calibrated=(4.0, 0.46)).read_bytes()
+    assert marked.startswith(PNG_MAGIC) and marked != plain
