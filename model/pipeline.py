@@ -166,7 +166,11 @@ def calibrate(trained: Trained, config: HRNNConfig, validate: Validator | None, 
     return cal
 
 
-def _val_metrics(result: FitResult) -> dict:
+def validation_metrics(result: FitResult, calibration: Calibration | None = None) -> dict:
+    """val_* of the network as it is published: the early-stopping run's best epoch, read at the
+    calibrated window offset when there is one (its offset-0 reading is the best epoch's)."""
+    if calibration is not None:
+        return {f"val_{k}": v for k, v in calibration.table[calibration.window_offset].items()}
     last = result.history[result.best_epoch - 1] if result.history else {}
     return {k: v for k, v in last.items() if k.startswith("val_")}
 
@@ -188,11 +192,11 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
         extra["calibration"] = calibration.to_json()
     if teachers:
         extra["distill"] = {"teachers": len(teachers), "weight": config.distill_weight,
-                            "teacher_validation": [_val_metrics(t.early) for t in teachers]}
-    # val_* are the early-stopping run's: a refit network has trained on the validation sessions
+                            "teacher_validation": [validation_metrics(t.early) for t in teachers]}
+    # val_* are the early-stopping run's (a refit network has trained on the validation sessions), calibrated
     metrics = {"best_epoch": result.best_epoch, "history": result.history, "holdout": holdout,
                "train_events": len(train), "train_users": int(len(np.unique(train.user))),
-               "featurize": report_dict(inputs.prep.report), **extra, **_val_metrics(result),
+               "featurize": report_dict(inputs.prep.report), **extra, **validation_metrics(result, calibration),
                **(extra_metrics or {})}
     path = save_version(registry, trained.published, config, data_config, [str(i) for i in train.item_ids],
                         list(train.event_types), metrics, make_current=make_current,

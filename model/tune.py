@@ -5,8 +5,11 @@ evaluation protocol's test events are reserved and never seen; each remaining us
 session is the validation split) and is scored by MRR@20 on that validation split, the
 number early stopping also uses. After every epoch the trial reports its validation MRR
 to Optuna; a trial below the median of earlier trials at the same epoch is pruned, and so
-is a trial that would run past the time budget. The first trial is the base config, so the
-study never ends worse than the defaults it started from.
+is a trial that would run past the time budget. A completed trial is scored as `hrnn train`
+would publish it: with the repeat head, at its calibrated window offset (model.calibration),
+so trials are compared as they would serve and the best value is the one training reports.
+The first trial is the base config, so the study never ends worse than the defaults it
+started from.
 
 Outputs in `out_dir`: best.json (every HRNNConfig and DataConfig field: `hrnn train --config
 best.json` reruns the best trial and, with `refit`, then trains it once more on the validation
@@ -36,7 +39,7 @@ from model.errors import ConfigError  # noqa: E402
 from model.featurize import event_weights  # noqa: E402
 from model.interactions import Interactions  # noqa: E402
 from model.network import HRNN  # noqa: E402
-from model.pipeline import fit_inputs, validator  # noqa: E402
+from model.pipeline import Trained, calibrate, fit_inputs, validation_metrics, validator  # noqa: E402
 from model.train import fit  # noqa: E402
 
 OBJECTIVE = "mrr@20"
@@ -138,8 +141,10 @@ def tune(data: Interactions, out_dir: str | Path, *, base: HRNNConfig, data_conf
         t0 = time.perf_counter()
         result = fit(inputs.train, inputs.starts, cfg, type_weights=weights, validate=report, device=device,
                      progress=False)
-        best = result.history[result.best_epoch - 1]
+        calibration = calibrate(Trained(result, None), cfg, validate, progress=False)
+        best = validation_metrics(result, calibration)
         trial.set_user_attr("best_epoch", result.best_epoch)
+        trial.set_user_attr("window_offset", calibration and calibration.window_offset)
         trial.set_user_attr("recall@20", best.get("val_recall@20"))
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
         return float(best["val_" + OBJECTIVE])
@@ -171,7 +176,7 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict:
     last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
     return {"number": t.number, "state": t.state.name.lower(), "value": t.value, "last_reported": last,
             "epochs": t.user_attrs.get("epochs", 0), "best_epoch": t.user_attrs.get("best_epoch"),
-            "recall@20": t.user_attrs.get("recall@20"),
+            "window_offset": t.user_attrs.get("window_offset"), "recall@20": t.user_attrs.get("recall@20"),
             "seconds": round(t.duration.total_seconds(), 1) if t.duration else None,
             "intermediate": {str(k): v for k, v in sorted(t.intermediate_values.items())}, "params": dict(t.params)}
 
@@ -179,7 +184,8 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict:
 def _trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial, total: int, elapsed: float) -> str:
     row = _trial_row(t)
     if t.state == optuna.trial.TrialState.COMPLETE:
-        what = f"{OBJECTIVE} {t.value:.4f} (epoch {row['best_epoch']}/{row['epochs']})"
+        offset = "" if row["window_offset"] is None else f", window offset {row['window_offset']:g}"
+        what = f"{OBJECTIVE} {t.value:.4f} (epoch {row['best_epoch']}/{row['epochs']}{offset})"
     elif t.state == optuna.trial.TrialState.PRUNED:
         what = f"pruned at epoch {row['epochs']} ({row['last_reported'] or 0:.4f})"
     else:
@@ -206,10 +212,10 @@ def write_outputs(result: TuneResult, out: Path) -> None:
     params = sorted({k for r in result.trials for k in r["params"]})
     with open(out / "trials.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["number", "state", "value", "epochs", "best_epoch", "recall@20", "seconds", *params])
+        head = ["number", "state", "value", "epochs", "best_epoch", "window_offset", "recall@20", "seconds"]
+        w.writerow([*head, *params])
         for r in result.trials:
-            w.writerow([r["number"], r["state"], r["value"], r["epochs"], r["best_epoch"], r["recall@20"], r["seconds"],
-                        *[r["params"].get(k, "") for k in params]])
+            w.writerow([*(r[k] for k in head), *(r["params"].get(k, "") for k in params)])
     plot_history(result.trials, out / "optimization_history.png")
 
 

@@ -115,6 +115,10 @@ def test_training_publishes_the_offset_that_validated_best_on_the_early_stopping
     for c in (0.0, cal["window_offset"]):
         set_window_offset(run.fit.model, c)
         assert validate(run.fit.model)["mrr@20"] == pytest.approx(table[c])
+    # the version's validation figures are the published network's, at its offset; offset 0 is the best epoch
+    chosen = next(row for row in cal["grid"] if row["window_offset"] == cal["window_offset"])
+    assert (run.metrics["val_mrr@20"], run.metrics["val_recall@20"]) == (chosen["mrr@20"], chosen["recall@20"])
+    assert table[0.0] == pytest.approx(run.fit.history[run.fit.best_epoch - 1]["val_mrr@20"])
 
 
 @pytest.mark.parametrize("change", [dict(calibrate_window_offset=False), dict(repeat_head=False)])

@@ -83,6 +83,21 @@ def test_training_from_best_json_reproduces_the_best_trial(study, data, tmp_path
     assert run.metrics["val_mrr@20"] == pytest.approx(result.best_value, abs=2e-3)
 
 
+def test_a_repeat_head_trial_is_scored_at_the_window_offset_training_would_publish(data, tmp_path, monkeypatch):
+    def fake_validator(split, seed):  # validation that only offset 4 improves, whatever the network learnt
+        return lambda model: {"mrr@20": 0.1 + 0.01 * (model.repeat.window_offset.item() == 4.0), "recall@20": 0.5}
+
+    monkeypatch.setattr(tune_mod, "validator", fake_validator)
+    base = dataclasses.replace(BASE, repeat_head=True)
+    result = tune(data, tmp_path, base=base, data_config=DataConfig(), trials=1, timeout_s=600, log=lambda _: None)
+    (trial,) = result.trials
+    assert set(trial["intermediate"].values()) == {0.1}  # epochs are validated as trained, at offset 0
+    assert (trial["window_offset"], result.best_value) == (4.0, pytest.approx(0.11))
+    off = tune(data, tmp_path / "off", base=dataclasses.replace(base, calibrate_window_offset=False),
+               data_config=DataConfig(), trials=1, timeout_s=600, log=lambda _: None)
+    assert (off.trials[0]["window_offset"], off.best_value) == (None, pytest.approx(0.1))
+
+
 def test_the_time_budget_stops_the_study(data, tmp_path):
     result = tune(data, tmp_path, base=dataclasses.replace(BASE, epochs=3), data_config=DataConfig(), trials=50,
                   timeout_s=8, log=lambda _: None)
