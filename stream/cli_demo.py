@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -251,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     registry, state = out / "registry", out / "state"
+    shutil.rmtree(state, ignore_errors=True)  # an earlier run's states belong to a broker that is gone
     data = generate(args.users, args.items, seed=args.seed, repeat_share=0.3)
     write(data, out / "events.csv")
     hist, live = _split_live(data, args.live_share, args.seed)

@@ -41,6 +41,8 @@ class WorkerMetrics:
                                             namespace=ns, registry=r)
         self.prebuilt_states_total = Counter("prebuilt_states", "User states rebuilt in the background before "
                                              "a swap (their next events only catch up)", namespace=ns, registry=r)
+        self.stores_discarded_total = Counter("stores_discarded", "Partition stores found past their changelog's "
+                                              "end (topics recreated) and rebuilt from it", namespace=ns, registry=r)
         self.model_swaps_total = Counter("model_swaps", "Model versions switched to", namespace=ns, registry=r)
         self.model_refused_total = Counter("model_refused", "Model versions refused, by reason", ["reason"],
                                            namespace=ns, registry=r)

@@ -16,7 +16,10 @@ One batch, start to end (the DESIGN.md commit order):
 A crash before the commit replays the batch from the old states (outputs may repeat); a crash
 after it loses only the store write, which the changelog catch-up on the next assignment
 restores. Rebalance callbacks run inside consume(), i.e. always between two batches, so
-revocation only has to close the partition's store.
+revocation only has to close the partition's store. A store whose changelog offset lies past
+its changelog's end (the topics were recreated, or the worker now talks to another cluster) is
+discarded and rebuilt from the changelog: the input offsets its states remember belong to
+another log, and trusting them would skip new events as replays.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ _CLIENT_TIMEOUT_S = 30.0
 _LAG_EVERY_S = 5.0
 _IDLE_POLL_S = 0.1  # longest wait for a first record: how soon an idle worker notices a stop
 _RESTORE_IDLE_S = 5.0  # a changelog partition silent this long (while not at its end) counts as read
+_PROBE_TIMEOUT_S = 5.0  # how long a fetch at a store's changelog offset may stay silent before "not there"
 # Test-only fault injection (the SIGKILL tests): "<phase>:<batch number>" makes the process kill
 # itself with SIGKILL at that point of that batch. Phases: after_produce, after_flush, after_commit.
 FAULT_ENV = "HRNN_FAULT_INJECT"
@@ -355,6 +359,15 @@ class Worker:
         s = self.settings
         t0 = time.perf_counter()
         store = self.stores.open(partition)
+        reached = changelog_reaches(self._restorer, s.changelog_topic, partition, store.changelog_offset,
+                                    _PROBE_TIMEOUT_S)
+        if not reached:
+            log.warning("partition store is past its changelog's end (topics recreated, or another cluster): "
+                        "discarded, rebuilt from the changelog",
+                        extra={"partition": partition, "changelog_offset": store.changelog_offset})
+            self.metrics.stores_discarded_total.inc()
+            self.stores.wipe(partition)
+            store = self.stores.open(partition)
         committed = self._committed_offset(partition)
         start = store.changelog_offset + 1
         result = store.restore(read_changelog(self._restorer, s.changelog_topic, partition, start,
@@ -617,11 +630,7 @@ def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
     read (offsets up to the watermark can be transaction markers or compacted away).
     """
     tp = TopicPartition(topic, partition)
-    try:
-        low, high = consumer.get_watermark_offsets(tp, timeout=_CLIENT_TIMEOUT_S)
-    except KafkaException as exc:
-        raise WorkerError(f"cannot read changelog {topic}[{partition}] (does it have as many partitions as "
-                          f"the input topic?): {exc.args[0] if exc.args else exc}") from None
+    low, high = _watermarks(consumer, tp)
     if start >= high:
         return
     consumer.assign([TopicPartition(topic, partition, max(start, low))])
@@ -652,4 +661,38 @@ def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
         consumer.unassign()
 
 
-__all__ = ["Worker", "WorkerError", "BatchResult", "route", "read_changelog", "FAULT_ENV"]
+def changelog_reaches(consumer: Consumer, topic: str, partition: int, offset: int, timeout_s: float) -> bool:
+    """Whether the changelog partition holds (or held, before compaction) a record at `offset`.
+
+    Below the high watermark it does. At or past it Kafka's log has ended, but Tansu's watermark
+    stops at the last batch's base offset, so the record is fetched: the log reaches `offset` when
+    the fetch returns it or a later record, not when the consumer is reset to an earlier offset
+    (auto.offset.reset after "out of range") or the partition stays silent.
+    """
+    tp = TopicPartition(topic, partition)
+    high = _watermarks(consumer, tp)[1]
+    if offset < high:
+        return True
+    if high == 0:  # an empty changelog holds nothing
+        return False
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=1, timeout=0.1):
+                if msg.error() is None:
+                    return msg.offset() >= offset
+        return False
+    finally:
+        consumer.unassign()
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
+    try:
+        return consumer.get_watermark_offsets(tp, timeout=_CLIENT_TIMEOUT_S)
+    except KafkaException as exc:
+        raise WorkerError(f"cannot read changelog {tp.topic}[{tp.partition}] (does it have as many partitions as "
+                          f"the input topic?): {exc.args[0] if exc.args else exc}") from None
+
+
+__all__ = ["Worker", "WorkerError", "BatchResult", "route", "read_changelog", "changelog_reaches", "FAULT_ENV"]

@@ -2,6 +2,8 @@
 (real broker, real RocksDB files)."""
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from collections import Counter
 
 import pytest
@@ -51,6 +53,7 @@ def test_states_survive_a_clean_restart(broker, registry, tmp_path):
         assert wait_until(lambda: second.totals.recommendations == 150, 30, message="second run's outputs")
     assert len(records_of(broker.bootstrap, settings.output_topic)) == 400  # nothing re-emitted
     assert second.totals.replayed == 0
+    assert second.metrics.value("hrnn_stores_discarded_total") == 0  # its own changelog reaches the stores
     assert_states_match_offline(settings, registry, broker.bootstrap)
 
 
@@ -85,6 +88,44 @@ def test_a_lost_store_is_rebuilt_from_the_changelog(broker, registry, tmp_path):
     assert set(restored) == set(before)
     assert all(same_state(restored[u], before[u], atol=0) for u in before)
     assert_states_match_offline(settings, registry, broker.bootstrap)
+
+
+def test_a_store_past_its_changelogs_end_is_discarded_not_trusted(broker, registry, tmp_path):
+    """The topics were recreated (here: the same names on a broker that never had them) and the state
+    directory kept: its states remember input offsets of the old log, which must not hide new events."""
+    from stream.broker import LocalBroker
+
+    events = make_events(300, 25, seed=8)
+    with LocalBroker() as old_cluster:
+        old = settings_for(old_cluster.bootstrap, registry, tmp_path, partitions=PARTITIONS, batch_size=50)
+        with running(old):
+            produce(old_cluster.bootstrap, old.input_topic, events[:200])
+            recommendations(old_cluster.bootstrap, old.output_topic, 200)
+    settings = dataclasses.replace(old, bootstrap_servers=broker.bootstrap)
+    with running(settings) as worker:
+        produce(broker.bootstrap, settings.input_topic, events[200:])
+        recommendations(broker.bootstrap, settings.output_topic, 100)
+        wait_until(lambda: worker.totals.recommendations == 100, 30, message="outputs of the new events")
+    assert worker.totals.replayed == 0
+    assert worker.metrics.value("hrnn_stores_discarded_total") == PARTITIONS
+    assert_states_match_offline(settings, registry, broker.bootstrap)  # the new log's events only
+
+
+def test_the_changelog_reaches_the_offsets_it_holds_and_none_past_its_end(broker):
+    """Tansu's high watermark of 100 records produced as one batch is 1, so offsets past it are fetched."""
+    from stream.kafka_clients import admin_client, reader_consumer
+    from stream.topics import TopicSpec, ensure_topics
+    from stream.worker import changelog_reaches
+
+    topic = f"cl-{uuid.uuid4().hex[:10]}"
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(topic, 1, compacted=True)])
+    produce(broker.bootstrap, topic, [(f"u{i}".encode(), b"state") for i in range(100)])
+    consumer = reader_consumer(broker.bootstrap)
+    try:
+        reached = {o: changelog_reaches(consumer, topic, 0, o, timeout_s=2.0) for o in (-1, 0, 50, 99, 100, 1000)}
+    finally:
+        consumer.close()
+    assert reached == {-1: True, 0: True, 50: True, 99: True, 100: False, 1000: False}
 
 
 def stored_states_while_running(worker):
