@@ -1,4 +1,4 @@
-"""Worker state across restarts, replays, lost stores and group membership changes
+"""Worker state across restarts, replays, lost stores, stores of a recreated log and group membership changes
 (real broker, real RocksDB files)."""
 from __future__ import annotations
 
