@@ -12,6 +12,7 @@ from model.artifact import _sha256, load_version, save_version
 from model.calibration import OFFSET_GRID, calibrate_window_offset, set_window_offset
 from model.config import DataConfig, HRNNConfig
 from model.network import HRNN, WINDOW_OFFSET
+from model import pipeline
 from model.pipeline import fit_inputs, train_version, validator
 from model.repeat import RepeatHead, window_from_events
 from model.synth import generate
@@ -119,6 +120,20 @@ def test_training_publishes_the_offset_that_validated_best_on_the_early_stopping
     chosen = next(row for row in cal["grid"] if row["window_offset"] == cal["window_offset"])
     assert (run.metrics["val_mrr@20"], run.metrics["val_recall@20"]) == (chosen["mrr@20"], chosen["recall@20"])
     assert table[0.0] == pytest.approx(run.fit.history[run.fit.best_epoch - 1]["val_mrr@20"])
+
+
+def test_a_versions_validation_figures_are_the_calibrated_networks(repeat_log, tmp_path, monkeypatch):
+    # the synthetic log's own table is flat (offset 0 wins), so a validator that only offset 4 improves
+    def fake_validator(split, seed):
+        return lambda model: {"mrr@20": 0.1 + 0.01 * (model.repeat.window_offset.item() == 4.0),
+                              "recall@20": 0.5 + 0.02 * (model.repeat.window_offset.item() == 4.0)}
+
+    monkeypatch.setattr(pipeline, "validator", fake_validator)
+    run = train_version(repeat_log, tmp_path, config=dataclasses.replace(REPEAT, epochs=1),
+                        data_config=DataConfig(), progress=False)
+    assert run.metrics["calibration"]["window_offset"] == 4.0
+    assert [h["val_mrr@20"] for h in run.metrics["history"]] == [0.1]  # trained and validated at offset 0
+    assert run.metrics["val_mrr@20"] == pytest.approx(0.11) and run.metrics["val_recall@20"] == pytest.approx(0.52)
 
 
 @pytest.mark.parametrize("change", [dict(calibrate_window_offset=False), dict(repeat_head=False)])
