@@ -1,6 +1,6 @@
 """The training store: consumed events archived as Parquet files, one folder per UTC day.
 
-Layout: `<root>/date=YYYY-MM-DD/<topic>+p<partition>+<first>-<last>+<k>of<n>.parquet`,
+Layout: `<root>/date=YYYY-MM-DD/<topic>[+t<topic id>]+p<partition>+<first>-<last>+<k>of<n>.parquet`,
 columns in Amazon Personalize's names: USER_ID, ITEM_ID, TIMESTAMP (epoch seconds, int64),
 EVENT_TYPE, and EVENT_VALUE / SESSION_ID when an event of the file has one. The day is the
 event's own timestamp, so a late event lands in its day's folder. Files are written under a
@@ -12,6 +12,13 @@ write); the names make it effectively once: a batch counts only when all n files
 reader ignores an incomplete one, e.g. of a crash mid-batch, which the replay rewrites), and on
 start and on every partition assignment the writer reads the highest archived offset per
 partition from the complete batches and skips records at or below it.
+
+Offsets name records of one log only. A topic deleted and created again (or the same name on
+another cluster) starts again at offset 0, and its events would all be skipped as replays of the
+old log's; the topic id in the names (Kafka's, see kafka_clients.topic_id) keeps the two logs'
+batches apart, so the new one is archived from its start and both are read for training.
+Files without an id (a broker that gives none, or archives written before ids were named) are
+one more log of their own.
 Only valid events are archived (the worker sends the others to the dead-letter topic).
 """
 from __future__ import annotations
@@ -37,7 +44,9 @@ from model.interactions import Interactions
 log = logging.getLogger(__name__)
 
 DAY_PREFIX = "date="
-_FILE = re.compile(r"^(?P<topic>.+)\+p(?P<partition>\d+)\+(?P<first>\d+)-(?P<last>\d+)\+(?P<k>\d+)of(?P<n>\d+)\.parquet$")
+_TOPIC_ID = re.compile(r"[0-9a-f]{32}")
+_FILE = re.compile(rf"^(?P<topic>[^+]+)(?:\+t(?P<topic_id>{_TOPIC_ID.pattern}))?\+p(?P<partition>\d+)"
+                   r"\+(?P<first>\d+)-(?P<last>\d+)\+(?P<k>\d+)of(?P<n>\d+)\.parquet$")
 
 
 class ArchiveError(HRNNError):
@@ -72,7 +81,11 @@ def day_dirs(root: str | Path) -> list[tuple[date, Path]]:
     return sorted(out)
 
 
-BatchKey = tuple[str, int, int, int]  # topic, partition, first offset, last offset
+BatchKey = tuple[str, str, int, int, int]  # topic, topic id ("" for none), partition, first and last offset
+
+
+def _log_name(topic: str, topic_id: str | None) -> str:
+    return f"{topic}+t{topic_id}" if topic_id else topic
 
 
 def _complete_batches(root: Path) -> dict[BatchKey, list[Path]]:
@@ -83,7 +96,7 @@ def _complete_batches(root: Path) -> dict[BatchKey, list[Path]]:
         for f in d.iterdir():
             m = _FILE.match(f.name)
             if m:
-                key = (m["topic"], int(m["partition"]), int(m["first"]), int(m["last"]))
+                key = (m["topic"], m["topic_id"] or "", int(m["partition"]), int(m["first"]), int(m["last"]))
                 found[key][int(m["k"])] = f
                 size[key] = int(m["n"])
     out = {}
@@ -92,7 +105,7 @@ def _complete_batches(root: Path) -> dict[BatchKey, list[Path]]:
             out[key] = [parts[k] for k in sorted(parts)]
         else:
             log.warning("ignoring an incomplete archive batch (its events are archived again on replay)",
-                        extra={"batch": "%s p%d %d-%d" % key, "files": len(parts), "expected": size[key]})
+                        extra={"batch": "%s p%d %d-%d" % (_log_name(*key[:2]), *key[2:]), "files": len(parts), "expected": size[key]})
     return out
 
 
@@ -106,29 +119,44 @@ def _files(root: Path, dirs: list[Path]) -> list[Path]:
 class ArchiveWriter:
     """Appends batches of events of one topic to the archive (see the module docstring)."""
 
-    def __init__(self, root: str | Path, topic: str) -> None:
+    def __init__(self, root: str | Path, topic: str, topic_id: str | None = None) -> None:
         if "+" in topic or "/" in topic:
             raise ArchiveError(f"topic name {topic!r} cannot name archive files")
         self.root, self.topic = Path(root), topic
         self.root.mkdir(parents=True, exist_ok=True)
-        self.high: dict[int, int] = {}  # partition -> highest archived offset
+        self.topic_id: str | None = None
+        self.high: dict[int, int] = {}  # partition -> highest archived offset of this topic id's log
         self.events_written = 0
         self.duplicates_skipped = 0
-        self.refresh()
+        self.refresh(topic_id)
 
-    def refresh(self) -> None:
-        """Re-read the highest archived offset per partition (another instance may have written since)."""
+    def refresh(self, topic_id: str | None) -> bool:
+        """Follow the log with this topic id and re-read its highest archived offset per partition
+        (another instance may have written since). True when the log is new to the archive: it
+        holds batches of this topic from other logs only."""
+        if topic_id is not None and not _TOPIC_ID.fullmatch(topic_id):
+            raise ArchiveError(f"topic id {topic_id!r} is not 32 lowercase hex digits")
         high: dict[int, int] = {}
-        for (topic, partition, _, last), _files_of_batch in _complete_batches(self.root).items():
-            if topic == self.topic:
+        other_logs = False
+        for (topic, tid, partition, _, last), _files_of_batch in _complete_batches(self.root).items():
+            if topic != self.topic:
+                continue
+            if tid == (topic_id or ""):
                 high[partition] = max(high.get(partition, -1), last)
-        self.high = high
+            else:
+                other_logs = True
+        self.topic_id, self.high = topic_id, high
+        return other_logs and not high
+
+    def archived(self, a: ArchivedEvent) -> bool:
+        """Whether the event's offset is archived already (for the log being followed)."""
+        return a.offset <= self.high.get(a.partition, -1)
 
     def write(self, batch: Iterable[ArchivedEvent]) -> list[Path]:
         """Archive the events not archived before; returns the files written."""
         fresh: list[ArchivedEvent] = []
         for a in batch:
-            if a.offset <= self.high.get(a.partition, -1):
+            if self.archived(a):
                 self.duplicates_skipped += 1
             else:
                 fresh.append(a)
@@ -143,7 +171,7 @@ class ArchiveWriter:
             first, last = min(a.offset for a in rows), max(a.offset for a in rows)
             n = len(by_day)
             for k, (day, day_rows) in enumerate(sorted(by_day.items()), start=1):
-                name = f"{self.topic}+p{partition}+{first:012d}-{last:012d}+{k}of{n}.parquet"
+                name = f"{_log_name(self.topic, self.topic_id)}+p{partition}+{first:012d}-{last:012d}+{k}of{n}.parquet"
                 written.append(self._write_file(day, name, day_rows))
             # only now is the batch complete, and its offsets count as archived
             self.high[partition] = max(self.high.get(partition, -1), last)

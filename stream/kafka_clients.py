@@ -211,6 +211,31 @@ def topic_partitions(client: Consumer | AdminClient, topic: str, timeout_s: floa
     return sorted(meta.partitions)
 
 
+_U64 = (1 << 64) - 1
+
+
+def topic_id(admin: AdminClient, topic: str, timeout_s: float = 5.0) -> str | None:
+    """The topic's id (32 hex digits), or None where the broker gives none.
+
+    Kafka (2.8+) gives every topic a random id at creation: a topic deleted and created again
+    under the same name, or the same name on another cluster, has another id, where offsets
+    alone cannot tell the two logs apart."""
+    from confluent_kafka import TopicCollection
+
+    try:
+        desc = admin.describe_topics(TopicCollection([topic]), request_timeout=max(0.1, timeout_s))[topic].result()
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        detail = err.str() if isinstance(err, KafkaError) else str(err)
+        raise KafkaClientError(f"cannot describe topic {topic!r} (does it exist, is the broker reachable?): "
+                               f"{detail}") from None
+    uid = desc.topic_id
+    if uid is None:
+        return None
+    bits = ((uid.get_most_significant_bits() & _U64) << 64) | (uid.get_least_significant_bits() & _U64)
+    return f"{bits:032x}" if bits else None
+
+
 def wait_for_partitions(client: Consumer | AdminClient, topic: str, deadline: float | None) -> list[int]:
     """Partition ids of `topic` once it exists; [] if it still does not at `deadline` (monotonic
     time; None: wait forever). An unreachable broker is retried until the deadline, then raised."""

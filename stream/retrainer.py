@@ -2,7 +2,9 @@
 
 - An agent archives the events topic in batches (`stream.take_events`) into the training
   store (stream/archive.py). Faust acks a batch only after the agent has written it, so offsets
-  are committed after the files exist; the archive's offset-named files absorb replays.
+  are committed after the files exist; the archive's offset-named files absorb replays. The
+  files also name the topic id, read on every assignment and whenever a batch holds offsets
+  archived before: a recreated events topic is archived again from its start.
 - A timer (`--interval-s`) or crontab (`--cron`) with `on_leader=True` starts a retraining run
   on the group's leader only: Faust elects as leader the member that is assigned partition 0
   of its `<app id>-__assignor-__leader` topic, so with N instances exactly one runs the schedule.
@@ -16,6 +18,7 @@ session timeout (60 s) made the first assignment take ~33 s, so the service sets
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import shutil
@@ -26,11 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from model.errors import ConfigError, EventError
 from model.events import decode_event
 from stream.archive import ArchivedEvent, ArchiveWriter, count_events
+from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.retrain_job import RetrainOutcome, RetrainSpec
 from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
 
@@ -100,6 +105,9 @@ class RetrainerMetrics:
                                       namespace=ns, registry=r)
         self.duplicate_events = Counter("duplicate_events", "Replayed events already archived", namespace=ns,
                                         registry=r)
+        self.new_logs = Counter("events_topic_new_logs", "Times the events topic turned out to be another log "
+                                "(another topic id: recreated, or another cluster) than the one archived so far",
+                                namespace=ns, registry=r)
         self.runs = Counter("runs", "Retraining runs, by outcome", ["status"], namespace=ns, registry=r)
         self.run_seconds = Histogram("run_seconds", "Wall time of a retraining run", namespace=ns, registry=r,
                                      buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600))
@@ -167,7 +175,7 @@ class RetrainerService:
         @app.on_partitions_assigned.connect
         async def on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
             # another instance may have archived these partitions up to a later offset
-            self.writer.refresh()
+            await asyncio.get_running_loop().run_in_executor(None, self._follow_events_log)
             self.metrics.leader.set(1 if app.is_leader() else 0)
             log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}/{tp.partition}"
                                                                       for tp in assigned),
@@ -190,6 +198,9 @@ class RetrainerService:
                 good.append(ArchivedEvent(msg.partition, msg.offset, decode_event(ev.value)))
             except EventError as exc:
                 self.metrics.invalid_events.labels(reason=exc.reason).inc()
+        if any(self.writer.archived(a) for a in good):
+            # replays, or a new log of the same name whose offsets start again at 0
+            await asyncio.get_running_loop().run_in_executor(None, self._follow_events_log)
         before_dup = self.writer.duplicates_skipped
         files = await asyncio.get_running_loop().run_in_executor(None, self.writer.write, good)
         dup = self.writer.duplicates_skipped - before_dup
@@ -197,6 +208,24 @@ class RetrainerService:
         self.metrics.duplicate_events.inc(dup)
         log.info("archived events", extra={"events": len(good) - dup, "invalid": len(batch) - len(good),
                                            "duplicates": dup, "files": [f.name for f in files]})
+
+    @functools.cached_property
+    def _admin(self) -> AdminClient:
+        return admin_client(self.settings.bootstrap_servers)
+
+    def _follow_events_log(self) -> None:
+        """Point the archive writer at the events topic's current log (by topic id) and re-read its marks."""
+        topic, tid = self.settings.events_topic, self.writer.topic_id
+        try:
+            tid = topic_id(self._admin, topic)
+        except KafkaClientError as exc:
+            log.warning("cannot read the events topic's id; archiving goes on by the offsets of the log followed "
+                        "so far", extra={"error": str(exc)})
+        if self.writer.refresh(tid):
+            log.warning("the archive holds only other logs of the events topic (deleted and created again, or "
+                        "another cluster): this one is archived from its start beside them",
+                        extra={"topic": topic, "topic_id": tid})
+            self.metrics.new_logs.inc()
 
     async def retrain_now(self) -> RetrainOutcome:
         """One retraining run (the schedule calls this on the leader), then announce what was published."""

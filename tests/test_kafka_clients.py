@@ -81,3 +81,22 @@ def test_partition_for_predicts_where_the_default_producer_puts_a_key(broker):
     assert producer.flush(15) == 0
     records = wait_for_count(broker.bootstrap, topic, len(keys), timeout_s=30)
     assert {(r.key, r.partition) for r in records} == {(k, partition_for(k, 5)) for k in keys}
+
+
+@pytest.mark.broker
+def test_a_topic_created_again_under_its_name_has_another_id(broker):
+    from confluent_kafka.admin import NewTopic
+
+    from stream.kafka_clients import KafkaClientError, admin_client, topic_id
+    topic = f"tid-{uuid.uuid4().hex[:8]}"
+    admin = admin_client(broker.bootstrap)
+    admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(timeout=10)
+    first = topic_id(admin, topic)
+    assert first is not None and len(first) == 32 and int(first, 16) > 0
+    assert topic_id(admin, topic) == first  # the same log, read again
+    admin.delete_topics([topic])[topic].result(timeout=10)
+    admin.create_topics([NewTopic(topic, 2, 1)])[topic].result(timeout=10)
+    again = topic_id(admin, topic)
+    assert again is not None and again != first
+    with pytest.raises(KafkaClientError, match=f"cannot describe topic 'never-{topic}'"):
+        topic_id(admin, f"never-{topic}")

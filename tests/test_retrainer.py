@@ -1,6 +1,7 @@
 """The training store, one retraining run, and the retraining service against the real broker."""
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from model.events import Event
 from model.loaders import load_interactions
 from model.network import HRNN
 from model.synth import generate
-from stream.archive import ArchivedEvent, ArchiveWriter, count_events, read_window
+from stream.archive import ArchivedEvent, ArchiveError, ArchiveWriter, count_events, read_window
 from stream.replay import events_from_interactions
 from stream.retrain_job import RetrainSpec, passes_gate, retrain, warm_start_state
 
@@ -71,6 +72,58 @@ def test_archive_skips_replayed_offsets_and_ignores_incomplete_batches(tmp_path,
         [ArchivedEvent(0, 0, Event("u", "i", "click", T0)), ArchivedEvent(0, 1, Event("u", "j", "click", T0 + DAY_MS))])
     files[1].unlink()
     assert count_events(tmp_path / "b", 30) == 0 and ArchiveWriter(tmp_path / "b", "ev").high == {}
+
+
+def test_a_new_log_of_the_topic_is_archived_from_its_start_beside_the_old_ones(tmp_path, synth):
+    """A topic deleted and created again starts at offset 0: its events are not replays of the old log's."""
+    old_log, new_log = "01" * 16, "02" * 16
+    evs = _archived(synth)
+    legacy = ArchiveWriter(tmp_path, "ev")  # no topic id: file names without one, as before ids were named
+    assert all("+t" not in f.name for f in legacy.write(evs[:300]))
+    old = ArchiveWriter(tmp_path, "ev", old_log)  # a log of its own, although its first 300 events are the same
+    assert old.high == {} and old.refresh(old_log) is True  # only another log's batches so far
+    old.write(evs[:1000])
+    new = ArchiveWriter(tmp_path, "ev", new_log)
+    assert new.refresh(new_log) is True
+    files = new.write([ArchivedEvent(k % 2, k, a.event) for k, a in enumerate(evs[1000:1600])])  # offsets 0..
+    assert new.duplicates_skipped == 0 and all(f"ev+t{new_log}+p" in f.name for f in files)
+    assert count_events(tmp_path, 30) == len(read_window(tmp_path, 30)) == 300 + 1000 + 600
+    assert new.refresh(new_log) is False and new.high == {0: 598, 1: 599}
+    replayed = ArchiveWriter(tmp_path, "ev", old_log)
+    replayed.write(evs[900:1000])
+    assert replayed.duplicates_skipped == 100 and replayed.refresh(old_log) is False
+    with pytest.raises(ArchiveError, match="not 32 lowercase hex digits"):
+        ArchiveWriter(tmp_path, "ev", "AB")
+
+
+def test_the_service_rereads_the_topic_id_when_a_batch_holds_archived_offsets(tmp_path, monkeypatch, caplog):
+    """Kafka resets a consumer whose topic was recreated under it to the new log's start: the offsets
+    it then reads look archived, so the service asks for the topic id before skipping them."""
+    from types import SimpleNamespace
+
+    import stream.retrainer as retrainer
+    from model.events import encode_event
+
+    ids = iter(["01" * 16, "02" * 16, "03" * 16])
+    monkeypatch.setattr(retrainer, "topic_id", lambda admin, topic: next(ids))
+    monkeypatch.setattr(retrainer.RetrainerService, "_admin", None)  # no broker here
+    svc = retrainer.RetrainerService(retrainer.RetrainerSettings(
+        bootstrap_servers="127.0.0.1:9", registry=str(tmp_path / "r"), archive=str(tmp_path / "a")))
+
+    def batch(offsets):
+        return [SimpleNamespace(message=SimpleNamespace(partition=0, offset=k),
+                                value=encode_event(Event(f"u{k}", "i", "click", T0 + k))) for k in offsets]
+
+    def _new_logs(svc) -> float:
+        return svc.metrics.registry.get_sample_value("hrnn_retrainer_events_topic_new_logs_total")
+
+    svc._follow_events_log()  # as on assignment: the first id
+    asyncio.run(svc._archive(batch(range(10))))  # fresh offsets: the id is not read again
+    assert svc.writer.topic_id == "01" * 16 and _new_logs(svc) == 0
+    asyncio.run(svc._archive(batch(range(5))))  # offsets 0..4 again, but of the log with the next id
+    assert svc.writer.topic_id == "02" * 16 and _new_logs(svc) == 1
+    assert svc.writer.duplicates_skipped == 0 and count_events(tmp_path / "a", 30) == 15
+    assert "this one is archived from its start" in caplog.text
 
 
 def test_window_follows_the_newest_archived_day(tmp_path):
@@ -259,3 +312,36 @@ def test_the_service_archives_retrains_publishes_and_announces(broker, tmp_path,
             assert any(o["status"] == "published" and o["version"] == ann.version for o in finished)
     finally:
         assert svc.stop() == 0
+
+
+@pytest.mark.broker
+def test_the_service_archives_a_recreated_events_topic_from_its_start(broker, tmp_path, synth):
+    """The same topic name and archive on a broker that never had the topic (as after deleting and
+    creating it again): the new log's offsets start at 0 and all its events are archived."""
+    from stream.broker import LocalBroker
+    from stream.kafka_clients import admin_client, create_producer
+    from stream.replay import replay
+    from stream.topics import TopicSpec, ensure_topics
+
+    topic, app_id = f"ev-{uuid.uuid4().hex[:8]}", f"retrainer-{uuid.uuid4().hex[:8]}"
+    first, second = synth.subset(np.arange(len(synth)) < 1500), synth.subset(np.arange(len(synth)) >= 1500)
+
+    def archive_on(cluster, data, expected: int) -> "Service":
+        ensure_topics(admin_client(cluster.bootstrap), [TopicSpec(topic, 2)])
+        assert replay(data, create_producer(cluster.bootstrap), topic, progress=False) == len(data)
+        svc = Service("a", _service_args(cluster, tmp_path, topic, app_id, "--min-events", "1000000000"))
+        try:
+            _until(lambda: count_events(tmp_path / "archive", 30) == expected, 60, f"{expected} archived events")
+        finally:
+            assert svc.stop() == 0
+        return svc
+
+    with LocalBroker() as old_cluster:
+        archive_on(old_cluster, first, len(first))
+    svc = archive_on(broker, second, len(synth))
+    assert sum(r["duplicates"] for r in svc.logs("archived events")) == 0
+    assert svc.logs("the archive holds only other logs of the events topic (deleted and created again, or "
+                    "another cluster): this one is archived from its start beside them")
+    data = read_window(tmp_path / "archive", 30)
+    assert sorted(zip(data.user_ids[data.user], data.item_ids[data.item], data.ts_ms // 1000)) == \
+        sorted(zip(synth.user_ids[synth.user], synth.item_ids[synth.item], synth.ts_ms // 1000))
