@@ -30,6 +30,11 @@ class Calibration:
         """(offset, its validation MRR@20)."""
         return self.window_offset, self.table[self.window_offset][METRIC]
 
+    @property
+    def uncalibrated(self) -> float:
+        """The validation MRR@20 of the network as trained (offset 0)."""
+        return self.table[0.0][METRIC]
+
     def to_json(self) -> dict:
         return {"window_offset": self.window_offset, "metric": f"val_{METRIC}",
                 "grid": [{"window_offset": c, **m} for c, m in self.table.items()]}

@@ -162,7 +162,7 @@ def calibrate(trained: Trained, config: HRNNConfig, validate: Validator | None, 
     set_window_offset(trained.published, cal.window_offset)
     if progress:
         print(f"calibration: window offset {cal.window_offset:g}, validation MRR@20 "
-              f"{cal.table[0.0]['mrr@20']:.4f} -> {cal.chosen[1]:.4f}", flush=True)
+              f"{cal.uncalibrated:.4f} -> {cal.chosen[1]:.4f}", flush=True)
     return cal
 
 

@@ -62,6 +62,7 @@ def test_calibration_keeps_the_offset_that_validates_best(mrr, chosen):
     model = HRNN(6, HRNNConfig(hidden_dimension=32, repeat_head=True))
     cal = calibrate_window_offset(model, _fake_validator(mrr))
     assert cal.window_offset == chosen and model.repeat.window_offset.item() == chosen
+    assert cal.chosen == (chosen, mrr[chosen]) and cal.uncalibrated == mrr[0.0]
     assert [row["mrr@20"] for row in cal.to_json()["grid"]] == [mrr[c] for c in OFFSET_GRID]
 
 
