@@ -43,6 +43,10 @@ class WorkerMetrics:
                                              "a swap (their next events only catch up)", namespace=ns, registry=r)
         self.stores_discarded_total = Counter("stores_discarded", "Partition stores found past their changelog's "
                                               "end (topics recreated) and rebuilt from it", namespace=ns, registry=r)
+        self.input_new_logs_total = Counter("input_new_logs", "Partition stores whose states were built from "
+                                            "another log of the input topic (another topic id: deleted and "
+                                            "created again) and forgot their input offsets", namespace=ns,
+                                            registry=r)
         self.model_swaps_total = Counter("model_swaps", "Model versions switched to", namespace=ns, registry=r)
         self.model_refused_total = Counter("model_refused", "Model versions refused, by reason", ["reason"],
                                            namespace=ns, registry=r)

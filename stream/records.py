@@ -12,6 +12,8 @@ carry these headers (values UTF-8):
   hrnn-source-offset
 Changelog records (`<group>.state-changelog`, key user_id, value the encoded state) carry
   hrnn-source-offset    the input offset that produced the state (restores skip uncommitted ones)
+  hrnn-source-log       the input topic's id (hex) then, when the broker gives one: offsets of a
+                        deleted and recreated input topic name other records
 Repartitioned events (re-keyed by user_id onto the input topic) carry
   hrnn-repartitioned-from  "<topic>/<partition>/<offset>" of the mis-keyed original.
 """
@@ -26,6 +28,7 @@ H_DETAIL = "hrnn-dlq-detail"
 H_SOURCE_TOPIC = "hrnn-source-topic"
 H_SOURCE_PARTITION = "hrnn-source-partition"
 H_SOURCE_OFFSET = "hrnn-source-offset"
+H_SOURCE_LOG = "hrnn-source-log"
 H_REPARTITIONED_FROM = "hrnn-repartitioned-from"
 
 Headers = list[tuple[str, bytes]]
@@ -71,8 +74,11 @@ def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: in
             (H_SOURCE_PARTITION, str(partition).encode()), (H_SOURCE_OFFSET, str(offset).encode())]
 
 
-def changelog_headers(source_offset: int) -> Headers:
-    return [(H_SOURCE_OFFSET, str(source_offset).encode())]
+def changelog_headers(source_offset: int, source_log: str | None = None) -> Headers:
+    headers = [(H_SOURCE_OFFSET, str(source_offset).encode())]
+    if source_log:
+        headers.append((H_SOURCE_LOG, source_log.encode()))
+    return headers
 
 
 def repartition_headers(topic: str, partition: int, offset: int) -> Headers:

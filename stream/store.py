@@ -2,10 +2,11 @@
 
 One RocksDB database per assigned input partition, so a partition's state moves between
 workers as a unit: the new owner opens (or creates) its local copy and catches up from the
-changelog. A store holds two kinds of keys in its default column family:
+changelog. A store holds these keys in its default column family:
 
   b"u" + user_id (UTF-8)  -> the encoded UserState (model.state.encode_state)
   b"\\x00changelog_offset" -> the changelog offset the stored states correspond to (ASCII int)
+  b"\\x00input_log"        -> the input topic's id (hex) whose offsets the states' source offsets are
 
 States and the changelog offset are always written in one WriteBatch, so after a crash the
 store is at some batch boundary and the offset says where catching up has to start.
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 _USER = b"u"
 _CHANGELOG_OFFSET = b"\x00changelog_offset"
+_INPUT_LOG = b"\x00input_log"
 _RESTORE_CHUNK = 5000  # changelog records per WriteBatch while catching up
 
 
@@ -43,6 +45,7 @@ class ChangelogRecord:
     value: bytes | None  # the encoded state; None is a tombstone (the user's state was deleted)
     offset: int  # offset of this record in the changelog partition
     source_offset: int  # offset of the input record that produced the state
+    source_log: str | None = None  # the input topic's id when that record was read (None: not recorded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,15 @@ def _options() -> Options:
     opts = Options(raw_mode=True)
     opts.create_if_missing(True)
     return opts
+
+
+def _forgetting_source_offset(value: bytes) -> bytes:
+    try:
+        state = decode_state(value)
+    except StateFormatError:
+        return value  # unreadable either way: the user starts afresh when it is read
+    state.source_offset = -1
+    return encode_state(state)
 
 
 class PartitionStore:
@@ -81,6 +93,35 @@ class PartitionStore:
         """The last changelog offset reflected in this store; -1 when it has none yet."""
         raw = self._db.get(_CHANGELOG_OFFSET)
         return -1 if raw is None else int(raw)
+
+    @property
+    def input_log(self) -> str | None:
+        """The input topic id whose offsets the stored source offsets are; None when not recorded."""
+        raw = self._db.get(_INPUT_LOG)
+        return None if raw is None else raw.decode()
+
+    def follow_input_log(self, input_log: str | None) -> int:
+        """Record the input topic id the states' source offsets refer to from now on.
+
+        When another id was recorded (the input topic was deleted and created again, its offsets
+        start at 0 again), the states keep their histories but forget their source offsets, which
+        name records of a log that is gone; otherwise the new log's events would be taken for
+        replays. Returns the number of states that forgot theirs. The id is written last, so a
+        crash midway forgets again on the next open."""
+        recorded = self.input_log
+        if input_log is None or input_log == recorded:
+            return 0
+        forgotten = 0
+        if recorded is not None:
+            for chunk in self.scan_states():
+                for state in chunk.values():
+                    state.source_offset = -1
+                self.put_states(chunk)
+                forgotten += len(chunk)
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_INPUT_LOG, input_log.encode())
+        self._write(batch)
+        return forgotten
 
     def get_many(self, user_ids: Iterable[str]) -> dict[str, UserState | None]:
         """Multi-get; a user without a state (or with an unreadable one) maps to None."""
@@ -122,13 +163,16 @@ class PartitionStore:
         except Exception as exc:
             raise StoreError(f"cannot write state store {self.path}: {exc}") from None
 
-    def restore(self, records: Iterable[ChangelogRecord], committed_offset: int) -> RestoreResult:
+    def restore(self, records: Iterable[ChangelogRecord], committed_offset: int,
+                input_log: str | None = None) -> RestoreResult:
         """Apply changelog records in offset order.
 
         `committed_offset` is the group's committed input offset of this partition (the next
         offset to consume; < 0 when nothing was committed). A record whose source offset is at
         or above it comes from a batch that was produced but never committed: that batch will be
-        processed again, so its state must not be applied now.
+        processed again, so its state must not be applied now. A record read from another log
+        of the input topic than `input_log` (its id) is applied with its source offset
+        forgotten: that log's batches are never read again.
         """
         applied = skipped = 0
         last = self.changelog_offset
@@ -137,14 +181,18 @@ class PartitionStore:
             if rec.offset <= last:
                 continue
             last = rec.offset
-            if committed_offset < 0 or rec.source_offset >= committed_offset:
+            value = rec.value
+            old_log = input_log is not None and rec.source_log not in (None, input_log)
+            if old_log and value is not None:
+                value = _forgetting_source_offset(value)
+            if not old_log and (committed_offset < 0 or rec.source_offset >= committed_offset):
                 skipped += 1
             else:
                 applied += 1
-                if rec.value is None:
+                if value is None:
                     batch.delete(_user_key(rec.user_id))
                 else:
-                    batch.put(_user_key(rec.user_id), rec.value)
+                    batch.put(_user_key(rec.user_id), value)
             pending += 1
             if pending >= _RESTORE_CHUNK:
                 batch.put(_CHANGELOG_OFFSET, str(last).encode())
@@ -190,8 +238,8 @@ class PartitionStore:
             start = last + b"\x00"
 
     def estimate_count(self) -> int:
-        # RocksDB's estimate counts the offset key too; the gauge is approximate anyway.
-        return max(0, int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0) - 1)
+        # RocksDB's estimate counts the two meta keys too; the gauge is approximate anyway.
+        return max(0, int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0) - 2)
 
     def close(self) -> None:
         with self._closing:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from model.errors import EventError, HRNNError
 from model.events import Event, decode_event
@@ -44,7 +45,7 @@ from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
 from stream import records
 from stream.hotswap import ModelHolder
-from stream.kafka_clients import admin_client, consumer_config, producer_config
+from stream.kafka_clients import KafkaClientError, admin_client, consumer_config, producer_config, topic_id
 from stream.observability import Health, WorkerMetrics
 from stream.settings import WorkerSettings
 from stream.store import ChangelogRecord, StateStores
@@ -226,6 +227,8 @@ class Worker:
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._restorer: Consumer | None = None
+        self._admin: AdminClient | None = None
+        self._input_log: str | None = None  # the input topic's id, read on every assignment
         self._last_lag = 0.0
         self.assigned = threading.Event()  # set once the first partitions are assigned and restored
 
@@ -233,8 +236,9 @@ class Worker:
 
     def start(self) -> None:
         s = self.settings
+        self._admin = admin_client(s.bootstrap_servers, s.kafka)
         if s.create_topics:
-            self._ensure_topics()
+            self._ensure_topics(self._admin)
         txn_id = s.effective_transactional_id() if s.exactly_once else None
         self._producer = Producer(producer_config(s.bootstrap_servers, s.producer_kafka, transactional_id=txn_id))
         if s.exactly_once:
@@ -254,9 +258,8 @@ class Worker:
                                           "model_version": self.models.version,
                                           "guarantee": s.processing_guarantee})
 
-    def _ensure_topics(self) -> None:
+    def _ensure_topics(self, admin: AdminClient) -> None:
         s = self.settings
-        admin = admin_client(s.bootstrap_servers, s.kafka)
         n = partition_counts(admin).get(s.input_topic) or s.partitions or DEFAULT_PARTITIONS
         ensure_topics(admin, standard_topics(s.input_topic, s.output_topic, s.group, n))
         actual = partition_counts(admin).get(s.input_topic, n)
@@ -336,6 +339,7 @@ class Worker:
     # ---- rebalancing and restore -------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._input_log = self._read_input_log()
         for tp in partitions:
             self.open_partition(tp.partition)
         self.health.update(partitions=self.stores.partitions)
@@ -368,14 +372,29 @@ class Worker:
             self.metrics.stores_discarded_total.inc()
             self.stores.wipe(partition)
             store = self.stores.open(partition)
+        forgotten = store.follow_input_log(self._input_log)
+        if forgotten:
+            log.warning("the input topic is another log than the one the partition's states were built from "
+                        "(deleted and created again): the states keep their histories and forget their input "
+                        "offsets", extra={"partition": partition, "states": forgotten, "input_log": self._input_log})
+            self.metrics.input_new_logs_total.inc()
         committed = self._committed_offset(partition)
         start = store.changelog_offset + 1
         result = store.restore(read_changelog(self._restorer, s.changelog_topic, partition, start,
-                                              s.restore_timeout_s), committed)
+                                              s.restore_timeout_s), committed, self._input_log)
         log.info("partition assigned", extra={
             "partition": partition, "committed_offset": committed, "restored": result.applied,
             "skipped_uncommitted": result.skipped, "changelog_offset": result.changelog_offset,
             "seconds": round(time.perf_counter() - t0, 3)})
+
+    def _read_input_log(self) -> str | None:
+        """The input topic's id; the last one known when it cannot be read now."""
+        try:
+            return topic_id(self._admin, self.settings.input_topic)
+        except KafkaClientError as exc:
+            log.warning("cannot read the input topic's id; its offsets are taken to name the log read before",
+                        extra={"error": str(exc)})
+            return self._input_log
 
     def _committed_offset(self, partition: int) -> int:
         tps = self._consumer.committed([TopicPartition(self.settings.input_topic, partition)],
@@ -470,7 +489,7 @@ class Worker:
             value = encode_state(state)
             encoded[src.partition][user] = value
             self._produce(self.settings.changelog_topic, value, user, partition=src.partition,
-                          headers=records.changelog_headers(src.offset))
+                          headers=records.changelog_headers(src.offset, self._input_log))
 
     def _produce_recommendations(self, fresh: list[Incoming], recs: Recommendations) -> None:
         # The hot loop of the worker: one record per event, so no helper calls in it.
@@ -611,13 +630,15 @@ def _changelog_record(msg: Message) -> ChangelogRecord | None:
     key, value = msg.key(), msg.value()
     if key is None:
         return None
-    source = records.source_offset_of(msg.headers())
+    headers = msg.headers()
+    source = records.source_offset_of(headers)
     if source is None and value is not None:
         try:  # a record without the header (written by another tool): the state itself says
             source = decode_state(value).source_offset
         except StateFormatError:
             return None
-    return ChangelogRecord(key.decode(), value, msg.offset(), -1 if source is None else source)
+    return ChangelogRecord(key.decode(), value, msg.offset(), -1 if source is None else source,
+                           records.header(headers, records.H_SOURCE_LOG))
 
 
 def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,

@@ -155,3 +155,42 @@ def test_a_store_closed_during_a_scan_ends_the_scan_quietly(stores):
     first = next(scan)
     stores.close(0)  # a revocation on the worker thread while the loader thread scans
     assert len(first) == 10 and list(scan) == []
+
+
+OLD_LOG, NEW_LOG = "0a" * 16, "0b" * 16
+
+
+def test_states_of_another_input_log_keep_their_histories_and_forget_their_offsets(stores):
+    store = stores.open(0)
+    assert store.input_log is None and store.follow_input_log(OLD_LOG) == 0  # a new store: nothing to forget
+    store.put_states({"a": make_state(1, 50), "b": make_state(2, 99)}, changelog_offset=7)
+    assert store.follow_input_log(OLD_LOG) == 0 and store.follow_input_log(None) == 0  # None: id unknown
+    assert store.get("a").source_offset == 50 and store.input_log == OLD_LOG
+    assert store.follow_input_log(NEW_LOG) == 2  # the input topic was deleted and created again
+    a, b = store.get("a"), store.get("b")
+    assert (a.source_offset, b.source_offset) == (-1, -1) and store.input_log == NEW_LOG
+    a.source_offset, b.source_offset = 50, 99
+    assert same_state(a, make_state(1, 50)) and same_state(b, make_state(2, 99))  # all else kept
+    assert store.changelog_offset == 7
+    stores.close(0)
+    assert stores.open(0).input_log == NEW_LOG  # recorded in the store
+
+
+def test_restore_applies_records_of_another_input_log_with_their_offsets_forgotten(stores):
+    store = stores.open(0)
+    records = [
+        ChangelogRecord("a", encode_state(make_state(1, 500)), offset=0, source_offset=500, source_log=OLD_LOG),
+        ChangelogRecord("b", encode_state(make_state(2, 600)), offset=1, source_offset=600, source_log=OLD_LOG),
+        ChangelogRecord("b", encode_state(make_state(3, 4)), offset=2, source_offset=4, source_log=NEW_LOG),
+        ChangelogRecord("c", None, offset=3, source_offset=650, source_log=OLD_LOG),  # a deletion stays one
+    ]
+    store.put_states({"c": make_state(9)})
+    # the new log's group has committed nothing yet: its record is of an uncommitted batch, the old log's are not
+    result = store.restore(records, committed_offset=-1001, input_log=NEW_LOG)
+    assert (result.applied, result.skipped) == (3, 1)
+    a, b = store.get("a"), store.get("b")
+    assert a.source_offset == -1 and b.source_offset == -1 and b.session_id == "s2"
+    assert store.get("c") is None
+    # without an id to compare (a broker that gives none), the old rule alone
+    other = stores.open(1)
+    assert other.restore(records[:2], committed_offset=-1001).applied == 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +111,38 @@ def test_a_store_past_its_changelogs_end_is_discarded_not_trusted(broker, regist
     assert worker.totals.replayed == 0
     assert worker.metrics.value("hrnn_stores_discarded_total") == PARTITIONS
     assert_states_match_offline(settings, registry, broker.bootstrap)  # the new log's events only
+
+
+@pytest.mark.parametrize("store", ["kept", "lost"])
+def test_a_recreated_input_topic_is_not_taken_for_replays_and_states_keep_their_histories(
+        broker, registry, tmp_path, store):
+    """The input topic deleted and created again, its changelog kept: the new log's offsets start at 0
+    again, below those the states (kept, or restored from the changelog) remember, yet every new event
+    is applied."""
+    from stream.kafka_clients import admin_client
+    from stream.topics import TopicSpec, ensure_topics
+
+    settings = settings_for(broker.bootstrap, registry, tmp_path, partitions=PARTITIONS, batch_size=50)
+    events = make_events(300, 25, seed=9)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, events[:200])
+        recommendations(broker.bootstrap, settings.output_topic, 200)
+    old_log = in_input_order(broker.bootstrap, settings)
+    admin = admin_client(broker.bootstrap)
+    admin.delete_topics([settings.input_topic])[settings.input_topic].result(timeout=10)
+    ensure_topics(admin, [TopicSpec(settings.input_topic, PARTITIONS)])
+    if store == "lost":
+        shutil.rmtree(Path(settings.state_dir) / settings.group)
+    with running(settings) as worker:
+        produce(broker.bootstrap, settings.input_topic, events[200:])
+        recommendations(broker.bootstrap, settings.output_topic, 300)
+        wait_until(lambda: worker.totals.recommendations == 100, 30, message="outputs of the new events")
+    assert worker.totals.replayed == 0
+    _, want = offline(registry, old_log + in_input_order(broker.bootstrap, settings))  # histories continue
+    got = stored_states(settings, range(PARTITIONS))
+    assert set(got) == set(want) and all(same_state(got[u], want[u]) for u in want)
+    # a kept store forgets its states' offsets; a restored one forgets those of the old log's records
+    assert worker.metrics.value("hrnn_input_new_logs_total") == (PARTITIONS if store == "kept" else 0)
 
 
 def test_the_changelog_reaches_the_offsets_it_holds_and_none_past_its_end(broker):
