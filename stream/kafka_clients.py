@@ -197,14 +197,19 @@ def reader_consumer(bootstrap: str, extra: ClientSettings | None = None) -> Cons
         raise KafkaClientError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
 
 
+def error_detail(exc: KafkaException) -> str:
+    """The error's name and the broker's or client's sentence inside a KafkaException."""
+    err = exc.args[0] if exc.args else None
+    return f"{err.name()}: {err.str()}" if isinstance(err, KafkaError) else str(exc)
+
+
 def topic_partitions(client: Consumer | AdminClient, topic: str, timeout_s: float = 5.0) -> list[int]:
     """Partition ids of `topic`, or [] while it does not exist."""
     try:
         md = client.list_topics(topic, timeout=max(0.1, timeout_s))
     except KafkaException as exc:
-        err = exc.args[0] if exc.args else exc
-        detail = err.str() if isinstance(err, KafkaError) else str(err)
-        raise KafkaClientError(f"cannot read metadata of topic {topic!r} (is the broker reachable?): {detail}") from None
+        raise KafkaClientError(f"cannot read metadata of topic {topic!r} (is the broker reachable?): "
+                               f"{error_detail(exc)}") from None
     meta = md.topics.get(topic)
     if meta is None or meta.error is not None:
         return []
@@ -225,10 +230,8 @@ def topic_id(admin: AdminClient, topic: str, timeout_s: float = 5.0) -> str | No
     try:
         desc = admin.describe_topics(TopicCollection([topic]), request_timeout=max(0.1, timeout_s))[topic].result()
     except KafkaException as exc:
-        err = exc.args[0] if exc.args else exc
-        detail = err.str() if isinstance(err, KafkaError) else str(err)
         raise KafkaClientError(f"cannot describe topic {topic!r} (does it exist, is the broker reachable?): "
-                               f"{detail}") from None
+                               f"{error_detail(exc)}") from None
     uid = desc.topic_id
     if uid is None:
         return None

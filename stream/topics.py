@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from model.errors import HRNNError
+from stream.kafka_clients import error_detail
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def partition_counts(admin: AdminClient, timeout_s: float = 10.0) -> dict[str, i
     try:
         md = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
-        raise TopicError(f"cannot list topics (is the broker reachable?): {_reason(exc)}") from None
+        raise TopicError(f"cannot list topics (is the broker reachable?): {error_detail(exc)}") from None
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 
@@ -95,7 +96,7 @@ def ensure_topics(admin: AdminClient, specs: list[TopicSpec], *, timeout_s: floa
                     continue
                 raise TopicCreationError(
                     f"the broker refused to create topic {spec.name!r} ({spec.partitions} partitions"
-                    f"{', compacted' if spec.compacted else ''}): {_reason(exc)}") from None
+                    f"{', compacted' if spec.compacted else ''}): {error_detail(exc)}") from None
         _wait_visible(admin, [s.name for s in missing], timeout_s)
         existing = partition_counts(admin, timeout_s)
     for spec in specs:
@@ -137,7 +138,7 @@ def cleanup_policy(admin: AdminClient, topic: str, timeout_s: float = 10.0) -> s
     try:
         configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(timeout=timeout_s)
     except KafkaException as exc:
-        raise TopicError(f"cannot read the configuration of topic {topic!r}: {_reason(exc)}") from None
+        raise TopicError(f"cannot read the configuration of topic {topic!r}: {error_detail(exc)}") from None
     entry = configs.get("cleanup.policy")
     return None if entry is None or entry.value is None else str(entry.value)
 
@@ -153,10 +154,3 @@ def _wait_visible(admin: AdminClient, names: list[str], timeout_s: float) -> Non
         if time.monotonic() >= deadline:
             raise TopicError(f"topics {sorted(pending)} were created but not visible within {timeout_s:g} s")
         time.sleep(0.1)
-
-
-def _reason(exc: KafkaException) -> str:
-    err = exc.args[0] if exc.args else None
-    if isinstance(err, KafkaError):
-        return f"{err.name()}: {err.str()}"
-    return str(exc)

@@ -45,7 +45,8 @@ from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
 from stream import records
 from stream.hotswap import ModelHolder
-from stream.kafka_clients import KafkaClientError, admin_client, consumer_config, producer_config, topic_id
+from stream.kafka_clients import (KafkaClientError, admin_client, consumer_config, error_detail, producer_config,
+                                  topic_id)
 from stream.observability import Health, WorkerMetrics
 from stream.settings import WorkerSettings
 from stream.store import ChangelogRecord, StateStores
@@ -713,7 +714,7 @@ def _watermarks(consumer: Consumer, tp: TopicPartition) -> tuple[int, int]:
         return consumer.get_watermark_offsets(tp, timeout=_CLIENT_TIMEOUT_S)
     except KafkaException as exc:
         raise WorkerError(f"cannot read changelog {tp.topic}[{tp.partition}] (does it have as many partitions as "
-                          f"the input topic?): {exc.args[0] if exc.args else exc}") from None
+                          f"the input topic?): {error_detail(exc)}") from None
 
 
 __all__ = ["Worker", "WorkerError", "BatchResult", "route", "read_changelog", "changelog_reaches", "FAULT_ENV"]
