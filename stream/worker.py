@@ -19,7 +19,10 @@ restores. Rebalance callbacks run inside consume(), i.e. always between two batc
 revocation only has to close the partition's store. A store whose changelog offset lies past
 its changelog's end (the topics were recreated, or the worker now talks to another cluster) is
 discarded and rebuilt from the changelog: the input offsets its states remember belong to
-another log, and trusting them would skip new events as replays.
+another log, and trusting them would skip new events as replays. When only the input topic was
+recreated, the store's recorded input topic id differs from the broker's: the states keep their
+histories and forget their input offsets (PartitionStore.follow_input_log), and a restore does the
+same for changelog records of the old log (their hrnn-source-log header).
 """
 from __future__ import annotations
 
