@@ -9,6 +9,8 @@ one batched network step, and all events are scored with one matmul at the end.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from itertools import chain, repeat
+from operator import attrgetter
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,12 +20,13 @@ import torch
 from model.artifact import LoadedModel, load_version
 from model.interactions import Interactions
 from model.network import HRNN, PaddedSequences, resolve_device, run_sequences
-from model.repeat import sequence_windows, type_slots, window_from_events
+from model.repeat import HistoryWindow, sequence_windows, type_slots, window_from_columns
 from model.scorer import UserSequence
 from model.sessions import is_new_session
 from model.state import HistoryEvent, UserState
 
 MAX_K = 500
+_ITEM, _TS, _TYPE, _OPENS = (attrgetter(a) for a in ("item_id", "ts_ms", "event_type", "new_session"))
 
 
 class HRNNScorer:
@@ -252,7 +255,7 @@ class Recommender:
         post = torch.zeros(len(events), self.model.hidden, device=self.device)
         new_session, known, session_ids = [False] * len(events), [False] * len(events), [""] * len(events)
         excluded: list[list[int]] = [[] for _ in events]
-        windows: list[list[tuple[int, int, int, bool]]] = [[] for _ in events]
+        windows: list[list[HistoryEvent]] = [[] for _ in events]
         for wave in _waves(events):
             flags = [self._bookkeep(work[events[i].user_id], events[i]) for i in wave]
             rows = torch.tensor([row[events[i].user_id] for i in wave], device=self.device)
@@ -269,20 +272,26 @@ class Recommender:
                 if filters is not None:
                     excluded[i] = _excluded(s.history, self.index, filters)
                 if self.model.repeat is not None:
-                    windows[i] = self._window_events(s.history)
+                    windows[i] = s.history[-self.history_length:]  # this event's view: later ones append
         hu_np, hs_np = h_user.cpu().numpy(), h_sess.cpu().numpy()
         for u, s in work.items():
             s.user_hidden, s.session_hidden = hu_np[row[u]].copy(), hs_np[row[u]].copy()
-        window = window_from_events(windows, self.history_length, self.device) \
-            if self.model.repeat is not None and events else None
+        window = self._window(windows) if self.model.repeat is not None and events else None
         scores = self.model.score_all(post, window) if events \
             else torch.zeros(0, len(self.item_ids), device=self.device)
         return Advanced(work, scores, new_session, known, session_ids, rebuilt, excluded)
 
-    def _window_events(self, history: list[HistoryEvent]) -> list[tuple[int, int, int, bool]]:
-        """The repeat head's view of a stored history: model item index (-1 unknown), time, type slot, flag."""
-        return [(self.index.get(e.item_id, -1), e.ts_ms, self.type_slot.get(e.event_type, 0), e.new_session)
-                for e in history[-self.history_length:]]
+    def _window(self, histories: list[list[HistoryEvent]]) -> HistoryWindow:
+        """The repeat head's view of each row's stored last-H events: model item index (-1 unknown), time,
+        type slot, session flag. Column by column through C-level maps: this runs for H events per event."""
+        flat = list(chain.from_iterable(histories))
+        n = len(flat)
+        items = np.fromiter(map(self.index.get, map(_ITEM, flat), repeat(-1)), np.int64, n)
+        types = np.fromiter(map(self.type_slot.get, map(_TYPE, flat), repeat(0)), np.int64, n)
+        return window_from_columns(items, np.fromiter(map(_TS, flat), np.int64, n), types,
+                                   np.fromiter(map(_OPENS, flat), bool, n),
+                                   np.fromiter(map(len, histories), np.int64, len(histories)),
+                                   self.history_length, self.device)
 
     def _bookkeep(self, s: UserState, e: StepInput) -> tuple[int, bool, bool, int]:
         """Apply one event's session/time/history bookkeeping; return (item, new_user, new_session, gap_ms)."""

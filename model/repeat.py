@@ -32,7 +32,7 @@ lifted the share of new-to-the-user targets in the top 20 of new items from 37% 
 Everything is computed from a `HistoryWindow`: the last H events before the scoring point
 (item, time, type slot, in-current-session flag), right-aligned so column H-1 is the newest
 event. Training, evaluation and the online API build the same window from the same events
-(`gather_windows` for sorted arrays, `window_from_events` for a stored user history), and
+(`gather_windows` for sorted arrays, `window_from_columns` for stored user histories), and
 ages are measured from the newest event of the window, the one the prediction is made
 from, so the three paths cannot disagree.
 """
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -134,27 +135,29 @@ def sequence_windows(items: Sequence[np.ndarray], ts_ms: Sequence[np.ndarray], t
 def window_from_events(events: Sequence[Sequence[tuple[int, int, int, bool]]], length: int,
                        device: torch.device) -> HistoryWindow:
     """Windows from per-row event lists [(item index or -1, ts_ms, type slot, opens a session), ...], oldest
-    first (the online API's stored last-H events). Only the newest `length` events of a row count. The
+    first (the online API's stored last-H events). Only the newest `length` events of a row count."""
+    rows = [list(evs)[-length:] for evs in events]
+    flat = list(chain.from_iterable(rows))
+    cols = [np.array(c, dtype=dt) for c, dt in zip(zip(*flat), (np.int64, np.int64, np.int64, bool))] if flat \
+        else [np.zeros(0, np.int64)] * 3 + [np.zeros(0, bool)]
+    return window_from_columns(*cols, np.fromiter(map(len, rows), np.int64, len(rows)), length, device)
+
+
+def window_from_columns(items: np.ndarray, ts_ms: np.ndarray, types: np.ndarray, opens: np.ndarray,
+                        lens: np.ndarray, length: int, device: torch.device) -> HistoryWindow:
+    """`window_from_events` from flat columns (row after row, oldest first, at most `length` per row; `lens`
+    events per row), so a batch's stored histories are placed with array operations, not per event. The
     predicted event is taken to continue the newest event's session: online, nobody knows yet."""
-    r = len(events)
+    r, total = len(lens), int(lens.sum())
+    row = np.repeat(np.arange(r), lens)
+    col = np.arange(total) + np.repeat(length - lens - (np.cumsum(lens) - lens), lens)  # right-aligned
     it = np.full((r, length), -1, dtype=np.int64)
-    ts = np.zeros((r, length), dtype=np.int64)
-    ty = np.zeros((r, length), dtype=np.int64)
-    sess = np.zeros((r, length), dtype=bool)
+    ts, ty = np.zeros((r, length), dtype=np.int64), np.zeros((r, length), dtype=np.int64)
     present = np.zeros((r, length), dtype=bool)
-    for row, evs in enumerate(events):
-        evs = list(evs)[-length:]
-        if not evs:
-            continue
-        n = len(evs)
-        cols = slice(length - n, length)
-        it[row, cols] = [e[0] for e in evs]
-        ts[row, cols] = [e[1] for e in evs]
-        ty[row, cols] = [e[2] for e in evs]
-        present[row, cols] = True
-        opens = [j for j, e in enumerate(evs) if e[3]]
-        start = opens[-1] if opens else 0  # a session longer than the window covers all of it
-        sess[row, length - n + start:] = True
+    it[row, col], ts[row, col], ty[row, col], present[row, col] = items, ts_ms, types, True
+    first = length - lens  # the session covers the window from its newest opening event, else all of it
+    np.maximum.at(first, row[opens], col[opens])
+    sess = present & (np.arange(length) >= first[:, None])
     as_t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
     return HistoryWindow(as_t(it), as_t(ts), as_t(ty), as_t(sess), as_t(present))
 
