@@ -1,6 +1,6 @@
 """Streaming worker throughput and latency on this machine; prints ONE JSON object.
 
-    python bench/stream_throughput.py [--events 30000] [--users 3000] [--items 20000] [--hidden 64]
+    python bench/stream_throughput.py [--events 30000] [--users 3000] [--items 20000] [--hidden 64] [--device cpu]
 
 Measured in one run, against the local broker (Tansu) and real RocksDB files:
   model_only_events_per_s          Recommender.recommend alone, in-memory states, fed the same
@@ -80,7 +80,7 @@ def settings(bootstrap: str, registry: Path, state_dir: Path, args, batch_size: 
     return WorkerSettings(bootstrap_servers=bootstrap, registry=str(registry), state_dir=str(state_dir),
                           input_topic=f"ev-{name}", output_topic=f"rec-{name}", group=f"grp-{name}",
                           partitions=args.partitions, batch_size=batch_size or args.batch_size,
-                          batch_timeout_s=args.batch_timeout, k=25, device="cpu", follow_updates=False,
+                          batch_timeout_s=args.batch_timeout, k=25, device=args.device, follow_updates=False,
                           torch_threads=args.torch_threads,
                           kafka_consumer=consumer_settings(args.fetch_wait_ms))
 
@@ -162,7 +162,7 @@ def run_worker(s, target: int, before_start=None, while_running=None) -> dict:
 
 # ---- the phases --------------------------------------------------------------------------------
 
-def model_only(registry: Path, events: list[Event], sizes: list[int], torch_threads: int) -> float:
+def model_only(registry: Path, events: list[Event], sizes: list[int], torch_threads: int, device: str) -> float:
     import torch
 
     from model.artifact import latest_version_dir
@@ -170,7 +170,7 @@ def model_only(registry: Path, events: list[Event], sizes: list[int], torch_thre
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    rec = Recommender.load(latest_version_dir(registry), "cpu")
+    rec = Recommender.load(latest_version_dir(registry), device)
     states: dict = {}
     steps = [StepInput(e.user_id, e.item_id, e.event_type, e.timestamp_ms, e.session_id) for e in events]
     start, i = time.perf_counter(), 0
@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--device", default="cpu", help="where the worker (and the model-only run) scores: cpu, cuda, auto")
     ap.add_argument("--partitions", type=int, default=3)
     ap.add_argument("--batch-timeout", type=float, default=0.01, help="the worker's batch_timeout_s")
     ap.add_argument("--torch-threads", type=int, default=1,
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-events", type=int, default=1_500)
     args = ap.parse_args(argv)
 
+    from model.network import device_label
     from stream.broker import LocalBroker
 
     load_before = os.getloadavg()[0]
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         version = make_model(root / "registry", args.items, args.hidden)
         events = make_events(args.events, args.users, args.items, seed=1, start_ms=1_767_225_600_000)
         e2e = end_to_end(broker.bootstrap, root / "registry", root, events, args)
-        model_rate = model_only(root / "registry", events, e2e["sizes"], args.torch_threads)
+        model_rate = model_only(root / "registry", events, e2e["sizes"], args.torch_threads, args.device)
         lat = latency(broker.bootstrap, root / "registry", root, args, e2e["events_per_s"] / 2)
         hop = broker_hop(broker.bootstrap, args, e2e["events_per_s"] / 2)
         one = per_event(broker.bootstrap, root / "registry", root, events[:args.baseline_events], args)
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "step_ms_p50_at_half_load": round(float(np.percentile(lat["steps"], 50)) * 1000, 1),
         "mean_batch_at_half_load": round(float(np.mean(lat["sizes"])), 1),
         "model": "random weights of the right shape (serving cost does not depend on training)",
-        "broker": "Tansu (local, in memory)", "device": "cpu", "cpu_cores": os.cpu_count(),
+        "broker": "Tansu (local, in memory)", "device": device_label(args.device), "cpu_cores": os.cpu_count(),
         # Other work on the machine shows here; every figure above moves with it.
         "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
     }

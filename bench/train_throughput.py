@@ -1,6 +1,6 @@
-"""Training throughput of the session-parallel trainer on this CPU; prints ONE JSON object.
+"""Training throughput of the session-parallel trainer on this CPU (or --device cuda); prints ONE JSON object.
 
-    python bench/train_throughput.py [--users 2000] [--items 2000] [--epochs 1] [--threads 0]
+    python bench/train_throughput.py [--users 2000] [--items 2000] [--epochs 1] [--threads 0] [--device cpu]
 
 Synthetic data (model.synth) is featurized the way `hrnn train` does it (pipeline.fit_inputs,
 no test holdout, no early-stopping split), then one `model.train.fit` runs per configuration:
@@ -83,7 +83,7 @@ def run_config(train, starts, weights, variant: str, hidden: int, batch: int, ar
     cfg = HRNNConfig(variant=variant, hidden_dimension=hidden, batch_size=batch, n_sample=args.n_sample,
                      epochs=args.epochs, seed=args.seed)
     t0 = time.perf_counter()
-    res = fit(train, starts, cfg, type_weights=weights, validate=None, device="cpu", progress=False)
+    res = fit(train, starts, cfg, type_weights=weights, validate=None, device=args.device, progress=False)
     wall = time.perf_counter() - t0
     secs = sum(e["seconds"] for e in res.history)
     events = sum(e["events_per_s"] * e["seconds"] for e in res.history)
@@ -96,7 +96,7 @@ def run_config(train, starts, weights, variant: str, hidden: int, batch: int, ar
             "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
-def plot(results: dict, path: Path) -> Path:
+def plot(results: dict, path: Path, device: str, n_sample: int) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +112,7 @@ def plot(results: dict, path: Path) -> Path:
     ax.axhline(TARGET_EVENTS_PER_S, color="tab:red", ls=":", lw=1, label="target (1.5x)")
     ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=8)
     ax.set_ylabel("training events / s")
-    ax.set_title("Training throughput (CPU, 2048 extra negatives)")
+    ax.set_title(f"Training throughput ({device}, {n_sample} extra negatives)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs per config; the fastest is reported")
     ap.add_argument("--n-sample", type=int, default=2048, help="extra (shared) negatives per chunk")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (the GRU4Rec reference figure is CPU)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--only", default="", help="comma-separated config names to run (default: all)")
     ap.add_argument("--no-warmup", action="store_true")
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from model import synth
     from model.config import DataConfig
     from model.featurize import event_weights
+    from model.network import device_label
     from model.pipeline import fit_inputs
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         mask = np.arange(len(train)) < end
         log(f"warm-up fit ({end} events) ...")
         fit(train.subset(mask), starts[mask], HRNNConfig(hidden_dimension=43, n_sample=args.n_sample, epochs=1),
-            device="cpu", progress=False)
+            device=args.device, progress=False)
 
     wanted = {s.strip() for s in args.only.split(",") if s.strip()}
     results: dict[str, dict] = {}
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = r
             results[name]["events_per_s_runs"] = runs
 
-    chart = plot(results, Path(args.out_dir) / "train_throughput.png") if results else None
+    device = device_label(args.device)
+    chart = plot(results, Path(args.out_dir) / "train_throughput.png", device, args.n_sample) if results else None
     main_rate = results.get("hrnn-init_h128", {}).get("events_per_s")
     ref_rate = results.get("reference_session-only_h100_b32", {}).get("events_per_s")
     out = {
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                  "sessions": int(starts.sum()), "synth_users": args.users, "synth_items": args.items,
                  "events_per_user": args.events_per_user, "seed": args.seed, "prep_seconds": round(prep_s, 2)},
         "chart": str(chart) if chart else None,
-        "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__, "device": "cpu",
+        "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__, "device": device,
         "cpu_cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
         "loadavg_1m_before": round(load_before, 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
     }

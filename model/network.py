@@ -188,3 +188,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def device_label(device: torch.device | str) -> str:
+    """What a log line or a benchmark names a device by: the GPU's model name, or the CPU and its threads."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -10,6 +10,19 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 REDDIT = SHARED_DATA / "reddit-jodie" / "reddit.tsv"
 
 
+def devices() -> list[str]:
+    """The torch devices this machine can serve from: the CPU, and CUDA where a GPU is present."""
+    import torch
+
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=devices())
+def device(request) -> str:
+    """Run a test once per device here, so the serving contracts are checked on a GPU wherever there is one."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def reddit_path() -> Path:
     if not REDDIT.exists():

@@ -1,4 +1,4 @@
-"""The online inference API computes exactly what evaluation's forward pass computes."""
+"""The online inference API computes exactly what evaluation's forward pass computes, on every device here."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,9 +58,9 @@ def _events_of(data: Interactions, user: int) -> list[StepInput]:
                       int(data.ts_ms[r])) for r in rows]
 
 
-def test_event_by_event_api_gives_the_evaluation_forward_pass_scores(version):
+def test_event_by_event_api_gives_the_evaluation_forward_pass_scores(version, device):
     data, path = version
-    rec = Recommender.load(path, device="cpu")
+    rec = Recommender.load(path, device=device)
     scorer = HRNNScorer(rec.model)
     starts = session_starts(data, rec.data_config.session_timeout_s)
     for user in range(3):
@@ -72,29 +72,30 @@ def test_event_by_event_api_gives_the_evaluation_forward_pass_scores(version):
         for ev in _events_of(data, user):
             adv = rec.advance({ev.user_id: state}, [ev])
             state = decode_state(encode_state(adv.states[ev.user_id]))  # through the stored form, as the worker does
-            online.append(adv.scores[0].numpy())
+            online.append(adv.scores[0].cpu().numpy())
         np.testing.assert_allclose(np.stack([online[j - 1] for j in targets]), offline, rtol=1e-5, atol=1e-5)
 
 
-def test_a_batch_with_several_events_per_user_equals_one_event_at_a_time(version):
+def test_a_batch_with_several_events_per_user_equals_one_event_at_a_time(version, device):
     data, path = version
-    rec = Recommender.load(path, device="cpu")
+    rec = Recommender.load(path, device=device)
     events = sorted(_events_of(data, 0) + _events_of(data, 1) + _events_of(data, 2), key=lambda e: e.ts_ms)
     batch = rec.advance({}, events)
     states: dict = {}
     for i, ev in enumerate(events):
         one = rec.advance(states, [ev])
         states[ev.user_id] = one.states[ev.user_id]
-        np.testing.assert_allclose(one.scores[0].numpy(), batch.scores[i].numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(one.scores[0].cpu().numpy(), batch.scores[i].cpu().numpy(),
+                                   rtol=1e-5, atol=1e-5)
         assert one.new_session[0] == batch.new_session[i]
     for user, s in batch.states.items():
         np.testing.assert_allclose(s.user_hidden, states[user].user_hidden, atol=1e-6)
         assert s.history == states[user].history
 
 
-def test_unknown_items_advance_time_and_sessions_but_not_the_network(version):
+def test_unknown_items_advance_time_and_sessions_but_not_the_network(version, device):
     data, path = version
-    rec = Recommender.load(path, device="cpu")
+    rec = Recommender.load(path, device=device)
     first = rec.advance({}, [StepInput("x", data.item_ids[0], "click", 1_700_000_000_000)])
     s0 = first.states["x"]
     later = StepInput("x", "never-seen-item", "click", 1_700_000_000_000 + 10 * HOUR_MS)
@@ -107,9 +108,9 @@ def test_unknown_items_advance_time_and_sessions_but_not_the_network(version):
         assert not np.allclose(s1.user_hidden, s0.user_hidden)
 
 
-def test_late_events_do_not_move_the_clock_backwards(version):
+def test_late_events_do_not_move_the_clock_backwards(version, device):
     data, path = version
-    rec = Recommender.load(path, device="cpu")
+    rec = Recommender.load(path, device=device)
     t0 = 1_700_000_000_000
     evs = [StepInput("y", data.item_ids[1], "click", t0), StepInput("y", data.item_ids[2], "click", t0 - 60_000)]
     adv = rec.advance({}, evs)
@@ -117,9 +118,9 @@ def test_late_events_do_not_move_the_clock_backwards(version):
     assert adv.new_session == [True, False]
 
 
-def test_purchased_items_are_filtered_by_default_and_session_items_only_on_request(version):
+def test_purchased_items_are_filtered_by_default_and_session_items_only_on_request(version, device):
     data, path = version
-    rec = Recommender.load(path, device="cpu")
+    rec = Recommender.load(path, device=device)
     n = len(rec.item_ids)
     evs = [StepInput("z", item, "purchase" if j == 0 else "click", 1_700_000_000_000 + j * 1000)
            for j, item in enumerate(rec.item_ids[:5])]
@@ -132,9 +133,9 @@ def test_purchased_items_are_filtered_by_default_and_session_items_only_on_reque
     assert scores == sorted(scores, reverse=True)
 
 
-def test_a_state_of_another_version_is_rebuilt_from_its_last_events(version, tmp_path):
+def test_a_state_of_another_version_is_rebuilt_from_its_last_events(version, tmp_path, device):
     data, path = version
-    rec = Recommender.load(path, device="cpu")
+    rec = Recommender.load(path, device=device)
     events = _events_of(data, 4)
     fresh = rec.advance({}, events[:-1]).states[events[0].user_id]
     stale = decode_state(encode_state(fresh))
@@ -145,13 +146,13 @@ def test_a_state_of_another_version_is_rebuilt_from_its_last_events(version, tmp
     replayed = rec.advance({}, events[:-1][-rec.history_length:]).states[events[0].user_id]
     ref = rec.advance({events[0].user_id: replayed}, events[-1:])
     assert adv.rebuilt_users == 1
-    np.testing.assert_allclose(adv.scores.numpy(), ref.scores.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adv.scores.cpu().numpy(), ref.scores.cpu().numpy(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_since", [0, 3])
-def test_a_state_rebuilt_ahead_of_a_swap_catches_up_on_the_events_served_since(version, n_since):
+def test_a_state_rebuilt_ahead_of_a_swap_catches_up_on_the_events_served_since(version, n_since, device):
     data, path = version
-    serving, incoming = Recommender.load(path, device="cpu"), Recommender.load(path, device="cpu")
+    serving, incoming = Recommender.load(path, device=device), Recommender.load(path, device=device)
     serving.version = "the-serving-version"
     events = _events_of(data, 5)
     u, cut = events[0].user_id, len(events) - 1 - n_since
@@ -163,14 +164,14 @@ def test_a_state_rebuilt_ahead_of_a_swap_catches_up_on_the_events_served_since(v
     # As if the new version had taken over at the scan: rebuilt from the then last-H, then serving.
     ref = incoming.advance({u: incoming.rebuild([at_scan])[0]}, events[cut:])
     assert adv.rebuilt_users == 1 and u not in incoming.prebuilt
-    np.testing.assert_allclose(adv.scores.numpy(), ref.scores.numpy()[-1:], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adv.scores.cpu().numpy(), ref.scores.cpu().numpy()[-1:], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(adv.states[u].user_hidden, ref.states[u].user_hidden, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(adv.states[u].session_hidden, ref.states[u].session_hidden, rtol=1e-5, atol=1e-5)
 
 
-def test_a_prebuilt_state_older_than_the_stored_history_is_rebuilt_instead(version):
+def test_a_prebuilt_state_older_than_the_stored_history_is_rebuilt_instead(version, device):
     data, path = version
-    serving, incoming = Recommender.load(path, device="cpu"), Recommender.load(path, device="cpu")
+    serving, incoming = Recommender.load(path, device=device), Recommender.load(path, device=device)
     serving.version = "the-serving-version"
     events = _events_of(data, 6)
     u, h = events[0].user_id, incoming.history_length
@@ -181,19 +182,19 @@ def test_a_prebuilt_state_older_than_the_stored_history_is_rebuilt_instead(versi
     since = serving.advance({u: at_scan}, events[2:-1]).states[u]  # more events than the history keeps
     adv = incoming.advance({u: since}, events[-1:])
     ref = incoming.advance({u: incoming.rebuild([since])[0]}, events[-1:])
-    np.testing.assert_allclose(adv.scores.numpy(), ref.scores.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(adv.scores.cpu().numpy(), ref.scores.cpu().numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_the_repeat_head_rescores_the_users_own_items_and_the_window_profile_shifts_the_catalogue(version):
+def test_the_repeat_head_rescores_the_users_own_items_and_the_window_profile_shifts_the_catalogue(version, device):
     data, path = version
-    rec = Recommender.load(path, device="cpu")
+    rec = Recommender.load(path, device=device)
     if rec.model.repeat is None:
         pytest.skip("plain model")
     events = _events_of(data, 5)
     adv = rec.advance({}, events)
     window = [rec.index[e.item_id] for e in events[-rec.history_length:] if e.item_id in rec.index]
     with torch.no_grad():
-        h = torch.from_numpy(adv.states[events[0].user_id].session_hidden)
+        h = torch.from_numpy(adv.states[events[0].user_id].session_hidden).to(device)
         profile = rec.model.repeat.profile_emb[window].mean(0)  # the fixture's versions have the profile
         catalogue = rec.model.out_bias + rec.model.out_weight @ (h + profile)
         without_profile = rec.model.out_bias + rec.model.out_weight @ h

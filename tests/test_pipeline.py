@@ -36,7 +36,7 @@ def fits(monkeypatch):
 
 def _state_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)  # fit may use a GPU
 
 
 def test_refit_publishes_a_network_trained_on_the_validation_sessions_too(data, fits, tmp_path):

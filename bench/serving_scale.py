@@ -1,0 +1,176 @@
+"""Model-only serving cost by device, catalogue size and batch size; prints ONE JSON object and a PNG.
+
+    python bench/serving_scale.py [--devices auto] [--items 20000,200000] [--batches 1,16,128,1024]
+                                  [--hidden 128] [--seconds 2] [--png /tmp/serving_scale.png]
+
+What the worker's scoring step costs: `Recommender.recommend` over a batch of events of distinct
+users (as the worker batches them), each user with a stored state whose last-H window is full
+(H = 100, the repeat head on, as `hrnn train` serves by default), top 25 out, purchases filtered.
+So the catalogue-wide work (scores for every item, the window's rescoring, top-k) grows with the
+batch and the catalogue, which is where a GPU can pay. Random weights of the right shape: the
+cost does not depend on what they learned. No broker, no RocksDB: bench/stream_throughput.py
+measures the whole worker (`--device cuda` there too).
+
+Per device ("auto": the CPU, and CUDA where present), catalogue size and batch size:
+  events_per_s   batch / median seconds per call
+  ms_p50, ms_p99 seconds per call (recommend returns lists, so a GPU call is synchronised)
+Calls repeat for --seconds (at least 5) after one untimed warm-up call. A catalogue's version is
+built once and moved to each device; its parameters' size is reported (model_mb).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HISTORY = 100
+BASE_MS = 1_767_225_600_000
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def recommender(n_items: int, hidden: int, device: str):
+    import torch
+
+    from model.artifact import LoadedModel
+    from model.config import DataConfig, HRNNConfig
+    from model.inference import Recommender
+    from model.network import HRNN
+
+    torch.manual_seed(0)
+    cfg = HRNNConfig(hidden_dimension=hidden, repeat_head=True, history_length=HISTORY)
+    model = HRNN(n_items, cfg).eval().to(device)
+    items = [f"item-{i}" for i in range(n_items)]
+    return Recommender(LoadedModel("bench", Path("."), model, cfg, DataConfig(), items, ["click", "purchase"], {}))
+
+
+def warm_states(rec, users: list[str], rng: np.random.Generator) -> dict:
+    """Each user's state after HISTORY events (a full window): the histories are written, then the
+    hidden states rebuilt from them in one batch (no scoring, so no users x catalogue matrix)."""
+    from model.state import HistoryEvent
+
+    n, last = len(rec.item_ids), BASE_MS + (HISTORY - 1) * 60_000
+    states = {}
+    for u in users:
+        s = rec.blank_state()
+        s.history = [HistoryEvent(rec.item_ids[int(rng.integers(n))], BASE_MS + j * 60_000,
+                                  "purchase" if j % 10 == 0 else "click", j == 0) for j in range(HISTORY)]
+        s.session_id, s.last_event_ms, s.session_length, s.n_events = f"{u}-s", last, HISTORY, HISTORY
+        states[u] = s
+    return dict(zip(users, rec.rebuild(list(states.values()))))
+
+
+def time_batches(rec, states: dict, batch: int, seconds: float, rng: np.random.Generator) -> list[float]:
+    from model.inference import StepInput
+
+    users, n, clock = list(states)[:batch], len(rec.item_ids), BASE_MS + HISTORY * 60_000
+    times: list[float] = []
+    for call in range(10_000):
+        clock += 60_000
+        events = [StepInput(u, rec.item_ids[int(rng.integers(n))], "click", clock) for u in users]
+        t0 = time.perf_counter()
+        out = rec.recommend({u: states[u] for u in users}, events, k=25)
+        dt = time.perf_counter() - t0
+        states.update(out.states)
+        if call:  # the first call is a warm-up (allocator, kernels)
+            times.append(dt)
+        if len(times) >= 5 and sum(times) >= seconds:
+            break
+    return times
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for (device, items), group in _groups(rows).items():
+        ax.plot([r["batch"] for r in group], [r["events_per_s"] for r in group], marker="o",
+                ls="-" if device.startswith("cuda") else "--", label=f"{device}, {items:,} items")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("events per batch (distinct users)")
+    ax.set_ylabel("events / s (model only)")
+    ax.set_title("Serving step by device and catalogue (repeat head, H=100, top 25)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    out: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["device"], r["items"]), []).append(r)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--devices", default="auto", help="comma list of cpu, cuda; auto: cpu and cuda if present")
+    ap.add_argument("--items", type=_ints, default=[20_000, 200_000], help="catalogue sizes, comma list")
+    ap.add_argument("--batches", type=_ints, default=[1, 16, 128, 1024], help="events per call, comma list")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per point (at least 5 calls)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--png", default="/tmp/serving_scale.png")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from model.network import device_label
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if args.devices == "auto" \
+        else args.devices.split(",")
+    rng = np.random.default_rng(0)
+    users = [f"user-{u}" for u in range(max(args.batches))]
+    rows: list[dict] = []
+    for n_items in args.items:
+        for device in devices:
+            rec = recommender(n_items, args.hidden, device)
+            model_mb = sum(p.numel() * p.element_size() for p in rec.model.parameters()) / 2**20
+            states = warm_states(rec, users, rng)
+            label = device_label(device)
+            for batch in args.batches:
+                times = time_batches(rec, states, batch, args.seconds, rng)
+                med = float(np.median(times))
+                rows.append({"device": label, "items": n_items, "batch": batch, "calls": len(times),
+                             "events_per_s": round(batch / med, 1), "ms_p50": round(med * 1000, 2),
+                             "ms_p99": round(float(np.percentile(times, 99)) * 1000, 2),
+                             "model_mb": round(model_mb, 1)})
+                log(f"{label:>28} {n_items:>9,} items  batch {batch:>5}: {batch / med:>11,.0f} events/s "
+                    f"({med * 1000:.2f} ms per call)")
+            del rec, states
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    chart = plot(rows, Path(args.png))
+    print(json.dumps({"rows": rows, "hidden": args.hidden, "history_length": HISTORY, "k": 25,
+                      "repeat_head": True, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+                      "cpu_cores": os.cpu_count(), "chart": str(chart),
+                      "loadavg_1m": round(os.getloadavg()[0], 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
