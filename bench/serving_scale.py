@@ -5,8 +5,8 @@
 
 What the worker's scoring step costs: `Recommender.recommend` over a batch of events of distinct
 users (as the worker batches them), each user with a stored state whose last-H window is full
-(H = 100, the repeat head on, as `hrnn train` serves by default), top 25 out, purchases filtered.
-So the catalogue-wide work (scores for every item, the window's rescoring, top-k) grows with the
+(H = 100, the repeat head on, as the network of the reddit figures serves), top 25 out, purchases
+filtered. So the catalogue-wide work (scores for every item, the window's rescoring, top-k) grows with the
 batch and the catalogue, which is where a GPU can pay. Random weights of the right shape: the
 cost does not depend on what they learned. No broker, no RocksDB: bench/stream_throughput.py
 measures the whole worker (`--device cuda` there too).
