@@ -14,6 +14,7 @@ measures the whole worker (`--device cuda` there too).
 Per device ("auto": the CPU, and CUDA where present), catalogue size and batch size:
   events_per_s   batch / median seconds per call
   ms_p50, ms_p99 seconds per call (recommend returns lists, so a GPU call is synchronised)
+The process's cycle collector is tuned as `hrnn serve` tunes it (stream.worker.tune_process_gc).
 Calls repeat for --seconds (at least 5) after one untimed warm-up call. A catalogue's version is
 built once and moved to each device; its parameters' size is reported (model_mb).
 """
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from model.network import device_label
+    from stream.settings import WorkerSettings
+    from stream.worker import tune_process_gc
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = recommender(n_items, args.hidden, device)
             model_mb = sum(p.numel() * p.element_size() for p in rec.model.parameters()) / 2**20
             states = warm_states(rec, users, rng)
+            tune_process_gc(WorkerSettings.gc_threshold)  # freezes the version and states built so far
             label = device_label(device)
             for batch in args.batches:
                 times = time_batches(rec, states, batch, args.seconds, rng)

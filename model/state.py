@@ -19,8 +19,10 @@ class StateFormatError(HRNNError):
     """A stored state cannot be decoded (unknown format version or corrupt bytes)."""
 
 
-@dataclass(slots=True)
-class HistoryEvent:
+class HistoryEvent(msgspec.Struct, gc=False):
+    """One stored event. A struct the cycle collector does not track (it holds no containers): a
+    state holds up to H of these and the worker decodes one state per user per batch."""
+
     item_id: str
     ts_ms: int
     event_type: str
@@ -85,6 +87,6 @@ def decode_state(raw: bytes) -> UserState:
         raise StateFormatError(f"corrupt state value: {exc}") from None
     if sess.shape[0] != w.hidden_dim or user.shape[0] != w.hidden_dim:
         raise StateFormatError("corrupt state value: hidden vectors do not match hidden_dim")
-    history = [HistoryEvent(i, t, y, n) for i, t, y, n in zip(w.hist_items, w.hist_ts, w.hist_types, w.hist_new)]
+    history = list(map(HistoryEvent, w.hist_items, w.hist_ts, w.hist_types, w.hist_new))
     return UserState(w.model_version, sess, user, w.session_id, w.last_event_ms, w.session_length,
                      history, w.source_offset, w.n_events)
