@@ -145,6 +145,7 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from model.plots import save_figure
 
     models = report["models"]
     names = list(models)
@@ -186,10 +187,7 @@ def plot(report: dict, path: Path) -> Path:
     right.invert_yaxis()
     right.set_title(f"recall@{CUT}", fontsize=10)
     right.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> int:

@@ -99,6 +99,7 @@ def plot(rows: list[dict], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from model.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for (device, items), group in _groups(rows).items():
@@ -111,11 +112,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.set_title("Serving step by device and catalogue (repeat head, H=100, top 25)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:

@@ -492,6 +492,7 @@ def plot(batches: list[Batch], t_ref: float, marks: list[tuple[float, str, str]]
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from model.plots import save_figure
 
     fig, (a, b) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     versions = list(dict.fromkeys(v for bt in batches for v in sorted(bt.versions)))
@@ -513,9 +514,7 @@ def plot(batches: list[Batch], t_ref: float, marks: list[tuple[float, str, str]]
     a.set(ylabel="batch processing (ms, log)", title="Worker batch latency around a hot swap (bench/swap.py)")
     a.legend(fontsize=7, loc="upper left")
     b.set(xlabel="seconds into the run", ylabel="events / batch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # ---- main --------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ def plot(results: dict, path: Path, device: str, n_sample: int) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from model.plots import save_figure
 
     names = list(results)
     rates = [results[n]["events_per_s"] for n in names]
@@ -114,11 +115,7 @@ def plot(results: dict, path: Path, device: str, n_sample: int) -> Path:
     ax.set_ylabel("training events / s")
     ax.set_title(f"Training throughput ({device}, {n_sample} extra negatives)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,16 @@ from model.evaluate import EvalResult  # noqa: E402
 EVAL_METRICS = ("recall@20", "mrr@20", "ndcg@20")
 
 
+def save_figure(fig, path: str | Path, dpi: int | None = None) -> Path:
+    """Lay the figure out, write it as a PNG (creating the folder) and free it: every chart ends here."""
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_eval_table(result: EvalResult, path: str | Path, metrics: tuple[str, ...] = EVAL_METRICS) -> Path:
     """Grouped bars: one group per model, one bar per metric, value printed on each bar."""
     path = Path(path)
@@ -32,11 +42,7 @@ def plot_eval_table(result: EvalResult, path: str | Path, metrics: tuple[str, ..
     ax.set_title(f"{result.protocol}: {result.n_test_events} test events", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", ncols=len(metrics))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_training_curve(history: list[dict], path: str | Path, metric: str = "val_mrr@20",
@@ -75,8 +81,4 @@ def plot_training_curve(history: list[dict], path: str | Path, metric: str = "va
         ax.legend(handles, labels, fontsize=8, loc="best")
     if epochs:
         ax.set_xticks(sorted(set(int(e) for e in epochs)))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

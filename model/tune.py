@@ -40,6 +40,7 @@ from model.featurize import event_weights  # noqa: E402
 from model.interactions import Interactions  # noqa: E402
 from model.network import HRNN  # noqa: E402
 from model.pipeline import Trained, calibrate, fit_inputs, validation_metrics, validator  # noqa: E402
+from model.plots import save_figure  # noqa: E402
 from model.train import fit  # noqa: E402
 
 OBJECTIVE = "mrr@20"
@@ -236,7 +237,4 @@ def plot_history(rows: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     if done or pruned:
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

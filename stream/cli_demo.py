@@ -224,6 +224,7 @@ def _plot_latency(emitted: np.ndarray, lat: np.ndarray, run: LiveRun, path: Path
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from model.plots import save_figure
 
     t = (emitted[: len(lat)] - emitted.min()) / 1000
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
@@ -237,9 +238,7 @@ def _plot_latency(emitted: np.ndarray, lat: np.ndarray, run: LiveRun, path: Path
     b.axvline(np.percentile(lat, 99), color="r", ls="--", label="p99")
     b.set(xlabel="ms", ylabel="recommendations", title="Latency distribution")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def run(args: argparse.Namespace) -> int:
