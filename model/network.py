@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from model.config import HRNNConfig
+from model.errors import ConfigError
 from model.repeat import HistoryWindow, RepeatHead
 
 WINDOW_OFFSET = "repeat.window_offset"  # RepeatHead.window_offset's state-dict key: calibrated, not trained
@@ -184,10 +185,20 @@ def run_sequences(model: HRNN, seqs: PaddedSequences, collect: torch.Tensor | No
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' takes CUDA when present, else the CPU; one code path for both."""
+    """'auto' takes CUDA when present, else the CPU; one code path for both. A device this machine
+    cannot use is a ConfigError that says so, before anything is loaded onto it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ConfigError(f"device {name!r}: torch sees {found} here (use auto or cpu)")
+    return dev
 
 
 def device_label(device: torch.device | str) -> str:

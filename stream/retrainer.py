@@ -86,6 +86,9 @@ class RetrainerSettings:
             raise ConfigError(f"--margin must be in [-1, 1] (a share of the serving metric), got {self.margin}")
         if self.session_timeout_s < 3:
             raise ConfigError("--session-timeout-s must be at least 3")
+        from model.network import resolve_device  # torch: the training runs need it anyway
+
+        resolve_device(self.device)
 
     def spec(self) -> RetrainSpec:
         return RetrainSpec(registry=self.registry, archive=self.archive, window_days=self.window_days,

@@ -98,6 +98,9 @@ class WorkerSettings:
             raise ConfigError("no state directory given: pass --state-dir DIR (or set HRNN_STATE_DIR)")
         if not self.bootstrap_servers:
             raise ConfigError("no Kafka bootstrap servers given: pass --bootstrap-servers HOST:PORT")
+        from model.network import resolve_device  # torch loads only once a worker is being set up
+
+        resolve_device(self.device)
         if not 1 <= self.k <= MAX_K:
             raise ConfigError(f"k = {self.k} is outside its range [1, {MAX_K}]")
         if not 1 <= self.batch_size <= 100_000:

@@ -83,6 +83,13 @@ def test_a_file_without_the_required_columns_names_what_was_found(tmp_path):
     assert proc.returncode == 2 and "bad.csv" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_device_this_machine_cannot_use_is_one_error_line_and_exit_2(trained):
+    d, data, _ = trained
+    proc = hrnn("train", "--data", str(data), "--registry", str(d / "reg-x"), "--device", "cuda:7", check=False)
+    assert proc.returncode == 2 and "'cuda:7': torch sees" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (d / "reg-x").exists() or not any((d / "reg-x").iterdir())  # nothing published
+
+
 def test_the_benchmark_scripts_report_bad_input_as_one_error_line_and_exit_2(tmp_path):
     root = Path(__file__).resolve().parents[1]
     for script, args in (("quality_reddit.py", ["--data", str(tmp_path / "missing.tsv")]),

@@ -58,6 +58,8 @@ def test_kafka_settings_can_come_from_the_environment(monkeypatch):
     ({"output_topic": "hrnn.events"}, "must differ"),
     ({"prebuild_max_users": -1}, "prebuild_max_users"),
     ({"gc_threshold": -5}, "gc_threshold"),
+    ({"device": "tpu"}, "'tpu' is not one of auto, cpu, cuda"),
+    ({"device": "cuda:7"}, "'cuda:7': torch sees"),  # no machine here has eight GPUs
 ])
 def test_out_of_range_settings_are_refused_with_what_to_fix(overrides, complaint):
     with pytest.raises(ConfigError, match=complaint):
