@@ -38,7 +38,7 @@ from model.config import LOSSES, DataConfig, HRNNConfig, to_dict  # noqa: E402
 from model.errors import ConfigError  # noqa: E402
 from model.featurize import event_weights  # noqa: E402
 from model.interactions import Interactions  # noqa: E402
-from model.network import HRNN  # noqa: E402
+from model.network import HRNN, resolve_device  # noqa: E402
 from model.pipeline import Trained, calibrate, fit_inputs, validation_metrics, validator  # noqa: E402
 from model.plots import save_figure  # noqa: E402
 from model.train import fit  # noqa: E402
@@ -107,6 +107,7 @@ def tune(data: Interactions, out_dir: str | Path, *, base: HRNNConfig, data_conf
         raise ConfigError(f"trials must be >= 1, got {trials}")
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
+    resolve_device(device)  # here, not as every trial's failure
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import pytest
 
 import model.tune as tune_mod
 from model.config import DataConfig, HRNNConfig, load_config
+from model.errors import ConfigError
 from model.pipeline import fit_inputs, prepare, train_version
 from model.splits import make_split
 from model.synth import generate, write
@@ -96,6 +97,12 @@ def test_a_repeat_head_trial_is_scored_at_the_window_offset_training_would_publi
     off = tune(data, tmp_path / "off", base=dataclasses.replace(base, calibrate_window_offset=False),
                data_config=DataConfig(), trials=1, timeout_s=600, log=lambda _: None)
     assert (off.trials[0]["window_offset"], off.best_value) == (None, pytest.approx(0.1))
+
+
+def test_a_device_this_machine_cannot_use_is_refused_before_any_trial(data, tmp_path):
+    with pytest.raises(ConfigError, match="'cuda:7': torch sees"):  # not "no trial completed"
+        tune(data, tmp_path, base=BASE, data_config=DataConfig(), trials=2, device="cuda:7", log=lambda _: None)
+    assert not (tmp_path / "trials.json").exists()
 
 
 def test_the_time_budget_stops_the_study(data, tmp_path):
