@@ -15,6 +15,8 @@ Per device ("auto": the CPU, and CUDA where present), catalogue size and batch s
   events_per_s   batch / median seconds per call
   ms_p50, ms_p99 seconds per call (recommend returns lists, so a GPU call is synchronised)
 The process's cycle collector is tuned as `hrnn serve` tunes it (stream.worker.tune_process_gc).
+With --stored, each call also decodes the users' stored states and encodes the new ones, as a worker
+batch does around RocksDB. Every batch size starts from the same warm states.
 Calls repeat for --seconds (at least 5) after one untimed warm-up call. A catalogue's version is
 built once and moved to each device; its parameters' size is reported (model_mb).
 """
@@ -62,31 +64,37 @@ def recommender(n_items: int, hidden: int, device: str):
 def warm_states(rec, users: list[str], rng: np.random.Generator) -> dict:
     """Each user's state after HISTORY events (a full window): the histories are written, then the
     hidden states rebuilt from them in one batch (no scoring, so no users x catalogue matrix)."""
+    from dataclasses import replace
+
     from model.state import HistoryEvent
 
     n, last = len(rec.item_ids), BASE_MS + (HISTORY - 1) * 60_000
     states = {}
     for u in users:
-        s = rec.blank_state()
-        s.history = [HistoryEvent(rec.item_ids[int(rng.integers(n))], BASE_MS + j * 60_000,
-                                  "purchase" if j % 10 == 0 else "click", j == 0) for j in range(HISTORY)]
-        s.session_id, s.last_event_ms, s.session_length, s.n_events = f"{u}-s", last, HISTORY, HISTORY
-        states[u] = s
+        events = [HistoryEvent(rec.item_ids[int(rng.integers(n))], BASE_MS + j * 60_000,
+                               "purchase" if j % 10 == 0 else "click", j == 0) for j in range(HISTORY)]
+        states[u] = replace(rec.blank_state(), history=events, session_id=f"{u}-s", last_event_ms=last,
+                            session_length=HISTORY, n_events=HISTORY)
     return dict(zip(users, rec.rebuild(list(states.values()))))
 
 
-def time_batches(rec, states: dict, batch: int, seconds: float, rng: np.random.Generator) -> list[float]:
+def time_batches(rec, states: dict, batch: int, seconds: float, rng: np.random.Generator,
+                 stored: bool = False) -> list[float]:
+    """Seconds per recommend call; with `stored`, each call also decodes its users' states from their
+    stored bytes and encodes the new ones, as a worker batch does around RocksDB."""
     from model.inference import StepInput
+    from model.state import decode_state, encode_state
 
     users, n, clock = list(states)[:batch], len(rec.item_ids), BASE_MS + HISTORY * 60_000
+    held = {u: encode_state(states[u]) if stored else states[u] for u in users}
     times: list[float] = []
     for call in range(10_000):
         clock += 60_000
         events = [StepInput(u, rec.item_ids[int(rng.integers(n))], "click", clock) for u in users]
         t0 = time.perf_counter()
-        out = rec.recommend({u: states[u] for u in users}, events, k=25)
+        out = rec.recommend({u: decode_state(held[u]) if stored else held[u] for u in users}, events, k=25)
+        held = {u: encode_state(s) if stored else s for u, s in out.states.items()}
         dt = time.perf_counter() - t0
-        states.update(out.states)
         if call:  # the first call is a warm-up (allocator, kernels)
             times.append(dt)
         if len(times) >= 5 and sum(times) >= seconds:
@@ -130,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per point (at least 5 calls)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--stored", action="store_true",
+                    help="each call also decodes and encodes its users' states (a worker batch less RocksDB, Kafka)")
     ap.add_argument("--png", default="/tmp/serving_scale.png")
     args = ap.parse_args(argv)
 
@@ -154,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             tune_process_gc(WorkerSettings.gc_threshold)  # freezes the version and states built so far
             label = device_label(device)
             for batch in args.batches:
-                times = time_batches(rec, states, batch, args.seconds, rng)
+                times = time_batches(rec, states, batch, args.seconds, rng, args.stored)
                 med = float(np.median(times))
                 rows.append({"device": label, "items": n_items, "batch": batch, "calls": len(times),
                              "events_per_s": round(batch / med, 1), "ms_p50": round(med * 1000, 2),
@@ -167,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
     chart = plot(rows, Path(args.png))
     print(json.dumps({"rows": rows, "hidden": args.hidden, "history_length": HISTORY, "k": 25,
-                      "repeat_head": True, "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-                      "cpu_cores": os.cpu_count(), "chart": str(chart),
+                      "repeat_head": True, "stored": args.stored, "torch_version": torch.__version__,
+                      "torch_threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "chart": str(chart),
                       "loadavg_1m": round(os.getloadavg()[0], 2)}))
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from itertools import chain, repeat
-from operator import attrgetter
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,10 +22,9 @@ from model.network import HRNN, PaddedSequences, resolve_device, run_sequences
 from model.repeat import HistoryWindow, sequence_windows, type_slots, window_from_columns
 from model.scorer import UserSequence
 from model.sessions import is_new_session
-from model.state import HistoryEvent, UserState
+from model.state import History, UserState
 
 MAX_K = 500
-_ITEM, _TS, _TYPE, _OPENS = (attrgetter(a) for a in ("item_id", "ts_ms", "event_type", "new_session"))
 
 
 class HRNNScorer:
@@ -144,14 +142,14 @@ class Recommendations:
     model_version: str
 
 
-def _excluded(history: list[HistoryEvent], index: Mapping[str, int], f: Filters) -> list[int]:
+def _excluded(history: History, index: Mapping[str, int], f: Filters) -> list[int]:
     types = set(f.exclude_event_types) | (set(f.purchase_types) if f.exclude_purchased else set())
-    out = {index[e.item_id] for e in history if e.event_type in types and e.item_id in index}
+    out = {index[i] for i, t in zip(history.items, history.types) if t in types and i in index}
     if f.exclude_session_items:
-        for e in reversed(history):
-            if e.item_id in index:
-                out.add(index[e.item_id])
-            if e.new_session:
+        for i, opens in zip(reversed(history.items), reversed(history.opens)):
+            if i in index:
+                out.add(index[i])
+            if opens:
                 break
     return sorted(out)
 
@@ -178,7 +176,7 @@ class Recommender:
 
     def blank_state(self) -> UserState:
         z = np.zeros(self.model.hidden, dtype=np.float32)
-        return UserState(self.version, z, z.copy(), None, 0, 0, [])
+        return UserState(self.version, z, z.copy(), None, 0, 0, History())
 
     @torch.inference_mode()
     def rebuild(self, states: list[UserState]) -> list[UserState]:
@@ -187,14 +185,14 @@ class Recommender:
             return []
         return self._replay(states, [s.history for s in states])
 
-    def _replay(self, states: Sequence[UserState], events: list[list[HistoryEvent]],
+    def _replay(self, states: Sequence[UserState], events: list[History],
                 start: Sequence[Prebuilt] | None = None) -> list[UserState]:
         """`states` restamped with this version and the hidden states reached by running each row's
         `events` through the network, from a blank user or, with `start`, from a prebuilt state."""
         seqs = PaddedSequences.build(
-            [np.array([self.index.get(e.item_id, -1) for e in ev], dtype=np.int64) for ev in events],
-            [np.array([e.new_session for e in ev], dtype=bool) for ev in events],
-            [np.array([e.ts_ms for e in ev], dtype=np.int64) for ev in events], self.device,
+            [np.fromiter(map(self.index.get, ev.items, repeat(-1)), np.int64, len(ev)) for ev in events],
+            [np.array(ev.opens, dtype=bool) for ev in events],
+            [np.array(ev.ts_ms, dtype=np.int64) for ev in events], self.device,
             prev_ts=None if start is None else [p.last_event_ms for p in start])
         h0 = None
         if start is not None:
@@ -203,7 +201,7 @@ class Recommender:
         h_user, h_sess, _ = run_sequences(self.model, seqs, start=h0)
         hu, hs = h_user.cpu().numpy(), h_sess.cpu().numpy()
         return [replace(s, model_version=self.version, user_hidden=hu[i].copy(), session_hidden=hs[i].copy(),
-                        history=list(s.history)) for i, s in enumerate(states)]
+                        history=s.history.copy()) for i, s in enumerate(states)]
 
     def prebuild(self, states: Mapping[str, UserState]) -> int:
         """Rebuild the stale ones of `states` now (before this version serves) and keep the result, so
@@ -239,7 +237,7 @@ class Recommender:
         for u, s in zip(rebuild, self.rebuild([work[u] for u in rebuild])):
             work[u] = s
         for u, s in work.items():
-            work[u] = self.blank_state() if s is None else replace(s, history=list(s.history))
+            work[u] = self.blank_state() if s is None else replace(s, history=s.history.copy())
         return work, len(stale)
 
     @torch.inference_mode()
@@ -255,7 +253,7 @@ class Recommender:
         post = torch.zeros(len(events), self.model.hidden, device=self.device)
         new_session, known, session_ids = [False] * len(events), [False] * len(events), [""] * len(events)
         excluded: list[list[int]] = [[] for _ in events]
-        windows: list[list[HistoryEvent]] = [[] for _ in events]
+        windows: list[History] = [History()] * len(events)
         for wave in _waves(events):
             flags = [self._bookkeep(work[events[i].user_id], events[i]) for i in wave]
             rows = torch.tensor([row[events[i].user_id] for i in wave], device=self.device)
@@ -281,15 +279,15 @@ class Recommender:
             else torch.zeros(0, len(self.item_ids), device=self.device)
         return Advanced(work, scores, new_session, known, session_ids, rebuilt, excluded)
 
-    def _window(self, histories: list[list[HistoryEvent]]) -> HistoryWindow:
+    def _window(self, histories: list[History]) -> HistoryWindow:
         """The repeat head's view of each row's stored last-H events: model item index (-1 unknown), time,
-        type slot, session flag. Column by column through C-level maps: this runs for H events per event."""
-        flat = list(chain.from_iterable(histories))
-        n = len(flat)
-        items = np.fromiter(map(self.index.get, map(_ITEM, flat), repeat(-1)), np.int64, n)
-        types = np.fromiter(map(self.type_slot.get, map(_TYPE, flat), repeat(0)), np.int64, n)
-        return window_from_columns(items, np.fromiter(map(_TS, flat), np.int64, n), types,
-                                   np.fromiter(map(_OPENS, flat), bool, n),
+        type slot, session flag; whole columns through C-level maps (this reads H events per event)."""
+        n = sum(map(len, histories))
+        col = lambda name: chain.from_iterable(getattr(h, name) for h in histories)  # noqa: E731
+        items = np.fromiter(map(self.index.get, col("items"), repeat(-1)), np.int64, n)
+        types = np.fromiter(map(self.type_slot.get, col("types"), repeat(0)), np.int64, n)
+        return window_from_columns(items, np.fromiter(col("ts_ms"), np.int64, n), types,
+                                   np.fromiter(col("opens"), bool, n),
                                    np.fromiter(map(len, histories), np.int64, len(histories)),
                                    self.history_length, self.device)
 
@@ -306,8 +304,8 @@ class Recommender:
         s.session_length += 1
         s.last_event_ms = e.ts_ms if new_user else max(s.last_event_ms, e.ts_ms)  # late events never rewind the clock
         s.n_events += 1
-        s.history.append(HistoryEvent(e.item_id, e.ts_ms, e.event_type, new_sess))
-        del s.history[:-self.history_length]
+        s.history.append(e.item_id, e.ts_ms, e.event_type, new_sess)
+        s.history.keep_last(self.history_length)
         return self.index.get(e.item_id, -1), new_user, new_sess, gap
 
     @torch.inference_mode()

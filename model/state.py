@@ -5,6 +5,7 @@ with StateFormatError instead of guessing.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -20,13 +21,69 @@ class StateFormatError(HRNNError):
 
 
 class HistoryEvent(msgspec.Struct, gc=False):
-    """One stored event. A struct the cycle collector does not track (it holds no containers): a
-    state holds up to H of these and the worker decodes one state per user per batch."""
+    """One stored event, as a History hands it out (indexing, iterating). A struct: cheap to make, and
+    not tracked by the cycle collector (it holds no containers)."""
 
     item_id: str
     ts_ms: int
     event_type: str
     new_session: bool  # kept so a rebuild replays the same session boundaries
+
+
+class History:
+    """A user's last H events, oldest first, held column by column as they are stored: the worker
+    decodes, extends and encodes one per user per batch, and the repeat head's window, the filters
+    and a rebuild read whole columns, so no per-event objects are made on the serving path.
+    Indexing gives a HistoryEvent (an int) or a History (a slice); iterating gives HistoryEvents."""
+
+    __slots__ = ("items", "ts_ms", "types", "opens")
+
+    def __init__(self, items: list[str] | None = None, ts_ms: list[int] | None = None,
+                 types: list[str] | None = None, opens: list[bool] | None = None) -> None:
+        self.items, self.ts_ms, self.types, self.opens = items or [], ts_ms or [], types or [], opens or []
+        if not len(self.items) == len(self.ts_ms) == len(self.types) == len(self.opens):
+            raise ValueError("history columns differ in length")
+
+    @classmethod
+    def of(cls, events: Iterable[HistoryEvent]) -> "History":
+        h = cls()
+        for e in events:
+            h.append(e.item_id, e.ts_ms, e.event_type, e.new_session)
+        return h
+
+    def append(self, item_id: str, ts_ms: int, event_type: str, new_session: bool) -> None:
+        self.items.append(item_id)
+        self.ts_ms.append(int(ts_ms))  # numpy scalars would not encode
+        self.types.append(event_type)
+        self.opens.append(bool(new_session))
+
+    def keep_last(self, n: int) -> None:
+        if len(self.items) > n:
+            for col in (self.items, self.ts_ms, self.types, self.opens):
+                del col[:-n]
+
+    def copy(self) -> "History":
+        return History(self.items[:], self.ts_ms[:], self.types[:], self.opens[:])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: int | slice) -> "HistoryEvent | History":
+        if isinstance(key, slice):
+            return History(self.items[key], self.ts_ms[key], self.types[key], self.opens[key])
+        return HistoryEvent(self.items[key], self.ts_ms[key], self.types[key], self.opens[key])
+
+    def __iter__(self) -> Iterator[HistoryEvent]:
+        return map(HistoryEvent, self.items, self.ts_ms, self.types, self.opens)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, list):
+            other = History.of(other)
+        return isinstance(other, History) and (self.items, self.ts_ms, self.types, self.opens) == \
+            (other.items, other.ts_ms, other.types, other.opens)
+
+    def __repr__(self) -> str:
+        return f"History({list(self)!r})"
 
 
 @dataclass(slots=True)
@@ -37,9 +94,13 @@ class UserState:
     session_id: str | None
     last_event_ms: int
     session_length: int
-    history: list[HistoryEvent] = field(default_factory=list)  # the last H events, oldest first
+    history: History = field(default_factory=History)  # the last H events, oldest first
     source_offset: int = -1  # offset of the input record that produced this state
     n_events: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.history, History):  # a list of HistoryEvents, as tests and tools write them
+            self.history = History.of(self.history)
 
 
 class _Wire(msgspec.Struct, array_like=True):
@@ -69,7 +130,7 @@ def encode_state(s: UserState) -> bytes:
         np.ascontiguousarray(s.session_hidden, dtype=np.float32).tobytes(),
         np.ascontiguousarray(s.user_hidden, dtype=np.float32).tobytes(),
         s.session_id, int(s.last_event_ms), int(s.session_length),
-        [e.item_id for e in h], [int(e.ts_ms) for e in h], [e.event_type for e in h], [bool(e.new_session) for e in h],
+        h.items, h.ts_ms, h.types, h.opens,
         int(s.source_offset), int(s.n_events))
     return bytes([FORMAT_VERSION]) + _enc.encode(wire)
 
@@ -87,6 +148,9 @@ def decode_state(raw: bytes) -> UserState:
         raise StateFormatError(f"corrupt state value: {exc}") from None
     if sess.shape[0] != w.hidden_dim or user.shape[0] != w.hidden_dim:
         raise StateFormatError("corrupt state value: hidden vectors do not match hidden_dim")
-    history = list(map(HistoryEvent, w.hist_items, w.hist_ts, w.hist_types, w.hist_new))
+    try:
+        history = History(w.hist_items, w.hist_ts, w.hist_types, w.hist_new)
+    except ValueError as exc:
+        raise StateFormatError(f"corrupt state value: {exc}") from None
     return UserState(w.model_version, sess, user, w.session_id, w.last_event_ms, w.session_length,
                      history, w.source_offset, w.n_events)

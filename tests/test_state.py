@@ -6,7 +6,8 @@ import gc
 import numpy as np
 import pytest
 
-from model.state import FORMAT_VERSION, HistoryEvent, StateFormatError, UserState, decode_state, encode_state
+from model.state import (FORMAT_VERSION, History, HistoryEvent, StateFormatError, UserState, decode_state,
+                         encode_state)
 
 
 def _state(h: int = 100) -> UserState:
@@ -34,7 +35,20 @@ def test_bad_bytes_are_refused_with_what_is_wrong(raw, says):
         decode_state(raw)
 
 
-def test_decoded_history_events_are_not_tracked_by_the_cycle_collector():
-    # A worker decodes up to H of them per user per batch; tracked, they would make collections walk them all.
-    back = decode_state(encode_state(_state()))
-    assert len(back.history) == 100 and not any(gc.is_tracked(e) for e in back.history)
+def test_decoding_a_state_adds_no_collector_tracked_object_per_stored_event():
+    # A worker decodes one state per user per batch; H tracked objects each made collections walk them all.
+    raw = encode_state(_state(100))
+    gc.collect()
+    before = len(gc.get_objects())
+    back = decode_state(raw)
+    assert len(gc.get_objects()) - before < 20 and len(back.history) == 100
+
+
+def test_a_history_reads_as_events_and_keeps_only_its_newest():
+    h = History.of(_state(5).history)
+    h.append("item-x", 1_800_000_000_000, "click", True)
+    h.keep_last(3)
+    assert len(h) == 3 and h[-1] == HistoryEvent("item-x", 1_800_000_000_000, "click", True)
+    assert [e.item_id for e in h] == ["item-3", "item-4", "item-x"] and h[1:] == list(h)[1:]
+    with pytest.raises(ValueError, match="differ in length"):
+        History(["a"], [1], ["click"], [])
