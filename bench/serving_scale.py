@@ -1,7 +1,8 @@
 """Model-only serving cost by device, catalogue size and batch size; prints ONE JSON object and a PNG.
 
     python bench/serving_scale.py [--devices auto] [--items 20000,200000] [--batches 1,16,128,1024]
-                                  [--hidden 128] [--seconds 2] [--png /tmp/serving_scale.png]
+                                  [--hidden 128] [--seconds 2] [--threads 0] [--stored]
+                                  [--png /tmp/serving_scale.png]
 
 What the worker's scoring step costs: `Recommender.recommend` over a batch of events of distinct
 users (as the worker batches them), each user with a stored state whose last-H window is full
