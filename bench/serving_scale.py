@@ -35,6 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from model.errors import exit_status  # noqa: E402
+
 HISTORY = 100
 BASE_MS = 1_767_225_600_000
 
@@ -146,14 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from model.network import device_label
+    from model.network import device_label, resolve_device
     from stream.settings import WorkerSettings
     from stream.worker import tune_process_gc
 
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if args.devices == "auto" \
-        else args.devices.split(",")
+        else [str(resolve_device(d.strip())) for d in args.devices.split(",")]  # an unusable one: exit 2
     rng = np.random.default_rng(0)
     users = [f"user-{u}" for u in range(max(args.batches))]
     rows: list[dict] = []
@@ -185,4 +187,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main, Path(__file__).name))

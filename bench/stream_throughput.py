@@ -40,6 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from model.errors import exit_status  # noqa: E402
 from model.events import Event, encode_event  # noqa: E402
 
 # Tansu answers an empty fetch only after the consumer's fetch.wait.max.ms (librdkafka default 500 ms)
@@ -311,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-events", type=int, default=1_500)
     args = ap.parse_args(argv)
 
-    from model.network import device_label
+    from model.network import device_label, resolve_device
     from stream.broker import LocalBroker
 
+    resolve_device(args.device)  # an unusable device: exit 2 before the broker and the worker start
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp, LocalBroker() as broker:
         root = Path(tmp)
@@ -358,4 +360,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main, Path(__file__).name))

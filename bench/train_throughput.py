@@ -43,6 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from model.errors import exit_status  # noqa: E402
+
 GRU4REC_EVENTS_PER_S = 6000.0  # official GRU4Rec PyTorch, hidden 100, batch 32, 2048 negatives, this machine
 TARGET_EVENTS_PER_S = 1.5 * GRU4REC_EVENTS_PER_S
 
@@ -139,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     from model import synth
     from model.config import DataConfig
     from model.featurize import event_weights
-    from model.network import device_label
+    from model.network import device_label, resolve_device
     from model.pipeline import fit_inputs
 
+    resolve_device(args.device)  # an unusable device: exit 2 before any work
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -207,4 +210,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main, Path(__file__).name))

@@ -93,7 +93,9 @@ def test_a_device_this_machine_cannot_use_is_one_error_line_and_exit_2(trained):
 def test_the_benchmark_scripts_report_bad_input_as_one_error_line_and_exit_2(tmp_path):
     root = Path(__file__).resolve().parents[1]
     for script, args in (("quality_reddit.py", ["--data", str(tmp_path / "missing.tsv")]),
-                         ("repeat_explore.py", [str(tmp_path / "no-version")])):
+                         ("repeat_explore.py", [str(tmp_path / "no-version")]),
+                         ("serving_scale.py", ["--devices", "tpu"]), ("train_throughput.py", ["--device", "tpu"]),
+                         ("stream_throughput.py", ["--device", "tpu"])):
         proc = subprocess.run([sys.executable, str(root / "bench" / script), *args], capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 2, script
