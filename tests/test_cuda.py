@@ -14,13 +14,12 @@ from model.baselines import make_baseline
 from model.config import DataConfig, HRNNConfig
 from model.evaluate import evaluate
 from model.inference import HRNNScorer, Recommender
-from model.network import HRNN
 from model.sessions import session_starts
 from model.splits import last_session_split
 from model.state import decode_state, encode_state
 from model.synth import generate
 from model.train import fit
-from test_inference import _events_of, _tiny_log
+from test_inference import _events_of, _saved_version
 from worker_testkit import make_events, make_registry, offline, produce, recommendations, running, settings_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -31,17 +30,8 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory):
-    """A repeat-head HRNN-Init version with trained-looking weights (see test_inference's fixture)."""
-    data = _tiny_log()
-    cfg = HRNNConfig(hidden_dimension=32, time_gap_input=True, seed=3, repeat_head=True, history_length=8)
-    torch.manual_seed(3)
-    model = HRNN(data.n_items, cfg).eval()
-    with torch.no_grad():
-        for prm in model.repeat.parameters():
-            prm.add_(torch.randn_like(prm) * 0.5)
-    reg = tmp_path_factory.mktemp("reg")
-    save_version(reg, model, cfg, DataConfig(), list(data.item_ids), list(data.event_types))
-    return data, latest_version_dir(reg)
+    """test_inference's repeat-head HRNN-Init version (trained-looking head, calibrated offset, H=8)."""
+    return _saved_version(tmp_path_factory.mktemp("reg"), "hrnn-init", True, 8)
 
 
 def test_the_gpu_scores_and_states_equal_the_cpus(version):

@@ -1,6 +1,8 @@
 """The online inference API computes exactly what evaluation's forward pass computes, on every device here."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -36,8 +38,12 @@ def _tiny_log(seed: int = 0, users: int = 12, per_user: int = 30, items: int = 4
                                         ("hrnn-all", True, 8), ("session-only", True, 8)],
                 ids=lambda p: f"{p[0]}{'+repeat-H' + str(p[2]) if p[1] else ''}")
 def version(request, tmp_path_factory):
+    return _saved_version(tmp_path_factory.mktemp("reg"), *request.param)
+
+
+def _saved_version(reg: Path, variant: str, repeat: bool, h: int) -> tuple[Interactions, Path]:
+    """The tiny log and a version of `variant` trained on nothing, its repeat head (if any) trained-looking."""
     data = _tiny_log()
-    variant, repeat, h = request.param
     cfg = HRNNConfig(variant=variant, hidden_dimension=32, time_gap_input=True, seed=3, repeat_head=repeat,
                      history_length=h)
     torch.manual_seed(3)
@@ -47,7 +53,6 @@ def version(request, tmp_path_factory):
             for prm in model.repeat.parameters():
                 prm.add_(torch.randn_like(prm) * 0.5)
             model.repeat.window_offset.fill_(0.75)  # and a calibrated one: every path must add it
-    reg = tmp_path_factory.mktemp("reg")
     save_version(reg, model, cfg, DataConfig(), list(data.item_ids), list(data.event_types))
     return data, latest_version_dir(reg)
 
