@@ -148,13 +148,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from model.network import device_label, resolve_device
+    from model.network import available_devices, device_label, resolve_device
     from stream.settings import WorkerSettings
     from stream.worker import tune_process_gc
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else [])) if args.devices == "auto" \
+    devices = available_devices() if args.devices == "auto" \
         else [str(resolve_device(d.strip())) for d in args.devices.split(",")]  # an unusable one: exit 2
     rng = np.random.default_rng(0)
     users = [f"user-{u}" for u in range(max(args.batches))]

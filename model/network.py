@@ -201,6 +201,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def available_devices() -> list[str]:
+    """The devices this machine can serve and train on: the CPU, and CUDA where torch sees a GPU."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def device_label(device: torch.device | str) -> str:
     """What a log line or a benchmark names a device by: the GPU's model name, or the CPU and its threads."""
     dev = resolve_device(device) if isinstance(device, str) else device

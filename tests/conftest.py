@@ -5,19 +5,14 @@ from pathlib import Path
 
 import pytest
 
+from model.network import available_devices
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 REDDIT = SHARED_DATA / "reddit-jodie" / "reddit.tsv"
 
 
-def devices() -> list[str]:
-    """The torch devices this machine can serve from: the CPU, and CUDA where a GPU is present."""
-    import torch
-
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=devices())
+@pytest.fixture(params=available_devices())
 def device(request) -> str:
     """Run a test once per device here, so the serving contracts are checked on a GPU wherever there is one."""
     return request.param
