@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from model.network import available_devices, device_label, resolve_device
     from stream.settings import WorkerSettings
-    from stream.worker import tune_process_gc
+    from stream.worker import gc_threshold_for, tune_process_gc
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,13 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         else [str(resolve_device(d.strip())) for d in args.devices.split(",")]  # an unusable one: exit 2
     rng = np.random.default_rng(0)
     users = [f"user-{u}" for u in range(max(args.batches))]
+    gc_threshold = gc_threshold_for(WorkerSettings(batch_size=max(args.batches)))  # as `hrnn serve` sizes it
     rows: list[dict] = []
     for n_items in args.items:
         for device in devices:
             rec = recommender(n_items, args.hidden, device)
             model_mb = sum(p.numel() * p.element_size() for p in rec.model.parameters()) / 2**20
             states = warm_states(rec, users, rng)
-            tune_process_gc(WorkerSettings.gc_threshold)  # freezes the version and states built so far
+            tune_process_gc(gc_threshold)  # freezes the version and states built so far
             label = device_label(device)
             for batch in args.batches:
                 times = time_batches(rec, states, batch, args.seconds, rng, args.stored)

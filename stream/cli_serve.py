@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--updates-topic", help="model announcements topic (default hrnn.model-updates)")
     a("--prebuild-max-users", type=int, help="stored states a new version rebuilds in the background before "
       "it swaps in (default 200000; 0: rebuild each on its user's next event)")
-    a("--gc-threshold", type=int, help="the process's gen-0 garbage-collection threshold (default 20000; "
-      "0: Python's default)")
+    a("--gc-threshold", type=int, help="the process's gen-0 garbage-collection threshold (default 0: "
+      "sized to --batch-size, 64 per event, at least 20000)")
     a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
       help="librdkafka setting for every client, e.g. security.protocol=SASL_SSL (repeatable)")
     a("--kafka-config-file", help="client.properties file with librdkafka settings")
@@ -73,7 +73,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from stream.observability import Health, WorkerMetrics, setup_json_logging, start_http_server
-    from stream.worker import Worker, tune_process_gc  # torch and librdkafka load only when serving
+    from stream.worker import Worker, gc_threshold_for, tune_process_gc  # torch and librdkafka load only when serving
 
     settings = load_settings(args.config, overrides_from(args))
     setup_json_logging(settings.log_level)
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     server = start_http_server(metrics, settings.metrics_port, health) if settings.metrics_port else None
     try:
         worker = Worker(settings, metrics=metrics, health=health)
-        tune_process_gc(settings.gc_threshold)
+        tune_process_gc(gc_threshold_for(settings))
         worker.run(stop)
     finally:
         if server is not None:

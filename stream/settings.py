@@ -76,7 +76,7 @@ class WorkerSettings:
     prebuild_max_users: int = 200_000
     updates_topic: str = "hrnn.model-updates"
     metrics_port: int = 0  # 0: no metrics/health endpoint
-    gc_threshold: int = 20_000  # the serving process's gen-0 GC threshold (tune_process_gc); 0: Python's 700
+    gc_threshold: int = 0  # the serving process's gen-0 GC threshold; 0: sized to batch_size (worker.gc_threshold_for)
     log_level: str = "INFO"
     restore_timeout_s: float = 120.0  # longest catch-up from the changelog for one assignment
     create_topics: bool = True
@@ -112,7 +112,7 @@ class WorkerSettings:
         if not 0 <= self.torch_threads <= 1024:
             raise ConfigError(f"torch_threads = {self.torch_threads} is outside its range [0, 1024] (0: torch's default)")
         if not 0 <= self.gc_threshold <= 10_000_000:
-            raise ConfigError(f"gc_threshold = {self.gc_threshold} is outside its range [0, 10000000] (0: Python's default)")
+            raise ConfigError(f"gc_threshold = {self.gc_threshold} is outside its range [0, 10000000] (0: sized to batch_size)")
         if self.prebuild_max_users < 0:
             raise ConfigError(f"prebuild_max_users = {self.prebuild_max_users} must be >= 0 (0 turns it off)")
         if not 0 <= self.metrics_port <= 65535:

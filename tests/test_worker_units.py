@@ -3,15 +3,19 @@ No broker: records are real confluent_kafka.Message objects built in memory."""
 from __future__ import annotations
 
 import gc
+from pathlib import Path
+
 import numpy as np
 import pytest
 from confluent_kafka import KafkaError, Message
 
 from model.errors import EventError
 from model.events import Event, _decode_general, decode_event, encode_event
+from model.inference import StepInput
 from model.state import UserState
 from stream.settings import WorkerSettings
-from stream.worker import Incoming, applied_before, filters_of, route, split_by_owner, tune_process_gc
+from stream.worker import (TRACKED_PER_EVENT, Incoming, applied_before, filters_of, gc_threshold_for, route,
+                           split_by_owner, tune_process_gc)
 
 TS = 1_767_225_600_000
 
@@ -92,6 +96,56 @@ def test_the_serving_process_freezes_what_it_loaded_and_collects_rarely():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_the_serving_gc_threshold_grows_with_the_batch_unless_configured():
+    assert gc_threshold_for(WorkerSettings(batch_size=10)) == 20_000
+    assert gc_threshold_for(WorkerSettings(batch_size=4_000)) == 4_000 * TRACKED_PER_EVENT
+    assert gc_threshold_for(WorkerSettings(batch_size=4_000, gc_threshold=700)) == 700
+
+
+def _full_history_batch(n_users: int, history: int = 100):
+    """A small repeat-head version and n_users stored states with full last-H histories."""
+    import torch
+
+    from model.artifact import LoadedModel
+    from model.config import DataConfig, HRNNConfig
+    from model.inference import Recommender
+    from model.network import HRNN
+    from model.state import HistoryEvent, encode_state
+
+    torch.manual_seed(0)
+    cfg = HRNNConfig(hidden_dimension=8, repeat_head=True, history_length=history)
+    items = [f"item-{i}" for i in range(50)]
+    rec = Recommender(LoadedModel("v", Path("."), HRNN(50, cfg).eval(), cfg, DataConfig(), items,
+                                  ["click", "purchase"], {}))
+    z = np.zeros(8, dtype=np.float32)
+    stored = {f"u{u}": encode_state(UserState("v", z, z, f"u{u}-s", TS + history * 60_000, history, [
+        HistoryEvent(items[(u + j) % 50], TS + j * 60_000, "purchase" if j % 10 == 0 else "click", j == 0)
+        for j in range(history)], n_events=history)) for u in range(n_users)}
+    events = [StepInput(u, items[i % 50], "click", TS + (history + 1) * 60_000) for i, u in enumerate(stored)]
+    return rec, stored, events
+
+
+@pytest.mark.parametrize("per_event, collects", [(TRACKED_PER_EVENT, False), (5, True)])
+def test_a_batch_of_full_histories_stays_under_the_threshold_the_worker_sizes(per_event, collects):
+    # What the worker does per batch between RocksDB and Kafka: decode every state, recommend. A gen-0
+    # collection inside it walks all the batch's states; the sized threshold must keep it out.
+    from model.state import decode_state
+
+    rec, stored, events = _full_history_batch(1_024)
+    before, started = gc.get_threshold(), []
+    note = lambda phase, info: started.append(info["generation"]) if phase == "start" else None  # noqa: E731
+    gc.collect()
+    gc.set_threshold(per_event * len(events), *before[1:])
+    gc.callbacks.append(note)
+    try:
+        out = rec.recommend({u: decode_state(raw) for u, raw in stored.items()}, events, k=10)
+    finally:
+        gc.callbacks.remove(note)
+        gc.set_threshold(*before)
+    assert len(out.items) == len(events)
+    assert bool(started) is collects
 
 
 def test_filters_come_from_the_settings():
