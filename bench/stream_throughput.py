@@ -105,15 +105,12 @@ def produce_all(bootstrap: str, topic: str, events: list[Event]) -> None:
 
 # ---- the worker process -----------------------------------------------------------------------
 
-def worker_main(s, target: int, stop, ready, out) -> None:
-    """Run a worker until it has recommended `target` events (0: until `stop`); report timings."""
-    from stream.worker import Worker, tune_process_gc
+def timed_worker(s):
+    """A Worker that records when its first batch began and its last ended, each batch's size and step time."""
+    from stream.worker import Worker
 
     class Timed(Worker):
         first = last = None
-        sizes: list[int] = []
-
-        steps: list[float] = []
 
         def process_batch(self, msgs):
             start = time.perf_counter()
@@ -126,7 +123,16 @@ def worker_main(s, target: int, stop, ready, out) -> None:
             return result
 
     w = Timed(s)
-    tune_process_gc(s.gc_threshold)  # what `hrnn serve` does
+    w.sizes, w.steps = [], []
+    return w
+
+
+def worker_main(s, target: int, stop, ready, out) -> None:
+    """Run a worker until it has recommended `target` events (0: until `stop`); report timings."""
+    from stream.worker import gc_threshold_for, tune_process_gc
+
+    w = timed_worker(s)
+    tune_process_gc(gc_threshold_for(s))  # what `hrnn serve` does
     w.start()
     while not w.assigned.is_set():
         w.poll_once()

@@ -95,7 +95,8 @@ def test_the_benchmark_scripts_report_bad_input_as_one_error_line_and_exit_2(tmp
     for script, args in (("quality_reddit.py", ["--data", str(tmp_path / "missing.tsv")]),
                          ("repeat_explore.py", [str(tmp_path / "no-version")]),
                          ("serving_scale.py", ["--devices", "tpu"]), ("train_throughput.py", ["--device", "tpu"]),
-                         ("stream_throughput.py", ["--device", "tpu"])):
+                         ("stream_throughput.py", ["--device", "tpu"]), ("worker_scaling.py", ["--device", "tpu"]),
+                         ("worker_scaling.py", ["--workers", "0,2"])):
         proc = subprocess.run([sys.executable, str(root / "bench" / script), *args], capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 2, script
