@@ -332,6 +332,9 @@ def test_the_service_archives_a_recreated_events_topic_from_its_start(broker, tm
         svc = Service("a", _service_args(cluster, tmp_path, topic, app_id, "--min-events", "1000000000"))
         try:
             _until(lambda: count_events(tmp_path / "archive", 30) == expected, 60, f"{expected} archived events")
+        except AssertionError as exc:  # say how far it got and what the service said last
+            raise AssertionError(f"{exc}; {count_events(tmp_path / 'archive', 30)} archived; the service's last "
+                                 f"lines: {svc.lines[-6:]}") from None
         finally:
             assert svc.stop() == 0
         return svc
