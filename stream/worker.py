@@ -181,14 +181,14 @@ class _Deliveries:
 
 
 # Tracked objects a batch holds at its peak per event with full histories: the decoded state, its working
-# copy, the event's history view, the output list (about 30 measured; tests/test_worker_units.py checks it).
+# copy, the event's history view, the output list (25-30 measured; tests/test_worker_units.py checks it).
 TRACKED_PER_EVENT = 64
 
 
 def gc_threshold_for(settings: WorkerSettings) -> int:
     """The serving process's gen-0 GC threshold: the configured one, else one that a batch of
     `batch_size` events does not reach, so collections follow growth that outlives batches instead of
-    walking every large batch's states (at batch 1,024 and 20,000 that cost a quarter of the step)."""
+    walking every large batch's states (a fixed 20,000 cost a sixth of a batch of 1,024 full histories)."""
     return settings.gc_threshold or max(20_000, TRACKED_PER_EVENT * settings.batch_size)
 
 
