@@ -69,9 +69,10 @@ TRAIN_FLAGS = ("--hidden-dimension", "64", "--repeat-head", "true")
 
 
 def _train(data: Interactions, registry: Path, epochs: int, label: str):
+    from model.network import device_label
     from model.pipeline import train_version
 
-    _say(f"\n== training {label} on {len(data):,} events")
+    _say(f"\n== training {label} on {len(data):,} events ({device_label('auto')})")
     cfg = HRNNConfig(hidden_dimension=64, epochs=epochs, repeat_head=True)
     return train_version(data, registry, config=cfg, data_config=DataConfig(), progress=True)
 
@@ -242,6 +243,7 @@ def _plot_latency(emitted: np.ndarray, lat: np.ndarray, run: LiveRun, path: Path
 
 
 def run(args: argparse.Namespace) -> int:
+    from model.network import device_label
     from model.synth import generate, write
     from stream.broker import LocalBroker
     from stream.settings import WorkerSettings
@@ -271,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         wt = threading.Thread(target=worker.run, args=(stop,), name="worker", daemon=True)
         wt.start()
         _wait_assigned(worker)
+        _say(f"   the worker scores on {device_label(worker.models.current().device)}")
         retrain: list[threading.Thread] = []
         live_run = LiveRun(versions=[v1.version_dir.name])
         _say(f"\n== replaying {len(live):,} events at {args.rate:.0f}/s (plus 3 malformed records)")

@@ -46,6 +46,7 @@ import torch
 from model.artifact import latest_version_dir, verify
 from model.errors import ArtifactError
 from model.inference import Filters, Recommender, StepInput
+from model.network import device_label
 from model.state import HistoryEvent, UserState
 
 if TYPE_CHECKING:
@@ -210,7 +211,8 @@ class ModelHolder:
         starting version raises ModelRefused (nothing old can keep serving)."""
         path = Path(version_dir) if version_dir is not None else latest_version_dir(registry)
         rec = validate_version(path, device=device)
-        log.info("serving model version", extra={"version": rec.version, "path": str(path)})
+        log.info("serving model version", extra={"version": rec.version, "path": str(path),
+                                                  "device": device_label(rec.device)})
         return cls(rec, registry=registry, device=device, metrics=metrics)
 
     # --- the worker loop's side ---

@@ -88,6 +88,15 @@ def test_a_trained_version_validates_and_serves(versions):
     assert rec.version == a.name and len(out.items[0]) == 5
 
 
+def test_the_log_says_which_version_serves_and_on_which_device(versions, caplog):
+    reg, a, _ = versions
+    with caplog.at_level(logging.INFO, logger="stream.hotswap"), ModelHolder.open(reg, device="cpu",
+                                                                                  version_dir=a):
+        pass
+    said = [r for r in caplog.records if r.getMessage() == "serving model version"]
+    assert said and said[0].version == a.name and said[0].device.startswith("cpu (")
+
+
 @pytest.mark.parametrize("kind", ["integrity", "shape", "unreadable", "nonfinite", "item_index"])
 def test_broken_versions_are_refused_with_their_reason(versions, kind):
     _, a, _ = versions
