@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,17 @@ def test_defaults_follow_the_design():
     assert s.processing_guarantee == "at_least_once"
     assert (s.input_topic, s.output_topic, s.group) == ("hrnn.events", "hrnn.recommendations", "hrnn-worker")
     assert (s.dlq_topic, s.changelog_topic) == ("hrnn.events.dlq", "hrnn-worker.state-changelog")
+
+
+def test_the_shipped_kubernetes_worker_config_loads(tmp_path):
+    # deploy/k8s/config.yaml's worker.toml, as the pod reads it: unknown keys or bad values would fail here
+    text = (Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "config.yaml").read_text()
+    cfg = tmp_path / "worker.toml"
+    cfg.write_text(textwrap.dedent(text.split("worker.toml: |\n", 1)[1].split("\n---", 1)[0]))
+    s = load_settings(cfg, {"registry": "/registry", "state_dir": "/state", "bootstrap_servers": "kafka:9092"})
+    s.validate()
+    assert (s.processing_guarantee, s.batch_size, s.torch_threads) == ("exactly_once", 500, 2)
+    assert s.kafka["security.protocol"] == "SASL_SSL"
 
 
 def test_flags_beat_environment_which_beats_the_file(tmp_path, monkeypatch):
