@@ -210,7 +210,8 @@ def _summarise(recs, inputs, dlq, run: LiveRun, out: Path) -> dict:
                              default=None)
     summary = {
         "events_in": run.produced + run.bad, "valid_events": run.produced, "recommendations_out": len(recs),
-        "dlq": len(dlq), "p50_latency_ms": float(np.percentile(lat, 50)), "p99_latency_ms": float(np.percentile(lat, 99)),
+        "dlq": len(dlq), "p50_latency_ms": round(float(np.percentile(lat, 50)), 1),
+        "p99_latency_ms": round(float(np.percentile(lat, 99)), 1),
         "model_versions_seen": sorted({r.model_version for r in recs}),
         "new_item_recommendable_after_s": None if run.swap_at is None or run.new_item_first_seen is None
         else round(run.swap_at - run.new_item_first_seen, 2),

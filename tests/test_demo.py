@@ -1,0 +1,24 @@
+"""`hrnn demo`, the README's main job, end to end at a small size: its own local broker, RocksDB state,
+a trained version, live events with malformed ones among them, a retrain announced and swapped in."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+
+def test_the_demo_recommends_every_valid_event_dead_letters_the_bad_and_swaps_in_the_retrained_version(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "stream.cli", "demo", "--out", str(out), "--users", "300",
+                           "--items", "120", "--epochs", "2", "--rate", "400"],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["recommendations_out"] == summary["valid_events"] > 500
+    assert summary["dlq"] == 3 and summary["events_in"] == summary["valid_events"] + 3
+    assert len(summary["model_versions_seen"]) == 2  # the first version, then the retrained one
+    assert summary["new_item_first_recommended_after_s"] is not None  # the retrain learned the new item
+    assert 0 < summary["p50_latency_ms"] <= summary["p99_latency_ms"]
+    assert all((out / name).stat().st_size > 0 for name in ("evaluation.png", "latency.png", "evaluation.json"))
+    assert re.search(r"the worker scores on (cpu|cuda)", proc.stdout)
