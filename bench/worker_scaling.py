@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from model.errors import exit_status  # noqa: E402
 from model.events import encode_event  # noqa: E402
-from stream_throughput import make_events, make_model, settings, timed_worker  # noqa: E402
+from stream_throughput import (create_topics, make_events, make_model, produce_records, settings,  # noqa: E402
+                               timed_worker)
 
 SETTLED_S = 3.0  # the assignment unchanged this long counts as settled (a Tansu rebalance takes ~3 s)
 
@@ -84,32 +85,9 @@ def wait_settled(held, n: int, partitions: int, procs, deadline_s: float = 180) 
         time.sleep(0.1)
 
 
-def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> float:
-    """Write pre-encoded (key, value) records as fast as the producer goes; returns records/s."""
-    from confluent_kafka import Producer
-
-    from stream.kafka_clients import producer_config
-
-    p = Producer(producer_config(bootstrap, {"linger.ms": 5, "batch.num.messages": 10000}))
-    start = time.perf_counter()
-    for key, value in records:
-        while True:
-            try:
-                p.produce(topic, value, key)
-                break
-            except BufferError:
-                p.poll(0.01)
-    assert p.flush(60) == 0
-    return len(records) / (time.perf_counter() - start)
-
-
 def run(n: int, bootstrap: str, registry: Path, root: Path, records, args) -> dict:
-    from stream.kafka_clients import admin_client
-    from stream.topics import ensure_topics, standard_topics
-
     base = settings(bootstrap, registry, root, args)  # a fresh topic and group for this count
-    ensure_topics(admin_client(bootstrap), standard_topics(base.input_topic, base.output_topic, base.group,
-                                                           args.partitions))
+    create_topics(base)
     ctx = mp.get_context("spawn")
     held, done = ctx.Array("i", n), ctx.Array("l", n)
     stop, out = ctx.Event(), ctx.Queue()
@@ -119,7 +97,7 @@ def run(n: int, bootstrap: str, registry: Path, root: Path, records, args) -> di
         p.start()
     try:
         settle_s = wait_settled(held, n, args.partitions, procs)
-        produce_rate = produce(bootstrap, base.input_topic, records)
+        produce_rate = produce_records(bootstrap, base.input_topic, records)
         deadline = time.monotonic() + 600
         while sum(done[:n]) < len(records):
             if time.monotonic() > deadline or not all(p.is_alive() for p in procs):
