@@ -63,7 +63,7 @@ class History:
                 del col[:-n]
 
     def copy(self) -> "History":
-        return History(self.items[:], self.ts_ms[:], self.types[:], self.opens[:])
+        return self[:]
 
     def __len__(self) -> int:
         return len(self.items)
