@@ -121,7 +121,7 @@ class HRNN(nn.Module):
         """(B, H) -> (B, n_items) catalogue scores; `history` (the rows' last-H events) feeds the repeat head."""
         scores = torch.addmm(self.out_bias, self.output_with(h, history), self.out_weight.t())
         if self.repeat is not None and history is not None:
-            scores = scores + self.repeat.dense(h, history, self.n_items)
+            self.repeat.add_to(scores, h, history)
         return scores
 
 

@@ -236,7 +236,13 @@ class RepeatHead(nn.Module):
 
     def dense(self, h: torch.Tensor, win: HistoryWindow, n_items: int) -> torch.Tensor:
         """(R, n_items) gate * repeat logit; 0 for items outside the row's window."""
-        return scatter_dense(self(h, win), h.shape[0], n_items)
+        return self.add_to(torch.zeros(h.shape[0], n_items, device=h.device), h, win)
+
+    def add_to(self, scores: torch.Tensor, h: torch.Tensor, win: HistoryWindow) -> torch.Tensor:
+        """`scores` (R, n_items) plus gate * repeat logit, in place: only the windows' items are touched,
+        where adding a dense (R, n_items) matrix would write two more of them."""
+        rows, items, values = self(h, win)
+        return scores.index_put_((rows, items), values.to(scores.dtype), accumulate=True)
 
     def at(self, h: torch.Tensor, win: HistoryWindow, cands: torch.Tensor) -> torch.Tensor:
         """(R, C) gate * repeat logit at candidate columns (duplicates allowed), never the whole catalogue."""
@@ -252,12 +258,6 @@ class RepeatHead(nn.Module):
 
 
 Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (rows, items, values) of distinct (row, item) pairs
-
-
-def scatter_dense(pairs: Pairs, n_rows: int, n_items: int) -> torch.Tensor:
-    rows, items, values = pairs
-    out = torch.zeros(n_rows, n_items, device=values.device, dtype=values.dtype)
-    return out.index_put((rows, items), values)
 
 
 def scatter_at(pairs: Pairs, n_rows: int, cands: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,25 @@ def test_only_items_of_the_window_are_rescored_and_candidate_columns_match_the_c
                                                        [False] * 6]
 
 
+def test_the_repeat_head_adds_its_scores_to_the_catalogue_scores_in_place():
+    torch.manual_seed(0)
+    model = HRNN(20, HRNNConfig(hidden_dimension=8, repeat_head=True)).eval()
+    with torch.no_grad():
+        for prm in model.repeat.parameters():
+            prm.add_(torch.randn_like(prm) * 0.5)
+    t0 = 1_700_000_000_000
+    win = window_from_events([[(3, t0, 1, True), (5, t0 + MIN_MS, 2, False), (3, t0 + 2 * MIN_MS, 1, False)],
+                              [(7, t0, 1, True)], []], 6, torch.device("cpu"))
+    h = torch.randn(3, 8)
+    with torch.no_grad():
+        catalogue = torch.addmm(model.out_bias, model.output_with(h, win), model.out_weight.t())
+        scores = catalogue.clone()
+        assert model.repeat.add_to(scores, h, win) is scores
+        torch.testing.assert_close(scores, catalogue + model.repeat.dense(h, win, 20))
+        torch.testing.assert_close(model.score_all(h, win), scores)
+    assert (scores != catalogue).sum() == 3  # the windows' items only: (0, 3), (0, 5), (1, 7)
+
+
 def test_the_window_profile_is_the_mean_embedding_of_the_windows_known_events():
     head = _random_head(10)
     t0 = 1_700_000_000_000
