@@ -9,7 +9,7 @@ one batched network step, and all events are scored with one matmul at the end.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from itertools import chain, repeat
+from itertools import repeat
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -22,7 +22,7 @@ from model.network import HRNN, PaddedSequences, resolve_device, run_sequences
 from model.repeat import HistoryWindow, sequence_windows, type_slots, window_from_columns
 from model.scorer import UserSequence
 from model.sessions import is_new_session
-from model.state import History, UserState
+from model.state import History, Packed, UserState, pack
 
 MAX_K = 500
 
@@ -144,14 +144,10 @@ class Recommendations:
 
 def _excluded(history: History, index: Mapping[str, int], f: Filters) -> list[int]:
     types = set(f.exclude_event_types) | (set(f.purchase_types) if f.exclude_purchased else set())
-    out = {index[i] for i, t in zip(history.items, history.types) if t in types and i in index}
+    items = history.items_of_types(types)
     if f.exclude_session_items:
-        for i, opens in zip(reversed(history.items), reversed(history.opens)):
-            if i in index:
-                out.add(index[i])
-            if opens:
-                break
-    return sorted(out)
+        items += history.session_items()
+    return sorted({index[i] for i in items if i in index})
 
 
 class Recommender:
@@ -189,11 +185,10 @@ class Recommender:
                 start: Sequence[Prebuilt] | None = None) -> list[UserState]:
         """`states` restamped with this version and the hidden states reached by running each row's
         `events` through the network, from a blank user or, with `start`, from a prebuilt state."""
-        seqs = PaddedSequences.build(
-            [np.fromiter(map(self.index.get, ev.items, repeat(-1)), np.int64, len(ev)) for ev in events],
-            [np.array(ev.opens, dtype=bool) for ev in events],
-            [np.array(ev.ts_ms, dtype=np.int64) for ev in events], self.device,
-            prev_ts=None if start is None else [p.last_event_ms for p in start])
+        cols = pack(events)
+        seqs = PaddedSequences.build(cols.split(self._item_indices(cols)), cols.split(cols.opens),
+                                     cols.split(cols.ts_ms), self.device,
+                                     prev_ts=None if start is None else [p.last_event_ms for p in start])
         h0 = None
         if start is not None:
             hidden = torch.from_numpy(np.stack([p.hidden for p in start])).to(self.device)
@@ -237,7 +232,7 @@ class Recommender:
         for u, s in zip(rebuild, self.rebuild([work[u] for u in rebuild])):
             work[u] = s
         for u, s in work.items():
-            work[u] = self.blank_state() if s is None else replace(s, history=s.history.copy())
+            work[u] = self.blank_state() if s is None else s.copy()
         return work, len(stale)
 
     @torch.inference_mode()
@@ -279,17 +274,18 @@ class Recommender:
             else torch.zeros(0, len(self.item_ids), device=self.device)
         return Advanced(work, scores, new_session, known, session_ids, rebuilt, excluded)
 
+    def _item_indices(self, cols: Packed) -> np.ndarray:
+        """Model item index per event (-1 unknown), looking up each distinct name once."""
+        by_name = np.fromiter(map(self.index.get, cols.names, repeat(-1)), np.int64, len(cols.names))
+        return by_name[cols.item_codes]
+
     def _window(self, histories: list[History]) -> HistoryWindow:
         """The repeat head's view of each row's stored last-H events: model item index (-1 unknown), time,
-        type slot, session flag; whole columns through C-level maps (this reads H events per event)."""
-        n = sum(map(len, histories))
-        col = lambda name: chain.from_iterable(getattr(h, name) for h in histories)  # noqa: E731
-        items = np.fromiter(map(self.index.get, col("items"), repeat(-1)), np.int64, n)
-        types = np.fromiter(map(self.type_slot.get, col("types"), repeat(0)), np.int64, n)
-        return window_from_columns(items, np.fromiter(col("ts_ms"), np.int64, n), types,
-                                   np.fromiter(col("opens"), bool, n),
-                                   np.fromiter(map(len, histories), np.int64, len(histories)),
-                                   self.history_length, self.device)
+        type slot, session flag, from the packed columns (this reads H events per event)."""
+        cols = pack(histories)
+        slots = np.fromiter(map(self.type_slot.get, cols.type_names, repeat(0)), np.int64, len(cols.type_names))
+        return window_from_columns(self._item_indices(cols), cols.ts_ms, slots[cols.type_codes], cols.opens,
+                                   cols.lengths, self.history_length, self.device)
 
     def _bookkeep(self, s: UserState, e: StepInput) -> tuple[int, bool, bool, int]:
         """Apply one event's session/time/history bookkeeping; return (item, new_user, new_session, gap_ms)."""

@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--updates-topic", help="model announcements topic (default hrnn.model-updates)")
     a("--prebuild-max-users", type=int, help="stored states a new version rebuilds in the background before "
       "it swaps in (default 200000; 0: rebuild each on its user's next event)")
+    a("--state-format", type=int, help="format of the states written (default 2; 1 while a rolling upgrade "
+      "from a build that reads only format 1 is under way)")
     a("--gc-threshold", type=int, help="the process's gen-0 garbage-collection threshold (default 0: "
       "sized to --batch-size, 64 per event, at least 20000)")
     a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
@@ -58,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = ("bootstrap_servers", "registry", "state_dir", "input_topic", "output_topic", "group", "partitions",
            "metrics_port", "batch_size", "batch_timeout_s", "k", "exclude_purchased", "purchase_types",
            "exclude_session_items", "exclude_event_types", "processing_guarantee", "device", "log_level",
-           "follow_updates", "updates_topic", "torch_threads", "prebuild_max_users", "gc_threshold")
+           "follow_updates", "updates_topic", "torch_threads", "prebuild_max_users", "gc_threshold",
+           "state_format")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from model.config import load_config, read_config_file
 from model.errors import ConfigError
+from model.state import FORMAT_VERSION, FORMATS
 
 ENV_PREFIX = "HRNN_"
 GUARANTEES = ("at_least_once", "exactly_once")
@@ -76,6 +77,9 @@ class WorkerSettings:
     prebuild_max_users: int = 200_000
     updates_topic: str = "hrnn.model-updates"
     metrics_port: int = 0  # 0: no metrics/health endpoint
+    # Format of the states this worker writes (RocksDB, changelog); it reads formats 1 and 2. Keep 1 while
+    # a rolling upgrade from a build that reads only format 1 is under way (they would start those users afresh).
+    state_format: int = FORMAT_VERSION
     gc_threshold: int = 0  # the serving process's gen-0 GC threshold; 0: sized to batch_size (worker.gc_threshold_for)
     log_level: str = "INFO"
     restore_timeout_s: float = 120.0  # longest catch-up from the changelog for one assignment
@@ -111,6 +115,9 @@ class WorkerSettings:
             raise ConfigError(f"partitions = {self.partitions} is outside its range [0, 10000]")
         if not 0 <= self.torch_threads <= 1024:
             raise ConfigError(f"torch_threads = {self.torch_threads} is outside its range [0, 1024] (0: torch's default)")
+        if self.state_format not in FORMATS:
+            raise ConfigError(f"state_format = {self.state_format} is not one of {', '.join(map(str, FORMATS))} "
+                              "(1 while builds that read only format 1 still serve)")
         if not 0 <= self.gc_threshold <= 10_000_000:
             raise ConfigError(f"gc_threshold = {self.gc_threshold} is outside its range [0, 10000000] (0: sized to batch_size)")
         if self.prebuild_max_users < 0:

@@ -71,7 +71,7 @@ def _forgetting_source_offset(value: bytes) -> bytes:
     except StateFormatError:
         return value  # unreadable either way: the user starts afresh when it is read
     state.source_offset = -1
-    return encode_state(state)
+    return encode_state(state, value[0])  # in the format it had
 
 
 class PartitionStore:

@@ -502,7 +502,7 @@ class Worker:
         for user, state in recs.states.items():
             src = last[user]
             state.source_offset = src.offset
-            value = encode_state(state)
+            value = encode_state(state, self.settings.state_format)
             encoded[src.partition][user] = value
             self._produce(self.settings.changelog_topic, value, user, partition=src.partition,
                           headers=records.changelog_headers(src.offset, self._input_log))

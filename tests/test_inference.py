@@ -113,6 +113,15 @@ def test_unknown_items_advance_time_and_sessions_but_not_the_network(version, de
         assert not np.allclose(s1.user_hidden, s0.user_hidden)
 
 
+def test_advancing_leaves_the_states_it_was_given_as_they_were(version, device):
+    data, path = version
+    rec = Recommender.load(path, device=device)
+    s0 = rec.advance({}, [StepInput("x", data.item_ids[0], "click", 1_700_000_000_000)]).states["x"]
+    before = encode_state(s0)
+    after = rec.advance({"x": s0}, [StepInput("x", data.item_ids[1], "purchase", 1_700_000_060_000)]).states["x"]
+    assert encode_state(s0) == before and len(after.history) == 2
+
+
 def test_late_events_do_not_move_the_clock_backwards(version, device):
     data, path = version
     rec = Recommender.load(path, device=device)

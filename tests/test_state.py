@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 
+import msgspec
 import numpy as np
 import pytest
 
 from model.state import (FORMAT_VERSION, History, HistoryEvent, StateFormatError, UserState, decode_state,
-                         encode_state)
+                         encode_state, pack)
 
 
 def _state(h: int = 100) -> UserState:
@@ -52,3 +54,66 @@ def test_a_history_reads_as_events_and_keeps_only_its_newest():
     assert [e.item_id for e in h] == ["item-3", "item-4", "item-x"] and h[1:] == list(h)[1:]
     with pytest.raises(ValueError, match="differ in length"):
         History(["a"], [1], ["click"], [])
+
+
+def _format_1(s: UserState) -> bytes:
+    """The bytes a format-1 build wrote (one msgpack array; the history as four per-event lists)."""
+    h = s.history
+    return bytes([1]) + msgspec.msgpack.encode([
+        s.model_version, 8, s.session_hidden.tobytes(), s.user_hidden.tobytes(), s.session_id, s.last_event_ms,
+        s.session_length, h.items, h.ts_ms, h.types, [e.new_session for e in h], s.source_offset, s.n_events])
+
+
+def test_states_stored_by_a_format_1_build_are_still_read_and_are_written_back_as_format_2():
+    s = _state()
+    old = decode_state(_format_1(s))
+    assert old.history == s.history and (old.n_events, old.source_offset, old.session_id) == (250, 41, "u-s3")
+    np.testing.assert_array_equal(old.user_hidden, s.user_hidden)
+    new = encode_state(old)
+    assert new[0] == FORMAT_VERSION == 2 and decode_state(new).history == s.history
+    assert new.count(b"item-3") == 1 and _format_1(s).count(b"item-3") == 14  # each distinct item once
+    assert len(new) < 0.7 * len(_format_1(s))
+
+
+def test_format_1_is_written_on_request_as_a_format_1_build_wrote_it_and_other_formats_are_refused():
+    s = _state()
+    assert encode_state(s, 1) == _format_1(s)
+    with pytest.raises(StateFormatError, match="format 3 cannot be written"):
+        encode_state(s, 3)
+
+
+def test_a_stored_history_holds_each_distinct_item_once_and_drops_names_that_left_the_window():
+    h = History()
+    for j in range(1_000):  # a user who never repeats an item
+        h.append(f"item-{j}", j, "click", j % 10 == 0)
+        h.keep_last(10)
+    assert [e.item_id for e in h] == [f"item-{j}" for j in range(990, 1_000)]
+    assert len(h.names) <= 21 and h.type_names == ["click"]
+    back = decode_state(encode_state(replace(_state(), history=h))).history
+    assert back == h and len(back.names) == len(h.names)
+
+
+def test_a_history_code_past_its_names_is_refused_as_corrupt():
+    s = _state(3)
+    s.history.item_codes[1] = len(s.history.names)
+    with pytest.raises(StateFormatError, match="past its names"):
+        decode_state(encode_state(s))
+
+
+def test_a_history_finds_the_items_of_event_types_and_of_its_newest_session():
+    h = History(["a", "b", "a", "c", "d", "c"], [1, 2, 3, 4, 5, 6],
+                ["purchase", "click", "click", "purchase", "click", "click"], [True, False, False, True, False, False])
+    assert sorted(h.items_of_types({"purchase"})) == ["a", "c"]
+    assert h.items_of_types({"view"}) == []
+    assert sorted(h.session_items()) == ["c", "d"]
+    assert sorted(History(["x", "y"], [1, 2], ["click"] * 2, [False, False]).session_items()) == ["x", "y"]
+
+
+def test_packed_histories_index_one_list_of_names_across_rows():
+    a = History(["x", "y", "x"], [1, 2, 3], ["click"] * 3, [True, False, False])
+    b = History(["y"], [9], ["purchase"], [True])
+    cols = pack([a, History(), b])
+    assert [cols.names[c] for c in cols.item_codes] == ["x", "y", "x", "y"]
+    assert [cols.type_names[c] for c in cols.type_codes] == ["click"] * 3 + ["purchase"]
+    assert cols.ts_ms.tolist() == [1, 2, 3, 9] and cols.opens.tolist() == [True, False, False, True]
+    assert [x.tolist() for x in cols.split(cols.ts_ms)] == [[1, 2, 3], [], [9]]

@@ -71,6 +71,7 @@ def test_kafka_settings_can_come_from_the_environment(monkeypatch):
     ({"output_topic": "hrnn.events"}, "must differ"),
     ({"prebuild_max_users": -1}, "prebuild_max_users"),
     ({"gc_threshold": -5}, "gc_threshold"),
+    ({"state_format": 3}, "state_format = 3 is not one of 1, 2"),
     ({"device": "tpu"}, "'tpu' is not one of auto, cpu, cuda"),
     ({"device": "cuda:7"}, "'cuda:7': torch sees"),  # no machine here has eight GPUs
 ])

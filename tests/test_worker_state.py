@@ -92,6 +92,30 @@ def test_a_lost_store_is_rebuilt_from_the_changelog(broker, registry, tmp_path):
     assert_states_match_offline(settings, registry, broker.bootstrap)
 
 
+def test_states_written_in_format_1_are_continued_and_restored_and_state_format_chooses_what_is_written(
+        broker, registry, tmp_path):
+    # a rolling upgrade: the new build first writes format 1 (old builds still serve), then format 2
+    settings = settings_for(broker.bootstrap, registry, tmp_path / "first", partitions=PARTITIONS, batch_size=40,
+                            state_format=1)
+    events = make_events(300, 30, seed=8)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, events[:150])
+        recommendations(broker.bootstrap, settings.output_topic, 150)
+    n_old = len(records_of(broker.bootstrap, settings.changelog_topic))
+    settings = dataclasses.replace(settings, state_format=2)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, events[150:])
+        recommendations(broker.bootstrap, settings.output_topic, 300)
+    log = records_of(broker.bootstrap, settings.changelog_topic)
+    assert Counter(r.value[0] for r in log) == {1: n_old, 2: len(log) - n_old}
+    assert_states_match_offline(settings, registry, broker.bootstrap)
+    settings.state_dir = str(tmp_path / "empty")  # a lost store comes back from the changelog of both formats
+    with running(settings) as fresh:
+        restored = stored_states_while_running(fresh)
+    assert set(restored) == {e.user_id for e in events}
+    assert_states_match_offline(settings, registry, broker.bootstrap)
+
+
 def test_a_store_past_its_changelogs_end_is_discarded_not_trusted(broker, registry, tmp_path):
     """The topics were recreated (here: the same names on a broker that never had them) and the state
     directory kept: its states remember input offsets of the old log, which must not hide new events."""
