@@ -178,7 +178,7 @@ class Packed:
 
 
 def _joined_codes(name_lists: list[list[str]], codes: Iterable[array], lengths: np.ndarray) -> np.ndarray:
-    joined = np.frombuffer(b"".join(codes), dtype=np.uint16).astype(np.int64)
+    joined = np.frombuffer(b"".join(codes), dtype=_CODE).astype(np.int64)
     sizes = np.fromiter(map(len, name_lists), np.int64, len(name_lists))
     return joined + np.repeat(np.cumsum(sizes) - sizes, lengths)
 
@@ -219,7 +219,10 @@ class UserState:
                          self.n_events)
 
 
-class _Wire(msgspec.Struct, array_like=True):  # format 2
+class _Head(msgspec.Struct, array_like=True):
+    """The fields both formats begin with; each format's history fields, then source_offset and n_events,
+    follow them in the array."""
+
     model_version: str
     hidden_dim: int
     session_hidden: bytes
@@ -227,6 +230,9 @@ class _Wire(msgspec.Struct, array_like=True):  # format 2
     session_id: str | None
     last_event_ms: int
     session_length: int
+
+
+class _Wire(_Head, array_like=True):  # format 2
     hist_names: list[str]
     hist_item_codes: bytes  # uint16 little-endian, one per event
     hist_type_names: list[str]
@@ -237,14 +243,7 @@ class _Wire(msgspec.Struct, array_like=True):  # format 2
     n_events: int
 
 
-class _WireV1(msgspec.Struct, array_like=True):
-    model_version: str
-    hidden_dim: int
-    session_hidden: bytes
-    user_hidden: bytes
-    session_id: str | None
-    last_event_ms: int
-    session_length: int
+class _WireV1(_Head, array_like=True):
     hist_items: list[str]
     hist_ts: list[int]
     hist_types: list[str]
