@@ -294,9 +294,11 @@ def _history_v2(w: _Wire) -> History:
     n = len(w.hist_new)
     if (len(w.hist_item_codes), len(w.hist_type_codes), len(w.hist_ts)) != (2 * n, 2 * n, 8 * n):
         raise ValueError("history columns differ in length")
+    if w.hist_new.translate(None, b"\x00\x01"):
+        raise ValueError("a history session flag is neither 0 nor 1")
     h = History._of(w.hist_names, _from_le(_CODE, w.hist_item_codes), w.hist_type_names,
                     _from_le(_CODE, w.hist_type_codes), _from_le("q", w.hist_ts), bytearray(w.hist_new))
-    if n and (max(h.item_codes) >= len(h.names) or max(h.type_codes) >= len(h.type_names) or max(h.opens) > 1):
+    if n and (max(h.item_codes) >= len(h.names) or max(h.type_codes) >= len(h.type_names)):
         raise ValueError("a history code points past its names")
     return h
 

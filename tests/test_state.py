@@ -93,10 +93,13 @@ def test_a_stored_history_holds_each_distinct_item_once_and_drops_names_that_lef
     assert back == h and len(back.names) == len(h.names)
 
 
-def test_a_history_code_past_its_names_is_refused_as_corrupt():
+@pytest.mark.parametrize("column, value, says", [("item_codes", 99, "past its names"),
+                                                  ("type_codes", 2, "past its names"),
+                                                  ("opens", 2, "neither 0 nor 1")])
+def test_a_stored_history_with_a_code_past_its_names_or_a_bad_session_flag_is_refused(column, value, says):
     s = _state(3)
-    s.history.item_codes[1] = len(s.history.names)
-    with pytest.raises(StateFormatError, match="past its names"):
+    getattr(s.history, column)[1] = value
+    with pytest.raises(StateFormatError, match=says):
         decode_state(encode_state(s))
 
 
