@@ -21,7 +21,8 @@ from model.errors import HRNNError
 
 FORMAT_VERSION = 2
 FORMATS = (1, 2)  # read and written; FORMAT_VERSION is written unless another is asked for
-_CODE = "H"  # a code per event into a history's names: at most 2 x history_length + 1 <= 20,001 of them
+_CODE = "H"  # a code per event into a history's names: at most history_length + _SLACK + 1 <= 10,017 of them
+_SLACK = 16  # names of events that left the window a history may hold before it drops them (History.keep_last)
 _BIG_ENDIAN = sys.byteorder == "big"
 
 
@@ -102,10 +103,11 @@ class History:
         if len(self.item_codes) > n:
             for col in (self.item_codes, self.type_codes, self.ts, self.opens):
                 del col[:-n]
-        # amortised: a user who never repeats an item compacts once every n events
-        if len(self.names) > 2 * len(self.item_codes) + 1:
+        # Names left behind by events that left the window are dropped in bulk: a user who never repeats
+        # an item compacts once every _SLACK events, and stores at most _SLACK names it no longer uses.
+        if len(self.names) > len(self.item_codes) + _SLACK:
             self.names, self.item_codes = _compacted(self.names, self.item_codes)
-        if len(self.type_names) > 2 * len(self.type_codes) + 1:
+        if len(self.type_names) > len(self.type_codes) + _SLACK:
             self.type_names, self.type_codes = _compacted(self.type_names, self.type_codes)
 
     def copy(self) -> "History":
