@@ -22,6 +22,7 @@ from model.errors import HRNNError
 FORMAT_VERSION = 2
 FORMATS = (1, 2)  # read and written; FORMAT_VERSION is written unless another is asked for
 _CODE = "H"  # a code per event into a history's names: at most history_length + _SLACK + 1 <= 10,017 of them
+_MAX_NAMES = 1 << 16  # what a code can number
 _SLACK = 16  # names of events that left the window a history may hold before it drops them (History.keep_last)
 _BIG_ENDIAN = sys.byteorder == "big"
 
@@ -42,6 +43,8 @@ class HistoryEvent(msgspec.Struct, gc=False):
 
 def _coded(values: Sequence[str]) -> tuple[list[str], array]:
     names = list(dict.fromkeys(values))
+    if len(names) > _MAX_NAMES:
+        raise ValueError(f"a history of {len(names):,} distinct names (codes number at most {_MAX_NAMES:,})")
     code = {n: i for i, n in enumerate(names)}
     return names, array(_CODE, map(code.__getitem__, values))
 

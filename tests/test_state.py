@@ -103,6 +103,15 @@ def test_a_stored_history_with_a_code_past_its_names_or_a_bad_session_flag_is_re
         decode_state(encode_state(s))
 
 
+def test_a_format_1_history_with_more_distinct_items_than_codes_can_number_is_refused():
+    n = 70_000
+    hidden = np.zeros(2, np.float32).tobytes()
+    raw = bytes([1]) + msgspec.msgpack.encode(["v", 2, hidden, hidden, None, 0, 0, [f"i{j}" for j in range(n)],
+                                               [0] * n, ["click"] * n, [False] * n, -1, n])
+    with pytest.raises(StateFormatError, match="70,000 distinct names"):
+        decode_state(raw)
+
+
 def test_a_history_finds_the_items_of_event_types_and_of_its_newest_session():
     h = History(["a", "b", "a", "c", "d", "c"], [1, 2, 3, 4, 5, 6],
                 ["purchase", "click", "click", "purchase", "click", "click"], [True, False, False, True, False, False])
