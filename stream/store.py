@@ -23,7 +23,7 @@ from pathlib import Path
 from rocksdict import Options, Rdict, WriteBatch
 
 from model.errors import HRNNError
-from model.state import StateFormatError, UserState, decode_state, encode_state
+from model.state import FORMAT_VERSION, StateFormatError, UserState, decode_state, encode_state
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ def _forgetting_source_offset(value: bytes) -> bytes:
 class PartitionStore:
     """The RocksDB database holding the user states of one input partition."""
 
-    def __init__(self, path: str | Path, partition: int) -> None:
-        self.path, self.partition = Path(path), partition
+    def __init__(self, path: str | Path, partition: int, state_format: int = FORMAT_VERSION) -> None:
+        self.path, self.partition, self.state_format = Path(path), partition, state_format
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = Rdict(str(self.path), options=_options())
@@ -155,7 +155,7 @@ class PartitionStore:
         self._write(batch)
 
     def put_states(self, states: Mapping[str, UserState], changelog_offset: int | None = None) -> None:
-        self.write({u: encode_state(s) for u, s in states.items()}, changelog_offset)
+        self.write({u: encode_state(s, self.state_format) for u, s in states.items()}, changelog_offset)
 
     def _write(self, batch: WriteBatch) -> None:
         try:
@@ -251,9 +251,9 @@ class PartitionStore:
 class StateStores:
     """The open partition stores of one worker: `<state_dir>/<group>/<topic>-<partition>`."""
 
-    def __init__(self, state_dir: str | Path, group: str, topic: str) -> None:
+    def __init__(self, state_dir: str | Path, group: str, topic: str, state_format: int = FORMAT_VERSION) -> None:
         self.root = Path(state_dir) / group
-        self.topic = topic
+        self.topic, self.state_format = topic, state_format
         self._open: dict[int, PartitionStore] = {}
 
     def path(self, partition: int) -> Path:
@@ -262,7 +262,7 @@ class StateStores:
     def open(self, partition: int) -> PartitionStore:
         store = self._open.get(partition)
         if store is None:
-            store = self._open[partition] = PartitionStore(self.path(partition), partition)
+            store = self._open[partition] = PartitionStore(self.path(partition), partition, self.state_format)
         return store
 
     def get(self, partition: int) -> PartitionStore | None:

@@ -236,7 +236,7 @@ class Worker:
                                       metrics=self.metrics)
         else:
             self.models = ModelHolder.open(settings.registry, device=settings.device, metrics=self.metrics)
-        self.stores = StateStores(settings.state_dir, settings.group, settings.input_topic)
+        self.stores = StateStores(settings.state_dir, settings.group, settings.input_topic, settings.state_format)
         self.models.prebuild_from(lambda: self.stores.scan_states(chunk=64), settings.prebuild_max_users)
         self.totals = BatchResult()
         self._deliveries = _Deliveries(settings.changelog_topic)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from rocksdict import Options, Rdict
 
 from model.state import HistoryEvent, UserState, encode_state
 from stream.store import ChangelogRecord, PartitionStore, StateStores, StoreError
@@ -174,6 +175,21 @@ def test_states_of_another_input_log_keep_their_histories_and_forget_their_offse
     assert store.changelog_offset == 7
     stores.close(0)
     assert stores.open(0).input_log == NEW_LOG  # recorded in the store
+
+
+def test_a_store_writes_the_state_format_it_is_given_also_when_it_forgets_offsets(tmp_path):
+    stores = StateStores(tmp_path, "group", "events", state_format=1)
+    store = stores.open(0)
+    store.put_states({"a": make_state(1, 50)})
+    store.follow_input_log(OLD_LOG)
+    assert store.follow_input_log(NEW_LOG) == 1  # rewritten without its source offset
+    path = store.path
+    stores.close(0)
+    db = Rdict(str(path), options=Options(raw_mode=True))
+    try:
+        assert db[b"ua"][0] == 1  # the key layout of stream/store.py's docstring
+    finally:
+        db.close()
 
 
 def test_restore_applies_records_of_another_input_log_with_their_offsets_forgotten(stores):
