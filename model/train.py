@@ -31,8 +31,9 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -345,6 +346,24 @@ def run_epoch(model: HRNN, seqs: TrainSequences, cfg: HRNNConfig, opt: torch.opt
     return {"loss": total / max(batches, 1), "events": events}
 
 
+@contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """Torch's deterministic kernels while training on the CPU, then the caller's setting back. The default
+    CPU `index_put_(accumulate=True)` (the backward of `out_weight[cands]`, whose sampled candidates repeat)
+    adds from several threads in a racing order: two runs with one seed parted in the 5th digit on reddit
+    with 2 threads, so a tuned trial was not reproduced exactly. The sorted kernel cost no time measurable
+    here. CUDA is left as it was: its deterministic mode needs a cuBLAS workspace setting and is untested."""
+    if device.type != "cpu":
+        yield
+        return
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 def fit(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig, *, type_weights: np.ndarray | None = None,
         validate: Validator | None = None, patience: int = 2, device: str = "auto", progress: bool = True,
         init_state: dict | None = None, teachers: list[HRNN] | None = None) -> FitResult:
@@ -364,28 +383,29 @@ def fit(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig, *, type_
     average = WeightAverage(model, cfg.weight_average_epochs) if cfg.weight_average_epochs > 0 else None
     served = average.model if average is not None else model  # what is validated and published
     guides = Teachers([t.to(dev) for t in teachers]) if teachers else None
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        with tqdm(total=len(data), desc=f"epoch {epoch}/{cfg.epochs}", unit="ev", disable=not progress,
-                  leave=True, mininterval=1.0) as bar:
-            stats = run_epoch(model, seqs, cfg, opt, rng, dev, bar, average, guides)
-        if average is not None:
-            average.end_epoch()
-        secs = time.perf_counter() - t0
-        entry = {"epoch": epoch, "loss": stats["loss"], "seconds": secs, "events_per_s": stats["events"] / secs}
-        if validate is not None:
-            entry.update({f"val_{k}": v for k, v in validate(served).items()})
-            score = entry.get("val_mrr@20", -stats["loss"])
-            if score > best:
-                best, best_state, bad, result.best_epoch = score, copy.deepcopy(served.state_dict()), 0, epoch
-            else:
-                bad += 1
-        result.history.append(entry)
-        if progress:
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
-            tqdm.write(f"epoch {epoch}: {shown}")
-        if validate is not None and bad >= patience:
-            break
+    with deterministic_kernels(dev):
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            with tqdm(total=len(data), desc=f"epoch {epoch}/{cfg.epochs}", unit="ev", disable=not progress,
+                      leave=True, mininterval=1.0) as bar:
+                stats = run_epoch(model, seqs, cfg, opt, rng, dev, bar, average, guides)
+            if average is not None:
+                average.end_epoch()
+            secs = time.perf_counter() - t0
+            entry = {"epoch": epoch, "loss": stats["loss"], "seconds": secs, "events_per_s": stats["events"] / secs}
+            if validate is not None:
+                entry.update({f"val_{k}": v for k, v in validate(served).items()})
+                score = entry.get("val_mrr@20", -stats["loss"])
+                if score > best:
+                    best, best_state, bad, result.best_epoch = score, copy.deepcopy(served.state_dict()), 0, epoch
+                else:
+                    bad += 1
+            result.history.append(entry)
+            if progress:
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
+                tqdm.write(f"epoch {epoch}: {shown}")
+            if validate is not None and bad >= patience:
+                break
     if best_state is None and average is not None:
         best_state = average.model.state_dict()
     if best_state is not None:

@@ -62,6 +62,25 @@ def test_training_with_a_seed_is_deterministic_on_cpu(synth):
     assert not torch.equal(a.model.out_bias, c.model.out_bias)
 
 
+@pytest.fixture()
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_with_a_seed_is_deterministic_with_threads_adding_into_shared_rows(synth, two_threads):
+    # Enough sampled negatives (with replacement) that the backward of out_weight[cands] adds thousands of
+    # rows into the same items across threads: torch's default kernel races there (reddit: 5th digit).
+    cfg = HRNNConfig(hidden_dimension=64, batch_size=64, n_sample=2048, epochs=1, repeat_head=True, seed=3)
+    starts = session_starts(synth, 1800)
+    a, b = (fit(synth, starts, cfg, progress=False, device="cpu").model.state_dict() for _ in range(2))
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=0, atol=0, msg=k)
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is given back
+
+
 def _shift(model: HRNN, by: float) -> None:
     with torch.no_grad():
         for p in model.parameters():
