@@ -246,6 +246,7 @@ def _plot_latency(emitted: np.ndarray, lat: np.ndarray, run: LiveRun, path: Path
 def run(args: argparse.Namespace) -> int:
     from model.network import device_label
     from model.synth import generate, write
+    from stream.audit import audit_worker
     from stream.broker import LocalBroker
     from stream.settings import WorkerSettings
     from stream.tail import format_recommendation
@@ -286,13 +287,15 @@ def run(args: argparse.Namespace) -> int:
         recs, inputs, dlq = _collect(broker.bootstrap, settings, live_run.produced)
         stop.set()
         wt.join(timeout=30)
+        checked = audit_worker(settings, idle_s=1.0)  # `hrnn audit`: every committed input record answered
     _say("\n== a few live recommendations")
     from stream.records import encode_recommendation
     for r in recs[:: max(1, len(recs) // 6)][:6]:
         _say("   " + format_recommendation(encode_recommendation(r)))
     summary = _summarise(recs, inputs, dlq, live_run, out)
     summary["offline_recall@20"] = {k: round(v["recall@20"], 4) for k, v in evaluation["models"].items()}
+    summary["audit"] = {"kept": checked.kept, **{k: checked.total(k) for k in ("records", "unanswered", "duplicated")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _say("\n== summary\n" + "\n".join(f"   {k}: {v}" for k, v in summary.items()))
     _say(f"\nplots: {out / 'evaluation.png'}, {out / 'latency.png'}, {v1.version_dir / 'training_curve.png'}")
-    return 0 if summary["recommendations_out"] >= summary["valid_events"] else 1
+    return 0 if summary["recommendations_out"] >= summary["valid_events"] and checked.kept else 1

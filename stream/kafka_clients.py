@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,39 +255,57 @@ def wait_for_partitions(client: Consumer | AdminClient, topic: str, deadline: fl
         time.sleep(0.1)  # polling the metadata: the topic is created by another process
 
 
-def _consume_from_beginning(bootstrap: str, topic: str, *, stop_after: int | None, idle_s: float,
-                            timeout_s: float, extra: ClientSettings | None) -> tuple[list[Record], bool]:
-    """Read `topic` from offset 0 of every partition. Returns (records, finished): finished is
-    True when the topic went idle for `idle_s` (or `stop_after` records were read) before the deadline."""
+def _consume_from_beginning(bootstrap: str, topic: str, visit: Callable[[Record], None], *, stop_after: int | None,
+                            idle_s: float, timeout_s: float, extra: ClientSettings | None,
+                            until: Mapping[int, int] | None = None) -> bool:
+    """Hand every record of `topic`, from offset 0 of every partition, to `visit`. Returns whether it
+    finished: the topic went idle for `idle_s` (or `stop_after` records were read, or every partition of
+    `until` reached its offset: then only those partitions are read) before the deadline."""
     start = time.monotonic()
     deadline = start + timeout_s
     # read_all means "what is there now": a topic still missing after idle_s counts as empty.
     topic_deadline = deadline if stop_after is not None else min(deadline, start + idle_s)
     consumer = reader_consumer(bootstrap, extra)
-    records: list[Record] = []
     try:
         partitions = wait_for_partitions(consumer, topic, topic_deadline)
+        if until is not None:
+            partitions = [p for p in partitions if until.get(p, 0) > 0]
         if not partitions:
-            return records, stop_after is None
+            return stop_after is None
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-        last_data = time.monotonic()
-        # The high watermark cannot tell us we are caught up on Tansu (it is the base offset of the
-        # last batch + 1), so "done" means fetches kept coming back empty for idle_s.
-        while True:
-            now = time.monotonic()
-            if stop_after is not None and len(records) >= stop_after:
-                return records, True
-            if stop_after is None and now - last_data >= idle_s:
-                return records, True
-            if now >= deadline:
-                return records, False
-            batch = consumer.consume(num_messages=1000, timeout=min(0.2, max(0.01, deadline - now)))
+        short = {p: until[p] for p in partitions} if until is not None else {}  # partitions not at their offset
+        n = 0
+
+        def take(batch: list[Message]) -> None:
+            nonlocal n
             for msg in batch:
                 err = msg.error()
                 if err is None:
-                    records.append(Record.from_message(msg))
+                    visit(Record.from_message(msg))
+                    n += 1
+                    if short.get(msg.partition(), 0) <= msg.offset() + 1:
+                        short.pop(msg.partition(), None)
                 elif err.code() != KafkaError._PARTITION_EOF and err.fatal():
                     raise KafkaClientError(f"reading {topic!r} failed: {err.str()}")
+
+        last_data = time.monotonic()
+        # The high watermark cannot tell us we are caught up on Tansu (it is the base offset of the
+        # last batch + 1), so "done" means fetches kept coming back empty for idle_s, or, with `until`,
+        # every partition reached its offset and what was fetched with it (the rest of its batch) is taken.
+        while True:
+            now = time.monotonic()
+            if stop_after is not None and n >= stop_after:
+                return True
+            if until is not None and not short:
+                while batch := consumer.consume(num_messages=1000, timeout=0):
+                    take(batch)
+                return True
+            if stop_after is None and now - last_data >= idle_s:
+                return True
+            if now >= deadline:
+                return False
+            batch = consumer.consume(num_messages=1000, timeout=min(0.2, max(0.01, deadline - now)))
+            take(batch)
             if batch:
                 last_data = time.monotonic()
     finally:
@@ -299,19 +317,41 @@ def read_all(bootstrap: str, topic: str, *, idle_s: float = 1.0, timeout_s: floa
     """Every record of `topic` from the beginning, without a consumer group, in per-partition
     offset order. Stops once no record arrived for `idle_s`; raises WaitTimeout if the topic
     was still delivering at `timeout_s`."""
-    records, finished = _consume_from_beginning(bootstrap, topic, stop_after=None, idle_s=idle_s,
-                                                timeout_s=timeout_s, extra=extra)
-    if not finished:
+    records: list[Record] = []
+    if not scan(bootstrap, topic, records.append, idle_s=idle_s, timeout_s=timeout_s, extra=extra):
         raise WaitTimeout(topic, None, records, timeout_s)
     return records
+
+
+def scan(bootstrap: str, topic: str, visit: Callable[[Record], None], *, until: Mapping[int, int] | None = None,
+         idle_s: float = 1.0, timeout_s: float = 60.0, extra: ClientSettings | None = None) -> bool:
+    """read_all for a topic too long to hold: each record goes to `visit`, none is kept. With `until`
+    (partition -> offset), only those partitions, each up to that offset: a topic still written to
+    ends there, not when it goes idle (which also ends the scan). Returns False if it was still
+    delivering at `timeout_s`."""
+    return _consume_from_beginning(bootstrap, topic, visit, stop_after=None, idle_s=idle_s, timeout_s=timeout_s,
+                                   extra=extra, until=until)
+
+
+def end_offsets(bootstrap: str, topic: str, extra: ClientSettings | None = None,
+                timeout_s: float = 10.0) -> dict[int, int]:
+    """Each partition's end (high watermark; for read_committed, the end of the committed transactions)."""
+    consumer = reader_consumer(bootstrap, extra)
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+                for p in topic_partitions(consumer, topic, timeout_s)}
+    except KafkaException as exc:
+        raise KafkaClientError(f"cannot read the end offsets of {topic!r}: {error_detail(exc)}") from None
+    finally:
+        consumer.close()
 
 
 def wait_for_count(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0, *,
                    extra: ClientSettings | None = None) -> list[Record]:
     """Read `topic` from the beginning until at least `n` records arrived (returns all read so
     far, possibly more than n); raises WaitTimeout with the partial list at the deadline."""
-    records, finished = _consume_from_beginning(bootstrap, topic, stop_after=n, idle_s=0.0,
-                                                timeout_s=timeout_s, extra=extra)
-    if not finished:
+    records: list[Record] = []
+    if not _consume_from_beginning(bootstrap, topic, records.append, stop_after=n, idle_s=0.0, timeout_s=timeout_s,
+                                   extra=extra):
         raise WaitTimeout(topic, n, records, timeout_s)
     return records

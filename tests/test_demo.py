@@ -20,5 +20,7 @@ def test_the_demo_recommends_every_valid_event_dead_letters_the_bad_and_swaps_in
     assert len(summary["model_versions_seen"]) == 2  # the first version, then the retrained one
     assert summary["new_item_first_recommended_after_s"] is not None  # the retrain learned the new item
     assert 0 < summary["p50_latency_ms"] <= summary["p99_latency_ms"]
+    # `hrnn audit` over the stopped worker: every input record committed, each answered exactly once
+    assert summary["audit"] == {"kept": True, "records": summary["events_in"], "unanswered": 0, "duplicated": 0}
     assert all((out / name).stat().st_size > 0 for name in ("evaluation.png", "latency.png", "evaluation.json"))
     assert re.search(r"the worker scores on (cpu|cuda)", proc.stdout)

@@ -1,6 +1,7 @@
 """Client settings factories and the group-less read helpers."""
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -8,8 +9,8 @@ from confluent_kafka import Producer
 
 from model.errors import ConfigError
 from stream.kafka_clients import (
-    WaitTimeout, consumer_config, load_client_settings, parse_client_settings, producer_config, read_all,
-    wait_for_count,
+    WaitTimeout, consumer_config, end_offsets, load_client_settings, parse_client_settings, producer_config, read_all,
+    scan, wait_for_count,
 )
 
 
@@ -59,6 +60,32 @@ def test_read_all_returns_every_record_even_when_produced_as_one_batch(broker):
     with pytest.raises(WaitTimeout) as info:
         wait_for_count(broker.bootstrap, topic, 61, timeout_s=2)
     assert len(info.value.records) == 60 and "60 of 61" in str(info.value)
+
+
+@pytest.mark.broker
+def test_a_scan_up_to_the_end_offsets_stops_there_while_the_topic_is_still_written(broker):
+    topic = f"scan-{uuid.uuid4().hex[:8]}"
+    producer = Producer(producer_config(broker.bootstrap, {"linger.ms": 50}))
+    for i in range(60):  # one partition, batched as a producer batches
+        producer.produce(topic, key=b"k", value=str(i).encode(), partition=0)
+    assert producer.flush(15) == 0
+    ends = end_offsets(broker.bootstrap, topic)
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        while not stop.is_set():
+            producer.produce(topic, key=b"k", value=b"later", partition=0)
+            producer.poll(0.02)
+
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
+    seen: list[int] = []
+    try:  # idle_s longer than timeout_s: only reaching the end offsets can finish it
+        assert scan(broker.bootstrap, topic, lambda r: seen.append(r.offset), until=ends, idle_s=60, timeout_s=30)
+    finally:
+        stop.set()
+        writer.join()
+    assert seen[:60] == list(range(60))
 
 
 @pytest.mark.broker

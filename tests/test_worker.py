@@ -14,6 +14,7 @@ from model.artifact import latest_version_dir
 from model.events import Event, decode_event, encode_event
 from model.inference import Filters
 from stream import records
+from stream.audit import audit_worker
 from worker_testkit import (make_events, make_registry, offline, produce, records_of, recommendations, running,
                             same_state, settings_for, stored_states)
 
@@ -83,6 +84,14 @@ def test_every_valid_event_gets_exactly_one_recommendation_naming_its_source_off
         assert (r["user_id"], r["event_id"], r["event_timestamp"]) == (e.user_id, e.event_id, e.timestamp_ms)
         assert len(r["items"]) == 25 and r["emitted_at"] > 0 and r["session_id"]
         assert r["model_version"] == streamed["version"]
+
+
+def test_the_audit_finds_every_committed_input_record_answered_by_its_kind(streamed):
+    report = audit_worker(streamed["settings"], idle_s=1.5)
+    assert report.kept and report.foreign_records == 0
+    assert report.to_dict()["totals"] == {  # the drained worker committed every input record
+        "records": len(streamed["inputs"]), "recommended": N_VALID, "dead_letters": len(INVALID),
+        "rekeyed": len(streamed["miskeyed"]), "unanswered": 0, "duplicated": 0}
 
 
 def test_recommendation_values_follow_the_output_contract(streamed):

@@ -6,6 +6,7 @@ inference API's over the same events.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import pytest
 from confluent_kafka import Producer
 
 from model.events import decode_event, encode_event
+from stream.audit import audit_worker
 from stream.broker import free_port
 from stream.kafka_clients import admin_client, producer_config, wait_for_count
 from stream.topics import ensure_topics, standard_topics
@@ -152,6 +154,12 @@ def test_a_sigkill_between_the_commit_steps_loses_no_event_and_applies_none_twic
         assert repeated == 0  # committed: the restart restores the lost store write from the changelog
     else:
         assert 0 < repeated <= batch  # not committed: the batch in hand is recommended again
+    # `hrnn audit` sees the same: every event answered; the repeats pass at least once, not exactly once
+    report = audit_worker(settings, idle_s=1.0)
+    assert report.kept and report.total("records") == n
+    assert report.total("duplicated") == sum(c > 1 for c in per_offset.values())
+    strict = dataclasses.replace(settings, processing_guarantee="exactly_once")
+    assert audit_worker(strict, idle_s=1.0).kept == (repeated == 0)
 
 
 def trickle(bootstrap: str, topic: str, events, per_second: float) -> threading.Thread:

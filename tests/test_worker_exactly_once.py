@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from stream.audit import audit_worker
 from stream.kafka_clients import admin_client, read_all
 from stream.topics import ensure_topics, standard_topics
 from test_worker_crash import ServeProcess, assert_nothing_lost_nothing_applied_twice
@@ -67,4 +68,6 @@ def test_exactly_once_hides_the_delivered_outputs_of_a_batch_killed_before_its_t
     per_offset = Counter((json.loads(r.value)["source_partition"], json.loads(r.value)["source_offset"])
                          for r in read_all(BOOTSTRAP, settings.output_topic, idle_s=1.0))
     assert len(per_offset) == n and max(per_offset.values()) == 1
+    report = audit_worker(settings, idle_s=1.0)  # exactly once, as the worker ran
+    assert report.kept and report.total("records") == n  # `hrnn audit`'s verdict agrees
     assert_nothing_lost_nothing_applied_twice(_Kafka, settings, registry)

@@ -1,0 +1,195 @@
+"""Checking the delivery promise on a running deployment (`hrnn audit`).
+
+The promise: every input record below the worker group's committed offset has been answered, by a
+recommendation naming its partition and offset, a dead letter naming it, or (a mis-keyed record) a
+re-keyed copy on the input topic, which is itself an input record to answer. Workers flush their
+outputs before they commit, so reading the committed offsets first and the topics after leaves nothing
+in flight inside the audited range. At least once allows an offset more than one recommendation (a
+batch read again after a crash); exactly once does not.
+
+Recommendation records name the input partition and offset, not the input topic or its log: the audit
+assumes the output topic answers this input topic alone, and a recreated input topic (offsets from 0
+again) should be audited with a fresh output topic.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import msgspec
+import numpy as np
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from stream import records
+from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, consumer_config, end_offsets,
+                                  error_detail, scan, topic_partitions)
+from stream.settings import WorkerSettings
+
+SHOWN = 20  # unanswered offsets listed per partition; the count is always complete
+# One byte of flags per audited offset, so a log of any length costs a byte per record, not a record.
+SEEN, RECOMMENDED, TWICE, DEAD, REKEYED = 1, 2, 4, 8, 16
+ANSWERED = RECOMMENDED | DEAD | REKEYED
+
+
+@dataclass
+class PartitionAudit:
+    partition: int
+    start: int  # the first offset audited: the log's start
+    committed: int | None  # the group's committed offset; None: nothing committed, nothing audited
+    records: int = 0  # input records in [start, committed)
+    recommended: int = 0
+    dead_letters: int = 0
+    rekeyed: int = 0
+    unanswered: int = 0
+    first_unanswered: list[int] = field(default_factory=list)
+    duplicated: int = 0  # records with more than one recommendation
+
+
+@dataclass
+class AuditReport:
+    input_topic: str
+    output_topic: str
+    group: str
+    exactly_once: bool
+    partitions: list[PartitionAudit]
+    foreign_records: int = 0  # output and dead-letter records that name no record of the input topic
+
+    def total(self, name: str) -> int:
+        return sum(getattr(p, name) for p in self.partitions)
+
+    @property
+    def kept(self) -> bool:
+        """Whether the promise held: nothing unanswered, and no duplicate where exactly once was asked."""
+        return self.total("unanswered") == 0 and not (self.exactly_once and self.total("duplicated"))
+
+    def to_dict(self) -> dict:
+        totals = {k: self.total(k) for k in ("records", "recommended", "dead_letters", "rekeyed", "unanswered",
+                                               "duplicated")}
+        return {**{k: v for k, v in asdict(self).items() if k != "partitions"}, "kept": self.kept,
+                "totals": totals, "partitions": [asdict(p) for p in self.partitions]}
+
+
+class Ledger:
+    """The flags of every audited offset: partition -> offsets [start, committed)."""
+
+    def __init__(self, ranges: dict[int, tuple[int, int | None]]) -> None:
+        self.ranges = ranges
+        self.flags = {p: np.zeros(max(0, (c or s) - s), np.uint8) for p, (s, c) in ranges.items()}
+
+    def mark(self, partition: int, offset: int, flag: int) -> None:
+        """Note `flag` for the offset; offsets outside the audited range (in flight, or before the log's
+        start) are not this audit's."""
+        start, committed = self.ranges.get(partition, (0, None))
+        if committed is None or not start <= offset < committed:
+            return
+        f, i = self.flags[partition], offset - start
+        if flag == RECOMMENDED and f[i] & RECOMMENDED:
+            flag = TWICE
+        f[i] |= flag
+
+    def partition(self, p: int) -> PartitionAudit:
+        start, committed = self.ranges[p]
+        f = self.flags[p]
+        seen = (f & SEEN) > 0  # offsets that hold a record (transaction markers hold none)
+        has = lambda bit: int(np.count_nonzero(seen & ((f & bit) > 0)))  # noqa: E731
+        missing = np.flatnonzero(seen & ((f & ANSWERED) == 0))
+        return PartitionAudit(p, start, committed, int(seen.sum()), has(RECOMMENDED), has(DEAD), has(REKEYED),
+                              len(missing), [int(o) + start for o in missing[:SHOWN]], has(TWICE))
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def _origin(value: str | None) -> tuple[str, int | None, int | None] | None:
+    """(topic, partition, offset) of a re-keyed record's `hrnn-repartitioned-from` header."""
+    parts = value.rsplit("/", 2) if value is not None else []  # topic names hold no "/"
+    return (parts[0], _int(parts[1]), _int(parts[2])) if len(parts) == 3 else None
+
+
+def note_input(ledger: Ledger, input_topic: str, r: Record) -> None:
+    ledger.mark(r.partition, r.offset, SEEN)
+    origin = _origin(records.header(r.headers, records.H_REPARTITIONED_FROM))
+    if origin is not None and origin[0] == input_topic and None not in origin:
+        ledger.mark(origin[1], origin[2], REKEYED)
+
+
+def note_recommendation(ledger: Ledger, r: Record) -> bool:
+    """False for a record that is not a recommendation."""
+    try:
+        rec = records.decode_recommendation(r.value or b"")
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    ledger.mark(rec.source_partition, rec.source_offset, RECOMMENDED)
+    return True
+
+
+def note_dead_letter(ledger: Ledger, input_topic: str, r: Record) -> bool:
+    """False for a dead letter of another topic or without its source headers."""
+    p, o = _int(records.header(r.headers, records.H_SOURCE_PARTITION)), records.source_offset_of(r.headers)
+    if records.header(r.headers, records.H_SOURCE_TOPIC) != input_topic or p is None or o is None:
+        return False
+    ledger.mark(p, o, DEAD)
+    return True
+
+
+def audited_ranges(bootstrap: str, group: str, topic: str, extra: ClientSettings | None = None,
+                   timeout_s: float = 30.0) -> dict[int, tuple[int, int | None]]:
+    """Per partition of `topic`: (the log's first offset, the group's committed offset or None). Reading
+    them does not join the group: a consumer that never subscribes takes no partition from the workers."""
+    consumer = Consumer({**consumer_config(bootstrap, group, extra), "enable.auto.commit": False})
+    try:
+        parts = topic_partitions(consumer, topic, timeout_s)
+        if not parts:
+            raise KafkaClientError(f"topic {topic!r} does not exist on {bootstrap}")
+        got = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=timeout_s)
+        starts = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[0] for p in parts}
+    except KafkaException as exc:
+        raise KafkaClientError(f"cannot read the offsets of group {group!r} on {topic!r}: "
+                               f"{error_detail(exc)}") from None
+    finally:
+        consumer.close()
+    return {tp.partition: (starts[tp.partition], tp.offset if tp.offset >= 0 else None) for tp in got}
+
+
+def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str, group: str,
+          exactly_once: bool = False, extra: ClientSettings | None = None, idle_s: float = 2.0,
+          timeout_s: float = 600.0, progress: Callable[[str], None] = lambda _: None) -> AuditReport:
+    """Audit the group's committed input against the output, dead-letter and input topics."""
+    ranges = audited_ranges(bootstrap, group, input_topic, extra)  # first: see the module docstring
+    # Answers to committed records were written before the commit: they lie below the ends read now
+    # (a re-keyed copy too, which may lie past its own partition's committed offset).
+    ends = {t: end_offsets(bootstrap, t, extra) for t in (input_topic, output_topic, dlq_topic)}
+    progress("audited offsets [start, committed) per partition: "
+             + ", ".join(f"{p}: [{s}, {'-' if c is None else c})" for p, (s, c) in sorted(ranges.items())))
+    ledger, foreign = Ledger(ranges), 0
+
+    def read(topic: str, until: dict[int, int], note: Callable[[Record], bool | None]) -> None:
+        nonlocal foreign
+        n = 0
+
+        def visit(r: Record) -> None:
+            nonlocal foreign, n
+            n += 1
+            foreign += note(r) is False
+
+        if not scan(bootstrap, topic, visit, until=until, idle_s=idle_s, timeout_s=timeout_s, extra=extra):
+            raise KafkaClientError(f"reading {topic!r} took longer than {timeout_s:g} s ({n} records read): give "
+                                   "the audit a longer --timeout-s")
+        progress(f"read {n} records of {topic!r}")
+
+    read(input_topic, ends[input_topic], lambda r: note_input(ledger, input_topic, r))
+    read(output_topic, ends[output_topic], lambda r: note_recommendation(ledger, r))
+    read(dlq_topic, ends[dlq_topic], lambda r: note_dead_letter(ledger, input_topic, r))
+    parts = [ledger.partition(p) for p in sorted(ranges)]
+    return AuditReport(input_topic, output_topic, group, exactly_once, parts, foreign)
+
+
+def audit_worker(settings: WorkerSettings, **kwargs) -> AuditReport:
+    """`audit` of the worker group `settings` configure: its topics, group, guarantee and client settings."""
+    return audit(settings.bootstrap_servers, input_topic=settings.input_topic, output_topic=settings.output_topic,
+                 dlq_topic=settings.dlq_topic, group=settings.group, exactly_once=settings.exactly_once,
+                 extra=settings.consumer_kafka, **kwargs)

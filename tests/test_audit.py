@@ -1,0 +1,139 @@
+"""`hrnn audit`: every committed input record answered, counted from what the topics hold."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from stream import records
+from stream.audit import SHOWN, audit, Ledger, note_dead_letter, note_input, note_recommendation
+from stream.kafka_clients import Record, admin_client, create_producer
+from stream.records import Recommendation, encode_recommendation
+from stream.settings import WorkerSettings
+from stream.topics import TopicSpec, ensure_topics
+from worker_testkit import TEST_CONSUMER, commit_offsets
+
+HRNN = str(Path(sys.executable).with_name("hrnn"))
+
+
+def _rec(partition: int, offset: int) -> bytes:
+    return encode_recommendation(Recommendation(user_id="u", items=[], model_version="v", session_id="s",
+                                                event_id="", source_partition=partition, source_offset=offset,
+                                                event_timestamp=0, emitted_at=0))
+
+
+def _record(topic: str, partition: int, offset: int, value: bytes | None = b"{}", headers=()) -> Record:
+    return Record(topic, partition, offset, b"u", value, None, tuple(headers))
+
+
+def _ledger(ranges: dict[int, tuple[int, int | None]], inputs: list[Record], recs=(), dlq=()) -> tuple[Ledger, int]:
+    ledger, foreign = Ledger(ranges), 0
+    for r in inputs:
+        note_input(ledger, "ev", r)
+    foreign += sum(not note_recommendation(ledger, r) for r in recs)
+    foreign += sum(not note_dead_letter(ledger, "ev", r) for r in dlq)
+    return ledger, foreign
+
+
+def test_each_kind_of_answer_counts_and_a_record_without_one_is_listed():
+    inputs = [_record("ev", 0, o) for o in range(8)]
+    inputs.append(_record("ev", 1, 0, headers=records.repartition_headers("ev", 0, 3)))  # 0@3, re-keyed
+    recs = [_record("rec", 0, i, _rec(0, o)) for i, o in enumerate([0, 1, 1, 1, 6, 7])]  # 6, 7: in flight
+    dlq = [_record("dlq", 0, 0, b"x", records.dlq_headers("bad_json", "d", "ev", 0, 2))]
+    ledger, foreign = _ledger({0: (0, 6), 1: (0, None)}, inputs, recs, dlq)
+    got = ledger.partition(0)
+    assert (got.records, got.recommended, got.duplicated, got.dead_letters, got.rekeyed) == (6, 2, 1, 1, 1)
+    assert (got.unanswered, got.first_unanswered, foreign) == (2, [4, 5], 0)
+    assert ledger.partition(1).records == 0  # a partition the group never committed is not audited
+
+
+def test_offsets_before_the_log_start_and_gaps_without_a_record_are_not_audited():
+    inputs = [_record("ev", 0, o) for o in (100, 101, 103)]  # 102: a transaction marker, never delivered
+    ledger, _ = _ledger({0: (100, 104)}, inputs, [_record("rec", 0, 0, _rec(0, 50))])
+    got = ledger.partition(0)
+    assert (got.start, got.records, got.unanswered, got.first_unanswered) == (100, 3, 3, [100, 101, 103])
+
+
+def test_every_unanswered_record_is_counted_but_only_the_first_are_listed():
+    ledger, _ = _ledger({0: (0, 1000)}, [_record("ev", 0, o) for o in range(1000)])
+    got = ledger.partition(0)
+    assert got.unanswered == 1000 and got.first_unanswered == list(range(SHOWN))
+
+
+def test_answers_of_other_topics_and_records_that_are_not_answers_are_counted_apart():
+    inputs = [_record("ev", 1, o) for o in range(8)]
+    inputs += [_record("ev", 0, 0, headers=records.repartition_headers("other", 1, 5)),
+               _record("ev", 0, 1, headers=[(records.H_REPARTITIONED_FROM, b"garbage")])]
+    recs = [_record("rec", 0, 0, b"junk")]
+    dlq = [_record("dlq", 0, 0, b"x", records.dlq_headers("bad_json", "d", "other", 1, 7)),
+           _record("dlq", 0, 1, b"x", [(records.H_SOURCE_TOPIC, b"ev")])]
+    ledger, foreign = _ledger({0: (0, 2), 1: (0, 8)}, inputs, recs, dlq)
+    assert foreign == 3  # the junk recommendation, the other topic's dead letter, one without its offset
+    assert ledger.partition(1).unanswered == 8 and ledger.partition(1).rekeyed == 0
+
+
+@pytest.mark.broker
+def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under_exactly_once(broker, tmp_path):
+    name = uuid.uuid4().hex[:8]
+    settings = WorkerSettings(bootstrap_servers=broker.bootstrap, registry="-", state_dir="-", input_topic=f"ev-{name}",
+                              output_topic=f"rec-{name}", group=f"grp-{name}", kafka_consumer=dict(TEST_CONSUMER))
+    producer = create_producer(broker.bootstrap)
+    for i in range(5):
+        producer.produce(settings.input_topic, b"{}", b"u", partition=0)
+    for offset in (0, 1, 1):  # offset 1 answered twice, as a crash replay under at-least-once does
+        producer.produce(settings.output_topic, _rec(0, offset), b"u", partition=0)
+    producer.produce(settings.dlq_topic, b"{", b"u", partition=0,
+                     headers=records.dlq_headers("bad_json", "d", settings.input_topic, 0, 2))
+    assert producer.flush(15) == 0
+
+    def audit(*extra: str) -> tuple[int, str, dict]:
+        out = tmp_path / f"{uuid.uuid4().hex}.json"
+        proc = subprocess.run([HRNN, "audit", "--bootstrap-servers", broker.bootstrap, "--group", settings.group,
+                               "--input-topic", settings.input_topic, "--output-topic", settings.output_topic,
+                               "--idle-s", "1.5", "--json", str(out), *extra],
+                              capture_output=True, text=True, timeout=120)
+        return proc.returncode, proc.stdout, json.loads(out.read_text())
+
+    commit_offsets(settings, {0: 4})  # offsets 0..3 claimed done; 3 has no answer
+    code, stdout, report = audit()
+    assert code == 1 and "unanswered offsets: 3" in stdout and "promise BROKEN" in stdout
+    assert report["totals"] == {"records": 4, "recommended": 2, "dead_letters": 1, "rekeyed": 0, "unanswered": 1,
+                                "duplicated": 1}
+    commit_offsets(settings, {0: 3})
+    code, stdout, report = audit()
+    assert code == 0 and report["kept"] and "promise kept" in stdout
+    code, _, report = audit("--processing-guarantee", "exactly_once")
+    assert code == 1 and not report["kept"] and report["totals"]["duplicated"] == 1
+
+
+def test_the_command_refuses_a_non_positive_idle_time():
+    proc = subprocess.run([HRNN, "audit", "--idle-s", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--idle-s and --timeout-s must be > 0" in proc.stderr
+
+
+@pytest.mark.broker
+def test_the_command_names_an_input_topic_that_does_not_exist(broker):
+    topic = f"absent-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.run([HRNN, "audit", "--bootstrap-servers", broker.bootstrap, "--input-topic", topic],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"topic '{topic}' does not exist" in proc.stderr
+
+
+@pytest.mark.broker
+def test_a_rekeyed_copy_past_its_partitions_committed_offset_still_answers_its_original(broker):
+    name = uuid.uuid4().hex[:8]
+    ev, grp = f"ev-{name}", f"grp-{name}"
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(ev, 2)])
+    producer = create_producer(broker.bootstrap)
+    producer.produce(ev, b"{}", b"wrong-key", partition=0)
+    producer.produce(ev, b"{}", b"u", partition=1, headers=records.repartition_headers(ev, 0, 0))
+    assert producer.flush(15) == 0
+    commit_offsets(WorkerSettings(bootstrap_servers=broker.bootstrap, registry="-", state_dir="-", input_topic=ev,
+                                  group=grp, kafka_consumer=dict(TEST_CONSUMER)), {0: 1})  # the copy: not yet
+    report = audit(broker.bootstrap, input_topic=ev, output_topic=f"rec-{name}", dlq_topic=f"{ev}.dlq", group=grp,
+                   idle_s=1.5)
+    assert report.kept and [(p.records, p.rekeyed) for p in report.partitions] == [(1, 1), (0, 0)]
