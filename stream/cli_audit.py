@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--output-topic", default=WorkerSettings.output_topic, help=f"default {WorkerSettings.output_topic}")
     a("--processing-guarantee", choices=GUARANTEES, default=WorkerSettings.processing_guarantee,
       help="the workers' guarantee: exactly_once also fails on duplicated recommendations")
-    a("--idle-s", type=float, default=2.0, help="a topic is read to its end once no record came for S seconds")
+    a("--idle-s", type=float, default=2.0, help="a topic is read up to its end offsets as the audit starts, or "
+      "until no record came for S seconds (default 2)")
     a("--timeout-s", type=float, default=600.0, help="give up reading a topic after S seconds")
     a("--json", help="also write the report as JSON to this file")
     a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
@@ -36,12 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print(report: AuditReport, out: TextIO = sys.stdout) -> None:
-    print(f"{'partition':>9} {'start':>10} {'committed':>10} {'records':>8} {'recommended':>11} {'dlq':>6} {'re-keyed':>8} "
-          f"{'duplicated':>10} {'unanswered':>10}", file=out)
+    row = "{:>9} {:>10} {:>10} {:>8} {:>11} {:>6} {:>8} {:>10} {:>10}".format
+    print(row("partition", "start", "committed", "records", "recommended", "dlq", "re-keyed", "duplicated",
+              "unanswered"), file=out)
     for p in report.partitions:
-        committed = "-" if p.committed is None else p.committed
-        print(f"{p.partition:>9} {p.start:>10} {committed:>10} {p.records:>8} {p.recommended:>11} {p.dead_letters:>6} "
-              f"{p.rekeyed:>8} {p.duplicated:>10} {p.unanswered:>10}", file=out)
+        print(row(p.partition, p.start, "-" if p.committed is None else p.committed, p.records, p.recommended,
+                  p.dead_letters, p.rekeyed, p.duplicated, p.unanswered), file=out)
         if p.first_unanswered:
             print(f"          unanswered offsets: {', '.join(map(str, p.first_unanswered))}"
                   f"{' ...' if p.unanswered > len(p.first_unanswered) else ''}", file=out)
