@@ -46,6 +46,10 @@ def _print(report: AuditReport, out: TextIO = sys.stdout) -> None:
         if p.first_unanswered:
             print(f"          unanswered offsets: {', '.join(map(str, p.first_unanswered))}"
                   f"{' ...' if p.unanswered > len(p.first_unanswered) else ''}", file=out)
+    if report.foreign_records:
+        n = report.foreign_records
+        print(f"{n} record{'s' * (n != 1)} of {report.output_topic!r} or its DLQ name{'s' * (n == 1)} no record of "
+              f"{report.input_topic!r} (not a recommendation, or another topic's dead letter)", file=out)
     verdict = "kept" if report.kept else "BROKEN"
     print(f"{report.total('records')} committed input records of {report.input_topic!r} (group {report.group!r}):"
           f" {report.total('unanswered')} unanswered, {report.total('duplicated')} with more than one"

@@ -86,6 +86,7 @@ def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under
         producer.produce(settings.input_topic, b"{}", b"u", partition=0)
     for offset in (0, 1, 1):  # offset 1 answered twice, as a crash replay under at-least-once does
         producer.produce(settings.output_topic, _rec(0, offset), b"u", partition=0)
+    producer.produce(settings.output_topic, b"not a recommendation", b"u", partition=0)
     producer.produce(settings.dlq_topic, b"{", b"u", partition=0,
                      headers=records.dlq_headers("bad_json", "d", settings.input_topic, 0, 2))
     assert producer.flush(15) == 0
@@ -101,6 +102,7 @@ def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under
     commit_offsets(settings, {0: 4})  # offsets 0..3 claimed done; 3 has no answer
     code, stdout, report = audit()
     assert code == 1 and "unanswered offsets: 3" in stdout and "promise BROKEN" in stdout
+    assert report["foreign_records"] == 1 and "1 record of" in stdout  # reported, not an answer
     assert report["totals"] == {"records": 4, "recommended": 2, "dead_letters": 1, "rekeyed": 0, "unanswered": 1,
                                 "duplicated": 1}
     commit_offsets(settings, {0: 3})
