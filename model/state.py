@@ -3,7 +3,8 @@
 Layout: one format byte, then a msgpack array. Format 2 stores the last-H events as each distinct
 item id and event type once plus packed little-endian columns (a code per event into those names, the
 time, the session flag), so decoding a state makes no object per stored event. Format 1 (one string per
-event) is still read; states are always written as format 2. Readers refuse formats they do not know
+event) is still read and, while builds that read nothing else still serve, written (`encode_state`'s
+`fmt`, the worker's `state_format`); format 2 otherwise. Readers refuse formats they do not know
 with StateFormatError instead of guessing.
 """
 from __future__ import annotations

@@ -21,8 +21,8 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from stream import records
-from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, consumer_config, end_offsets,
-                                  error_detail, scan, topic_partitions)
+from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, consumer_config, error_detail, scan,
+                                  topic_partitions, watermarks)
 from stream.settings import WorkerSettings
 
 SHOWN = 20  # unanswered offsets listed per partition; the count is always complete
@@ -136,33 +136,34 @@ def note_dead_letter(ledger: Ledger, input_topic: str, r: Record) -> bool:
     return True
 
 
-def audited_ranges(bootstrap: str, group: str, topic: str, extra: ClientSettings | None = None,
-                   timeout_s: float = 30.0) -> dict[int, tuple[int, int | None]]:
-    """Per partition of `topic`: (the log's first offset, the group's committed offset or None). Reading
-    them does not join the group: a consumer that never subscribes takes no partition from the workers."""
+def committed_offsets(bootstrap: str, group: str, topic: str, extra: ClientSettings | None = None,
+                      timeout_s: float = 30.0) -> dict[int, int | None]:
+    """The group's committed offset per partition of `topic` (None where it has none). Reading them does
+    not join the group: a consumer that never subscribes takes no partition from the workers."""
     consumer = Consumer({**consumer_config(bootstrap, group, extra), "enable.auto.commit": False})
     try:
         parts = topic_partitions(consumer, topic, timeout_s)
         if not parts:
             raise KafkaClientError(f"topic {topic!r} does not exist on {bootstrap}")
         got = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=timeout_s)
-        starts = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[0] for p in parts}
     except KafkaException as exc:
         raise KafkaClientError(f"cannot read the offsets of group {group!r} on {topic!r}: "
                                f"{error_detail(exc)}") from None
     finally:
         consumer.close()
-    return {tp.partition: (starts[tp.partition], tp.offset if tp.offset >= 0 else None) for tp in got}
+    return {tp.partition: tp.offset if tp.offset >= 0 else None for tp in got}
 
 
 def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str, group: str,
           exactly_once: bool = False, extra: ClientSettings | None = None, idle_s: float = 2.0,
           timeout_s: float = 600.0, progress: Callable[[str], None] = lambda _: None) -> AuditReport:
     """Audit the group's committed input against the output, dead-letter and input topics."""
-    ranges = audited_ranges(bootstrap, group, input_topic, extra)  # first: see the module docstring
+    committed = committed_offsets(bootstrap, group, input_topic, extra)  # first: see the module docstring
     # Answers to committed records were written before the commit: they lie below the ends read now
     # (a re-keyed copy too, which may lie past its own partition's committed offset).
-    ends = {t: end_offsets(bootstrap, t, extra) for t in (input_topic, output_topic, dlq_topic)}
+    marks = {t: watermarks(bootstrap, t, extra) for t in (input_topic, output_topic, dlq_topic)}
+    ends = {t: {p: end for p, (_, end) in m.items()} for t, m in marks.items()}
+    ranges = {p: (marks[input_topic].get(p, (0, 0))[0], c) for p, c in committed.items()}
     progress("audited offsets [start, committed) per partition: "
              + ", ".join(f"{p}: [{s}, {'-' if c is None else c})" for p, (s, c) in sorted(ranges.items())))
     ledger, foreign = Ledger(ranges), 0

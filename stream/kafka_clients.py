@@ -285,8 +285,8 @@ def _consume_from_beginning(bootstrap: str, topic: str, visit: Callable[[Record]
                 if err is None:
                     visit(Record.from_message(msg))
                     n += 1
-                    if short.get(msg.partition(), 0) <= msg.offset() + 1:
-                        short.pop(msg.partition(), None)
+                    if msg.partition() in short and short[msg.partition()] <= msg.offset() + 1:
+                        del short[msg.partition()]
                 elif err.code() != KafkaError._PARTITION_EOF and err.fatal():
                     raise KafkaClientError(f"reading {topic!r} failed: {err.str()}")
 
@@ -335,15 +335,16 @@ def scan(bootstrap: str, topic: str, visit: Callable[[Record], None], *, until: 
                                    extra=extra, until=until)
 
 
-def end_offsets(bootstrap: str, topic: str, extra: ClientSettings | None = None,
-                timeout_s: float = 10.0) -> dict[int, int]:
-    """Each partition's end (high watermark; for read_committed, the end of the committed transactions)."""
+def watermarks(bootstrap: str, topic: str, extra: ClientSettings | None = None,
+               timeout_s: float = 10.0) -> dict[int, tuple[int, int]]:
+    """Each partition's (first offset, end offset); the end is the high watermark (for read_committed,
+    the end of the committed transactions). {} while the topic does not exist."""
     consumer = reader_consumer(bootstrap, extra)
     try:
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)[1]
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
                 for p in topic_partitions(consumer, topic, timeout_s)}
     except KafkaException as exc:
-        raise KafkaClientError(f"cannot read the end offsets of {topic!r}: {error_detail(exc)}") from None
+        raise KafkaClientError(f"cannot read the offsets of {topic!r}: {error_detail(exc)}") from None
     finally:
         consumer.close()
 

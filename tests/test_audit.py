@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from stream import records
-from stream.audit import SHOWN, audit, Ledger, note_dead_letter, note_input, note_recommendation
+from stream.audit import SHOWN, Ledger, audit_worker, note_dead_letter, note_input, note_recommendation
 from stream.kafka_clients import Record, admin_client, create_producer
 from stream.records import Recommendation, encode_recommendation
-from stream.settings import WorkerSettings
 from stream.topics import TopicSpec, ensure_topics
-from worker_testkit import TEST_CONSUMER, commit_offsets
+from worker_testkit import commit_offsets, settings_for
 
 HRNN = str(Path(sys.executable).with_name("hrnn"))
+NO_DIR = Path("-")  # settings for a group no worker runs: no registry, no state
 
 
 def _rec(partition: int, offset: int) -> bytes:
@@ -78,9 +78,7 @@ def test_answers_of_other_topics_and_records_that_are_not_answers_are_counted_ap
 
 @pytest.mark.broker
 def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under_exactly_once(broker, tmp_path):
-    name = uuid.uuid4().hex[:8]
-    settings = WorkerSettings(bootstrap_servers=broker.bootstrap, registry="-", state_dir="-", input_topic=f"ev-{name}",
-                              output_topic=f"rec-{name}", group=f"grp-{name}", kafka_consumer=dict(TEST_CONSUMER))
+    settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)  # fresh topics and group; no worker runs
     producer = create_producer(broker.bootstrap)
     for i in range(5):
         producer.produce(settings.input_topic, b"{}", b"u", partition=0)
@@ -127,15 +125,13 @@ def test_the_command_names_an_input_topic_that_does_not_exist(broker):
 
 @pytest.mark.broker
 def test_a_rekeyed_copy_past_its_partitions_committed_offset_still_answers_its_original(broker):
-    name = uuid.uuid4().hex[:8]
-    ev, grp = f"ev-{name}", f"grp-{name}"
+    settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)
+    ev = settings.input_topic
     ensure_topics(admin_client(broker.bootstrap), [TopicSpec(ev, 2)])
     producer = create_producer(broker.bootstrap)
     producer.produce(ev, b"{}", b"wrong-key", partition=0)
     producer.produce(ev, b"{}", b"u", partition=1, headers=records.repartition_headers(ev, 0, 0))
     assert producer.flush(15) == 0
-    commit_offsets(WorkerSettings(bootstrap_servers=broker.bootstrap, registry="-", state_dir="-", input_topic=ev,
-                                  group=grp, kafka_consumer=dict(TEST_CONSUMER)), {0: 1})  # the copy: not yet
-    report = audit(broker.bootstrap, input_topic=ev, output_topic=f"rec-{name}", dlq_topic=f"{ev}.dlq", group=grp,
-                   idle_s=1.5)
+    commit_offsets(settings, {0: 1})  # the original is committed, its copy not yet
+    report = audit_worker(settings, idle_s=1.5)
     assert report.kept and [(p.records, p.rekeyed) for p in report.partitions] == [(1, 1), (0, 0)]

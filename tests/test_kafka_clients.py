@@ -9,8 +9,8 @@ from confluent_kafka import Producer
 
 from model.errors import ConfigError
 from stream.kafka_clients import (
-    WaitTimeout, consumer_config, end_offsets, load_client_settings, parse_client_settings, producer_config, read_all,
-    scan, wait_for_count,
+    WaitTimeout, consumer_config, load_client_settings, parse_client_settings, producer_config, read_all, scan,
+    wait_for_count, watermarks,
 )
 
 
@@ -69,7 +69,7 @@ def test_a_scan_up_to_the_end_offsets_stops_there_while_the_topic_is_still_writt
     for i in range(60):  # one partition, batched as a producer batches
         producer.produce(topic, key=b"k", value=str(i).encode(), partition=0)
     assert producer.flush(15) == 0
-    ends = end_offsets(broker.bootstrap, topic)
+    ends = {p: end for p, (_, end) in watermarks(broker.bootstrap, topic).items()}
     stop = threading.Event()
 
     def keep_writing() -> None:
