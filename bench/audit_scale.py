@@ -36,7 +36,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from stream.audit import audit  # noqa: E402
 from stream.broker import LocalBroker  # noqa: E402
-from stream.kafka_clients import consumer_config, producer_config  # noqa: E402
+from stream.kafka_clients import admin_client, consumer_config, producer_config, topic_id  # noqa: E402
+from stream.topics import TopicSpec, ensure_topics  # noqa: E402
 from stream.records import Recommendation, encode_recommendation  # noqa: E402
 
 CONSUMER = {"session.timeout.ms": "6000", "fetch.wait.max.ms": "10"}
@@ -57,7 +58,9 @@ def _send(producer: Producer, topic: str, value: bytes, partition: int | None = 
 
 def _write(bootstrap: str, name: str, n: int, partitions: int, missing: int) -> None:
     producer = Producer(producer_config(bootstrap, {"linger.ms": 20}))
-    per = n // partitions
+    admin = admin_client(bootstrap)
+    ensure_topics(admin, [TopicSpec(f"ev-{name}", partitions)])
+    log, per = topic_id(admin, f"ev-{name}"), n // partitions  # recommendations name their log, as the worker's
     skip: set[tuple[int, int]] = set()
     i = 0
     while len(skip) < missing:  # distinct (partition, offset) pairs, spread
@@ -68,7 +71,8 @@ def _write(bootstrap: str, name: str, n: int, partitions: int, missing: int) -> 
             _send(producer, f"ev-{name}", b'{"user_id": "u"}', p)
             if (p, o) not in skip:
                 rec = Recommendation(user_id="u", items=[], model_version="v", session_id="s", event_id=str(o),
-                                     source_partition=p, source_offset=o, event_timestamp=0, emitted_at=0)
+                                     source_partition=p, source_offset=o, event_timestamp=0, emitted_at=0,
+                                     source_topic=f"ev-{name}", source_log=log)
                 _send(producer, f"rec-{name}", encode_recommendation(rec))
     assert producer.flush(120) == 0
     committer = Consumer(consumer_config(bootstrap, f"grp-{name}", CONSUMER))

@@ -176,8 +176,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], *, file_values: dict[str, Any] | None = None, env_prefix: str | None = None,
-                overrides: dict[str, Any] | None = None, strict_file: bool = False) -> T:
-    """Build `cls` from defaults < file values < environment < overrides (None means 'not given')."""
+                overrides: dict[str, Any] | None = None, strict_file: bool = False, validate: bool = True) -> T:
+    """Build `cls` from defaults < file values < environment < overrides (None means 'not given'); then
+    its `validate()`, if it has one, unless the caller checks the result itself."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -195,9 +196,9 @@ def load_config(cls: type[T], *, file_values: dict[str, Any] | None = None, env_
         if value is not None and key in names:
             values[key] = _coerce(key, hints[key], value)
     obj = cls(**values)
-    validate = getattr(obj, "validate", None)
-    if validate:
-        validate()
+    check = getattr(obj, "validate", None) if validate else None
+    if check:
+        check()
     return obj
 
 

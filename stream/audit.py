@@ -7,9 +7,11 @@ outputs before they commit, so reading the committed offsets first and the topic
 in flight inside the audited range. At least once allows an offset more than one recommendation (a
 batch read again after a crash); exactly once does not.
 
-Recommendation records name the input partition and offset, not the input topic or its log: the audit
-assumes the output topic answers this input topic alone, and a recreated input topic (offsets from 0
-again) should be audited with a fresh output topic.
+An answer counts for the input log it names: recommendations and dead letters carry the input topic and
+its id (where the broker gives one), so an output topic shared with another input topic, or kept while
+the input topic was deleted and created again (offsets from 0 again, another id), answers nothing of
+this log. Answers written by builds before those fields name only partition and offset and are taken
+to be this log's.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import numpy as np
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from stream import records
-from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, consumer_config, error_detail, scan,
-                                  topic_partitions, watermarks)
+from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, admin_client, consumer_config,
+                                  error_detail, scan, topic_id, topic_partitions, watermarks)
 from stream.settings import WorkerSettings
 
 SHOWN = 20  # unanswered offsets listed per partition; the count is always complete
@@ -52,7 +54,8 @@ class AuditReport:
     group: str
     exactly_once: bool
     partitions: list[PartitionAudit]
-    foreign_records: int = 0  # output and dead-letter records that name no record of the input topic
+    input_log: str | None = None  # the input topic's id, where the broker gives one
+    foreign_records: int = 0  # output and dead-letter records that name no record of the input log
 
     def total(self, name: str) -> int:
         return sum(getattr(p, name) for p in self.partitions)
@@ -70,10 +73,10 @@ class AuditReport:
 
 
 class Ledger:
-    """The flags of every audited offset: partition -> offsets [start, committed)."""
+    """The flags of every audited offset of one input log: partition -> offsets [start, committed)."""
 
-    def __init__(self, ranges: dict[int, tuple[int, int | None]]) -> None:
-        self.ranges = ranges
+    def __init__(self, ranges: dict[int, tuple[int, int | None]], topic: str, log: str | None = None) -> None:
+        self.ranges, self.topic, self.log = ranges, topic, log
         self.flags = {p: np.zeros(max(0, (c or s) - s), np.uint8) for p, (s, c) in ranges.items()}
 
     def mark(self, partition: int, offset: int, flag: int) -> None:
@@ -86,6 +89,10 @@ class Ledger:
         if flag == RECOMMENDED and f[i] & RECOMMENDED:
             flag = TWICE
         f[i] |= flag
+
+    def names_this_log(self, topic: str | None, log: str | None) -> bool:
+        """Whether an answer naming (topic, log) answers this log; None: not named (older records)."""
+        return topic in (None, self.topic) and (self.log is None or log in (None, self.log))
 
     def partition(self, p: int) -> PartitionAudit:
         start, committed = self.ranges[p]
@@ -110,27 +117,31 @@ def _origin(value: str | None) -> tuple[str, int | None, int | None] | None:
     return (parts[0], _int(parts[1]), _int(parts[2])) if len(parts) == 3 else None
 
 
-def note_input(ledger: Ledger, input_topic: str, r: Record) -> None:
+def note_input(ledger: Ledger, r: Record) -> None:
     ledger.mark(r.partition, r.offset, SEEN)
     origin = _origin(records.header(r.headers, records.H_REPARTITIONED_FROM))
-    if origin is not None and origin[0] == input_topic and None not in origin:
+    # A re-keyed copy lies in the log it answers, so its topic is all it needs to name.
+    if origin is not None and origin[0] == ledger.topic and None not in origin:
         ledger.mark(origin[1], origin[2], REKEYED)
 
 
 def note_recommendation(ledger: Ledger, r: Record) -> bool:
-    """False for a record that is not a recommendation."""
+    """False for a record that is not a recommendation, or one of another input log."""
     try:
         rec = records.decode_recommendation(r.value or b"")
     except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+    if not ledger.names_this_log(rec.source_topic, rec.source_log):
         return False
     ledger.mark(rec.source_partition, rec.source_offset, RECOMMENDED)
     return True
 
 
-def note_dead_letter(ledger: Ledger, input_topic: str, r: Record) -> bool:
-    """False for a dead letter of another topic or without its source headers."""
+def note_dead_letter(ledger: Ledger, r: Record) -> bool:
+    """False for a dead letter of another input log or without its source headers."""
+    topic, log = (records.header(r.headers, h) for h in (records.H_SOURCE_TOPIC, records.H_SOURCE_LOG))
     p, o = _int(records.header(r.headers, records.H_SOURCE_PARTITION)), records.source_offset_of(r.headers)
-    if records.header(r.headers, records.H_SOURCE_TOPIC) != input_topic or p is None or o is None:
+    if topic is None or not ledger.names_this_log(topic, log) or p is None or o is None:
         return False
     ledger.mark(p, o, DEAD)
     return True
@@ -166,7 +177,7 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
     ranges = {p: (marks[input_topic].get(p, (0, 0))[0], c) for p, c in committed.items()}
     progress("audited offsets [start, committed) per partition: "
              + ", ".join(f"{p}: [{s}, {'-' if c is None else c})" for p, (s, c) in sorted(ranges.items())))
-    ledger, foreign = Ledger(ranges), 0
+    ledger, foreign = Ledger(ranges, input_topic, topic_id(admin_client(bootstrap, extra), input_topic)), 0
 
     def read(topic: str, until: dict[int, int], note: Callable[[Record], bool | None]) -> None:
         nonlocal foreign
@@ -182,11 +193,11 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
                                    "the audit a longer --timeout-s")
         progress(f"read {n} records of {topic!r}")
 
-    read(input_topic, ends[input_topic], lambda r: note_input(ledger, input_topic, r))
+    read(input_topic, ends[input_topic], lambda r: note_input(ledger, r))
     read(output_topic, ends[output_topic], lambda r: note_recommendation(ledger, r))
-    read(dlq_topic, ends[dlq_topic], lambda r: note_dead_letter(ledger, input_topic, r))
+    read(dlq_topic, ends[dlq_topic], lambda r: note_dead_letter(ledger, r))
     parts = [ledger.partition(p) for p in sorted(ranges)]
-    return AuditReport(input_topic, output_topic, group, exactly_once, parts, foreign)
+    return AuditReport(input_topic, output_topic, group, exactly_once, parts, ledger.log, foreign)
 
 
 def audit_worker(settings: WorkerSettings, **kwargs) -> AuditReport:

@@ -1,5 +1,8 @@
 """`hrnn audit`: check that every committed input record was answered (see stream/audit.py).
 
+The worker group's topics, group, guarantee and client settings resolve as for `hrnn serve`: its
+--config FILE (the workers' own settings file), HRNN_* environment variables, then these flags.
+
 Exit status: 0 when the promise held, 1 when it did not (unanswered records; with
 --processing-guarantee exactly_once also duplicated recommendations), 2 on bad input.
 """
@@ -7,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -21,12 +23,12 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--bootstrap-servers", default=os.environ.get("HRNN_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-      help="Kafka bootstrap servers (default $HRNN_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
-    a("--group", default=WorkerSettings.group, help=f"the workers' consumer group (default {WorkerSettings.group})")
-    a("--input-topic", default=WorkerSettings.input_topic, help=f"default {WorkerSettings.input_topic}")
-    a("--output-topic", default=WorkerSettings.output_topic, help=f"default {WorkerSettings.output_topic}")
-    a("--processing-guarantee", choices=GUARANTEES, default=WorkerSettings.processing_guarantee,
+    a("--config", help="the workers' settings file (JSON or TOML, as `hrnn serve --config`)")
+    a("--bootstrap-servers", help=f"Kafka bootstrap servers (default {WorkerSettings.bootstrap_servers})")
+    a("--group", help=f"the workers' consumer group (default {WorkerSettings.group})")
+    a("--input-topic", help=f"default {WorkerSettings.input_topic}")
+    a("--output-topic", help=f"default {WorkerSettings.output_topic}")
+    a("--processing-guarantee", choices=GUARANTEES,
       help="the workers' guarantee: exactly_once also fails on duplicated recommendations")
     a("--idle-s", type=float, default=2.0, help="a topic is read up to its end offsets as the audit starts, or "
       "until no record came for S seconds (default 2)")
@@ -34,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--json", help="also write the report as JSON to this file")
     a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
       help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
+    a("--kafka-config-file", help="client.properties file with librdkafka settings")
+
+
+def _with_id(report: AuditReport) -> str:
+    return f" (topic id {report.input_log})" if report.input_log else ""
 
 
 def _print(report: AuditReport, out: TextIO = sys.stdout) -> None:
@@ -46,29 +53,29 @@ def _print(report: AuditReport, out: TextIO = sys.stdout) -> None:
         if p.first_unanswered:
             print(f"          unanswered offsets: {', '.join(map(str, p.first_unanswered))}"
                   f"{' ...' if p.unanswered > len(p.first_unanswered) else ''}", file=out)
+    audited = f"{report.input_topic!r}{_with_id(report)}"
     if report.foreign_records:
         n = report.foreign_records
         print(f"{n} record{'s' * (n != 1)} of {report.output_topic!r} or its DLQ name{'s' * (n == 1)} no record of "
-              f"{report.input_topic!r} (not a recommendation, or another topic's dead letter)", file=out)
-    verdict = "kept" if report.kept else "BROKEN"
-    print(f"{report.total('records')} committed input records of {report.input_topic!r} (group {report.group!r}):"
-          f" {report.total('unanswered')} unanswered, {report.total('duplicated')} with more than one"
-          f" recommendation ({'not allowed' if report.exactly_once else 'allowed'} under "
-          f"{'exactly_once' if report.exactly_once else 'at_least_once'}): promise {verdict}", file=out)
+              f"{audited} (not a recommendation, or the answer to another topic or to a deleted log of this name)",
+              file=out)
+    guarantee = "exactly_once" if report.exactly_once else "at_least_once"
+    print(f"{report.total('records')} committed input records of {audited} (group {report.group!r}): "
+          f"{report.total('unanswered')} unanswered, {report.total('duplicated')} with more than one recommendation "
+          f"({'not allowed' if report.exactly_once else 'allowed'} under {guarantee}): "
+          f"promise {'kept' if report.kept else 'BROKEN'}", file=out)
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.audit import audit
-    from stream.kafka_clients import parse_client_settings
-    from stream.topics import dlq_topic
+    from stream.audit import audit_worker
+    from stream.cli_serve import overrides_from
+    from stream.settings import load_settings
 
     if args.idle_s <= 0 or args.timeout_s <= 0:
         raise ConfigError(f"--idle-s and --timeout-s must be > 0 seconds, got {args.idle_s:g} and {args.timeout_s:g}")
-    report = audit(args.bootstrap_servers, input_topic=args.input_topic, output_topic=args.output_topic,
-                   dlq_topic=dlq_topic(args.input_topic), group=args.group,
-                   exactly_once=args.processing_guarantee == "exactly_once",
-                   extra=parse_client_settings(args.kafka_config), idle_s=args.idle_s, timeout_s=args.timeout_s,
-                   progress=lambda line: print(f"hrnn audit: {line}", file=sys.stderr))
+    settings = load_settings(args.config, overrides_from(args), serving=False)
+    report = audit_worker(settings, idle_s=args.idle_s, timeout_s=args.timeout_s,
+                          progress=lambda line: print(f"hrnn audit: {line}", file=sys.stderr))
     _print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")

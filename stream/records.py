@@ -10,6 +10,7 @@ carry these headers (values UTF-8):
   hrnn-source-topic     where the record was read
   hrnn-source-partition
   hrnn-source-offset
+  hrnn-source-log       the input topic's id (hex), when the broker gives one
 Changelog records (`<group>.state-changelog`, key user_id, value the encoded state) carry
   hrnn-source-offset    the input offset that produced the state (restores skip uncommitted ones)
   hrnn-source-log       the input topic's id (hex) then, when the broker gives one: offsets of a
@@ -51,6 +52,10 @@ class Recommendation(msgspec.Struct, frozen=True):
     source_offset: int
     event_timestamp: int  # ms, the event's own timestamp
     emitted_at: int  # ms, wall clock when the worker produced it
+    # Which log the source offset is of: the input topic, and its id where the broker gives one (a topic
+    # deleted and created again numbers other records from 0). None in records of builds before them.
+    source_topic: str | None = None
+    source_log: str | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -69,9 +74,13 @@ def scored_items(items: Sequence[tuple[str, float]]) -> list[ScoredItem]:
     return [ScoredItem(i, float(s)) for i, s in items]
 
 
-def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> Headers:
-    return [(H_REASON, reason.encode()), (H_DETAIL, detail.encode()), (H_SOURCE_TOPIC, topic.encode()),
-            (H_SOURCE_PARTITION, str(partition).encode()), (H_SOURCE_OFFSET, str(offset).encode())]
+def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: int,
+                source_log: str | None = None) -> Headers:
+    headers = [(H_REASON, reason.encode()), (H_DETAIL, detail.encode()), (H_SOURCE_TOPIC, topic.encode()),
+               (H_SOURCE_PARTITION, str(partition).encode()), (H_SOURCE_OFFSET, str(offset).encode())]
+    if source_log:
+        headers.append((H_SOURCE_LOG, source_log.encode()))
+    return headers
 
 
 def changelog_headers(source_offset: int, source_log: str | None = None) -> Headers:

@@ -100,8 +100,7 @@ class WorkerSettings:
             raise ConfigError("no model registry given: pass --registry DIR (or set HRNN_REGISTRY)")
         if not self.state_dir:
             raise ConfigError("no state directory given: pass --state-dir DIR (or set HRNN_STATE_DIR)")
-        if not self.bootstrap_servers:
-            raise ConfigError("no Kafka bootstrap servers given: pass --bootstrap-servers HOST:PORT")
+        self.validate_kafka()
         from model.network import resolve_device  # torch loads only once a worker is being set up
 
         resolve_device(self.device)
@@ -124,6 +123,12 @@ class WorkerSettings:
             raise ConfigError(f"prebuild_max_users = {self.prebuild_max_users} must be >= 0 (0 turns it off)")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port = {self.metrics_port} is not a TCP port (0 turns the endpoint off)")
+
+    def validate_kafka(self) -> None:
+        """The settings that say where the worker group's topics are and how it reads them: all that
+        `hrnn audit` takes from a worker's settings."""
+        if not self.bootstrap_servers:
+            raise ConfigError("no Kafka bootstrap servers given: pass --bootstrap-servers HOST:PORT")
         if self.processing_guarantee not in GUARANTEES:
             raise ConfigError(f"processing_guarantee = {self.processing_guarantee!r} is not one of "
                               f"{', '.join(GUARANTEES)}")
@@ -165,8 +170,9 @@ class WorkerSettings:
 
 
 def load_settings(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
-                  *, env_prefix: str | None = ENV_PREFIX) -> WorkerSettings:
-    """Defaults < file (top level or its [serve] table) < HRNN_* env < overrides (None: not given)."""
+                  *, env_prefix: str | None = ENV_PREFIX, serving: bool = True) -> WorkerSettings:
+    """Defaults < file (top level or its [serve] table) < HRNN_* env < overrides (None: not given).
+    serving=False (`hrnn audit`): only `validate_kafka`'s settings are checked, no registry or state needed."""
     file_values: dict[str, Any] = {}
     if config_file:
         raw = read_config_file(config_file)
@@ -174,8 +180,11 @@ def load_settings(config_file: str | Path | None = None, overrides: Mapping[str,
     extra_kafka = dict((overrides or {}).get("kafka") or {})
     rest = {k: v for k, v in (overrides or {}).items() if k != "kafka"}
     settings = load_config(WorkerSettings, file_values=file_values, env_prefix=env_prefix, overrides=rest,
-                           strict_file=True)
+                           strict_file=True, validate=False)
     if extra_kafka:  # flags add to (and override single keys of) the file/env table
         settings.kafka = {**settings.kafka, **_parse_kafka(extra_kafka)}
+    if serving:
         settings.validate()
+    else:
+        settings.validate_kafka()
     return settings

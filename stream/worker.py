@@ -510,6 +510,7 @@ class Worker:
     def _produce_recommendations(self, fresh: list[Incoming], recs: Recommendations) -> None:
         # The hot loop of the worker: one record per event, so no helper calls in it.
         topic, version = self.settings.output_topic, recs.model_version
+        source_topic, source_log = self.settings.input_topic, self._input_log
         produce, on_delivery = self._producer.produce, self._deliveries
         encode, Rec, Item = records.encode_recommendation, records.Recommendation, records.ScoredItem
         observe = self.metrics.event_to_recommendation_seconds.observe
@@ -517,7 +518,8 @@ class Worker:
         for e, items, session_id in zip(fresh, recs.items, recs.session_ids):
             ev = e.event
             value = encode(Rec(ev.user_id, [Item(i, s) for i, s in items], version, session_id or ev.session_id,
-                               ev.event_id, e.partition, e.offset, ev.timestamp_ms, emitted))
+                               ev.event_id, e.partition, e.offset, ev.timestamp_ms, emitted, source_topic,
+                               source_log))
             try:
                 produce(topic, value, ev.user_id, on_delivery=on_delivery)
             except BufferError:
@@ -528,7 +530,7 @@ class Worker:
     def _produce_dead(self, dead: list[tuple[Message, EventError]], result: BatchResult) -> None:
         for msg, exc in dead:
             self._produce(self.settings.dlq_topic, msg.value(), msg.key(), headers=records.dlq_headers(
-                exc.reason, exc.detail, msg.topic(), msg.partition(), msg.offset()))
+                exc.reason, exc.detail, msg.topic(), msg.partition(), msg.offset(), self._input_log))
             self.metrics.dlq_total.labels(reason=exc.reason).inc()
         result.dead_lettered += len(dead)
 

@@ -11,7 +11,7 @@ import pytest
 
 from stream import records
 from stream.audit import SHOWN, Ledger, audit_worker, note_dead_letter, note_input, note_recommendation
-from stream.kafka_clients import Record, admin_client, create_producer
+from stream.kafka_clients import Record, admin_client, create_producer, topic_id
 from stream.records import Recommendation, encode_recommendation
 from stream.topics import TopicSpec, ensure_topics
 from worker_testkit import commit_offsets, settings_for
@@ -20,22 +20,28 @@ HRNN = str(Path(sys.executable).with_name("hrnn"))
 NO_DIR = Path("-")  # settings for a group no worker runs: no registry, no state
 
 
-def _rec(partition: int, offset: int) -> bytes:
+LOG, OTHER_LOG = "01" * 16, "02" * 16  # input topic ids: the audited log, a deleted one of the same name
+
+
+def _rec(partition: int, offset: int, topic: str | None = None, log: str | None = None) -> bytes:
+    """A recommendation answering `partition`@`offset`; without topic and log, as builds before them wrote."""
     return encode_recommendation(Recommendation(user_id="u", items=[], model_version="v", session_id="s",
                                                 event_id="", source_partition=partition, source_offset=offset,
-                                                event_timestamp=0, emitted_at=0))
+                                                event_timestamp=0, emitted_at=0, source_topic=topic,
+                                                source_log=log))
 
 
 def _record(topic: str, partition: int, offset: int, value: bytes | None = b"{}", headers=()) -> Record:
     return Record(topic, partition, offset, b"u", value, None, tuple(headers))
 
 
-def _ledger(ranges: dict[int, tuple[int, int | None]], inputs: list[Record], recs=(), dlq=()) -> tuple[Ledger, int]:
-    ledger, foreign = Ledger(ranges), 0
+def _ledger(ranges: dict[int, tuple[int, int | None]], inputs: list[Record], recs=(), dlq=(),
+            log: str | None = LOG) -> tuple[Ledger, int]:
+    ledger, foreign = Ledger(ranges, "ev", log), 0
     for r in inputs:
-        note_input(ledger, "ev", r)
+        note_input(ledger, r)
     foreign += sum(not note_recommendation(ledger, r) for r in recs)
-    foreign += sum(not note_dead_letter(ledger, "ev", r) for r in dlq)
+    foreign += sum(not note_dead_letter(ledger, r) for r in dlq)
     return ledger, foreign
 
 
@@ -76,6 +82,19 @@ def test_answers_of_other_topics_and_records_that_are_not_answers_are_counted_ap
     assert ledger.partition(1).unanswered == 8 and ledger.partition(1).rekeyed == 0
 
 
+def test_answers_naming_another_topic_or_a_deleted_log_of_the_same_name_answer_nothing():
+    inputs = [_record("ev", 0, o) for o in range(6)]
+    recs = [_record("rec", 0, 0, _rec(0, 0, "ev", LOG)), _record("rec", 0, 1, _rec(0, 1, "ev", OTHER_LOG)),
+            _record("rec", 0, 2, _rec(0, 2, "other", LOG)), _record("rec", 0, 3, _rec(0, 3))]  # 3: older build
+    dlq = [_record("dlq", 0, 0, b"x", records.dlq_headers("bad_json", "d", "ev", 0, 4, LOG)),
+           _record("dlq", 0, 1, b"x", records.dlq_headers("bad_json", "d", "ev", 0, 5, OTHER_LOG))]
+    ledger, foreign = _ledger({0: (0, 6)}, inputs, recs, dlq)
+    got = ledger.partition(0)
+    assert (got.recommended, got.dead_letters, got.first_unanswered, foreign) == (2, 1, [1, 2, 5], 3)
+    ledger, foreign = _ledger({0: (0, 6)}, inputs, recs, dlq, log=None)  # a broker that gives no topic ids
+    assert (ledger.partition(0).first_unanswered, foreign) == ([2], 1)  # the topic still counts
+
+
 @pytest.mark.broker
 def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under_exactly_once(broker, tmp_path):
     settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)  # fresh topics and group; no worker runs
@@ -89,24 +108,26 @@ def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under
                      headers=records.dlq_headers("bad_json", "d", settings.input_topic, 0, 2))
     assert producer.flush(15) == 0
 
-    def audit(*extra: str) -> tuple[int, str, dict]:
+    def audit(*where: str) -> tuple[int, str, dict]:
         out = tmp_path / f"{uuid.uuid4().hex}.json"
-        proc = subprocess.run([HRNN, "audit", "--bootstrap-servers", broker.bootstrap, "--group", settings.group,
-                               "--input-topic", settings.input_topic, "--output-topic", settings.output_topic,
-                               "--idle-s", "1.5", "--json", str(out), *extra],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([HRNN, "audit", "--bootstrap-servers", broker.bootstrap, "--idle-s", "1.5",
+                               "--json", str(out), *where], capture_output=True, text=True, timeout=120)
         return proc.returncode, proc.stdout, json.loads(out.read_text())
 
+    workers_file = tmp_path / "worker.toml"  # the group and topics as the workers' own settings file names them
+    workers_file.write_text(f'[serve]\ngroup = "{settings.group}"\ninput_topic = "{settings.input_topic}"\n'
+                            f'output_topic = "{settings.output_topic}"\nbatch_size = 100\n')
     commit_offsets(settings, {0: 4})  # offsets 0..3 claimed done; 3 has no answer
-    code, stdout, report = audit()
+    code, stdout, report = audit("--group", settings.group, "--input-topic", settings.input_topic,
+                                 "--output-topic", settings.output_topic)
     assert code == 1 and "unanswered offsets: 3" in stdout and "promise BROKEN" in stdout
     assert report["foreign_records"] == 1 and "1 record of" in stdout  # reported, not an answer
     assert report["totals"] == {"records": 4, "recommended": 2, "dead_letters": 1, "rekeyed": 0, "unanswered": 1,
                                 "duplicated": 1}
     commit_offsets(settings, {0: 3})
-    code, stdout, report = audit()
+    code, stdout, report = audit("--config", str(workers_file))
     assert code == 0 and report["kept"] and "promise kept" in stdout
-    code, _, report = audit("--processing-guarantee", "exactly_once")
+    code, _, report = audit("--config", str(workers_file), "--processing-guarantee", "exactly_once")
     assert code == 1 and not report["kept"] and report["totals"]["duplicated"] == 1
 
 
@@ -135,3 +156,26 @@ def test_a_rekeyed_copy_past_its_partitions_committed_offset_still_answers_its_o
     commit_offsets(settings, {0: 1})  # the original is committed, its copy not yet
     report = audit_worker(settings, idle_s=1.5)
     assert report.kept and [(p.records, p.rekeyed) for p in report.partitions] == [(1, 1), (0, 0)]
+
+
+@pytest.mark.broker
+def test_the_answers_of_a_deleted_input_topic_do_not_answer_the_topic_created_again_under_its_name(broker):
+    settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)
+    ev, admin = settings.input_topic, admin_client(broker.bootstrap)
+    ensure_topics(admin, [TopicSpec(ev, 1)])
+    first = topic_id(admin, ev)
+    producer = create_producer(broker.bootstrap)
+    for offset in range(3):  # three records, each answered
+        producer.produce(ev, b"{}", b"u", partition=0)
+        producer.produce(settings.output_topic, _rec(0, offset, ev, first), b"u", partition=0)
+    assert producer.flush(15) == 0
+    # Deleted while no consumer reads it (librdkafka 2.16 crashes on a live deletion on the local broker).
+    admin.delete_topics([ev])[ev].result(timeout=10)
+    ensure_topics(admin, [TopicSpec(ev, 1)])
+    for _ in range(3):  # three new records at the same offsets, none answered
+        producer.produce(ev, b"{}", b"u", partition=0)
+    assert producer.flush(15) == 0
+    commit_offsets(settings, {0: 3})
+    report = audit_worker(settings, idle_s=1.5)
+    assert report.input_log not in (None, first)
+    assert not report.kept and report.partitions[0].first_unanswered == [0, 1, 2] and report.foreign_records == 3

@@ -15,6 +15,7 @@ from model.events import Event, decode_event, encode_event
 from model.inference import Filters
 from stream import records
 from stream.audit import audit_worker
+from stream.kafka_clients import admin_client, topic_id
 from worker_testkit import (make_events, make_registry, offline, produce, records_of, recommendations, running,
                             same_state, settings_for, stored_states)
 
@@ -94,17 +95,24 @@ def test_the_audit_finds_every_committed_input_record_answered_by_its_kind(strea
         "rekeyed": len(streamed["miskeyed"]), "unanswered": 0, "duplicated": 0}
 
 
-def test_recommendation_values_follow_the_output_contract(streamed):
+@pytest.fixture(scope="module")
+def input_log(broker, streamed) -> str:
+    """The input topic's id, as the broker gives it."""
+    return topic_id(admin_client(broker.bootstrap), streamed["settings"].input_topic)
+
+
+def test_recommendation_values_follow_the_output_contract(streamed, input_log):
     keys = {"user_id", "items", "model_version", "session_id", "event_id", "source_partition", "source_offset",
-            "event_timestamp", "emitted_at"}
+            "event_timestamp", "emitted_at", "source_topic", "source_log"}
     for r in streamed["recs"][:50]:
         assert set(r) == keys
+        assert (r["source_topic"], r["source_log"]) == (streamed["settings"].input_topic, input_log)
         assert all(set(i) == {"item_id", "score"} for i in r["items"])
         scores = [i["score"] for i in r["items"]]
         assert scores == sorted(scores, reverse=True)
 
 
-def test_invalid_records_go_to_the_dead_letter_topic_with_reason_and_source(streamed):
+def test_invalid_records_go_to_the_dead_letter_topic_with_reason_and_source(streamed, input_log):
     dlq = streamed["dlq"]
     assert len(dlq) == len(INVALID)
     inputs = {(r.partition, r.offset): r for r in streamed["inputs"]}
@@ -116,6 +124,7 @@ def test_invalid_records_go_to_the_dead_letter_topic_with_reason_and_source(stre
                int(records.header(rec.headers, records.H_SOURCE_OFFSET)))
         assert inputs[src].value == value and src[0] == 0
         assert records.header(rec.headers, records.H_SOURCE_TOPIC) == streamed["settings"].input_topic
+        assert records.header(rec.headers, records.H_SOURCE_LOG) == input_log
     assert streamed["totals"].dead_lettered == len(INVALID)
 
 

@@ -29,15 +29,30 @@ def test_defaults_follow_the_design():
     assert (s.dlq_topic, s.changelog_topic) == ("hrnn.events.dlq", "hrnn-worker.state-changelog")
 
 
-def test_the_shipped_kubernetes_worker_config_loads(tmp_path):
-    # deploy/k8s/config.yaml's worker.toml, as the pod reads it: unknown keys or bad values would fail here
+def shipped_worker_toml(tmp_path: Path) -> Path:
+    """deploy/k8s/config.yaml's worker.toml, as the pods read it."""
     text = (Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "config.yaml").read_text()
     cfg = tmp_path / "worker.toml"
     cfg.write_text(textwrap.dedent(text.split("worker.toml: |\n", 1)[1].split("\n---", 1)[0]))
-    s = load_settings(cfg, {"registry": "/registry", "state_dir": "/state", "bootstrap_servers": "kafka:9092"})
+    return cfg
+
+
+def test_the_shipped_kubernetes_worker_config_loads(tmp_path):
+    # unknown keys or bad values in the shipped file would fail here
+    s = load_settings(shipped_worker_toml(tmp_path), {"registry": "/registry", "state_dir": "/state", "bootstrap_servers": "kafka:9092"})
     s.validate()
     assert (s.processing_guarantee, s.batch_size, s.torch_threads) == ("exactly_once", 500, 2)
     assert s.kafka["security.protocol"] == "SASL_SSL"
+
+
+def test_the_audit_reads_the_workers_settings_without_their_registry_or_state(tmp_path):
+    cfg = shipped_worker_toml(tmp_path)
+    s = load_settings(cfg, {"bootstrap_servers": "kafka:9092"}, serving=False)
+    assert (s.group, s.processing_guarantee, s.kafka["security.protocol"]) == ("hrnn-worker", "exactly_once", "SASL_SSL")
+    with pytest.raises(ConfigError, match="--registry"):
+        load_settings(cfg, {"bootstrap_servers": "kafka:9092"})  # serving needs them
+    with pytest.raises(ConfigError, match="must differ"):
+        load_settings(cfg, {"output_topic": "hrnn.events"}, serving=False)
 
 
 def test_flags_beat_environment_which_beats_the_file(tmp_path, monkeypatch):
