@@ -12,6 +12,10 @@ its id (where the broker gives one), so an output topic shared with another inpu
 the input topic was deleted and created again (offsets from 0 again, another id), answers nothing of
 this log. Answers written by builds before those fields name only partition and offset and are taken
 to be this log's.
+
+A window (`since_ms`) keeps a periodic audit's cost to what came in lately rather than to the whole
+retention: it audits the committed input records of that time on (by their Kafka timestamps) and reads
+the answers from shortly before it, since an answer is written after its input record.
 """
 from __future__ import annotations
 
@@ -24,13 +28,17 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from stream import records
 from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, admin_client, consumer_config,
-                                  error_detail, scan, topic_id, topic_partitions, watermarks)
+                                  error_detail, first_offsets_since, scan, topic_id, topic_partitions,
+                                  watermarks)
 from stream.settings import WorkerSettings
 
 SHOWN = 20  # unanswered offsets listed per partition; the count is always complete
 # One byte of flags per audited offset, so a log of any length costs a byte per record, not a record.
 SEEN, RECOMMENDED, TWICE, DEAD, REKEYED = 1, 2, 4, 8, 16
 ANSWERED = RECOMMENDED | DEAD | REKEYED
+# An answer is written after its input record was read; a window's answers are looked for from this much
+# before the window's start, for the clocks of the events' producers and of the workers to disagree.
+ANSWER_SKEW_MS = 15 * 60_000
 
 
 @dataclass
@@ -55,6 +63,7 @@ class AuditReport:
     exactly_once: bool
     partitions: list[PartitionAudit]
     input_log: str | None = None  # the input topic's id, where the broker gives one
+    since_ms: int | None = None  # only input records of this time on (their Kafka timestamps) were audited
     foreign_records: int = 0  # output and dead-letter records that name no record of the input log
 
     def total(self, name: str) -> int:
@@ -166,20 +175,24 @@ def committed_offsets(bootstrap: str, group: str, topic: str, extra: ClientSetti
 
 
 def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str, group: str,
-          exactly_once: bool = False, extra: ClientSettings | None = None, idle_s: float = 2.0,
-          timeout_s: float = 600.0, progress: Callable[[str], None] = lambda _: None) -> AuditReport:
-    """Audit the group's committed input against the output, dead-letter and input topics."""
+          exactly_once: bool = False, extra: ClientSettings | None = None, since_ms: int | None = None,
+          idle_s: float = 2.0, timeout_s: float = 600.0,
+          progress: Callable[[str], None] = lambda _: None) -> AuditReport:
+    """Audit the group's committed input against the output, dead-letter and input topics; with
+    `since_ms`, only the input records of that time on (Kafka timestamps, epoch ms)."""
     committed = committed_offsets(bootstrap, group, input_topic, extra)  # first: see the module docstring
     # Answers to committed records were written before the commit: they lie below the ends read now
     # (a re-keyed copy too, which may lie past its own partition's committed offset).
     marks = {t: watermarks(bootstrap, t, extra) for t in (input_topic, output_topic, dlq_topic)}
-    ends = {t: {p: end for p, (_, end) in m.items()} for t, m in marks.items()}
-    ranges = {p: (marks[input_topic].get(p, (0, 0))[0], c) for p, c in committed.items()}
+    bounds = _scan_bounds(bootstrap, marks, input_topic, since_ms, extra)
+    begin = {t: {p: first for p, (first, _) in b.items()} for t, b in bounds.items()}
+    ends = {t: {p: end for p, (_, end) in b.items()} for t, b in bounds.items()}
+    ranges = {p: (begin[input_topic].get(p, 0), c) for p, c in committed.items()}
     progress("audited offsets [start, committed) per partition: "
              + ", ".join(f"{p}: [{s}, {'-' if c is None else c})" for p, (s, c) in sorted(ranges.items())))
     ledger, foreign = Ledger(ranges, input_topic, topic_id(admin_client(bootstrap, extra), input_topic)), 0
 
-    def read(topic: str, until: dict[int, int], note: Callable[[Record], bool | None]) -> None:
+    def read(topic: str, note: Callable[[Record], bool | None]) -> None:
         nonlocal foreign
         n = 0
 
@@ -188,16 +201,29 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
             n += 1
             foreign += note(r) is False
 
-        if not scan(bootstrap, topic, visit, until=until, idle_s=idle_s, timeout_s=timeout_s, extra=extra):
+        if not scan(bootstrap, topic, visit, until=ends[topic], start=begin[topic], idle_s=idle_s,
+                    timeout_s=timeout_s, extra=extra):
             raise KafkaClientError(f"reading {topic!r} took longer than {timeout_s:g} s ({n} records read): give "
                                    "the audit a longer --timeout-s")
         progress(f"read {n} records of {topic!r}")
 
-    read(input_topic, ends[input_topic], lambda r: note_input(ledger, r))
-    read(output_topic, ends[output_topic], lambda r: note_recommendation(ledger, r))
-    read(dlq_topic, ends[dlq_topic], lambda r: note_dead_letter(ledger, r))
+    read(input_topic, lambda r: note_input(ledger, r))
+    read(output_topic, lambda r: note_recommendation(ledger, r))
+    read(dlq_topic, lambda r: note_dead_letter(ledger, r))
     parts = [ledger.partition(p) for p in sorted(ranges)]
-    return AuditReport(input_topic, output_topic, group, exactly_once, parts, ledger.log, foreign)
+    return AuditReport(input_topic, output_topic, group, exactly_once, parts, input_log=ledger.log,
+                       since_ms=since_ms, foreign_records=foreign)
+
+
+def _scan_bounds(bootstrap: str, marks: dict[str, dict[int, tuple[int, int]]], input_topic: str,
+                 since_ms: int | None, extra: ClientSettings | None) -> dict[str, dict[int, tuple[int, int]]]:
+    """Each topic's (first, end) offsets to scan per partition: the whole log; with `since_ms`, from the
+    first input record of that time on, and the answers from ANSWER_SKEW_MS before it (a re-keyed copy
+    comes after its original)."""
+    if since_ms is None:
+        return marks
+    return {t: first_offsets_since(bootstrap, t, since_ms - (0 if t == input_topic else ANSWER_SKEW_MS), m, extra)
+            for t, m in marks.items()}
 
 
 def audit_worker(settings: WorkerSettings, **kwargs) -> AuditReport:

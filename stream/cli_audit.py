@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -30,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--output-topic", help=f"default {WorkerSettings.output_topic}")
     a("--processing-guarantee", choices=GUARANTEES,
       help="the workers' guarantee: exactly_once also fails on duplicated recommendations")
+    a("--since-s", type=float, help="audit only the input records of the last S seconds (by their Kafka "
+      "timestamps); default: all the input topic retains")
     a("--idle-s", type=float, default=2.0, help="a topic is read up to its end offsets as the audit starts, or "
       "until no record came for S seconds (default 2)")
     a("--timeout-s", type=float, default=600.0, help="give up reading a topic after S seconds")
@@ -39,8 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--kafka-config-file", help="client.properties file with librdkafka settings")
 
 
-def _with_id(report: AuditReport) -> str:
-    return f" (topic id {report.input_log})" if report.input_log else ""
+def _log_of(report: AuditReport) -> str:
+    return f"{report.input_topic!r}{f' (topic id {report.input_log})' if report.input_log else ''}"
+
+
+def _since(report: AuditReport) -> str:
+    if report.since_ms is None:
+        return ""
+    return f" since {datetime.fromtimestamp(report.since_ms / 1000, timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _print(report: AuditReport, out: TextIO = sys.stdout) -> None:
@@ -53,14 +63,14 @@ def _print(report: AuditReport, out: TextIO = sys.stdout) -> None:
         if p.first_unanswered:
             print(f"          unanswered offsets: {', '.join(map(str, p.first_unanswered))}"
                   f"{' ...' if p.unanswered > len(p.first_unanswered) else ''}", file=out)
-    audited = f"{report.input_topic!r}{_with_id(report)}"
     if report.foreign_records:
         n = report.foreign_records
         print(f"{n} record{'s' * (n != 1)} of {report.output_topic!r} or its DLQ name{'s' * (n == 1)} no record of "
-              f"{audited} (not a recommendation, or the answer to another topic or to a deleted log of this name)",
-              file=out)
+              f"{_log_of(report)} (not a recommendation, or the answer to another topic or to a deleted log of "
+              "this name)", file=out)
     guarantee = "exactly_once" if report.exactly_once else "at_least_once"
-    print(f"{report.total('records')} committed input records of {audited} (group {report.group!r}): "
+    print(f"{report.total('records')} committed input records of {_log_of(report)}{_since(report)} "
+          f"(group {report.group!r}): "
           f"{report.total('unanswered')} unanswered, {report.total('duplicated')} with more than one recommendation "
           f"({'not allowed' if report.exactly_once else 'allowed'} under {guarantee}): "
           f"promise {'kept' if report.kept else 'BROKEN'}", file=out)
@@ -71,10 +81,12 @@ def run(args: argparse.Namespace) -> int:
     from stream.cli_serve import overrides_from
     from stream.settings import load_settings
 
-    if args.idle_s <= 0 or args.timeout_s <= 0:
-        raise ConfigError(f"--idle-s and --timeout-s must be > 0 seconds, got {args.idle_s:g} and {args.timeout_s:g}")
+    if args.idle_s <= 0 or args.timeout_s <= 0 or (args.since_s is not None and args.since_s <= 0):
+        raise ConfigError(f"--idle-s, --timeout-s and --since-s must be > 0 seconds, got {args.idle_s:g}, "
+                          f"{args.timeout_s:g} and {args.since_s}")
     settings = load_settings(args.config, overrides_from(args), serving=False)
-    report = audit_worker(settings, idle_s=args.idle_s, timeout_s=args.timeout_s,
+    since_ms = None if args.since_s is None else int((time.time() - args.since_s) * 1000)
+    report = audit_worker(settings, since_ms=since_ms, idle_s=args.idle_s, timeout_s=args.timeout_s,
                           progress=lambda line: print(f"hrnn audit: {line}", file=sys.stderr))
     _print(report)
     if args.json:

@@ -255,26 +255,28 @@ def wait_for_partitions(client: Consumer | AdminClient, topic: str, deadline: fl
         time.sleep(0.1)  # polling the metadata: the topic is created by another process
 
 
-def _consume_from_beginning(bootstrap: str, topic: str, visit: Callable[[Record], None], *, stop_after: int | None,
-                            idle_s: float, timeout_s: float, extra: ClientSettings | None,
-                            until: Mapping[int, int] | None = None) -> bool:
-    """Hand every record of `topic`, from offset 0 of every partition, to `visit`. Returns whether it
-    finished: the topic went idle for `idle_s` (or `stop_after` records were read, or every partition of
-    `until` reached its offset: then only those partitions are read) before the deadline."""
-    if until is not None and not any(end > 0 for end in until.values()):
+def _consume(bootstrap: str, topic: str, visit: Callable[[Record], None], *, stop_after: int | None,
+             idle_s: float, timeout_s: float, extra: ClientSettings | None,
+             until: Mapping[int, int] | None = None, start: Mapping[int, int] | None = None) -> bool:
+    """Hand every record of `topic`, from the beginning of every partition (or its offset in `start`), to
+    `visit`. Returns whether it finished: the topic went idle for `idle_s` (or `stop_after` records were
+    read, or every partition of `until` reached its offset: then only those partitions are read) before
+    the deadline."""
+    starts = start or {}
+    if until is not None and not any(end > starts.get(p, 0) for p, end in until.items()):
         return True  # nothing to read: no need to wait for the topic
-    start = time.monotonic()
-    deadline = start + timeout_s
+    began = time.monotonic()
+    deadline = began + timeout_s
     # read_all means "what is there now": a topic still missing after idle_s counts as empty.
-    topic_deadline = deadline if stop_after is not None else min(deadline, start + idle_s)
+    topic_deadline = deadline if stop_after is not None else min(deadline, began + idle_s)
     consumer = reader_consumer(bootstrap, extra)
     try:
         partitions = wait_for_partitions(consumer, topic, topic_deadline)
         if until is not None:
-            partitions = [p for p in partitions if until.get(p, 0) > 0]
+            partitions = [p for p in partitions if until.get(p, 0) > starts.get(p, 0)]
         if not partitions:
             return stop_after is None
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        consumer.assign([TopicPartition(topic, p, starts.get(p, OFFSET_BEGINNING)) for p in partitions])
         short = {p: until[p] for p in partitions} if until is not None else {}  # partitions not at their offset
         n = 0
 
@@ -326,13 +328,82 @@ def read_all(bootstrap: str, topic: str, *, idle_s: float = 1.0, timeout_s: floa
 
 
 def scan(bootstrap: str, topic: str, visit: Callable[[Record], None], *, until: Mapping[int, int] | None = None,
-         idle_s: float = 1.0, timeout_s: float = 60.0, extra: ClientSettings | None = None) -> bool:
+         start: Mapping[int, int] | None = None, idle_s: float = 1.0, timeout_s: float = 60.0,
+         extra: ClientSettings | None = None) -> bool:
     """read_all for a topic too long to hold: each record goes to `visit`, none is kept. With `until`
     (partition -> offset), only those partitions, each up to that offset: a topic still written to
-    ends there, not when it goes idle (which also ends the scan). Returns False if it was still
-    delivering at `timeout_s`."""
-    return _consume_from_beginning(bootstrap, topic, visit, stop_after=None, idle_s=idle_s, timeout_s=timeout_s,
-                                   extra=extra, until=until)
+    ends there, not when it goes idle (which also ends the scan); with `start`, from those offsets.
+    Returns False if it was still delivering at `timeout_s`."""
+    return _consume(bootstrap, topic, visit, stop_after=None, idle_s=idle_s, timeout_s=timeout_s, extra=extra,
+                    until=until, start=start)
+
+
+def first_offsets_since(bootstrap: str, topic: str, since_ms: int, bounds: Mapping[int, tuple[int, int]],
+                        extra: ClientSettings | None = None, wait_s: float = 5.0) -> dict[int, tuple[int, int]]:
+    """Per partition of `bounds` (partition -> (first, end) offsets, as `watermarks` gives them): the first
+    offset whose record's timestamp is at least `since_ms` (the end where none is), and the end, read again
+    from the records (the local broker reports the last batch's base offset + 1, short of the batch).
+
+    Found by bisection over the records themselves, so it needs only fetches: a broker's lookup by time
+    (ListOffsets) is missing on some (the local broker answers offset 0 for every time). Exact where a
+    partition's timestamps do not decrease, as a broker's time index is; a record with an earlier timestamp
+    among later ones only moves the answer past it."""
+    # Each probe re-assigns, which waits out the fetch in flight: keep fetches short (500 ms each otherwise).
+    consumer = reader_consumer(bootstrap, {**(extra or {}), "enable.partition.eof": "true", "fetch.wait.max.ms": "10"})
+    out = {}
+    try:
+        for p, (lo, hi) in bounds.items():
+            end = _end_from(consumer, topic, p, lo, hi, wait_s)
+            out[p] = (_bisect_time(consumer, topic, p, lo, end, since_ms, wait_s), end)
+        return out
+    finally:
+        consumer.close()
+
+
+def _end_from(consumer: Consumer, topic: str, partition: int, lo: int, hi: int, wait_s: float) -> int:
+    """The partition's end: `hi`, or past it the end of the records read from offset hi - 1 on."""
+    end = hi
+    msg = _first_record_from(consumer, topic, partition, hi - 1, wait_s) if hi > lo else None
+    while msg is not None:
+        end = max(end, msg.offset() + 1)
+        msg = _next_record(consumer, topic, wait_s)
+    return end
+
+
+def _bisect_time(consumer: Consumer, topic: str, partition: int, lo: int, hi: int, since_ms: int,
+                 wait_s: float) -> int:
+    while lo < hi:
+        mid = (lo + hi) // 2
+        msg = _first_record_from(consumer, topic, partition, mid, wait_s)
+        if msg is None or msg.offset() >= hi or msg.timestamp()[1] >= since_ms:
+            hi = mid  # offsets mid..msg's hold no record: starting at mid is starting at msg
+        else:
+            lo = msg.offset() + 1
+    return lo
+
+
+def _first_record_from(consumer: Consumer, topic: str, partition: int, offset: int, wait_s: float) -> Message | None:
+    """The first record at or after `offset`; None at the partition's end."""
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    return _next_record(consumer, topic, wait_s)
+
+
+def _next_record(consumer: Consumer, topic: str, wait_s: float) -> Message | None:
+    """The assigned partition's next record; None at its end (or none within `wait_s`: the last offsets
+    of a partition can hold transaction markers, no record)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        msg = consumer.poll(0.1)
+        if msg is None:
+            continue
+        err = msg.error()
+        if err is None:
+            return msg
+        if err.code() == KafkaError._PARTITION_EOF:
+            return None
+        if err.fatal():
+            raise KafkaClientError(f"reading {topic!r} failed: {err.str()}")
+    return None
 
 
 def watermarks(bootstrap: str, topic: str, extra: ClientSettings | None = None,
@@ -354,7 +425,7 @@ def wait_for_count(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0, 
     """Read `topic` from the beginning until at least `n` records arrived (returns all read so
     far, possibly more than n); raises WaitTimeout with the partial list at the deadline."""
     records: list[Record] = []
-    if not _consume_from_beginning(bootstrap, topic, records.append, stop_after=n, idle_s=0.0, timeout_s=timeout_s,
+    if not _consume(bootstrap, topic, records.append, stop_after=n, idle_s=0.0, timeout_s=timeout_s,
                                    extra=extra):
         raise WaitTimeout(topic, n, records, timeout_s)
     return records

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under
 
 def test_the_command_refuses_a_non_positive_idle_time():
     proc = subprocess.run([HRNN, "audit", "--idle-s", "0"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--idle-s and --timeout-s must be > 0" in proc.stderr
+    assert proc.returncode == 2 and "--idle-s, --timeout-s and --since-s must be > 0" in proc.stderr
 
 
 @pytest.mark.broker
@@ -179,3 +180,28 @@ def test_the_answers_of_a_deleted_input_topic_do_not_answer_the_topic_created_ag
     report = audit_worker(settings, idle_s=1.5)
     assert report.input_log not in (None, first)
     assert not report.kept and report.partitions[0].first_unanswered == [0, 1, 2] and report.foreign_records == 3
+
+
+@pytest.mark.broker
+def test_a_window_audits_only_the_input_records_of_its_time(broker, tmp_path):
+    settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)
+    ev, now_ms = settings.input_topic, int(time.time() * 1000)
+    producer = create_producer(broker.bootstrap)
+    for _ in range(4):  # three hours old and never answered
+        producer.produce(ev, b"{}", b"u", partition=0, timestamp=now_ms - 3 * 3_600_000)
+    assert producer.flush(15) == 0
+    for offset in range(4, 8):  # recent, each answered
+        producer.produce(ev, b"{}", b"u", partition=0)
+        producer.produce(settings.output_topic, _rec(0, offset), b"u", partition=0)
+    assert producer.flush(15) == 0
+    commit_offsets(settings, {0: 8})
+    whole = audit_worker(settings, idle_s=1.5)
+    assert not whole.kept and whole.partitions[0].first_unanswered == [0, 1, 2, 3]
+    out = tmp_path / "report.json"
+    proc = subprocess.run([HRNN, "audit", "--bootstrap-servers", broker.bootstrap, "--group", settings.group,
+                           "--input-topic", ev, "--output-topic", settings.output_topic, "--since-s", "3600",
+                           "--idle-s", "1.5", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    report = json.loads(out.read_text())
+    assert proc.returncode == 0 and "since" in proc.stdout and "promise kept" in proc.stdout
+    assert (report["partitions"][0]["start"], report["totals"]["records"], report["totals"]["recommended"]) == (4, 4, 4)
+    assert now_ms - 3_700_000 < report["since_ms"] < time.time() * 1000 - 3_500_000
