@@ -41,17 +41,15 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from stream.audit import AuditReport, audit  # noqa: E402
 from stream.broker import LocalBroker  # noqa: E402
 from stream.kafka_clients import admin_client, consumer_config, producer_config, topic_id  # noqa: E402
-from stream.topics import TopicSpec, ensure_topics  # noqa: E402
 from stream.records import Recommendation, encode_recommendation  # noqa: E402
+from stream.topics import TopicSpec, ensure_topics  # noqa: E402
 
 CONSUMER = {"session.timeout.ms": "6000", "fetch.wait.max.ms": "10"}
+SPAN_MS = 10 * 3_600_000  # the input's timestamps cover this much time, up to the bench's start
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-SPAN_MS = 10 * 3_600_000  # the input's timestamps cover this much time, up to the bench's start
 
 
 def _send(producer: Producer, topic: str, value: bytes, ts_ms: int, partition: int | None = None) -> None:
