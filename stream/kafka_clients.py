@@ -289,8 +289,8 @@ def _consume(bootstrap: str, topic: str, visit: Callable[[Record], None], *, sto
                     n += 1
                     if msg.partition() in short and short[msg.partition()] <= msg.offset() + 1:
                         del short[msg.partition()]
-                elif err.code() != KafkaError._PARTITION_EOF and err.fatal():
-                    raise KafkaClientError(f"reading {topic!r} failed: {err.str()}")
+                else:
+                    raise_if_fatal(topic, err)
 
         last_data = time.monotonic()
         # The high watermark cannot tell us we are caught up on Tansu (it is the base offset of the
@@ -401,9 +401,14 @@ def _next_record(consumer: Consumer, topic: str, wait_s: float) -> Message | Non
             return msg
         if err.code() == KafkaError._PARTITION_EOF:
             return None
-        if err.fatal():
-            raise KafkaClientError(f"reading {topic!r} failed: {err.str()}")
+        raise_if_fatal(topic, err)
     return None
+
+
+def raise_if_fatal(topic: str, err: KafkaError) -> None:
+    """Partition ends and transient errors are librdkafka's to report and retry; a fatal one ends the read."""
+    if err.code() != KafkaError._PARTITION_EOF and err.fatal():
+        raise KafkaClientError(f"reading {topic!r} failed: {err.str()}")
 
 
 def watermarks(bootstrap: str, topic: str, extra: ClientSettings | None = None,
@@ -426,6 +431,6 @@ def wait_for_count(bootstrap: str, topic: str, n: int, timeout_s: float = 60.0, 
     far, possibly more than n); raises WaitTimeout with the partial list at the deadline."""
     records: list[Record] = []
     if not _consume(bootstrap, topic, records.append, stop_after=n, idle_s=0.0, timeout_s=timeout_s,
-                                   extra=extra):
+                    extra=extra):
         raise WaitTimeout(topic, n, records, timeout_s)
     return records

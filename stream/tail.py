@@ -10,9 +10,9 @@ import time
 from typing import TextIO
 
 import msgspec
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
-from stream.kafka_clients import ClientSettings, KafkaClientError, reader_consumer, wait_for_partitions
+from stream.kafka_clients import ClientSettings, raise_if_fatal, reader_consumer, wait_for_partitions
 from stream.records import Recommendation, decode_recommendation
 
 _DAY_MS = 86_400_000
@@ -70,8 +70,7 @@ def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning
                 continue
             err = msg.error()
             if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF and err.fatal():
-                    raise KafkaClientError(f"reading {topic!r} failed: {err.str()}")
+                raise_if_fatal(topic, err)
                 continue
             if msg.partition() in skipping:
                 ts_type, ts = msg.timestamp()
