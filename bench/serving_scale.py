@@ -2,7 +2,7 @@
 
     python bench/serving_scale.py [--devices auto] [--items 20000,200000] [--batches 1,16,128,1024]
                                   [--hidden 128] [--seconds 2] [--threads 0] [--stored]
-                                  [--png /tmp/serving_scale.png]
+                                  [--unavailable 0,0.05] [--png /tmp/serving_scale.png]
 
 What the worker's scoring step costs: `Recommender.recommend` over a batch of events of distinct
 users (as the worker batches them), each user with a stored state whose last-H window is full
@@ -17,7 +17,9 @@ Per device ("auto": the CPU, and CUDA where present), catalogue size and batch s
   ms_p50, ms_p99 seconds per call (recommend returns lists, so a GPU call is synchronised)
 The process's cycle collector is tuned as `hrnn serve` tunes it (stream.worker.tune_process_gc).
 With --stored, each call also decodes the users' stored states and encodes the new ones, as a worker
-batch does around RocksDB. Every batch size starts from the same warm states.
+batch does around RocksDB. Every batch size starts from the same warm states. --unavailable takes shares
+of the catalogue to take off sale (random items, left out of every list as the worker leaves out the items
+of the availability topic); each share is timed at every point, one after the other.
 Calls repeat for --seconds (at least 5) after one untimed warm-up call. A catalogue's version is
 built once and moved to each device; its parameters' size is reported (model_mb).
 """
@@ -47,6 +49,13 @@ def log(*args) -> None:
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _shares(text: str) -> list[float]:
+    shares = [float(x) for x in text.split(",") if x.strip()]
+    if not shares or not all(0 <= x < 1 for x in shares):
+        raise argparse.ArgumentTypeError(f"shares must lie in [0, 1), got {text!r}")
+    return shares
 
 
 def recommender(n_items: int, hidden: int, device: str):
@@ -82,20 +91,22 @@ def warm_states(rec, users: list[str], rng: np.random.Generator) -> dict:
 
 
 def time_batches(rec, states: dict, batch: int, seconds: float, rng: np.random.Generator,
-                 stored: bool = False) -> list[float]:
+                 stored: bool = False, off_sale: frozenset[str] = frozenset()) -> list[float]:
     """Seconds per recommend call; with `stored`, each call also decodes its users' states from their
     stored bytes and encodes the new ones, as a worker batch does around RocksDB."""
-    from model.inference import StepInput
+    from model.inference import Filters, StepInput
     from model.state import decode_state, encode_state
 
     users, n, clock = list(states)[:batch], len(rec.item_ids), BASE_MS + HISTORY * 60_000
     held = {u: encode_state(states[u]) if stored else states[u] for u in users}
     times: list[float] = []
+    filters = Filters(unavailable_items=off_sale)
     for call in range(10_000):
         clock += 60_000
         events = [StepInput(u, rec.item_ids[int(rng.integers(n))], "click", clock) for u in users]
         t0 = time.perf_counter()
-        out = rec.recommend({u: decode_state(held[u]) if stored else held[u] for u in users}, events, k=25)
+        out = rec.recommend({u: decode_state(held[u]) if stored else held[u] for u in users}, events, k=25,
+                            filters=filters)
         held = {u: encode_state(s) if stored else s for u, s in out.states.items()}
         dt = time.perf_counter() - t0
         if call:  # the first call is a warm-up (allocator, kernels)
@@ -113,9 +124,10 @@ def plot(rows: list[dict], path: Path) -> Path:
     from model.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for (device, items), group in _groups(rows).items():
+    for (device, items, off), group in _groups(rows).items():
         ax.plot([r["batch"] for r in group], [r["events_per_s"] for r in group], marker="o",
-                ls="-" if device.startswith("cuda") else "--", label=f"{device}, {items:,} items")
+                ls="-" if device.startswith("cuda") else "--",
+                label=f"{device}, {items:,} items" + (f", {off:.0%} off sale" if off else ""))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("events per batch (distinct users)")
@@ -126,10 +138,10 @@ def plot(rows: list[dict], path: Path) -> Path:
     return save_figure(fig, path, dpi=120)
 
 
-def _groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
-    out: dict[tuple[str, int], list[dict]] = {}
+def _groups(rows: list[dict]) -> dict[tuple[str, int, float], list[dict]]:
+    out: dict[tuple[str, int, float], list[dict]] = {}
     for r in rows:
-        out.setdefault((r["device"], r["items"]), []).append(r)
+        out.setdefault((r["device"], r["items"], r["unavailable"]), []).append(r)
     return out
 
 
@@ -143,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--stored", action="store_true",
                     help="each call also decodes and encodes its users' states (a worker batch less RocksDB, Kafka)")
+    ap.add_argument("--unavailable", type=_shares, default=[0.0],
+                    help="shares of the catalogue off sale, comma list in [0, 1) (default 0)")
     ap.add_argument("--png", default="/tmp/serving_scale.png")
     args = ap.parse_args(argv)
 
@@ -168,14 +182,17 @@ def main(argv: list[str] | None = None) -> int:
             tune_process_gc(gc_threshold)  # freezes the version and states built so far
             label = device_label(device)
             for batch in args.batches:
-                times = time_batches(rec, states, batch, args.seconds, rng, args.stored)
-                med = float(np.median(times))
-                rows.append({"device": label, "items": n_items, "batch": batch, "calls": len(times),
-                             "events_per_s": round(batch / med, 1), "ms_p50": round(med * 1000, 2),
-                             "ms_p99": round(float(np.percentile(times, 99)) * 1000, 2),
-                             "model_mb": round(model_mb, 1)})
-                log(f"{label:>28} {n_items:>9,} items  batch {batch:>5}: {batch / med:>11,.0f} events/s "
-                    f"({med * 1000:.2f} ms per call)")
+                for share in args.unavailable:
+                    off_sale = frozenset(rng.choice(rec.item_ids, int(share * n_items), replace=False).tolist())
+                    times = time_batches(rec, states, batch, args.seconds, rng, args.stored, off_sale)
+                    med = float(np.median(times))
+                    rows.append({"device": label, "items": n_items, "batch": batch, "unavailable": share,
+                                 "calls": len(times), "events_per_s": round(batch / med, 1),
+                                 "ms_p50": round(med * 1000, 2),
+                                 "ms_p99": round(float(np.percentile(times, 99)) * 1000, 2),
+                                 "model_mb": round(model_mb, 1)})
+                    log(f"{label:>28} {n_items:>9,} items  batch {batch:>5}, {share:.0%} off sale: "
+                        f"{batch / med:>11,.0f} events/s ({med * 1000:.2f} ms per call)")
             del rec, states
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()

@@ -102,12 +102,14 @@ class StepInput:
 
 @dataclass(frozen=True)
 class Filters:
-    """Serving-time exclusions, drawn from the user's stored last-H events (evaluation never filters)."""
+    """Serving-time exclusions (evaluation never filters): items of the user's stored last-H events
+    by type or session, and items no one is to be recommended now (off sale)."""
 
     exclude_purchased: bool = True
     purchase_types: tuple[str, ...] = ("purchase",)
     exclude_session_items: bool = False
     exclude_event_types: tuple[str, ...] = ()
+    unavailable_items: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -165,6 +167,7 @@ class Recommender:
         self.type_slot = {t: int(type_slots(np.array([i]))[0]) for i, t in enumerate(loaded.event_types)}
         # Filled by prebuild() before this version serves; the worker thread takes entries out after.
         self.prebuilt: dict[str, Prebuilt] = {}
+        self._unavailable: tuple[frozenset[str], torch.Tensor | None] = (frozenset(), None)
 
     @classmethod
     def load(cls, version_dir: str | Path, device: str = "auto") -> "Recommender":
@@ -306,7 +309,7 @@ class Recommender:
 
     @torch.inference_mode()
     def recommend(self, states: Mapping[str, UserState | None], events: Sequence[StepInput], *, k: int = 25,
-                  filters: Filters = Filters()) -> Recommendations:
+                  filters: Filters | None = Filters()) -> Recommendations:
         k = max(1, min(k, MAX_K, len(self.item_ids)))
         adv = self.advance(states, events, filters)
         scores = adv.scores
@@ -314,12 +317,24 @@ class Recommender:
         cols = [c for ex in adv.excluded for c in ex]
         if rows:
             scores[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)] = -torch.inf
+        off_sale = None if filters is None else self._unavailable_columns(filters.unavailable_items)
+        if off_sale is not None:  # index_fill_ writes only those columns (a mask would rewrite every score)
+            scores.index_fill_(1, off_sale, -torch.inf)
         top_s, top_i = torch.topk(scores, k, dim=1) if len(events) else (scores, scores.long())
         top_s, top_i = top_s.cpu().tolist(), top_i.cpu().tolist()
         items = [[(self.item_ids[j], s) for j, s in zip(ji, si) if s != -np.inf] for ji, si in zip(top_i, top_s)]
         return Recommendations(adv.states, items, adv.new_session, adv.known, adv.session_ids, adv.rebuilt_users,
                                self.version)
 
+    def _unavailable_columns(self, items: frozenset[str]) -> torch.Tensor | None:
+        """The catalogue columns of `items`; rebuilt only for another set object, as the set of items
+        off sale is replaced, never changed in place, when it changes."""
+        key, cols = self._unavailable
+        if items is not key:
+            known = sorted(self.index[i] for i in items if i in self.index)
+            cols = torch.tensor(known, dtype=torch.long, device=self.device) if known else None
+            self._unavailable = (items, cols)
+        return cols
 
 def _waves(events: Sequence[StepInput]) -> list[list[int]]:
     """Split event indices so each user appears at most once per wave, keeping per-user order."""

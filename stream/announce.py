@@ -5,9 +5,7 @@ The topic is compacted with one partition; the key is the registry id, the value
 every registry, so a process starting later reads the whole (small) topic from the beginning
 and knows which version to serve; no consumer group is involved.
 
-"Caught up" needs care on Tansu: its high watermark is the base offset of the last record
-batch + 1, not the log end. A reader is caught up once it holds a record at or past
-(high watermark - 1) and a consume then comes back empty, or when the topic has no records.
+Reading the topic whole and then following it is stream/compacted.py's.
 """
 from __future__ import annotations
 
@@ -20,16 +18,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
-
 from model.errors import HRNNError
-from stream.kafka_clients import ClientSettings, admin_client, create_producer, reader_consumer
-from stream.topics import MODEL_UPDATES_TOPIC, TopicSpec, ensure_topics
+from stream.compacted import CompactedTopicReader, ensure_table_topic
+from stream.kafka_clients import ClientSettings, create_producer, produce_acknowledged
+from stream.topics import MODEL_UPDATES_TOPIC
 
 log = logging.getLogger(__name__)
 
 REASONS = ("retrain", "promote")
-CATCH_UP_IDLE_S = 10.0  # fetches empty this long below the watermark: the watermark's record is gone
 
 
 class AnnouncementError(HRNNError):
@@ -70,32 +66,19 @@ def registry_id_for(version_path: str | Path) -> str:
     return str(Path(version_path).resolve().parent)
 
 
-def updates_topic_spec(topic: str = MODEL_UPDATES_TOPIC) -> TopicSpec:
-    return TopicSpec(topic, 1, compacted=True)
-
-
-def ensure_updates_topic(bootstrap: str, topic: str = MODEL_UPDATES_TOPIC, *,
-                         extra: ClientSettings | None = None, timeout_s: float = 30.0) -> None:
-    ensure_topics(admin_client(bootstrap, extra), [updates_topic_spec(topic)], timeout_s=timeout_s)
-
-
 def announce(bootstrap: str, topic: str, version: str, path: str | Path, *, reason: str = "promote",
              registry_id: str | None = None, extra: ClientSettings | None = None,
              timeout_s: float = 30.0) -> Announcement:
     """Publish that `version` (at `path`) is the one to serve; returns what was sent once it is acknowledged."""
     if reason not in REASONS:
         raise AnnouncementError(f"reason must be one of {', '.join(REASONS)}, got {reason!r}")
-    ensure_updates_topic(bootstrap, topic, extra=extra, timeout_s=timeout_s)
+    ensure_table_topic(bootstrap, topic, extra=extra, timeout_s=timeout_s)
     ann = Announcement(version, str(Path(path).resolve()), datetime.now(timezone.utc).isoformat(), reason,
                        registry_id or registry_id_for(path))
-    errors: list[KafkaError] = []
-    producer = create_producer(bootstrap, extra)
-    producer.produce(topic, key=ann.registry_id.encode(), value=ann.value(), partition=0,
-                     on_delivery=lambda err, _msg: errors.append(err) if err is not None else None)
-    left = producer.flush(timeout_s)
-    if left or errors:
-        detail = errors[0].str() if errors else f"not acknowledged within {timeout_s:g} s"
-        raise AnnouncementError(f"announcing {version} on {topic!r} failed: {detail}")
+    failure = produce_acknowledged(create_producer(bootstrap, extra), topic,
+                                   [(ann.registry_id.encode(), ann.value())], timeout_s=timeout_s)
+    if failure:
+        raise AnnouncementError(f"announcing {version} on {topic!r} failed: {failure}")
     log.info("model version announced", extra={"version": version, "path": ann.path, "reason": reason,
                                                 "registry_id": ann.registry_id, "topic": topic})
     return ann
@@ -104,7 +87,7 @@ def announce(bootstrap: str, topic: str, version: str, path: str | Path, *, reas
 Callback = Callable[[Announcement], None]
 
 
-class AnnouncementWatcher:
+class AnnouncementWatcher(CompactedTopicReader):
     """Follows the announcements topic on a background thread.
 
     `on_announcement` gets, once caught up, the latest announcement present at start (if any),
@@ -112,38 +95,22 @@ class AnnouncementWatcher:
     starting worker does not walk through old versions. With `registry_id`, other keys are ignored.
     """
 
+    thread_name = "hrnn-announcement-watcher"
+
     def __init__(self, bootstrap: str, topic: str = MODEL_UPDATES_TOPIC, *, registry_id: str | None = None,
                  on_announcement: Callback | None = None, extra: ClientSettings | None = None,
                  poll_timeout_s: float = 0.5, create_topic: bool = True) -> None:
-        self.bootstrap, self.topic, self.registry_id = bootstrap, topic, registry_id
-        self.on_announcement, self.extra = on_announcement, extra
-        self.poll_timeout_s, self.create_topic = poll_timeout_s, create_topic
+        super().__init__(bootstrap, topic, extra=extra, poll_timeout_s=poll_timeout_s, create_topic=create_topic)
+        self.registry_id, self.on_announcement = registry_id, on_announcement
         self.received = 0  # valid announcements read (matching registry_id)
         self.malformed = 0
-        self.error: BaseException | None = None
         self._latest: Announcement | None = None
-        self._caught_up = threading.Event()
-        self._stop = threading.Event()
+        self._news: list[Announcement] = []
         self._changed = threading.Condition()
-        self._thread: threading.Thread | None = None
 
     @property
     def latest(self) -> Announcement | None:
         return self._latest
-
-    @property
-    def caught_up(self) -> bool:
-        return self._caught_up.is_set()
-
-    def start(self) -> "AnnouncementWatcher":
-        if self.create_topic:
-            ensure_updates_topic(self.bootstrap, self.topic, extra=self.extra)
-        self._thread = threading.Thread(target=self._run, name="hrnn-announcement-watcher", daemon=True)
-        self._thread.start()
-        return self
-
-    def wait_caught_up(self, timeout_s: float) -> bool:
-        return self._caught_up.wait(timeout_s)
 
     def wait_for(self, version: str, timeout_s: float) -> Announcement | None:
         """Block until the latest announcement names `version`; None at the deadline."""
@@ -156,73 +123,23 @@ class AnnouncementWatcher:
                 self._changed.wait(min(left, 0.5))
             return self._latest
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+    def _take(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        ann = self._decode(key, value, offset)
+        if ann is not None:
+            self._news.append(ann)
 
-    def __enter__(self) -> "AnnouncementWatcher":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        consumer = reader_consumer(self.bootstrap, self.extra)
-        try:
-            consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
-            high = self._high_watermark(consumer)
-            reached_end = high <= 0  # an empty topic: nothing to catch up on
-            last_progress = time.monotonic()
-            while not self._stop.is_set():
-                msgs = consumer.consume(num_messages=100, timeout=self.poll_timeout_s)
-                if msgs:
-                    last_progress = time.monotonic()
-                elif not reached_end and time.monotonic() - last_progress > CATCH_UP_IDLE_S:
-                    # the record below the watermark is gone (e.g. a tombstone deleted by compaction)
-                    log.warning("announcement watcher: no record at the high watermark; assuming caught up",
-                                extra={"topic": self.topic, "high_watermark": high})
-                    reached_end = True
-                news = []
-                for msg in msgs:
-                    err = msg.error()
-                    if err is not None:
-                        if err.fatal():
-                            raise KafkaException(err)
-                        if err.code() != KafkaError._PARTITION_EOF:
-                            log.warning("announcement watcher: %s", err.str(), extra={"topic": self.topic})
-                        continue
-                    reached_end = reached_end or msg.offset() >= high - 1
-                    ann = self._decode(msg.key(), msg.value(), msg.offset())
-                    if ann is not None:
-                        news.append(ann)
-                if news:
-                    self._set_latest(news[-1])
-                if not self.caught_up:
-                    if not msgs and reached_end:
-                        self._caught_up.set()
-                        log.info("announcement watcher caught up", extra={
-                            "topic": self.topic, "latest_version": self._latest.version if self._latest else None})
-                        if self._latest is not None:
-                            self._deliver(self._latest)
-                    continue
-                for ann in news:
-                    self._deliver(ann)
-        except BaseException as exc:  # noqa: BLE001 (recorded for the owner; the thread must not die silently)
-            self.error = exc
-            log.error("announcement watcher stopped: %s", exc, extra={"topic": self.topic})
-        finally:
-            consumer.close()
-
-    def _high_watermark(self, consumer) -> int:
-        deadline = time.monotonic() + 30.0
-        while True:
-            try:
-                return int(consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=5.0, cached=False)[1])
-            except KafkaException:
-                if self._stop.is_set() or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)  # the topic may be a moment from visible after creation
+    def _polled(self, caught_up_now: bool) -> None:
+        news, self._news = self._news, []
+        if news:
+            self._set_latest(news[-1])
+        if caught_up_now:
+            log.info("announcement watcher caught up", extra={
+                "topic": self.topic, "latest_version": self._latest.version if self._latest else None})
+            if self._latest is not None:
+                self._deliver(self._latest)
+        elif self.caught_up:
+            for ann in news:
+                self._deliver(ann)
 
     def _decode(self, key: bytes | None, value: bytes | None, offset: int) -> Announcement | None:
         if value is None:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "broker": ("stream.cli_broker", "run the local Kafka-compatible broker for development"),
     "produce": ("stream.cli_produce", "replay an interactions file into the events topic"),
     "tail": ("stream.cli_tail", "print recommendations as they arrive"),
+    "items": ("stream.cli_items", "take items off sale, put them back, list those off sale"),
     "audit": ("stream.cli_audit", "check that every committed input record got its recommendation or dead letter"),
     "retrainer": ("stream.cli_retrainer", "archive events and retrain on a schedule"),
     "demo": ("stream.cli_demo", "the whole loop locally: broker, synth, train, serve, replay, summary"),

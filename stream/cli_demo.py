@@ -3,8 +3,9 @@
 Local broker -> synthetic log -> train + evaluate v1 against the baselines -> a worker with
 embedded RocksDB -> replay the newest events (a few malformed records and a brand-new item
 among them) -> live recommendations on screen -> a retrain on the events seen so far and a hot
-swap mid-stream -> summary (events in, recommendations out, DLQ, p50/p99 latency, how long
-the new item took to become recommendable) and plots under --out.
+swap mid-stream -> the most popular item taken off sale mid-stream (`hrnn items unavailable`)
+-> summary (events in, recommendations out, DLQ, p50/p99 latency, how long the new item took to
+become recommendable, the item off sale in no recommendation of a later event) and plots under --out.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ NEW_ITEM = "new-item-1"
 RETRAIN_AT = 0.25  # share of the live replay after which the retrain starts
 NEW_ITEM_SHARE = 0.08  # a trending item: this share of the live events, none of the history
 HOLD_AT = 0.6  # the replay waits here for the swap if the retrain is still running
+OFF_SALE_AT = 0.4  # share of the live replay after which the most popular item goes off sale
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,8 @@ class LiveRun:
     swap_at: float | None = None  # wall time the worker switched to v2
     new_item_first_seen: float | None = None  # wall time the new item's first event was produced
     versions: list[str] = field(default_factory=list)
+    off_sale_item: str | None = None
+    off_sale_at_ms: int | None = None  # wall time the worker's availability reader held it
 
 
 def _say(msg: str) -> None:
@@ -109,7 +113,8 @@ def _produce_bad(producer, topic: str) -> int:
     return len(bad)
 
 
-def _replay_live(live: Interactions, bootstrap: str, topic: str, rate: float, run: LiveRun, on_retrain) -> None:
+def _replay_live(live: Interactions, bootstrap: str, topic: str, rate: float, run: LiveRun, on_retrain,
+                 on_off_sale) -> None:
     from model.events import encode_event
     from stream.kafka_clients import create_producer
     from stream.replay import events_from_interactions
@@ -129,6 +134,8 @@ def _replay_live(live: Interactions, bootstrap: str, topic: str, rate: float, ru
             run.new_item_first_seen = time.time()
         if i == int(len(events) * RETRAIN_AT):
             on_retrain(events[:i])
+        if i == int(len(events) * OFF_SALE_AT):
+            t0 += _timed(on_off_sale)
         if i % 1000 == 0:
             print(f"\r   replayed {i:,}/{len(events):,} events", end="", file=sys.stderr, flush=True)
     producer.flush(30)
@@ -185,6 +192,30 @@ def _wait_for_swap(run: LiveRun, timeout_s: float = 600.0) -> float:
     return time.monotonic() - t0
 
 
+def _timed(action) -> float:
+    t0 = time.monotonic()
+    action()
+    return time.monotonic() - t0
+
+
+def _take_off_sale(item: str, worker, run: LiveRun) -> None:
+    """`hrnn items unavailable ITEM`, then note when the worker's reader holds it: every event
+    produced after that is served by a batch that leaves the item out."""
+    from stream.availability import set_availability
+
+    s = worker.settings
+    set_availability(s.bootstrap_servers, [item], available=False, reason="demo: out of stock",
+                     topic=s.availability_topic, extra=s.producer_kafka)
+    deadline = time.monotonic() + 30
+    while item not in worker.availability.unavailable and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if item in worker.availability.unavailable:
+        run.off_sale_item, run.off_sale_at_ms = item, int(time.time() * 1000)
+        _say(f"\n== {item} (the most popular item) taken off sale; the worker leaves it out from its next batch")
+    else:
+        _say(f"\n== the worker did not see {item} go off sale within 30 s")
+
+
 def _wait_assigned(worker, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not worker.stores.partitions and time.monotonic() < deadline:
@@ -217,9 +248,21 @@ def _summarise(recs, inputs, dlq, run: LiveRun, out: Path) -> dict:
         else round(run.swap_at - run.new_item_first_seen, 2),
         "new_item_first_recommended_after_s": None if first_rec_with_new is None or run.new_item_first_seen is None
         else round(first_rec_with_new / 1000 - run.new_item_first_seen, 2),
+        "off_sale": _off_sale_summary(recs, inputs, run),
     }
     _plot_latency(emitted, lat, run, out / "latency.png")
     return summary
+
+
+def _off_sale_summary(recs, inputs, run: LiveRun) -> dict | None:
+    """How often the item off sale was recommended for events produced before and after it went off sale."""
+    if run.off_sale_at_ms is None:
+        return None
+    later = [inputs.get((r.source_partition, r.source_offset), 0) >= run.off_sale_at_ms for r in recs]
+    showing = [any(s.item_id == run.off_sale_item for s in r.items) for r in recs]
+    return {"item": run.off_sale_item, "events_after": sum(later),
+            "recommended_before": sum(s and not a for s, a in zip(showing, later)),
+            "recommended_after": sum(s and a for s, a in zip(showing, later))}
 
 
 def _plot_latency(emitted: np.ndarray, lat: np.ndarray, run: LiveRun, path: Path) -> None:
@@ -279,9 +322,11 @@ def run(args: argparse.Namespace) -> int:
         retrain: list[threading.Thread] = []
         live_run = LiveRun(versions=[v1.version_dir.name])
         _say(f"\n== replaying {len(live):,} events at {args.rate:.0f}/s (plus 3 malformed records)")
+        popular = str(hist.item_ids[np.bincount(hist.item).argmax()])
         _replay_live(live, broker.bootstrap, settings.input_topic, args.rate, live_run,
                      lambda seen: retrain.append(_retrain_and_swap(hist, seen, out, registry, args.epochs, worker,
-                                                                   live_run)))
+                                                                   live_run)),
+                     lambda: _take_off_sale(popular, worker, live_run))
         for th in retrain:
             th.join()
         recs, inputs, dlq = _collect(broker.bootstrap, settings, live_run.produced)

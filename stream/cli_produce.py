@@ -5,16 +5,15 @@ The last stdout line is the number of events delivered, so scripts can read it w
 from __future__ import annotations
 
 import argparse
-import os
 
 from model.errors import ConfigError
+from stream.cli_common import add_client_flags
 
 DEFAULT_PARTITIONS = 6  # what the worker creates when it finds no input topic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap-servers", default=os.environ.get("HRNN_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-                        help="Kafka bootstrap servers (default $HRNN_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
+    add_client_flags(parser)
     parser.add_argument("--data", required=True, help="interactions file: CSV, TSV or Parquet (Personalize columns)")
     parser.add_argument("--topic", default="hrnn.events", help="events topic (default hrnn.events)")
     pace = parser.add_mutually_exclusive_group()
@@ -30,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partitions", type=int,
                         help=f"partitions when the topic is created (default {DEFAULT_PARTITIONS}); "
                              "an existing topic with fewer is an error")
-    parser.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
-                        help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

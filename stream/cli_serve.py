@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--follow-updates", action=argparse.BooleanOptionalAction, default=None,
       help="swap to model versions announced for this registry (default on)")
     a("--updates-topic", help="model announcements topic (default hrnn.model-updates)")
+    a("--follow-availability", action=argparse.BooleanOptionalAction, default=None,
+      help="leave out items taken off sale on the availability topic (default on; see `hrnn items`)")
+    a("--availability-topic", help="item availability topic (default hrnn.item-availability)")
     a("--prebuild-max-users", type=int, help="stored states a new version rebuilds in the background before "
       "it swaps in (default 200000; 0: rebuild each on its user's next event)")
     a("--state-format", type=int, help="format of the states written (default 2; 1 while a rolling upgrade "
@@ -61,7 +64,7 @@ _FIELDS = ("bootstrap_servers", "registry", "state_dir", "input_topic", "output_
            "metrics_port", "batch_size", "batch_timeout_s", "k", "exclude_purchased", "purchase_types",
            "exclude_session_items", "exclude_event_types", "processing_guarantee", "device", "log_level",
            "follow_updates", "updates_topic", "torch_threads", "prebuild_max_users", "gc_threshold",
-           "state_format")
+           "state_format", "follow_availability", "availability_topic")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,22 +2,19 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from model.errors import ConfigError
+from stream.cli_common import add_client_flags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap-servers", default=os.environ.get("HRNN_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-                        help="Kafka bootstrap servers (default $HRNN_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
+    add_client_flags(parser)
     parser.add_argument("--topic", default="hrnn.recommendations", help="topic (default hrnn.recommendations)")
     parser.add_argument("--count", type=int, help="stop after N records")
     parser.add_argument("--from-beginning", action="store_true", help="start at the oldest record, not new ones")
     parser.add_argument("--timeout", type=float, help="stop after S seconds")
     parser.add_argument("--top", type=int, default=5, help="items shown per record (default 5)")
-    parser.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
-                        help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
 
 
 def run(args: argparse.Namespace) -> int:

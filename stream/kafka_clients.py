@@ -197,6 +197,24 @@ def reader_consumer(bootstrap: str, extra: ClientSettings | None = None) -> Cons
         raise KafkaClientError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
 
 
+def produce_acknowledged(producer: Producer, topic: str, records: Iterable[tuple[bytes, bytes | None]], *,
+                         partition: int = 0, timeout_s: float = 30.0) -> str | None:
+    """Produce (key, value) records to one partition and wait for the broker's acknowledgements;
+    None when all were acknowledged, else the first error (or the timeout) as a sentence."""
+    errors: list[KafkaError] = []
+
+    def delivered(err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            errors.append(err)
+
+    for key, value in records:
+        producer.produce(topic, key=key, value=value, partition=partition, on_delivery=delivered)
+    left = producer.flush(timeout_s)
+    if errors:
+        return errors[0].str()
+    return f"{left} record(s) not acknowledged within {timeout_s:g} s" if left else None
+
+
 def error_detail(exc: KafkaException) -> str:
     """The error's name and the broker's or client's sentence inside a KafkaException."""
     err = exc.args[0] if exc.args else None

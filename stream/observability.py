@@ -62,6 +62,8 @@ class WorkerMetrics:
         self.model_version_info = Gauge("model_version_info", "1 for the model version now serving",
                                         ["version"], namespace=ns, registry=r)
         self.states_stored = Gauge("states_stored", "User states in the local stores", namespace=ns, registry=r)
+        self.unavailable_items = Gauge("unavailable_items", "Items off sale on the availability topic, left out "
+                                       "of every recommendation", namespace=ns, registry=r)
         self._version: str | None = None
         self._lock = threading.Lock()
 

@@ -76,6 +76,9 @@ class WorkerSettings:
     # user's next event). Each costs 8 x hidden_dimension bytes until that event.
     prebuild_max_users: int = 200_000
     updates_topic: str = "hrnn.model-updates"
+    # Items taken off sale (stream/availability.py): read whole before the first batch, then followed.
+    follow_availability: bool = True
+    availability_topic: str = "hrnn.item-availability"
     metrics_port: int = 0  # 0: no metrics/health endpoint
     # Format of the states this worker writes (RocksDB, changelog); it reads formats 1 and 2. Keep 1 while
     # a rolling upgrade from a build that reads only format 1 is under way (they would start those users afresh).
@@ -134,6 +137,9 @@ class WorkerSettings:
                               f"{', '.join(GUARANTEES)}")
         if self.input_topic == self.output_topic:
             raise ConfigError("input_topic and output_topic must differ")
+        if self.availability_topic in (self.input_topic, self.output_topic, self.updates_topic):
+            raise ConfigError(f"availability_topic {self.availability_topic!r} must differ from the input, "
+                              "output and model-updates topics")
         for table in ("kafka", "kafka_consumer", "kafka_producer"):
             for key in ("bootstrap.servers", "group.id", "transactional.id"):
                 if key in getattr(self, table):

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 EVENTS_TOPIC = "hrnn.events"
 RECOMMENDATIONS_TOPIC = "hrnn.recommendations"
 MODEL_UPDATES_TOPIC = "hrnn.model-updates"
+AVAILABILITY_TOPIC = "hrnn.item-availability"
 
 
 def dlq_topic(input_topic: str) -> str:

@@ -6,7 +6,8 @@ One batch, start to end (the DESIGN.md commit order):
   route     decode + validate; invalid -> DLQ, mis-keyed -> re-keyed onto the input topic
   load      RocksDB multi-get of the batch's users, from the store of their partition
   step      ONE Recommender.recommend call for all events (events at or below a user's stored
-            source offset were applied before and are left out: replays are idempotent)
+            source offset were applied before and are left out: replays are idempotent); items
+            off sale (stream/availability.py, read before the batch) are left out of every list
   produce   recommendations, one changelog record per touched user (changelog partition =
             input partition), DLQ and re-keyed records
   flush     every record delivered (or, exactly_once: send offsets + commit the transaction)
@@ -35,7 +36,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ from model.events import Event, decode_event
 from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
 from stream import records
+from stream.availability import AvailabilityReader
 from stream.hotswap import ModelHolder
 from stream.kafka_clients import (KafkaClientError, admin_client, consumer_config, error_detail, producer_config,
                                   topic_id)
@@ -69,7 +71,8 @@ FAULT_ENV = "HRNN_FAULT_INJECT"
 
 
 class WorkerError(HRNNError):
-    """The worker cannot go on: records were not delivered, a commit or restore failed for good."""
+    """The worker cannot go on: records were not delivered, a commit or restore failed for good, or the
+    availability topic cannot be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +247,7 @@ class Worker:
         self._producer: Producer | None = None
         self._restorer: Consumer | None = None
         self._admin: AdminClient | None = None
+        self.availability: AvailabilityReader | None = None  # the items off sale, followed from start()
         self._input_log: str | None = None  # the input topic's id, read on every assignment
         self._last_lag = 0.0
         self.assigned = threading.Event()  # set once the first partitions are assigned and restored
@@ -259,6 +263,9 @@ class Worker:
         self._producer = Producer(producer_config(s.bootstrap_servers, s.producer_kafka, transactional_id=txn_id))
         if s.exactly_once:
             self._producer.init_transactions(_CLIENT_TIMEOUT_S)
+        if s.follow_availability:  # read while the group forms; the first batch waits for its end
+            self.availability = AvailabilityReader(s.bootstrap_servers, s.availability_topic, extra=s.consumer_kafka,
+                                                    create_topic=s.create_topics).start()
         restore_extra = {**s.consumer_kafka, "enable.partition.eof": False}
         self._restorer = Consumer(consumer_config(s.bootstrap_servers, f"{s.group}-restore-{uuid.uuid4().hex[:8]}",
                                                   restore_extra))
@@ -335,6 +342,9 @@ class Worker:
         if self._restorer is not None:
             self._restorer.close()
             self._restorer = None
+        if self.availability is not None:
+            self.availability.stop()
+            self.availability = None
         self.stores.close_all()
         if self._own_models:
             self.models.close()
@@ -351,6 +361,22 @@ class Worker:
         if self.models.swap_if_ready() is not None:
             self.health.update(model_version=self.models.version)
         return self.models.current()
+
+    def _follow_availability(self) -> None:
+        """Leave out the items off sale as the reader has them now; before the first batch, it reads
+        the whole availability topic (a restarted worker never serves an item taken off sale earlier)."""
+        reader = self.availability
+        if reader is None:
+            return
+        timeout_s = self.settings.restore_timeout_s
+        if reader.error is None and not reader.caught_up and not reader.wait_caught_up(timeout_s):
+            raise WorkerError(f"the availability topic {reader.topic!r} was not read to its end within {timeout_s:g} s "
+                              "(restore_timeout_s)")
+        if reader.error is not None:
+            raise WorkerError(f"following the availability topic {reader.topic!r} failed: {reader.error}")
+        if reader.unavailable is not self.filters.unavailable_items:
+            self.filters = replace(self.filters, unavailable_items=reader.unavailable)
+            self.metrics.unavailable_items.set(len(reader.unavailable))
 
     # ---- rebalancing and restore -------------------------------------------------------------
 
@@ -425,6 +451,7 @@ class Worker:
     def process_batch(self, msgs: Sequence[Message]) -> BatchResult:
         t0 = time.perf_counter()
         model = self._serving_model()  # one version for the whole batch
+        self._follow_availability()
         routed = route(msgs)
         result = BatchResult(records=len(msgs), batches=1)
         self._deliveries.reset()

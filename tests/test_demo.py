@@ -19,6 +19,9 @@ def test_the_demo_recommends_every_valid_event_dead_letters_the_bad_and_swaps_in
     assert summary["dlq"] == 3 and summary["events_in"] == summary["valid_events"] + 3
     assert len(summary["model_versions_seen"]) == 2  # the first version, then the retrained one
     assert summary["new_item_first_recommended_after_s"] is not None  # the retrain learned the new item
+    off_sale = summary["off_sale"]  # the most popular item, taken off sale mid-replay
+    assert off_sale["recommended_before"] > 0 and off_sale["events_after"] > 100
+    assert off_sale["recommended_after"] == 0
     assert 0 < summary["p50_latency_ms"] <= summary["p99_latency_ms"]
     # `hrnn audit` over the stopped worker: every input record committed, each answered exactly once
     assert summary["audit"] == {"kept": True, "records": summary["events_in"], "unanswered": 0, "duplicated": 0}

@@ -2,6 +2,7 @@
 checks the group the workers run, with their settings."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,13 @@ def _containers() -> dict[str, dict]:
 
 
 def _commands() -> list[tuple[str, list[str]]]:
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)["services"]
+    shown = [shlex.split(line.split(" tools ", 1)[1]) for line in text.splitlines()
+             if line.startswith("#") and " tools " in line]  # the header's `run --rm tools ...` examples
     return ([(f"k8s {n}", c["args"]) for n, c in _containers().items()]
-            + [(f"compose {n}", s["command"]) for n, s in compose.items() if "command" in s])
+            + [(f"compose {n}", s["command"]) for n, s in compose.items() if "command" in s]
+            + [(f"compose header {argv[0]} {i}", argv) for i, argv in enumerate(shown)])
 
 
 @pytest.mark.parametrize("where, argv", _commands(), ids=[w for w, _ in _commands()])

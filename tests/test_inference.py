@@ -147,6 +147,23 @@ def test_purchased_items_are_filtered_by_default_and_session_items_only_on_reque
     assert scores == sorted(scores, reverse=True)
 
 
+def test_items_off_sale_are_left_out_for_every_user_and_the_list_is_filled_from_the_rest(version, device):
+    data, path = version
+    rec = Recommender.load(path, device=device)
+    evs = _events_of(data, 0)[:6] + _events_of(data, 1)[:6]
+    plain = rec.recommend({}, evs, k=10, filters=Filters(exclude_purchased=False))
+    top = {row[0][0] for row in plain.items}  # every list's first item
+    off = frozenset(top | {"no-such-item"})  # ids the model does not know are ignored
+    filtered = rec.recommend({}, evs, k=10, filters=Filters(exclude_purchased=False, unavailable_items=off))
+    for before, after in zip(plain.items, filtered.items):
+        assert len(after) == 10 and not {i for i, _ in after} & off
+        kept = [x for x in before if x[0] not in off]
+        assert [i for i, _ in after[:len(kept)]] == [i for i, _ in kept]  # the rest keep their order
+    cols = rec._unavailable_columns(off)
+    assert rec._unavailable_columns(off) is cols  # the same set: nothing rebuilt per batch
+    assert len(cols) == len(top) and rec._unavailable_columns(frozenset()) is None
+
+
 def test_a_state_of_another_version_is_rebuilt_from_its_last_events(version, tmp_path, device):
     data, path = version
     rec = Recommender.load(path, device=device)

@@ -11,6 +11,7 @@ from model.errors import ConfigError
 from stream import cli
 from stream.cli_serve import overrides_from
 from stream.settings import WorkerSettings, load_settings
+from stream.topics import AVAILABILITY_TOPIC
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +28,7 @@ def test_defaults_follow_the_design():
     assert s.processing_guarantee == "at_least_once"
     assert (s.input_topic, s.output_topic, s.group) == ("hrnn.events", "hrnn.recommendations", "hrnn-worker")
     assert (s.dlq_topic, s.changelog_topic) == ("hrnn.events.dlq", "hrnn-worker.state-changelog")
+    assert (s.follow_availability, s.availability_topic) == (True, AVAILABILITY_TOPIC)
 
 
 def shipped_worker_toml(tmp_path: Path) -> Path:
@@ -84,6 +86,7 @@ def test_kafka_settings_can_come_from_the_environment(monkeypatch):
     ({"batch_size": 0}, "batch_size"),
     ({"kafka": {"group.id": "x"}}, "group.id"),
     ({"output_topic": "hrnn.events"}, "must differ"),
+    ({"availability_topic": "hrnn.events"}, "availability_topic 'hrnn.events' must differ"),
     ({"prebuild_max_users": -1}, "prebuild_max_users"),
     ({"gc_threshold": -5}, "gc_threshold"),
     ({"state_format": 3}, "state_format = 3 is not one of 1, 2"),
@@ -117,12 +120,14 @@ def test_serve_flags_become_settings(tmp_path):
     argv = ["serve", "--bootstrap-servers", "h:9093", "--registry", "reg", "--state-dir", "st", "--k", "7",
             "--no-exclude-purchased", "--exclude-session-items", "--metrics-port", "9400",
             "--kafka-config-file", str(props), "--kafka-config", "sasl.username=you",
-            "--processing-guarantee", "exactly_once", "--batch-timeout", "0.1"]
+            "--processing-guarantee", "exactly_once", "--batch-timeout", "0.1", "--no-follow-availability",
+            "--availability-topic", "shop.stock"]
     args = cli.build_parser(argv).parse_args(argv)
     s = load_settings(args.config, overrides_from(args))
     assert (s.bootstrap_servers, s.registry, s.state_dir, s.k, s.metrics_port) == ("h:9093", "reg", "st", 7, 9400)
     assert (s.exclude_purchased, s.exclude_session_items, s.exactly_once, s.batch_timeout_s) == (False, True, True, 0.1)
     assert s.kafka == {"security.protocol": "SASL_SSL", "sasl.username": "you"}
+    assert (s.follow_availability, s.availability_topic) == (False, "shop.stock")
 
 
 def test_serve_without_a_registry_exits_2_with_the_fix(capsys):

@@ -45,6 +45,7 @@ def settings_for(bootstrap: str, registry: Path, state_dir: Path, *, name: str |
     name = name or uuid.uuid4().hex[:10]
     values = dict(bootstrap_servers=bootstrap, registry=str(registry), state_dir=str(state_dir),
                   input_topic=f"ev-{name}", output_topic=f"rec-{name}", group=f"grp-{name}",
+                  availability_topic=f"avail-{name}",
                   partitions=partitions, kafka_consumer=dict(TEST_CONSUMER))
     values.update(overrides)
     return WorkerSettings(**values)

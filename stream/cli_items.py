@@ -1,0 +1,72 @@
+"""`hrnn items unavailable|available|list`: take items off sale, put them back, show which are off
+(the availability topic every worker follows; see stream/availability.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model.errors import ConfigError
+from stream.availability import AvailabilityReader, set_availability
+from stream.cli_common import add_client_flags
+from stream.kafka_clients import parse_client_settings
+from stream.topics import AVAILABILITY_TOPIC
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    off = sub.add_parser("unavailable", help="take items off sale: no worker recommends them from now on")
+    off.add_argument("--reason", help="why, kept with the status (e.g. 'out of stock')")
+    on = sub.add_parser("available", help="put items back on sale")
+    for p in (off, on):
+        p.add_argument("items", nargs="*", metavar="ITEM", help="item ids")
+        p.add_argument("--from-file", help="also the item ids in this file, one per line")
+    show = sub.add_parser("list", help="the items off sale now, with their reasons")
+    show.add_argument("--json", action="store_true", help="one JSON object {item: reason}")
+    for p in (off, on, show):
+        add_client_flags(p)
+        p.add_argument("--topic", default=AVAILABILITY_TOPIC, help=f"availability topic (default {AVAILABILITY_TOPIC})")
+        p.add_argument("--timeout-s", type=float, default=30.0, help="longest wait for the broker (default 30)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.timeout_s <= 0:
+        raise ConfigError(f"--timeout-s must be > 0 seconds, got {args.timeout_s}")
+    extra = parse_client_settings(args.kafka_config)
+    if args.action == "list":
+        return _list(AvailabilityReader(args.bootstrap_servers, args.topic, extra=extra, poll_timeout_s=0.2), args)
+    items = _item_ids(args)
+    set_availability(args.bootstrap_servers, items, available=args.action == "available", reason=args.reason
+                     if args.action == "unavailable" else None, topic=args.topic, extra=extra, timeout_s=args.timeout_s)
+    print(f"{len(items)} item(s) {'back on sale' if args.action == 'available' else 'taken off sale'} on {args.topic}")
+    return 0
+
+
+def _item_ids(args: argparse.Namespace) -> list[str]:
+    items = list(args.items)
+    if args.from_file:
+        path = Path(args.from_file)
+        if not path.is_file():
+            raise ConfigError(f"--from-file {path}: no such file")
+        items += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not items:
+        raise ConfigError("no item ids given: name them, or pass --from-file FILE")
+    return list(dict.fromkeys(items))  # once each, in the order given
+
+
+def _list(reader: AvailabilityReader, args: argparse.Namespace) -> int:
+    with reader:
+        if not reader.wait_caught_up(args.timeout_s):
+            detail = f": {reader.error}" if reader.error else ""
+            print(f"hrnn items: {args.topic} was not read to its end within {args.timeout_s:g} s{detail}",
+                  file=sys.stderr)
+            return 1
+        reasons = reader.reasons()
+    if args.json:
+        print(json.dumps(reasons, sort_keys=True))
+    else:
+        for item, reason in sorted(reasons.items()):
+            print(f"{item}\t{reason or ''}")
+        print(f"{len(reasons)} item(s) off sale", file=sys.stderr)
+    return 0

@@ -1,0 +1,129 @@
+"""Reading a small compacted table topic whole, then following it, on a background thread.
+
+Model announcements and item availability are both tables kept as one-partition compacted
+topics: every process that needs one reads it from the beginning (no consumer group, nothing
+committed), is "caught up" once it holds what was there when it started, then applies each new
+record as it comes. Subclasses say what a record means (`_take`) and what to do after each poll
+(`_polled`).
+
+"Caught up" needs care on Tansu: its high watermark is the base offset of the last record
+batch + 1, not the log end. A reader is caught up once it holds a record at or past
+(high watermark - 1) and a consume then comes back empty, or when the topic has no records.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from stream.kafka_clients import ClientSettings, admin_client, raise_if_fatal, reader_consumer
+from stream.topics import TopicSpec, ensure_topics
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_IDLE_S = 10.0  # fetches empty this long below the watermark: the watermark's record is gone
+_WATERMARK_WAIT_S = 30.0  # a topic just created may take a moment to answer
+
+
+def ensure_table_topic(bootstrap: str, topic: str, *, extra: ClientSettings | None = None,
+                       timeout_s: float = 30.0) -> None:
+    """Create a table topic (one partition, compacted) if it is missing; an existing one is checked."""
+    ensure_topics(admin_client(bootstrap, extra), [TopicSpec(topic, 1, compacted=True)], timeout_s=timeout_s)
+
+
+class CompactedTopicReader:
+    """Reads partition 0 of `topic` from its start on a thread; `error` holds what stopped it."""
+
+    thread_name = "hrnn-compacted-reader"
+
+    def __init__(self, bootstrap: str, topic: str, *, extra: ClientSettings | None = None,
+                 poll_timeout_s: float = 0.5, create_topic: bool = True) -> None:
+        self.bootstrap, self.topic, self.extra = bootstrap, topic, extra
+        self.poll_timeout_s, self.create_topic = poll_timeout_s, create_topic
+        self.error: BaseException | None = None
+        self._caught_up = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- what a subclass defines ---
+
+    def _take(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        raise NotImplementedError
+
+    def _polled(self, caught_up_now: bool) -> None:
+        """After each poll's records were taken; `caught_up_now` the first time the reader is caught up."""
+
+    # --- lifecycle ---
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up.is_set()
+
+    def start(self) -> "CompactedTopicReader":
+        if self.create_topic:
+            ensure_table_topic(self.bootstrap, self.topic, extra=self.extra)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_caught_up(self, timeout_s: float) -> bool:
+        return self._caught_up.wait(timeout_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "CompactedTopicReader":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        consumer = reader_consumer(self.bootstrap, self.extra)
+        try:
+            consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
+            high = self._high_watermark(consumer)
+            reached_end = high <= 0  # an empty topic: nothing to catch up on
+            last_progress = time.monotonic()
+            while not self._stop.is_set():
+                msgs = consumer.consume(num_messages=100, timeout=self.poll_timeout_s)
+                if msgs:
+                    last_progress = time.monotonic()
+                elif not reached_end and time.monotonic() - last_progress > CATCH_UP_IDLE_S:
+                    # the record below the watermark is gone (e.g. a tombstone deleted by compaction)
+                    log.warning("no record at the high watermark; assuming caught up",
+                                extra={"topic": self.topic, "high_watermark": high})
+                    reached_end = True
+                for msg in msgs:
+                    err = msg.error()
+                    if err is not None:
+                        raise_if_fatal(self.topic, err)
+                        if err.code() != KafkaError._PARTITION_EOF:
+                            log.warning("reading %s: %s", self.topic, err.str(), extra={"topic": self.topic})
+                        continue
+                    reached_end = reached_end or msg.offset() >= high - 1
+                    self._take(msg.key(), msg.value(), msg.offset())
+                caught_up_now = not self.caught_up and not msgs and reached_end
+                if caught_up_now:
+                    self._caught_up.set()
+                    log.info("table topic read up to its end", extra={"topic": self.topic})
+                self._polled(caught_up_now)
+        except BaseException as exc:  # noqa: BLE001 (recorded for the owner; the thread must not die silently)
+            self.error = exc
+            log.error("reader of %s stopped: %s", self.topic, exc, extra={"topic": self.topic})
+        finally:
+            consumer.close()
+
+    def _high_watermark(self, consumer: Consumer) -> int:
+        deadline = time.monotonic() + _WATERMARK_WAIT_S
+        while True:
+            try:
+                return int(consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=5.0, cached=False)[1])
+            except KafkaException:
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
