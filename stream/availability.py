@@ -118,7 +118,7 @@ class AvailabilityReader(CompactedTopicReader):
                 self._reasons[item] = status.reason
 
     def _polled(self, caught_up_now: bool) -> None:
-        if self._changed:
+        if self._changed and (caught_up_now or self.caught_up):  # no one reads the set before: build it once
             self._changed = False
             with self._lock:
                 self.unavailable = frozenset(self._reasons)

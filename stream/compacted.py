@@ -58,7 +58,8 @@ class CompactedTopicReader:
         raise NotImplementedError
 
     def _polled(self, caught_up_now: bool) -> None:
-        """After each poll's records were taken; `caught_up_now` the first time the reader is caught up."""
+        """After each poll's records were taken; `caught_up_now` the first time the reader is caught up
+        (`caught_up` turns true only after this call returns)."""
 
     # --- lifecycle ---
 
@@ -113,10 +114,10 @@ class CompactedTopicReader:
                     reached_end = reached_end or msg.offset() >= high - 1
                     self._take(msg.key(), msg.value(), msg.offset())
                 caught_up_now = not self.caught_up and not msgs and reached_end
+                self._polled(caught_up_now)  # first: whoever waits for caught_up reads what it published
                 if caught_up_now:
                     self._caught_up.set()
                     log.info("table topic read up to its end", extra={"topic": self.topic})
-                self._polled(caught_up_now)
         except BaseException as exc:  # noqa: BLE001 (recorded for the owner; the thread must not die silently)
             self.error = exc
             log.error("reader of %s stopped: %s", self.topic, exc, extra={"topic": self.topic})

@@ -208,7 +208,12 @@ def produce_acknowledged(producer: Producer, topic: str, records: Iterable[tuple
             errors.append(err)
 
     for key, value in records:
-        producer.produce(topic, key=key, value=value, partition=partition, on_delivery=delivered)
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, partition=partition, on_delivery=delivered)
+                break
+            except BufferError:  # librdkafka's local queue is full (100k records by default): let it drain
+                producer.poll(0.1)
     left = producer.flush(timeout_s)
     if errors:
         return errors[0].str()

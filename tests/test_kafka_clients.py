@@ -9,8 +9,8 @@ from confluent_kafka import Producer
 
 from model.errors import ConfigError
 from stream.kafka_clients import (
-    WaitTimeout, consumer_config, load_client_settings, parse_client_settings, producer_config, read_all, scan,
-    wait_for_count, watermarks,
+    WaitTimeout, consumer_config, create_producer, load_client_settings, parse_client_settings, produce_acknowledged,
+    producer_config, read_all, scan, wait_for_count, watermarks,
 )
 
 
@@ -60,6 +60,20 @@ def test_read_all_returns_every_record_even_when_produced_as_one_batch(broker):
     with pytest.raises(WaitTimeout) as info:
         wait_for_count(broker.bootstrap, topic, 61, timeout_s=2)
     assert len(info.value.records) == 60 and "60 of 61" in str(info.value)
+
+
+@pytest.mark.broker
+def test_producing_more_records_than_the_local_queue_holds_waits_for_room_and_loses_none(broker):
+    topic = f"acked-{uuid.uuid4().hex[:8]}"
+    producer = create_producer(broker.bootstrap, {"queue.buffering.max.messages": "10"})
+    with pytest.raises(BufferError):  # what a plain produce loop meets
+        for i in range(11):
+            producer.produce(topic, value=b"x", partition=0)
+    assert producer.flush(15) == 0
+    records = [(str(i).encode(), str(i).encode()) for i in range(200)]
+    assert produce_acknowledged(producer, topic, records, timeout_s=30) is None
+    got = read_all(broker.bootstrap, topic, idle_s=1.0, timeout_s=30)
+    assert [r.key for r in got[10:]] == [k for k, _ in records]
 
 
 @pytest.mark.broker
