@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
     extra = parse_client_settings(args.kafka_config)
     if args.action == "list":
         return _list(AvailabilityReader(args.bootstrap_servers, args.topic, extra=extra, poll_timeout_s=0.2), args)
-    items = _item_ids(args)
-    set_availability(args.bootstrap_servers, items, available=args.action == "available", reason=args.reason
-                     if args.action == "unavailable" else None, topic=args.topic, extra=extra, timeout_s=args.timeout_s)
-    print(f"{len(items)} item(s) {'back on sale' if args.action == 'available' else 'taken off sale'} on {args.topic}")
+    items, back = _item_ids(args), args.action == "available"
+    set_availability(args.bootstrap_servers, items, available=back, reason=getattr(args, "reason", None),
+                     topic=args.topic, extra=extra, timeout_s=args.timeout_s)
+    print(f"{len(items)} item(s) {'back on sale' if back else 'taken off sale'} on {args.topic}")
     return 0
 
 
