@@ -58,9 +58,8 @@ def _item_ids(args: argparse.Namespace) -> list[str]:
 def _list(reader: AvailabilityReader, args: argparse.Namespace) -> int:
     with reader:
         if not reader.wait_caught_up(args.timeout_s):
-            detail = f": {reader.error}" if reader.error else ""
-            print(f"hrnn items: {args.topic} was not read to its end within {args.timeout_s:g} s{detail}",
-                  file=sys.stderr)
+            why = f"failed: {reader.error}" if reader.error else f"not read to its end within {args.timeout_s:g} s"
+            print(f"hrnn items: {args.topic} {why}", file=sys.stderr)
             return 1
         reasons = reader.reasons()
     if args.json:

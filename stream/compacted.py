@@ -75,7 +75,12 @@ class CompactedTopicReader:
         return self
 
     def wait_caught_up(self, timeout_s: float) -> bool:
-        return self._caught_up.wait(timeout_s)
+        """True once caught up; False at the deadline, or as soon as the reader has failed (see `error`)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._caught_up.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            if self.error is not None or time.monotonic() >= deadline:
+                return False
+        return True
 
     def stop(self) -> None:
         self._stop.set()

@@ -369,7 +369,7 @@ class Worker:
         if reader is None:
             return
         timeout_s = self.settings.restore_timeout_s
-        if reader.error is None and not reader.caught_up and not reader.wait_caught_up(timeout_s):
+        if not reader.caught_up and not reader.wait_caught_up(timeout_s) and reader.error is None:
             raise WorkerError(f"the availability topic {reader.topic!r} was not read to its end within {timeout_s:g} s "
                               "(restore_timeout_s)")
         if reader.error is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -43,6 +44,13 @@ def test_writing_no_or_empty_item_ids_is_refused_before_the_broker_is_asked():
     for items in ([], ["sku-1", ""]):
         with pytest.raises(AvailabilityError, match="at least one item id"):
             set_availability("127.0.0.1:1", items, available=False)
+
+
+def test_waiting_for_a_reader_that_failed_ends_at_once_not_at_the_deadline():
+    reader = AvailabilityReader("127.0.0.1:1", "never-read")  # not started: only its failure is set
+    reader.error = KafkaClientError("reading 'never-read' failed: gone")
+    t0 = time.monotonic()
+    assert reader.wait_caught_up(30) is False and time.monotonic() - t0 < 2
 
 
 @pytest.mark.broker
