@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -128,6 +129,9 @@ class ArchiveWriter:
         self.high: dict[int, int] = {}  # partition -> highest archived offset of this topic id's log
         self.events_written = 0
         self.duplicates_skipped = 0
+        # refresh (on an assignment) and write (the agent's batch) run on executor threads: a batch must be
+        # named and marked for one log, never half for each
+        self._lock = threading.Lock()
         self.refresh(topic_id)
 
     def refresh(self, topic_id: str | None) -> bool:
@@ -136,6 +140,10 @@ class ArchiveWriter:
         holds batches of this topic from other logs only."""
         if topic_id is not None and not _TOPIC_ID.fullmatch(topic_id):
             raise ArchiveError(f"topic id {topic_id!r} is not 32 lowercase hex digits")
+        with self._lock:
+            return self._refresh(topic_id)
+
+    def _refresh(self, topic_id: str | None) -> bool:
         high: dict[int, int] = {}
         other_logs = False
         for (topic, tid, partition, _, last), _files_of_batch in _complete_batches(self.root).items():
@@ -154,6 +162,10 @@ class ArchiveWriter:
 
     def write(self, batch: Iterable[ArchivedEvent]) -> list[Path]:
         """Archive the events not archived before; returns the files written."""
+        with self._lock:
+            return self._write(batch)
+
+    def _write(self, batch: Iterable[ArchivedEvent]) -> list[Path]:
         fresh: list[ArchivedEvent] = []
         for a in batch:
             if self.archived(a):

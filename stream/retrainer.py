@@ -151,6 +151,7 @@ class RetrainerService:
         self.settings = settings
         self.metrics = RetrainerMetrics()
         self.writer = ArchiveWriter(settings.archive, settings.events_topic)
+        self._followed = False  # whether the writer follows the events topic's log (by its id) yet
         self.runs: list[RetrainOutcome] = []
         self.app = self._build_app()
 
@@ -201,7 +202,8 @@ class RetrainerService:
                 good.append(ArchivedEvent(msg.partition, msg.offset, decode_event(ev.value)))
             except EventError as exc:
                 self.metrics.invalid_events.labels(reason=exc.reason).inc()
-        if any(self.writer.archived(a) for a in good):
+        if not self._followed or any(self.writer.archived(a) for a in good):
+            # the first batch may come before the assignment's follow has run (its files would name no log);
             # replays, or a new log of the same name whose offsets start again at 0
             await asyncio.get_running_loop().run_in_executor(None, self._follow_events_log)
         before_dup = self.writer.duplicates_skipped
@@ -224,6 +226,7 @@ class RetrainerService:
         except KafkaClientError as exc:
             log.warning("cannot read the events topic's id; archiving goes on by the offsets of the log followed "
                         "so far", extra={"error": str(exc)})
+        self._followed = True
         if self.writer.refresh(tid):
             log.warning("the archive holds only other logs of the events topic (deleted and created again, or "
                         "another cluster): this one is archived from its start beside them",

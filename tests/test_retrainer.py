@@ -126,6 +126,25 @@ def test_the_service_rereads_the_topic_id_when_a_batch_holds_archived_offsets(tm
     assert "this one is archived from its start" in caplog.text
 
 
+def test_a_first_batch_before_the_assignments_follow_is_archived_under_the_topics_log(tmp_path, monkeypatch):
+    """Faust can hand the agent a batch before the assignment signal's follow has run: the batch must
+    still be named for the topic's log (unnamed files of two logs would share names and overwrite)."""
+    from types import SimpleNamespace
+
+    import stream.retrainer as retrainer
+    from model.events import encode_event
+
+    monkeypatch.setattr(retrainer, "topic_id", lambda admin, topic: "0a" * 16)
+    monkeypatch.setattr(retrainer.RetrainerService, "_admin", None)  # no broker here
+    svc = retrainer.RetrainerService(retrainer.RetrainerSettings(
+        bootstrap_servers="127.0.0.1:9", registry=str(tmp_path / "r"), archive=str(tmp_path / "a")))
+    batch = [SimpleNamespace(message=SimpleNamespace(partition=0, offset=k),
+                             value=encode_event(Event(f"u{k}", "i", "click", T0 + k))) for k in range(4)]
+    asyncio.run(svc._archive(batch))
+    names = [p.name for p in (tmp_path / "a").rglob("*.parquet")]
+    assert names and all(n.startswith(f"{svc.settings.events_topic}+t{'0a' * 16}+") for n in names)
+
+
 def test_window_follows_the_newest_archived_day(tmp_path):
     w = ArchiveWriter(tmp_path, "ev")
     w.write([ArchivedEvent(0, k, Event(f"u{k}", "i", "click", T0 + k * DAY_MS)) for k in range(10)])
