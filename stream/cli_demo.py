@@ -169,10 +169,7 @@ def _retrain_and_swap(hist: Interactions, seen, out: Path, registry: Path, epoch
         announce(settings.bootstrap_servers, settings.updates_topic, v2.name, v2, reason="retrain",
                  extra=settings.producer_kafka)
         _say(f"\n== v2 {v2.name} announced on {settings.updates_topic}; the worker validates it and swaps")
-        deadline = time.monotonic() + 120
-        while worker.models.version != v2.name and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if worker.models.version == v2.name:
+        if _wait_until(lambda: worker.models.version == v2.name, 120, every_s=0.02):
             run.swap_at = time.time()
             run.versions.append(v2.name)
             _say(f"\n== the worker serves {v2.name} from this batch on")
@@ -186,10 +183,17 @@ def _retrain_and_swap(hist: Interactions, seen, out: Path, registry: Path, epoch
 def _wait_for_swap(run: LiveRun, timeout_s: float = 600.0) -> float:
     """Pause the replay until v2 serves, so the swap lands mid-stream even on a slow machine; returns the pause."""
     print("\n   (replay paused until the retrained version is serving)", file=sys.stderr, flush=True)
-    t0 = time.monotonic()
-    while run.swap_at is None and time.monotonic() - t0 < timeout_s:
-        time.sleep(0.1)
-    return time.monotonic() - t0
+    return _timed(lambda: _wait_until(lambda: run.swap_at is not None, timeout_s, every_s=0.1))
+
+
+def _wait_until(condition, timeout_s: float, every_s: float) -> bool:
+    """Poll `condition` every `every_s` until it holds (True) or `timeout_s` passed (False)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every_s)
+    return True
 
 
 def _timed(action) -> float:
@@ -206,10 +210,7 @@ def _take_off_sale(item: str, worker, run: LiveRun) -> None:
     s = worker.settings
     set_availability(s.bootstrap_servers, [item], available=False, reason="demo: out of stock",
                      topic=s.availability_topic, extra=s.producer_kafka)
-    deadline = time.monotonic() + 30
-    while item not in worker.availability.unavailable and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if item in worker.availability.unavailable:
+    if _wait_until(lambda: item in worker.availability.unavailable, 30, every_s=0.01):
         run.off_sale_item, run.off_sale_at_ms = item, int(time.time() * 1000)
         _say(f"\n== {item} (the most popular item) taken off sale; the worker leaves it out from its next batch")
     else:
@@ -217,9 +218,7 @@ def _take_off_sale(item: str, worker, run: LiveRun) -> None:
 
 
 def _wait_assigned(worker, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not worker.stores.partitions and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_until(lambda: worker.stores.partitions, timeout_s, every_s=0.05)
 
 
 def _collect(bootstrap: str, settings, n_expected: int):
