@@ -40,7 +40,8 @@ from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
 from stream.audit import AuditReport, audit  # noqa: E402
 from stream.broker import LocalBroker  # noqa: E402
-from stream.kafka_clients import admin_client, consumer_config, producer_config, topic_id  # noqa: E402
+from stream.kafka_clients import (admin_client, consumer_config, produce_waiting, producer_config,  # noqa: E402
+                                  topic_id)
 from stream.records import Recommendation, encode_recommendation  # noqa: E402
 from stream.topics import TopicSpec, ensure_topics  # noqa: E402
 
@@ -50,16 +51,6 @@ SPAN_MS = 10 * 3_600_000  # the input's timestamps cover this much time, up to t
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _send(producer: Producer, topic: str, value: bytes, ts_ms: int, partition: int | None = None) -> None:
-    while True:
-        try:
-            producer.produce(topic, value, b"u", timestamp=ts_ms,
-                             **({} if partition is None else {"partition": partition}))
-            return
-        except BufferError:  # the local queue is full: let deliveries drain it
-            producer.poll(0.1)
 
 
 def _write(bootstrap: str, name: str, n: int, partitions: int, missing: int, now_ms: int) -> set[tuple[int, int]]:
@@ -76,12 +67,12 @@ def _write(bootstrap: str, name: str, n: int, partitions: int, missing: int, now
     for o in range(per):  # in time order, as a live topic is written
         for p in range(partitions):
             ts = _timestamp(o, per, now_ms)
-            _send(producer, f"ev-{name}", b'{"user_id": "u"}', ts, p)
+            produce_waiting(producer, f"ev-{name}", b'{"user_id": "u"}', b"u", timestamp=ts, partition=p)
             if (p, o) not in skip:
                 rec = Recommendation(user_id="u", items=[], model_version="v", session_id="s", event_id=str(o),
                                      source_partition=p, source_offset=o, event_timestamp=0, emitted_at=0,
                                      source_topic=f"ev-{name}", source_log=log)
-                _send(producer, f"rec-{name}", encode_recommendation(rec), ts + 1)
+                produce_waiting(producer, f"rec-{name}", encode_recommendation(rec), b"u", timestamp=ts + 1)
     assert producer.flush(120) == 0
     committer = Consumer(consumer_config(bootstrap, f"grp-{name}", CONSUMER))
     committer.commit(offsets=[TopicPartition(f"ev-{name}", p, per) for p in range(partitions)], asynchronous=False)

@@ -90,17 +90,12 @@ def produce_records(bootstrap: str, topic: str, records: list[tuple[bytes, bytes
     """Write pre-encoded (key, value) records as fast as the producer goes; returns records/s."""
     from confluent_kafka import Producer
 
-    from stream.kafka_clients import producer_config
+    from stream.kafka_clients import produce_waiting, producer_config
 
     p = Producer(producer_config(bootstrap, {"linger.ms": 20, "batch.num.messages": 10000}))
     start = time.perf_counter()
     for key, value in records:
-        while True:
-            try:
-                p.produce(topic, value, key)
-                break
-            except BufferError:
-                p.poll(0.05)
+        produce_waiting(p, topic, value, key)
         p.poll(0)
     assert p.flush(60) == 0
     return len(records) / (time.perf_counter() - start)

@@ -364,6 +364,7 @@ class Traffic:
 
     def one(self, new_item_share: float = 0.0) -> None:
         from model.events import Event, encode_event
+        from stream.kafka_clients import produce_waiting
 
         u, i, purchase, r = self._next()
         user = self.users[u]
@@ -371,13 +372,8 @@ class Traffic:
         etype = "purchase" if purchase and item != NEW_ITEM else "click"
         ts = int(time.time() * 1000)
         value = encode_event(Event(user, item, etype, ts, event_id=f"e{self.sent}"))
-        while True:
-            try:
-                self.producer.produce(self.topic, value, user.encode(), partition=partition_of(user, self.partitions),
-                                      on_delivery=self._dr)
-                break
-            except BufferError:
-                self.producer.poll(0.05)
+        produce_waiting(self.producer, self.topic, value, user.encode(), partition=partition_of(user, self.partitions),
+                        on_delivery=self._dr)
         if item == NEW_ITEM:
             self.new_item_sent += 1
             if self.new_item_first_at is None:

@@ -13,9 +13,7 @@ the input topic was deleted and created again (offsets from 0 again, another id)
 this log. Answers written by builds before those fields name only partition and offset and are taken
 to be this log's.
 
-A window (`since_ms`) keeps a periodic audit's cost to what came in lately rather than to the whole
-retention: it audits the committed input records of that time on (by their Kafka timestamps) and reads
-the answers from shortly before it, since an answer is written after its input record.
+A window (`since_ms`, `stream/topic_window.py`) audits the committed input records of that time on.
 """
 from __future__ import annotations
 
@@ -28,17 +26,14 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from stream import records
 from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, admin_client, consumer_config,
-                                  error_detail, first_offsets_since, scan, topic_id, topic_partitions,
-                                  watermarks)
+                                  error_detail, topic_id, topic_partitions)
 from stream.settings import WorkerSettings
+from stream.topic_window import read_window, window_bounds
 
 SHOWN = 20  # unanswered offsets listed per partition; the count is always complete
 # One byte of flags per audited offset, so a log of any length costs a byte per record, not a record.
 SEEN, RECOMMENDED, TWICE, DEAD, REKEYED = 1, 2, 4, 8, 16
 ANSWERED = RECOMMENDED | DEAD | REKEYED
-# An answer is written after its input record was read; a window's answers are looked for from this much
-# before the window's start, for the clocks of the events' producers and of the workers to disagree.
-ANSWER_SKEW_MS = 15 * 60_000
 
 
 @dataclass
@@ -101,7 +96,7 @@ class Ledger:
 
     def names_this_log(self, topic: str | None, log: str | None) -> bool:
         """Whether an answer naming (topic, log) answers this log; None: not named (older records)."""
-        return topic in (None, self.topic) and (self.log is None or log in (None, self.log))
+        return records.names_log(self.topic, self.log, topic, log)
 
     def partition(self, p: int) -> PartitionAudit:
         start, committed = self.ranges[p]
@@ -184,30 +179,20 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
     committed = committed_offsets(bootstrap, group, input_topic, extra)  # first: see the module docstring
     # Answers to committed records were written before the commit: they lie below the ends read now
     # (a re-keyed copy too, which may lie past its own partition's committed offset).
-    marks = {t: watermarks(bootstrap, t, extra) for t in (input_topic, output_topic, dlq_topic)}
-    bounds = _scan_bounds(bootstrap, marks, input_topic, since_ms, extra)
-    begin = {t: {p: first for p, (first, _) in b.items()} for t, b in bounds.items()}
-    ends = {t: {p: end for p, (_, end) in b.items()} for t, b in bounds.items()}
-    ranges = {p: (begin[input_topic].get(p, 0), c) for p, c in committed.items()}
+    bounds = window_bounds(bootstrap, [input_topic, output_topic, dlq_topic], input_topic, since_ms, extra)
+    ranges = {p: (bounds[input_topic].get(p, (0, 0))[0], c) for p, c in committed.items()}
     progress("audited offsets [start, committed) per partition: "
              + ", ".join(f"{p}: [{s}, {'-' if c is None else c})" for p, (s, c) in sorted(ranges.items())))
     admin = admin_client(bootstrap, extra if admin_extra is None else admin_extra)
     ledger, foreign = Ledger(ranges, input_topic, topic_id(admin, input_topic)), 0
 
     def read(topic: str, note: Callable[[Record], bool | None]) -> None:
-        nonlocal foreign
-        n = 0
-
         def visit(r: Record) -> None:
-            nonlocal foreign, n
-            n += 1
+            nonlocal foreign
             foreign += note(r) is False
 
-        if not scan(bootstrap, topic, visit, until=ends[topic], start=begin[topic], idle_s=idle_s,
-                    timeout_s=timeout_s, extra=extra):
-            raise KafkaClientError(f"reading {topic!r} took longer than {timeout_s:g} s ({n} records read): give "
-                                   "the audit a longer --timeout-s")
-        progress(f"read {n} records of {topic!r}")
+        read_window(bootstrap, topic, bounds[topic], visit, idle_s=idle_s, timeout_s=timeout_s, extra=extra,
+                    progress=progress)
 
     read(input_topic, lambda r: note_input(ledger, r))
     read(output_topic, lambda r: note_recommendation(ledger, r))
@@ -215,17 +200,6 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
     parts = [ledger.partition(p) for p in sorted(ranges)]
     return AuditReport(input_topic, output_topic, group, exactly_once, parts, input_log=ledger.log,
                        since_ms=since_ms, foreign_records=foreign)
-
-
-def _scan_bounds(bootstrap: str, marks: dict[str, dict[int, tuple[int, int]]], input_topic: str,
-                 since_ms: int | None, extra: ClientSettings | None) -> dict[str, dict[int, tuple[int, int]]]:
-    """Each topic's (first, end) offsets to scan per partition: the whole log; with `since_ms`, from the
-    first input record of that time on, and the answers from ANSWER_SKEW_MS before it (a re-keyed copy
-    comes after its original)."""
-    if since_ms is None:
-        return marks
-    return {t: first_offsets_since(bootstrap, t, since_ms - (0 if t == input_topic else ANSWER_SKEW_MS), m, extra)
-            for t, m in marks.items()}
 
 
 def audit_worker(settings: WorkerSettings, **kwargs) -> AuditReport:

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tail": ("stream.cli_tail", "print recommendations as they arrive"),
     "items": ("stream.cli_items", "take items off sale, put them back, list those off sale"),
     "audit": ("stream.cli_audit", "check that every committed input record got its recommendation or dead letter"),
+    "quality": ("stream.cli_quality", "judge the recommendations served by each user's next event, per model version"),
     "retrainer": ("stream.cli_retrainer", "archive events and retrain on a schedule"),
     "demo": ("stream.cli_demo", "the whole loop locally: broker, synth, train, serve, replay, summary"),
 }

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from model.errors import ConfigError
+from stream.cli_common import add_deployment_flags, deployment_settings
 from stream.settings import GUARANTEES, WorkerSettings
 
 if TYPE_CHECKING:
@@ -24,23 +23,10 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    a = parser.add_argument
-    a("--config", help="the workers' settings file (JSON or TOML, as `hrnn serve --config`)")
-    a("--bootstrap-servers", help=f"Kafka bootstrap servers (default {WorkerSettings.bootstrap_servers})")
-    a("--group", help=f"the workers' consumer group (default {WorkerSettings.group})")
-    a("--input-topic", help=f"default {WorkerSettings.input_topic}")
-    a("--output-topic", help=f"default {WorkerSettings.output_topic}")
-    a("--processing-guarantee", choices=GUARANTEES,
-      help="the workers' guarantee: exactly_once also fails on duplicated recommendations")
-    a("--since-s", type=float, help="audit only the input records of the last S seconds (by their Kafka "
-      "timestamps); default: all the input topic retains")
-    a("--idle-s", type=float, default=2.0, help="a topic is read up to its end offsets as the audit starts, or "
-      "until no record came for S seconds (default 2)")
-    a("--timeout-s", type=float, default=600.0, help="give up reading a topic after S seconds")
-    a("--json", help="also write the report as JSON to this file")
-    a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
-      help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
-    a("--kafka-config-file", help="client.properties file with librdkafka settings")
+    add_deployment_flags(parser, "audit")
+    parser.add_argument("--group", help=f"the workers' consumer group (default {WorkerSettings.group})")
+    parser.add_argument("--processing-guarantee", choices=GUARANTEES,
+                        help="the workers' guarantee: exactly_once also fails on duplicated recommendations")
 
 
 def _log_of(report: AuditReport) -> str:
@@ -78,14 +64,8 @@ def _print(report: AuditReport, out: TextIO = sys.stdout) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stream.audit import audit_worker
-    from stream.cli_serve import overrides_from
-    from stream.settings import load_settings
 
-    if args.idle_s <= 0 or args.timeout_s <= 0 or (args.since_s is not None and args.since_s <= 0):
-        raise ConfigError(f"--idle-s, --timeout-s and --since-s must be > 0 seconds, got {args.idle_s:g}, "
-                          f"{args.timeout_s:g} and {args.since_s}")
-    settings = load_settings(args.config, overrides_from(args), serving=False)
-    since_ms = None if args.since_s is None else int((time.time() - args.since_s) * 1000)
+    settings, since_ms = deployment_settings(args)
     report = audit_worker(settings, since_ms=since_ms, idle_s=args.idle_s, timeout_s=args.timeout_s,
                           progress=lambda line: print(f"hrnn audit: {line}", file=sys.stderr))
     _print(report)

@@ -1,8 +1,16 @@
-"""Flags the client commands (`hrnn produce`, `tail`, `items`) share."""
+"""Flags the client commands share: `hrnn produce`, `tail`, `items` (a broker and client settings), and
+`audit`, `quality` (a deployment's worker settings and a window of its topics)."""
 from __future__ import annotations
 
 import argparse
 import os
+import time
+from typing import TYPE_CHECKING
+
+from model.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stream.settings import WorkerSettings
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -11,3 +19,37 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
                         help="Kafka bootstrap servers (default $HRNN_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
     parser.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
                         help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
+
+
+def add_deployment_flags(parser: argparse.ArgumentParser, checks: str) -> None:
+    """The worker group's settings, resolved as for `hrnn serve` (--config FILE, the workers' own settings file,
+    then HRNN_* variables, then these flags), and the window of its topics to read. `checks`: what the command
+    does with the input records, for --since-s's help."""
+    from stream.settings import WorkerSettings
+
+    a = parser.add_argument
+    a("--config", help="the workers' settings file (JSON or TOML, as `hrnn serve --config`)")
+    a("--bootstrap-servers", help=f"Kafka bootstrap servers (default {WorkerSettings.bootstrap_servers})")
+    a("--input-topic", help=f"default {WorkerSettings.input_topic}")
+    a("--output-topic", help=f"default {WorkerSettings.output_topic}")
+    a("--since-s", type=float, help=f"{checks} only the input records of the last S seconds (by their Kafka "
+      "timestamps); default: all the input topic retains")
+    a("--idle-s", type=float, default=2.0, help="a topic is read up to its end offsets as the command starts, or "
+      "until no record came for S seconds (default 2)")
+    a("--timeout-s", type=float, default=600.0, help="give up reading a topic after S seconds")
+    a("--json", help="also write the report as JSON to this file")
+    a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
+      help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
+    a("--kafka-config-file", help="client.properties file with librdkafka settings")
+
+
+def deployment_settings(args: argparse.Namespace) -> tuple[WorkerSettings, int | None]:
+    """The worker settings the flags of `add_deployment_flags` resolve to, and the window's start (epoch ms)."""
+    from stream.cli_serve import overrides_from
+    from stream.settings import load_settings
+
+    if args.idle_s <= 0 or args.timeout_s <= 0 or (args.since_s is not None and args.since_s <= 0):
+        raise ConfigError(f"--idle-s, --timeout-s and --since-s must be > 0 seconds, got {args.idle_s:g}, "
+                          f"{args.timeout_s:g} and {args.since_s}")
+    settings = load_settings(args.config, overrides_from(args), serving=False)
+    return settings, None if args.since_s is None else int((time.time() - args.since_s) * 1000)

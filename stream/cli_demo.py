@@ -5,7 +5,8 @@ embedded RocksDB -> replay the newest events (a few malformed records and a bran
 among them) -> live recommendations on screen -> a retrain on the events seen so far and a hot
 swap mid-stream -> the most popular item taken off sale mid-stream (`hrnn items unavailable`)
 -> summary (events in, recommendations out, DLQ, p50/p99 latency, how long the new item took to
-become recommendable, the item off sale in no recommendation of a later event) and plots under --out.
+become recommendable, the item off sale in no recommendation of a later event, `hrnn audit`'s verdict,
+`hrnn quality`'s online recall per version) and plots under --out.
 """
 from __future__ import annotations
 
@@ -290,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
     from model.synth import generate, write
     from stream.audit import audit_worker
     from stream.broker import LocalBroker
+    from stream.cli_quality import print_report
+    from stream.quality import plot_quality, quality_worker
     from stream.settings import WorkerSettings
     from stream.tail import format_recommendation
     from stream.worker import Worker
@@ -332,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         stop.set()
         wt.join(timeout=30)
         checked = audit_worker(settings, idle_s=1.0)  # `hrnn audit`: every committed input record answered
+        judged = quality_worker(settings, idle_s=1.0)  # `hrnn quality`: each list judged by the user's next event
     _say("\n== a few live recommendations")
     from stream.records import encode_recommendation
     for r in recs[:: max(1, len(recs) // 6)][:6]:
@@ -339,7 +343,12 @@ def run(args: argparse.Namespace) -> int:
     summary = _summarise(recs, inputs, dlq, live_run, out)
     summary["offline_recall@20"] = {k: round(v["recall@20"], 4) for k, v in evaluation["models"].items()}
     summary["audit"] = {"kept": checked.kept, **{k: checked.total(k) for k in ("records", "unanswered", "duplicated")}}
+    summary["online_recall@20"] = {r["name"]: round(r["recall@20"], 4) for r in judged.rows() if r["kind"] == "all"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _say("\n== online quality (`hrnn quality`): each recommendation judged by its user's next live event")
+    print_report(judged)
+    plot_quality(judged, out / "online_quality.png", 20)
     _say("\n== summary\n" + "\n".join(f"   {k}: {v}" for k, v in summary.items()))
-    _say(f"\nplots: {out / 'evaluation.png'}, {out / 'latency.png'}, {v1.version_dir / 'training_curve.png'}")
+    _say(f"\nplots: {out / 'evaluation.png'}, {out / 'latency.png'}, {out / 'online_quality.png'}, "
+         f"{v1.version_dir / 'training_curve.png'}")
     return 0 if summary["recommendations_out"] >= summary["valid_events"] and checked.kept else 1

@@ -197,6 +197,18 @@ def reader_consumer(bootstrap: str, extra: ClientSettings | None = None) -> Cons
         raise KafkaClientError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
 
 
+def produce_waiting(producer: Producer, topic: str, value: bytes | None, key: bytes | str | None = None,
+                    **kwargs: Any) -> None:
+    """`producer.produce`, and while librdkafka's local queue is full (100k records by default), let it
+    send and try again rather than fail: the caller has more records than the queue holds."""
+    while True:
+        try:
+            producer.produce(topic, value, key, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 def produce_acknowledged(producer: Producer, topic: str, records: Iterable[tuple[bytes, bytes | None]], *,
                          partition: int = 0, timeout_s: float = 30.0) -> str | None:
     """Produce (key, value) records to one partition and wait for the broker's acknowledgements;
@@ -208,12 +220,7 @@ def produce_acknowledged(producer: Producer, topic: str, records: Iterable[tuple
             errors.append(err)
 
     for key, value in records:
-        while True:
-            try:
-                producer.produce(topic, key=key, value=value, partition=partition, on_delivery=delivered)
-                break
-            except BufferError:  # librdkafka's local queue is full (100k records by default): let it drain
-                producer.poll(0.1)
+        produce_waiting(producer, topic, value, key, partition=partition, on_delivery=delivered)
     left = producer.flush(timeout_s)
     if errors:
         return errors[0].str()
@@ -361,11 +368,12 @@ def scan(bootstrap: str, topic: str, visit: Callable[[Record], None], *, until: 
                     until=until, start=start)
 
 
-def first_offsets_since(bootstrap: str, topic: str, since_ms: int, bounds: Mapping[int, tuple[int, int]],
-                        extra: ClientSettings | None = None, wait_s: float = 5.0) -> dict[int, tuple[int, int]]:
+def window_offsets(bootstrap: str, topic: str, since_ms: int | None, bounds: Mapping[int, tuple[int, int]],
+                   extra: ClientSettings | None = None, wait_s: float = 5.0) -> dict[int, tuple[int, int]]:
     """Per partition of `bounds` (partition -> (first, end) offsets, as `watermarks` gives them): the first
-    offset whose record's timestamp is at least `since_ms` (the end where none is), and the end, read again
-    from the records (the local broker reports the last batch's base offset + 1, short of the batch).
+    offset whose record's timestamp is at least `since_ms` (the end where none is; None: the first), and the
+    end, read again from the records (the local broker reports the last batch's base offset + 1, short of
+    the batch).
 
     Found by bisection over the records themselves, so it needs only fetches: a broker's lookup by time
     (ListOffsets) is missing on some (the local broker answers offset 0 for every time). Exact where a
@@ -377,7 +385,7 @@ def first_offsets_since(bootstrap: str, topic: str, since_ms: int, bounds: Mappi
     try:
         for p, (lo, hi) in bounds.items():
             end = _end_from(consumer, topic, p, lo, hi, wait_s)
-            out[p] = (_bisect_time(consumer, topic, p, lo, end, since_ms, wait_s), end)
+            out[p] = (lo if since_ms is None else _bisect_time(consumer, topic, p, lo, end, since_ms, wait_s), end)
         return out
     finally:
         consumer.close()

@@ -70,6 +70,12 @@ def decode_recommendation(raw: bytes) -> Recommendation:
     return _decoder.decode(raw)
 
 
+def names_log(topic: str, log: str | None, named_topic: str | None, named_log: str | None) -> bool:
+    """Whether a record naming (named_topic, named_log) as its source answers input topic `topic` whose id
+    is `log`: None where a record does not name them (builds before these fields) or the broker gives no id."""
+    return named_topic in (None, topic) and (log is None or named_log in (None, log))
+
+
 def scored_items(items: Sequence[tuple[str, float]]) -> list[ScoredItem]:
     return [ScoredItem(i, float(s)) for i, s in items]
 

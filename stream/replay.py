@@ -20,6 +20,7 @@ from tqdm import tqdm
 from model.errors import ConfigError, HRNNError
 from model.events import Event, encode_event
 from model.interactions import Interactions
+from stream.kafka_clients import produce_waiting
 
 
 class ReplayError(HRNNError):
@@ -110,7 +111,7 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
                 producer.poll(min(wait, 0.1))  # serve delivery reports while pacing instead of idling
             if retime:
                 event = dataclasses.replace(event, timestamp_ms=int(time.time() * 1000))
-            _produce(producer, topic, event.user_id.encode(), encode_event(event), on_delivery)
+            produce_waiting(producer, topic, encode_event(event), event.user_id.encode(), on_delivery=on_delivery)
             bar.update(1)
             if i % 1000 == 0:
                 producer.poll(0)
@@ -125,11 +126,3 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
         raise ReplayError(f"{len(failures)} of {total} events to {topic!r} were rejected: {shown}")
     return delivered
 
-
-def _produce(producer: ProducerLike, topic: str, key: bytes, value: bytes, on_delivery) -> None:
-    while True:
-        try:
-            producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-            return
-        except BufferError:
-            producer.poll(0.05)  # local queue full: let librdkafka drain it

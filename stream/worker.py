@@ -50,8 +50,8 @@ from model.state import StateFormatError, UserState, decode_state, encode_state
 from stream import records
 from stream.availability import AvailabilityReader
 from stream.hotswap import ModelHolder
-from stream.kafka_clients import (KafkaClientError, admin_client, consumer_config, error_detail, producer_config,
-                                  topic_id)
+from stream.kafka_clients import (KafkaClientError, admin_client, consumer_config, error_detail, produce_waiting,
+                                  producer_config, topic_id)
 from stream.observability import Health, WorkerMetrics
 from stream.settings import WorkerSettings
 from stream.store import ChangelogRecord, StateStores
@@ -514,12 +514,7 @@ class Worker:
     def _produce(self, topic: str, value: bytes | None, key: bytes | str | None, *, partition: int | None = None,
                  headers: list | None = None) -> None:
         kwargs = {"partition": partition} if partition is not None else {}
-        while True:
-            try:
-                self._producer.produce(topic, value, key, headers=headers, on_delivery=self._deliveries, **kwargs)
-                return
-            except BufferError:  # local queue full: let librdkafka send, then retry
-                self._producer.poll(0.05)
+        produce_waiting(self._producer, topic, value, key, headers=headers, on_delivery=self._deliveries, **kwargs)
 
     def _produce_changelog(self, fresh: list[Incoming], recs: Recommendations,
                            encoded: dict[int, dict[str, bytes]]) -> None:

@@ -25,5 +25,10 @@ def test_the_demo_recommends_every_valid_event_dead_letters_the_bad_and_swaps_in
     assert 0 < summary["p50_latency_ms"] <= summary["p99_latency_ms"]
     # `hrnn audit` over the stopped worker: every input record committed, each answered exactly once
     assert summary["audit"] == {"kept": True, "records": summary["events_in"], "unanswered": 0, "duplicated": 0}
-    assert all((out / name).stat().st_size > 0 for name in ("evaluation.png", "latency.png", "evaluation.json"))
+    # `hrnn quality`: both versions' lists judged by their users' next events, beside the reference
+    online = summary["online_recall@20"]
+    assert set(online) == {*summary["model_versions_seen"], "recent items (reference)"}
+    assert all(0 < r <= 1 for r in online.values())
+    assert all((out / name).stat().st_size > 0 for name in ("evaluation.png", "latency.png", "evaluation.json",
+                                                            "online_quality.png"))
     assert re.search(r"the worker scores on (cpu|cuda)", proc.stdout)

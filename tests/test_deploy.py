@@ -1,5 +1,5 @@
-"""The shipped deployment files: every container command is one `hrnn` accepts, and the audit job
-checks the group the workers run, with their settings."""
+"""The shipped deployment files: every container command is one `hrnn` accepts, and the audit and
+quality jobs check the group the workers run, with their settings."""
 from __future__ import annotations
 
 import shlex
@@ -42,9 +42,10 @@ def test_every_shipped_command_is_one_hrnn_accepts(where, argv):
     assert args.command == argv[0]
 
 
-def test_the_audit_job_reads_the_settings_file_the_workers_read():
+@pytest.mark.parametrize("job", ["audit", "quality"])
+def test_the_checking_jobs_read_the_settings_file_the_workers_read(job):
     containers = _containers()
-    worker, audit = containers["worker"], containers["audit"]
+    worker, audit = containers["worker"], containers[job]
 
     def config_map_of(container: dict) -> tuple[str, str]:
         path = container["args"][container["args"].index("--config") + 1]
@@ -52,5 +53,5 @@ def test_the_audit_job_reads_the_settings_file_the_workers_read():
         volume = next(v for v in container["volumes"] if v["name"] == mount["name"])
         return volume["configMap"]["name"], path[len(mount["mountPath"]) + 1:]
 
-    assert audit["args"][0] == "audit" and config_map_of(audit) == config_map_of(worker) == ("hrnn-config",
+    assert audit["args"][0] == job and config_map_of(audit) == config_map_of(worker) == ("hrnn-config",
                                                                                               "worker.toml")

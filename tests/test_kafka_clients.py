@@ -145,7 +145,7 @@ def test_a_topic_created_again_under_its_name_has_another_id(broker):
 
 @pytest.mark.broker
 def test_the_first_offset_since_a_time_is_found_by_its_records_timestamps(broker):
-    from stream.kafka_clients import first_offsets_since
+    from stream.kafka_clients import window_offsets
     topic, base = f"since-{uuid.uuid4().hex[:8]}", 1_700_000_000_000
     p = Producer({"bootstrap.servers": broker.bootstrap})
     for i in range(20):  # one second apart, in four batches
@@ -154,11 +154,12 @@ def test_the_first_offset_since_a_time_is_found_by_its_records_timestamps(broker
             p.flush(10)
 
     def first(since_ms: int, bounds: tuple[int, int] = (0, 20)) -> int:
-        return first_offsets_since(broker.bootstrap, topic, since_ms, {0: bounds})[0][0]
+        return window_offsets(broker.bootstrap, topic, since_ms, {0: bounds})[0][0]
 
     assert [first(base + t) for t in (-1, 0, 1, 4_500, 5_000, 19_000, 30_000)] == [0, 0, 1, 5, 5, 19, 20]
     assert first(base, (3, 20)) == 3  # not before the first offset given
     assert first(base, (0, 0)) == 0  # an empty partition
     # The local broker reports a partition's end as its last batch's base offset + 1 (16 here): the end is
     # read again from the records, and the window's first offset can lie past the reported end.
-    assert first_offsets_since(broker.bootstrap, topic, base + 17_000, {0: (0, 16)})[0] == (17, 20)
+    assert window_offsets(broker.bootstrap, topic, base + 17_000, {0: (0, 16)})[0] == (17, 20)
+    assert window_offsets(broker.bootstrap, topic, None, {0: (2, 16)})[0] == (2, 20)  # no time: all of it

@@ -1,0 +1,76 @@
+"""`hrnn quality`: how well the recommendations served did, judged by each user's next event
+(see stream/quality.py): recall@k and MRR@k per model version, beside a recent-items reference.
+
+The worker group's topics and client settings resolve as for `hrnn serve` and `hrnn audit`.
+Exit status: 0 with a report (also when nothing could be judged yet), 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from model.errors import ConfigError
+from stream.cli_common import add_deployment_flags, deployment_settings
+from stream.settings import MAX_K
+
+if TYPE_CHECKING:
+    from stream.quality import QualityReport
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_deployment_flags(parser, "judge the recommendations of")
+    a = parser.add_argument
+    a("--cutoffs", default="1,5,10,20", metavar="K,K,...", help="the k of recall@k, comma-separated (default "
+      "1,5,10,20; MRR is at the largest); past the worker's list length recall@k is that of the whole list")
+    a("--png", help="also draw recall@k and MRR@k (the largest k) over time, per version, to this PNG")
+    a("--bucket-s", type=float, help="the chart's time buckets (default: about 30 over the recommendations judged)")
+
+
+def _ks(text: str) -> list[int]:
+    try:
+        ks = sorted({int(k) for k in text.split(",") if k.strip()})
+    except ValueError:
+        raise ConfigError(f"--cutoffs must be whole numbers separated by commas, got {text!r}") from None
+    if not ks or ks[0] < 1 or ks[-1] > MAX_K:
+        raise ConfigError(f"--cutoffs {text!r}: each must lie in [1, {MAX_K}]")
+    return ks
+
+
+def _cell(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.4f}"
+
+
+def print_report(report: QualityReport, out: TextIO = sys.stdout) -> None:
+    k_max = max(report.ks)
+    heads = [f"recall@{k}" for k in report.ks] + [f"mrr@{k_max}"]
+    width = max([len(r["name"]) for r in report.rows()] + [13])
+    print(f"{'model version':<{width}}  {'next event':<12} {'judged':>8} " + " ".join(f"{h:>9}" for h in heads),
+          file=out)
+    for r in report.rows():
+        name = r["name"] if r["kind"] == "all" else ""
+        print(f"{name:<{width}}  {r['kind']:<12} {r['judged']:>8} " + " ".join(f"{_cell(r[h]):>9}" for h in heads),
+              file=out)
+    print(f"{len(report.verdicts.rank)} recommendations judged by the user's next event on {report.input_topic!r}; "
+          f"{report.pending} await their user's next event", file=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stream.quality import plot_quality, quality_worker
+
+    ks = _ks(args.cutoffs)
+    if args.bucket_s is not None and args.bucket_s <= 0:
+        raise ConfigError(f"--bucket-s must be > 0 seconds, got {args.bucket_s:g}")
+    settings, since_ms = deployment_settings(args)
+    report = quality_worker(settings, ks=ks, since_ms=since_ms, idle_s=args.idle_s, timeout_s=args.timeout_s,
+                            progress=lambda line: print(f"hrnn quality: {line}", file=sys.stderr))
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if args.png:
+        bucket_ms = None if args.bucket_s is None else max(1, int(args.bucket_s * 1000))
+        print(f"chart: {plot_quality(report, args.png, max(ks), bucket_ms)}")
+    return 0

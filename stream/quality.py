@@ -1,0 +1,279 @@
+"""Online recommendation quality (`hrnn quality`): how often a user's next event hit the list the
+worker sent for the event before it, per model version, read from the topics a deployment already has.
+
+A recommendation answers an input record (its partition and offset); it is judged against the item of
+the same user's next valid event on the input topic. Events are keyed by user, so that one lies later in
+the same partition (a mis-keyed event's re-keyed copy too: the worker scores the copy, not the original).
+The figures are the offline next-item ones on live traffic: recall@k (the next item among the first k of
+the list) and MRR@k, also split by whether the next event continued the session (its recommendation names
+the same session) or opened the user's next one: the cross-session step the hierarchical model is for.
+
+Beside every version, on the same judged events, a reference list: the user's own distinct items of the
+events read, newest first (a plain repeat heuristic). It knows only the window's events while the worker's
+state holds the user's whole history, so on a short window it is handicapped: compare versions with each
+other, and the reference over long windows.
+
+A recommendation whose user had no later event among those read is `pending`, not judged; one read twice
+(at least once: a batch replayed after a crash) is judged once. What the worker left out of a list (items
+off sale, purchases) was not shown, so a next event on it is a miss: the figures are what users saw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import msgspec
+import numpy as np
+
+from model.events import decode_event
+from model.errors import EventError
+from stream import records
+from stream.kafka_clients import ClientSettings, KafkaClientError, Record, admin_client, topic_id
+from stream.settings import MAX_K, WorkerSettings
+from stream.topic_window import Bounds, read_window, window_bounds
+
+REFERENCE = "recent items (reference)"
+DEFAULT_KS = (1, 5, 10, 20)
+
+
+@dataclass
+class Ranks:
+    """Judged recommendations counted by the rank of the next item in the list (index 0: not in it)."""
+
+    counts: np.ndarray
+
+    @property
+    def judged(self) -> int:
+        return int(self.counts.sum())
+
+    def recall(self, k: int) -> float:
+        return float(self.counts[1:k + 1].sum() / self.judged) if self.judged else float("nan")
+
+    def mrr(self, k: int) -> float:
+        hits = self.counts[1:k + 1]
+        return float((hits / np.arange(1, len(hits) + 1)).sum() / self.judged) if self.judged else float("nan")
+
+
+SAME, NEXT = 1, 2  # kinds of judged recommendation; 0: the next event's recommendation was not read
+
+
+@dataclass
+class Verdicts:
+    """The judged recommendations, one entry each: ranks are 1-based, 0 where the next item was not in the list."""
+
+    versions: list[str]  # names of the version codes, in the order they first served
+    version: np.ndarray  # code into `versions`
+    emitted_at: np.ndarray  # ms
+    rank: np.ndarray
+    reference_rank: np.ndarray
+    kind: np.ndarray  # SAME, NEXT or 0
+
+    def ranks(self, mask: np.ndarray, reference: bool = False) -> Ranks:
+        ranks = (self.reference_rank if reference else self.rank)[mask]
+        return Ranks(np.bincount(ranks, minlength=MAX_K + 1).astype(np.int64))
+
+
+@dataclass
+class QualityReport:
+    input_topic: str
+    output_topic: str
+    ks: list[int]
+    since_ms: int | None
+    verdicts: Verdicts
+    pending: int = 0  # recommendations whose user had no later event among those read
+    input_log: str | None = None
+
+    def ranks(self) -> dict[str, dict[str, Ranks]]:
+        """name (a version, or REFERENCE over every judged recommendation) -> kind -> Ranks."""
+        v = self.verdicts
+        kinds = {"all": v.kind >= 0, "same session": v.kind == SAME, "next session": v.kind == NEXT}
+        out = {name: {kind: v.ranks(m & (v.version == code)) for kind, m in kinds.items()}
+               for code, name in enumerate(v.versions)}
+        if len(v.rank):
+            out[REFERENCE] = {kind: v.ranks(m, reference=True) for kind, m in kinds.items()}
+        return out
+
+    def rows(self) -> list[dict]:
+        k_max = max(self.ks)
+        return [{"name": name, "kind": kind, "judged": r.judged,
+                 **{f"recall@{k}": r.recall(k) for k in self.ks}, f"mrr@{k_max}": r.mrr(k_max)}
+                for name, by_kind in self.ranks().items() for kind, r in by_kind.items()]
+
+    def series(self, k: int, bucket_ms: int) -> dict[str, list[tuple[int, int, float, float]]]:
+        """name -> (bucket start ms, judged, recall@k, MRR@k) per bucket of emission time with judged events."""
+        v = self.verdicts
+        bucket = v.emitted_at // bucket_ms * bucket_ms
+        out: dict[str, list[tuple[int, int, float, float]]] = {}
+        for code, name in [*enumerate(v.versions), (-1, REFERENCE)]:
+            mine = v.version == code if code >= 0 else np.ones(len(bucket), bool)
+            rows = []
+            for b in np.unique(bucket[mine]):
+                r = v.ranks(mine & (bucket == b), reference=code < 0)
+                rows.append((int(b), r.judged, r.recall(k), r.mrr(k)))
+            if rows:
+                out[name] = rows
+        return out
+
+    def to_dict(self) -> dict:
+        return {"input_topic": self.input_topic, "output_topic": self.output_topic, "input_log": self.input_log,
+                "since_ms": self.since_ms, "ks": self.ks, "judged": len(self.verdicts.rank),
+                "pending": self.pending, "versions": self.verdicts.versions, "rows": self.rows()}
+
+
+class Board:
+    """Per input partition, what is known of each event read, by offset: its user's next event (the offset
+    and its item), the reference list's rank of that item, and what its recommendation said."""
+
+    def __init__(self, first: int, end: int) -> None:
+        n = max(0, end - first)
+        self.first, self.end = first, end
+        self.next = np.full(n, -1, np.int64)  # offset of the same user's next event; -1: none read
+        self.item = np.full(n, -1, np.int32)  # that event's item, a code into Judge.items
+        self.reference = np.zeros(n, np.int16)
+        self.rank = np.full(n, -1, np.int16)  # -1: no recommendation read
+        self.version = np.full(n, -1, np.int16)
+        self.session = np.full(n, -1, np.int64)  # a code into Judge.sessions
+        self.emitted = np.zeros(n, np.int64)
+
+    def holds(self, offset: int) -> bool:
+        return self.first <= offset < self.end
+
+    def verdicts(self) -> tuple[np.ndarray, ...]:
+        """(version, emitted_at, rank, reference rank, kind) of the recommendations judged here."""
+        judged = np.flatnonzero((self.rank >= 0) & (self.next >= 0))
+        after = self.session[self.next[judged] - self.first]  # the next event is one of those read: on this board
+        kind = np.where(after < 0, 0, np.where(after == self.session[judged], SAME, NEXT))
+        return (self.version[judged], self.emitted[judged], self.rank[judged].astype(np.int64),
+                self.reference[judged].astype(np.int64), kind)
+
+
+class Judge:
+    """Reads the input events (`add_event`) and then the recommendations (`add_recommendation`), and judges
+    each recommendation against the item of its user's next event."""
+
+    def __init__(self, bounds: Bounds, input_topic: str, input_log: str | None, depth: int) -> None:
+        self.boards = {p: Board(first, end) for p, (first, end) in bounds.items()}
+        self.topic, self.log, self.depth = input_topic, input_log, depth
+        self.last: dict[tuple[int, str], int] = {}  # (partition, user) -> offset of the user's latest event
+        self.recent: dict[str, list[int]] = {}  # user -> the reference list: distinct item codes, newest first
+        self.items: dict[str, int] = {}  # item -> code; item_names[code] -> item
+        self.item_names: list[str] = []
+        self.sessions: dict[str | None, int] = {}
+        self.versions: dict[str, int] = {}
+        self.pending = 0
+
+    def add_event(self, r: Record) -> None:
+        board = self.boards.get(r.partition)
+        if board is None or not board.holds(r.offset):
+            return
+        try:
+            event = decode_event(r.value)
+        except EventError:
+            return  # a dead letter: no recommendation to judge, and not an event of the user
+        if r.key != event.user_id.encode():
+            return  # mis-keyed: the worker re-keys it and scores the copy, which is read in its own partition
+        user, item = event.user_id, self._item_code(event.item_id)  # codes: one int object per item, shared
+        recent = self.recent.setdefault(user, [])
+        before = self.last.get((r.partition, user))
+        if before is not None:
+            i = before - board.first
+            board.next[i], board.item[i] = r.offset, item
+            board.reference[i] = recent.index(item) + 1 if item in recent else 0
+        self.last[(r.partition, user)] = r.offset
+        if item in recent:
+            recent.remove(item)
+        recent.insert(0, item)
+        del recent[self.depth:]
+
+    def add_recommendation(self, r: Record) -> None:
+        try:
+            rec = records.decode_recommendation(r.value or b"")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        board = self.boards.get(rec.source_partition)
+        if board is None or not board.holds(rec.source_offset) \
+                or not records.names_log(self.topic, self.log, rec.source_topic, rec.source_log):
+            return  # an event outside those read, or another log's
+        i = rec.source_offset - board.first
+        if board.rank[i] >= 0:
+            return  # a replay's second answer: judged once
+        board.session[i] = self.sessions.setdefault(rec.session_id, len(self.sessions))
+        board.version[i] = self.versions.setdefault(rec.model_version, len(self.versions))
+        board.emitted[i] = rec.emitted_at
+        if board.next[i] < 0:
+            board.rank[i] = 0  # read (a replay's answer is not counted again), but not judged: no next event
+            self.pending += 1
+            return
+        wanted = self.item_names[board.item[i]]
+        board.rank[i] = next((n for n, s in enumerate(rec.items, 1) if s.item_id == wanted), 0)
+
+    def _item_code(self, item: str) -> int:
+        code = self.items.get(item)
+        if code is None:
+            code = self.items[item] = len(self.item_names)
+            self.item_names.append(item)
+        return code
+
+    def verdicts(self) -> Verdicts:
+        parts = [b.verdicts() for b in self.boards.values()]
+        cols = [np.concatenate([p[c] for p in parts]) if parts else np.zeros(0, np.int64) for c in range(5)]
+        version, emitted = cols[0], cols[1]
+        names = list(self.versions)
+        # Number the versions judged in the order they first served, as a table and a plot read them.
+        order = sorted(np.unique(version), key=lambda code: emitted[version == code].min())
+        recode = np.zeros(len(names), np.int64)
+        recode[order] = np.arange(len(order))
+        return Verdicts([names[c] for c in order], recode[version], emitted, cols[2], cols[3], cols[4])
+
+
+def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable[int] = DEFAULT_KS,
+            extra: ClientSettings | None = None, admin_extra: ClientSettings | None = None,
+            since_ms: int | None = None, idle_s: float = 2.0, timeout_s: float = 600.0,
+            progress: Callable[[str], None] = lambda _: None) -> QualityReport:
+    """Judge the recommendations on `output_topic` against the next events on `input_topic`; with `since_ms`,
+    those of the input records of that time on (Kafka timestamps, epoch ms)."""
+    ks = sorted(set(ks))
+    bounds = window_bounds(bootstrap, [input_topic, output_topic], input_topic, since_ms, extra)
+    if not bounds[input_topic]:
+        raise KafkaClientError(f"topic {input_topic!r} does not exist on {bootstrap}")
+    log = topic_id(admin_client(bootstrap, extra if admin_extra is None else admin_extra), input_topic)
+    judge = Judge(bounds[input_topic], input_topic, log, depth=max(ks))
+    read_window(bootstrap, input_topic, bounds[input_topic], judge.add_event, idle_s=idle_s, timeout_s=timeout_s,
+                extra=extra, progress=progress)
+    read_window(bootstrap, output_topic, bounds[output_topic], judge.add_recommendation, idle_s=idle_s,
+                timeout_s=timeout_s, extra=extra, progress=progress)
+    return QualityReport(input_topic, output_topic, ks, since_ms, judge.verdicts(), judge.pending, log)
+
+
+def quality_worker(settings: WorkerSettings, **kwargs) -> QualityReport:
+    """`quality` of the worker group `settings` configure: its topics and client settings."""
+    return quality(settings.bootstrap_servers, input_topic=settings.input_topic, output_topic=settings.output_topic,
+                   extra=settings.consumer_kafka, admin_extra=settings.kafka, **kwargs)
+
+
+def bucket_ms_for(report: QualityReport, buckets: int = 30) -> int:
+    """A bucket width (whole seconds) that cuts the judged recommendations' emission times into about `buckets`."""
+    t = report.verdicts.emitted_at
+    span = int(t.max() - t.min()) if len(t) else 0
+    return max(1000, -(-span // (buckets * 1000)) * 1000)
+
+
+def plot_quality(report: QualityReport, path: str | Path, k: int, bucket_ms: int | None = None) -> Path:
+    """Recall@k and MRR@k over emission time, one line per version and the reference dashed."""
+    from model.plots import plt, save_figure  # matplotlib only when a chart is asked for
+
+    bucket_ms = bucket_ms or bucket_ms_for(report)
+    series = report.series(k, bucket_ms)
+    t0 = min((rows[0][0] for rows in series.values()), default=0)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in series.items():
+        t = [(b + bucket_ms / 2 - t0) / 1000 for b, *_ in rows]
+        style = {"ls": "--", "color": "grey"} if name == REFERENCE else {"marker": "o", "ms": 3}
+        for ax, col in zip(axes, (2, 3)):
+            ax.plot(t, [r[col] for r in rows], label=name, **style)
+    for ax, metric in zip(axes, (f"recall@{k}", f"MRR@{k}")):
+        ax.set(xlabel=f"seconds since the first recommendation judged ({bucket_ms / 1000:g} s buckets)",
+               ylabel=f"{metric} of the next event", title=f"Online {metric} by model version")
+        ax.legend(fontsize=8)
+    return save_figure(fig, path, dpi=110)

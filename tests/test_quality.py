@@ -1,0 +1,173 @@
+"""`hrnn quality`: each recommendation judged by its user's next event, per model version."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.events import Event, encode_event
+from stream.kafka_clients import Record
+from stream.quality import REFERENCE, Judge, QualityReport, bucket_ms_for, plot_quality, quality_worker
+from stream.records import Recommendation, ScoredItem, decode_recommendation, encode_recommendation
+from worker_testkit import make_events, make_registry, produce, records_of, running, settings_for, wait_until
+
+HRNN = str(Path(sys.executable).with_name("hrnn"))
+LOG = "01" * 16
+T0 = 1_700_000_000_000
+
+
+def _event(p: int, offset: int, user: str, item: str, key: str | None = None) -> Record:
+    value = encode_event(Event(user, item, "click", T0 + offset * 1000))
+    return Record("ev", p, offset, (key or user).encode(), value, None)
+
+
+def _rec(p: int, offset: int, items: list[str], *, session: str = "s1", version: str = "v1", emitted: int = 0,
+         log: str | None = LOG, user: str = "u1") -> Record:
+    value = encode_recommendation(Recommendation(
+        user_id=user, items=[ScoredItem(i, 1.0 / n) for n, i in enumerate(items, 1)], model_version=version,
+        session_id=session, event_id=None, source_partition=p, source_offset=offset, event_timestamp=T0,
+        emitted_at=T0 + emitted, source_topic="ev", source_log=log))
+    return Record("rec", 0, 0, user.encode(), value, None)
+
+
+def _report(events: list[Record], recs: list[Record], bounds=None, ks=(1, 5, 20)) -> QualityReport:
+    bounds = bounds or {p: (0, 100) for p in {e.partition for e in events}}
+    judge = Judge(bounds, "ev", LOG, depth=max(ks))
+    for r in events:
+        judge.add_event(r)
+    for r in recs:
+        judge.add_recommendation(r)
+    return QualityReport("ev", "rec", list(ks), None, judge.verdicts(), judge.pending, LOG)
+
+
+def _row(report: QualityReport, name: str, kind: str = "all") -> dict:
+    return next(r for r in report.rows() if r["name"] == name and r["kind"] == kind)
+
+
+def test_a_recommendation_is_judged_by_the_rank_of_its_users_next_item():
+    events = [_event(0, 0, "u1", "a"), _event(0, 1, "u2", "x"), _event(0, 2, "u1", "b"), _event(0, 3, "u1", "c")]
+    recs = [_rec(0, 0, ["b", "z"]), _rec(0, 1, ["x"], user="u2"), _rec(0, 2, ["z", "y", "c"]),
+            _rec(0, 3, ["a"], session="s2")]
+    report = _report(events, recs)
+    row = _row(report, "v1")
+    assert row["judged"] == 2 and report.pending == 2  # u2's only event and u1's last await a next event
+    assert (row["recall@1"], row["recall@5"]) == (0.5, 1.0)
+    assert row["mrr@20"] == pytest.approx((1 + 1 / 3) / 2)
+    # 0 -> 2 stayed in session s1; 2 -> 3 opened s2
+    assert _row(report, "v1", "same session")["judged"] == 1 and _row(report, "v1", "same session")["recall@1"] == 1
+    assert _row(report, "v1", "next session")["judged"] == 1 and _row(report, "v1", "next session")["recall@1"] == 0
+
+
+def test_the_reference_ranks_the_users_own_distinct_items_newest_first():
+    events = [_event(0, o, "u1", item) for o, item in enumerate(["a", "b", "a", "c", "b"])]
+    recs = [_rec(0, o, []) for o in range(5)]
+    report = _report(events, recs)
+    ref = _row(report, REFERENCE)
+    # next items b (not seen), a (rank 2 of [b, a]), c (unseen), b (rank 3 of [c, a, b])
+    assert ref["judged"] == 4 and ref["recall@1"] == 0 and ref["recall@5"] == 0.5
+    assert ref["mrr@20"] == pytest.approx((1 / 2 + 1 / 3) / 4)
+    assert _row(report, "v1")["recall@20"] == 0  # empty lists hit nothing
+
+
+def test_a_replayed_answer_is_judged_once_and_other_logs_and_offsets_outside_the_window_not_at_all():
+    events = [_event(0, o, "u1", item) for o, item in zip(range(10, 14), "abcd")]
+    recs = [_rec(0, 10, ["b"]), _rec(0, 10, ["z"]),  # a replay's second answer does not count again
+            _rec(0, 11, ["c"], log="02" * 16),  # the answer to a deleted log of the same name
+            _rec(0, 9, ["a"]), _rec(0, 20, ["a"]),  # offsets outside those read
+            _rec(0, 12, ["d", "c"])]
+    report = _report(events, recs, bounds={0: (10, 14)})
+    row = _row(report, "v1")
+    assert (row["judged"], row["recall@1"], report.pending) == (2, 1.0, 0)
+
+
+def test_dead_letters_and_mis_keyed_originals_are_not_events_of_the_user():
+    bad = Record("ev", 0, 1, b"u1", b"{not json", None)
+    events = [_event(0, 0, "u1", "a"), bad, _event(0, 2, "u1", "x", key="someone-else"), _event(0, 3, "u1", "b")]
+    report = _report(events, [_rec(0, 0, ["b"])])
+    assert _row(report, "v1")["judged"] == 1 and _row(report, "v1")["recall@1"] == 1.0
+
+
+def test_versions_are_listed_in_the_order_they_first_served_and_charted_over_time(tmp_path):
+    events = [_event(0, o, "u1", "a") for o in range(6)]
+    recs = [_rec(0, o, ["a"] if o >= 3 else ["z"], version="new" if o >= 3 else "old", emitted=o * 10_000)
+            for o in range(6)]
+    report = _report(events, recs)
+    assert report.verdicts.versions == ["old", "new"]
+    assert [r["name"] for r in report.rows() if r["kind"] == "all"] == ["old", "new", REFERENCE]
+    assert (_row(report, "old")["recall@1"], _row(report, "new")["recall@1"]) == (0.0, 1.0)
+    series = report.series(20, 20_000)
+    assert [(b - T0, n, recall) for b, n, recall, _ in series["old"]] == [(0, 2, 0.0), (20_000, 1, 0.0)]
+    assert [(b - T0, n) for b, n, *_ in series["new"]] == [(20_000, 1), (40_000, 1)]
+    assert bucket_ms_for(report) == 2000  # 40 s of judged recommendations in about 30 whole-second buckets
+    png = plot_quality(report, tmp_path / "q.png", 20)
+    assert png.stat().st_size > 10_000
+
+
+def test_nothing_to_judge_gives_an_empty_report():
+    report = _report([_event(0, 0, "u1", "a")], [_rec(0, 0, ["a"])])
+    assert report.pending == 1 and len(report.verdicts.rank) == 0 and report.rows() == []
+
+
+def _naive_judgement(events: list[Record], recs: list[Record], k: int) -> tuple[int, int]:
+    """(judged, hits@k) as the docstring says, the plain way: per partition and user, the next event's item."""
+    nxt, last = {}, {}
+    for r in sorted(events, key=lambda r: (r.partition, r.offset)):
+        user = json.loads(r.value)["user_id"]
+        if (r.partition, user) in last:
+            nxt[(r.partition, last[(r.partition, user)])] = json.loads(r.value)["item_id"]
+        last[(r.partition, user)] = r.offset
+    judged = hits = 0
+    seen = set()
+    for r in recs:
+        rec = decode_recommendation(r.value)
+        key = (rec.source_partition, rec.source_offset)
+        if key in nxt and key not in seen:
+            seen.add(key)
+            judged += 1
+            hits += nxt[key] in [s.item_id for s in rec.items[:k]]
+    return judged, hits
+
+
+def test_on_a_running_worker_every_recommendation_is_judged_or_awaits_its_users_next_event(broker, tmp_path):
+    registry = make_registry(tmp_path / "reg")
+    settings = settings_for(broker.bootstrap, registry, tmp_path / "state", partitions=2, k=10)
+    events = make_events(300, 25, seed=4)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, events)
+        wait_until(lambda: len(records_of(broker.bootstrap, settings.output_topic)) >= len(events), 90,
+                   message="every recommendation")
+    report = quality_worker(settings, ks=[1, 10], idle_s=1.5)
+    judged, hits = _naive_judgement(records_of(broker.bootstrap, settings.input_topic),
+                                    records_of(broker.bootstrap, settings.output_topic), 10)
+    row = _row(report, report.verdicts.versions[0])
+    assert report.pending == len({e.user_id for e in events}) and judged + report.pending == len(events)
+    assert row["judged"] == judged and row["recall@10"] == pytest.approx(hits / judged)
+    assert len(report.verdicts.versions) == 1 and report.input_log is not None
+    kinds = {r["kind"]: r["judged"] for r in report.rows() if r["name"] == row["name"]}
+    assert kinds["same session"] + kinds["next session"] == judged and kinds["next session"] > 0
+
+    out = tmp_path / "q.json"
+    proc = subprocess.run([HRNN, "quality", "--bootstrap-servers", broker.bootstrap, "--input-topic",
+                           settings.input_topic, "--output-topic", settings.output_topic, "--idle-s", "1.5",
+                           "--cutoffs", "10,1", "--json", str(out), "--png", str(tmp_path / "q.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{judged} recommendations judged" in proc.stdout and (tmp_path / "q.png").exists()
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report.rows()))
+
+
+@pytest.mark.parametrize("flags, message", [(["--cutoffs", "0,5"], "each must lie in"),
+                                            (["--cutoffs", "five"], "whole numbers"),
+                                            (["--bucket-s", "0"], "--bucket-s")])
+def test_the_command_refuses_bad_cut_offs_and_buckets(flags, message):
+    proc = subprocess.run([HRNN, "quality", *flags], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_the_command_names_an_input_topic_that_does_not_exist(broker):
+    proc = subprocess.run([HRNN, "quality", "--bootstrap-servers", broker.bootstrap, "--input-topic", "no-such-ev",
+                           "--idle-s", "1"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "'no-such-ev' does not exist" in proc.stderr
