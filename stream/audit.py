@@ -28,7 +28,7 @@ from stream import records
 from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, admin_client, consumer_config,
                                   error_detail, topic_id, topic_partitions)
 from stream.settings import WorkerSettings
-from stream.topic_window import read_window, window_bounds
+from stream.topic_window import ANSWER_SKEW_MS, earlier, read_window, window_bounds
 
 SHOWN = 20  # unanswered offsets listed per partition; the count is always complete
 # One byte of flags per audited offset, so a log of any length costs a byte per record, not a record.
@@ -179,7 +179,9 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
     committed = committed_offsets(bootstrap, group, input_topic, extra)  # first: see the module docstring
     # Answers to committed records were written before the commit: they lie below the ends read now
     # (a re-keyed copy too, which may lie past its own partition's committed offset).
-    bounds = window_bounds(bootstrap, [input_topic, output_topic, dlq_topic], input_topic, since_ms, extra)
+    answers_since = earlier(since_ms, ANSWER_SKEW_MS)
+    bounds = window_bounds(bootstrap, {input_topic: since_ms, output_topic: answers_since, dlq_topic: answers_since},
+                           extra)
     ranges = {p: (bounds[input_topic].get(p, (0, 0))[0], c) for p, c in committed.items()}
     progress("audited offsets [start, committed) per partition: "
              + ", ".join(f"{p}: [{s}, {'-' if c is None else c})" for p, (s, c) in sorted(ranges.items())))

@@ -17,6 +17,10 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
     """--bootstrap-servers (default $HRNN_BOOTSTRAP_SERVERS, else the local broker) and --kafka-config."""
     parser.add_argument("--bootstrap-servers", default=os.environ.get("HRNN_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
                         help="Kafka bootstrap servers (default $HRNN_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
+    _add_kafka_config(parser)
+
+
+def _add_kafka_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
                         help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
 
@@ -38,8 +42,7 @@ def add_deployment_flags(parser: argparse.ArgumentParser, checks: str) -> None:
       "until no record came for S seconds (default 2)")
     a("--timeout-s", type=float, default=600.0, help="give up reading a topic after S seconds")
     a("--json", help="also write the report as JSON to this file")
-    a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
-      help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
+    _add_kafka_config(parser)
     a("--kafka-config-file", help="client.properties file with librdkafka settings")
 
 

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--cutoffs", default="1,5,10,20", metavar="K,K,...", help="the k of recall@k, comma-separated (default "
       "1,5,10,20; MRR is at the largest); past the worker's list length recall@k is that of the whole list")
+    a("--history-s", type=float, default=0.0, help="with --since-s: also read the events of S seconds before the "
+      "window, not judged, so the recent-items reference knows the users' earlier items (default 0)")
     a("--png", help="also draw recall@k and MRR@k (the largest k) over time, per version, to this PNG")
     a("--bucket-s", type=float, help="the chart's time buckets (default: about 30 over the recommendations judged)")
 
@@ -64,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
     ks = _ks(args.cutoffs)
     if args.bucket_s is not None and args.bucket_s <= 0:
         raise ConfigError(f"--bucket-s must be > 0 seconds, got {args.bucket_s:g}")
+    if args.history_s < 0 or (args.history_s and args.since_s is None):
+        raise ConfigError(f"--history-s must be >= 0 seconds and needs --since-s (without a window every event is "
+                          f"read), got {args.history_s:g}")
     settings, since_ms = deployment_settings(args)
-    report = quality_worker(settings, ks=ks, since_ms=since_ms, idle_s=args.idle_s, timeout_s=args.timeout_s,
+    report = quality_worker(settings, ks=ks, since_ms=since_ms, history_ms=int(args.history_s * 1000),
+                            idle_s=args.idle_s, timeout_s=args.timeout_s,
                             progress=lambda line: print(f"hrnn quality: {line}", file=sys.stderr))
     print_report(report)
     if args.json:

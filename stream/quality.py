@@ -9,9 +9,9 @@ the list) and MRR@k, also split by whether the next event continued the session 
 the same session) or opened the user's next one: the cross-session step the hierarchical model is for.
 
 Beside every version, on the same judged events, a reference list: the user's own distinct items of the
-events read, newest first (a plain repeat heuristic). It knows only the window's events while the worker's
-state holds the user's whole history, so on a short window it is handicapped: compare versions with each
-other, and the reference over long windows.
+events read, newest first (a plain repeat heuristic). It knows only the events read while the worker's state
+holds the user's whole history, so on a short window it is handicapped unless `history_ms` of events before
+the window are read for it too (they are not judged).
 
 A recommendation whose user had no later event among those read is `pending`, not judged; one read twice
 (at least once: a batch replayed after a crash) is judged once. What the worker left out of a list (items
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import msgspec
 import numpy as np
@@ -31,7 +31,7 @@ from model.errors import EventError
 from stream import records
 from stream.kafka_clients import ClientSettings, KafkaClientError, Record, admin_client, topic_id
 from stream.settings import MAX_K, WorkerSettings
-from stream.topic_window import Bounds, read_window, window_bounds
+from stream.topic_window import ANSWER_SKEW_MS, Bounds, earlier, read_window, window_bounds
 
 REFERENCE = "recent items (reference)"
 DEFAULT_KS = (1, 5, 10, 20)
@@ -152,8 +152,11 @@ class Judge:
     """Reads the input events (`add_event`) and then the recommendations (`add_recommendation`), and judges
     each recommendation against the item of its user's next event."""
 
-    def __init__(self, bounds: Bounds, input_topic: str, input_log: str | None, depth: int) -> None:
+    def __init__(self, bounds: Bounds, input_topic: str, input_log: str | None, depth: int,
+                 judged_from: Mapping[int, int] | None = None) -> None:
         self.boards = {p: Board(first, end) for p, (first, end) in bounds.items()}
+        # Events before these offsets (the history read for the reference list) are not judged.
+        self.judged_from = judged_from or {}
         self.topic, self.log, self.depth = input_topic, input_log, depth
         self.last: dict[tuple[int, str], int] = {}  # (partition, user) -> offset of the user's latest event
         self.recent: dict[str, list[int]] = {}  # user -> the reference list: distinct item codes, newest first
@@ -193,8 +196,9 @@ class Judge:
             return
         board = self.boards.get(rec.source_partition)
         if board is None or not board.holds(rec.source_offset) \
+                or rec.source_offset < self.judged_from.get(rec.source_partition, 0) \
                 or not records.names_log(self.topic, self.log, rec.source_topic, rec.source_log):
-            return  # an event outside those read, or another log's
+            return  # an event outside those judged, or another log's
         i = rec.source_offset - board.first
         if board.rank[i] >= 0:
             return  # a replay's second answer: judged once
@@ -229,16 +233,20 @@ class Judge:
 
 def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable[int] = DEFAULT_KS,
             extra: ClientSettings | None = None, admin_extra: ClientSettings | None = None,
-            since_ms: int | None = None, idle_s: float = 2.0, timeout_s: float = 600.0,
+            since_ms: int | None = None, history_ms: int = 0, idle_s: float = 2.0, timeout_s: float = 600.0,
             progress: Callable[[str], None] = lambda _: None) -> QualityReport:
     """Judge the recommendations on `output_topic` against the next events on `input_topic`; with `since_ms`,
-    those of the input records of that time on (Kafka timestamps, epoch ms)."""
+    those of the input records of that time on (Kafka timestamps, epoch ms), the events of `history_ms` before
+    it read too, for the reference list only."""
     ks = sorted(set(ks))
-    bounds = window_bounds(bootstrap, [input_topic, output_topic], input_topic, since_ms, extra)
+    bounds = window_bounds(bootstrap, {input_topic: earlier(since_ms, history_ms),
+                                       output_topic: earlier(since_ms, ANSWER_SKEW_MS)}, extra)
     if not bounds[input_topic]:
         raise KafkaClientError(f"topic {input_topic!r} does not exist on {bootstrap}")
+    judged = bounds if not history_ms else window_bounds(bootstrap, {input_topic: since_ms}, extra)
     log = topic_id(admin_client(bootstrap, extra if admin_extra is None else admin_extra), input_topic)
-    judge = Judge(bounds[input_topic], input_topic, log, depth=max(ks))
+    judge = Judge(bounds[input_topic], input_topic, log, depth=max(ks),
+                  judged_from={p: first for p, (first, _) in judged[input_topic].items()})
     read_window(bootstrap, input_topic, bounds[input_topic], judge.add_event, idle_s=idle_s, timeout_s=timeout_s,
                 extra=extra, progress=progress)
     read_window(bootstrap, output_topic, bounds[output_topic], judge.add_recommendation, idle_s=idle_s,

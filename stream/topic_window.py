@@ -7,7 +7,7 @@ before it, since an answer is written after its input record.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 from stream.kafka_clients import ClientSettings, KafkaClientError, Record, window_offsets, scan, watermarks
 
@@ -18,14 +18,16 @@ ANSWER_SKEW_MS = 15 * 60_000
 Bounds = dict[int, tuple[int, int]]  # partition -> (first offset to read, end offset)
 
 
-def window_bounds(bootstrap: str, topics: list[str], input_topic: str, since_ms: int | None,
-                  extra: ClientSettings | None = None) -> dict[str, Bounds]:
-    """Each topic's (first, end) offsets per partition, ends as they are now: the whole log; with
-    `since_ms`, from the first input record of that time on, and the answers from ANSWER_SKEW_MS before it."""
-    def since(topic: str) -> int | None:
-        return None if since_ms is None else since_ms - (0 if topic == input_topic else ANSWER_SKEW_MS)
+def earlier(since_ms: int | None, ms: int) -> int | None:
+    """`ms` before `since_ms`; None (the whole log) stays None."""
+    return None if since_ms is None else since_ms - ms
 
-    return {t: window_offsets(bootstrap, t, since(t), watermarks(bootstrap, t, extra), extra) for t in topics}
+
+def window_bounds(bootstrap: str, starts: Mapping[str, int | None],
+                  extra: ClientSettings | None = None) -> dict[str, Bounds]:
+    """Each topic's (first, end) offsets per partition, ends as they are now: from the first record of its
+    start time on (epoch ms; None: the whole log). A window's answers start ANSWER_SKEW_MS before its input."""
+    return {t: window_offsets(bootstrap, t, since, watermarks(bootstrap, t, extra), extra) for t, since in starts.items()}
 
 
 def read_window(bootstrap: str, topic: str, bounds: Bounds, visit: Callable[[Record], None], *, idle_s: float,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,9 @@ def _rec(p: int, offset: int, items: list[str], *, session: str = "s1", version:
     return Record("rec", 0, 0, user.encode(), value, None)
 
 
-def _report(events: list[Record], recs: list[Record], bounds=None, ks=(1, 5, 20)) -> QualityReport:
+def _report(events: list[Record], recs: list[Record], bounds=None, ks=(1, 5, 20), judged_from=None) -> QualityReport:
     bounds = bounds or {p: (0, 100) for p in {e.partition for e in events}}
-    judge = Judge(bounds, "ev", LOG, depth=max(ks))
+    judge = Judge(bounds, "ev", LOG, depth=max(ks), judged_from=judged_from)
     for r in events:
         judge.add_event(r)
     for r in recs:
@@ -81,6 +82,15 @@ def test_a_replayed_answer_is_judged_once_and_other_logs_and_offsets_outside_the
     report = _report(events, recs, bounds={0: (10, 14)})
     row = _row(report, "v1")
     assert (row["judged"], row["recall@1"], report.pending) == (2, 1.0, 0)
+
+
+def test_events_read_as_history_inform_the_reference_but_are_not_judged():
+    events = [_event(0, o, "u1", item) for o, item in enumerate("abcab")]
+    recs = [_rec(0, o, ["z"]) for o in range(5)]
+    report = _report(events, recs, judged_from={0: 2})
+    # judged: 2 -> a (rank 3 of [c, b, a]) and 3 -> b (rank 3 of [a, c, b]); 4 awaits its next event
+    assert (_row(report, "v1")["judged"], report.pending) == (2, 1)
+    assert _row(report, REFERENCE)["mrr@20"] == pytest.approx(1 / 3)
 
 
 def test_dead_letters_and_mis_keyed_originals_are_not_events_of_the_user():
@@ -159,9 +169,42 @@ def test_on_a_running_worker_every_recommendation_is_judged_or_awaits_its_users_
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(report.rows()))
 
 
+def test_a_window_judges_the_answers_to_its_events_and_history_only_informs_the_reference(broker, tmp_path):
+    from stream.kafka_clients import admin_client, create_producer, topic_id
+    from stream.topics import TopicSpec, ensure_topics
+
+    settings = settings_for(broker.bootstrap, tmp_path, tmp_path, partitions=1)
+    ev, rec_topic, now_ms = settings.input_topic, settings.output_topic, int(time.time() * 1000)
+    admin = admin_client(broker.bootstrap)
+    ensure_topics(admin, [TopicSpec(ev, 1), TopicSpec(rec_topic, 1)])
+    log = topic_id(admin, ev)
+    items = "abcdabcd"  # offsets 0-3 two hours old, 4-7 recent; each list holds the next item first
+    producer = create_producer(broker.bootstrap)
+    for o, item in enumerate(items):
+        ts = now_ms - 2 * 3_600_000 if o < 4 else now_ms
+        producer.produce(ev, encode_event(Event("u1", item, "click", T0 + o)), b"u1", partition=0, timestamp=ts)
+        nxt = [items[o + 1]] if o + 1 < len(items) else []
+        value = encode_recommendation(Recommendation("u1", [ScoredItem(i, 1.0) for i in nxt], "v1", "s", None, 0, o,
+                                                     T0 + o, ts, ev, log))
+        producer.produce(rec_topic, value, b"u1", partition=0, timestamp=ts)
+    assert producer.flush(15) == 0
+    whole = quality_worker(settings, idle_s=1.5)
+    window = quality_worker(settings, since_ms=now_ms - 3_600_000, idle_s=1.5)
+    warmed = quality_worker(settings, since_ms=now_ms - 3_600_000, history_ms=3 * 3_600_000, idle_s=1.5)
+    assert (_row(whole, "v1")["judged"], _row(window, "v1")["judged"], _row(warmed, "v1")["judged"]) == (7, 3, 3)
+    assert _row(window, "v1")["recall@1"] == _row(warmed, "v1")["recall@1"] == 1.0
+    # the window alone has never seen the items 5, 6, 7 lead to; with the history each is the 4th newest
+    assert _row(window, REFERENCE)["recall@20"] == 0 and _row(warmed, REFERENCE)["mrr@20"] == pytest.approx(1 / 4)
+    proc = subprocess.run([HRNN, "quality", "--bootstrap-servers", broker.bootstrap, "--input-topic", ev,
+                           "--output-topic", rec_topic, "--since-s", "3600", "--history-s", "10800", "--idle-s", "1.5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "3 recommendations judged" in proc.stdout, proc.stderr
+
+
 @pytest.mark.parametrize("flags, message", [(["--cutoffs", "0,5"], "each must lie in"),
                                             (["--cutoffs", "five"], "whole numbers"),
-                                            (["--bucket-s", "0"], "--bucket-s")])
+                                            (["--bucket-s", "0"], "--bucket-s"),
+                                            (["--history-s", "60"], "needs --since-s")])
 def test_the_command_refuses_bad_cut_offs_and_buckets(flags, message):
     proc = subprocess.run([HRNN, "quality", *flags], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr
