@@ -82,7 +82,7 @@ def _write(bootstrap: str, name: str, users: int, steps: int, partitions: int, k
 
 def _judge(bootstrap: str, name: str, k: int) -> QualityReport:
     return quality(bootstrap, input_topic=f"ev-{name}", output_topic=f"rec-{name}", ks=[1, k], extra=CONSUMER,
-                   admin_extra={}, progress=lambda line: print(line, file=sys.stderr))
+                   progress=lambda line: print(line, file=sys.stderr))
 
 
 def main() -> int:

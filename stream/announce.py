@@ -99,10 +99,8 @@ class AnnouncementWatcher(CompactedTopicReader):
 
     def __init__(self, bootstrap: str, topic: str = MODEL_UPDATES_TOPIC, *, registry_id: str | None = None,
                  on_announcement: Callback | None = None, extra: ClientSettings | None = None,
-                 admin_extra: ClientSettings | None = None, poll_timeout_s: float = 0.5,
-                 create_topic: bool = True) -> None:
-        super().__init__(bootstrap, topic, extra=extra, admin_extra=admin_extra, poll_timeout_s=poll_timeout_s,
-                         create_topic=create_topic)
+                 poll_timeout_s: float = 0.5, create_topic: bool = True) -> None:
+        super().__init__(bootstrap, topic, extra=extra, poll_timeout_s=poll_timeout_s, create_topic=create_topic)
         self.registry_id, self.on_announcement = registry_id, on_announcement
         self.received = 0  # valid announcements read (matching registry_id)
         self.malformed = 0

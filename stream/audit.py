@@ -170,12 +170,12 @@ def committed_offsets(bootstrap: str, group: str, topic: str, extra: ClientSetti
 
 
 def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str, group: str,
-          exactly_once: bool = False, extra: ClientSettings | None = None,
-          admin_extra: ClientSettings | None = None, since_ms: int | None = None, idle_s: float = 2.0,
+          exactly_once: bool = False, extra: ClientSettings | None = None, since_ms: int | None = None,
+          idle_s: float = 2.0,
           timeout_s: float = 600.0, progress: Callable[[str], None] = lambda _: None) -> AuditReport:
     """Audit the group's committed input against the output, dead-letter and input topics; with
     `since_ms`, only the input records of that time on (Kafka timestamps, epoch ms). `extra` configures
-    the consumers, `admin_extra` (default `extra`) the admin client that reads the input topic's id."""
+    the clients."""
     committed = committed_offsets(bootstrap, group, input_topic, extra)  # first: see the module docstring
     # Answers to committed records were written before the commit: they lie below the ends read now
     # (a re-keyed copy too, which may lie past its own partition's committed offset).
@@ -185,7 +185,7 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
     ranges = {p: (bounds[input_topic].get(p, (0, 0))[0], c) for p, c in committed.items()}
     progress("audited offsets [start, committed) per partition: "
              + ", ".join(f"{p}: [{s}, {'-' if c is None else c})" for p, (s, c) in sorted(ranges.items())))
-    admin = admin_client(bootstrap, extra if admin_extra is None else admin_extra)
+    admin = admin_client(bootstrap, extra)
     ledger, foreign = Ledger(ranges, input_topic, topic_id(admin, input_topic)), 0
 
     def read(topic: str, note: Callable[[Record], bool | None]) -> None:
@@ -208,4 +208,4 @@ def audit_worker(settings: WorkerSettings, **kwargs) -> AuditReport:
     """`audit` of the worker group `settings` configure: its topics, group, guarantee and client settings."""
     return audit(settings.bootstrap_servers, input_topic=settings.input_topic, output_topic=settings.output_topic,
                  dlq_topic=settings.dlq_topic, group=settings.group, exactly_once=settings.exactly_once,
-                 extra=settings.consumer_kafka, admin_extra=settings.kafka, **kwargs)
+                 extra=settings.consumer_kafka, **kwargs)

@@ -87,10 +87,8 @@ class AvailabilityReader(CompactedTopicReader):
     thread_name = "hrnn-availability-reader"
 
     def __init__(self, bootstrap: str, topic: str = AVAILABILITY_TOPIC, *, extra: ClientSettings | None = None,
-                 admin_extra: ClientSettings | None = None, poll_timeout_s: float = 0.5,
-                 create_topic: bool = True) -> None:
-        super().__init__(bootstrap, topic, extra=extra, admin_extra=admin_extra, poll_timeout_s=poll_timeout_s,
-                         create_topic=create_topic)
+                 poll_timeout_s: float = 0.5, create_topic: bool = True) -> None:
+        super().__init__(bootstrap, topic, extra=extra, poll_timeout_s=poll_timeout_s, create_topic=create_topic)
         self.unavailable: frozenset[str] = frozenset()
         self.malformed = 0
         self._reasons: dict[str, str | None] = {}  # item -> reason, written by the reader thread only

@@ -36,16 +36,13 @@ def ensure_table_topic(bootstrap: str, topic: str, *, extra: ClientSettings | No
 class CompactedTopicReader:
     """Reads partition 0 of `topic` from its start on a thread; `error` holds what stopped it.
 
-    `extra` configures the consumer; `admin_extra` (default: `extra`) the client that creates the topic,
-    which librdkafka builds as a producer and warns about consumer-only settings."""
+    `extra` configures the consumer and the admin client that creates the topic."""
 
     thread_name = "hrnn-compacted-reader"
 
     def __init__(self, bootstrap: str, topic: str, *, extra: ClientSettings | None = None,
-                 admin_extra: ClientSettings | None = None, poll_timeout_s: float = 0.5,
-                 create_topic: bool = True) -> None:
+                 poll_timeout_s: float = 0.5, create_topic: bool = True) -> None:
         self.bootstrap, self.topic, self.extra = bootstrap, topic, extra
-        self.admin_extra = extra if admin_extra is None else admin_extra
         self.poll_timeout_s, self.create_topic = poll_timeout_s, create_topic
         self.error: BaseException | None = None
         self._caught_up = threading.Event()
@@ -69,7 +66,7 @@ class CompactedTopicReader:
 
     def start(self) -> "CompactedTopicReader":
         if self.create_topic:
-            ensure_table_topic(self.bootstrap, self.topic, extra=self.admin_extra)
+            ensure_table_topic(self.bootstrap, self.topic, extra=self.extra)
         self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
         return self

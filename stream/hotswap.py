@@ -289,15 +289,13 @@ class ModelHolder:
         self.request(ann.path, ann.version, reason=f"announcement ({ann.reason})")
 
     def follow(self, bootstrap: str, topic: str | None = None, *, registry_id: str | None = None,
-               extra: "ClientSettings | None" = None, admin_extra: "ClientSettings | None" = None
-               ) -> "AnnouncementWatcher":
+               extra: "ClientSettings | None" = None) -> "AnnouncementWatcher":
         """Start following the announcements topic; `close()` stops it."""
         from stream.announce import AnnouncementWatcher
         from stream.topics import MODEL_UPDATES_TOPIC
 
         self._watcher = AnnouncementWatcher(bootstrap, topic or MODEL_UPDATES_TOPIC, registry_id=registry_id,
-                                            on_announcement=self.on_announcement, extra=extra,
-                                            admin_extra=admin_extra).start()
+                                            on_announcement=self.on_announcement, extra=extra).start()
         return self._watcher
 
     # --- observation ---

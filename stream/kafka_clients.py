@@ -103,8 +103,23 @@ def producer_config(bootstrap: str, extra: ClientSettings | None = None, *,
     return cfg
 
 
+# librdkafka's consumer-only properties (its CONFIGURATION.md, C/P column "C"). librdkafka builds an admin
+# client as a producer and warns about each of them (CONFWARN), so readers pass their consumer settings to
+# an admin client as they are and it leaves these out. A property missing here still works: it only warns.
+CONSUMER_ONLY = frozenset({
+    "group.id", "group.instance.id", "partition.assignment.strategy", "session.timeout.ms",
+    "heartbeat.interval.ms", "group.protocol.type", "group.protocol", "group.remote.assignor",
+    "coordinator.query.interval.ms", "max.poll.interval.ms", "enable.auto.commit", "auto.commit.interval.ms",
+    "enable.auto.offset.store", "queued.min.messages", "queued.max.messages.kbytes", "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms", "fetch.message.max.bytes", "max.partition.fetch.bytes", "fetch.max.bytes",
+    "fetch.min.bytes", "fetch.error.backoff.ms", "offset.store.method", "isolation.level", "enable.partition.eof",
+    "check.crcs", "auto.offset.reset", "auto.commit.enable", "consume.callback.max.messages",
+})
+
+
 def admin_config(bootstrap: str, extra: ClientSettings | None = None) -> dict[str, Any]:
-    cfg = _merge({}, extra)
+    """Settings for an admin client: `extra` without the consumer-only properties."""
+    cfg = {k: v for k, v in _merge({}, extra).items() if k not in CONSUMER_ONLY}
     cfg["bootstrap.servers"] = bootstrap
     return cfg
 

@@ -232,8 +232,8 @@ class Judge:
 
 
 def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable[int] = DEFAULT_KS,
-            extra: ClientSettings | None = None, admin_extra: ClientSettings | None = None,
-            since_ms: int | None = None, history_ms: int = 0, idle_s: float = 2.0, timeout_s: float = 600.0,
+            extra: ClientSettings | None = None, since_ms: int | None = None, history_ms: int = 0,
+            idle_s: float = 2.0, timeout_s: float = 600.0,
             progress: Callable[[str], None] = lambda _: None) -> QualityReport:
     """Judge the recommendations on `output_topic` against the next events on `input_topic`; with `since_ms`,
     those of the input records of that time on (Kafka timestamps, epoch ms), the events of `history_ms` before
@@ -244,7 +244,7 @@ def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable
     if not bounds[input_topic]:
         raise KafkaClientError(f"topic {input_topic!r} does not exist on {bootstrap}")
     judged = bounds if not history_ms else window_bounds(bootstrap, {input_topic: since_ms}, extra)
-    log = topic_id(admin_client(bootstrap, extra if admin_extra is None else admin_extra), input_topic)
+    log = topic_id(admin_client(bootstrap, extra), input_topic)
     judge = Judge(bounds[input_topic], input_topic, log, depth=max(ks),
                   judged_from={p: first for p, (first, _) in judged[input_topic].items()})
     read_window(bootstrap, input_topic, bounds[input_topic], judge.add_event, idle_s=idle_s, timeout_s=timeout_s,
@@ -257,7 +257,7 @@ def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable
 def quality_worker(settings: WorkerSettings, **kwargs) -> QualityReport:
     """`quality` of the worker group `settings` configure: its topics and client settings."""
     return quality(settings.bootstrap_servers, input_topic=settings.input_topic, output_topic=settings.output_topic,
-                   extra=settings.consumer_kafka, admin_extra=settings.kafka, **kwargs)
+                   extra=settings.consumer_kafka, **kwargs)
 
 
 def bucket_ms_for(report: QualityReport, buckets: int = 30) -> int:

@@ -265,7 +265,7 @@ class Worker:
             self._producer.init_transactions(_CLIENT_TIMEOUT_S)
         if s.follow_availability:  # read while the group forms; the first batch waits for its end
             self.availability = AvailabilityReader(s.bootstrap_servers, s.availability_topic, extra=s.consumer_kafka,
-                                                   admin_extra=s.kafka, create_topic=s.create_topics).start()
+                                                   create_topic=s.create_topics).start()
         restore_extra = {**s.consumer_kafka, "enable.partition.eof": False}
         self._restorer = Consumer(consumer_config(s.bootstrap_servers, f"{s.group}-restore-{uuid.uuid4().hex[:8]}",
                                                   restore_extra))
@@ -275,7 +275,7 @@ class Worker:
                                  on_lost=self._on_lost)
         if s.follow_updates and self._own_models:
             self.models.follow(s.bootstrap_servers, s.updates_topic, registry_id=str(Path(s.registry).resolve()),
-                               extra=s.consumer_kafka, admin_extra=s.kafka)
+                               extra=s.consumer_kafka)
         self.health.update(alive=True, state="running", group=s.group, model_version=self.models.version)
         log.info("worker started", extra={"group": s.group, "input_topic": s.input_topic,
                                           "model_version": self.models.version,

@@ -34,6 +34,49 @@ def test_producer_defaults_are_durable_and_idempotent():
     assert cfg["linger.ms"] == 50 and cfg["transactional.id"] == "w-0"
 
 
+# A valid value for each consumer-only property, so librdkafka takes it and only warns.
+CONSUMER_SETTINGS = {
+    "group.id": "g", "group.instance.id": "i", "partition.assignment.strategy": "range", "session.timeout.ms": "6000",
+    "heartbeat.interval.ms": "500", "group.protocol.type": "consumer", "group.protocol": "classic",
+    "group.remote.assignor": "uniform", "coordinator.query.interval.ms": "600000", "max.poll.interval.ms": "300000",
+    "enable.auto.commit": "false", "auto.commit.interval.ms": "5000", "enable.auto.offset.store": "false",
+    "queued.min.messages": "1000", "queued.max.messages.kbytes": "1024", "fetch.wait.max.ms": "10",
+    "fetch.queue.backoff.ms": "100", "fetch.message.max.bytes": "1048576", "max.partition.fetch.bytes": "1048576",
+    "fetch.max.bytes": "52428800", "fetch.min.bytes": "1", "fetch.error.backoff.ms": "500",
+    "offset.store.method": "broker", "isolation.level": "read_committed", "enable.partition.eof": "true",
+    "check.crcs": "false", "auto.offset.reset": "earliest", "auto.commit.enable": "true",
+    "consume.callback.max.messages": "0",
+}
+
+
+def _client_warnings(make_admin) -> list[str]:
+    """librdkafka's log lines while an admin client is made with the consumer settings above (no broker needed)."""
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger(f"rdkafka-{uuid.uuid4().hex}")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    make_admin({**CONSUMER_SETTINGS, "logger": logger}).poll(0.5)  # log lines arrive on poll
+    return [line for line in lines if "CONFWARN" in line]
+
+
+def test_an_admin_client_given_consumer_settings_leaves_out_each_property_librdkafka_calls_consumer_only():
+    from confluent_kafka.admin import AdminClient
+
+    from stream.kafka_clients import CONSUMER_ONLY, admin_client, admin_config
+    assert set(CONSUMER_SETTINGS) == CONSUMER_ONLY
+    raw = _client_warnings(lambda extra: AdminClient({"bootstrap.servers": "127.0.0.1:1", **extra}))
+    # the installed librdkafka warns about each (an alias under its own name's warning) or calls it deprecated
+    named = {p for p in CONSUMER_ONLY if any(f"property {p} is" in line for line in raw)}
+    assert CONSUMER_ONLY - named == {"max.partition.fetch.bytes"}  # an alias of fetch.message.max.bytes
+    assert _client_warnings(lambda extra: admin_client("127.0.0.1:1", extra)) == []
+    assert admin_config("h:1", {"security.protocol": "SSL", "session.timeout.ms": "6000"}) == {
+        "security.protocol": "SSL", "bootstrap.servers": "h:1"}  # common settings pass
+
+
 def test_client_settings_come_from_key_value_flags_and_properties_files(tmp_path):
     assert parse_client_settings(["sasl.mechanism=PLAIN", " sasl.username = u "]) == \
         {"sasl.mechanism": "PLAIN", "sasl.username": "u"}
