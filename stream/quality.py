@@ -129,7 +129,7 @@ class Board:
         n = max(0, end - first)
         self.first, self.end = first, end
         self.next = np.full(n, -1, np.int64)  # offset of the same user's next event; -1: none read
-        self.item = np.full(n, -1, np.int32)  # that event's item, a code into Judge.items
+        self.item = np.full(n, -1, np.int32)  # that event's item, a code into Judge.item_names
         self.reference = np.zeros(n, np.int16)
         self.rank = np.full(n, -1, np.int16)  # -1: no recommendation read
         self.version = np.full(n, -1, np.int16)

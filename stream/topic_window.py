@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Mapping
 
-from stream.kafka_clients import ClientSettings, KafkaClientError, Record, window_offsets, scan, watermarks
+from stream.kafka_clients import ClientSettings, KafkaClientError, Record, scan, watermarks, window_offsets
 
 # An answer is written after its input record was read; a window's answers are looked for from this much
 # before the window's start, for the clocks of the events' producers and of the workers to disagree.
