@@ -36,13 +36,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from model.config import DataConfig, HRNNConfig, load_config  # noqa: E402
-from model.events import encode_event  # noqa: E402
 from model.loaders import load_interactions  # noqa: E402
 from model.pipeline import train_version  # noqa: E402
 from stream.broker import LocalBroker  # noqa: E402
-from stream.kafka_clients import create_producer, produce_waiting  # noqa: E402
+from stream.kafka_clients import create_producer  # noqa: E402
 from stream.quality import plot_quality, quality_worker  # noqa: E402
-from stream.replay import events_from_interactions  # noqa: E402
+from stream.replay import replay  # noqa: E402
 from stream.settings import WorkerSettings  # noqa: E402
 from stream.worker import Worker  # noqa: E402
 
@@ -57,17 +56,6 @@ CONFIG = ("repeat_head=true,hidden_dimension=82,history_length=63,n_sample=1024,
 
 def _say(msg: str) -> None:
     print(f"[online-reddit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _produce(bootstrap: str, topic: str, events) -> int:
-    producer = create_producer(bootstrap, {"linger.ms": 20})
-    for n, e in enumerate(events, 1):
-        produce_waiting(producer, topic, encode_event(e), e.user_id.encode())
-        if n % 50_000 == 0:
-            producer.poll(0)
-            _say(f"produced {n:,}")
-    assert producer.flush(120) == 0
-    return n
 
 
 def main() -> int:
@@ -97,22 +85,21 @@ def main() -> int:
         thread.start()
         while not worker.assigned.is_set():
             time.sleep(0.1)
-        events = list(events_from_interactions(data))
-        first = int(np.sum(data.ts_ms < cut))
+        producer, first, n_events = create_producer(broker.bootstrap, {"linger.ms": 20}), len(train), len(data)
         t0 = time.perf_counter()
-        _produce(broker.bootstrap, settings.input_topic, events[:first])
+        replay(train, producer, settings.input_topic)  # as `hrnn produce` does, in time order, at full speed
         since_ms = int(time.time() * 1000)  # Kafka timestamps: every later record is of the part judged
-        _produce(broker.bootstrap, settings.input_topic, events[first:])
+        replay(data.subset(data.ts_ms >= cut, reindex=False), producer, settings.input_topic)
         answered = lambda: worker.metrics.value("hrnn_recommendations_out_total") or 0  # noqa: E731
         deadline = time.monotonic() + 3600
-        while answered() < len(events):
+        while answered() < n_events:
             if worker.metrics.value("hrnn_dlq_total", {"reason": "bad_timestamp"}):
                 raise SystemExit("events were dead-lettered: bad_timestamp")
             if not thread.is_alive() or time.monotonic() > deadline:
-                raise SystemExit(f"the worker stopped or took over an hour: {answered():,.0f} of {len(events):,} answered")
+                raise SystemExit(f"the worker stopped or took over an hour: {answered():,.0f} of {n_events:,} answered")
             time.sleep(1)
         stream_s = time.perf_counter() - t0
-        _say(f"{len(events):,} events answered in {stream_s:.0f} s")
+        _say(f"{n_events:,} events answered in {stream_s:.0f} s")
         stop.set()
         thread.join(timeout=60)
         t0 = time.perf_counter()
@@ -122,7 +109,7 @@ def main() -> int:
         if args.png:
             plot_quality(report, args.png, 20)
     print(json.dumps({
-        "data": args.data, "events": len(events), "train_events": first, "version": run.version_dir.name,
+        "data": args.data, "events": n_events, "train_events": first, "version": run.version_dir.name,
         "config": pairs, "judged": len(report.verdicts.rank), "pending": report.pending,
         "rows": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in report.rows()],
         "seconds": {"train": round(train_s), "stream": round(stream_s), "judge": round(judge_s, 1)},

@@ -29,7 +29,7 @@ import numpy as np
 from model.events import decode_event
 from model.errors import EventError
 from stream import records
-from stream.kafka_clients import ClientSettings, KafkaClientError, Record, admin_client, topic_id
+from stream.kafka_clients import ClientSettings, KafkaClientError, Record, admin_client, topic_id, window_offsets
 from stream.settings import MAX_K, WorkerSettings
 from stream.topic_window import ANSWER_SKEW_MS, Bounds, earlier, read_window, window_bounds
 
@@ -243,10 +243,12 @@ def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable
                                        output_topic: earlier(since_ms, ANSWER_SKEW_MS)}, extra)
     if not bounds[input_topic]:
         raise KafkaClientError(f"topic {input_topic!r} does not exist on {bootstrap}")
-    judged = bounds if not history_ms else window_bounds(bootstrap, {input_topic: since_ms}, extra)
+    # With history, the judged part starts later within the bounds already read: bisect there, not from scratch.
+    judged = window_offsets(bootstrap, input_topic, since_ms, bounds[input_topic], extra) if history_ms \
+        else bounds[input_topic]
     log = topic_id(admin_client(bootstrap, extra), input_topic)
     judge = Judge(bounds[input_topic], input_topic, log, depth=max(ks),
-                  judged_from={p: first for p, (first, _) in judged[input_topic].items()})
+                  judged_from={p: first for p, (first, _) in judged.items()})
     read_window(bootstrap, input_topic, bounds[input_topic], judge.add_event, idle_s=idle_s, timeout_s=timeout_s,
                 extra=extra, progress=progress)
     read_window(bootstrap, output_topic, bounds[output_topic], judge.add_recommendation, idle_s=idle_s,
