@@ -1,7 +1,9 @@
 """Model announcements: the `hrnn.model-updates` topic, announcing a version, and following it.
 
 The topic is compacted with one partition; the key is the registry id, the value JSON
-`{"version", "path", "announced_at", "reason"}`. Compaction keeps the latest announcement of
+`{"version", "path", "announced_at", "reason", "share"}`. A share below 1 announces a canary: the version
+serves that share of the users beside the stable one (stream/canary.py); a record without it (written
+before canaries) announces a full rollout. Compaction keeps the latest announcement of
 every registry, so a process starting later reads the whole (small) topic from the beginning
 and knows which version to serve; no consumer group is involved.
 
@@ -19,13 +21,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from model.errors import HRNNError
+from stream.canary import ShareError, serving_share
 from stream.compacted import CompactedTopicReader, ensure_table_topic
 from stream.kafka_clients import ClientSettings, create_producer, produce_acknowledged
 from stream.topics import MODEL_UPDATES_TOPIC
 
 log = logging.getLogger(__name__)
 
-REASONS = ("retrain", "promote")
+REASONS = ("retrain", "promote", "canary")
 
 
 class AnnouncementError(HRNNError):
@@ -37,8 +40,9 @@ class Announcement:
     version: str
     path: str  # the version directory as the announcer saw it
     announced_at: str  # ISO-8601 UTC
-    reason: str  # "retrain" | "promote"
+    reason: str  # one of REASONS
     registry_id: str = ""  # the record key
+    share: float = 1.0  # of the users; below 1: a canary beside the stable version
 
     def value(self) -> bytes:
         obj = {k: v for k, v in asdict(self).items() if k != "registry_id"}
@@ -57,8 +61,15 @@ class Announcement:
         missing = [f for f in ("version", "path") if not isinstance(obj.get(f), str) or not obj.get(f)]
         if missing:
             raise AnnouncementError(f"announcement lacks {', '.join(missing)}")
+        share = obj.get("share", 1.0)
+        try:
+            if isinstance(share, bool) or not isinstance(share, (int, float)):
+                raise ShareError("not a number")
+            share = serving_share(share)
+        except ShareError:
+            raise AnnouncementError(f"announcement's share must be a number in (0, 1], got {share!r}") from None
         return cls(obj["version"], obj["path"], str(obj.get("announced_at", "")), str(obj.get("reason", "")),
-                   key.decode("utf-8", "replace") if key else "")
+                   key.decode("utf-8", "replace") if key else "", share)
 
 
 def registry_id_for(version_path: str | Path) -> str:
@@ -68,19 +79,21 @@ def registry_id_for(version_path: str | Path) -> str:
 
 def announce(bootstrap: str, topic: str, version: str, path: str | Path, *, reason: str = "promote",
              registry_id: str | None = None, extra: ClientSettings | None = None,
-             timeout_s: float = 30.0) -> Announcement:
-    """Publish that `version` (at `path`) is the one to serve; returns what was sent once it is acknowledged."""
+             timeout_s: float = 30.0, share: float = 1.0) -> Announcement:
+    """Publish that `version` (at `path`) is the one to serve (with `share` below 1: the canary serving that
+    share of the users); returns what was sent once it is acknowledged."""
     if reason not in REASONS:
         raise AnnouncementError(f"reason must be one of {', '.join(REASONS)}, got {reason!r}")
+    share = serving_share(share)
     ensure_table_topic(bootstrap, topic, extra=extra, timeout_s=timeout_s)
     ann = Announcement(version, str(Path(path).resolve()), datetime.now(timezone.utc).isoformat(), reason,
-                       registry_id or registry_id_for(path))
+                       registry_id or registry_id_for(path), share)
     failure = produce_acknowledged(create_producer(bootstrap, extra), topic,
                                    [(ann.registry_id.encode(), ann.value())], timeout_s=timeout_s)
     if failure:
         raise AnnouncementError(f"announcing {version} on {topic!r} failed: {failure}")
     log.info("model version announced", extra={"version": version, "path": ann.path, "reason": reason,
-                                                "registry_id": ann.registry_id, "topic": topic})
+                                                "share": ann.share, "registry_id": ann.registry_id, "topic": topic})
     return ann
 
 

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("model.cli_synth", "write a synthetic Personalize-schema interactions file"),
     "train": ("model.cli_train", "train an HRNN and publish a model version"),
     "evaluate": ("model.cli_evaluate", "evaluate models and baselines offline"),
-    "models": ("stream.cli_models", "list, show or promote model versions"),
+    "models": ("stream.cli_models", "list, show, promote, canary or roll back model versions"),
     "tune": ("model.cli_tune", "hyperparameter optimisation (Personalize performHPO)"),
     "serve": ("stream.cli_serve", "run the streaming inference worker"),
     "broker": ("stream.cli_broker", "run the local Kafka-compatible broker for development"),

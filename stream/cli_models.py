@@ -1,7 +1,9 @@
-"""`hrnn models list|show|promote|rollback|prune`: the versions of a registry.
+"""`hrnn models list|show|promote|rollback|canary|prune`: the versions of a registry.
 
 promote and rollback also announce the new current version on the model-updates topic when
---bootstrap-servers is given, so running workers switch to it.
+--bootstrap-servers is given, so running workers switch to it. canary only announces: running workers
+serve the version to a share of the users beside the current one, which stays CURRENT in the registry
+(so a worker starting meanwhile serves it as the stable version); promoting either version ends the canary.
 """
 from __future__ import annotations
 
@@ -24,8 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     promote.add_argument("version")
     rollback = sub.add_parser("rollback", help="make the version before the current one current")
     rollback.add_argument("registry")
-    for q in (promote, rollback):
-        q.add_argument("--bootstrap-servers", help="also announce it on the model-updates topic")
+    canary = sub.add_parser("canary", help="have running workers serve VERSION to a share of the users; "
+                                           "promote it, or the current version, to end the canary")
+    canary.add_argument("registry")
+    canary.add_argument("version")
+    canary.add_argument("--share", type=float, required=True, help="of the users, strictly between 0 and 1")
+    for q in (promote, rollback, canary):
+        q.add_argument("--bootstrap-servers", required=q is canary,
+                       help="announce it on the model-updates topic" + ("" if q is canary else " too"))
         q.add_argument("--topic", default="hrnn.model-updates")
         q.add_argument("--registry-id", help="announcement key (default: the registry's absolute path)")
     prune = sub.add_parser("prune", help="delete all but the newest N versions (never the current one)")
@@ -54,6 +62,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"removed {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else ""))
         return 0
     d = _version_dir(args.registry, args.version)
+    if args.action == "canary":
+        from stream.canary import check_share
+
+        check_share(args.share)
+        verify(d)
+        _announce(args, args.version, d, reason="canary", share=args.share)
+        print(f"{args.version} announced as a canary for {args.share:.1%} of the users of {args.registry}")
+        return 0
     if args.action == "show":
         manifest = verify(d)
         out = {"manifest": manifest, "config": json.loads((d / "config.json").read_text()),
@@ -68,12 +84,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _announce(args: argparse.Namespace, version: str, path) -> None:
+def _announce(args: argparse.Namespace, version: str, path, *, reason: str = "promote", share: float = 1.0) -> None:
     if args.bootstrap_servers:
         from stream.announce import announce
 
-        announce(args.bootstrap_servers, args.topic, version, str(path), reason="promote",
-                 registry_id=args.registry_id)
+        announce(args.bootstrap_servers, args.topic, version, str(path), reason=reason,
+                 registry_id=args.registry_id, share=share)
 
 
 def _version_dir(registry: str, version: str):

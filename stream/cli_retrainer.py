@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--warm-start", action="store_true", help="start from the serving weights (item rows matched by id)")
     a("--min-events", type=int, default=1000, help="skip a run with fewer events in the window")
     a("--keep-versions", type=int, default=0, help="after publishing, keep the newest N versions (0: all)")
+    a("--canary-share", type=float, default=0.0,
+      help="announce a published version as a canary for this share of the users, leaving the registry's "
+           "current version serving the rest until `hrnn models promote` (default 0: publish as current)")
     a("--events-topic", default=EVENTS_TOPIC)
     a("--updates-topic", default=MODEL_UPDATES_TOPIC)
     a("--registry-id", help="key of the announcements (default: the registry's absolute path)")
@@ -65,7 +68,8 @@ def settings_from(args: argparse.Namespace):
         events_topic=args.events_topic, updates_topic=args.updates_topic, app_id=args.app_id,
         interval_s=args.interval_s if args.interval_s is not None else 3600.0, cron=args.cron,
         window_days=args.window_days, margin=args.margin, metric=args.metric, warm_start=args.warm_start,
-        min_events=args.min_events, keep_versions=args.keep_versions, device=args.train_device,
+        min_events=args.min_events, keep_versions=args.keep_versions, canary_share=args.canary_share,
+        device=args.train_device,
         hrnn=_overrides(args, HRNNConfig), data=_overrides(args, DataConfig),
         session_timeout_s=args.group_session_timeout_s, job_timeout_s=args.job_timeout_s,
         registry_id=args.registry_id, metrics_port=args.metrics_port)

@@ -13,6 +13,12 @@ only catches up on the few events since, instead of the worker replaying last-H 
 the middle of a batch. The loader runs at the lowest CPU priority, with short GIL slices and at
 half duty while prebuilding: a swap may take longer, the batches must not.
 
+A request may also make a version a *canary* (a share of the users, stream/canary.py) beside the serving
+one, which stays *stable* for the rest. A canary is loaded, validated and prebuilt like any version; a full
+request for the canary's version promotes it without loading it again, one for the stable version ends the
+canary, and one for a third version replaces both (a full rollout ends any canary). The worker reads
+`serving()` once per batch, so a batch sees one stable version, one canary and one share.
+
 A version that fails validation is refused with a log line and a counter per reason; the
 serving version is untouched. Reasons:
   missing     no such version directory / manifest
@@ -48,6 +54,7 @@ from model.errors import ArtifactError
 from model.inference import Filters, Recommender, StepInput
 from model.network import device_label
 from model.state import HistoryEvent, UserState
+from stream.canary import Serving, serving_share
 
 if TYPE_CHECKING:
     from stream.announce import Announcement, AnnouncementWatcher
@@ -153,6 +160,8 @@ class SwapStats:
     pending: str | None
     loading: str | None
     swaps: int
+    canary: str | None = None
+    canary_share: float = 0.0
     refused: dict[str, int] = field(default_factory=dict)  # reason -> count
     last_refusal: str | None = None  # the last refusal's message
     last_load_s: float | None = None  # wall time of the last successful load + validation (+ prebuild)
@@ -165,10 +174,19 @@ class _Request:
     path: Path
     version: str | None
     reason: str
+    share: float = 1.0  # below 1: a canary
 
     @property
     def name(self) -> str:
         return self.version or self.path.name
+
+
+@dataclass(frozen=True)
+class _Change:
+    """What the next swap does: serve `model` to `share` of the users (1: to all, ending any canary)."""
+
+    model: Recommender
+    share: float
 
 
 class ModelHolder:
@@ -183,7 +201,9 @@ class ModelHolder:
         self.registry = Path(registry) if registry is not None else None
         self.device, self.metrics = device, metrics
         self._serving = recommender
-        self._pending: Recommender | None = None
+        self._canary: Recommender | None = None
+        self._share = 0.0  # the canary's share of users
+        self._pending: _Change | None = None
         self._wanted: _Request | None = None
         self._generation = 0  # bumped by every new request; a load of an older generation is dropped
         self._loading: _Request | None = None
@@ -200,7 +220,7 @@ class ModelHolder:
         self._prebuild_max = 0
         self._last_prebuilt, self._last_prebuild_s = 0, None
         if metrics is not None:
-            metrics.set_model_version(recommender.version)
+            metrics.set_model_versions({recommender.version: 1.0})
 
     @classmethod
     def open(cls, registry: str | Path, *, device: str = "auto", version_dir: str | Path | None = None,
@@ -218,26 +238,38 @@ class ModelHolder:
     # --- the worker loop's side ---
 
     def current(self) -> Recommender:
-        """The version to score the next batch with; read once per batch."""
+        """The stable version (the only one without a canary)."""
         return self._serving
+
+    def serving(self) -> Serving:
+        """What scores the next batch; read once per batch."""
+        return Serving(self._serving, self._canary, self._share)
 
     @property
     def version(self) -> str:
         return self._serving.version
 
     def swap_if_ready(self) -> Recommender | None:
-        """Between two batches: make a validated pending version current. Returns it, or None."""
+        """Between two batches: apply a pending change (a validated version, a canary's promotion, new share
+        or end). Returns the new stable version if it changed, else None."""
         with self._lock:
-            new, self._pending = self._pending, None
-            if new is None or new.version == self._serving.version:
+            change, self._pending = self._pending, None
+            if change is None:
                 return None
-            old, self._serving = self._serving.version, new
-            self._swaps += 1
+            before = self.serving()
+            if change.share >= 1.0:
+                self._serving, self._canary, self._share = change.model, None, 0.0
+            else:
+                self._canary, self._share = change.model, change.share
+            after = self.serving()
+            swapped = after.stable is not before.stable
+            self._swaps += swapped
         if self.metrics is not None:
-            self.metrics.model_swaps_total.inc()
-            self.metrics.set_model_version(new.version)
-        log.info("model swapped", extra={"from_version": old, "to_version": new.version})
-        return new
+            self.metrics.model_swaps_total.inc(int(swapped))
+            self.metrics.set_model_versions(after.shares)
+        log.info("model swapped" if swapped else "canary changed", extra={
+            "from_versions": before.shares, "to_versions": after.shares})
+        return after.stable if swapped else None
 
     def prebuild_from(self, source: Callable[[], Iterable[Mapping[str, UserState]]], max_users: int) -> None:
         """Have each loaded version rebuild up to `max_users` stored states before it becomes pending.
@@ -248,45 +280,59 @@ class ModelHolder:
 
     # --- the announcing side ---
 
-    def request(self, path: str | Path, version: str | None = None, *, reason: str = "request") -> bool:
-        """Load and validate a version in the background; True if a load was scheduled.
+    def request(self, path: str | Path, version: str | None = None, *, reason: str = "request",
+                share: float = 1.0) -> bool:
+        """Load and validate a version in the background, to serve everyone or, with `share` below 1, as a
+        canary; True if a load was scheduled.
 
-        The latest request wins: it supersedes a load in progress or a pending version. A request
-        for the version already in flight (or pending, or serving with nothing else under way)
-        changes nothing; one for the serving version while another is under way cancels that."""
-        req = _Request(self._resolve(Path(path), version), version, reason)
-        name = req.name
+        The latest request wins: it supersedes a load in progress or a pending change. A request for what
+        is already in flight or pending changes nothing. One for a version serving now loads nothing: it
+        promotes the canary, changes its share or ends it (the stable version requested in full)."""
+        share = serving_share(share)
+        req = _Request(self._resolve(Path(path), version), version, reason, share)
         with self._lock:
             if self._closed:
                 return False
-            live_load = self._loading_name() if self._loading_gen == self._generation else None
-            in_flight = self._wanted.name if self._wanted is not None else live_load
-            if in_flight is not None:
-                if name == in_flight:
-                    return False
-            elif self._pending is not None:
-                if name == self._pending.version:
-                    return False
-            elif name == self._serving.version:
+            if req.name in (self._serving.version, self._canary and self._canary.version):
+                self._settle(req)
+                return False
+            live_load = self._loading if self._loading_gen == self._generation else None
+            in_flight = self._wanted or live_load
+            under_way = (in_flight.name, in_flight.share) if in_flight is not None \
+                else (self._pending.model.version, self._pending.share) if self._pending is not None else None
+            if under_way == (req.name, req.share):
                 return False
             self._generation += 1  # whatever is loading now finishes unused
-            self._pending, self._wanted = None, None
-            if name == self._serving.version:
-                log.info("back to the serving version; dropping the version under way", extra={
-                    "version": name, "dropped": in_flight or "pending", "reason": reason})
-                self._lock.notify_all()
-                return False
-            self._wanted = req
+            self._pending, self._wanted = None, req
             self._lock.notify_all()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._load_loop, name="hrnn-model-loader", daemon=True)
                 self._thread.start()
-        log.info("model version requested", extra={"version": name, "path": str(req.path), "reason": reason})
+        log.info("model version requested", extra={"version": req.name, "path": str(req.path), "reason": reason,
+                                                    "share": share})
         return True
+
+    def _settle(self, req: _Request) -> None:
+        """(Under the lock) a request for a version serving now: drop what is under way, and have the next swap
+        promote the canary, change its share, or end it."""
+        under_way = self._wanted or self._loading or self._pending
+        self._generation += 1
+        self._pending, self._wanted = None, None
+        self._lock.notify_all()
+        canary, change = self._canary, "none"
+        if canary is not None and req.name == canary.version and req.share != self._share:
+            self._pending = _Change(canary, req.share)
+            change = "promote the canary" if req.share >= 1.0 else "change the canary's share"
+        elif canary is not None and req.name == self._serving.version:  # whatever the share asked
+            self._pending, change = _Change(self._serving, 1.0), "end the canary"
+        if under_way is not None or self._pending is not None:
+            log.info("a version serving now requested", extra={
+                "version": req.name, "share": req.share, "reason": req.reason, "change": change,
+                "dropped": under_way is not None})
 
     def on_announcement(self, ann: "Announcement") -> None:
         """AnnouncementWatcher callback."""
-        self.request(ann.path, ann.version, reason=f"announcement ({ann.reason})")
+        self.request(ann.path, ann.version, reason=f"announcement ({ann.reason})", share=ann.share)
 
     def follow(self, bootstrap: str, topic: str | None = None, *, registry_id: str | None = None,
                extra: "ClientSettings | None" = None) -> "AnnouncementWatcher":
@@ -302,9 +348,10 @@ class ModelHolder:
 
     def stats(self) -> SwapStats:
         with self._lock:
-            return SwapStats(self._serving.version, self._pending.version if self._pending else None,
-                             self._loading_name(), self._swaps, dict(self._refused), self._last_refusal,
-                             self._last_load_s, self._last_prebuilt, self._last_prebuild_s)
+            return SwapStats(self._serving.version, self._pending.model.version if self._pending else None,
+                             self._loading_name(), self._swaps, self._canary and self._canary.version, self._share,
+                             dict(self._refused), self._last_refusal, self._last_load_s, self._last_prebuilt,
+                             self._last_prebuild_s)
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until no load is queued or running (tests, shutdown); False at the deadline."""
@@ -371,9 +418,10 @@ class ModelHolder:
                     if generation != self._generation:
                         log.info("model version superseded before it was ready", extra={"version": rec.version})
                     else:
-                        self._pending, self._last_load_s = rec, secs
+                        self._pending, self._last_load_s = _Change(rec, req.share), secs
                         log.info("model version ready to swap", extra={
-                            "version": rec.version, "load_s": round(secs, 3), "reason": req.reason})
+                            "version": rec.version, "load_s": round(secs, 3), "reason": req.reason,
+                            "share": req.share})
                 self._lock.notify_all()
 
     def _prebuild(self, rec: Recommender, generation: int) -> None:

@@ -59,21 +59,23 @@ class WorkerMetrics:
             namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
         self.consumer_lag = Gauge("consumer_lag", "Records behind the end, per assigned input partition "
                                   "(approximate on Tansu)", ["partition"], namespace=ns, registry=r)
-        self.model_version_info = Gauge("model_version_info", "1 for the model version now serving",
+        self.model_version_info = Gauge("model_version_info", "Share of the users a model version serves now "
+                                        "(1 for the only one; below 1 while a canary serves)",
                                         ["version"], namespace=ns, registry=r)
         self.states_stored = Gauge("states_stored", "User states in the local stores", namespace=ns, registry=r)
         self.unavailable_items = Gauge("unavailable_items", "Items off sale on the availability topic, left out "
                                        "of every recommendation", namespace=ns, registry=r)
-        self._version: str | None = None
+        self._versions: set[str] = set()
         self._lock = threading.Lock()
 
-    def set_model_version(self, version: str) -> None:
-        """Point model_version_info at `version` only, so dashboards see one serving version."""
+    def set_model_versions(self, shares: dict[str, float]) -> None:
+        """Report exactly the versions serving now, each with its share of users (retired ones disappear)."""
         with self._lock:
-            if self._version is not None and self._version != version:
-                self.model_version_info.remove(self._version)
-            self._version = version
-            self.model_version_info.labels(version=version).set(1)
+            for gone in self._versions - shares.keys():
+                self.model_version_info.remove(gone)
+            self._versions = set(shares)
+            for version, share in shares.items():
+                self.model_version_info.labels(version=version).set(share)
 
     def set_lag(self, partition: int, lag: int) -> None:
         self.consumer_lag.labels(partition=str(partition)).set(max(0, lag))

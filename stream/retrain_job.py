@@ -59,6 +59,7 @@ class RetrainSpec:
     min_events: int = 1000
     device: str = "cpu"
     keep_versions: int = 0  # after publishing, keep this many versions (0: keep all)
+    canary: bool = False  # publish without making the version CURRENT (it is announced as a canary)
     hrnn: dict[str, Any] = field(default_factory=dict)  # HRNNConfig overrides
     data: dict[str, Any] = field(default_factory=dict)  # DataConfig overrides
 
@@ -234,7 +235,7 @@ def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> Retrain
     curve = run.version_dir / "training_curve.png"
     path = save_version(registry, candidate.model, candidate.config, candidate.data_config, candidate.item_ids,
                         candidate.event_types, {**candidate.metrics, "comparison": comparison},
-                        version=candidate.version, make_current=True,
+                        version=candidate.version, make_current=not spec.canary,
                         extras=(lambda d: shutil.copy(curve, d / curve.name)) if curve.exists() else None)
     out.status, out.version, out.path = "published", candidate.version, str(path)
     out.reason = (f"{spec.metric} {cand_m:.4f} vs serving {serv_m:.4f} (margin {spec.margin:g})"

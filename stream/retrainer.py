@@ -58,6 +58,7 @@ class RetrainerSettings:
     warm_start: bool = False
     min_events: int = 1000
     keep_versions: int = 0
+    canary_share: float = 0.0  # above 0: a published version serves this share of the users until promoted
     device: str = "cpu"
     hrnn: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
@@ -84,6 +85,9 @@ class RetrainerSettings:
             raise ConfigError(f"--window-days must be at least 1, got {self.window_days}")
         if not -1.0 <= self.margin <= 1.0:
             raise ConfigError(f"--margin must be in [-1, 1] (a share of the serving metric), got {self.margin}")
+        if not 0.0 <= self.canary_share < 1.0:
+            raise ConfigError(f"--canary-share must be in [0, 1) (0: publish as the current version), "
+                              f"got {self.canary_share}")
         if self.session_timeout_s < 3:
             raise ConfigError("--session-timeout-s must be at least 3")
         from model.network import resolve_device  # torch: the training runs need it anyway
@@ -94,7 +98,7 @@ class RetrainerSettings:
         return RetrainSpec(registry=self.registry, archive=self.archive, window_days=self.window_days,
                            margin=self.margin, metric=self.metric, warm_start=self.warm_start,
                            min_events=self.min_events, device=self.device, keep_versions=self.keep_versions,
-                           hrnn=dict(self.hrnn), data=dict(self.data))
+                           canary=self.canary_share > 0, hrnn=dict(self.hrnn), data=dict(self.data))
 
 
 class RetrainerMetrics:
@@ -253,8 +257,10 @@ class RetrainerService:
                 self.metrics.last_published.set_to_current_time()
             except Exception as exc:  # noqa: BLE001 (the version is published; announcing is retried by promote)
                 out.reason += f"; announcing failed: {exc}"
-                log.error("published %s but could not announce it: %s (run `hrnn models promote %s %s "
-                          "--bootstrap-servers ...`)", out.version, exc, s.registry, out.version)
+                retry = (f"canary {s.registry} {out.version} --share {s.canary_share:g}" if s.canary_share
+                         else f"promote {s.registry} {out.version}")
+                log.error("published %s but could not announce it: %s (run `hrnn models %s --bootstrap-servers "
+                          "...`)", out.version, exc, retry)
         self.metrics.runs.labels(status=out.status).inc()
         self.runs.append(out)
         log.info("retraining run finished", extra={"outcome": asdict(out)})
@@ -263,8 +269,9 @@ class RetrainerService:
     def _announce(self, out: RetrainOutcome) -> None:
         from stream.announce import announce
 
-        announce(self.settings.bootstrap_servers, self.settings.updates_topic, out.version, out.path,
-                 reason="retrain", registry_id=self.settings.registry_id)
+        s = self.settings
+        announce(s.bootstrap_servers, s.updates_topic, out.version, out.path, registry_id=s.registry_id,
+                 reason="canary" if s.canary_share else "retrain", share=s.canary_share or 1.0)
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (Faust installs the handlers)."""

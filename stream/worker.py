@@ -49,6 +49,7 @@ from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
 from stream import records
 from stream.availability import AvailabilityReader
+from stream.canary import Serving
 from stream.hotswap import ModelHolder
 from stream.kafka_clients import (KafkaClientError, admin_client, consumer_config, error_detail, produce_waiting,
                                   producer_config, topic_id)
@@ -309,7 +310,7 @@ class Worker:
             result = self.process_batch(msgs)
         else:  # idle: a validated version still takes over now, so /health and metrics name it
             result = None
-            self._serving_model()
+            self._serving_now()
         self._maybe_report_lag()
         return result
 
@@ -354,13 +355,17 @@ class Worker:
 
     @property
     def recommender(self) -> Recommender:
-        """The version serving now (a batch reads it once and keeps it to its end)."""
+        """The stable version serving now (a batch reads it once and keeps it to its end)."""
         return self.models.current()
 
-    def _serving_model(self) -> Recommender:
-        if self.models.swap_if_ready() is not None:
-            self.health.update(model_version=self.models.version)
-        return self.models.current()
+    def _serving_now(self) -> Serving:
+        before = self.models.serving()
+        self.models.swap_if_ready()
+        serving = self.models.serving()
+        if serving != before:
+            self.health.update(model_version=serving.stable.version,
+                               canary=serving.canary and {"version": serving.canary.version, "share": serving.share})
+        return serving
 
     def _follow_availability(self) -> None:
         """Leave out the items off sale as the reader has them now; before the first batch, it reads
@@ -450,7 +455,7 @@ class Worker:
 
     def process_batch(self, msgs: Sequence[Message]) -> BatchResult:
         t0 = time.perf_counter()
-        model = self._serving_model()  # one version for the whole batch
+        serving = self._serving_now()  # one stable version, one canary, one share for the whole batch
         self._follow_availability()
         routed = route(msgs)
         result = BatchResult(records=len(msgs), batches=1)
@@ -459,7 +464,7 @@ class Worker:
             self._producer.begin_transaction()
         self._produce_dead(routed.dead, result)
         self._produce_rekeyed(routed.rekey, result)
-        encoded = self._step(model, routed.events, result)
+        encoded = self._step(serving, routed.events, result)
         _maybe_crash("after_produce", self.totals.batches + 1)
         if self._finish(routed, encoded):  # aborted: nothing of this batch counts, it is read again
             result = BatchResult(records=len(msgs), batches=1, aborted=1)
@@ -467,34 +472,33 @@ class Worker:
         self._observe(result, len(msgs), time.perf_counter() - t0)
         return result
 
-    def _step(self, model: Recommender, events: list[Incoming], result: BatchResult) -> dict[int, dict[str, bytes]]:
+    def _step(self, serving: Serving, events: list[Incoming], result: BatchResult) -> dict[int, dict[str, bytes]]:
         """Apply the events and produce their outputs; returns the encoded new states per partition."""
         encoded: dict[int, dict[str, bytes]] = defaultdict(dict)
         pending = events
         while pending:
             now, pending = split_by_owner(pending)
-            self._step_round(model, now, encoded, result)
+            self._step_round(serving, now, encoded, result)
         return encoded
 
-    def _step_round(self, model: Recommender, events: list[Incoming], encoded: dict[int, dict[str, bytes]],
+    def _step_round(self, serving: Serving, events: list[Incoming], encoded: dict[int, dict[str, bytes]],
                     result: BatchResult) -> None:
         stored = self._load_states(events)
         fresh = [e for e in events if not applied_before(stored[e.event.user_id], e.offset)]
         result.replayed += len(events) - len(fresh)
-        if not fresh:
-            return
-        users = {e.event.user_id for e in fresh}
-        recs = model.recommend(
-            {u: stored[u] for u in users},
-            [StepInput(e.event.user_id, e.event.item_id, e.event.event_type, e.event.timestamp_ms,
-                       e.event.session_id) for e in fresh],
-            k=self.settings.k, filters=self.filters)
-        self._produce_changelog(fresh, recs, encoded)
-        self._produce_recommendations(fresh, recs)
-        result.recommendations += len(fresh)
-        result.users += len(recs.states)
-        result.unknown_items += recs.known.count(False)
-        result.rebuilt_states += recs.rebuilt_users
+        for model, mine in serving.split(fresh, lambda e: e.event.user_id):
+            users = {e.event.user_id for e in mine}
+            recs = model.recommend(
+                {u: stored[u] for u in users},
+                [StepInput(e.event.user_id, e.event.item_id, e.event.event_type, e.event.timestamp_ms,
+                           e.event.session_id) for e in mine],
+                k=self.settings.k, filters=self.filters)
+            self._produce_changelog(mine, recs, encoded)
+            self._produce_recommendations(mine, recs)
+            result.recommendations += len(mine)
+            result.users += len(recs.states)
+            result.unknown_items += recs.known.count(False)
+            result.rebuilt_states += recs.rebuilt_users
 
     def _load_states(self, events: list[Incoming]) -> dict[str, UserState | None]:
         by_partition: dict[int, set[str]] = defaultdict(set)

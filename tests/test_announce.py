@@ -1,6 +1,7 @@
 """Announcements on the model-updates topic against the real local broker."""
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -36,6 +37,15 @@ def test_value_round_trip_and_malformed_values_are_typed_errors():
             Announcement.decode(b"/r", raw)
 
 
+def test_a_share_below_one_announces_a_canary_and_a_record_without_one_a_full_rollout():
+    canary = Announcement("v2", "/r/v2", "2026-01-01T00:00:00+00:00", "canary", "/r", 0.25)
+    assert Announcement.decode(b"/r", canary.value()).share == 0.25
+    assert Announcement.decode(b"/r", b'{"version": "v1", "path": "/r/v1"}').share == 1.0  # written before canaries
+    for share in ("0.5", 0, -0.1, 1.5, True, None):
+        with pytest.raises(AnnouncementError, match="share"):
+            Announcement.decode(b"/r", json.dumps({"version": "v1", "path": "/r/v1", "share": share}).encode())
+
+
 def test_an_announcement_round_trips_through_the_compacted_topic(broker, tmp_path):
     topic = _topic()
     sent = announce(broker.bootstrap, topic, "v007", tmp_path / "v007", reason="retrain")
@@ -43,7 +53,7 @@ def test_an_announcement_round_trips_through_the_compacted_topic(broker, tmp_pat
     assert len(records) == 1 and records[0].partition == 0
     got = Announcement.decode(records[0].key, records[0].value)
     assert got == sent and got.registry_id == str(tmp_path.resolve())
-    assert set(__import__("json").loads(records[0].value)) == {"version", "path", "announced_at", "reason"}
+    assert set(json.loads(records[0].value)) == {"version", "path", "announced_at", "reason", "share"}
 
 
 def test_a_starting_watcher_delivers_only_the_latest_then_every_new_one(broker, tmp_path):
@@ -93,6 +103,25 @@ def test_promote_and_rollback_announce_and_a_watcher_follows(broker, tmp_path):
         assert hrnn(["models", "promote", str(reg), v2, *args]) == 0
         assert w.wait_for(v2, 20) is not None
     assert current_version(reg) == v2
+
+
+def test_canary_announces_a_share_and_leaves_the_registry_current_alone(broker, tmp_path, capsys):
+    reg = tmp_path / "registry"
+    v0, v1 = _publish(reg, 2)
+    assert hrnn(["models", "promote", str(reg), v0]) == 0
+    topic = _topic()
+    args = ["--bootstrap-servers", broker.bootstrap, "--topic", topic]
+    assert hrnn(["models", "canary", str(reg), v1, "--share", "0.1", *args]) == 0
+    assert "10.0% of the users" in capsys.readouterr().out
+    (record,) = read_all(broker.bootstrap, topic, idle_s=0.5)
+    ann = Announcement.decode(record.key, record.value)
+    assert (ann.version, ann.reason, ann.share) == (v1, "canary", 0.1) and current_version(reg) == v0
+    for share, why in (("1", "strictly between 0 and 1"), ("0", "strictly between 0 and 1")):
+        assert hrnn(["models", "canary", str(reg), v1, "--share", share, *args]) == 2
+        assert why in capsys.readouterr().err
+    assert hrnn(["models", "canary", str(reg), "v999", "--share", "0.5", *args]) == 2
+    assert "no version 'v999'" in capsys.readouterr().err
+    assert len(read_all(broker.bootstrap, topic, idle_s=0.5)) == 1  # nothing more announced
 
 
 def test_promote_of_an_unknown_version_fails_without_announcing(broker, tmp_path, capsys):

@@ -266,3 +266,72 @@ def test_a_version_requested_again_after_a_cancel_is_loaded(versions):
         holder.request(b, b.name)  # and b again: it must not be lost with the cancelled load
         assert holder.wait_idle(60)
         assert holder.swap_if_ready().version == b.name
+
+
+def test_a_canary_serves_beside_the_stable_version_and_is_promoted_without_loading_again(versions):
+    reg, a, b = versions
+    metrics = WorkerMetrics()
+    with ModelHolder.open(reg, device="cpu", metrics=metrics) as holder:
+        stable = holder.current()
+        assert holder.request(b, b.name, share=0.3) and holder.wait_idle(60)
+        assert holder.serving().canary is None  # loaded, not yet swapped in
+        assert holder.swap_if_ready() is None  # the stable version did not change
+        serving = holder.serving()
+        assert serving.stable is stable and serving.canary.version == b.name and serving.share == 0.3
+        assert metrics.value("hrnn_model_version_info", {"version": b.name}) == 0.3
+        assert metrics.value("hrnn_model_version_info", {"version": a.name}) == 0.7
+        canary = serving.canary
+        assert not holder.request(b, b.name, share=0.5)  # a new share: nothing to load
+        holder.swap_if_ready()
+        assert holder.serving().canary is canary and holder.serving().share == 0.5
+        assert not holder.request(b, b.name)  # promoted: the canary's model becomes the stable one
+        assert holder.swap_if_ready() is canary
+        assert holder.serving() == type(serving)(canary)
+        stats = holder.stats()
+        assert (stats.serving, stats.canary, stats.swaps) == (b.name, None, 1)
+    assert metrics.value("hrnn_model_version_info", {"version": b.name}) == 1
+    assert metrics.value("hrnn_model_version_info", {"version": a.name}) is None
+
+
+def test_requesting_the_stable_version_ends_a_canary(versions):
+    reg, a, b = versions
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(b, b.name, share=0.2) and holder.wait_idle(60)
+        holder.swap_if_ready()
+        assert holder.stats().canary == b.name
+        assert not holder.request(a, a.name)
+        assert holder.swap_if_ready() is None
+        assert holder.serving().canary is None and holder.current().version == a.name
+        assert holder.stats().swaps == 0
+
+
+def test_a_full_rollout_of_another_version_ends_the_canary(versions):
+    reg, a, b = versions
+    third = _copy(a, "third")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(b, b.name, share=0.2) and holder.wait_idle(60)
+        holder.swap_if_ready()
+        assert holder.request(third, third.name) and holder.wait_idle(60)
+        assert holder.serving().canary.version == b.name  # until the swap
+        assert holder.swap_if_ready().version == third.name
+        assert holder.serving().canary is None
+
+
+def test_a_broken_canary_is_refused_and_nothing_changes(versions):
+    reg, a, _ = versions
+    bad = broken_copy(a, "nonfinite")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(bad, bad.name, share=0.5) and holder.wait_idle(60)
+        assert holder.swap_if_ready() is None and holder.serving().canary is None
+        assert holder.stats().refused == {"nonfinite": 1}
+
+
+def test_a_canary_share_outside_zero_to_one_is_a_typed_error(versions):
+    from stream.canary import ShareError
+
+    reg, _, b = versions
+    with ModelHolder.open(reg, device="cpu") as holder:
+        for share in (0.0, 1.5):
+            with pytest.raises(ShareError):
+                holder.request(b, b.name, share=share)
+        assert holder.stats().loading is None and holder.wait_idle(1)

@@ -72,8 +72,18 @@ def test_unknown_path_is_404(served):
 
 def test_model_version_info_reports_only_the_serving_version():
     m = WorkerMetrics()
-    m.set_model_version("v1")
-    m.set_model_version("v2")
+    m.set_model_versions({"v1": 1.0})
+    m.set_model_versions({"v2": 1.0})
+    assert m.value("hrnn_model_version_info", {"version": "v2"}) == 1
+    assert m.value("hrnn_model_version_info", {"version": "v1"}) is None
+
+
+def test_model_version_info_reports_each_versions_share_while_a_canary_serves():
+    m = WorkerMetrics()
+    m.set_model_versions({"v1": 0.9, "v2": 0.1})
+    assert m.value("hrnn_model_version_info", {"version": "v1"}) == 0.9
+    assert m.value("hrnn_model_version_info", {"version": "v2"}) == 0.1
+    m.set_model_versions({"v2": 1.0})  # promoted
     assert m.value("hrnn_model_version_info", {"version": "v2"}) == 1
     assert m.value("hrnn_model_version_info", {"version": "v1"}) is None
 

@@ -17,6 +17,7 @@ import torch
 
 from model.artifact import current_version, list_versions, load_version, save_version
 from model.config import DataConfig, HRNNConfig
+from model.errors import ConfigError
 from model.events import Event
 from model.loaders import load_interactions
 from model.network import HRNN
@@ -126,6 +127,28 @@ def test_the_service_rereads_the_topic_id_when_a_batch_holds_archived_offsets(tm
     assert "this one is archived from its start" in caplog.text
 
 
+@pytest.mark.broker
+def test_with_a_canary_share_the_service_announces_what_it_publishes_as_a_canary(broker, tmp_path, monkeypatch):
+    import stream.retrainer as retrainer
+    from stream.announce import AnnouncementWatcher
+    from stream.retrain_job import RetrainOutcome
+
+    topic = f"upd-{uuid.uuid4().hex[:8]}"
+    settings = retrainer.RetrainerSettings(bootstrap_servers=broker.bootstrap, registry=str(tmp_path / "r"),
+                                           archive=str(tmp_path / "a"), updates_topic=topic, canary_share=0.25)
+    assert settings.spec().canary
+    monkeypatch.setattr(retrainer.RetrainerService, "_admin", None)
+    svc = retrainer.RetrainerService(settings)
+    svc._announce(RetrainOutcome("published", "", version="v9", path=str(tmp_path / "r" / "v9")))
+    with AnnouncementWatcher(broker.bootstrap, topic) as w:
+        ann = w.wait_for("v9", 20)
+    assert ann is not None and (ann.reason, ann.share) == ("canary", 0.25)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="canary-share"):
+            retrainer.RetrainerSettings(bootstrap_servers="h:1", registry="r", archive="a",
+                                        canary_share=bad).validate()
+
+
 def test_a_first_batch_before_the_assignments_follow_is_archived_under_the_topics_log(tmp_path, monkeypatch):
     """Faust can hand the agent a batch before the assignment signal's follow has run: the batch must
     still be named for the topic's log (unnamed files of two logs would share names and overwrite)."""
@@ -201,6 +224,11 @@ def test_retrain_publishes_compares_and_rejects(tmp_path, synth):
     assert third.status == "rejected" and "worse" in third.reason
     assert current_version(reg) == second.version and len(list_versions(reg)) == 2
     assert not [p for p in reg.iterdir() if p.name.startswith(".staging")]
+
+    spec.margin, spec.canary = 1.0, True  # a canary is published beside the current version, not over it
+    fourth = retrain(spec)
+    assert fourth.status == "published" and fourth.serving_version == second.version
+    assert current_version(reg) == second.version and len(list_versions(reg)) == 3
 
 
 def test_retrain_skips_a_thin_window(tmp_path):

@@ -256,3 +256,53 @@ def test_an_announced_model_version_serves_from_a_batch_boundary_and_rebuilds_st
     # A rebuilt state is v2 run over the stored history: the same as v2 having seen every event.
     _, want = offline(registry, in_input_order(broker.bootstrap, settings))
     assert all(same_state(states[u], want[u], atol=1e-4) for u in touched_late)
+
+
+def test_a_canary_serves_its_share_of_users_beside_the_stable_version_until_promoted(broker, tmp_path):
+    from model.artifact import latest_version_dir
+    from model.events import decode_event
+    from stream.announce import announce
+    from stream.canary import in_canary
+
+    registry = make_registry(tmp_path / "registry", seed=21)
+    v1 = latest_version_dir(registry).name
+    settings = settings_for(broker.bootstrap, registry, tmp_path / "state", partitions=2, batch_size=40)
+    settings.updates_topic = f"upd-{settings.group}"
+    events = make_events(360, 40, seed=22)
+    inputs_by_phase = []  # the input records produced in each phase: v1 alone, the canary at 40%, v2 promoted
+
+    def phase(n: int, worker) -> None:
+        produce(broker.bootstrap, settings.input_topic, events[120 * n:120 * (n + 1)])
+        recommendations(broker.bootstrap, settings.output_topic, 120 * (n + 1))
+        seen = {(r.partition, r.offset): decode_event(r.value) for r in records_of(broker.bootstrap,
+                                                                                   settings.input_topic)}
+        inputs_by_phase.append({k: e for k, e in seen.items() if not any(k in p for p in inputs_by_phase)})
+
+    with running(settings) as worker:
+        phase(0, worker)
+        v2 = latest_version_dir(make_registry(registry, seed=23)).name
+        announce(broker.bootstrap, settings.updates_topic, v2, registry / v2, reason="canary", share=0.4)
+        wait_until(lambda: worker.models.stats().canary == v2, 60, message="v2 serving as a canary")
+        assert worker.health.details["canary"] == {"version": v2, "share": 0.4}
+        assert worker.metrics.value("hrnn_model_version_info", {"version": v1}) == pytest.approx(0.6)
+        phase(1, worker)
+        announce(broker.bootstrap, settings.updates_topic, v2, registry / v2, reason="promote")
+        wait_until(lambda: worker.models.version == v2 and worker.models.stats().canary is None, 60,
+                   message="the canary promoted")
+        phase(2, worker)
+    served = {(r["source_partition"], r["source_offset"]): r["model_version"]
+              for r in recommendations(broker.bootstrap, settings.output_topic, 360)}
+    assert [len(p) for p in inputs_by_phase] == [120, 120, 120]
+    assert {served[k] for k in inputs_by_phase[0]} == {v1} and {served[k] for k in inputs_by_phase[2]} == {v2}
+    canary = {k: e for k, e in inputs_by_phase[1].items() if in_canary(e.user_id, v2, 0.4)}
+    assert {served[k] for k in canary} == {v2}  # every event of a canary user, and only those
+    assert {served[k] for k in inputs_by_phase[1].keys() - canary.keys()} == {v1}
+    users = {e.user_id for e in inputs_by_phase[1].values()}
+    assert 0.2 < len({e.user_id for e in canary.values()}) / len(users) < 0.6
+    # hrnn quality compares the two over the time both served, each on its own users
+    from stream.quality import quality_worker
+
+    (c,) = quality_worker(settings, ks=[10], idle_s=1.0).comparisons()
+    stable, candidate = c.metrics["recall@10"]
+    assert (c.baseline, c.candidate, c.left_out_users) == (v1, v2, 0)
+    assert candidate.users <= len({e.user_id for e in canary.values()}) and stable.users + candidate.users <= len(users)

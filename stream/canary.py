@@ -1,0 +1,74 @@
+"""Canary serving: a new model version serves a share of the users while the stable one serves the rest.
+
+A user's side is a pure function of the user id, the canary version and the share (`in_canary`), so every
+worker of the group, and every restart, puts a user on the same side, and a user sees one version's lists
+for the whole canary. The hash is salted with the canary version: each canary is tried on another random
+set of users, while raising one canary's share only adds users (the set at 5% lies within the set at 20%).
+
+The two versions serve over the same hours to disjoint random sets of users, so `hrnn quality` read over
+that time compares them as an experiment, not as one day against another.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from model.errors import HRNNError
+
+if TYPE_CHECKING:
+    from model.inference import Recommender
+
+_BUCKETS = 1 << 32
+T = TypeVar("T")
+
+
+class ShareError(HRNNError):
+    """A canary share outside (0, 1)."""
+
+
+def check_share(share: float) -> float:
+    """`share` itself if it is a canary share (strictly between 0 and 1), else ShareError."""
+    if not 0.0 < share < 1.0:
+        raise ShareError(f"a canary's share of users must lie strictly between 0 and 1, got {share!r} "
+                         "(to serve a version to everyone, promote it)")
+    return share
+
+
+def serving_share(share: float) -> float:
+    """`share` of a version's announcement or request: 1 (everyone) or a canary share, else ShareError."""
+    return 1.0 if share == 1.0 else check_share(share)
+
+
+def in_canary(user_id: str, canary_version: str, share: float) -> bool:
+    """Whether `user_id` is served by the canary `canary_version` at `share`."""
+    digest = hashlib.blake2b(user_id.encode(), digest_size=4, key=canary_version.encode()[:64]).digest()
+    return int.from_bytes(digest, "big") < share * _BUCKETS
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What serves one batch: the stable version, and a canary with its share of users or none."""
+
+    stable: Recommender
+    canary: Recommender | None = None
+    share: float = 0.0
+
+    @property
+    def shares(self) -> dict[str, float]:
+        """version -> share of users it serves."""
+        if self.canary is None:
+            return {self.stable.version: 1.0}
+        return {self.stable.version: 1.0 - self.share, self.canary.version: self.share}
+
+    def split(self, items: Sequence[T], user_of: Callable[[T], str]) -> list[tuple[Recommender, list[T]]]:
+        """`items` grouped by the version serving their user, order kept within a group; no empty group."""
+        if self.canary is None:
+            return [(self.stable, list(items))] if items else []
+        version, share = self.canary.version, self.share
+        stable: list[T] = []
+        canary: list[T] = []
+        for x in items:
+            (canary if in_canary(user_of(x), version, share) else stable).append(x)
+        return [(m, g) for m, g in ((self.stable, stable), (self.canary, canary)) if g]
