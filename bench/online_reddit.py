@@ -2,6 +2,7 @@
 
     python bench/online_reddit.py [--data ../shared/data/reddit-jodie/reddit.tsv] [--train-share 0.8]
                                   [--set key=value,...] [--png online_reddit.png]
+                                  [--canary-set key=value,... [--canary-share 0.5]]
 
 Everything on 127.0.0.1 (the local broker), stopping by itself. Trains a repeat-aware HRNN (the issue-5
 config by default) on the first --train-share of the log by time, as `hrnn train` does; starts a worker
@@ -9,6 +10,11 @@ config by default) on the first --train-share of the log by time, as `hrnn train
 part (every user's state is built from it), notes the time, produces the rest; waits until every event is
 answered; then runs `stream.quality.quality` as `hrnn quality --since-s <that time> --history-s <all>` does:
 the lists of the rest judged by each user's next event, the training part read only for the reference.
+With --canary-set, a second version (the same config with those changes, trained on the same part) serves
+--canary-share of the users beside the first from the moment the rest is produced (`ModelHolder.request`
+with a share, as an announcement from `hrnn models canary` makes it), and the report's comparison of the
+two (each on its own users, 95% intervals by user) is printed too: a weaker canary must come out worse, and
+the same config with another seed (an A/A test) must show no difference.
 The log's timestamps (seconds from its start) are moved to start on 2026-01-01, every gap kept: the worker
 dead-letters timestamps before 1990 as a unit mix-up (the first run of this bench sent all 134,489 events to
 the DLQ with `bad_timestamp`).
@@ -16,6 +22,7 @@ the DLQ with `bad_timestamp`).
   judged, pending      lists of the rest judged / awaiting their user's next event
   rows                 per version and for the reference: recall@1/5/10/20, MRR@20, for all judged lists,
                        those whose next event continued the session and those where it opened the next one
+  comparison           with a canary: recall@20 and MRR@20 of each side and the difference with its 95% interval
   seconds              training, streaming (produce to the last answer), judging
 Speeds swing with the machine's load (the producer, the worker and the broker share it).
 """
@@ -58,25 +65,51 @@ def _say(msg: str) -> None:
     print(f"[online-reddit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _pairs(text: str) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in text.split(",") if kv.strip())
+
+
+def _train(train, registry: Path, pairs: dict[str, str], *, current: bool):
+    t0 = time.perf_counter()
+    config, data_config = load_config(HRNNConfig, file_values=pairs), load_config(DataConfig, file_values=pairs)
+    run = train_version(train, registry, config=config, data_config=data_config, progress=False,
+                        make_current=current)
+    _say(f"trained {run.version_dir.name} on {len(train):,} events in {time.perf_counter() - t0:.0f} s")
+    return run
+
+
+def _serve_canary(worker: Worker, version_dir: Path, share: float, n_answered: int) -> None:
+    """Once the worker has answered the training part, have it serve `version_dir` to `share` of the users."""
+    while (worker.metrics.value("hrnn_recommendations_out_total") or 0) < n_answered:
+        time.sleep(0.5)
+    worker.models.request(version_dir, version_dir.name, reason="bench canary", share=share)
+    while worker.models.stats().canary != version_dir.name:
+        if worker.models.stats().refused:
+            raise SystemExit(f"the canary was refused: {worker.models.stats().last_refusal}")
+        time.sleep(0.5)
+    _say(f"canary {version_dir.name} serving {share:.0%} of the users")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REDDIT))
     ap.add_argument("--train-share", type=float, default=0.8)
     ap.add_argument("--set", default="", help="hyperparameters over the default config, key=value,...")
     ap.add_argument("--png", help="also draw recall@20 / MRR@20 over time to this PNG")
+    ap.add_argument("--canary-set", help="a canary: the config with these changes, key=value,... (e.g. seed=7)")
+    ap.add_argument("--canary-share", type=float, default=0.5)
     args = ap.parse_args()
     data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}, time_unit="s")
     data = dataclasses.replace(data, ts_ms=data.ts_ms - data.ts_ms.min() + START_MS)
     cut = np.quantile(data.ts_ms, args.train_share)
     train = data.subset(data.ts_ms < cut, reindex=False)
-    pairs = dict(kv.split("=", 1) for kv in f"{CONFIG},{args.set}".split(",") if kv.strip())
-    config, data_config = load_config(HRNNConfig, file_values=pairs), load_config(DataConfig, file_values=pairs)
+    pairs = _pairs(f"{CONFIG},{args.set}")
+    canary_pairs = None if args.canary_set is None else {**pairs, **_pairs(args.canary_set)}
     with tempfile.TemporaryDirectory() as tmp, LocalBroker() as broker:
         t0 = time.perf_counter()
-        run = train_version(train, Path(tmp) / "registry", config=config, data_config=data_config,
-                            progress=False)
+        run = _train(train, Path(tmp) / "registry", pairs, current=True)
+        canary = None if canary_pairs is None else _train(train, Path(tmp) / "registry", canary_pairs, current=False)
         train_s = time.perf_counter() - t0
-        _say(f"trained {run.version_dir.name} on {len(train):,} events in {train_s:.0f} s")
         settings = WorkerSettings(bootstrap_servers=broker.bootstrap, registry=str(Path(tmp) / "registry"),
                                   state_dir=str(Path(tmp) / "state"), partitions=4, k=20,
                                   kafka_consumer={"session.timeout.ms": "6000", "fetch.wait.max.ms": "10"})
@@ -88,6 +121,8 @@ def main() -> int:
         producer, first, n_events = create_producer(broker.bootstrap, {"linger.ms": 20}), len(train), len(data)
         t0 = time.perf_counter()
         replay(train, producer, settings.input_topic)  # as `hrnn produce` does, in time order, at full speed
+        if canary is not None:
+            _serve_canary(worker, canary.version_dir, args.canary_share, first)
         since_ms = int(time.time() * 1000)  # Kafka timestamps: every later record is of the part judged
         replay(data.subset(data.ts_ms >= cut, reindex=False), producer, settings.input_topic)
         answered = lambda: worker.metrics.value("hrnn_recommendations_out_total") or 0  # noqa: E731
@@ -112,6 +147,9 @@ def main() -> int:
         "data": args.data, "events": n_events, "train_events": first, "version": run.version_dir.name,
         "config": pairs, "judged": len(report.verdicts.rank), "pending": report.pending,
         "rows": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in report.rows()],
+        **({} if canary is None else {"canary": {"version": canary.version_dir.name, "config": canary_pairs,
+                                                 "share": args.canary_share},
+                                      "comparison": [c.to_dict() for c in report.comparisons()]}),
         "seconds": {"train": round(train_s), "stream": round(stream_s), "judge": round(judge_s, 1)},
     }))
     return 0

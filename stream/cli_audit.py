@@ -39,7 +39,8 @@ def _since(report: AuditReport) -> str:
     return f" since {datetime.fromtimestamp(report.since_ms / 1000, timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
 
 
-def _print(report: AuditReport, out: TextIO = sys.stdout) -> None:
+def _print(report: AuditReport, out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up at call time: a caller may have redirected it
     row = "{:>9} {:>10} {:>10} {:>8} {:>11} {:>6} {:>8} {:>10} {:>10}".format
     print(row("partition", "start", "committed", "records", "recommended", "dlq", "re-keyed", "duplicated",
               "unanswered"), file=out)

@@ -2,7 +2,9 @@
 (see stream/quality.py): recall@k and MRR@k per model version, beside a recent-items reference.
 
 The worker group's topics and client settings resolve as for `hrnn serve` and `hrnn audit`.
-Exit status: 0 with a report (also when nothing could be judged yet), 2 on bad input.
+Exit status: 0 with a report (also when nothing could be judged yet), 1 with --fail-if-worse when a version
+served side by side with another (a canary) did worse on recall@k or MRR@k beyond its 95% interval, 2 on
+bad input.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from stream.cli_common import add_deployment_flags, deployment_settings
 from stream.settings import MAX_K
 
 if TYPE_CHECKING:
-    from stream.quality import QualityReport
+    from stream.quality import Comparison, QualityReport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       "window, not judged, so the recent-items reference knows the users' earlier items (default 0)")
     a("--png", help="also draw recall@k and MRR@k (the largest k) over time, per version, to this PNG")
     a("--bucket-s", type=float, help="the chart's time buckets (default: about 30 over the recommendations judged)")
+    a("--fail-if-worse", action="store_true", help="exit 1 when a version served side by side with an earlier one "
+      "(a canary) did worse than it beyond the 95%% interval (too few users to tell passes: read the intervals)")
 
 
 def _ks(text: str) -> list[int]:
@@ -46,7 +50,8 @@ def _cell(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.4f}"
 
 
-def print_report(report: QualityReport, out: TextIO = sys.stdout) -> None:
+def print_report(report: QualityReport, out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up at call time: a caller may have redirected it
     k_max = max(report.ks)
     heads = [f"recall@{k}" for k in report.ks] + [f"mrr@{k_max}"]
     width = max([len(r["name"]) for r in report.rows()] + [13])
@@ -58,6 +63,19 @@ def print_report(report: QualityReport, out: TextIO = sys.stdout) -> None:
               file=out)
     print(f"{len(report.verdicts.rank)} recommendations judged by the user's next event on {report.input_topic!r}; "
           f"{report.pending} await their user's next event", file=out)
+    for c in report.comparisons():
+        print_comparison(c, out)
+
+
+def print_comparison(c: Comparison, out: TextIO) -> None:
+    """Two versions served side by side (a canary): each metric's difference with its 95% interval."""
+    print(f"\n{c.candidate} vs {c.baseline}, served side by side to different users for "
+          f"{(c.end_ms - c.start_ms) / 1000:.0f} s (95% intervals by user"
+          + (f"; {c.left_out_users} user(s) who saw both left out" if c.left_out_users else "") + "):", file=out)
+    for name, (a, b) in c.metrics.items():
+        diff, half = c.difference(name)
+        print(f"  {name}: {_cell(b.value)} ({b.lists} lists, {b.users} users) vs {_cell(a.value)} ({a.lists}, "
+              f"{a.users}): {diff:+.4f} ± {half:.4f}, {c.verdict(name)}", file=out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,4 +97,9 @@ def run(args: argparse.Namespace) -> int:
     if args.png:
         bucket_ms = None if args.bucket_s is None else max(1, int(args.bucket_s * 1000))
         print(f"chart: {plot_quality(report, args.png, max(ks), bucket_ms)}")
+    worse = [f"{c.candidate} vs {c.baseline} on {name}" for c in report.comparisons() for name in c.metrics
+             if c.verdict(name) == "worse"]
+    if args.fail_if_worse and worse:
+        print(f"hrnn quality: worse beyond the 95% interval: {'; '.join(worse)}", file=sys.stderr)
+        return 1
     return 0

@@ -68,10 +68,64 @@ class Verdicts:
     rank: np.ndarray
     reference_rank: np.ndarray
     kind: np.ndarray  # SAME, NEXT or 0
+    user: np.ndarray  # a code per user
 
     def ranks(self, mask: np.ndarray, reference: bool = False) -> Ranks:
         ranks = (self.reference_rank if reference else self.rank)[mask]
         return Ranks(np.bincount(ranks, minlength=MAX_K + 1).astype(np.int64))
+
+    def estimate(self, mask: np.ndarray, k: int, metric: str) -> Estimate:
+        """recall@k or MRR@k of the masked lists, with a 95% interval that counts users, not lists, as the
+        independent draws (a user's lists are alike; a canary assigns users): the ratio estimator's
+        cluster-robust standard error."""
+        rank = self.rank[mask]
+        gain = (rank >= 1) & (rank <= k)
+        value = gain.astype(float) if metric == "recall" else np.where(gain, 1.0 / np.maximum(rank, 1), 0.0)
+        _, user = np.unique(self.user[mask], return_inverse=True)
+        got, lists = np.bincount(user, value), np.bincount(user).astype(float)
+        m, total = len(lists), lists.sum()
+        if m == 0:
+            return Estimate(float("nan"), float("nan"), 0, 0)
+        mean = got.sum() / total
+        se = np.sqrt(m / (m - 1) * ((got - mean * lists) ** 2).sum()) / total if m > 1 else float("nan")
+        return Estimate(float(mean), float(1.96 * se), int(total), m)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    half_width: float  # of the 95% interval
+    lists: int
+    users: int
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two versions served at the same time to different users (a canary beside the stable version)."""
+
+    baseline: str
+    candidate: str
+    start_ms: int  # the time both served: emission times
+    end_ms: int
+    left_out_users: int  # served by both within that time (a share raised mid-way): in neither side
+    metrics: dict[str, tuple[Estimate, Estimate]]  # "recall@k" / "mrr@k" -> (baseline, candidate)
+
+    def difference(self, metric: str) -> tuple[float, float]:
+        """candidate - baseline, and the 95% half width (the sides' users are disjoint: independent)."""
+        a, b = self.metrics[metric]
+        return b.value - a.value, float(np.hypot(a.half_width, b.half_width))
+
+    def verdict(self, metric: str) -> str:
+        """"better" or "worse" when the whole interval of the difference lies on that side of 0."""
+        diff, half = self.difference(metric)
+        return "better" if diff - half > 0 else "worse" if diff + half < 0 else "no difference shown"
+
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline, "candidate": self.candidate, "start_ms": self.start_ms,
+                "end_ms": self.end_ms, "left_out_users": self.left_out_users,
+                "metrics": {name: {"baseline": vars(a), "candidate": vars(b), "difference": self.difference(name)[0],
+                                   "ci95": self.difference(name)[1], "verdict": self.verdict(name)}
+                            for name, (a, b) in self.metrics.items()}}
 
 
 @dataclass
@@ -115,10 +169,33 @@ class QualityReport:
                 out[name] = rows
         return out
 
+    def comparisons(self) -> list[Comparison]:
+        """Each later version against each earlier one over the time both served, where they did so to
+        different users (a canary); users served by both then are left out of both sides."""
+        v, k = self.verdicts, max(self.ks)
+        spans = [(v.emitted_at[v.version == c].min(), v.emitted_at[v.version == c].max())
+                 for c in range(len(v.versions))]
+        out = []
+        for a, b in ((a, b) for b in range(len(v.versions)) for a in range(b)):
+            start, end = max(spans[a][0], spans[b][0]), min(spans[a][1], spans[b][1])
+            if start > end:
+                continue  # one after the other
+            during = (v.emitted_at >= start) & (v.emitted_at <= end)
+            users_a, users_b = (np.unique(v.user[during & (v.version == c)]) for c in (a, b))
+            both = np.intersect1d(users_a, users_b)
+            if len(both) in (len(users_a), len(users_b)):
+                continue  # every user of one side saw the other version too: a swap, not side by side
+            sides = [during & (v.version == c) & ~np.isin(v.user, both) for c in (a, b)]
+            metrics = {f"{m}@{k}": (v.estimate(sides[0], k, m), v.estimate(sides[1], k, m))
+                       for m in ("recall", "mrr")}
+            out.append(Comparison(v.versions[a], v.versions[b], int(start), int(end), len(both), metrics))
+        return out
+
     def to_dict(self) -> dict:
         return {"input_topic": self.input_topic, "output_topic": self.output_topic, "input_log": self.input_log,
                 "since_ms": self.since_ms, "ks": self.ks, "judged": len(self.verdicts.rank),
-                "pending": self.pending, "versions": self.verdicts.versions, "rows": self.rows()}
+                "pending": self.pending, "versions": self.verdicts.versions, "rows": self.rows(),
+                "comparisons": [c.to_dict() for c in self.comparisons()]}
 
 
 class Board:
@@ -135,17 +212,18 @@ class Board:
         self.version = np.full(n, -1, np.int16)
         self.session = np.full(n, -1, np.int64)  # a code into Judge.sessions
         self.emitted = np.zeros(n, np.int64)
+        self.user = np.full(n, -1, np.int32)  # a code into Judge.users
 
     def holds(self, offset: int) -> bool:
         return self.first <= offset < self.end
 
     def verdicts(self) -> tuple[np.ndarray, ...]:
-        """(version, emitted_at, rank, reference rank, kind) of the recommendations judged here."""
+        """(version, emitted_at, rank, reference rank, kind, user) of the recommendations judged here."""
         judged = np.flatnonzero((self.rank >= 0) & (self.next >= 0))
         after = self.session[self.next[judged] - self.first]  # the next event is one of those read: on this board
         kind = np.where(after < 0, 0, np.where(after == self.session[judged], SAME, NEXT))
         return (self.version[judged], self.emitted[judged], self.rank[judged].astype(np.int64),
-                self.reference[judged].astype(np.int64), kind)
+                self.reference[judged].astype(np.int64), kind, self.user[judged].astype(np.int64))
 
 
 class Judge:
@@ -164,6 +242,7 @@ class Judge:
         self.item_names: list[str] = []
         self.sessions: dict[str | None, int] = {}
         self.versions: dict[str, int] = {}
+        self.users: dict[str, int] = {}
         self.pending = 0
 
     def add_event(self, r: Record) -> None:
@@ -205,6 +284,7 @@ class Judge:
         board.session[i] = self.sessions.setdefault(rec.session_id, len(self.sessions))
         board.version[i] = self.versions.setdefault(rec.model_version, len(self.versions))
         board.emitted[i] = rec.emitted_at
+        board.user[i] = self.users.setdefault(rec.user_id, len(self.users))
         if board.next[i] < 0:
             board.rank[i] = 0  # read (a replay's answer is not counted again), but not judged: no next event
             self.pending += 1
@@ -221,14 +301,14 @@ class Judge:
 
     def verdicts(self) -> Verdicts:
         parts = [b.verdicts() for b in self.boards.values()]
-        cols = [np.concatenate([p[c] for p in parts]) if parts else np.zeros(0, np.int64) for c in range(5)]
+        cols = [np.concatenate([p[c] for p in parts]) if parts else np.zeros(0, np.int64) for c in range(6)]
         version, emitted = cols[0], cols[1]
         names = list(self.versions)
         # Number the versions judged in the order they first served, as a table and a plot read them.
         order = sorted(np.unique(version), key=lambda code: emitted[version == code].min())
         recode = np.zeros(len(names), np.int64)
         recode[order] = np.arange(len(order))
-        return Verdicts([names[c] for c in order], recode[version], emitted, cols[2], cols[3], cols[4])
+        return Verdicts([names[c] for c in order], recode[version], emitted, *cols[2:])
 
 
 def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable[int] = DEFAULT_KS,

@@ -1,17 +1,20 @@
 """`hrnn quality`: each recommendation judged by its user's next event, per model version."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model.events import Event, encode_event
+from stream.cli_quality import print_report
 from stream.kafka_clients import Record
-from stream.quality import REFERENCE, Judge, QualityReport, bucket_ms_for, plot_quality, quality_worker
+from stream.quality import REFERENCE, Judge, QualityReport, Verdicts, bucket_ms_for, plot_quality, quality_worker
 from stream.records import Recommendation, ScoredItem, decode_recommendation, encode_recommendation
 from worker_testkit import make_events, make_registry, produce, records_of, running, settings_for, wait_until
 
@@ -114,6 +117,67 @@ def test_versions_are_listed_in_the_order_they_first_served_and_charted_over_tim
     assert bucket_ms_for(report) == 2000  # 40 s of judged recommendations in about 30 whole-second buckets
     png = plot_quality(report, tmp_path / "q.png", 20)
     assert png.stat().st_size > 10_000
+
+
+def _verdicts(rows: list[tuple[str, int, int, int]]) -> Verdicts:
+    """(version, emitted ms, rank, user) per judged list."""
+    names = list(dict.fromkeys(r[0] for r in rows))
+    col = lambda i: np.array([r[i] for r in rows], np.int64)  # noqa: E731
+    return Verdicts(names, np.array([names.index(r[0]) for r in rows]), col(1), col(2), np.zeros(len(rows), np.int64),
+                    np.zeros(len(rows), np.int64), col(3))
+
+
+def test_an_interval_counts_users_not_lists_as_the_independent_draws():
+    two_users = _verdicts([("v", 0, 1 if u == 0 else 0, u) for u in (0, 1) for _ in range(10)])
+    many_users = _verdicts([("v", 0, 1 if u < 10 else 0, u) for u in range(20)])
+    every = np.ones(20, bool)
+    a, b = two_users.estimate(every, 20, "recall"), many_users.estimate(every, 20, "recall")
+    assert (a.value, a.lists, a.users) == (0.5, 20, 2) and (b.value, b.lists, b.users) == (0.5, 20, 20)
+    assert a.half_width == pytest.approx(1.96 * 0.5)  # two users say little, however many lists they got
+    assert b.half_width == pytest.approx(1.96 * np.sqrt(20 / 19 * 20 * 0.25) / 20)
+    mrr = _verdicts([("v", 0, r, u) for u, r in enumerate([1, 2, 4, 0])]).estimate(np.ones(4, bool), 3, "mrr")
+    assert mrr.value == pytest.approx((1 + 1 / 2) / 4)  # rank 4 lies past k = 3
+
+
+def test_a_canary_is_compared_with_the_stable_version_over_the_time_both_served_to_different_users():
+    rows = [("stable", t, 0, u) for t in range(0, 100_000, 10_000) for u in range(10)]  # before the canary: not compared
+    rows += [("stable", t, 1, u) for t in range(100_000, 200_000, 10_000) for u in range(8)]
+    rows += [("canary", t, 0, u) for t in range(100_000, 200_000, 10_000) for u in (8, 9)]
+    rows += [("canary", 150_000, 1, 7)]  # user 7 moved to the canary (its share was raised): left out of both
+    report = QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG)
+    (c,) = report.comparisons()
+    assert (c.baseline, c.candidate, c.start_ms, c.end_ms, c.left_out_users) == ("stable", "canary", 100_000, 190_000, 1)
+    stable, canary = c.metrics["recall@20"]
+    assert (stable.value, stable.lists, stable.users) == (1.0, 70, 7) and (canary.value, canary.users) == (0.0, 2)
+    assert c.difference("recall@20")[0] == -1.0
+    assert json.loads(json.dumps(report.to_dict()))["comparisons"][0]["metrics"]["recall@20"]["difference"] == -1.0
+    out = io.StringIO()
+    print_report(report, out)
+    assert "canary vs stable, served side by side to different users for 90 s" in out.getvalue()
+    assert "recall@20: 0.0000 (20 lists, 2 users) vs 1.0000 (70, 7): -1.0000 ± " in out.getvalue()
+    assert "1 user(s) who saw both left out" in out.getvalue() and ", worse" in out.getvalue()
+    swap = _verdicts([("old", t, 0, u) for t in range(5) for u in range(3)] +
+                     [("new", t, 0, u) for t in range(4, 9) for u in range(3)])
+    assert QualityReport("ev", "rec", [20], None, swap, 0, LOG).comparisons() == []  # one after the other
+
+
+def test_fail_if_worse_exits_1_when_a_canary_did_worse_beyond_its_interval(monkeypatch, capsys):
+    import stream.quality
+    from stream.cli import main as hrnn
+
+    def judged(candidate_rank: int) -> QualityReport:
+        rows = [("stable", t, 1, u) for t in range(0, 100_000, 10_000) for u in range(20)]
+        rows += [("canary", t, candidate_rank, u) for t in range(0, 100_000, 10_000) for u in range(20, 40)]
+        return QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG)
+
+    flags = ["quality", "--bootstrap-servers", "127.0.0.1:9", "--fail-if-worse"]
+    monkeypatch.setattr(stream.quality, "quality_worker", lambda settings, **kw: judged(0))
+    assert hrnn(flags) == 1
+    assert "worse beyond the 95% interval: canary vs stable on recall@20; canary vs stable on mrr@20" \
+        in capsys.readouterr().err
+    assert hrnn(flags[:-1]) == 0  # without the flag, a report is a report
+    monkeypatch.setattr(stream.quality, "quality_worker", lambda settings, **kw: judged(1))
+    assert hrnn(flags) == 0 and "no difference shown" in capsys.readouterr().out
 
 
 def test_nothing_to_judge_gives_an_empty_report():
