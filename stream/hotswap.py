@@ -14,9 +14,10 @@ the middle of a batch. The loader runs at the lowest CPU priority, with short GI
 half duty while prebuilding: a swap may take longer, the batches must not.
 
 A request may also make a version a *canary* (a share of the users, stream/canary.py) beside the serving
-one, which stays *stable* for the rest. A canary is loaded, validated and prebuilt like any version; a full
-request for the canary's version promotes it without loading it again, one for the stable version ends the
-canary, and one for a third version replaces both (a full rollout ends any canary). The worker reads
+one, which stays *stable* for the rest. A canary is loaded and validated like any version and prebuilds its
+own users' states; a full request for the canary's version promotes it without loading it again (the loader
+only rebuilds the other users' states with it first, as before any swap), one for the stable version ends
+the canary, and one for a third version replaces both (a full rollout ends any canary). The worker reads
 `serving()` once per batch, so a batch sees one stable version, one canary and one share.
 
 A version that fails validation is refused with a log line and a counter per reason; the
@@ -41,7 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,7 +55,7 @@ from model.errors import ArtifactError
 from model.inference import Filters, Recommender, StepInput
 from model.network import device_label
 from model.state import HistoryEvent, UserState
-from stream.canary import Serving, serving_share
+from stream.canary import Serving, in_canary, serving_share
 
 if TYPE_CHECKING:
     from stream.announce import Announcement, AnnouncementWatcher
@@ -175,6 +176,7 @@ class _Request:
     version: str | None
     reason: str
     share: float = 1.0  # below 1: a canary
+    model: Recommender | None = None  # the canary to promote: loaded already, only its prebuild runs
 
     @property
     def name(self) -> str:
@@ -291,44 +293,52 @@ class ModelHolder:
         share = serving_share(share)
         req = _Request(self._resolve(Path(path), version), version, reason, share)
         with self._lock:
-            if self._closed:
+            if self._closed or self._under_way() == (req.name, req.share):
                 return False
             if req.name in (self._serving.version, self._canary and self._canary.version):
                 self._settle(req)
                 return False
-            live_load = self._loading if self._loading_gen == self._generation else None
-            in_flight = self._wanted or live_load
-            under_way = (in_flight.name, in_flight.share) if in_flight is not None \
-                else (self._pending.model.version, self._pending.share) if self._pending is not None else None
-            if under_way == (req.name, req.share):
-                return False
-            self._generation += 1  # whatever is loading now finishes unused
-            self._pending, self._wanted = None, req
-            self._lock.notify_all()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._load_loop, name="hrnn-model-loader", daemon=True)
-                self._thread.start()
+            self._queue(req)
         log.info("model version requested", extra={"version": req.name, "path": str(req.path), "reason": reason,
                                                     "share": share})
         return True
 
+    def _under_way(self) -> tuple[str, float] | None:
+        """(Under the lock) the version and share of the load in flight, else of the pending change."""
+        live_load = self._loading if self._loading_gen == self._generation else None
+        in_flight = self._wanted or live_load
+        if in_flight is not None:
+            return in_flight.name, in_flight.share
+        return (self._pending.model.version, self._pending.share) if self._pending is not None else None
+
+    def _queue(self, req: _Request) -> None:
+        """(Under the lock) hand `req` to the loader thread; whatever it loads now finishes unused."""
+        self._generation += 1
+        self._pending, self._wanted = None, req
+        self._lock.notify_all()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._load_loop, name="hrnn-model-loader", daemon=True)
+            self._thread.start()
+
     def _settle(self, req: _Request) -> None:
-        """(Under the lock) a request for a version serving now: drop what is under way, and have the next swap
-        promote the canary, change its share, or end it."""
-        under_way = self._wanted or self._loading or self._pending
+        """(Under the lock) a request for a version serving now: drop what is under way, and change the canary.
+        Its promotion goes through the loader thread, which only rebuilds the other users' states with it (as
+        before any swap); a new share or the canary's end waits only for the next swap."""
+        dropped = self._under_way() is not None
         self._generation += 1
         self._pending, self._wanted = None, None
         self._lock.notify_all()
         canary, change = self._canary, "none"
-        if canary is not None and req.name == canary.version and req.share != self._share:
-            self._pending = _Change(canary, req.share)
-            change = "promote the canary" if req.share >= 1.0 else "change the canary's share"
+        if canary is not None and req.name == canary.version and req.share == 1.0:
+            self._queue(replace(req, model=canary))
+            change = "promote the canary"
+        elif canary is not None and req.name == canary.version and req.share != self._share:
+            self._pending, change = _Change(canary, req.share), "change the canary's share"
         elif canary is not None and req.name == self._serving.version:  # whatever the share asked
             self._pending, change = _Change(self._serving, 1.0), "end the canary"
-        if under_way is not None or self._pending is not None:
+        if dropped or change != "none":
             log.info("a version serving now requested", extra={
-                "version": req.name, "share": req.share, "reason": req.reason, "change": change,
-                "dropped": under_way is not None})
+                "version": req.name, "share": req.share, "reason": req.reason, "change": change, "dropped": dropped})
 
     def on_announcement(self, ann: "Announcement") -> None:
         """AnnouncementWatcher callback."""
@@ -406,11 +416,11 @@ class ModelHolder:
             rec: Recommender | None = None
             with _short_gil_slices():
                 try:
-                    rec = validate_version(req.path, device=self.device, expected_version=req.version)
+                    rec = req.model or validate_version(req.path, device=self.device, expected_version=req.version)
                 except ModelRefused as exc:
                     self._refuse(exc)
                 if rec is not None:
-                    self._prebuild(rec, generation)
+                    self._prebuild(rec, generation, req.share)
             secs = time.perf_counter() - t0
             with self._lock:
                 self._loading = None
@@ -424,7 +434,8 @@ class ModelHolder:
                             "share": req.share})
                 self._lock.notify_all()
 
-    def _prebuild(self, rec: Recommender, generation: int) -> None:
+    def _prebuild(self, rec: Recommender, generation: int, share: float) -> None:
+        """Rebuild stored states with `rec` (a canary's: only its users') at half duty, up to the cap."""
         if self._prebuild_source is None or self._prebuild_max <= 0:
             return
         t0 = time.perf_counter()
@@ -433,6 +444,8 @@ class ModelHolder:
                 if self._closed or generation != self._generation:
                     return  # superseded: this version will never serve
                 t = time.perf_counter()
+                if share < 1.0:
+                    chunk = {u: s for u, s in chunk.items() if in_canary(u, rec.version, share)}
                 rec.prebuild(dict(islice(chunk.items(), self._prebuild_max - len(rec.prebuilt))))
                 if len(rec.prebuilt) >= self._prebuild_max:
                     break

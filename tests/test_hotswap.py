@@ -285,12 +285,34 @@ def test_a_canary_serves_beside_the_stable_version_and_is_promoted_without_loadi
         holder.swap_if_ready()
         assert holder.serving().canary is canary and holder.serving().share == 0.5
         assert not holder.request(b, b.name)  # promoted: the canary's model becomes the stable one
-        assert holder.swap_if_ready() is canary
+        assert holder.wait_idle(60) and holder.swap_if_ready() is canary
         assert holder.serving() == type(serving)(canary)
         stats = holder.stats()
         assert (stats.serving, stats.canary, stats.swaps) == (b.name, None, 1)
     assert metrics.value("hrnn_model_version_info", {"version": b.name}) == 1
     assert metrics.value("hrnn_model_version_info", {"version": a.name}) is None
+
+
+def test_a_canary_prebuilds_its_own_users_and_its_promotion_the_others(versions):
+    from stream.canary import in_canary
+
+    reg, a, b = versions
+    with ModelHolder.open(reg, device="cpu") as holder:
+        serving = holder.current()
+        items = serving.item_ids
+        events = [StepInput(f"user-{u}", items[(u * 7 + j) % len(items)], "click", 1_700_000_000_000 + j * 60_000)
+                  for u in range(40) for j in range(3)]
+        stored = serving.advance({}, events).states
+        holder.prebuild_from(lambda: iter([stored]), max_users=1000)
+        assert holder.request(b, b.name, share=0.5) and holder.wait_idle(60)
+        holder.swap_if_ready()
+        canary = holder.serving().canary
+        mine = {u for u in stored if in_canary(u, b.name, 0.5)}
+        assert 0 < len(mine) < 40 and set(canary.prebuilt) == mine
+        canary.prebuilt.clear()  # as if the canary's users had all been served since, their states now its own:
+        stored.update(zip(mine, canary.rebuild([stored[u] for u in mine])))
+        assert not holder.request(b, b.name) and holder.wait_idle(60)
+        assert holder.swap_if_ready() is canary and set(canary.prebuilt) == set(stored) - mine
 
 
 def test_requesting_the_stable_version_ends_a_canary(versions):
