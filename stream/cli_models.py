@@ -16,7 +16,8 @@ from model.errors import ArtifactError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
-    ls = sub.add_parser("list", help="versions, newest last; * marks the current one")
+    ls = sub.add_parser("list", help="versions, newest last; * marks the current one (~ a canary, read from the "
+                                     "model-updates topic with --bootstrap-servers)")
     ls.add_argument("registry")
     show = sub.add_parser("show", help="manifest, config and metrics of one version")
     show.add_argument("registry")
@@ -31,9 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     canary.add_argument("registry")
     canary.add_argument("version")
     canary.add_argument("--share", type=float, required=True, help="of the users, strictly between 0 and 1")
+    ls.add_argument("--bootstrap-servers", help="also read the announcements: mark a canary serving now")
     for q in (promote, rollback, canary):
         q.add_argument("--bootstrap-servers", required=q is canary,
                        help="announce it on the model-updates topic" + ("" if q is canary else " too"))
+    for q in (ls, promote, rollback, canary):
         q.add_argument("--topic", default="hrnn.model-updates")
         q.add_argument("--registry-id", help="announcement key (default: the registry's absolute path)")
     prune = sub.add_parser("prune", help="delete all but the newest N versions (never the current one)")
@@ -43,10 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
+        canary = _announced_canary(args) if args.bootstrap_servers else None
         for v in list_versions(args.registry):
             val = v.metrics.get("val_mrr@20")
             score = f"val_mrr@20={val:.4f}" if isinstance(val, (int, float)) else ""
-            print(f"{'*' if v.current else ' '} {v.version}  {v.created_at}  {score}")
+            is_canary = canary is not None and v.version == canary.version
+            mark = "*" if v.current else "~" if is_canary else " "
+            print(f"{mark} {v.version}  {v.created_at}  {score}"
+                  + (f"  canary: {canary.share:.1%} of the users" if is_canary else ""))
         return 0
     if args.action == "rollback":
         from model.registry import rollback, version_path
@@ -90,6 +97,21 @@ def _announce(args: argparse.Namespace, version: str, path, *, reason: str = "pr
 
         announce(args.bootstrap_servers, args.topic, version, str(path), reason=reason,
                  registry_id=args.registry_id, share=share)
+
+
+def _announced_canary(args: argparse.Namespace):
+    """The registry's latest announcement if it is a canary's, else None."""
+    from pathlib import Path
+
+    from stream.announce import AnnouncementError, AnnouncementWatcher
+
+    registry_id = args.registry_id or str(Path(args.registry).resolve())
+    with AnnouncementWatcher(args.bootstrap_servers, args.topic, registry_id=registry_id) as watcher:
+        if not watcher.wait_caught_up(30):
+            raise AnnouncementError(f"could not read {args.topic!r} on {args.bootstrap_servers}: "
+                                    f"{watcher.error or 'not read to its end within 30 s'}")
+        latest = watcher.latest
+    return latest if latest is not None and latest.share < 1.0 else None
 
 
 def _version_dir(registry: str, version: str):

@@ -116,12 +116,20 @@ def test_canary_announces_a_share_and_leaves_the_registry_current_alone(broker, 
     (record,) = read_all(broker.bootstrap, topic, idle_s=0.5)
     ann = Announcement.decode(record.key, record.value)
     assert (ann.version, ann.reason, ann.share) == (v1, "canary", 0.1) and current_version(reg) == v0
+    assert hrnn(["models", "list", str(reg), *args]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].startswith(f"* {v0}") and listed[1].startswith(f"~ {v1}")
+    assert listed[1].endswith("canary: 10.0% of the users") and "canary" not in listed[0]
     for share, why in (("1", "strictly between 0 and 1"), ("0", "strictly between 0 and 1")):
         assert hrnn(["models", "canary", str(reg), v1, "--share", share, *args]) == 2
         assert why in capsys.readouterr().err
     assert hrnn(["models", "canary", str(reg), "v999", "--share", "0.5", *args]) == 2
     assert "no version 'v999'" in capsys.readouterr().err
     assert len(read_all(broker.bootstrap, topic, idle_s=0.5)) == 1  # nothing more announced
+    assert hrnn(["models", "promote", str(reg), v1, *args]) == 0  # the canary promoted: no canary left
+    capsys.readouterr()
+    assert hrnn(["models", "list", str(reg), *args]) == 0
+    assert [line[:2] for line in capsys.readouterr().out.splitlines()] == ["  ", "* "]
 
 
 def test_promote_of_an_unknown_version_fails_without_announcing(broker, tmp_path, capsys):
