@@ -97,6 +97,16 @@ def announce(bootstrap: str, topic: str, version: str, path: str | Path, *, reas
     return ann
 
 
+def latest_announcement(bootstrap: str, topic: str, registry_id: str, *, extra: ClientSettings | None = None,
+                        timeout_s: float = 30.0) -> Announcement | None:
+    """The registry's latest announcement on `topic` (None if it has none), read once."""
+    with AnnouncementWatcher(bootstrap, topic, registry_id=registry_id, extra=extra) as watcher:
+        if not watcher.wait_caught_up(timeout_s):
+            raise AnnouncementError(f"could not read {topic!r} on {bootstrap}: "
+                                    f"{watcher.error or f'not read to its end within {timeout_s:g} s'}")
+        return watcher.latest
+
+
 Callback = Callable[[Announcement], None]
 
 

@@ -6,7 +6,8 @@ for the whole canary. The hash is salted with the canary version: each canary is
 set of users, while raising one canary's share only adds users (the set at 5% lies within the set at 20%).
 
 The two versions serve over the same hours to disjoint random sets of users, so `hrnn quality` read over
-that time compares them as an experiment, not as one day against another.
+that time compares them as an experiment, not as one day against another; `decide` turns that comparison
+into promote, end or wait (`hrnn quality --decide-canary`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from model.errors import HRNNError
 
 if TYPE_CHECKING:
     from model.inference import Recommender
+    from stream.quality import Comparison
 
 _BUCKETS = 1 << 32
 T = TypeVar("T")
@@ -72,3 +74,34 @@ class Serving:
         for x in items:
             (canary if in_canary(user_of(x), version, share) else stable).append(x)
         return [(m, g) for m, g in ((self.stable, stable), (self.canary, canary)) if g]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "promote" | "end" | "wait"
+    reason: str
+
+
+def decide(comparison: Comparison | None, *, max_loss: float, min_users: int) -> Decision:
+    """What to do with a canary, from its comparison with the stable version (candidate = the canary).
+
+    end      it did worse on some metric: the whole 95% interval of the difference lies below 0
+    promote  on every metric the interval rules out a loss larger than `max_loss` (absolute), with at least
+             `min_users` users on each side: a non-inferiority test, so "no difference shown" on too few
+             users is not enough
+    wait     neither yet: more users will narrow the intervals"""
+    if comparison is None:
+        return Decision("wait", "the canary has not served side by side with the stable version yet")
+    worse = [m for m in comparison.metrics if comparison.verdict(m) == "worse"]
+    if worse:
+        return Decision("end", f"worse than the stable version beyond the 95% interval on {', '.join(worse)}")
+    users = min(e.users for pair in comparison.metrics.values() for e in pair)
+    if users < min_users:
+        return Decision("wait", f"{users} users on the smaller side, {min_users} needed")
+    bounds = {m: comparison.difference(m)[0] - comparison.difference(m)[1] for m in comparison.metrics}
+    short = {m: b for m, b in bounds.items() if not b > -max_loss}
+    if short:
+        return Decision("wait", "a loss larger than the allowed {:g} is not ruled out yet on {}".format(
+            max_loss, ", ".join(f"{m} (the interval reaches {b:+.4f})" for m, b in short.items())))
+    return Decision("promote", f"no loss larger than {max_loss:g} on any metric (lower bounds: "
+                    + ", ".join(f"{m} {b:+.4f}" for m, b in bounds.items()) + f"), {users}+ users per side")

@@ -103,14 +103,10 @@ def _announced_canary(args: argparse.Namespace):
     """The registry's latest announcement if it is a canary's, else None."""
     from pathlib import Path
 
-    from stream.announce import AnnouncementError, AnnouncementWatcher
+    from stream.announce import latest_announcement
 
-    registry_id = args.registry_id or str(Path(args.registry).resolve())
-    with AnnouncementWatcher(args.bootstrap_servers, args.topic, registry_id=registry_id) as watcher:
-        if not watcher.wait_caught_up(30):
-            raise AnnouncementError(f"could not read {args.topic!r} on {args.bootstrap_servers}: "
-                                    f"{watcher.error or 'not read to its end within 30 s'}")
-        latest = watcher.latest
+    latest = latest_announcement(args.bootstrap_servers, args.topic,
+                                 args.registry_id or str(Path(args.registry).resolve()))
     return latest if latest is not None and latest.share < 1.0 else None
 
 

@@ -3,8 +3,8 @@
 
 The worker group's topics and client settings resolve as for `hrnn serve` and `hrnn audit`.
 Exit status: 0 with a report (also when nothing could be judged yet), 1 with --fail-if-worse when a version
-served side by side with another (a canary) did worse on recall@k or MRR@k beyond its 95% interval, 2 on
-bad input.
+served side by side with another (a canary) did worse on recall@k or MRR@k beyond its 95% interval, and with
+--decide-canary when the canary was ended for doing worse; 2 on bad input.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from stream.settings import MAX_K
 
 if TYPE_CHECKING:
     from stream.quality import Comparison, QualityReport
+    from stream.settings import WorkerSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bucket-s", type=float, help="the chart's time buckets (default: about 30 over the recommendations judged)")
     a("--fail-if-worse", action="store_true", help="exit 1 when a version served side by side with an earlier one "
       "(a canary) did worse than it beyond the 95%% interval (too few users to tell passes: read the intervals)")
+    a("--decide-canary", action="store_true", help="if the workers' registry has a canary serving, act on its "
+      "comparison with the current version: end it if it did worse, promote it if a loss above --max-loss is "
+      "ruled out with --min-users users per side, else wait (stream/canary.py decide)")
+    a("--max-loss", type=float, default=0.01, help="with --decide-canary: the largest loss of recall@k or MRR@k "
+      "(absolute) a promotion may risk (default 0.01)")
+    a("--min-users", type=int, default=100, help="with --decide-canary: users needed on each side (default 100)")
+    a("--registry", help="with --decide-canary: the workers' model registry (default: their settings')")
+    a("--updates-topic", help="with --decide-canary: the model-updates topic (default: the workers' settings')")
 
 
 def _ks(text: str) -> list[int]:
@@ -87,7 +96,11 @@ def run(args: argparse.Namespace) -> int:
     if args.history_s < 0 or (args.history_s and args.since_s is None):
         raise ConfigError(f"--history-s must be >= 0 seconds and needs --since-s (without a window every event is "
                           f"read), got {args.history_s:g}")
+    if args.max_loss < 0 or args.min_users < 1:
+        raise ConfigError(f"--max-loss must be >= 0 and --min-users >= 1, got {args.max_loss:g} and {args.min_users}")
     settings, since_ms = deployment_settings(args)
+    if args.decide_canary and not settings.registry:
+        raise ConfigError("--decide-canary needs the workers' registry: --registry DIR, or a --config that names it")
     report = quality_worker(settings, ks=ks, since_ms=since_ms, history_ms=int(args.history_s * 1000),
                             idle_s=args.idle_s, timeout_s=args.timeout_s,
                             progress=lambda line: print(f"hrnn quality: {line}", file=sys.stderr))
@@ -102,4 +115,32 @@ def run(args: argparse.Namespace) -> int:
     if args.fail_if_worse and worse:
         print(f"hrnn quality: worse beyond the 95% interval: {'; '.join(worse)}", file=sys.stderr)
         return 1
-    return 0
+    return decide_canary(settings, report, max_loss=args.max_loss, min_users=args.min_users) \
+        if args.decide_canary else 0
+
+
+def decide_canary(settings: WorkerSettings, report: QualityReport, *, max_loss: float, min_users: int) -> int:
+    """Promote, end or keep the canary the registry's latest announcement names; 1 if it was ended."""
+    from model.artifact import current_version
+    from model.registry import promote, version_path
+    from stream.announce import announce, latest_announcement
+    from stream.canary import decide
+
+    registry = str(Path(settings.registry).resolve())
+    ann = latest_announcement(settings.bootstrap_servers, settings.updates_topic, registry,
+                              extra=settings.consumer_kafka)
+    if ann is None or ann.share >= 1.0:
+        print(f"canary: none serving for {registry}")
+        return 0
+    stable = current_version(registry)
+    comparison = next((c for c in report.comparisons() if (c.baseline, c.candidate) == (stable, ann.version)), None)
+    decision = decide(comparison, max_loss=max_loss, min_users=min_users)
+    print(f"canary {ann.version} ({ann.share:.1%} of the users) vs {stable}: {decision.action}, {decision.reason}")
+    if decision.action == "wait":
+        return 0
+    target = ann.version if decision.action == "promote" else stable
+    path = promote(registry, target) if decision.action == "promote" else version_path(registry, target)
+    announce(settings.bootstrap_servers, settings.updates_topic, target, path, reason="promote", registry_id=registry,
+             extra=settings.producer_kafka)
+    print(f"announced {target} for all users on {settings.updates_topic}")
+    return 0 if decision.action == "promote" else 1

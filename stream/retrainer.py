@@ -243,7 +243,11 @@ class RetrainerService:
         n = await asyncio.get_running_loop().run_in_executor(None, count_events, s.archive, s.window_days)
         log.info("retraining run starts", extra={"window_days": s.window_days, "window_events": n,
                                                  "registry": s.registry})
-        if n < s.min_events:
+        canary = await asyncio.get_running_loop().run_in_executor(None, self._canary_under_way)
+        if canary is not None:  # a new canary would replace it before its comparison could say anything
+            out = RetrainOutcome("skipped", f"the canary {canary} still serves; decide it first (`hrnn quality "
+                                            "--decide-canary`, or `hrnn models promote`)", window_events=n)
+        elif n < s.min_events:
             # decided here, so an empty archive costs no child process
             out = RetrainOutcome("skipped", f"{n} events in the {s.window_days}-day window, {s.min_events} needed",
                                  window_events=n)
@@ -265,6 +269,16 @@ class RetrainerService:
         self.runs.append(out)
         log.info("retraining run finished", extra={"outcome": asdict(out)})
         return out
+
+    def _canary_under_way(self) -> str | None:
+        """With --canary-share: the version of the canary the registry's latest announcement names, if any."""
+        if not self.settings.canary_share:
+            return None
+        from stream.announce import latest_announcement
+
+        s = self.settings
+        ann = latest_announcement(s.bootstrap_servers, s.updates_topic, s.registry_id or str(Path(s.registry).resolve()))
+        return ann.version if ann is not None and ann.share < 1.0 else None
 
     def _announce(self, out: RetrainOutcome) -> None:
         from stream.announce import announce

@@ -53,3 +53,29 @@ def test_serving_splits_items_by_the_version_of_their_user_keeping_order():
     assert Serving(stable).split(events, lambda e: e[0]) == [(stable, events)]
     assert Serving(stable, canary, 0.3).split([], lambda e: e[0]) == []
     assert Serving(stable, canary, 0.3).shares == {"v1": 0.7, "v2": 0.3}
+
+
+def _comparison(candidate: tuple[float, float], baseline: tuple[float, float], users: int = 500):
+    """A canary's comparison on one metric: (value, 95% half width) of each side."""
+    from stream.quality import Comparison, Estimate
+
+    side = lambda v: Estimate(v[0], v[1], users * 4, users)  # noqa: E731
+    return Comparison("stable", "canary", 0, 3_600_000, 0, {"recall@20": (side(baseline), side(candidate))})
+
+
+def test_a_canary_that_did_worse_beyond_its_interval_is_ended():
+    from stream.canary import decide
+
+    d = decide(_comparison((0.80, 0.01), (0.90, 0.01)), max_loss=0.01, min_users=100)
+    assert d.action == "end" and "recall@20" in d.reason
+
+
+def test_a_canary_is_promoted_only_when_a_loss_above_the_allowed_one_is_ruled_out():
+    from stream.canary import decide
+
+    assert decide(_comparison((0.90, 0.005), (0.90, 0.005)), max_loss=0.01, min_users=100).action == "promote"
+    wide = decide(_comparison((0.90, 0.03), (0.90, 0.03)), max_loss=0.01, min_users=100)  # no difference shown
+    assert wide.action == "wait" and "not ruled out" in wide.reason
+    few = decide(_comparison((0.95, 0.001), (0.90, 0.001), users=20), max_loss=0.01, min_users=100)
+    assert few.action == "wait" and "20 users on the smaller side, 100 needed" == few.reason
+    assert decide(None, max_loss=0.01, min_users=100).action == "wait"

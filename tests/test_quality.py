@@ -180,6 +180,36 @@ def test_fail_if_worse_exits_1_when_a_canary_did_worse_beyond_its_interval(monke
     assert hrnn(flags) == 0 and "no difference shown" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("canary_rank, action, status", [(1, "promote", 0), (0, "end", 1), (None, "wait", 0)])
+def test_decide_canary_promotes_ends_or_keeps_the_announced_canary(broker, tmp_path, monkeypatch, capsys,
+                                                                   canary_rank, action, status):
+    import uuid
+
+    import stream.quality
+    from model.artifact import current_version, latest_version_dir, set_current
+    from stream.announce import announce, latest_announcement
+    from stream.cli import main as hrnn
+
+    registry = make_registry(tmp_path / "registry", seed=1)
+    stable = current_version(registry)
+    canary = latest_version_dir(make_registry(registry, seed=2)).name
+    set_current(registry, stable)  # the canary is published beside the current version, not over it
+    topic = f"upd-{uuid.uuid4().hex[:8]}"
+    announce(broker.bootstrap, topic, canary, registry / canary, reason="canary", share=0.5)
+    rows = [(stable, t, 1, u) for t in range(0, 100_000, 10_000) for u in range(200)]
+    waiting = canary_rank is None  # too few canary users yet
+    rows += [(canary, t, 1 if waiting else canary_rank, u) for t in range(0, 100_000, 10_000)
+             for u in range(200, 210 if waiting else 400)]
+    monkeypatch.setattr(stream.quality, "quality_worker",
+                        lambda settings, **kw: QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG))
+    assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry),
+                 "--updates-topic", topic, "--decide-canary", "--min-users", "50"]) == status
+    assert f"canary {canary} (50.0% of the users) vs {stable}: {action}" in capsys.readouterr().out
+    latest = latest_announcement(broker.bootstrap, topic, str(registry.resolve()))
+    want = {"promote": (canary, 1.0, canary), "end": (stable, 1.0, stable), "wait": (canary, 0.5, stable)}[action]
+    assert (latest.version, latest.share, current_version(registry)) == want
+
+
 def test_nothing_to_judge_gives_an_empty_report():
     report = _report([_event(0, 0, "u1", "a")], [_rec(0, 0, ["a"])])
     assert report.pending == 1 and len(report.verdicts.rank) == 0 and report.rows() == []

@@ -143,6 +143,8 @@ def test_with_a_canary_share_the_service_announces_what_it_publishes_as_a_canary
     with AnnouncementWatcher(broker.bootstrap, topic) as w:
         ann = w.wait_for("v9", 20)
     assert ann is not None and (ann.reason, ann.share) == ("canary", 0.25)
+    skipped = asyncio.run(svc.retrain_now())  # a new canary would replace this one before it could be judged
+    assert skipped.status == "skipped" and "the canary v9 still serves" in skipped.reason
     for bad in (1.0, -0.1):
         with pytest.raises(ConfigError, match="canary-share"):
             retrainer.RetrainerSettings(bootstrap_servers="h:1", registry="r", archive="a",
