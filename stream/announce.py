@@ -72,9 +72,14 @@ class Announcement:
                    key.decode("utf-8", "replace") if key else "", share)
 
 
+def registry_id(registry: str | Path) -> str:
+    """Default key of a registry's announcements: its absolute directory."""
+    return str(Path(registry).resolve())
+
+
 def registry_id_for(version_path: str | Path) -> str:
     """Default key: the absolute registry directory (the version directory's parent)."""
-    return str(Path(version_path).resolve().parent)
+    return registry_id(Path(version_path).resolve().parent)
 
 
 def announce(bootstrap: str, topic: str, version: str, path: str | Path, *, reason: str = "promote",

@@ -101,12 +101,9 @@ def _announce(args: argparse.Namespace, version: str, path, *, reason: str = "pr
 
 def _announced_canary(args: argparse.Namespace):
     """The registry's latest announcement if it is a canary's, else None."""
-    from pathlib import Path
+    from stream.announce import latest_announcement, registry_id
 
-    from stream.announce import latest_announcement
-
-    latest = latest_announcement(args.bootstrap_servers, args.topic,
-                                 args.registry_id or str(Path(args.registry).resolve()))
+    latest = latest_announcement(args.bootstrap_servers, args.topic, args.registry_id or registry_id(args.registry))
     return latest if latest is not None and latest.share < 1.0 else None
 
 

@@ -123,14 +123,13 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, *, max_loss: 
     """Promote, end or keep the canary the registry's latest announcement names; 1 if it was ended."""
     from model.artifact import current_version
     from model.registry import promote, version_path
-    from stream.announce import announce, latest_announcement
+    from stream.announce import announce, latest_announcement, registry_id
     from stream.canary import decide
 
-    registry = str(Path(settings.registry).resolve())
-    ann = latest_announcement(settings.bootstrap_servers, settings.updates_topic, registry,
-                              extra=settings.consumer_kafka)
+    registry, key = settings.registry, registry_id(settings.registry)
+    ann = latest_announcement(settings.bootstrap_servers, settings.updates_topic, key, extra=settings.consumer_kafka)
     if ann is None or ann.share >= 1.0:
-        print(f"canary: none serving for {registry}")
+        print(f"canary: none serving for {key}")
         return 0
     stable = current_version(registry)
     comparison = next((c for c in report.comparisons() if (c.baseline, c.candidate) == (stable, ann.version)), None)
@@ -140,7 +139,7 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, *, max_loss: 
         return 0
     target = ann.version if decision.action == "promote" else stable
     path = promote(registry, target) if decision.action == "promote" else version_path(registry, target)
-    announce(settings.bootstrap_servers, settings.updates_topic, target, path, reason="promote", registry_id=registry,
+    announce(settings.bootstrap_servers, settings.updates_topic, target, path, reason="promote", registry_id=key,
              extra=settings.producer_kafka)
     print(f"announced {target} for all users on {settings.updates_topic}")
     return 0 if decision.action == "promote" else 1

@@ -274,10 +274,10 @@ class RetrainerService:
         """With --canary-share: the version of the canary the registry's latest announcement names, if any."""
         if not self.settings.canary_share:
             return None
-        from stream.announce import latest_announcement
+        from stream.announce import latest_announcement, registry_id
 
         s = self.settings
-        ann = latest_announcement(s.bootstrap_servers, s.updates_topic, s.registry_id or str(Path(s.registry).resolve()))
+        ann = latest_announcement(s.bootstrap_servers, s.updates_topic, s.registry_id or registry_id(s.registry))
         return ann.version if ann is not None and ann.share < 1.0 else None
 
     def _announce(self, out: RetrainOutcome) -> None:

@@ -37,7 +37,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -48,6 +47,7 @@ from model.events import Event, decode_event
 from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
 from stream import records
+from stream.announce import registry_id
 from stream.availability import AvailabilityReader
 from stream.canary import Serving
 from stream.hotswap import ModelHolder
@@ -275,7 +275,7 @@ class Worker:
         self._consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
         if s.follow_updates and self._own_models:
-            self.models.follow(s.bootstrap_servers, s.updates_topic, registry_id=str(Path(s.registry).resolve()),
+            self.models.follow(s.bootstrap_servers, s.updates_topic, registry_id=registry_id(s.registry),
                                extra=s.consumer_kafka)
         self.health.update(alive=True, state="running", group=s.group, model_version=self.models.version)
         log.info("worker started", extra={"group": s.group, "input_topic": s.input_topic,
