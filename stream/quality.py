@@ -20,6 +20,7 @@ off sale, purchases) was not shown, so a next event on it is a miss: the figures
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -172,6 +173,12 @@ class QualityReport:
     def comparisons(self) -> list[Comparison]:
         """Each later version against each earlier one over the time both served, where they did so to
         different users (a canary); users served by both then are left out of both sides."""
+        return list(self._comparisons)
+
+    @cached_property
+    def _comparisons(self) -> tuple[Comparison, ...]:
+        # Computed once: the printer, the JSON, --fail-if-worse and --decide-canary all read it, and each pair
+        # of overlapping versions costs several passes over every judged list.
         v, k = self.verdicts, max(self.ks)
         spans = [(v.emitted_at[v.version == c].min(), v.emitted_at[v.version == c].max())
                  for c in range(len(v.versions))]
@@ -189,7 +196,7 @@ class QualityReport:
             metrics = {f"{m}@{k}": (v.estimate(sides[0], k, m), v.estimate(sides[1], k, m))
                        for m in ("recall", "mrr")}
             out.append(Comparison(v.versions[a], v.versions[b], int(start), int(end), len(both), metrics))
-        return out
+        return tuple(out)
 
     def to_dict(self) -> dict:
         return {"input_topic": self.input_topic, "output_topic": self.output_topic, "input_log": self.input_log,

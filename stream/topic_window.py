@@ -26,7 +26,8 @@ def earlier(since_ms: int | None, ms: int) -> int | None:
 def window_bounds(bootstrap: str, starts: Mapping[str, int | None],
                   extra: ClientSettings | None = None) -> dict[str, Bounds]:
     """Each topic's (first, end) offsets per partition, ends as they are now: from the first record of its
-    start time on (epoch ms; None: the whole log). A window's answers start ANSWER_SKEW_MS before its input."""
+    start time on (epoch ms; None: the whole log). Callers start a window's answers ANSWER_SKEW_MS before its
+    input (`earlier`)."""
     return {t: window_offsets(bootstrap, t, since, watermarks(bootstrap, t, extra), extra) for t, since in starts.items()}
 
 
