@@ -8,10 +8,18 @@ set of users, while raising one canary's share only adds users (the set at 5% li
 The two versions serve over the same hours to disjoint random sets of users, so `hrnn quality` read over
 that time compares them as an experiment, not as one day against another; `decide` turns that comparison
 into promote, end or wait (`hrnn quality --decide-canary`).
+
+That judge runs again and again (a daily job) on a growing experiment, and stops at the first answer. A
+plain 95% interval, looked at every day, is wrong far more often than 5% of the time over the canary's
+life; so `decide` uses by default an anytime-valid interval (a confidence sequence: Waudby-Smith, Arbour,
+Sinha, Kennedy and Ramdas, "Time-uniform central limit theory and asymptotic confidence sequences", 2024,
+Theorem 2.2), which covers the true difference at every look at once with about 95% probability, at the
+price of a wider interval at any one look (`bench/canary_peeking.py` measures both).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -24,6 +32,8 @@ if TYPE_CHECKING:
 
 _BUCKETS = 1 << 32
 T = TypeVar("T")
+ALPHA = 0.05
+PLANNED_USERS = 2000  # where the anytime interval is narrowest; it widens slowly on either side
 
 
 class ShareError(HRNNError):
@@ -76,32 +86,59 @@ class Serving:
         return [(m, g) for m, g in ((self.stable, stable), (self.canary, canary)) if g]
 
 
+def anytime_z(users: int, planned_users: int = PLANNED_USERS, alpha: float = ALPHA) -> float:
+    """The multiple of the standard error that makes the asymptotic confidence sequence after `users`
+    independent users (Theorem 2.2 of the paper above, with rho tuned for `planned_users`): 3.03 there
+    for alpha 0.05, against 1.96 for a single look."""
+    if users < 1 or planned_users < 1:
+        raise ValueError(f"users and planned_users must be >= 1, got {users} and {planned_users}")
+    log_a = -2 * math.log(alpha)
+    t_rho2 = users * (log_a + math.log(log_a + 1)) / planned_users
+    return math.sqrt(2 * (t_rho2 + 1) / t_rho2 * math.log(math.sqrt(t_rho2 + 1) / alpha))
+
+
 @dataclass(frozen=True)
 class Decision:
     action: str  # "promote" | "end" | "wait"
     reason: str
 
 
-def decide(comparison: Comparison | None, *, max_loss: float, min_users: int) -> Decision:
+@dataclass(frozen=True)
+class Rule:
+    """How `decide` judges a canary."""
+
+    max_loss: float = 0.01  # the largest loss of a metric (absolute) a promotion may risk
+    min_users: int = 100  # on each side, before a promotion
+    anytime: bool = True  # False: the plain 95% interval, right only for one look at a size fixed in advance
+    planned_users: int = PLANNED_USERS
+
+
+def decide(comparison: Comparison | None, rule: Rule = Rule()) -> Decision:
     """What to do with a canary, from its comparison with the stable version (candidate = the canary).
 
-    end      it did worse on some metric: the whole 95% interval of the difference lies below 0
+    end      it did worse on some metric: the whole interval of the difference lies below 0
     promote  on every metric the interval rules out a loss larger than `max_loss` (absolute), with at least
              `min_users` users on each side: a non-inferiority test, so "no difference shown" on too few
              users is not enough
     wait     neither yet: more users will narrow the intervals"""
     if comparison is None:
         return Decision("wait", "the canary has not served side by side with the stable version yet")
-    worse = [m for m in comparison.metrics if comparison.verdict(m) == "worse"]
+    from stream.quality import Z95
+
+    max_loss, min_users = rule.max_loss, rule.min_users
+    kind = "anytime 95%" if rule.anytime else "95%"
+    z = anytime_z(comparison.users, rule.planned_users) if rule.anytime else Z95
+    bounds = {m: (d - z * se, d + z * se) for m, (d, se) in
+              ((m, comparison.difference_se(m)) for m in comparison.metrics)}
+    worse = [m for m, (_, high) in bounds.items() if high < 0]
     if worse:
-        return Decision("end", f"worse than the stable version beyond the 95% interval on {', '.join(worse)}")
+        return Decision("end", f"worse than the stable version beyond the {kind} interval on {', '.join(worse)}")
     users = min(e.users for pair in comparison.metrics.values() for e in pair)
     if users < min_users:
         return Decision("wait", f"{users} users on the smaller side, {min_users} needed")
-    bounds = {m: comparison.difference(m)[0] - comparison.difference(m)[1] for m in comparison.metrics}
-    short = {m: b for m, b in bounds.items() if not b > -max_loss}
+    short = {m: low for m, (low, _) in bounds.items() if not low > -max_loss}
     if short:
-        return Decision("wait", "a loss larger than the allowed {:g} is not ruled out yet on {}".format(
-            max_loss, ", ".join(f"{m} (the interval reaches {b:+.4f})" for m, b in short.items())))
-    return Decision("promote", f"no loss larger than {max_loss:g} on any metric (lower bounds: "
-                    + ", ".join(f"{m} {b:+.4f}" for m, b in bounds.items()) + f"), {users}+ users per side")
+        return Decision("wait", "a loss larger than the allowed {:g} is not ruled out yet by the {} interval on {}"
+                        .format(max_loss, kind, ", ".join(f"{m} (it reaches {b:+.4f})" for m, b in short.items())))
+    return Decision("promote", f"no loss larger than {max_loss:g} on any metric ({kind} lower bounds: "
+                    + ", ".join(f"{m} {low:+.4f}" for m, (low, _) in bounds.items()) + f"), {users}+ users per side")

@@ -12,10 +12,12 @@ import argparse
 import json
 import math
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from model.errors import ConfigError
+from stream.canary import Rule
 from stream.cli_common import add_deployment_flags, deployment_settings
 from stream.settings import MAX_K
 
@@ -37,10 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       "(a canary) did worse than it beyond the 95%% interval (too few users to tell passes: read the intervals)")
     a("--decide-canary", action="store_true", help="if the workers' registry has a canary serving, act on its "
       "comparison with the current version: end it if it did worse, promote it if a loss above --max-loss is "
-      "ruled out with --min-users users per side, else wait (stream/canary.py decide)")
-    a("--max-loss", type=float, default=0.01, help="with --decide-canary: the largest loss of recall@k or MRR@k "
-      "(absolute) a promotion may risk (default 0.01)")
-    a("--min-users", type=int, default=100, help="with --decide-canary: users needed on each side (default 100)")
+      "ruled out with --min-users users per side, else wait (stream/canary.py decide); by an anytime-valid "
+      "interval, so the judge may run every day and stop at the first answer")
+    a("--max-loss", type=float, default=Rule.max_loss, help="with --decide-canary: the largest loss of recall@k or "
+      "MRR@k (absolute) a promotion may risk (default %(default)s)")
+    a("--min-users", type=int, default=Rule.min_users, help="with --decide-canary: users needed on each side "
+      "(default %(default)s)")
+    a("--planned-users", type=int, default=Rule.planned_users, help="the users (both sides of a canary) at which "
+      "the anytime interval, printed and --decide-canary's, is narrowest (default %(default)s; it widens slowly "
+      "either side)")
+    a("--fixed-horizon", action="store_true", help="with --decide-canary: decide on the plain 95%% interval "
+      "instead, right only for a judge that looks once, when --planned-users is reached")
     a("--registry", help="with --decide-canary: the workers' model registry (default: their settings')")
     a("--updates-topic", help="with --decide-canary: the model-updates topic (default: the workers' settings')")
 
@@ -55,11 +64,18 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
+def _epoch_ms(iso: str) -> int | None:
+    try:
+        return int(datetime.fromisoformat(iso).timestamp() * 1000)
+    except ValueError:
+        return None  # an announcement written before announced_at existed
+
+
 def _cell(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.4f}"
 
 
-def print_report(report: QualityReport, out: TextIO | None = None) -> None:
+def print_report(report: QualityReport, out: TextIO | None = None, planned_users: int = Rule.planned_users) -> None:
     out = out or sys.stdout  # looked up at call time: a caller may have redirected it
     k_max = max(report.ks)
     heads = [f"recall@{k}" for k in report.ks] + [f"mrr@{k_max}"]
@@ -73,18 +89,22 @@ def print_report(report: QualityReport, out: TextIO | None = None) -> None:
     print(f"{len(report.verdicts.rank)} recommendations judged by the user's next event on {report.input_topic!r}; "
           f"{report.pending} await their user's next event", file=out)
     for c in report.comparisons():
-        print_comparison(c, out)
+        print_comparison(c, out, planned_users)
 
 
-def print_comparison(c: Comparison, out: TextIO) -> None:
-    """Two versions served side by side (a canary): each metric's difference with its 95% interval."""
+def print_comparison(c: Comparison, out: TextIO, planned_users: int) -> None:
+    """Two versions served side by side (a canary): each metric's difference with its 95% interval, and the
+    anytime-valid one a judge that reads this again and again should use (stream/canary.py)."""
+    from stream.canary import anytime_z
+
     print(f"\n{c.candidate} vs {c.baseline}, served side by side to different users for "
           f"{(c.end_ms - c.start_ms) / 1000:.0f} s (95% intervals by user"
           + (f"; {c.left_out_users} user(s) who saw both left out" if c.left_out_users else "") + "):", file=out)
+    z = anytime_z(max(c.users, 1), planned_users)
     for name, (a, b) in c.metrics.items():
-        diff, half = c.difference(name)
+        (diff, half), se = c.difference(name), c.difference_se(name)[1]
         print(f"  {name}: {_cell(b.value)} ({b.lists} lists, {b.users} users) vs {_cell(a.value)} ({a.lists}, "
-              f"{a.users}): {diff:+.4f} ± {half:.4f}, {c.verdict(name)}", file=out)
+              f"{a.users}): {diff:+.4f} ± {half:.4f}, {c.verdict(name)} (anytime ± {z * se:.4f})", file=out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,15 +116,20 @@ def run(args: argparse.Namespace) -> int:
     if args.history_s < 0 or (args.history_s and args.since_s is None):
         raise ConfigError(f"--history-s must be >= 0 seconds and needs --since-s (without a window every event is "
                           f"read), got {args.history_s:g}")
-    if args.max_loss < 0 or args.min_users < 1:
-        raise ConfigError(f"--max-loss must be >= 0 and --min-users >= 1, got {args.max_loss:g} and {args.min_users}")
+    if args.max_loss < 0 or args.min_users < 1 or args.planned_users < 1:
+        raise ConfigError(f"--max-loss must be >= 0, --min-users and --planned-users >= 1, got {args.max_loss:g}, "
+                          f"{args.min_users} and {args.planned_users}")
     settings, since_ms = deployment_settings(args)
     if args.decide_canary and not settings.registry:
         raise ConfigError("--decide-canary needs the workers' registry: --registry DIR, or a --config that names it")
-    report = quality_worker(settings, ks=ks, since_ms=since_ms, history_ms=int(args.history_s * 1000),
-                            idle_s=args.idle_s, timeout_s=args.timeout_s,
-                            progress=lambda line: print(f"hrnn quality: {line}", file=sys.stderr))
-    print_report(report)
+
+    def judge(since_ms: int | None, history_ms: int = 0) -> QualityReport:
+        return quality_worker(settings, ks=ks, since_ms=since_ms, history_ms=history_ms, idle_s=args.idle_s,
+                              timeout_s=args.timeout_s,
+                              progress=lambda line: print(f"hrnn quality: {line}", file=sys.stderr))
+
+    report = judge(since_ms, int(args.history_s * 1000))
+    print_report(report, planned_users=args.planned_users)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if args.png:
@@ -115,12 +140,24 @@ def run(args: argparse.Namespace) -> int:
     if args.fail_if_worse and worse:
         print(f"hrnn quality: worse beyond the 95% interval: {'; '.join(worse)}", file=sys.stderr)
         return 1
-    return decide_canary(settings, report, max_loss=args.max_loss, min_users=args.min_users) \
-        if args.decide_canary else 0
+    if not args.decide_canary:
+        return 0
+    return decide_canary(settings, report, Rule(args.max_loss, args.min_users, not args.fixed_horizon,
+                                                args.planned_users), judge)
 
 
-def decide_canary(settings: WorkerSettings, report: QualityReport, *, max_loss: float, min_users: int) -> int:
-    """Promote, end or keep the canary the registry's latest announcement names; 1 if it was ended."""
+# Input records written before the announcement can be scored by the canary (a worker's backlog); reading
+# more than needed is harmless, the comparison keeps only the time both versions served.
+CANARY_LEAD_MS = 3_600_000
+
+
+def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
+                  judge: Callable[[int | None], QualityReport]) -> int:
+    """Promote, end or keep the canary the registry's latest announcement names; 1 if it was ended.
+
+    The decision reads the canary's whole time (its announcement on): a report over a shorter window is
+    judged again from there (`judge(since_ms)`), so a daily judge decides on the growing experiment the
+    anytime interval is made for, not on the last day alone."""
     from model.artifact import current_version
     from model.registry import promote, version_path
     from stream.announce import announce, latest_announcement, registry_id
@@ -132,8 +169,12 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, *, max_loss: 
         print(f"canary: none serving for {key}")
         return 0
     stable = current_version(registry)
+    start_ms = _epoch_ms(ann.announced_at)
+    if report.since_ms is not None and start_ms is not None and start_ms - CANARY_LEAD_MS < report.since_ms:
+        print(f"judging the canary over its whole time: from {ann.announced_at} (its announcement) on")
+        report = judge(start_ms - CANARY_LEAD_MS)
     comparison = next((c for c in report.comparisons() if (c.baseline, c.candidate) == (stable, ann.version)), None)
-    decision = decide(comparison, max_loss=max_loss, min_users=min_users)
+    decision = decide(comparison, rule)
     print(f"canary {ann.version} ({ann.share:.1%} of the users) vs {stable}: {decision.action}, {decision.reason}")
     if decision.action == "wait":
         return 0

@@ -36,6 +36,7 @@ from stream.topic_window import ANSWER_SKEW_MS, Bounds, earlier, read_window, wi
 
 REFERENCE = "recent items (reference)"
 DEFAULT_KS = (1, 5, 10, 20)
+Z95 = 1.959964  # two-sided 95% quantile of the normal distribution
 
 
 @dataclass
@@ -89,15 +90,23 @@ class Verdicts:
             return Estimate(float("nan"), float("nan"), 0, 0)
         mean = got.sum() / total
         se = np.sqrt(m / (m - 1) * ((got - mean * lists) ** 2).sum()) / total if m > 1 else float("nan")
-        return Estimate(float(mean), float(1.96 * se), int(total), m)
+        return Estimate(float(mean), float(se), int(total), m)
 
 
 @dataclass(frozen=True)
 class Estimate:
     value: float
-    half_width: float  # of the 95% interval
+    se: float  # standard error, users as the independent draws
     lists: int
     users: int
+
+    @property
+    def half_width(self) -> float:
+        """of the 95% interval"""
+        return Z95 * self.se
+
+    def to_dict(self) -> dict:
+        return {**vars(self), "half_width": self.half_width}
 
 
 @dataclass(frozen=True)
@@ -113,8 +122,18 @@ class Comparison:
 
     def difference(self, metric: str) -> tuple[float, float]:
         """candidate - baseline, and the 95% half width (the sides' users are disjoint: independent)."""
+        diff, se = self.difference_se(metric)
+        return diff, Z95 * se
+
+    def difference_se(self, metric: str) -> tuple[float, float]:
+        """candidate - baseline, and its standard error."""
         a, b = self.metrics[metric]
-        return b.value - a.value, float(np.hypot(a.half_width, b.half_width))
+        return b.value - a.value, float(np.hypot(a.se, b.se))
+
+    @property
+    def users(self) -> int:
+        """users judged on both sides together"""
+        return sum(e.users for e in next(iter(self.metrics.values())))
 
     def verdict(self, metric: str) -> str:
         """"better" or "worse" when the whole interval of the difference lies on that side of 0."""
@@ -124,7 +143,7 @@ class Comparison:
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "candidate": self.candidate, "start_ms": self.start_ms,
                 "end_ms": self.end_ms, "left_out_users": self.left_out_users,
-                "metrics": {name: {"baseline": vars(a), "candidate": vars(b), "difference": self.difference(name)[0],
+                "metrics": {name: {"baseline": a.to_dict(), "candidate": b.to_dict(), "difference": self.difference(name)[0],
                                    "ci95": self.difference(name)[1], "verdict": self.verdict(name)}
                             for name, (a, b) in self.metrics.items()}}
 

@@ -1,11 +1,14 @@
 """Which users a canary serves: a stable function of the user, the canary version and the share."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from stream.canary import Serving, ShareError, check_share, in_canary
+from stream.canary import Rule, Serving, ShareError, anytime_z, check_share, decide, in_canary
 
 USERS = [f"user-{i}" for i in range(20_000)]
 
@@ -56,26 +59,65 @@ def test_serving_splits_items_by_the_version_of_their_user_keeping_order():
 
 
 def _comparison(candidate: tuple[float, float], baseline: tuple[float, float], users: int = 500):
-    """A canary's comparison on one metric: (value, 95% half width) of each side."""
+    """A canary's comparison on one metric: (value, standard error) of each side."""
     from stream.quality import Comparison, Estimate
 
     side = lambda v: Estimate(v[0], v[1], users * 4, users)  # noqa: E731
     return Comparison("stable", "canary", 0, 3_600_000, 0, {"recall@20": (side(baseline), side(candidate))})
 
 
-def test_a_canary_that_did_worse_beyond_its_interval_is_ended():
-    from stream.canary import decide
+FIXED = Rule(anytime=False)
 
-    d = decide(_comparison((0.80, 0.01), (0.90, 0.01)), max_loss=0.01, min_users=100)
+
+@pytest.mark.parametrize("rule", [Rule(), FIXED])
+def test_a_canary_that_did_worse_beyond_its_interval_is_ended(rule):
+    d = decide(_comparison((0.80, 0.005), (0.90, 0.005)), rule)
     assert d.action == "end" and "recall@20" in d.reason
 
 
-def test_a_canary_is_promoted_only_when_a_loss_above_the_allowed_one_is_ruled_out():
-    from stream.canary import decide
-
-    assert decide(_comparison((0.90, 0.005), (0.90, 0.005)), max_loss=0.01, min_users=100).action == "promote"
-    wide = decide(_comparison((0.90, 0.03), (0.90, 0.03)), max_loss=0.01, min_users=100)  # no difference shown
+@pytest.mark.parametrize("rule", [Rule(), FIXED])
+def test_a_canary_is_promoted_only_when_a_loss_above_the_allowed_one_is_ruled_out(rule):
+    assert decide(_comparison((0.90, 0.002), (0.90, 0.002)), rule).action == "promote"
+    wide = decide(_comparison((0.90, 0.015), (0.90, 0.015)), rule)  # no difference shown
     assert wide.action == "wait" and "not ruled out" in wide.reason
-    few = decide(_comparison((0.95, 0.001), (0.90, 0.001), users=20), max_loss=0.01, min_users=100)
+    few = decide(_comparison((0.95, 0.001), (0.90, 0.001), users=20), rule)
     assert few.action == "wait" and "20 users on the smaller side, 100 needed" == few.reason
-    assert decide(None, max_loss=0.01, min_users=100).action == "wait"
+    assert decide(None, rule).action == "wait"
+
+
+def test_the_anytime_interval_is_wider_than_a_single_looks_and_narrowest_near_the_planned_users():
+    assert anytime_z(2000, planned_users=2000) == pytest.approx(3.035, abs=0.001)
+    narrowest = min(range(100, 50_000, 10), key=lambda n: anytime_z(n, planned_users=2000))
+    assert 1800 <= narrowest <= 2200  # rho's rule of thumb tunes it near, not exactly at, the planned users
+    assert anytime_z(100, planned_users=2000) > anytime_z(500, planned_users=2000) > 1.96
+    assert anytime_z(10**6, planned_users=2000) > anytime_z(10**5, planned_users=2000)  # grows like sqrt(log n)
+    with pytest.raises(ValueError):
+        anytime_z(0)
+
+
+def test_a_loss_a_single_look_would_call_is_not_called_at_once_by_the_anytime_interval():
+    # difference -0.03 with standard error 0.012: the plain interval (+-0.024) lies below 0,
+    # the anytime one at 1000 users (+-0.037) does not: a daily judge waits for more users
+    c = _comparison((0.87, 0.012 / 2 ** 0.5), (0.90, 0.012 / 2 ** 0.5))
+    assert decide(c, FIXED).action == "end"
+    assert decide(c, Rule()).action == "wait" and "anytime 95%" in decide(c, Rule()).reason
+
+
+def test_a_judge_that_looks_every_time_ends_an_equal_canary_rarely_with_the_anytime_interval():
+    peeking = _bench("canary_peeking")
+    sizes = np.array([1, 1, 2, 3, 5, 8, 20])
+    rng = np.random.default_rng(0)
+    looks = list(range(100, 1001, 100))
+    rules = {"fixed": FIXED, "anytime": Rule(planned_users=500)}
+    runs = [peeking.judge(*peeking.experiment(rng, sizes, users=1000, share=0.5, recall=0.9, effect=0.0),
+                          looks, rules) for _ in range(200)]
+    ended = {name: sum(r[name][0] == "end" for r in runs) / len(runs) for name in rules}
+    assert ended["fixed"] > 0.05  # a 2.5% one-sided error, spent again at each of 10 looks
+    assert ended["anytime"] <= 0.025
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

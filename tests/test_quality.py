@@ -133,8 +133,10 @@ def test_an_interval_counts_users_not_lists_as_the_independent_draws():
     every = np.ones(20, bool)
     a, b = two_users.estimate(every, 20, "recall"), many_users.estimate(every, 20, "recall")
     assert (a.value, a.lists, a.users) == (0.5, 20, 2) and (b.value, b.lists, b.users) == (0.5, 20, 20)
-    assert a.half_width == pytest.approx(1.96 * 0.5)  # two users say little, however many lists they got
-    assert b.half_width == pytest.approx(1.96 * np.sqrt(20 / 19 * 20 * 0.25) / 20)
+    assert a.se == pytest.approx(0.5)  # two users say little, however many lists they got
+    assert b.se == pytest.approx(np.sqrt(20 / 19 * 20 * 0.25) / 20)
+    assert a.half_width == pytest.approx(1.96 * a.se, rel=1e-4)
+    assert a.to_dict() == {"value": 0.5, "se": a.se, "lists": 20, "users": 2, "half_width": a.half_width}
     mrr = _verdicts([("v", 0, r, u) for u, r in enumerate([1, 2, 4, 0])]).estimate(np.ones(4, bool), 3, "mrr")
     assert mrr.value == pytest.approx((1 + 1 / 2) / 4)  # rank 4 lies past k = 3
 
@@ -155,7 +157,7 @@ def test_a_canary_is_compared_with_the_stable_version_over_the_time_both_served_
     print_report(report, out)
     assert "canary vs stable, served side by side to different users for 90 s" in out.getvalue()
     assert "recall@20: 0.0000 (20 lists, 2 users) vs 1.0000 (70, 7): -1.0000 ± " in out.getvalue()
-    assert "1 user(s) who saw both left out" in out.getvalue() and ", worse" in out.getvalue()
+    assert "1 user(s) who saw both left out" in out.getvalue() and ", worse (anytime ± " in out.getvalue()
     swap = _verdicts([("old", t, 0, u) for t in range(5) for u in range(3)] +
                      [("new", t, 0, u) for t in range(4, 9) for u in range(3)])
     assert QualityReport("ev", "rec", [20], None, swap, 0, LOG).comparisons() == []  # one after the other
@@ -180,9 +182,11 @@ def test_fail_if_worse_exits_1_when_a_canary_did_worse_beyond_its_interval(monke
     assert hrnn(flags) == 0 and "no difference shown" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("canary_rank, action, status", [(1, "promote", 0), (0, "end", 1), (None, "wait", 0)])
+@pytest.mark.parametrize("canary_rank, action, status, flags, says", [
+    (1, "promote", 0, [], "anytime 95% lower bounds"), (0, "end", 1, [], "beyond the anytime 95% interval"),
+    (0, "end", 1, ["--fixed-horizon"], "beyond the 95% interval"), (None, "wait", 0, [], "needed")])
 def test_decide_canary_promotes_ends_or_keeps_the_announced_canary(broker, tmp_path, monkeypatch, capsys,
-                                                                   canary_rank, action, status):
+                                                                   canary_rank, action, status, flags, says):
     import uuid
 
     import stream.quality
@@ -203,11 +207,49 @@ def test_decide_canary_promotes_ends_or_keeps_the_announced_canary(broker, tmp_p
     monkeypatch.setattr(stream.quality, "quality_worker",
                         lambda settings, **kw: QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG))
     assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry),
-                 "--updates-topic", topic, "--decide-canary", "--min-users", "50"]) == status
-    assert f"canary {canary} (50.0% of the users) vs {stable}: {action}" in capsys.readouterr().out
+                 "--updates-topic", topic, "--decide-canary", "--min-users", "50", *flags]) == status
+    out = capsys.readouterr().out
+    assert f"canary {canary} (50.0% of the users) vs {stable}: {action}" in out and says in out
     latest = latest_announcement(broker.bootstrap, topic, str(registry.resolve()))
     want = {"promote": (canary, 1.0, canary), "end": (stable, 1.0, stable), "wait": (canary, 0.5, stable)}[action]
     assert (latest.version, latest.share, current_version(registry)) == want
+
+
+def test_decide_canary_judges_the_canary_from_its_announcement_on_not_only_the_window(broker, tmp_path, monkeypatch,
+                                                                                       capsys):
+    import time
+    import uuid
+    from datetime import datetime
+
+    import stream.quality
+    from model.artifact import current_version, latest_version_dir, set_current
+    from stream.announce import announce
+    from stream.cli import main as hrnn
+    from stream.cli_quality import CANARY_LEAD_MS
+
+    registry = make_registry(tmp_path / "registry", seed=1)
+    stable = current_version(registry)
+    canary = latest_version_dir(make_registry(registry, seed=2)).name
+    set_current(registry, stable)
+    topic = f"upd-{uuid.uuid4().hex[:8]}"
+    ann = announce(broker.bootstrap, topic, canary, registry / canary, reason="canary", share=0.5)
+    time.sleep(0.05)  # the window below starts after the announcement
+    windows = []
+
+    def judged(settings, *, since_ms, **kw):
+        windows.append(since_ms)
+        return QualityReport("ev", "rec", [20], since_ms, _verdicts([(stable, 0, 1, 0)]), 0, LOG)
+
+    monkeypatch.setattr(stream.quality, "quality_worker", judged)
+    assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry), "--updates-topic",
+                 topic, "--decide-canary", "--since-s", "0.01"]) == 0
+    announced_ms = int(datetime.fromisoformat(ann.announced_at).timestamp() * 1000)
+    assert len(windows) == 2 and windows[0] > announced_ms and windows[1] == announced_ms - CANARY_LEAD_MS
+    assert "judging the canary over its whole time" in capsys.readouterr().out
+    windows.clear()
+    assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry), "--updates-topic",
+                 topic, "--decide-canary", "--since-s", "86400"]) == 0
+    assert len(windows) == 1  # the window already holds the canary's whole time
 
 
 def test_nothing_to_judge_gives_an_empty_report():
@@ -298,8 +340,10 @@ def test_a_window_judges_the_answers_to_its_events_and_history_only_informs_the_
 @pytest.mark.parametrize("flags, message", [(["--cutoffs", "0,5"], "each must lie in"),
                                             (["--cutoffs", "five"], "whole numbers"),
                                             (["--bucket-s", "0"], "--bucket-s"),
-                                            (["--history-s", "60"], "needs --since-s")])
-def test_the_command_refuses_bad_cut_offs_and_buckets(flags, message):
+                                            (["--history-s", "60"], "needs --since-s"),
+                                            (["--max-loss", "-0.1"], "--max-loss must be >= 0"),
+                                            (["--planned-users", "0"], "--planned-users >= 1")])
+def test_the_command_refuses_bad_cut_offs_buckets_and_canary_rules(flags, message):
     proc = subprocess.run([HRNN, "quality", *flags], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr
 
