@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from model.artifact import list_versions, verify
 from model.errors import ArtifactError
@@ -32,16 +33,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     canary.add_argument("registry")
     canary.add_argument("version")
     canary.add_argument("--share", type=float, required=True, help="of the users, strictly between 0 and 1")
-    ls.add_argument("--bootstrap-servers", help="also read the announcements: mark a canary serving now")
+    prune = sub.add_parser("prune", help="delete all but the newest N versions (never the current one, nor with "
+                                         "--bootstrap-servers the canary serving now)")
+    prune.add_argument("registry")
+    prune.add_argument("--keep", type=int, required=True)
+    for q in (ls, prune):
+        q.add_argument("--bootstrap-servers", help="also read the announcements: "
+                       + ("mark a canary serving now" if q is ls else "keep a canary serving now"))
     for q in (promote, rollback, canary):
         q.add_argument("--bootstrap-servers", required=q is canary,
                        help="announce it on the model-updates topic" + ("" if q is canary else " too"))
-    for q in (ls, promote, rollback, canary):
+    for q in (ls, promote, rollback, canary, prune):
         q.add_argument("--topic", default="hrnn.model-updates")
         q.add_argument("--registry-id", help="announcement key (default: the registry's absolute path)")
-    prune = sub.add_parser("prune", help="delete all but the newest N versions (never the current one)")
-    prune.add_argument("registry")
-    prune.add_argument("--keep", type=int, required=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,8 +69,13 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "prune":
         from model.registry import prune
 
-        removed = prune(args.registry, args.keep)
-        print(f"removed {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else ""))
+        canary = _announced_canary(args) if args.bootstrap_servers else None
+        removed = prune(args.registry, args.keep, protect=(canary.version,) if canary else ())
+        print(f"removed {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else "")
+              + (f"; kept the canary {canary.version}" if canary else ""))
+        if not args.bootstrap_servers:
+            print("announcements not read: a canary serving now was not looked for (--bootstrap-servers)",
+                  file=sys.stderr)
         return 0
     d = _version_dir(args.registry, args.version)
     if args.action == "canary":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from model.artifact import current_version, save_version
+from model.artifact import current_version, list_versions, save_version
 from model.config import DataConfig, HRNNConfig
 from model.network import HRNN
 from stream.announce import Announcement, AnnouncementError, AnnouncementWatcher, announce
@@ -130,6 +130,22 @@ def test_canary_announces_a_share_and_leaves_the_registry_current_alone(broker, 
     capsys.readouterr()
     assert hrnn(["models", "list", str(reg), *args]) == 0
     assert [line[:2] for line in capsys.readouterr().out.splitlines()] == ["  ", "* "]
+
+
+def test_prune_keeps_a_canary_serving_now_when_it_reads_the_announcements(broker, tmp_path, capsys):
+    reg = tmp_path / "registry"
+    v0, v1, v2, v3 = _publish(reg, 4)
+    assert hrnn(["models", "promote", str(reg), v3]) == 0
+    topic = _topic()
+    args = ["--bootstrap-servers", broker.bootstrap, "--topic", topic]
+    assert hrnn(["models", "canary", str(reg), v1, "--share", "0.2", *args]) == 0
+    capsys.readouterr()
+    assert hrnn(["models", "prune", str(reg), "--keep", "1", *args]) == 0
+    assert f"removed 2 version(s): {v0}, {v2}; kept the canary {v1}" in capsys.readouterr().out
+    assert [v.version for v in list_versions(reg)] == [v1, v3]
+    assert hrnn(["models", "prune", str(reg), "--keep", "1"]) == 0  # without the announcements it cannot know
+    out, err = capsys.readouterr()
+    assert f"removed 1 version(s): {v1}" in out and "a canary serving now was not looked for" in err
 
 
 def test_promote_of_an_unknown_version_fails_without_announcing(broker, tmp_path, capsys):
