@@ -5,8 +5,9 @@ One batch, start to end (the DESIGN.md commit order):
   poll      consumer.consume(batch_size, ...): what is fetched, as soon as one record is there
   route     decode + validate; invalid -> DLQ, mis-keyed -> re-keyed onto the input topic
   load      RocksDB multi-get of the batch's users, from the store of their partition
-  step      ONE Recommender.recommend call for all events (events at or below a user's stored
-            source offset were applied before and are left out: replays are idempotent); items
+  step      ONE Recommender.recommend call for all events (two while a canary serves: one per
+            version, each with its users; events at or below a user's stored source offset were
+            applied before and are left out: replays are idempotent); items
             off sale (stream/availability.py, read before the batch) are left out of every list
   produce   recommendations, one changelog record per touched user (changelog partition =
             input partition), DLQ and re-keyed records
@@ -352,11 +353,6 @@ class Worker:
         if self.health.alive:
             self.health.update(state="stopped")
         log.info("worker stopped", extra={k: v for k, v in vars(self.totals).items()})
-
-    @property
-    def recommender(self) -> Recommender:
-        """The stable version serving now (a batch reads it once and keeps it to its end)."""
-        return self.models.current()
 
     def _serving_now(self) -> Serving:
         before = self.models.serving()
