@@ -135,15 +135,15 @@ def run(args: argparse.Namespace) -> int:
     if args.png:
         bucket_ms = None if args.bucket_s is None else max(1, int(args.bucket_s * 1000))
         print(f"chart: {plot_quality(report, args.png, max(ks), bucket_ms)}")
+    # The decision comes first: a window that alarms must not keep a canary from being judged.
+    ended = decide_canary(settings, report, Rule(args.max_loss, args.min_users, not args.fixed_horizon,
+                                                 args.planned_users), judge) if args.decide_canary else 0
     worse = [f"{c.candidate} vs {c.baseline} on {name}" for c in report.comparisons() for name in c.metrics
              if c.verdict(name) == "worse"]
     if args.fail_if_worse and worse:
         print(f"hrnn quality: worse beyond the 95% interval: {'; '.join(worse)}", file=sys.stderr)
         return 1
-    if not args.decide_canary:
-        return 0
-    return decide_canary(settings, report, Rule(args.max_loss, args.min_users, not args.fixed_horizon,
-                                                args.planned_users), judge)
+    return ended
 
 
 # Input records written before the announcement can be scored by the canary (a worker's backlog); reading

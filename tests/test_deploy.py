@@ -55,3 +55,20 @@ def test_the_checking_jobs_read_the_settings_file_the_workers_read(job):
 
     assert audit["args"][0] == job and config_map_of(audit) == config_map_of(worker) == ("hrnn-config",
                                                                                               "worker.toml")
+
+
+def test_the_quality_job_decides_canaries_on_the_workers_registry_at_their_path():
+    containers = _containers()
+
+    def registry_of(container: dict) -> tuple[str, str, bool]:
+        """(--registry, the volume claim mounted there, whether the mount is writable)"""
+        path = container["args"][container["args"].index("--registry") + 1]
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == path)
+        volume = next(v for v in container["volumes"] if v["name"] == mount["name"])
+        return path, volume["persistentVolumeClaim"]["claimName"], not mount.get("readOnly", False)
+
+    quality = containers["quality"]
+    assert "--decide-canary" in quality["args"]
+    path, claim, _ = registry_of(containers["worker"])
+    # the announcements are keyed by the registry's path, and a decision writes CURRENT
+    assert registry_of(quality) == (path, claim, True) == registry_of(containers["retrainer"])

@@ -184,7 +184,8 @@ def test_fail_if_worse_exits_1_when_a_canary_did_worse_beyond_its_interval(monke
 
 @pytest.mark.parametrize("canary_rank, action, status, flags, says", [
     (1, "promote", 0, [], "anytime 95% lower bounds"), (0, "end", 1, [], "beyond the anytime 95% interval"),
-    (0, "end", 1, ["--fixed-horizon"], "beyond the 95% interval"), (None, "wait", 0, [], "needed")])
+    (0, "end", 1, ["--fixed-horizon"], "beyond the 95% interval"), (None, "wait", 0, [], "needed"),
+    (0, "end", 1, ["--fail-if-worse"], "beyond the anytime 95% interval")])  # the alarm does not skip the decision
 def test_decide_canary_promotes_ends_or_keeps_the_announced_canary(broker, tmp_path, monkeypatch, capsys,
                                                                    canary_rank, action, status, flags, says):
     import uuid
