@@ -1,22 +1,25 @@
 """How often a canary judge that looks every day decides wrongly, with the plain 95% interval and with the
 anytime-valid one that `hrnn quality --decide-canary` uses; prints ONE JSON object.
 
-    python bench/canary_peeking.py [--experiments 300] [--users 4000] [--looks 20] [--png PATH]
+    python bench/canary_peeking.py [--experiments 1000] [--users 4000] [--looks 20] [--arrival lists|users]
+                                   [--png PATH]
 
 Simulated canaries, judged by the real code (`Verdicts.estimate`, `Comparison`, `stream.canary.decide`):
 each experiment draws --users users, each with as many judged lists as a user of reddit-jodie's last 20%
 (by time) had events (the real, heavy-tailed counts), a hit probability from a Beta distribution around
-the side's recall (mean --recall, concentration 4), and a side (the canary at --share). The users arrive in
-random order; the judge looks after each --users / --looks of them and stops at its first `end` or `promote`.
+the side's recall (mean --recall, concentration 4), and a side (the canary at --share). With --arrival
+lists (default) every list comes at its own random time, so a heavy user's lists spread over the whole
+experiment, as in serving; with `users` a user's lists come all together. The judge looks after each
+1/--looks of the lists (a day, say) and stops at its first `end` or `promote`.
 Scenarios: `a/a` (the canary is as good: ending it is the wrong decision), `loss` (its recall is --loss
 lower) and `small loss` (1.5 x --max-loss lower): beyond the allowed loss, so promoting it is the wrong
 decision. Per scenario and rule:
   end, promote, undecided      share of the experiments that ended with each
   wrong                        share decided wrongly (a/a: end; loss: promote)
-  mean_users_at_decision       over the decided ones
+  mean_users_at_decision       users judged at the deciding look, over the decided experiments
 Rules: `fixed` (the plain interval at every look), `anytime` (the confidence sequence at every look) and
-`fixed_one_look` (the plain interval, looked at once, after all the users: what it is right for).
-Simplification: a user's lists all arrive with the user; in serving they accumulate over the days.
+`fixed_one_look` (the plain interval, looked at once, at the end: what it is right for). The anytime
+interval is tuned for half of --users (what `--planned-users` does).
 """
 from __future__ import annotations
 
@@ -47,41 +50,42 @@ def lists_per_user(path: Path, live_share: float = 0.2) -> np.ndarray:
 
 
 def experiment(rng: np.random.Generator, sizes: np.ndarray, *, users: int, share: float, recall: float,
-               effect: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(side per list, hit per list, user per list), users in arrival order."""
+               effect: float, arrival: str = "lists") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(side per list, hit per list, user per list) in the order the lists arrive: each list at its own
+    random time ("lists": a user's lists spread over the whole experiment, as in serving) or a user's
+    lists all together ("users")."""
     lists = rng.choice(sizes, users)
     canary = rng.random(users) < share
     mean = np.where(canary, recall + effect, recall)
     p = rng.beta(4 * mean, 4 * (1 - mean))
-    hits = rng.binomial(lists, p)
     user = np.repeat(np.arange(users), lists)
-    first = np.repeat(np.cumsum(lists) - lists, lists)
-    hit = (np.arange(len(user)) - first) < hits[user]  # each user's first `hits` lists are the hits
-    return canary[user].astype(np.int64), hit, user
+    hit = rng.random(len(user)) < p[user]
+    order = rng.permutation(len(user)) if arrival == "lists" else np.arange(len(user))
+    return canary[user][order].astype(np.int64), hit[order], user[order]
 
 
 def comparison_after(side: np.ndarray, hit: np.ndarray, user: np.ndarray, n: int) -> Comparison:
-    """The comparison `hrnn quality` would print after the lists of the first n users."""
+    """The comparison `hrnn quality` would print after the first n lists."""
     v = Verdicts(["stable", "canary"], side[:n], np.zeros(n, np.int64), hit[:n].astype(np.int64),
                  np.zeros(n, np.int64), np.zeros(n, np.int64), user[:n])
     est = [v.estimate(v.version == c, 20, "recall") for c in (0, 1)]
     return Comparison("stable", "canary", 0, 0, 0, {"recall@20": (est[0], est[1])})
 
 
-def judge(side: np.ndarray, hit: np.ndarray, user: np.ndarray, looks: list[int], rules: dict[str, Rule]
-          ) -> dict[str, tuple[str, int]]:
-    """Per rule, (the first decision that is not wait, or 'undecided'; users at that look)."""
-    ends = np.searchsorted(user, looks)  # lists of the first `look` users
-    out: dict[str, tuple[str, int]] = {}
-    for n_users, n in zip(looks, ends):
-        c = comparison_after(side, hit, user, int(n))
+def judge(side: np.ndarray, hit: np.ndarray, user: np.ndarray, looks: int, rules: dict[str, Rule]
+          ) -> dict[str, tuple[str, int, int]]:
+    """Per rule, (the first decision that is not wait, or 'undecided'; the look, 1-based; users judged then),
+    looking after each 1/looks of the lists."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for look in range(1, looks + 1):
+        c = comparison_after(side, hit, user, round(len(user) * look / looks))
         for name, rule in rules.items():
-            if name in out or (name == "fixed_one_look" and n_users != looks[-1]):
+            if name in out or (name == "fixed_one_look" and look != looks):
                 continue
             action = decide(c, rule).action
             if action != "wait":
-                out[name] = (action, n_users)
-    return {name: out.get(name, ("undecided", looks[-1])) for name in rules}
+                out[name] = (action, look, c.users)
+    return {name: out.get(name, ("undecided", looks, 0)) for name in rules}
 
 
 def main() -> int:
@@ -95,15 +99,15 @@ def main() -> int:
     ap.add_argument("--loss", type=float, default=0.03)
     ap.add_argument("--max-loss", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arrival", choices=("lists", "users"), default="lists")
     ap.add_argument("--png", default="/tmp/canary_peeking.png")
     args = ap.parse_args()
     started = time.perf_counter()
     sizes = lists_per_user(args.data)
-    looks = [round(args.users * (i + 1) / args.looks) for i in range(args.looks)]
     base = Rule(max_loss=args.max_loss, planned_users=args.users // 2)
     rules = {"fixed": replace(base, anytime=False), "anytime": base, "fixed_one_look": replace(base, anytime=False)}
     rng = np.random.default_rng(args.seed)
-    result: dict = {"users": args.users, "looks": args.looks, "experiments": args.experiments,
+    result: dict = {"users": args.users, "looks": args.looks, "experiments": args.experiments, "arrival": args.arrival,
                     "lists_per_user": {"mean": float(sizes.mean()), "median": float(np.median(sizes)),
                                        "max": int(sizes.max()), "users_in_log": len(sizes)},
                     "planned_users": base.planned_users, "max_loss": args.max_loss, "scenarios": {}}
@@ -113,33 +117,35 @@ def main() -> int:
         runs = []
         for i in range(args.experiments):
             runs.append(judge(*experiment(rng, sizes, users=args.users, share=args.share, recall=args.recall,
-                                          effect=effect), looks, rules))
+                                          effect=effect, arrival=args.arrival), args.looks, rules))
             if (i + 1) % 50 == 0:
                 print(f"{scenario}: {i + 1}/{args.experiments} experiments", file=sys.stderr)
         result["scenarios"][scenario] = {"effect": effect, "wrong_decision": wrong,
                                          **{name: summary([r[name] for r in runs], wrong) for name in rules}}
         right = "promote" if wrong == "end" else "end"
         curves[scenario] = {name: {a: [np.mean([r[name][0] == a and r[name][1] <= look for r in runs])
-                                       for look in looks] for a in (wrong, right)} for name in ("fixed", "anytime")}
-    result["png"] = plot(curves, looks, args.png)
+                                       for look in range(1, args.looks + 1)] for a in (wrong, right)}
+                            for name in ("fixed", "anytime")}
+    result["png"] = plot(curves, args.looks, args.png)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=2))
     return 0
 
 
-def summary(outcomes: list[tuple[str, int]], wrong: str) -> dict:
-    actions = [a for a, _ in outcomes]
-    decided = [n for a, n in outcomes if a != "undecided"]
+def summary(outcomes: list[tuple[str, int, int]], wrong: str) -> dict:
+    actions = [a for a, _, _ in outcomes]
+    decided = [n for a, _, n in outcomes if a != "undecided"]
     return {**{a: actions.count(a) / len(actions) for a in ("end", "promote", "undecided")},
             "wrong": actions.count(wrong) / len(actions),
             "mean_users_at_decision": float(np.mean(decided)) if decided else None}
 
 
-def plot(curves: dict, looks: list[int], path: str) -> str:
+def plot(curves: dict, looks: int, path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4))
     titles = {"a/a": "canary as good as the stable version", "loss": "canary much worse (--loss)",
@@ -148,10 +154,11 @@ def plot(curves: dict, looks: list[int], path: str) -> str:
         for (name, by_action), color in zip(by_rule.items(), ("tab:red", "tab:blue")):
             for (action, ys), style in zip(by_action.items(), ("-", "--")):
                 what = "wrongly" if style == "-" else "rightly"
-                ax.plot(looks, ys, style, color=color, marker="o", ms=3, label=f"{name}: {what} {PAST[action]} by then")
+                ax.plot(range(1, looks + 1), ys, style, color=color, marker="o", ms=3, label=f"{name}: {what} {PAST[action]} by then")
         ax.set_title(titles.get(scenario, scenario), fontsize=10)
         ax.set_ylabel("share of the experiments")
-        ax.set_xlabel("users judged (looks)")
+        ax.set_xlabel("look (a day, say)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
