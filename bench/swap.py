@@ -484,7 +484,8 @@ def describe(b: Batch, ref: float | None) -> dict:
             "versions": sorted(b.versions)}
 
 
-def plot(batches: list[Batch], t_ref: float, marks: list[tuple[float, str, str]], windows, path: Path) -> None:
+def plot(batches: list[Batch], t_ref: float, marks: list[tuple[float, str, str]], windows, path: Path,
+         title: str = "Worker batch latency around a hot swap (bench/swap.py)") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -492,9 +493,13 @@ def plot(batches: list[Batch], t_ref: float, marks: list[tuple[float, str, str]]
 
     fig, (a, b) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     versions = list(dict.fromkeys(v for bt in batches for v in sorted(bt.versions)))
-    for k, v in enumerate(versions):
-        sel = [bt for bt in batches if bt.versions == {v}]
-        a.scatter([bt.t0 - t_ref for bt in sel], [bt.ms for bt in sel], s=7, label=f"version {chr(65 + k)} ({v})")
+    letter = {v: chr(65 + k) for k, v in enumerate(versions)}
+    for group in dict.fromkeys(frozenset(bt.versions) for bt in batches if bt.versions):
+        sel = [bt for bt in batches if bt.versions == group]
+        names = sorted(group, key=versions.index)
+        label = (f"version {letter[names[0]]} ({names[0]})" if len(names) == 1
+                 else f"versions {' + '.join(letter[v] for v in names)} (a canary beside the stable one)")
+        a.scatter([bt.t0 - t_ref for bt in sel], [bt.ms for bt in sel], s=7, label=label)
         b.scatter([bt.t0 - t_ref for bt in sel], [bt.records for bt in sel], s=5)
     reb = [bt for bt in batches if bt.rebuild_users]
     a.scatter([bt.t0 - t_ref for bt in reb], [bt.rebuild_ms for bt in reb], s=7, marker="x", color="k",
@@ -507,7 +512,7 @@ def plot(batches: list[Batch], t_ref: float, marks: list[tuple[float, str, str]]
             ax.axvline(t - t_ref, color=color, ls="--", lw=1)
         a.text(t - t_ref, 0.98, " " + label, color=color, va="top", fontsize=8, rotation=90,
                transform=a.get_xaxis_transform())
-    a.set(ylabel="batch processing (ms, log)", title="Worker batch latency around a hot swap (bench/swap.py)")
+    a.set(ylabel="batch processing (ms, log)", title=title)
     a.legend(fontsize=7, loc="upper left")
     b.set(xlabel="seconds into the run", ylabel="events / batch")
     save_figure(fig, path, dpi=110)

@@ -120,3 +120,10 @@ def _bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_canary_bench_counts_a_user_who_went_back_from_the_canary_to_the_stable_version():
+    flip_flops = _bench("canary_swap")._flip_flops
+    outs = {(0, 0): ("u1", "A"), (0, 1): ("u1", "B"), (0, 2): ("u2", "A"), (1, 0): ("u3", "B"), (1, 1): ("u3", "B")}
+    assert flip_flops(outs, "A", "B") == 0
+    assert flip_flops({**outs, (0, 3): ("u1", "A")}, "A", "B") == 1
