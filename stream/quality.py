@@ -376,20 +376,36 @@ def bucket_ms_for(report: QualityReport, buckets: int = 30) -> int:
 
 
 def plot_quality(report: QualityReport, path: str | Path, k: int, bucket_ms: int | None = None) -> Path:
-    """Recall@k and MRR@k over emission time, one line per version and the reference dashed."""
+    """Recall@k and MRR@k over emission time, one line per version and the reference dashed; a line breaks
+    where a version had no judged recommendation for a bucket or more (it did not serve then)."""
     from model.plots import plt, save_figure  # matplotlib only when a chart is asked for
 
     bucket_ms = bucket_ms or bucket_ms_for(report)
     series = report.series(k, bucket_ms)
     t0 = min((rows[0][0] for rows in series.values()), default=0)
+    span_ms = max((rows[-1][0] for rows in series.values()), default=t0) + bucket_ms - t0
+    unit, unit_ms = next((u, ms) for u, ms in (("h", 3_600_000), ("min", 60_000), ("s", 1000))
+                         if span_ms >= 3 * ms or ms == 1000)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in series.items():
-        t = [(b + bucket_ms / 2 - t0) / 1000 for b, *_ in rows]
+        t, recall, mrr = with_gaps(rows, bucket_ms)
+        t = (t + bucket_ms / 2 - t0) / unit_ms
         style = {"ls": "--", "color": "grey"} if name == REFERENCE else {"marker": "o", "ms": 3}
-        for ax, col in zip(axes, (2, 3)):
-            ax.plot(t, [r[col] for r in rows], label=name, **style)
+        for ax, y in zip(axes, (recall, mrr)):
+            ax.plot(t, y, label=name, **style)
     for ax, metric in zip(axes, (f"recall@{k}", f"MRR@{k}")):
-        ax.set(xlabel=f"seconds since the first recommendation judged ({bucket_ms / 1000:g} s buckets)",
+        ax.set(xlabel=f"{unit} since the first recommendation judged ({bucket_ms / 1000:g} s buckets)",
                ylabel=f"{metric} of the next event", title=f"Online {metric} by model version")
         ax.legend(fontsize=8)
     return save_figure(fig, path, dpi=110)
+
+
+def with_gaps(rows: list[tuple[int, int, float, float]], bucket_ms: int) -> tuple[np.ndarray, ...]:
+    """A series' bucket starts, recall and MRR, with a NaN point inside each run of empty buckets, so the
+    chart does not draw a line across a time the version did not serve."""
+    out: list[tuple[float, float, float]] = []
+    for i, (b, _, recall, mrr) in enumerate(rows):
+        if i and b - rows[i - 1][0] > bucket_ms:
+            out.append((rows[i - 1][0] + bucket_ms, float("nan"), float("nan")))
+        out.append((b, recall, mrr))
+    return tuple(np.array(col, dtype=float) for col in zip(*out)) if out else (np.array([]),) * 3

@@ -14,7 +14,8 @@ import pytest
 from model.events import Event, encode_event
 from stream.cli_quality import print_report
 from stream.kafka_clients import Record
-from stream.quality import REFERENCE, Judge, QualityReport, Verdicts, bucket_ms_for, plot_quality, quality_worker
+from stream.quality import (REFERENCE, Judge, QualityReport, Verdicts, bucket_ms_for, plot_quality, quality_worker,
+                            with_gaps)
 from stream.records import Recommendation, ScoredItem, decode_recommendation, encode_recommendation
 from worker_testkit import make_events, make_registry, produce, records_of, running, settings_for, wait_until
 
@@ -117,6 +118,13 @@ def test_versions_are_listed_in_the_order_they_first_served_and_charted_over_tim
     assert bucket_ms_for(report) == 2000  # 40 s of judged recommendations in about 30 whole-second buckets
     png = plot_quality(report, tmp_path / "q.png", 20)
     assert png.stat().st_size > 10_000
+
+
+def test_the_chart_breaks_a_versions_line_where_it_did_not_serve():
+    t, recall, _ = with_gaps([(0, 3, 0.5, 0.2), (1000, 2, 0.6, 0.3), (5000, 1, 1.0, 1.0)], 1000)
+    assert list(t) == [0, 1000, 2000, 5000]
+    assert np.isnan(recall[2]) and list(recall[[0, 1, 3]]) == [0.5, 0.6, 1.0]
+    assert [len(c) for c in with_gaps([], 1000)] == [0, 0, 0]
 
 
 def _verdicts(rows: list[tuple[str, int, int, int]]) -> Verdicts:
