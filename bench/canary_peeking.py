@@ -154,7 +154,8 @@ def plot(curves: dict, looks: int, path: str) -> str:
         for (name, by_action), color in zip(by_rule.items(), ("tab:red", "tab:blue")):
             for (action, ys), style in zip(by_action.items(), ("-", "--")):
                 what = "wrongly" if style == "-" else "rightly"
-                ax.plot(range(1, looks + 1), ys, style, color=color, marker="o", ms=3, label=f"{name}: {what} {PAST[action]} by then")
+                ax.plot(range(1, looks + 1), ys, style, color=color, marker="o", ms=3,
+                        label=f"{name}: {what} {PAST[action]} by then")
         ax.set_title(titles.get(scenario, scenario), fontsize=10)
         ax.set_ylabel("share of the experiments")
         ax.set_xlabel("look (a day, say)")

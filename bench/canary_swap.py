@@ -40,7 +40,6 @@ import gc
 import json
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -50,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.swap import (CONSUMER, H, Probe, Traffic, describe, log, make_version, pct, plot, scan,  # noqa: E402
+from bench.swap import (CONSUMER, H, Harness, Traffic, describe, log, make_version, pct, plot, scan,  # noqa: E402
                         seed_states)
 
 
@@ -82,11 +81,9 @@ def run(args) -> dict:
     from model.artifact import set_current
     from model.inference import Recommender
     from stream.announce import announce
-    from stream.broker import LocalBroker
     from stream.canary import check_share
     from stream.records import decode_recommendation
     from stream.settings import WorkerSettings
-    from stream.worker import Worker
 
     check_share(args.share)
     t_start = time.perf_counter()
@@ -105,47 +102,20 @@ def run(args) -> dict:
                   partitions=args.partitions, batch_size=args.batch_size, torch_threads=args.torch_threads,
                   device="cpu", kafka_consumer=dict(CONSUMER), log_level="WARNING")
         log(f"seeding {args.users} users x {H} events (version A)")
-        users, _, _ = seed_states(Recommender.load(ver_a, "cpu"), WorkerSettings(bootstrap_servers="127.0.0.1:1", **kw),
-                                  args.users, args.items, args.partitions, rng, int(time.time() * 1000) - 3_600_000)
+        seed_settings = WorkerSettings(bootstrap_servers="127.0.0.1:1", **kw)
+        users, _, _ = seed_states(Recommender.load(ver_a, "cpu"), seed_settings, args.users, args.items,
+                                  args.partitions, rng, int(time.time() * 1000) - 3_600_000)
         gc.collect()
         gc.freeze()  # the seeding's objects are bench baggage: keep them out of the worker's GC passes (as swap.py)
-        probe, broker, stop = Probe(), LocalBroker(log_path=out_dir / "broker.log"), threading.Event()
-        errors: list[BaseException] = []
+        harness = Harness(out_dir)
         t: dict[str, float] = {}
         stats: dict = {}
         try:
-            broker.start()
-            settings = WorkerSettings(bootstrap_servers=broker.bootstrap, **kw)
-            worker = Worker(settings)
-            probe.install(worker)
-
-            def target() -> None:
-                try:
-                    worker.run(stop)
-                except BaseException as exc:  # reported below
-                    errors.append(exc)
-
-            wt = threading.Thread(target=target, name="worker", daemon=True)
-            wt.start()
-            if not worker.assigned.wait(60) or errors:
-                raise RuntimeError(f"worker did not start: {errors[0] if errors else 'no assignment in 60 s'}")
-            traffic = Traffic(broker.bootstrap, settings.input_topic, users, args.items, args.partitions, args.seed + 1)
-
-            def answered(timeout_s: float) -> bool:
-                end = time.monotonic() + timeout_s
-                while time.monotonic() < end and not errors:
-                    if worker.totals.recommendations + worker.totals.dead_lettered >= traffic.delivered:
-                        return True
-                    time.sleep(0.05)
-                return False
-
-            n0 = len(probe.batches)
-            traffic.burst(args.calib_events)
-            answered(60)
-            cal = probe.batches[n0:]
-            capacity = sum(b.records for b in cal) / max(1e-9, cal[-1].t1 - cal[0].t0) if cal else 0.0
-            rate = args.rate or min(args.max_rate, capacity / 2)
-            log(f"capacity ~{capacity:.0f} events/s; steady rate {rate:.0f}/s")
+            settings = harness.start(kw)
+            broker, worker = harness.broker, harness.worker
+            traffic = harness.traffic = Traffic(broker.bootstrap, settings.input_topic, users, args.items,
+                                                args.partitions, args.seed + 1)
+            capacity, rate = harness.calibrate(args.calib_events, args.rate, args.max_rate)
             traffic.run(args.settle_s, rate)
             t["base"] = time.perf_counter()
             traffic.run(args.base_s, rate)
@@ -162,7 +132,7 @@ def run(args) -> dict:
             t["after"] = time.perf_counter()
             traffic.run(args.after_s, rate)
             t["end"] = time.perf_counter()
-            all_answered = answered(60)
+            all_answered = harness.answered(60)
             inputs: set = set()
             scan(broker.bootstrap, settings.input_topic, lambda m: inputs.add((m.partition(), m.offset())),
                  expected=traffic.delivered)
@@ -174,17 +144,9 @@ def run(args) -> dict:
 
             scan(broker.bootstrap, settings.output_topic, on_out, expected=len(inputs))
         finally:
-            stop.set()
-            if "wt" in locals():
-                wt.join(timeout=60)
-            probe.uninstall()
-            if "traffic" in locals():
-                traffic.producer = None
-            broker.stop()
-        if errors:
-            raise errors[0]
-    return summarize(args, probe.batches, outs, inputs, traffic.delivered, all_answered, t, stats, capacity, rate,
-                     ver_a.name, ver_b.name, out_dir, time.perf_counter() - t_start)
+            harness.close()
+    return summarize(args, harness.probe.batches, outs, inputs, traffic.delivered, all_answered, t, stats,
+                     capacity, rate, ver_a.name, ver_b.name, out_dir, time.perf_counter() - t_start)
 
 
 def summarize(args, batches, outs, inputs, delivered, all_answered, t, stats, capacity, rate, a, b, out_dir,

@@ -518,6 +518,78 @@ def plot(batches: list[Batch], t_ref: float, marks: list[tuple[float, str, str]]
     save_figure(fig, path, dpi=110)
 
 
+# ---- the broker and the worker under test -----------------------------------------------------
+
+class Harness:
+    """The local broker and a real `Worker` in a thread of this process, its batches timed by a `Probe`;
+    `close()` stops both, and re-raises what the worker thread raised."""
+
+    def __init__(self, out_dir: Path) -> None:
+        from stream.broker import LocalBroker
+
+        self.probe, self.broker = Probe(), LocalBroker(log_path=out_dir / "broker.log")
+        self.stop, self.errors = threading.Event(), []
+        self.worker = self.thread = self.traffic = None
+
+    def start(self, settings_kw: dict):
+        """Start the broker and the worker; the worker's settings once it holds its partitions."""
+        from stream.settings import WorkerSettings
+        from stream.worker import Worker
+
+        self.broker.start()
+        settings = WorkerSettings(bootstrap_servers=self.broker.bootstrap, **settings_kw)
+        self.worker = Worker(settings)
+        self.probe.install(self.worker)
+
+        def target() -> None:
+            try:
+                self.worker.run(self.stop)
+            except BaseException as exc:  # re-raised by close()
+                self.errors.append(exc)
+
+        self.thread = threading.Thread(target=target, name="worker", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.worker.assigned.is_set() and not self.errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.errors or not self.worker.assigned.is_set():
+            raise RuntimeError(f"worker did not start: {self.errors[0] if self.errors else 'no assignment in 60 s'}")
+        return settings
+
+    def answered(self, timeout_s: float) -> bool:
+        """Wait until the worker answered every delivered event (or failed); False at the deadline."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            totals = self.worker.totals
+            if totals.recommendations + totals.dead_lettered >= self.traffic.delivered or self.errors:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def calibrate(self, events: int, rate: float, max_rate: float) -> tuple[float, float]:
+        """A burst of `events` as fast as possible: capacity = events / (first batch start -> last batch end),
+        full batches, poll included; and the steady rate: `rate`, or half the capacity up to `max_rate`."""
+        n0 = len(self.probe.batches)
+        self.traffic.burst(events)
+        self.answered(60)
+        cal = self.probe.batches[n0:]
+        capacity = sum(b.records for b in cal) / max(1e-9, cal[-1].t1 - cal[0].t0) if cal else 0.0
+        rate = rate or min(max_rate, capacity / 2)
+        log(f"capacity ~{capacity:.0f} events/s (full batches); steady rate {rate:.0f}/s")
+        return capacity, rate
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=60)
+        self.probe.uninstall()
+        if self.traffic is not None:
+            self.traffic.producer = None  # closed before the broker goes (else it logs reconnect attempts)
+        self.broker.stop()
+        if self.errors:
+            raise self.errors[0]
+
+
 # ---- main --------------------------------------------------------------------------------------
 
 def main() -> None:
@@ -569,10 +641,8 @@ def run(args) -> dict:
     from model.artifact import set_current
     from model.inference import Recommender
     from stream.announce import announce
-    from stream.broker import LocalBroker
     from stream.records import decode_recommendation
     from stream.settings import WorkerSettings
-    from stream.worker import Worker
 
     t_start = time.perf_counter()
     wall_minus_perf = time.time() - t_start  # wall clock = perf_counter + this
@@ -612,52 +682,17 @@ def run(args) -> dict:
 
         gc.collect()
         gc.freeze()  # the seeded archive and versions are bench baggage: keep them out of the worker's GC passes
-        probe = Probe()
-        broker = LocalBroker(log_path=out_dir / "broker.log")
-        stop = threading.Event()
-        errors: list[BaseException] = []
+        harness = Harness(out_dir)
+        probe, broker = harness.probe, harness.broker
         marks: list[tuple[float, str, str]] = []
         res: dict = {}
         try:
-            broker.start()
-            settings = WorkerSettings(bootstrap_servers=broker.bootstrap, **settings_kw)
-            worker = Worker(settings)
-            probe.install(worker)
-
-            def target() -> None:
-                try:
-                    worker.run(stop)
-                except BaseException as exc:  # reported below
-                    errors.append(exc)
-
-            wt = threading.Thread(target=target, name="worker", daemon=True)
-            wt.start()
-            deadline = time.monotonic() + 60
-            while not worker.assigned.is_set() and not errors and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if errors or not worker.assigned.is_set():
-                raise RuntimeError(f"worker did not start: {errors[0] if errors else 'no assignment in 60 s'}")
+            settings = harness.start(settings_kw)
+            worker = harness.worker
             log(f"broker {broker.bootstrap}, worker assigned {worker.stores.partitions}; calibrating")
-            traffic = Traffic(broker.bootstrap, settings.input_topic, users, args.items, args.partitions,
-                              args.seed + 1)
-
-            def wait_answered(timeout_s: float) -> bool:
-                end = time.monotonic() + timeout_s
-                while time.monotonic() < end:
-                    if worker.totals.recommendations + worker.totals.dead_lettered >= traffic.delivered or errors:
-                        return True
-                    time.sleep(0.05)
-                return False
-
-            # -- calibrate (also the warm-up)
-            n0 = len(probe.batches)
-            traffic.burst(args.calib_events)
-            wait_answered(60)
-            cal = probe.batches[n0:]
-            # end to end at full batches: first batch start -> last batch end (poll and fetch included)
-            capacity = sum(b.records for b in cal) / max(1e-9, cal[-1].t1 - cal[0].t0) if cal else 0.0
-            rate = args.rate or min(args.max_rate, capacity / 2)
-            log(f"capacity ~{capacity:.0f} events/s (full batches); steady rate {rate:.0f}/s")
+            traffic = harness.traffic = Traffic(broker.bootstrap, settings.input_topic, users, args.items,
+                                                args.partitions, args.seed + 1)
+            capacity, rate = harness.calibrate(args.calib_events, args.rate, args.max_rate)  # also the warm-up
 
             # -- base
             traffic.run(args.settle_s, rate)
@@ -715,7 +750,7 @@ def run(args) -> dict:
                 retrain_info["t_retrain"] = t_retrain
 
             # -- drain, read back
-            answered = wait_answered(60)
+            answered = harness.answered(60)
             log(f"produced {traffic.sent} (delivered {traffic.delivered}); all answered: {answered}; reading back")
             inputs: set = set()
             scan(broker.bootstrap, settings.input_topic, lambda m: inputs.add((m.partition(), m.offset())),
@@ -733,15 +768,7 @@ def run(args) -> dict:
 
             n_out = scan(broker.bootstrap, settings.output_topic, on_out, expected=len(inputs))
         finally:
-            stop.set()
-            if "wt" in locals():
-                wt.join(timeout=60)
-            probe.uninstall()
-            if "traffic" in locals():
-                traffic.producer = None  # closed before the broker goes (else it logs reconnect attempts)
-            broker.stop()
-        if errors:
-            raise errors[0]
+            harness.close()
 
         # -- compute
         batches = probe.batches

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from model.errors import HRNNError
+from stream.quality import Z95
 
 if TYPE_CHECKING:
     from model.inference import Recommender
@@ -123,8 +124,6 @@ def decide(comparison: Comparison | None, rule: Rule = Rule()) -> Decision:
     wait     neither yet: more users will narrow the intervals"""
     if comparison is None:
         return Decision("wait", "the canary has not served side by side with the stable version yet")
-    from stream.quality import Z95
-
     max_loss, min_users = rule.max_loss, rule.min_users
     kind = "anytime 95%" if rule.anytime else "95%"
     z = anytime_z(comparison.users, rule.planned_users) if rule.anytime else Z95

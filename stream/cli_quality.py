@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from model.errors import ConfigError
-from stream.canary import Rule
+from stream.canary import Rule, anytime_z, decide
 from stream.cli_common import add_deployment_flags, deployment_settings
 from stream.settings import MAX_K
 
@@ -95,8 +95,6 @@ def print_report(report: QualityReport, out: TextIO | None = None, planned_users
 def print_comparison(c: Comparison, out: TextIO, planned_users: int) -> None:
     """Two versions served side by side (a canary): each metric's difference with its 95% interval, and the
     anytime-valid one a judge that reads this again and again should use (stream/canary.py)."""
-    from stream.canary import anytime_z
-
     print(f"\n{c.candidate} vs {c.baseline}, served side by side to different users for "
           f"{(c.end_ms - c.start_ms) / 1000:.0f} s (95% intervals by user"
           + (f"; {c.left_out_users} user(s) who saw both left out" if c.left_out_users else "") + "):", file=out)
@@ -161,7 +159,6 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
     from model.artifact import current_version
     from model.registry import promote, version_path
     from stream.announce import announce, latest_announcement, registry_id
-    from stream.canary import decide
 
     registry, key = settings.registry, registry_id(settings.registry)
     ann = latest_announcement(settings.bootstrap_servers, settings.updates_topic, key, extra=settings.consumer_kafka)

@@ -143,7 +143,8 @@ class Comparison:
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "candidate": self.candidate, "start_ms": self.start_ms,
                 "end_ms": self.end_ms, "left_out_users": self.left_out_users,
-                "metrics": {name: {"baseline": a.to_dict(), "candidate": b.to_dict(), "difference": self.difference(name)[0],
+                "metrics": {name: {"baseline": a.to_dict(), "candidate": b.to_dict(),
+                                   "difference": self.difference(name)[0],
                                    "ci95": self.difference(name)[1], "verdict": self.verdict(name)}
                             for name, (a, b) in self.metrics.items()}}
 
