@@ -41,7 +41,6 @@ import json
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +48,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.swap import (CONSUMER, H, Harness, Traffic, describe, log, make_version, pct, plot, scan,  # noqa: E402
-                        seed_states)
+from bench.swap import (H, Harness, Traffic, describe, log, pct, plot, scan, seed_states,  # noqa: E402
+                        two_versions)
 
 
 def main() -> None:
@@ -78,7 +77,6 @@ def main() -> None:
 def run(args) -> dict:
     import torch
 
-    from model.artifact import set_current
     from model.inference import Recommender
     from stream.announce import announce
     from stream.canary import check_share
@@ -92,15 +90,7 @@ def run(args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(prefix="canary-bench-") as tmp:
-        work = Path(tmp)
-        reg = work / "registry"
-        ver_a, ver_b = make_version(reg, args.items, args.hidden, 0), make_version(reg, args.items, args.hidden, 1)
-        set_current(reg, ver_a.name)
-        name = uuid.uuid4().hex[:8]
-        kw = dict(registry=str(reg), state_dir=str(work / "state"), input_topic=f"ev-{name}",
-                  output_topic=f"rec-{name}", group=f"grp-{name}", updates_topic=f"upd-{name}",
-                  partitions=args.partitions, batch_size=args.batch_size, torch_threads=args.torch_threads,
-                  device="cpu", kafka_consumer=dict(CONSUMER), log_level="WARNING")
+        ver_a, ver_b, kw = two_versions(Path(tmp), args)
         log(f"seeding {args.users} users x {H} events (version A)")
         seed_settings = WorkerSettings(bootstrap_servers="127.0.0.1:1", **kw)
         users, _, _ = seed_states(Recommender.load(ver_a, "cpu"), seed_settings, args.users, args.items,

@@ -158,6 +158,21 @@ def make_version(registry: Path, n_items: int, hidden: int, seed: int) -> Path:
                         make_current=False)
 
 
+def two_versions(work: Path, args) -> tuple[Path, Path, dict]:
+    """Versions A (CURRENT) and B in `work`/registry, and the worker's settings (fresh topic names) as keywords."""
+    from model.artifact import set_current
+
+    reg = work / "registry"
+    ver_a, ver_b = make_version(reg, args.items, args.hidden, 0), make_version(reg, args.items, args.hidden, 1)
+    set_current(reg, ver_a.name)
+    name = uuid.uuid4().hex[:8]
+    return ver_a, ver_b, dict(registry=str(reg), state_dir=str(work / "state"), input_topic=f"ev-{name}",
+                              output_topic=f"rec-{name}", group=f"grp-{name}", updates_topic=f"upd-{name}",
+                              partitions=args.partitions, batch_size=args.batch_size,
+                              torch_threads=args.torch_threads, device="cpu", kafka_consumer=dict(CONSUMER),
+                              log_level="WARNING")
+
+
 # ---- instrumentation ---------------------------------------------------------------------------
 
 @dataclass
@@ -638,7 +653,6 @@ def main() -> None:
 def run(args) -> dict:
     import torch
 
-    from model.artifact import set_current
     from model.inference import Recommender
     from stream.announce import announce
     from stream.records import decode_recommendation
@@ -652,14 +666,8 @@ def run(args) -> dict:
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(prefix="swap-bench-") as tmp:
         work = Path(tmp)
-        reg, state = work / "registry", work / "state"
-        ver_a, ver_b = make_version(reg, args.items, args.hidden, 0), make_version(reg, args.items, args.hidden, 1)
-        set_current(reg, ver_a.name)
-        name = uuid.uuid4().hex[:8]
-        settings_kw = dict(registry=str(reg), state_dir=str(state), input_topic=f"ev-{name}",
-                           output_topic=f"rec-{name}", group=f"grp-{name}", updates_topic=f"upd-{name}",
-                           partitions=args.partitions, batch_size=args.batch_size, torch_threads=args.torch_threads,
-                           device="cpu", kafka_consumer=dict(CONSUMER), log_level="WARNING")
+        reg = work / "registry"
+        ver_a, ver_b, settings_kw = two_versions(work, args)
         if args.prebuild_max_users is not None:
             settings_kw["prebuild_max_users"] = args.prebuild_max_users
 
