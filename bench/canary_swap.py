@@ -71,7 +71,10 @@ def main() -> None:
     p.add_argument("--after-s", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="/tmp/canary_swap_bench")
-    print(json.dumps(run(p.parse_args())), flush=True)
+    args = p.parse_args()
+    if not 0 < args.share < 1:
+        p.error(f"--share must lie strictly between 0 and 1, got {args.share:g}")
+    print(json.dumps(run(args)), flush=True)
 
 
 def run(args) -> dict:
@@ -79,11 +82,9 @@ def run(args) -> dict:
 
     from model.inference import Recommender
     from stream.announce import announce
-    from stream.canary import check_share
     from stream.records import decode_recommendation
     from stream.settings import WorkerSettings
 
-    check_share(args.share)
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, args.torch_threads))
     out_dir = Path(args.out_dir)
