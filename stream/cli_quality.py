@@ -128,20 +128,21 @@ def run(args: argparse.Namespace) -> int:
 
     report = judge(since_ms, int(args.history_s * 1000))
     print_report(report, planned_users=args.planned_users)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if args.png:
         bucket_ms = None if args.bucket_s is None else max(1, int(args.bucket_s * 1000))
         print(f"chart: {plot_quality(report, args.png, max(ks), bucket_ms)}")
     # The decision comes first: a window that alarms must not keep a canary from being judged.
-    ended = decide_canary(settings, report, Rule(args.max_loss, args.min_users, not args.fixed_horizon,
-                                                 args.planned_users), judge) if args.decide_canary else 0
+    decision = decide_canary(settings, report, Rule(args.max_loss, args.min_users, not args.fixed_horizon,
+                                                    args.planned_users), judge) if args.decide_canary else None
+    if args.json:
+        out = {**report.to_dict(), **({"canary_decision": decision} if decision is not None else {})}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     worse = [f"{c.candidate} vs {c.baseline} on {name}" for c in report.comparisons() for name in c.metrics
              if c.verdict(name) == "worse"]
     if args.fail_if_worse and worse:
         print(f"hrnn quality: worse beyond the 95% interval: {'; '.join(worse)}", file=sys.stderr)
         return 1
-    return ended
+    return 1 if decision is not None and decision["action"] == "end" else 0
 
 
 # Input records written before the announcement can be scored by the canary (a worker's backlog); reading
@@ -150,8 +151,10 @@ CANARY_LEAD_MS = 3_600_000
 
 
 def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
-                  judge: Callable[[int | None], QualityReport]) -> int:
-    """Promote, end or keep the canary the registry's latest announcement names; 1 if it was ended.
+                  judge: Callable[[int | None], QualityReport]) -> dict:
+    """Promote, end or keep the canary the registry's latest announcement names; what was decided (also for
+    the JSON): canary (None when none serves), share, stable, action, reason, announced (the version
+    announced for everyone, or None).
 
     The decision reads the canary's whole time (its announcement on): a report over a shorter window is
     judged again from there (`judge(since_ms)`), so a daily judge decides on the growing experiment the
@@ -164,7 +167,7 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
     ann = latest_announcement(settings.bootstrap_servers, settings.updates_topic, key, extra=settings.consumer_kafka)
     if ann is None or ann.share >= 1.0:
         print(f"canary: none serving for {key}")
-        return 0
+        return {"canary": None, "action": "none"}
     stable = current_version(registry)
     start_ms = _epoch_ms(ann.announced_at)
     if report.since_ms is not None and start_ms is not None and start_ms - CANARY_LEAD_MS < report.since_ms:
@@ -173,11 +176,13 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
     comparison = next((c for c in report.comparisons() if (c.baseline, c.candidate) == (stable, ann.version)), None)
     decision = decide(comparison, rule)
     print(f"canary {ann.version} ({ann.share:.1%} of the users) vs {stable}: {decision.action}, {decision.reason}")
-    if decision.action == "wait":
-        return 0
-    target = ann.version if decision.action == "promote" else stable
-    path = promote(registry, target) if decision.action == "promote" else version_path(registry, target)
-    announce(settings.bootstrap_servers, settings.updates_topic, target, path, reason="promote", registry_id=key,
-             extra=settings.producer_kafka)
-    print(f"announced {target} for all users on {settings.updates_topic}")
-    return 0 if decision.action == "promote" else 1
+    out = {"canary": ann.version, "share": ann.share, "stable": stable, "action": decision.action,
+           "reason": decision.reason, "announced": None}
+    if decision.action != "wait":
+        target = ann.version if decision.action == "promote" else stable
+        path = promote(registry, target) if decision.action == "promote" else version_path(registry, target)
+        announce(settings.bootstrap_servers, settings.updates_topic, target, path, reason="promote",
+                 registry_id=key, extra=settings.producer_kafka)
+        print(f"announced {target} for all users on {settings.updates_topic}")
+        out["announced"] = target
+    return out

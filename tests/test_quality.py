@@ -216,9 +216,14 @@ def test_decide_canary_promotes_ends_or_keeps_the_announced_canary(broker, tmp_p
     monkeypatch.setattr(stream.quality, "quality_worker",
                         lambda settings, **kw: QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG))
     assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry),
-                 "--updates-topic", topic, "--decide-canary", "--min-users", "50", *flags]) == status
+                 "--updates-topic", topic, "--decide-canary", "--min-users", "50", "--json", str(tmp_path / "q.json"),
+                 *flags]) == status
     out = capsys.readouterr().out
     assert f"canary {canary} (50.0% of the users) vs {stable}: {action}" in out and says in out
+    decided = json.loads((tmp_path / "q.json").read_text())["canary_decision"]
+    assert (decided["canary"], decided["stable"], decided["action"]) == (canary, stable, action)
+    assert decided["announced"] == {"promote": canary, "end": stable, "wait": None}[action]
+    assert says in decided["reason"]
     latest = latest_announcement(broker.bootstrap, topic, str(registry.resolve()))
     want = {"promote": (canary, 1.0, canary), "end": (stable, 1.0, stable), "wait": (canary, 0.5, stable)}[action]
     assert (latest.version, latest.share, current_version(registry)) == want
@@ -259,6 +264,23 @@ def test_decide_canary_judges_the_canary_from_its_announcement_on_not_only_the_w
     assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry), "--updates-topic",
                  topic, "--decide-canary", "--since-s", "86400"]) == 0
     assert len(windows) == 1  # the window already holds the canary's whole time
+
+
+def test_decide_canary_without_a_canary_serving_changes_nothing_and_says_so(broker, tmp_path, monkeypatch, capsys):
+    import uuid
+
+    import stream.quality
+    from model.artifact import current_version
+    from stream.cli import main as hrnn
+
+    registry = make_registry(tmp_path / "registry", seed=1)
+    stable = current_version(registry)
+    monkeypatch.setattr(stream.quality, "quality_worker", lambda settings, **kw: QualityReport(
+        "ev", "rec", [20], None, _verdicts([(stable, 0, 1, 0)]), 0, LOG))
+    assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry), "--updates-topic",
+                 f"upd-{uuid.uuid4().hex[:8]}", "--decide-canary", "--json", str(tmp_path / "q.json")]) == 0
+    assert "canary: none serving" in capsys.readouterr().out and current_version(registry) == stable
+    assert json.loads((tmp_path / "q.json").read_text())["canary_decision"] == {"canary": None, "action": "none"}
 
 
 def test_nothing_to_judge_gives_an_empty_report():
