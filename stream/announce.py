@@ -112,6 +112,13 @@ def latest_announcement(bootstrap: str, topic: str, registry_id: str, *, extra: 
         return watcher.latest
 
 
+def latest_canary(bootstrap: str, topic: str, registry_id: str, *, extra: ClientSettings | None = None,
+                  timeout_s: float = 30.0) -> Announcement | None:
+    """The registry's latest announcement if it announces a canary (one serving now), else None."""
+    ann = latest_announcement(bootstrap, topic, registry_id, extra=extra, timeout_s=timeout_s)
+    return ann if ann is not None and ann.share < 1.0 else None
+
+
 Callback = Callable[[Announcement], None]
 
 

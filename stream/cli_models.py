@@ -109,11 +109,10 @@ def _announce(args: argparse.Namespace, version: str, path, *, reason: str = "pr
 
 
 def _announced_canary(args: argparse.Namespace):
-    """The registry's latest announcement if it is a canary's, else None."""
-    from stream.announce import latest_announcement, registry_id
+    """The canary serving now for the registry (its announcement), else None."""
+    from stream.announce import latest_canary, registry_id
 
-    latest = latest_announcement(args.bootstrap_servers, args.topic, args.registry_id or registry_id(args.registry))
-    return latest if latest is not None and latest.share < 1.0 else None
+    return latest_canary(args.bootstrap_servers, args.topic, args.registry_id or registry_id(args.registry))
 
 
 def _version_dir(registry: str, version: str):

@@ -161,11 +161,11 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
     anytime interval is made for, not on the last day alone."""
     from model.artifact import current_version
     from model.registry import promote, version_path
-    from stream.announce import announce, latest_announcement, registry_id
+    from stream.announce import announce, latest_canary, registry_id
 
     registry, key = settings.registry, registry_id(settings.registry)
-    ann = latest_announcement(settings.bootstrap_servers, settings.updates_topic, key, extra=settings.consumer_kafka)
-    if ann is None or ann.share >= 1.0:
+    ann = latest_canary(settings.bootstrap_servers, settings.updates_topic, key, extra=settings.consumer_kafka)
+    if ann is None:
         print(f"canary: none serving for {key}")
         return {"canary": None, "action": "none"}
     stable = current_version(registry)

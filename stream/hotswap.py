@@ -3,9 +3,10 @@
 `ModelHolder` owns the serving `Recommender`. A requested version (from an announcement, or
 directly) is loaded and validated on a background thread, so the worker never waits for
 disk or torch; a version that passes becomes *pending*, and the worker's call to
-`swap_if_ready()` between two batches makes it current. The worker reads `current()` once at
-the start of a batch and uses that object for the whole batch, so one batch is never scored by
-two versions, and an event waits at most for the batch in hand.
+`swap_if_ready()` between two batches makes it current. The worker reads `serving()` once at
+the start of a batch and uses it for the whole batch, so a batch never changes versions midway
+(a user is scored by one version; with a canary, two versions split the batch's users), and an
+event waits at most for the batch in hand.
 
 Before a loaded version becomes pending, the loader thread also rebuilds the stored users'
 states with it (`prebuild_from`, Recommender.prebuild), so after the swap a user's next event
@@ -194,7 +195,7 @@ class _Change:
 class ModelHolder:
     """The serving model of one worker and its background loader (see the module docstring).
 
-    Thread contract: `current()` and `swap_if_ready()` are called by the worker loop thread;
+    Thread contract: `serving()`, `current()` and `swap_if_ready()` are called by the worker loop thread;
     `request()` / `on_announcement()` by anyone (the announcement watcher's thread).
     """
 

@@ -274,11 +274,11 @@ class RetrainerService:
         """With --canary-share: the version of the canary the registry's latest announcement names, if any."""
         if not self.settings.canary_share:
             return None
-        from stream.announce import latest_announcement, registry_id
+        from stream.announce import latest_canary, registry_id
 
         s = self.settings
-        ann = latest_announcement(s.bootstrap_servers, s.updates_topic, s.registry_id or registry_id(s.registry))
-        return ann.version if ann is not None and ann.share < 1.0 else None
+        ann = latest_canary(s.bootstrap_servers, s.updates_topic, s.registry_id or registry_id(s.registry))
+        return ann.version if ann is not None else None
 
     def _announce(self, out: RetrainOutcome) -> None:
         from stream.announce import announce
