@@ -138,8 +138,7 @@ def main() -> int:
     split = make_split("last-session", prep.data, prep.starts)
     scorers = {b: make_baseline(b) for b in BASELINES}
     for name, (m, _) in versions.items():
-        scorers[name] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids, name=name,
-                                                  model_types=m.event_types, data_types=split.train.event_types)
+        scorers[name] = HRNNScorer.for_version(m, split.train, name=name)
     for s in scorers.values():
         s.fit(split.train, split.train_starts)
     result = evaluate(split, scorers, progress=False)

@@ -204,9 +204,7 @@ def main() -> int:
                                                              REFERENCE)}
     for d in args.versions:
         m = load_version(d)
-        scorers[Path(d).name] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids, name=Path(d).name,
-                                                          model_types=m.event_types,
-                                                          data_types=split.train.event_types)
+        scorers[Path(d).name] = HRNNScorer.for_version(m, split.train, name=Path(d).name)
     report: dict = {"data": args.data, "models": {}, "own_items_first": {}, "ease_fusion": {}}
     scores = {}
     for name, scorer in scorers.items():

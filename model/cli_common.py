@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the model commands: data flags and config flags.
+"""Command-line plumbing shared by the model commands: data flags, config flags, output files.
 
 Every field of HRNNConfig and DataConfig is a flag (`--hidden-dimension 64`), read with the
 same coercion and range checks as a config file (`--config best.json`) or the environment
@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
-from model.config import DataConfig, HRNNConfig, load_config, read_config_file
+from model.config import DataConfig, HRNNConfig, json_kind, load_config, read_config_file
+from model.errors import ConfigError
 from model.interactions import Interactions
 from model.loaders import add_loader_arguments, load_interactions, loader_options
 
@@ -42,8 +45,33 @@ def configs_from_args(args: argparse.Namespace, base: dict[str, Any] | None = No
     values = dict(base or {})
     if getattr(args, "config", None):
         file_values = read_config_file(args.config)
-        values.update(file_values.get("hrnn", {}) | file_values.get("data", {}) | file_values)
+        values.update(_section(args.config, file_values, "hrnn") | _section(args.config, file_values, "data")
+                      | file_values)
     flags = {k: v for k, v in vars(args).items() if v is not None}
     hrnn = load_config(HRNNConfig, file_values=values, env_prefix=ENV_PREFIX, overrides=flags)
     data = load_config(DataConfig, file_values=values, env_prefix=ENV_PREFIX, overrides=flags)
     return hrnn, data
+
+
+def _section(path: str, file_values: dict[str, Any], name: str) -> dict[str, Any]:
+    """A config file's optional `name` section (settings may also sit at the top level)."""
+    section = file_values.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: {name!r} holds {json_kind(section)}, not an object of "
+                          f"{'HRNNConfig' if name == 'hrnn' else 'DataConfig'} settings")
+    return section
+
+
+def output_file(path: str | None, flag: str) -> None:
+    """Make sure a result can be written to `path` (its folder created) before the work that makes it: a bad
+    path found after minutes of work loses them (and `hrnn audit`'s exit 1 would read as a broken promise)."""
+    if path is None:
+        return
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot create its folder ({exc.strerror})") from None
+    if target.is_dir() or not os.access(target.parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: " + ("a folder, not a file" if target.is_dir() else
+                                                "its folder is not writable"))

@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from model.artifact import load_version
+from model.artifact import LoadedModel, load_version
 from model.baselines import BASELINES, make_baseline
-from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data
+from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data, output_file
 from model.config import DataConfig, to_dict
 from model.errors import ConfigError
 from model.evaluate import evaluate, format_table
@@ -16,9 +16,10 @@ from model.inference import HRNNScorer
 from model.network import resolve_device
 from model.pipeline import prepare
 from model.plots import plot_eval_table
-from model.splits import PROTOCOLS, make_split
+from model.splits import PERSONALIZE, PROTOCOLS, make_split
 
 DEFAULT_BASELINES = "pop,recent-pop,item-knn,sknn,user-knn,user-repeat+session"  # the strongest bars by default
+DEFAULT_SEED = 0  # the personalize sample's seed when no model says which users it held out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,13 +29,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS, default="last-session")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write a bar chart PNG here (default: next to --json)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the personalize protocol's user sample")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the personalize protocol's user sample (default: the one the first --model held "
+                        f"out of training with `hrnn train --holdout personalize`, else {DEFAULT_SEED})")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     add_config_flags(p, DataConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    output_file(args.json, "--json")
+    output_file(plot, "--plot")
     device = resolve_device(args.device)
     loaded = [load_version(d, device) for d in args.model]
     # The split must match the one the models were trained around: use the first model's featurization.
@@ -44,24 +50,45 @@ def run(args: argparse.Namespace) -> int:
         if m.metrics.get("holdout") not in (args.protocol, None):
             print(f"warning: {m.path} was trained holding out {m.metrics.get('holdout')!r}, not {args.protocol!r}: "
                   "its scores may include events it trained on", file=sys.stderr)
+    seed = split_seed(args.protocol, args.seed, loaded)
     prep = prepare(load_data(args), data_config)
-    split = make_split(args.protocol, prep.data, prep.starts, seed=args.seed)
+    split = make_split(args.protocol, prep.data, prep.starts, seed=seed)
     if not split.test:
         raise ConfigError(f"{args.data}: no user qualifies for a {args.protocol} test (too few sessions per user?)")
     scorers = {}
     for name in [b.strip() for b in args.baselines.split(",") if b.strip()]:
         scorers[name] = make_baseline(name)
     for m in loaded:
-        scorers[f"hrnn:{m.version}"] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids,
-                                                                 name=f"hrnn:{m.version}")
+        scorers[f"hrnn:{m.version}"] = HRNNScorer.for_version(m, split.train, name=f"hrnn:{m.version}")
     for s in scorers.values():
         s.fit(split.train, split.train_starts)
     result = evaluate(split, scorers, progress=not args.quiet)
     print(format_table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result.to_json(), indent=2))
-    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if plot:
         plot_eval_table(result, plot)
     return 0
+
+
+def holdout_seed(m: LoadedModel) -> int | None:
+    """The seed that drew the users `m` held out of training under the personalize protocol (None: it held
+    out none). Versions from before the seed was recorded used their config's: train_version always did."""
+    if m.metrics.get("holdout") != PERSONALIZE:
+        return None
+    return int(m.metrics.get("holdout_seed", m.config.seed))
+
+
+def split_seed(protocol: str, seed: int | None, loaded: list[LoadedModel]) -> int:
+    """The personalize sample's seed: `seed` when given, else the first model's holdout seed, so its test users
+    are the ones it never trained on; a warning for each model whose held-out users are not the ones tested."""
+    held = [(m, s) for m in loaded if (s := holdout_seed(m)) is not None]
+    if seed is None:
+        seed = held[0][1] if held else DEFAULT_SEED
+    if protocol == PERSONALIZE:
+        for m, s in held:
+            if s != seed:
+                print(f"warning: {m.path} held out the personalize users of seed {s}, not {seed}: "
+                      "its scores may include users it trained on", file=sys.stderr)
+    return seed
+

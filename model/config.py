@@ -46,8 +46,7 @@ class DataConfig:
             raise ConfigError("min_user_history_length_percentile must be below max_user_history_length_percentile")
         _in_range("min_item_support", self.min_item_support, 1, 10**9)
         for name, w in self.event_type_weights.items():
-            if w < 0:
-                raise ConfigError(f"event_type_weights[{name!r}] must be >= 0, got {w}")
+            _in_range(f"event_type_weights[{name!r}]", w, 0.0, 1000.0)  # a loss weight: NaN/inf poison the model
 
 
 @dataclass
@@ -103,11 +102,16 @@ class HRNNConfig:
         _in_range("embedding_dimension", self.embedding_dimension, 0, 1024)
         for name in ("dropout_embedding", "dropout_session", "dropout_user", "dropout_init"):
             _in_range(name, getattr(self, name), 0.0, 0.9)
+        _in_range("recency_half_life_days", self.recency_half_life_days, 0.0, 36_500.0)
         _in_range("learning_rate", self.learning_rate, 1e-6, 10.0)
+        _in_range("weight_decay", self.weight_decay, 0.0, 1.0)
         _in_range("weight_average_epochs", self.weight_average_epochs, 0.0, 100.0)
         _in_range("batch_size", self.batch_size, 1, 8192)
         _in_range("epochs", self.epochs, 1, 1000)
         _in_range("n_sample", self.n_sample, 0, 100_000)
+        _in_range("sample_alpha", self.sample_alpha, 0.0, 1.0)  # 0: uniform samples, 1: by popularity
+        _in_range("logq", self.logq, 0.0, 1.0)  # 1: the full log-popularity correction
+        _in_range("bpreg", self.bpreg, 0.0, 100.0)
         _in_range("distill_teachers", self.distill_teachers, 0, 16)
         _in_range("distill_weight", self.distill_weight, 0.0, 100.0)
         _in_range("history_length", self.history_length, 1, 10_000)
@@ -120,6 +124,7 @@ class HRNNConfig:
 
 
 def _in_range(name: str, value: float, lo: float, hi: float) -> None:
+    # Written so NaN fails too (every comparison with NaN is False); a bound check `value < lo` would let it pass.
     if not lo <= value <= hi:
         raise ConfigError(f"{name} = {value} is outside its range [{lo}, {hi}]")
 
@@ -170,9 +175,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
     try:
-        return tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+        values = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {p} holds {json_kind(values)}, not an object of settings "
+                          '(e.g. {"hidden_dimension": 64})')
+    return values
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON/TOML value is, in the file's words (for messages)."""
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
 
 
 def load_config(cls: type[T], *, file_values: dict[str, Any] | None = None, env_prefix: str | None = None,

@@ -47,6 +47,15 @@ class FeaturizeReport:
     def dropped(self, step: str) -> StepCount:
         return next(s for s in self.steps if s.step == step)
 
+    def emptied_by(self) -> StepCount | None:
+        """The step that dropped the last events (None while some are left)."""
+        left = self.events_before
+        for s in self.steps:
+            left -= s.events_dropped
+            if left == 0 and s.events_dropped:
+                return s
+        return None
+
     def lines(self) -> list[str]:
         out = [f"events {self.events_before} -> {self.events_after}, users {self.users_before} -> "
                f"{self.users_after}, items {self.items_before} -> {self.items_after}"]
@@ -106,6 +115,23 @@ def featurize(data: Interactions, cfg: DataConfig) -> tuple[Interactions, Featur
         steps=tuple(steps), min_user_events=lo, max_user_events=hi,
     )
     return cur, report
+
+
+def why_empty(report: FeaturizeReport, cfg: DataConfig, types_in_data: tuple[str, ...]) -> str:
+    """What to change when featurization left no events: the step that dropped the last ones, its setting."""
+    step = report.emptied_by()
+    if step is None:
+        return "the file has no events"
+    setting = {
+        "event_types": f"event_types = {', '.join(cfg.event_types)} matches none of the file's types "
+                       f"({', '.join(types_in_data)})",
+        "collapse_repeats": "collapse_repeats",
+        "min_item_support": f"min_item_support = {cfg.min_item_support}: no item has that many events",
+        "user_history_length": f"min/max_user_history_length_percentile = {cfg.min_user_history_length_percentile:g}"
+                               f"/{cfg.max_user_history_length_percentile:g} keep users of "
+                               f"{report.min_user_events:g} .. {report.max_user_events:g} events: there are none",
+    }[step.step]
+    return f"featurization left no events: step {step.step} dropped the last {step.events_dropped} ({setting})"
 
 
 def event_weights(data: Interactions, cfg: DataConfig) -> np.ndarray:

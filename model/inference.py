@@ -49,6 +49,13 @@ class HRNNScorer:
         return cls(model, name, item_map=np.array([index.get(str(i), -1) for i in data_items], dtype=np.int64),
                    type_map=type_map)
 
+    @classmethod
+    def for_version(cls, loaded: LoadedModel, data: Interactions, name: str = "hrnn") -> "HRNNScorer":
+        """A loaded version scoring `data`'s codes: item and event-type vocabularies both mapped, as a file
+        other than the training one may list other types (the repeat head reads them) and other items."""
+        return cls.for_vocabulary(loaded.model, loaded.item_ids, data.item_ids, name,
+                                  model_types=loaded.event_types, data_types=data.event_types)
+
     def fit(self, train: Interactions, session_start: np.ndarray) -> None:
         """Nothing to learn here (training is model.train); remember which items training never saw."""
         seen = np.bincount(train.item, minlength=train.n_items) > 0
@@ -165,6 +172,7 @@ class Recommender:
         self.timeout_ms = int(loaded.data_config.session_timeout_s * 1000)
         self.history_length = loaded.config.history_length
         self.type_slot = {t: int(type_slots(np.array([i]))[0]) for i, t in enumerate(loaded.event_types)}
+        self.kept_types = frozenset(loaded.data_config.event_types)  # empty: every type
         # Filled by prebuild() before this version serves; the worker thread takes entries out after.
         self.prebuilt: dict[str, Prebuilt] = {}
         self._unavailable: tuple[frozenset[str], torch.Tensor | None] = (frozenset(), None)
@@ -253,17 +261,24 @@ class Recommender:
         excluded: list[list[int]] = [[] for _ in events]
         windows: list[History] = [History()] * len(events)
         for wave in _waves(events):
-            flags = [self._bookkeep(work[events[i].user_id], events[i]) for i in wave]
-            rows = torch.tensor([row[events[i].user_id] for i in wave], device=self.device)
-            t = lambda xs, dt: torch.tensor(xs, dtype=dt, device=self.device)  # noqa: E731
-            hu, hs, _ = self.model.transition(
-                h_user[rows], h_sess[rows], t([f[0] for f in flags], torch.long), t([f[1] for f in flags], torch.bool),
-                t([f[2] for f in flags], torch.bool), t([f[0] >= 0 for f in flags], torch.bool),
-                t([f[3] for f in flags], torch.long))
-            h_user[rows], h_sess[rows] = hu, hs
-            post[torch.tensor(wave, device=self.device)] = hs
-            for i, f in zip(wave, flags):
+            stepping = [i for i in wave if self.featurized(events[i])] if self.kept_types else wave
+            flags = [self._bookkeep(work[events[i].user_id], events[i]) for i in stepping]
+            if stepping:
+                rows = torch.tensor([row[events[i].user_id] for i in stepping], device=self.device)
+                t = lambda xs, dt: torch.tensor(xs, dtype=dt, device=self.device)  # noqa: E731
+                hu, hs, _ = self.model.transition(
+                    h_user[rows], h_sess[rows], t([f[0] for f in flags], torch.long),
+                    t([f[1] for f in flags], torch.bool), t([f[2] for f in flags], torch.bool),
+                    t([f[0] >= 0 for f in flags], torch.bool), t([f[3] for f in flags], torch.long))
+                h_user[rows], h_sess[rows] = hu, hs
+                post[torch.tensor(stepping, device=self.device)] = hs
+            step_flags = dict(zip(stepping, flags))
+            for i in wave:
                 s = work[events[i].user_id]
+                f = step_flags.get(i)
+                if f is None:  # answered from the state as it is, like the user's previous event
+                    post[i] = h_sess[row[events[i].user_id]]
+                    f = (self.index.get(events[i].item_id, -1), False, False, 0)
                 new_session[i], known[i], session_ids[i] = f[2], f[0] >= 0, s.session_id or ""
                 if filters is not None:
                     excluded[i] = _excluded(s.history, self.index, filters)
@@ -276,6 +291,12 @@ class Recommender:
         scores = self.model.score_all(post, window) if events \
             else torch.zeros(0, len(self.item_ids), device=self.device)
         return Advanced(work, scores, new_session, known, session_ids, rebuilt, excluded)
+
+    def featurized(self, e: StepInput) -> bool:
+        """Whether training and evaluation see events like `e`: featurization drops the types outside the
+        version's event_types before sessionizing, so such an event neither steps the network nor moves the
+        session clock, and stays out of the stored history (the repeat head's window) as it does offline."""
+        return not self.kept_types or e.event_type in self.kept_types
 
     def _item_indices(self, cols: Packed) -> np.ndarray:
         """Model item index per event (-1 unknown), looking up each distinct name once."""

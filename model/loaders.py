@@ -13,8 +13,9 @@ import argparse
 import codecs
 import csv
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -346,26 +347,45 @@ def _to_interactions(name: str, table: pa.Table, resolved: dict[str, int], heade
         return table.column(resolved[field])
 
     def ids(field: str) -> np.ndarray:
-        arr = col(field)
-        if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
-            if pa.types.is_floating(arr.type):
-                # ids stored as floats in Parquet: 12.0 must still read as "12"
-                as_int = pc.cast(arr, pa.int64(), safe=False)
-                if pc.all(pc.equal(pc.cast(as_int, arr.type), arr)).as_py():
-                    arr = as_int
-            arr = pc.cast(arr, pa.string())
-        bad = pc.or_kleene(pc.is_null(arr), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0))
+        with _arrow_errors(name, field):
+            arr = _id_text(col(field))
+        bad = pc.or_kleene(pc.is_null(arr), pc.equal(pc.utf8_length(arr), 0))
         _raise_first(name, bad, arr, field, line_of, "empty value", f"a non-empty {field}")
         return np.asarray(arr.to_numpy(zero_copy_only=False))
 
     users, items = ids("USER_ID"), ids("ITEM_ID")
-    ts_ms = _timestamps(name, col("TIMESTAMP"), time_unit, base_epoch_s, line_of)
+    with _arrow_errors(name, "TIMESTAMP"):
+        ts_ms = _timestamps(name, col("TIMESTAMP"), time_unit, base_epoch_s, line_of)
     types = ids("EVENT_TYPE") if "EVENT_TYPE" in resolved else None
-    values = _numbers(name, col("EVENT_VALUE"), "EVENT_VALUE", line_of, allow_empty=True) \
-        if "EVENT_VALUE" in resolved else None
+    with _arrow_errors(name, "EVENT_VALUE"):
+        values = _numbers(name, col("EVENT_VALUE"), "EVENT_VALUE", line_of, allow_empty=True) \
+            if "EVENT_VALUE" in resolved else None
     sessions = ids("SESSION_ID") if "SESSION_ID" in resolved else None
     return Interactions.from_columns(users, items, ts_ms, event_types=types, values=values,
                                      session_ids=sessions, source=name)
+
+
+@contextmanager
+def _arrow_errors(name: str, field: str) -> Iterator[None]:
+    """A column pyarrow cannot convert is bad input, not a crash: a DataError naming the column."""
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(name, f"cannot read the column ({exc})", column=field) from None
+
+
+def _id_text(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An ID column as text without surrounding whitespace (`u1, i1` in a CSV means item "i1"); a NaN in a
+    float column is a missing ID, like an empty one."""
+    if pa.types.is_floating(arr.type):
+        arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
+        # ids stored as floats in Parquet: 12.0 must still read as "12" (exactly so below 2**53)
+        whole = pc.and_(pc.equal(pc.floor(arr), arr), pc.less(pc.abs(arr), 2.0 ** 53))
+        if pc.all(whole).as_py() is not False:
+            arr = pc.cast(arr, pa.int64())
+    if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
+        arr = pc.cast(arr, pa.string())
+    return pc.utf8_trim_whitespace(arr)
 
 
 def _raise_first(name: str, bad: pa.ChunkedArray | pa.Array, arr, field: str, line_of, problem: str,
@@ -402,7 +422,7 @@ def _timestamps(name: str, arr: pa.ChunkedArray, unit: TimeUnit, base_epoch_s: f
     expected = {"s": "epoch seconds", "ms": "epoch milliseconds", "iso": "ISO-8601 date-times"}[unit]
     if pa.types.is_timestamp(arr.type) or pa.types.is_date(arr.type):
         _raise_first(name, pc.is_null(arr), arr, "TIMESTAMP", line_of, "empty timestamp", expected)
-        return pc.cast(pc.cast(arr, pa.timestamp("ms")), pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64)
+        return _native_ms(arr)
     is_text = pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
     if unit != "iso":
         if is_text:
@@ -425,6 +445,15 @@ def _timestamps(name: str, arr: pa.ChunkedArray, unit: TimeUnit, base_epoch_s: f
         raise DataError(name, f"time unit 'iso' but the column holds {arr.type}", column="TIMESTAMP",
                         expected="ISO-8601 strings, or time_unit 's'/'ms' for numbers")
     return _iso(name, arr, line_of)
+
+
+def _native_ms(arr: pa.ChunkedArray) -> np.ndarray:
+    """Epoch ms of a Parquet timestamp or date column; finer units are floored to the millisecond (events are
+    ordered by ms, and a lossless cast would refuse any sub-millisecond part)."""
+    per_ms = {"us": 1_000, "ns": 1_000_000}.get(getattr(arr.type, "unit", ""), 1)
+    if per_ms > 1:
+        return pc.cast(arr, pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64) // per_ms
+    return pc.cast(pc.cast(arr, pa.timestamp("ms")), pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _iso(name: str, arr: pa.ChunkedArray, line_of) -> np.ndarray:

@@ -21,13 +21,14 @@ from model.artifact import save_version
 from model.calibration import Calibration, calibrate_window_offset, set_window_offset
 from model.config import DataConfig, HRNNConfig
 from model.evaluate import evaluate
-from model.featurize import FeaturizeReport, event_weights, featurize
+from model.errors import DataError
+from model.featurize import FeaturizeReport, event_weights, featurize, why_empty
 from model.inference import HRNNScorer
 from model.interactions import Interactions
 from model.network import HRNN
 from model.plots import plot_training_curve
 from model.sessions import session_starts
-from model.splits import Split, make_split, validation_split
+from model.splits import PERSONALIZE, Split, make_split, validation_split
 from model.train import FitResult, Validator, fit
 
 HOLDOUTS = ("last-session", "personalize", "none")
@@ -80,6 +81,9 @@ def fit_inputs(data: Interactions, data_config: DataConfig, holdout: str = "last
     """Featurize, reserve the `holdout` protocol's test events, then (early_stopping) hold out each remaining
     user's last session as the validation split; never touches the test events."""
     prep = prepare(data, data_config)
+    if not len(prep.data):
+        steps = "; ".join(line.strip() for line in prep.report.lines())
+        raise DataError(data.source, f"{why_empty(prep.report, data_config, data.event_types)}. Featurization: {steps}")
     train, starts = training_part(prep, holdout, seed)
     full, full_starts = train.compact(), starts
     train, val = full, None
@@ -195,6 +199,7 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
                             "teacher_validation": [validation_metrics(t.early) for t in teachers]}
     # val_* are the early-stopping run's (a refit network has trained on the validation sessions), calibrated
     metrics = {"best_epoch": result.best_epoch, "history": result.history, "holdout": holdout,
+               **holdout_seed_metric(holdout, config.seed),
                "train_events": len(train), "train_users": int(len(np.unique(train.user))),
                "featurize": report_dict(inputs.prep.report), **extra, **validation_metrics(result, calibration),
                **(extra_metrics or {})}
@@ -204,6 +209,12 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
                                                              refit=again.history if again else None,
                                                              calibrated=calibration and calibration.chosen))
     return TrainingRun(path, result, inputs.prep.report, metrics)
+
+
+def holdout_seed_metric(holdout: str, seed: int) -> dict:
+    """`hrnn evaluate` must draw the personalize protocol's users with the seed that held them out of training,
+    or it scores users the model trained on; only that protocol samples."""
+    return {"holdout_seed": seed} if holdout == PERSONALIZE else {}
 
 
 def report_dict(report: FeaturizeReport) -> dict:

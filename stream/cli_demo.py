@@ -95,7 +95,7 @@ def _evaluate(data: Interactions, version_dir: Path, out: Path) -> dict:
     split = last_session_split(prep.data, prep.starts)
     m = load_version(version_dir)
     scorers = {name: make_baseline(name) for name in ("pop", "item-knn", "sknn", "user-repeat+session")}
-    scorers["hrnn"] = HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids)
+    scorers["hrnn"] = HRNNScorer.for_version(m, split.train)
     for s in scorers.values():
         s.fit(split.train, split.train_starts)
     result = evaluate(split, scorers, progress=False)

@@ -1,12 +1,21 @@
 """`hrnn synth | train | evaluate | models` as a user runs them: real processes, real files."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from model import cli_evaluate
+from model.artifact import latest_version_dir, save_version
+from model.config import DataConfig, HRNNConfig
+from model.errors import ConfigError
+from model.network import HRNN
 
 
 def hrnn(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -65,15 +74,24 @@ def test_models_show_gives_manifest_config_and_metrics(trained):
     (["train", "--data", "/nonexistent.csv", "--registry", "/tmp/x"], "/nonexistent.csv"),
     (["train", "--data", "{data}", "--registry", "/tmp/x", "--hidden-dimension", "7"], "hidden_dimension = 7"),
     (["train", "--data", "{data}", "--registry", "/tmp/x", "--loss", "hinge"], "loss = 'hinge'"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--weight-decay", "-1"], "weight_decay = -1.0"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--event-type-weights", "click=nan"],
+     "event_type_weights['click'] = nan"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--config", "{d}/list.json"], "holds an array"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--event-types", "foo"],
+     "featurization left no events: step event_types"),
+    (["evaluate", "--data", "{data}", "--baselines", "pop", "--json", "{d}/list.json/eval.json"],
+     "--json {d}/list.json/eval.json: cannot create its folder"),
     (["evaluate", "--data", "{data}", "--baselines", "nope"], "unknown baseline 'nope'"),
     (["models", "show", "{reg}", "v0"], "no version 'v0'"),
 ])
 def test_bad_input_is_a_clear_error_and_a_nonzero_exit(trained, args, message):
     d, data, _ = trained
-    args = [a.format(data=data, reg=d / "reg") for a in args]
+    (d / "list.json").write_text("[1, 2]")
+    args = [a.format(data=data, reg=d / "reg", d=d) for a in args]
     proc = hrnn(*args, check=False)
     assert proc.returncode != 0
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert message.format(d=d) in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_file_without_the_required_columns_names_what_was_found(tmp_path):
@@ -101,3 +119,54 @@ def test_the_benchmark_scripts_report_bad_input_as_one_error_line_and_exit_2(tmp
                               timeout=300)
         assert proc.returncode == 2, script
         assert proc.stderr.startswith(f"{script}: error: ") and "Traceback" not in proc.stderr, proc.stderr
+
+
+def evaluate_here(*args: str) -> int:
+    """`hrnn evaluate` in this process (no subprocess start-up: these cases only need its run())."""
+    p = argparse.ArgumentParser()
+    cli_evaluate.add_arguments(p)
+    return cli_evaluate.run(p.parse_args(list(args)))
+
+
+def _write_log(path: Path, rows: list[tuple[str, str, int, str]]) -> Path:
+    path.write_text("USER_ID,ITEM_ID,TIMESTAMP,EVENT_TYPE\n" + "".join(f"{u},{i},{t},{e}\n" for u, i, t, e in rows))
+    return path
+
+
+def test_evaluate_reads_event_types_by_name_when_the_file_lists_other_types_than_the_model(tmp_path):
+    rng = np.random.default_rng(0)
+    rows, t = [], 1_700_000_000
+    for u in range(30):
+        for _ in range(12):
+            t += int(rng.choice([60, 5 * 3600]))  # 5 h gaps open sessions: last-session has test sessions
+            rows.append((f"u{u}", f"i{int(rng.integers(0, 25))}", t, str(rng.choice(["click", "purchase"]))))
+    items = sorted({r[1] for r in rows})
+    cfg = HRNNConfig(hidden_dimension=32, repeat_head=True, seed=3)
+    torch.manual_seed(3)
+    model = HRNN(len(items), cfg).eval()
+    with torch.no_grad():  # trained-looking head: its type weights matter
+        for prm in model.repeat.parameters():
+            prm.add_(torch.randn_like(prm) * 0.5)
+    save_version(tmp_path / "reg", model, cfg, DataConfig(max_user_history_length_percentile=1.0), items,
+                 ["click", "purchase"])
+    version = latest_version_dir(tmp_path / "reg")
+    same = _write_log(tmp_path / "same.csv", rows)
+    # One more user with one event of a type the model never saw: it sorts first, so every code shifts by one;
+    # one event is never tested and its item is known, so the network's scores must not change.
+    shifted = _write_log(tmp_path / "shifted.csv", rows + [("zz", items[0], t, "add_to_cart")])
+    results = []
+    for name, data in (("same", same), ("shifted", shifted)):
+        out = tmp_path / f"{name}.json"
+        evaluate_here("--data", str(data), "--model", str(version), "--baselines", "", "--json", str(out), "--quiet")
+        results.append(json.loads(out.read_text())["models"][f"hrnn:{version.name}"])
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("flags", [["--json", "{f}/eval.json"], ["--json", "{d}/eval.json", "--plot", "{f}/p.png"],
+                                   ["--json", "{d}"]])
+def test_evaluate_refuses_an_output_path_it_cannot_write_before_it_reads_the_data(tmp_path, monkeypatch, flags):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(cli_evaluate, "load_data", lambda args: pytest.fail("read the data first"))
+    flags = [f.format(f=tmp_path / "a-file", d=tmp_path) for f in flags]
+    with pytest.raises(ConfigError, match="cannot create its folder|a folder, not a file"):
+        evaluate_here("--data", "events.csv", "--baselines", "pop", *flags)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.artifact import latest_version_dir, save_version
+from model.artifact import latest_version_dir, load_version, save_version
 from model.config import DataConfig, HRNNConfig
+from model.featurize import featurize
 from model.inference import Filters, HRNNScorer, Recommender, StepInput
 from model.interactions import Interactions
 from model.network import HRNN
@@ -63,26 +64,46 @@ def _events_of(data: Interactions, user: int) -> list[StepInput]:
                       int(data.ts_ms[r])) for r in rows]
 
 
-def test_event_by_event_api_gives_the_evaluation_forward_pass_scores(version, device):
+def _republished(path: Path, reg: Path, data_config: DataConfig) -> Path:
+    """The same network published as trained under `data_config` (its event types: the ones it keeps)."""
+    m = load_version(path)
+    save_version(reg, m.model, m.config, data_config, m.item_ids,
+                 [t for t in m.event_types if not data_config.event_types or t in data_config.event_types])
+    return latest_version_dir(reg)
+
+
+# clicks-only: the version's featurization drops purchases, so evaluation never sees them, while the worker is
+# given every event; those must leave the state (network, session clock, stored history) as it was.
+@pytest.mark.parametrize("event_types", [(), ("click",)], ids=["all-types", "clicks-only"])
+def test_event_by_event_api_gives_the_evaluation_forward_pass_scores(version, event_types, device, tmp_path):
     data, path = version
+    if event_types:
+        path = _republished(path, tmp_path, DataConfig(event_types=event_types))
     rec = Recommender.load(path, device=device)
-    scorer = HRNNScorer(rec.model)
-    starts = session_starts(data, rec.data_config.session_timeout_s)
+    feat, _ = featurize(data, rec.data_config)  # what evaluation scores
+    scorer = HRNNScorer.for_version(rec.loaded, feat)
+    columns = [rec.index[str(i)] for i in feat.item_ids]
+    starts = session_starts(feat, rec.data_config.session_timeout_s)
     for user in range(3):
-        rows = np.flatnonzero(data.user == user)
+        rows = np.flatnonzero(feat.user == user)
         targets = np.array([j for j in range(1, len(rows)) if not starts[rows[j]]])
-        seq = UserSequence(user, data.item[rows], data.ts_ms[rows], data.event_type[rows], starts[rows], targets)
+        seq = UserSequence(user, feat.item[rows], feat.ts_ms[rows], feat.event_type[rows], starts[rows], targets)
         offline = scorer.score([seq])[0]
         state, online = None, []
-        for ev in _events_of(data, user):
+        for ev in _events_of(data, int(np.flatnonzero(data.user_ids == feat.user_ids[user])[0])):  # every event
             adv = rec.advance({ev.user_id: state}, [ev])
             state = decode_state(encode_state(adv.states[ev.user_id]))  # through the stored form, as the worker does
-            online.append(adv.scores[0].cpu().numpy())
+            if not event_types or ev.event_type in event_types:  # the scores after each event evaluation sees
+                online.append(adv.scores[0].cpu().numpy()[columns])
+        assert len(online) == len(rows)
         np.testing.assert_allclose(np.stack([online[j - 1] for j in targets]), offline, rtol=1e-5, atol=1e-5)
 
 
-def test_a_batch_with_several_events_per_user_equals_one_event_at_a_time(version, device):
+@pytest.mark.parametrize("event_types", [(), ("click",)], ids=["all-types", "clicks-only"])
+def test_a_batch_with_several_events_per_user_equals_one_event_at_a_time(version, event_types, device, tmp_path):
     data, path = version
+    if event_types:  # purchases, left out of the state, sit in the same waves as other users' steps
+        path = _republished(path, tmp_path, DataConfig(event_types=event_types))
     rec = Recommender.load(path, device=device)
     events = sorted(_events_of(data, 0) + _events_of(data, 1) + _events_of(data, 2), key=lambda e: e.ts_ms)
     batch = rec.advance({}, events)
@@ -234,3 +255,27 @@ def test_the_repeat_head_rescores_the_users_own_items_and_the_window_profile_shi
     assert all(float(diff[i]) < 1e-5 for i in range(len(rec.item_ids)) if i not in seen)
     assert max(float(diff[i]) for i in seen) > 1e-3
     assert float((catalogue - without_profile).abs().max()) > 1e-3
+
+
+def test_a_version_scores_a_file_listing_other_event_types_as_it_serves_its_events(tmp_path, device):
+    data, path = _saved_version(tmp_path, "hrnn-init", True, 100)
+    rec = Recommender.load(path, device=device)
+    # the same log plus a user of a type the model never saw: it sorts first, so the file's type codes shift
+    extra = [(data.user_ids[u], data.item_ids[i], int(t), data.event_types[e])
+             for u, i, t, e in zip(data.user, data.item, data.ts_ms, data.event_type)] + \
+        [("zz", data.item_ids[0], int(data.ts_ms[0]), "add_to_cart")]
+    other = Interactions.from_columns(*zip(*extra))
+    assert list(other.event_types) != rec.loaded.event_types
+    scorer = HRNNScorer.for_version(rec.loaded, other)
+    starts = session_starts(other, rec.data_config.session_timeout_s)
+    rows = np.flatnonzero(other.user == 0)
+    targets = np.array([j for j in range(1, len(rows)) if not starts[rows[j]]])
+    seq = UserSequence(0, other.item[rows], other.ts_ms[rows], other.event_type[rows], starts[rows], targets)
+    state, online = None, []
+    for ev in _events_of(other, 0):
+        adv = rec.advance({ev.user_id: state}, [ev])
+        state = adv.states[ev.user_id]
+        online.append(adv.scores[0].cpu().numpy())
+    columns = [rec.index[str(i)] for i in other.item_ids]
+    np.testing.assert_allclose(np.stack([online[j - 1] for j in targets])[:, columns], scorer.score([seq])[0],
+                               rtol=1e-5, atol=1e-5)

@@ -288,3 +288,43 @@ def test_loader_flags_become_load_options(reddit_path):
     assert opts["delimiter"] == "\t" and opts["columns"]["TIMESTAMP"] == "2"
     data = load_interactions(reddit_path, **opts)
     assert len(data) == 134_489 and data.ts_ms.min() == 100_000
+
+
+@pytest.mark.parametrize("unit, per_ms", [("us", 1_000), ("ns", 1_000_000)])
+def test_parquet_timestamps_finer_than_milliseconds_are_floored_to_the_millisecond(tmp_path, unit, per_ms):
+    raw = [1_767_225_600_000 * per_ms + per_ms - 1, 1_767_225_601_500 * per_ms + 1, -per_ms + 1]
+    table = pa.table({"USER_ID": ["a", "a", "b"], "ITEM_ID": ["x", "y", "x"],
+                      "TIMESTAMP": pa.array(raw, pa.timestamp(unit, tz="UTC"))})
+    pq.write_table(table, tmp_path / "x.parquet")
+    data = load_interactions(tmp_path / "x.parquet")
+    assert list(data.ts_ms) == [1_767_225_600_000, 1_767_225_601_500, -1]
+
+
+def test_a_nan_id_in_a_float_parquet_column_is_an_empty_id_naming_its_line(tmp_path):
+    table = pa.table({"USER_ID": [1.0, float("nan"), 2.0], "ITEM_ID": ["x", "y", "x"], "TIMESTAMP": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="empty value") as err:
+        load_interactions(tmp_path / "x.parquet")
+    assert err.value.line == 2 and err.value.column == "USER_ID"
+
+
+def test_float_parquet_ids_read_as_their_integer_text_when_whole_and_as_written_otherwise(tmp_path):
+    table = pa.table({"USER_ID": [1.0, 1.0, 2.5], "ITEM_ID": [3.0, 4.0, float("inf")], "TIMESTAMP": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    data = load_interactions(tmp_path / "x.parquet")
+    assert list(data.user_ids) == ["1", "2.5"] and list(data.item_ids) == ["3", "4", "inf"]
+
+
+def test_a_parquet_id_column_that_cannot_be_read_as_text_is_a_data_error_naming_it(tmp_path):
+    table = pa.table({"USER_ID": ["a", "b"], "ITEM_ID": pa.array([[1], [2]]), "TIMESTAMP": [1, 2]})
+    pq.write_table(table, tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="cannot read the column") as err:
+        load_interactions(tmp_path / "x.parquet")
+    assert err.value.column == "ITEM_ID"
+
+
+def test_csv_ids_lose_the_spaces_around_them_as_the_header_names_do(tmp_path):
+    text = "USER_ID, ITEM_ID, TIMESTAMP, EVENT_TYPE\nu1, i1, 1700000000, click\n u1 ,i2 ,1700000060,\tpurchase \n"
+    data = load_interactions(write(tmp_path, "x.csv", text))
+    assert list(data.user_ids) == ["u1"] and list(data.item_ids) == ["i1", "i2"]
+    assert data.event_types == ("click", "purchase")

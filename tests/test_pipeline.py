@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
 import model.pipeline as pipeline
 from model.artifact import load_version
+from model.cli_evaluate import split_seed
 from model.config import DataConfig, HRNNConfig
+from model.errors import DataError
+from model.interactions import Interactions
+from model.splits import make_split
 from model.synth import generate
 
 BASE = HRNNConfig(epochs=3, batch_size=32, hidden_dimension=32, n_sample=64)
@@ -66,3 +71,50 @@ def test_without_early_stopping_there_is_nothing_to_refit(data, fits, tmp_path):
                                  progress=False)
     assert len(fits) == 1 and fits[0][2] is False
     assert "refit" not in run.metrics
+
+
+@pytest.fixture(scope="module")
+def personalize_version(data, tmp_path_factory):
+    cfg = dataclasses.replace(BASE, epochs=1, seed=7)
+    run = pipeline.train_version(data, tmp_path_factory.mktemp("reg"), config=cfg, data_config=DataConfig(),
+                                 holdout="personalize", early_stopping=False, progress=False)
+    trained = pipeline.fit_inputs(data, DataConfig(), "personalize", cfg.seed, early_stopping=False).full
+    return run, load_version(run.version_dir), set(trained.user_ids[np.unique(trained.user)])
+
+
+def _untested_users(data, seed: int) -> set:
+    prep = pipeline.prepare(data, DataConfig())
+    train = make_split("personalize", prep.data, prep.starts, seed=seed).train
+    return set(train.user_ids[np.unique(train.user)])
+
+
+def test_evaluate_tests_exactly_the_users_a_personalize_holdout_kept_out_of_training(data, personalize_version,
+                                                                                     capsys):
+    run, loaded, trained_users = personalize_version
+    assert run.metrics["holdout_seed"] == 7
+    seed = split_seed("personalize", None, [loaded])  # `hrnn evaluate --protocol personalize` without --seed
+    assert seed == 7 and _untested_users(data, seed) == trained_users
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluate_with_another_personalize_seed_warns_that_it_tests_training_users(data, personalize_version, capsys):
+    _, loaded, trained_users = personalize_version
+    assert split_seed("personalize", 0, [loaded]) == 0
+    assert "held out the personalize users of seed 7, not 0" in capsys.readouterr().err
+    assert _untested_users(data, 0) != trained_users  # what the warning is about
+
+
+@pytest.mark.parametrize("data_config, step, setting", [
+    (DataConfig(event_types=("foo",)), "event_types", "event_types = foo matches none of the file's types (click"),
+    (DataConfig(min_item_support=100_000), "min_item_support", "min_item_support = 100000"),
+    # users have 10 or 20 events: a window strictly between the two counts keeps nobody
+    (DataConfig(min_user_history_length_percentile=0.5, max_user_history_length_percentile=0.505),
+     "user_history_length", "keep users of"),
+])
+def test_training_on_what_featurization_emptied_is_a_data_error_naming_the_step(data_config, step, setting):
+    lengths = [10] * 50 + [20] * 50
+    users, items, ts = zip(*[(f"u{u}", f"i{j % 7}", j * 60_000) for u, n in enumerate(lengths) for j in range(n)])
+    log = Interactions.from_columns(users, items, ts, source="events.csv")
+    with pytest.raises(DataError, match=f"^events.csv: featurization left no events: step {step} ") as err:
+        pipeline.train_version(log, "/tmp/never-written", config=BASE, data_config=data_config, progress=False)
+    assert setting in str(err.value) and "events 1500 -> 0" in str(err.value)
