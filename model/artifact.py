@@ -4,7 +4,8 @@ A version directory holds weights.pt (a state_dict, loaded with weights_only=Tru
 config.json (every hyperparameter), items.json (the item index), metrics.json and
 manifest.json (sha256 of every file). It is written under a temporary name and renamed
 into place, and the registry's CURRENT pointer is replaced atomically afterwards, so a
-reader never sees a half-written version.
+reader never sees a half-written version. CURRENT.history lists the versions CURRENT named
+before, oldest first: what a rollback returns to (model/registry.py).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from model.errors import ArtifactError
 from model.network import HRNN, WINDOW_OFFSET
 
 POINTER = "CURRENT"
+HISTORY = "CURRENT.history"
+HISTORY_MAX = 100  # entries kept: far more rollbacks than anyone runs in a row
 
 
 @dataclass
@@ -110,11 +113,33 @@ def save_version(registry: str | Path, model: HRNN, config: HRNNConfig, data_con
     return final
 
 
-def set_current(registry: str | Path, version: str) -> None:
+def set_current(registry: str | Path, version: str, *, remember: bool = True) -> None:
+    """Point CURRENT at a complete version. The version it named before goes on the pointer's history (what a
+    rollback returns to), unless `remember` is False: a rollback moves back along that history itself."""
     reg = Path(registry)
     if not (reg / version / "manifest.json").exists():
         raise ArtifactError(f"no complete version {version!r} in {reg}")
+    before = current_version(reg)
+    if remember and before is not None and before != version:
+        # history first: a crash before CURRENT moves leaves an entry naming the current version, which a
+        # rollback skips; the other order would lose the version a rollback should return to
+        history = current_history(reg)
+        if history[-1:] != [before]:
+            write_current_history(reg, [*history, before])
     _atomic_write(reg / POINTER, version + "\n")
+
+
+def current_history(registry: str | Path) -> list[str]:
+    """The versions CURRENT named before, oldest first; empty for a registry written before it was kept."""
+    try:
+        text = (Path(registry) / HISTORY).read_text()
+    except FileNotFoundError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def write_current_history(registry: str | Path, versions: list[str]) -> None:
+    _atomic_write(Path(registry) / HISTORY, "".join(v + "\n" for v in versions[-HISTORY_MAX:]))
 
 
 def current_version(registry: str | Path) -> str | None:
@@ -143,6 +168,9 @@ def list_versions(registry: str | Path) -> list[VersionInfo]:
             metrics = json.loads((d / "metrics.json").read_text())
         except (OSError, ValueError):
             continue  # not a complete version
+        if not isinstance(manifest, dict) or not isinstance(metrics, dict) \
+                or not isinstance(manifest.get("created_at", ""), str):
+            continue  # not a version this code wrote: as unreadable as a missing manifest
         out.append(VersionInfo(d.name, d, manifest.get("created_at", ""), metrics, d.name == cur))
     return out
 
@@ -154,11 +182,19 @@ def verify(path: str | Path) -> dict[str, Any]:
         manifest = json.loads((d / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{d}: manifest.json unreadable ({exc})") from None
-    for name, digest in manifest.get("files", {}).items():
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ArtifactError(f"{d}: manifest.json is not a version manifest (expected a JSON object whose \"files\" "
+                            "maps each file name to its sha256)")
+    for name, digest in files.items():
         f = d / name
         if not f.exists():
             raise ArtifactError(f"{d}: {name} is missing")
-        if _sha256(f) != digest:
+        try:
+            actual = _sha256(f)
+        except OSError as exc:
+            raise ArtifactError(f"{d}: {name} unreadable ({exc})") from None
+        if actual != digest:
             raise ArtifactError(f"{d}: checksum mismatch for {name}")
     return manifest
 
@@ -175,9 +211,11 @@ def load_version(path: str | Path, device: torch.device | str = "cpu") -> Loaded
         config = load_config(HRNNConfig, file_values={"window_profile": False, **cfg_obj["hrnn"]})
         data_config = load_config(DataConfig, file_values=cfg_obj["data"])
         state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ArtifactError(f"{d}: cannot read version ({exc})") from None
-    item_ids = [str(i) for i in items["item_ids"]]
+        item_ids = [str(i) for i in items["item_ids"]]
+        event_types = list(items.get("event_types", []))
+    # TypeError, AttributeError: a file that is JSON but not of the shape written (a list for an object...)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{d}: cannot read version ({type(exc).__name__}: {exc})") from None
     model = HRNN(len(item_ids), config)
     # versions written before rank calibration have no window offset; they were served without one
     state = {**{k: v for k, v in model.state_dict().items() if k == WINDOW_OFFSET}, **state}
@@ -186,6 +224,6 @@ def load_version(path: str | Path, device: torch.device | str = "cpu") -> Loaded
     except RuntimeError as exc:
         raise ArtifactError(f"{d}: weights do not fit the config/item index: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
-    return LoadedModel(manifest.get("version", d.name), d, model, config, data_config, item_ids,
-                       list(items.get("event_types", [])), metrics)
+    return LoadedModel(manifest.get("version", d.name), d, model, config, data_config, item_ids, event_types,
+                       metrics)
 

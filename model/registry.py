@@ -4,6 +4,13 @@ Versions are ordered by their manifest's created_at (then name), so "the last N"
 N most recently published, whatever their names. Pruning never touches the CURRENT version
 and removes a version by renaming it to a dot-name first: a reader either sees the complete
 version or none (list_versions skips dot-names), never a half-deleted one.
+
+A rollback returns to the version CURRENT named before (its history, model/artifact.py), not to the version
+published before the current one: with canaries that may be one that never served everyone. Each rollback
+goes one step further back and forgets the steps it undid, so two rollbacks in a row go back two versions
+rather than bouncing between two. When the history names no version left (a registry written before it
+was kept, or every step rolled back or pruned), a rollback goes to the version published just before the
+current one.
 """
 from __future__ import annotations
 
@@ -13,11 +20,14 @@ import time
 import uuid
 from pathlib import Path
 
-from model.artifact import VersionInfo, current_version, list_versions, set_current, verify
+from model.artifact import (VersionInfo, current_history, current_version, list_versions, set_current, verify,
+                            write_current_history)
 from model.errors import ArtifactError
 
-# A temp dir of save_version older than this is a leftover of a crashed publisher, not one in progress.
+# A temp dir of save_version (or a retraining run's staging registry) older than this is a leftover of a
+# crashed or killed publisher, not one in progress.
 STALE_TEMP_S = 3600.0
+TEMP_PREFIXES = (".tmp-", ".trash-", ".staging-")
 
 
 def ordered_versions(registry: str | Path) -> list[VersionInfo]:
@@ -35,7 +45,7 @@ def version_path(registry: str | Path, version: str) -> Path:
 
 
 def promote(registry: str | Path, version: str) -> Path:
-    """Check a version's checksums and make it the CURRENT one (also how a rollback is done)."""
+    """Check a version's checksums and make it the CURRENT one (any version: also a manual rollback)."""
     path = version_path(registry, version)
     verify(path)
     set_current(registry, version)
@@ -43,9 +53,14 @@ def promote(registry: str | Path, version: str) -> Path:
 
 
 def previous_version(registry: str | Path) -> str | None:
-    """The version published just before the current one: the target of a rollback."""
-    versions = [v.version for v in ordered_versions(registry)]
+    """The target of a rollback: the most recent version CURRENT named before that still exists (see the module
+    docstring); when it names none, the version published just before the current one."""
     cur = current_version(registry)
+    complete = {v.version for v in list_versions(registry)}
+    for version in reversed(current_history(registry)):
+        if version != cur and version in complete:
+            return version
+    versions = [v.version for v in ordered_versions(registry)]
     if cur not in versions:
         return None
     i = versions.index(cur)
@@ -53,11 +68,17 @@ def previous_version(registry: str | Path) -> str | None:
 
 
 def rollback(registry: str | Path) -> str:
-    """Promote the version before the current one; returns its name."""
+    """Make the previously current version current again (previous_version); returns its name."""
     prev = previous_version(registry)
     if prev is None:
         raise ArtifactError(f"{registry}: no version before {current_version(registry)!r} to roll back to")
-    promote(registry, prev)
+    verify(version_path(registry, prev))
+    set_current(registry, prev, remember=False)
+    # CURRENT first: a crash before this leaves `prev` in the history, which the next rollback skips as current
+    history = current_history(registry)
+    if prev in history:
+        last = max(i for i, v in enumerate(history) if v == prev)
+        write_current_history(registry, history[:last])
     return prev
 
 
@@ -89,7 +110,7 @@ def prune(registry: str | Path, keep: int, *, protect: tuple[str, ...] = ()) -> 
 def _remove_stale_temp(reg: Path) -> None:
     now = time.time()
     for d in reg.iterdir():
-        if d.is_dir() and d.name.startswith((".tmp-", ".trash-")):
+        if d.is_dir() and d.name.startswith(TEMP_PREFIXES):
             try:
                 if now - d.stat().st_mtime > STALE_TEMP_S:
                     shutil.rmtree(d, ignore_errors=True)

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from model.artifact import list_versions, verify
+from model.artifact import current_version, list_versions, verify
 from model.errors import ArtifactError
 
 
@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     promote = sub.add_parser("promote", help="make VERSION the current one (rollback included)")
     promote.add_argument("registry")
     promote.add_argument("version")
-    rollback = sub.add_parser("rollback", help="make the version before the current one current")
+    rollback = sub.add_parser("rollback", help="make the version that was current before the current one current "
+                                               "again (a second rollback goes one further back)")
     rollback.add_argument("registry")
     canary = sub.add_parser("canary", help="have running workers serve VERSION to a share of the users; "
                                            "promote it, or the current version, to end the canary")
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         from stream.canary import check_share
 
         check_share(args.share)
+        _refuse_current_as_canary(args.registry, args.version)
         verify(d)
         _announce(args, args.version, d, reason="canary", share=args.share)
         print(f"{args.version} announced as a canary for {args.share:.1%} of the users of {args.registry}")
@@ -106,6 +108,15 @@ def _announce(args: argparse.Namespace, version: str, path, *, reason: str = "pr
 
         announce(args.bootstrap_servers, args.topic, version, str(path), reason=reason,
                  registry_id=args.registry_id, share=share)
+
+
+def _refuse_current_as_canary(registry: str, version: str) -> None:
+    # Workers would end any canary for it (it serves the rest already), yet the announcement would read as a
+    # canary until the next one: `models list` would mark it and a --canary-share retrainer would wait on it.
+    if version == current_version(registry):
+        raise ArtifactError(f"{version} is already the current version of {registry}; a canary is another version "
+                            f"served beside it (to end a canary serving now, promote {version}: `hrnn models "
+                            f"promote {registry} {version} --bootstrap-servers ...`)")
 
 
 def _announced_canary(args: argparse.Namespace):

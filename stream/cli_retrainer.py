@@ -91,13 +91,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _once(settings) -> int:
+    """One run now; a published version is announced as the service announces it (with --bootstrap-servers).
+    Exit 1 when the run failed or its version could not be announced (the JSON outcome says why)."""
     from stream.retrain_job import retrain
+    from stream.retrainer import announce_published
 
+    settings.validate_run()
     out = retrain(settings.spec())
+    announced = True
     if out.status == "published" and settings.bootstrap_servers:
-        from stream.announce import announce
-
-        announce(settings.bootstrap_servers, settings.updates_topic, out.version, out.path, reason="retrain",
-                 registry_id=settings.registry_id)
+        announced = announce_published(settings, out)
     print(json.dumps(dataclasses.asdict(out), indent=2, default=str))
-    return 0 if out.status in ("published", "rejected", "skipped") else 1
+    return 0 if out.status in ("published", "rejected", "skipped") and announced else 1

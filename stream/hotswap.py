@@ -24,8 +24,8 @@ the canary, and one for a third version replaces both (a full rollout ends any c
 A version that fails validation is refused with a log line and a counter per reason; the
 serving version is untouched. Reasons:
   missing     no such version directory / manifest
-  integrity   manifest unreadable, a file missing or a checksum mismatch
-  unreadable  config, item index or weights cannot be read
+  integrity   manifest unreadable or not a manifest, a file missing or unreadable, or a checksum mismatch
+  unreadable  config, item index or weights cannot be read (or a check failed in a way not foreseen)
   shape       the weights do not fit the config and item index
   item_index  the item index is empty or has duplicate ids
   nonfinite   a weight is NaN or infinite
@@ -364,6 +364,15 @@ class ModelHolder:
                              dict(self._refused), self._last_refusal, self._last_load_s, self._last_prebuilt,
                              self._last_prebuild_s)
 
+    def wait_announced(self, timeout_s: float) -> bool:
+        """Block until the announcements present when `follow()` began are read and the version they name is
+        loaded (pending for the next swap, or serving); True at once when not following; False at the deadline."""
+        if self._watcher is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        # The watcher hands the latest announcement to on_announcement before it reports being caught up.
+        return self._watcher.wait_caught_up(timeout_s) and self.wait_idle(max(0.0, deadline - time.monotonic()))
+
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until no load is queued or running (tests, shutdown); False at the deadline."""
         deadline = time.monotonic() + timeout_s
@@ -420,6 +429,8 @@ class ModelHolder:
                     rec = req.model or validate_version(req.path, device=self.device, expected_version=req.version)
                 except ModelRefused as exc:
                     self._refuse(exc)
+                except Exception as exc:  # noqa: BLE001 (a check that crashed: this thread must live for the next)
+                    self._refuse(ModelRefused("unreadable", req.path, f"{type(exc).__name__}: {exc}"))
                 if rec is not None:
                     self._prebuild(rec, generation, req.share)
             secs = time.perf_counter() - t0

@@ -151,8 +151,7 @@ def _metrics_on_split(models: dict[str, LoadedModel], data, data_config: DataCon
     split = make_split(HOLDOUT, prep.data, prep.starts)
     if not split.test:
         raise ArchiveError("no user of the window has two sessions: nothing to evaluate on")
-    scorers = {name: HRNNScorer.for_vocabulary(m.model, m.item_ids, split.train.item_ids, name=name)
-               for name, m in models.items()}
+    scorers = {name: HRNNScorer.for_version(m, split.train, name=name) for name, m in models.items()}
     for s in scorers.values():
         s.fit(split.train, split.train_starts)
     res = evaluate(split, scorers, cutoffs=(10, 20), progress=False)
@@ -241,9 +240,20 @@ def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> Retrain
     out.reason = (f"{spec.metric} {cand_m:.4f} vs serving {serv_m:.4f} (margin {spec.margin:g})"
                   if serv_m is not None else "no serving version to compare with")
     if spec.keep_versions:
-        out.pruned = prune(registry, spec.keep_versions)
+        out.pruned = _prune_after_publishing(registry, spec.keep_versions, out)
     log.info("candidate published", extra={"version": out.version, "comparison": comparison})
     return out
+
+
+def _prune_after_publishing(registry: Path, keep: int, out: RetrainOutcome) -> list[str]:
+    """Prune to `keep` versions; a failure is logged and added to out.reason, never raised: the version is
+    saved (and CURRENT moved) already, so the run must still report it published and have it announced."""
+    try:
+        return prune(registry, keep)
+    except Exception as exc:  # noqa: BLE001 (any failure here would otherwise hide a published version)
+        log.error("published %s but pruning to %d versions failed: %s", out.version, keep, exc)
+        out.reason += f"; pruning failed: {type(exc).__name__}: {exc}"
+        return []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@
   of its `<app id>-__assignor-__leader` topic, so with N instances exactly one runs the schedule.
 - A run is a child process (`python -m stream.retrain_job`), so the event loop keeps
   heartbeating and archiving while torch trains; a published version is announced on
-  hrnn.model-updates with reason "retrain".
+  hrnn.model-updates with reason "retrain" (with --canary-share: "canary", for that share of the users).
 
 Against Tansu a consumer-group join takes about session.timeout.ms / 2; Faust's default
 session timeout (60 s) made the first assignment take ~33 s, so the service sets 10 s by default.
@@ -70,10 +70,10 @@ class RetrainerSettings:
     metrics_port: int = 0
 
     def validate(self) -> None:
+        """The service's settings: those of a run (validate_run), the broker's and the schedule's."""
         if not self.bootstrap_servers:
             raise ConfigError("the retrainer needs --bootstrap-servers")
-        if not self.registry or not self.archive:
-            raise ConfigError("the retrainer needs --registry DIR and --archive DIR")
+        self.validate_run()
         if self.cron is None and (self.interval_s is None or self.interval_s <= 0):
             raise ConfigError("give --interval-s N (> 0) or --cron EXPR")
         if self.cron is not None:
@@ -81,6 +81,13 @@ class RetrainerSettings:
 
             if not croniter.is_valid(self.cron):
                 raise ConfigError(f"--cron {self.cron!r} is not a crontab expression (e.g. '0 3 * * *')")
+        if self.session_timeout_s < 3:
+            raise ConfigError("--session-timeout-s must be at least 3")
+
+    def validate_run(self) -> None:
+        """The settings one retraining run uses (all that `--once` needs: no broker, schedule or group)."""
+        if not self.registry or not self.archive:
+            raise ConfigError("the retrainer needs --registry DIR and --archive DIR")
         if self.window_days < 1:
             raise ConfigError(f"--window-days must be at least 1, got {self.window_days}")
         if not -1.0 <= self.margin <= 1.0:
@@ -88,8 +95,9 @@ class RetrainerSettings:
         if not 0.0 <= self.canary_share < 1.0:
             raise ConfigError(f"--canary-share must be in [0, 1) (0: publish as the current version), "
                               f"got {self.canary_share}")
-        if self.session_timeout_s < 3:
-            raise ConfigError("--session-timeout-s must be at least 3")
+        if self.keep_versions < 0:
+            raise ConfigError(f"--keep-versions must be at least 0 (0: keep every version), "
+                              f"got {self.keep_versions}")
         from model.network import resolve_device  # torch: the training runs need it anyway
 
         resolve_device(self.device)
@@ -124,6 +132,26 @@ class RetrainerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def announce_published(settings: RetrainerSettings, out: RetrainOutcome) -> bool:
+    """Announce a published version as the settings published it: with a canary share, as a canary for that share
+    of the users (CURRENT, unchanged, serves the rest), else to everyone. A failure leaves the version published:
+    False, with why added to out.reason and the command that announces it again in the log."""
+    from stream.announce import announce
+
+    s = settings
+    try:
+        announce(s.bootstrap_servers, s.updates_topic, out.version, out.path, registry_id=s.registry_id,
+                 reason="canary" if s.canary_share else "retrain", share=s.canary_share or 1.0)
+        return True
+    except Exception as exc:  # noqa: BLE001 (the version is published; announcing is retried by promote)
+        out.reason += f"; announcing failed: {exc}"
+        retry = (f"canary {s.registry} {out.version} --share {s.canary_share:g}" if s.canary_share
+                 else f"promote {s.registry} {out.version}")
+        log.error("published %s but could not announce it: %s (run `hrnn models %s --bootstrap-servers "
+                  "...`)", out.version, exc, retry)
+        return False
 
 
 async def run_job(spec: RetrainSpec, timeout_s: float) -> RetrainOutcome:
@@ -256,15 +284,8 @@ class RetrainerService:
             out = await run_job(s.spec(), s.job_timeout_s)
             self.metrics.run_seconds.observe(time.monotonic() - t0)
         if out.status == "published" and out.version and out.path:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, self._announce, out)
+            if await asyncio.get_running_loop().run_in_executor(None, announce_published, s, out):
                 self.metrics.last_published.set_to_current_time()
-            except Exception as exc:  # noqa: BLE001 (the version is published; announcing is retried by promote)
-                out.reason += f"; announcing failed: {exc}"
-                retry = (f"canary {s.registry} {out.version} --share {s.canary_share:g}" if s.canary_share
-                         else f"promote {s.registry} {out.version}")
-                log.error("published %s but could not announce it: %s (run `hrnn models %s --bootstrap-servers "
-                          "...`)", out.version, exc, retry)
         self.metrics.runs.labels(status=out.status).inc()
         self.runs.append(out)
         log.info("retraining run finished", extra={"outcome": asdict(out)})
@@ -279,13 +300,6 @@ class RetrainerService:
         s = self.settings
         ann = latest_canary(s.bootstrap_servers, s.updates_topic, s.registry_id or registry_id(s.registry))
         return ann.version if ann is not None else None
-
-    def _announce(self, out: RetrainOutcome) -> None:
-        from stream.announce import announce
-
-        s = self.settings
-        announce(s.bootstrap_servers, s.updates_topic, out.version, out.path, registry_id=s.registry_id,
-                 reason="canary" if s.canary_share else "retrain", share=s.canary_share or 1.0)
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (Faust installs the handlers)."""

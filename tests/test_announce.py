@@ -98,11 +98,11 @@ def test_promote_and_rollback_announce_and_a_watcher_follows(broker, tmp_path):
         assert hrnn(["models", "promote", str(reg), v1, *args]) == 0
         ann = w.wait_for(v1, 20)
         assert ann is not None and ann.reason == "promote" and Path(ann.path) == (reg / v1).resolve()
-        assert hrnn(["models", "rollback", str(reg), *args]) == 0  # v1 -> v0
-        assert w.wait_for(v0, 20) is not None and current_version(reg) == v0
-        assert hrnn(["models", "promote", str(reg), v2, *args]) == 0
-        assert w.wait_for(v2, 20) is not None
-    assert current_version(reg) == v2
+        assert hrnn(["models", "rollback", str(reg), *args]) == 0  # v1 -> v2, current before v1 was promoted
+        assert w.wait_for(v2, 20) is not None and current_version(reg) == v2
+        assert hrnn(["models", "promote", str(reg), v0, *args]) == 0
+        assert w.wait_for(v0, 20) is not None
+    assert current_version(reg) == v0
 
 
 def test_canary_announces_a_share_and_leaves_the_registry_current_alone(broker, tmp_path, capsys):
@@ -125,6 +125,8 @@ def test_canary_announces_a_share_and_leaves_the_registry_current_alone(broker, 
         assert why in capsys.readouterr().err
     assert hrnn(["models", "canary", str(reg), "v999", "--share", "0.5", *args]) == 2
     assert "no version 'v999'" in capsys.readouterr().err
+    assert hrnn(["models", "canary", str(reg), v0, "--share", "0.5", *args]) == 2  # it serves everyone already
+    assert f"{v0} is already the current version" in capsys.readouterr().err
     assert len(read_all(broker.bootstrap, topic, idle_s=0.5)) == 1  # nothing more announced
     assert hrnn(["models", "promote", str(reg), v1, *args]) == 0  # the canary promoted: no canary left
     capsys.readouterr()

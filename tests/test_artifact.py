@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.artifact import (current_version, latest_version_dir, list_versions, load_version, save_version,
-                            set_current)
+                            set_current, verify)
 from model.config import DataConfig, HRNNConfig
 from model.errors import ArtifactError
 from model.network import HRNN
@@ -77,3 +77,29 @@ def test_publishing_without_making_current_keeps_the_pointer(tmp_path):
     assert current_version(tmp_path) == first.name
     set_current(tmp_path, second.name)
     assert latest_version_dir(tmp_path) == second
+
+
+@pytest.mark.parametrize("manifest", [[], {"files": ["weights.pt"]}, {"files": {"weights.pt": 5}}, {"files": None}],
+                         ids=["a list", "files a list", "a digest not a string", "files null"])
+def test_a_manifest_of_the_wrong_shape_is_an_artifact_error(tmp_path, manifest):
+    path = _save(tmp_path)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="manifest.json is not a version manifest"):
+        verify(path)
+
+
+@pytest.mark.parametrize("name, text", [("manifest.json", "[1, 2]"), ("metrics.json", "[1, 2]"),
+                                        ("manifest.json", '{"created_at": 5, "files": {}}')])
+def test_a_version_whose_manifest_or_metrics_has_the_wrong_shape_is_not_listed(tmp_path, name, text):
+    good = _save(tmp_path)
+    odd = _save(tmp_path, make_current=False)
+    (odd / name).write_text(text)
+    assert [v.version for v in list_versions(tmp_path)] == [good.name]
+
+
+def test_a_listed_file_that_cannot_be_read_is_an_artifact_error(tmp_path):
+    path = _save(tmp_path)
+    (path / "items.json").unlink()
+    (path / "items.json").mkdir()  # exists, but reading it fails with an OSError
+    with pytest.raises(ArtifactError, match="items.json unreadable"):
+        verify(path)

@@ -171,6 +171,41 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(versions, cap
     assert refusals and refusals[0].reason == "integrity" and a.name in refusals[0].getMessage()
 
 
+def test_a_manifest_of_the_wrong_shape_is_refused_and_a_later_version_still_swaps_in(versions):
+    reg, a, b = versions
+    odd = _copy(a, "odd-manifest")
+    manifest = json.loads((odd / "manifest.json").read_text())
+    manifest["files"] = sorted(manifest["files"])  # valid JSON, but not a name -> sha256 map
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(odd, odd.name) and holder.wait_idle(60)
+        assert holder.stats().refused == {"integrity": 1} and "not a version manifest" in holder.stats().last_refusal
+        assert holder.request(b, b.name) and holder.wait_idle(60)
+        assert holder.swap_if_ready().version == b.name
+
+
+def test_a_check_that_fails_unforeseen_is_refused_as_unreadable_and_the_loader_goes_on(versions, monkeypatch):
+    import stream.hotswap as hotswap
+
+    reg, a, b = versions
+    real = hotswap.validate_version
+
+    def crashes_on_a(path, **kw):
+        if Path(path) == a:
+            raise RecursionError("a check nobody foresaw")
+        return real(path, **kw)
+
+    with ModelHolder.open(reg, device="cpu", version_dir=b) as holder:
+        monkeypatch.setattr(hotswap, "validate_version", crashes_on_a)
+        assert holder.request(a, a.name) and holder.wait_idle(60)
+        stats = holder.stats()
+        assert stats.refused == {"unreadable": 1} and "RecursionError: a check nobody foresaw" in stats.last_refusal
+        assert holder.swap_if_ready() is None and holder.current().version == b.name
+        monkeypatch.setattr(hotswap, "validate_version", real)
+        assert holder.request(a, a.name) and holder.wait_idle(60)
+        assert holder.swap_if_ready().version == a.name
+
+
 def test_the_latest_request_wins(versions):
     reg, a, b = versions
     with ModelHolder.open(reg, device="cpu") as holder:

@@ -139,7 +139,8 @@ def test_with_a_canary_share_the_service_announces_what_it_publishes_as_a_canary
     assert settings.spec().canary
     monkeypatch.setattr(retrainer.RetrainerService, "_admin", None)
     svc = retrainer.RetrainerService(settings)
-    svc._announce(RetrainOutcome("published", "", version="v9", path=str(tmp_path / "r" / "v9")))
+    assert retrainer.announce_published(settings, RetrainOutcome("published", "", version="v9",
+                                                                 path=str(tmp_path / "r" / "v9")))
     with AnnouncementWatcher(broker.bootstrap, topic) as w:
         ann = w.wait_for("v9", 20)
     assert ann is not None and (ann.reason, ann.share) == ("canary", 0.25)
@@ -231,6 +232,68 @@ def test_retrain_publishes_compares_and_rejects(tmp_path, synth):
     fourth = retrain(spec)
     assert fourth.status == "published" and fourth.serving_version == second.version
     assert current_version(reg) == second.version and len(list_versions(reg)) == 3
+
+
+def test_a_failed_prune_after_publishing_still_reports_the_version_published(tmp_path, synth, monkeypatch):
+    import stream.retrain_job as retrain_job
+
+    def prune_fails(registry, keep):
+        raise OSError("registry volume went read-only")
+
+    monkeypatch.setattr(retrain_job, "prune", prune_fails)
+    ArchiveWriter(tmp_path / "archive", "ev").write(_archived(synth))
+    reg = tmp_path / "registry"
+    out = retrain(RetrainSpec(registry=str(reg), archive=str(tmp_path / "archive"), window_days=30, min_events=100,
+                              keep_versions=1, hrnn=dict(TINY)))
+    assert out.status == "published" and out.version == current_version(reg) and Path(out.path) == reg / out.version
+    assert "pruning failed: OSError: registry volume went read-only" in out.reason
+
+
+def _once(monkeypatch, tmp_path: Path, *extra: str) -> tuple[int, list[tuple[str, str, float]]]:
+    """`hrnn retrainer --once` with a broker address, its announcements recorded instead of sent."""
+    import stream.announce
+    import stream.observability
+    from stream.cli import main as hrnn
+
+    sent = []
+    monkeypatch.setattr(stream.announce, "announce",
+                        lambda bootstrap, topic, version, path, **k: sent.append((version, k["reason"], k["share"])))
+    monkeypatch.setattr(stream.observability, "setup_json_logging", lambda level: None)  # keep pytest's logging
+    rc = hrnn(["retrainer", "--once", "--registry", str(tmp_path / "registry"), "--archive", str(tmp_path / "archive"),
+               "--window-days", "30", "--min-events", "100", "--margin", "1.0", "--bootstrap-servers", "127.0.0.1:9",
+               "--hidden-dimension", "32", "--epochs", "1", "--n-sample", "32", "--batch-size", "32", *extra])
+    return rc, sent
+
+
+def test_once_with_a_canary_share_announces_a_canary_and_leaves_current_alone(tmp_path, synth, monkeypatch, capsys):
+    ArchiveWriter(tmp_path / "archive", "ev").write(_archived(synth))
+    rc, sent = _once(monkeypatch, tmp_path)
+    first = current_version(tmp_path / "registry")
+    assert rc == 0 and sent == [(first, "retrain", 1.0)]
+    capsys.readouterr()
+    rc, sent = _once(monkeypatch, tmp_path, "--canary-share", "0.25")
+    out = json.loads(capsys.readouterr().out)  # the run's outcome
+    assert rc == 0 and out["status"] == "published" and current_version(tmp_path / "registry") == first
+    assert sent == [(out["version"], "canary", 0.25)]
+
+
+@pytest.mark.parametrize("flag, value", [("--canary-share", "1.5"), ("--keep-versions", "-1"), ("--window-days", "0")])
+def test_once_refuses_bad_settings_before_training(tmp_path, monkeypatch, capsys, flag, value):
+    rc, sent = _once(monkeypatch, tmp_path, flag, value)
+    assert rc == 2 and flag in capsys.readouterr().err
+    assert sent == [] and not (tmp_path / "registry").exists()
+
+
+def test_a_single_run_needs_no_broker_and_refuses_a_negative_keep_versions():
+    from stream.retrainer import RetrainerSettings
+
+    settings = RetrainerSettings(bootstrap_servers="", registry="r", archive="a", keep_versions=0)
+    settings.validate_run()  # what --once checks
+    with pytest.raises(ConfigError, match="--bootstrap-servers"):
+        settings.validate()  # the service's
+    settings.keep_versions = -1
+    with pytest.raises(ConfigError, match="--keep-versions must be at least 0"):
+        settings.validate_run()
 
 
 def test_retrain_skips_a_thin_window(tmp_path):
