@@ -34,10 +34,13 @@ def parse_timestamp(value: Any, unit: TimeUnit = "ms") -> int:
     """Return epoch milliseconds. Numbers are read in `unit`; strings may also be ISO-8601."""
     if isinstance(value, bool):
         raise EventError("bad_timestamp", f"timestamp must be a number or ISO-8601 string, got {value!r}")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise EventError("bad_timestamp", f"timestamp is not finite: {value!r}")
-        return int(round(value * 1000)) if unit == "s" else int(value)
+    if isinstance(value, int):  # exact at any size (math.isfinite would overflow past a float's range)
+        return value * 1000 if unit == "s" else value
+    if isinstance(value, float):
+        ms = value * 1000 if unit == "s" else value
+        if not math.isfinite(ms):
+            raise EventError("bad_timestamp", f"timestamp is not finite in epoch-ms: {value!r}")
+        return int(round(ms)) if unit == "s" else int(ms)
     if isinstance(value, str):
         text = value.strip()
         if unit != "iso":
@@ -48,11 +51,18 @@ def parse_timestamp(value: Any, unit: TimeUnit = "ms") -> int:
         try:
             dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
-            raise EventError("bad_timestamp", f"cannot parse timestamp {value!r} (epoch number or ISO-8601)") from None
+            raise EventError("bad_timestamp",
+                             f"cannot parse timestamp {_brief(value)} (epoch number or ISO-8601)") from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=timezone.utc)
         return int(dt.timestamp() * 1000)
     raise EventError("bad_timestamp", f"timestamp must be a number or ISO-8601 string, got {type(value).__name__}")
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    """The value's repr, cut short: a dead letter's reason names the bad value, it does not repeat 4 KB of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
 
 
 def _required_str(obj: dict, key: str) -> str:
@@ -72,6 +82,21 @@ def _optional_str(obj: dict, key: str) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+def _event_value(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EventError("bad_field", f"field 'event_value' must be a finite number, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past a float's range; its hundreds of digits would swamp the reason
+        raise EventError("bad_field", f"field 'event_value' must be a finite number, got an integer of "
+                                      f"{len(str(abs(value)))} digits") from None
+    if not math.isfinite(number):
+        raise EventError("bad_field", f"field 'event_value' must be a finite number, got {value!r}")
+    return number
+
+
 def event_from_mapping(obj: Any, *, check_range: bool = True) -> Event:
     """Validate one decoded JSON object against the contract in DESIGN.md."""
     if not isinstance(obj, dict):
@@ -80,12 +105,8 @@ def event_from_mapping(obj: Any, *, check_range: bool = True) -> Event:
         raise EventError("missing_field", "field 'timestamp' is required")
     ts = parse_timestamp(obj["timestamp"], "ms")
     if check_range and not (_MIN_MS <= ts < _MAX_MS):
-        raise EventError("bad_timestamp", f"timestamp {obj['timestamp']!r} is not epoch-ms between 1990 and 2200")
-    value = obj.get("event_value")
-    if value is not None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise EventError("bad_field", f"field 'event_value' must be a finite number, got {value!r}")
-        value = float(value)
+        raise EventError("bad_timestamp", f"timestamp {_brief(obj['timestamp'])} is not epoch-ms between 1990 and 2200")
+    value = _event_value(obj.get("event_value"))
     return Event(
         user_id=_required_str(obj, "user_id"),
         item_id=_required_str(obj, "item_id"),
@@ -124,8 +145,8 @@ def decode_event(raw: bytes | None) -> Event:
     if raw is not None:
         try:
             e = _plain_decoder.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            e = None
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            e = None  # the general decoder names the reason
         if (e is not None and e.user_id and e.item_id and e.event_type and _MIN_MS <= e.timestamp < _MAX_MS
                 and (e.event_value is None or math.isfinite(e.event_value))):
             return Event(e.user_id, e.item_id, e.event_type, e.timestamp, e.session_id or None, e.event_id or None,
@@ -140,6 +161,8 @@ def _decode_general(raw: bytes | None) -> Event:
         obj = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise EventError("bad_json", str(exc)) from None
+    except RecursionError:  # msgspec's own limit: a few KB of brackets, never an event
+        raise EventError("bad_json", "JSON nested too deeply to decode (an event is one flat object)") from None
     return event_from_mapping(obj)
 
 

@@ -72,8 +72,9 @@ class CompactedTopicReader:
         return self
 
     def wait_caught_up(self, timeout_s: float) -> bool:
-        """True once caught up; False at the deadline, or as soon as the reader has failed (see `error`)."""
-        deadline = time.monotonic() + timeout_s
+        """True once caught up; False at the deadline, or as soon as the reader has failed (see `error`).
+        A timeout that is not a number >= 0 (NaN) waits for nothing: a NaN deadline is never reached."""
+        deadline = time.monotonic() + (timeout_s if timeout_s >= 0 else 0.0)
         while not self._caught_up.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
             if self.error is not None or time.monotonic() >= deadline:
                 return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class WorkerSettings:
             raise ConfigError(f"k = {self.k} is outside its range [1, {MAX_K}]")
         if not 1 <= self.batch_size <= 100_000:
             raise ConfigError(f"batch_size = {self.batch_size} is outside its range [1, 100000]")
+        if not (math.isfinite(self.restore_timeout_s) and self.restore_timeout_s > 0):
+            raise ConfigError(f"restore_timeout_s = {self.restore_timeout_s} must be a number of seconds > 0 "
+                              "(the longest wait for a partition's changelog or the availability topic)")
         if not 0.0 <= self.batch_timeout_s <= 60.0:
             raise ConfigError(f"batch_timeout_s = {self.batch_timeout_s} is outside its range [0, 60]")
         if not 0 <= self.partitions <= 10_000:
@@ -135,15 +139,26 @@ class WorkerSettings:
         if self.processing_guarantee not in GUARANTEES:
             raise ConfigError(f"processing_guarantee = {self.processing_guarantee!r} is not one of "
                               f"{', '.join(GUARANTEES)}")
-        if self.input_topic == self.output_topic:
-            raise ConfigError("input_topic and output_topic must differ")
-        if self.availability_topic in (self.input_topic, self.output_topic, self.updates_topic):
-            raise ConfigError(f"availability_topic {self.availability_topic!r} must differ from the input, "
-                              "output and model-updates topics")
+        self._validate_topic_roles()
         for table in ("kafka", "kafka_consumer", "kafka_producer"):
             for key in ("bootstrap.servers", "group.id", "transactional.id"):
                 if key in getattr(self, table):
                     raise ConfigError(f"{table} setting {key!r} is set by the worker; use the matching worker setting")
+
+    def _validate_topic_roles(self) -> None:
+        """One topic, one role: recommendations written to the DLQ or the changelog would be taken for dead
+        letters or states (a restore decodes the changelog), and model announcements sent to the input topic
+        would be read as events."""
+        roles = [  # the derived topics first, so a clash names the setting that was given
+            ("the dead-letter topic (input_topic + '.dlq')", self.dlq_topic),
+            ("the changelog topic (group + '.state-changelog')", self.changelog_topic),
+            ("input_topic", self.input_topic), ("output_topic", self.output_topic),
+            ("updates_topic", self.updates_topic), ("availability_topic", self.availability_topic)]
+        seen: dict[str, str] = {}
+        for role, topic in roles:
+            if topic in seen:
+                raise ConfigError(f"{role} {topic!r} must differ from {seen[topic]}: each topic has one role")
+            seen[topic] = role
 
     @property
     def consumer_kafka(self) -> dict[str, str]:

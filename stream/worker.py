@@ -17,14 +17,17 @@ One batch, start to end (the DESIGN.md commit order):
 
 A crash before the commit replays the batch from the old states (outputs may repeat); a crash
 after it loses only the store write, which the changelog catch-up on the next assignment
-restores. Rebalance callbacks run inside consume(), i.e. always between two batches, so
-revocation only has to close the partition's store. A store whose changelog offset lies past
-its changelog's end (the topics were recreated, or the worker now talks to another cluster) is
-discarded and rebuilt from the changelog: the input offsets its states remember belong to
-another log, and trusting them would skip new events as replays. When only the input topic was
-recreated, the store's recorded input topic id differs from the broker's: the states keep their
-histories and forget their input offsets (PartitionStore.follow_input_log), and a restore does the
-same for changelog records of the old log (their hrnn-source-log header).
+restores. Rebalance callbacks run inside consume(): between the processing of two batches, but
+possibly between the consume() calls that poll one. Revocation closes the partition's store and
+the poll drops the records of it already taken (their new owner reads them again from the
+committed offset), so a batch only touches the stores of partitions assigned when it was polled.
+A store whose changelog offset lies past its changelog's end (the topics were recreated, or the
+worker now talks to another cluster) is discarded and rebuilt from the changelog: the input
+offsets its states remember belong to another log, and trusting them would skip new events as
+replays. When only the input topic was recreated, the store's recorded input topic id differs
+from the broker's: the states keep their histories and forget their input offsets
+(PartitionStore.follow_input_log), and a restore does the same for changelog records of the old
+log (their hrnn-source-log header).
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ DEFAULT_PARTITIONS = 6
 _CLIENT_TIMEOUT_S = 30.0
 _LAG_EVERY_S = 5.0
 _IDLE_POLL_S = 0.1  # longest wait for a first record: how soon an idle worker notices a stop
-_RESTORE_IDLE_S = 5.0  # a changelog partition silent this long (while not at its end) counts as read
+_RESTORE_IDLE_S = 5.0  # a changelog partition silent this long after a first answer (not at its end) counts as read
 _PROBE_TIMEOUT_S = 5.0  # how long a fetch at a store's changelog offset may stay silent before "not there"
 # Test-only fault injection (the SIGKILL tests): "<phase>:<batch number>" makes the process kill
 # itself with SIGKILL at that point of that batch. Phases: after_produce, after_flush, after_commit.
@@ -132,6 +135,9 @@ def route(msgs: Sequence[Message]) -> Routed:
         except EventError as exc:
             out.dead.append((msg, exc))
             continue
+        except Exception as exc:  # noqa: BLE001 (a decoder bug on one record must not crash-loop the group on it)
+            out.dead.append((msg, _undecodable(msg, exc)))
+            continue
         key = msg.key()
         if key is None or key != event.user_id.encode():
             out.rekey.append((msg, event))
@@ -140,6 +146,14 @@ def route(msgs: Sequence[Message]) -> Routed:
         out.events.append(Incoming(p, o, event, ts if ts_type else None))
     out.events.sort(key=lambda e: (e.partition, e.offset))
     return out
+
+
+def _undecodable(msg: Message, exc: Exception) -> EventError:
+    """The dead-letter reason of a record the decoder failed on with something other than an EventError."""
+    detail = f"{type(exc).__name__}: {exc}"[:500]
+    log.error("the event decoder failed on a record; dead-lettered as undecodable", exc_info=exc,
+              extra={"partition": msg.partition(), "offset": msg.offset(), "error": detail})
+    return EventError("undecodable", detail)
 
 
 def split_by_owner(events: list[Incoming]) -> tuple[list[Incoming], list[Incoming]]:
@@ -252,6 +266,10 @@ class Worker:
         self.availability: AvailabilityReader | None = None  # the items off sale, followed from start()
         self._input_log: str | None = None  # the input topic's id, read on every assignment
         self._last_lag = 0.0
+        self._announced_read = False  # whether the first batch waited for the announced version
+        self._consume_calls = 0  # consume() calls of the input consumer so far
+        self._revoked_in: dict[int, int] = {}  # partition -> the consume() call of this poll that revoked it
+        self._assigned_in: dict[int, int] = {}  # partition -> the consume() call of this poll that assigned it
         self.assigned = threading.Event()  # set once the first partitions are assigned and restored
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -321,15 +339,58 @@ class Worker:
         consume(n, t) waits until n records or t, so a fixed timeout would hold every batch at low
         load. Instead: take what is already fetched; if nothing, wait for the first record, then
         take what came with it (waiting at most batch_timeout_s for more). Under load the fetch
-        queue is full and batches are full; at low load a record waits for nothing."""
+        queue is full and batches are full; at low load a record waits for nothing. Records of a
+        partition revoked by a later of these calls are left out (_still_owned)."""
         n = self.settings.batch_size
-        msgs = self._consumer.consume(num_messages=n, timeout=0)
-        if msgs:
-            return msgs
-        msgs = self._consumer.consume(num_messages=1, timeout=_IDLE_POLL_S)
-        if msgs and n > 1:
-            msgs.extend(self._consumer.consume(num_messages=n - 1, timeout=self.settings.batch_timeout_s))
-        return msgs
+        self._revoked_in.clear()
+        self._assigned_in.clear()
+        calls = [self._consume(n, 0)]
+        if not calls[0][1]:
+            calls.append(self._consume(1, _IDLE_POLL_S))
+            if calls[-1][1] and n > 1:
+                calls.append(self._consume(n - 1, self.settings.batch_timeout_s))
+        if self._revoked_in:
+            return self._still_owned(calls)
+        return [m for _, msgs in calls for m in msgs]
+
+    def _consume(self, n: int, timeout_s: float) -> tuple[int, list[Message]]:
+        """One consume() call and its number: _on_revoke notes the number of the call it ran in."""
+        self._consume_calls += 1
+        return self._consume_calls, self._consumer.consume(num_messages=n, timeout=timeout_s)
+
+    def _still_owned(self, calls: list[tuple[int, list[Message]]]) -> list[Message]:
+        """The polled records less those of partitions revoked in or after the consume() call that returned them.
+
+        A cooperative rebalance can revoke a partition inside a later consume() of the same poll (its store is
+        then closed): processing its records would restore the store for a partition another worker now owns,
+        and produce and commit beside it. Nothing of them is committed, so their new owner reads them again from
+        the committed offset, in both guarantees. A partition assigned again later in the poll keeps the records
+        of the calls after its revocation (they are of the new assignment); one revoked and assigned again in the
+        same call cannot tell which records are of which assignment: all of its records are dropped and it is
+        rewound to where the new assignment started, so none is skipped."""
+        again = {p for p, call in self._revoked_in.items()
+                 if self._assigned_in.get(p) == call and self.stores.get(p) is not None}
+        kept: list[Message] = []
+        lowest: dict[int, int] = {}  # partition -> its lowest dropped offset
+        for call, msgs in calls:
+            for m in msgs:
+                p = m.partition()
+                if m.error() is None and (p in again or self._revoked_in.get(p, -1) >= call
+                                          or self.stores.get(p) is None):
+                    lowest[p] = min(lowest.get(p, m.offset()), m.offset())
+                else:
+                    kept.append(m)
+        if lowest:
+            n_dropped = sum(len(msgs) for _, msgs in calls) - len(kept)
+            log.info("dropped the records of partitions revoked while the batch was read; their owner reads them "
+                     "again from the committed offset", extra={"partitions": sorted(lowest), "records": n_dropped})
+        self._rewind({p: self._start_of_assignment(p, lowest[p]) for p in again if p in lowest})
+        return kept
+
+    def _start_of_assignment(self, partition: int, lowest_dropped: int) -> int:
+        committed = self._committed_offset(partition)
+        # Never committed: the assignment began at or before the lowest record dropped (auto.offset.reset).
+        return committed if committed >= 0 else lowest_dropped
 
     def close(self) -> None:
         if self._consumer is not None:
@@ -363,6 +424,17 @@ class Worker:
                                canary=serving.canary and {"version": serving.canary.version, "share": serving.share})
         return serving
 
+    def _await_announced(self) -> None:
+        """Before the first batch: the version the announcements name is loaded, so a restarted worker serves
+        each user what the group serves them (a canary's users their canary from their first event on, not
+        the registry's current version until the canary has loaded again). Past restore_timeout_s the batch
+        goes on with the current version, a valid one; the announced one swaps in once loaded."""
+        self._announced_read = True
+        if not self.models.wait_announced(self.settings.restore_timeout_s):
+            log.warning("the announced model version was not loaded within restore_timeout_s; serving the "
+                        "registry's current version until it is", extra={"version": self.models.version,
+                                                                          "swap": str(self.models.stats())})
+
     def _follow_availability(self) -> None:
         """Leave out the items off sale as the reader has them now; before the first batch, it reads
         the whole availability topic (a restarted worker never serves an item taken off sale earlier)."""
@@ -384,14 +456,17 @@ class Worker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._input_log = self._read_input_log()
         for tp in partitions:
+            self._assigned_in[tp.partition] = self._consume_calls
             self.open_partition(tp.partition)
         self.health.update(partitions=self.stores.partitions)
         if partitions:
             self.assigned.set()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Callbacks run inside consume(), so the previous batch is already committed and stored.
+        # Callbacks run inside consume(), so the previous batch is already committed and stored; records of
+        # these partitions the current poll already took are dropped by poll_batch.
         for tp in partitions:
+            self._revoked_in[tp.partition] = self._consume_calls
             self.stores.close(tp.partition)
         self.metrics.forget_partitions([tp.partition for tp in partitions])
         self.health.update(partitions=self.stores.partitions)
@@ -451,6 +526,8 @@ class Worker:
 
     def process_batch(self, msgs: Sequence[Message]) -> BatchResult:
         t0 = time.perf_counter()
+        if not self._announced_read:
+            self._await_announced()
         serving = self._serving_now()  # one stable version, one canary, one share for the whole batch
         self._follow_availability()
         routed = route(msgs)
@@ -503,9 +580,9 @@ class Worker:
         states: dict[str, UserState | None] = {}
         for p, users in by_partition.items():
             store = self.stores.get(p)
-            if store is None:  # consumed before its assignment callback ran: should not happen
-                self.open_partition(p)
-                store = self.stores[p]
+            if store is None:  # poll_batch drops records of partitions not assigned (anymore): a bug if reached
+                raise WorkerError(f"records of partition {p} reached a batch while it is not assigned to this "
+                                  "worker; nothing of the batch is committed")
             states.update(store.get_many(users))
         return states
 
@@ -687,8 +764,10 @@ def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
 
     "The end" is an empty fetch once the consumer's position has reached the high watermark:
     on Tansu the watermark is only the base offset of the last batch + 1, so the watermark alone
-    would stop inside the last batch. A partition that stays silent for a while also counts as
-    read (offsets up to the watermark can be transaction markers or compacted away).
+    would stop inside the last batch. A partition that stays silent for a while after its fetches
+    were answered also counts as read (offsets up to the watermark can be transaction markers or
+    compacted away). Silence before the first answer is a slow or absent leader, not the end: it is
+    waited for up to `timeout_s`, then a WorkerError says so (ending there would drop the states).
     """
     tp = TopicPartition(topic, partition)
     low, high = _watermarks(consumer, tp)
@@ -697,29 +776,40 @@ def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
     consumer.assign([TopicPartition(topic, partition, max(start, low))])
     deadline = time.monotonic() + timeout_s
     last_data = time.monotonic()
+    answered = False  # a fetch came back: a record read, or a position (it also moves past transaction markers)
     try:
         while True:
             msgs = consumer.consume(num_messages=2000, timeout=0.1)
+            read = 0
             for msg in msgs:
                 if msg.error() is not None:
                     if msg.error().fatal():
                         raise WorkerError(f"reading changelog {topic}[{partition}] failed: {msg.error().str()}")
                     continue
+                read += 1
                 rec = _changelog_record(msg)
                 if rec is not None:
                     yield rec
             now = time.monotonic()
-            if msgs:
-                last_data = now
+            if read:  # errors alone (a broker that is down) are no progress: the deadline still counts
+                answered, last_data = True, now
                 continue
             position = consumer.position([tp])[0].offset
-            if position >= high or now - last_data > _RESTORE_IDLE_S:
+            answered = answered or position >= 0
+            if position >= high or (answered and now - last_data > _RESTORE_IDLE_S):
                 return
             if now > deadline:
-                raise WorkerError(f"changelog {topic}[{partition}] not caught up within {timeout_s:g} s "
-                                  f"(at {position}, end ~{high}); raise restore_timeout_s")
+                raise WorkerError(_restore_late(topic, partition, timeout_s, position if answered else None, high))
     finally:
         consumer.unassign()
+
+
+def _restore_late(topic: str, partition: int, timeout_s: float, position: int | None, high: int) -> str:
+    where = f"changelog {topic}[{partition}]"
+    if position is None:
+        return (f"{where} did not answer a fetch within {timeout_s:g} s (its records end ~{high}); is its leader "
+                f"up? raise restore_timeout_s if the broker is just slow")
+    return f"{where} not caught up within {timeout_s:g} s (at {position}, end ~{high}); raise restore_timeout_s"
 
 
 def changelog_reaches(consumer: Consumer, topic: str, partition: int, offset: int, timeout_s: float) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,15 @@ def test_kafka_settings_can_come_from_the_environment(monkeypatch):
     ({"kafka": {"group.id": "x"}}, "group.id"),
     ({"output_topic": "hrnn.events"}, "must differ"),
     ({"availability_topic": "hrnn.events"}, "availability_topic 'hrnn.events' must differ"),
+    ({"output_topic": "hrnn.events.dlq"}, r"output_topic 'hrnn.events.dlq' must differ from the dead-letter topic"),
+    ({"output_topic": "hrnn-worker.state-changelog"},
+     "output_topic 'hrnn-worker.state-changelog' must differ from the changelog topic"),
+    ({"input_topic": "g.state-changelog", "group": "g"},
+     "input_topic 'g.state-changelog' must differ from the changelog topic"),
+    ({"updates_topic": "hrnn.events"}, "updates_topic 'hrnn.events' must differ from input_topic"),
+    ({"restore_timeout_s": float("nan")}, "restore_timeout_s = nan must be a number of seconds > 0"),
+    ({"restore_timeout_s": 0}, "restore_timeout_s = 0"),
+    ({"restore_timeout_s": -5}, "restore_timeout_s = -5"),
     ({"prebuild_max_users": -1}, "prebuild_max_users"),
     ({"gc_threshold": -5}, "gc_threshold"),
     ({"state_format": 3}, "state_format = 3 is not one of 1, 2"),
@@ -96,6 +106,18 @@ def test_kafka_settings_can_come_from_the_environment(monkeypatch):
 def test_out_of_range_settings_are_refused_with_what_to_fix(overrides, complaint):
     with pytest.raises(ConfigError, match=complaint):
         load_settings(None, {"registry": "r", "state_dir": "s", **overrides})
+
+
+def test_a_wait_for_a_table_topic_given_nan_seconds_returns_instead_of_spinning_forever():
+    # The worker refuses a NaN restore_timeout_s; other callers (hrnn items --timeout-s) reach the reader as given.
+    from stream.compacted import CompactedTopicReader
+
+    never_started = CompactedTopicReader("127.0.0.1:1", "t", create_topic=False)
+    done: list[bool] = []
+    waiter = threading.Thread(target=lambda: done.append(never_started.wait_caught_up(float("nan"))), daemon=True)
+    waiter.start()
+    waiter.join(5)
+    assert done == [False]
 
 
 def test_an_unknown_key_in_the_settings_file_is_refused(tmp_path):

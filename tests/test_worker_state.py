@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -258,8 +259,9 @@ def test_an_announced_model_version_serves_from_a_batch_boundary_and_rebuilds_st
     assert all(same_state(states[u], want[u], atol=1e-4) for u in touched_late)
 
 
-def test_a_canary_serves_its_share_of_users_beside_the_stable_version_until_promoted(broker, tmp_path):
-    from model.artifact import latest_version_dir
+def test_a_canary_serves_its_share_of_users_beside_the_stable_version_until_promoted(broker, tmp_path, monkeypatch):
+    import stream.hotswap
+    from model.artifact import latest_version_dir, set_current
     from model.events import decode_event
     from stream.announce import announce
     from stream.canary import in_canary
@@ -268,36 +270,47 @@ def test_a_canary_serves_its_share_of_users_beside_the_stable_version_until_prom
     v1 = latest_version_dir(registry).name
     settings = settings_for(broker.bootstrap, registry, tmp_path / "state", partitions=2, batch_size=40)
     settings.updates_topic = f"upd-{settings.group}"
-    events = make_events(360, 40, seed=22)
-    inputs_by_phase = []  # the input records produced in each phase: v1 alone, the canary at 40%, v2 promoted
+    events = make_events(480, 40, seed=22)
+    # the input records produced in each phase: v1 alone, the canary at 40%, the same after a restart, v2 promoted
+    inputs_by_phase = []
 
-    def phase(n: int, worker) -> None:
-        produce(broker.bootstrap, settings.input_topic, events[120 * n:120 * (n + 1)])
+    def phase(n: int, produced: bool = False) -> None:
+        if not produced:
+            produce(broker.bootstrap, settings.input_topic, events[120 * n:120 * (n + 1)])
         recommendations(broker.bootstrap, settings.output_topic, 120 * (n + 1))
         seen = {(r.partition, r.offset): decode_event(r.value) for r in records_of(broker.bootstrap,
                                                                                    settings.input_topic)}
         inputs_by_phase.append({k: e for k, e in seen.items() if not any(k in p for p in inputs_by_phase)})
 
     with running(settings) as worker:
-        phase(0, worker)
+        phase(0)
         v2 = latest_version_dir(make_registry(registry, seed=23)).name
+        set_current(registry, v1)  # a canary is published beside the current version, as the retrainer does
         announce(broker.bootstrap, settings.updates_topic, v2, registry / v2, reason="canary", share=0.4)
         wait_until(lambda: worker.models.stats().canary == v2, 60, message="v2 serving as a canary")
         assert worker.health.details["canary"] == {"version": v2, "share": 0.4}
         assert worker.metrics.value("hrnn_model_version_info", {"version": v1}) == pytest.approx(0.6)
-        phase(1, worker)
+        phase(1)
+    # Restarted while the canary serves, its events already waiting and the canary slow to load: canary users
+    # get the canary from the worker's first batch on, not the registry's current version until it has loaded.
+    produce(broker.bootstrap, settings.input_topic, events[240:360])
+    load = stream.hotswap.validate_version
+    monkeypatch.setattr(stream.hotswap, "validate_version", lambda *a, **kw: time.sleep(5) or load(*a, **kw))
+    with running(settings) as worker:
+        phase(2, produced=True)
         announce(broker.bootstrap, settings.updates_topic, v2, registry / v2, reason="promote")
         wait_until(lambda: worker.models.version == v2 and worker.models.stats().canary is None, 60,
                    message="the canary promoted")
-        phase(2, worker)
+        phase(3)
     served = {(r["source_partition"], r["source_offset"]): r["model_version"]
-              for r in recommendations(broker.bootstrap, settings.output_topic, 360)}
-    assert [len(p) for p in inputs_by_phase] == [120, 120, 120]
-    assert {served[k] for k in inputs_by_phase[0]} == {v1} and {served[k] for k in inputs_by_phase[2]} == {v2}
-    canary = {k: e for k, e in inputs_by_phase[1].items() if in_canary(e.user_id, v2, 0.4)}
-    assert {served[k] for k in canary} == {v2}  # every event of a canary user, and only those
-    assert {served[k] for k in inputs_by_phase[1].keys() - canary.keys()} == {v1}
-    users = {e.user_id for e in inputs_by_phase[1].values()}
+              for r in recommendations(broker.bootstrap, settings.output_topic, 480)}
+    assert [len(p) for p in inputs_by_phase] == [120, 120, 120, 120]
+    assert {served[k] for k in inputs_by_phase[0]} == {v1} and {served[k] for k in inputs_by_phase[3]} == {v2}
+    side_by_side = {**inputs_by_phase[1], **inputs_by_phase[2]}
+    canary = {k: e for k, e in side_by_side.items() if in_canary(e.user_id, v2, 0.4)}
+    assert {served[k] for k in canary} == {v2}  # every event of a canary user, and only those, restart or not
+    assert {served[k] for k in side_by_side.keys() - canary.keys()} == {v1}
+    users = {e.user_id for e in side_by_side.values()}
     assert 0.2 < len({e.user_id for e in canary.values()}) / len(users) < 0.6
     # hrnn quality compares the two over the time both served, each on its own users
     from stream.quality import quality_worker

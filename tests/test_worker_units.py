@@ -10,9 +10,10 @@ import pytest
 from confluent_kafka import KafkaError, Message
 
 from model.errors import EventError
-from model.events import Event, _decode_general, decode_event, encode_event
+from model.events import Event, _decode_general, decode_event, encode_event, parse_timestamp
 from model.inference import StepInput
 from model.state import UserState
+from stream import worker
 from stream.settings import WorkerSettings
 from stream.worker import (TRACKED_PER_EVENT, Incoming, applied_before, filters_of, gc_threshold_for, route,
                            split_by_owner, tune_process_gc)
@@ -187,3 +188,63 @@ def test_the_fast_event_decoder_agrees_with_the_contract_decoder(raw):
             return exc.reason
 
     assert outcome(decode_event) == outcome(_decode_general)
+
+
+def poison(**fields) -> bytes:
+    """An event whose other fields are valid, with `fields` given as raw JSON text."""
+    obj = {"user_id": '"a"', "item_id": '"i"', "event_type": '"click"', "timestamp": str(TS), **fields}
+    return ("{" + ",".join(f'"{k}":{v}' for k, v in obj.items()) + "}").encode()
+
+
+# Values that once escaped the decoders as OverflowError or RecursionError: the worker crashed on the record,
+# restarted, read it again and crashed again, never reaching the dead-letter topic.
+POISON_EVENTS = [
+    pytest.param(poison(event_value="1" + "0" * 400), "bad_field", "integer of 401 digits", id="event_value-1e400"),
+    pytest.param(poison(event_value="-1" + "0" * 400), "bad_field", "integer of 401 digits", id="event_value--1e400"),
+    pytest.param(poison(timestamp="1" + "0" * 400), "bad_timestamp", "not epoch-ms between 1990 and 2200",
+                 id="timestamp-int-1e400"),
+    pytest.param(poison(timestamp='"1' + "0" * 400 + '"'), "bad_timestamp", "not epoch-ms between 1990 and 2200",
+                 id="timestamp-string-1e400"),
+    pytest.param(b"[" * 1000 + b"]" * 1000, "bad_json", "nested too deeply", id="nested-brackets"),
+    pytest.param(poison(extra="[" * 2000 + "]" * 2000), "bad_json", "nested too deeply", id="nested-extra-field"),
+    pytest.param(poison(user_id='{"a":' * 2000 + "1" + "}" * 2000), "bad_json", "nested too deeply",
+                 id="nested-user-id"),
+]
+
+
+@pytest.mark.parametrize("raw, reason, complaint", POISON_EVENTS)
+def test_poison_values_are_refused_by_both_decoders_with_their_reason(raw, reason, complaint):
+    for decode in (decode_event, _decode_general):
+        with pytest.raises(EventError) as refused:
+            decode(raw)
+        assert refused.value.reason == reason and complaint in refused.value.detail
+        assert len(refused.value.detail) < 200  # names the bad value, does not repeat its 400 digits
+
+
+def test_a_timestamp_in_seconds_past_the_float_range_is_a_bad_timestamp():
+    with pytest.raises(EventError, match="bad_timestamp: timestamp is not finite"):
+        parse_timestamp(1e308, "s")
+    assert parse_timestamp(10**400, "s") == 10**403  # ints stay exact; the range check rejects them
+
+
+def test_poison_records_are_set_aside_with_their_reason_and_the_rest_of_the_batch_routes():
+    msgs = [message(0, 0, event_bytes("a"), b"a")] + [message(0, 1 + i, p.values[0], b"a")
+                                                      for i, p in enumerate(POISON_EVENTS)]
+    msgs.append(message(0, len(msgs), event_bytes("b"), b"b"))
+    routed = route(msgs)
+    assert [exc.reason for _, exc in routed.dead] == [p.values[1] for p in POISON_EVENTS]
+    assert [e.event.user_id for e in routed.events] == ["a", "b"]
+    assert routed.next_offsets == {0: len(msgs)}
+
+
+def test_a_record_the_decoder_fails_on_unexpectedly_is_dead_lettered_as_undecodable(monkeypatch, caplog):
+    def decode(raw):
+        if raw == b"trips a bug":
+            raise ValueError("boom")
+        return decode_event(raw)
+
+    monkeypatch.setattr(worker, "decode_event", decode)
+    routed = route([message(0, 0, b"trips a bug", b"a"), message(0, 1, event_bytes("a"), b"a")])
+    assert [(m.offset(), exc.reason, exc.detail) for m, exc in routed.dead] == [(0, "undecodable", "ValueError: boom")]
+    assert [e.offset for e in routed.events] == [1] and routed.next_offsets == {0: 2}
+    assert "undecodable" in caplog.text

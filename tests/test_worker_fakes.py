@@ -1,0 +1,332 @@
+"""The worker driven by in-memory fakes of its Kafka clients (no broker): whole batches with poison
+records, rebalances that land between the consume() calls of one poll, and changelog restores from
+a leader that answers late or not at all."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import KafkaError, Message, TopicPartition
+
+from model.artifact import latest_version_dir
+from model.events import Event, encode_event
+from model.inference import Recommender
+from model.state import UserState, encode_state
+from stream import records, worker
+from stream.settings import WorkerSettings
+from stream.store import StateStores
+from stream.worker import Worker, WorkerError, read_changelog
+from worker_testkit import BASE_MS, make_registry
+
+CHANGELOG = "g.state-changelog"
+
+
+def event(partition: int, offset: int, user: str) -> Message:
+    return Message(topic="ev", partition=partition, offset=offset, key=user.encode(),
+                   value=encode_event(Event(user, "item-1", "click", BASE_MS)), timestamp=(1, BASE_MS))
+
+
+class FakeProducer:
+    """Delivers on flush; keeps (topic, partition, key, value, headers) of what it delivered."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple] = []
+        self.sent: list[tuple] = []
+        self.txn_offsets: list[list[tuple[int, int]]] = []
+        self._next: dict[tuple[str, int], int] = {}
+
+    def produce(self, topic, value=None, key=None, partition=None, headers=None, on_delivery=None, **_):
+        self.pending.append((topic, 0 if partition is None else partition, key, value, headers, on_delivery))
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=None):
+        for topic, p, key, value, headers, on_delivery in self.pending:
+            o = self._next.get((topic, p), 0)
+            self._next[(topic, p)] = o + 1
+            self.sent.append((topic, p, key, value, headers))
+            if on_delivery:
+                on_delivery(None, Message(topic=topic, partition=p, offset=o, key=key, value=value))
+        self.pending = []
+        return 0
+
+    def begin_transaction(self):
+        pass
+
+    def send_offsets_to_transaction(self, offsets, metadata, timeout=None):
+        self.txn_offsets.append([(tp.partition, tp.offset) for tp in offsets])
+
+    def commit_transaction(self, timeout=None):
+        pass
+
+    def to(self, topic: str) -> list[tuple]:
+        return [r for r in self.sent if r[0] == topic]
+
+
+class FakeConsumer:
+    """consume() plays a script: a list of records, or a callable (a rebalance callback runs inside it)."""
+
+    def __init__(self) -> None:
+        self.script: list = []
+        self.commits: list[list[tuple[int, int]]] = []
+        self.committed_offsets: dict[int, int] = {}
+        self.seeks: list[tuple[int, int]] = []
+
+    def consume(self, num_messages=1, timeout=-1):
+        if not self.script:
+            return []
+        step = self.script.pop(0)
+        return step() if callable(step) else list(step)
+
+    def commit(self, offsets=None, asynchronous=True):
+        self.commits.append([(tp.partition, tp.offset) for tp in offsets])
+        return offsets
+
+    def committed(self, tps, timeout=None):
+        return [TopicPartition(tp.topic, tp.partition, self.committed_offsets.get(tp.partition, -1001)) for tp in tps]
+
+    def seek(self, tp):
+        self.seeks.append((tp.partition, tp.offset))
+
+    def consumer_group_metadata(self):
+        return None
+
+    def close(self):
+        pass
+
+
+class EmptyChangelog:
+    def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        return 0, 0
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Path:
+    return make_registry(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture(params=["at_least_once", "exactly_once"])
+def guarantee(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_worker(registry, tmp_path):
+    made: list[Worker] = []
+
+    def make(processing_guarantee: str = "at_least_once") -> Worker:
+        s = WorkerSettings(registry=str(registry), state_dir=str(tmp_path / "state"), input_topic="ev",
+                           output_topic="rec", group="g", device="cpu", follow_updates=False,
+                           follow_availability=False, processing_guarantee=processing_guarantee)
+        w = Worker(s, recommender=Recommender.load(latest_version_dir(registry), "cpu"))
+        w._producer, w._consumer, w._restorer = FakeProducer(), FakeConsumer(), EmptyChangelog()
+        w._read_input_log = lambda: None
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.stores.close_all()
+
+
+def assign(w: Worker, *partitions: int) -> None:
+    w._on_assign(w._consumer, [TopicPartition("ev", p) for p in partitions])
+
+
+def revoke(w: Worker, *partitions: int) -> None:
+    w._on_revoke(w._consumer, [TopicPartition("ev", p) for p in partitions])
+
+
+def committed(w: Worker) -> list[list[tuple[int, int]]]:
+    """The input offsets the batch made durable: committed by the consumer, or sent with the transaction."""
+    return w._producer.txn_offsets if w.settings.exactly_once else w._consumer.commits
+
+
+def users_answered(w: Worker) -> list[str]:
+    return [key if isinstance(key, str) else key.decode() for _, _, key, _, _ in w._producer.to("rec")]
+
+
+# ---- poison records ------------------------------------------------------------------------------
+
+def test_a_batch_holding_poison_records_dead_letters_them_and_answers_and_commits_the_rest(make_worker):
+    w = make_worker()
+    assign(w, 0)
+    nested = Message(topic="ev", partition=0, offset=1, key=b"a", value=b"[" * 1000 + b"]" * 1000)
+    huge = Message(topic="ev", partition=0, offset=2, key=b"a", value=b'{"user_id":"a","item_id":"i","event_type":'
+                   b'"click","timestamp":%d,"event_value":1%s}' % (BASE_MS, b"0" * 400))
+    result = w.process_batch([event(0, 0, "alice"), nested, huge, event(0, 3, "bob")])
+    dead = w._producer.to("ev.dlq")
+    assert [(v, records.header(h, records.H_REASON)) for _, _, _, v, h in dead] == \
+        [(nested.value(), "bad_json"), (huge.value(), "bad_field")]
+    assert users_answered(w) == ["alice", "bob"]
+    assert w._consumer.commits == [[(0, 4)]]
+    assert (result.dead_lettered, result.recommendations) == (2, 2)
+
+
+# ---- a rebalance inside the poll -----------------------------------------------------------------
+
+def test_a_partition_revoked_in_a_later_consume_of_the_poll_leaves_nothing_of_the_batch_behind(
+        make_worker, guarantee, tmp_path):
+    w = make_worker(guarantee)
+    assign(w, 0, 1)
+
+    def third_consume():  # librdkafka serves the cooperative revocation of partition 1 inside this call
+        revoke(w, 1)
+        return [event(0, 0, "alice")]
+
+    w._consumer.script = [[], [event(1, 0, "bob")], third_consume]
+    batch = w.poll_batch()
+    assert [(m.partition(), m.offset()) for m in batch] == [(0, 0)]
+    w.process_batch(batch)
+    assert users_answered(w) == ["alice"]
+    assert {p for _, p, *_ in w._producer.to(CHANGELOG)} == {0}
+    assert committed(w) == [[(0, 1)]]  # partition 1: its new owner reads offset 0 from the committed offset
+    assert w.stores.get(1) is None  # no changelog restore for a partition another worker owns now
+    w.stores.close_all()
+    stored = StateStores(w.settings.state_dir, "g", "ev").open(1)
+    try:
+        assert stored.user_ids() == []
+    finally:
+        stored.close()
+
+
+def test_a_partition_assigned_again_in_a_later_consume_keeps_only_the_records_of_its_new_assignment(make_worker):
+    w = make_worker()
+    assign(w, 0)
+
+    def revoked():  # returns what was fetched before the revocation
+        revoke(w, 0)
+        return [event(0, 5, "bob")]
+
+    def assigned_again():  # the new assignment starts from the committed offset: 5 is read again
+        assign(w, 0)
+        return [event(0, 5, "bob")]
+
+    w._consumer.script = [[], revoked, assigned_again]
+    batch = w.poll_batch()
+    assert [(m.partition(), m.offset()) for m in batch] == [(0, 5)]
+    assert w._consumer.seeks == []
+
+
+def test_a_partition_revoked_and_assigned_again_in_one_consume_is_rewound_to_its_committed_offset(make_worker):
+    w = make_worker()
+    assign(w, 0, 1)
+    w._consumer.committed_offsets = {1: 4}
+
+    def rebalanced():  # an eager rebalance: revoked and assigned again, records of both assignments around it
+        revoke(w, 1)
+        assign(w, 1)
+        return [event(1, 4, "bob"), event(0, 7, "alice")]
+
+    w._consumer.script = [[], [event(1, 5, "carol")], rebalanced]
+    batch = w.poll_batch()
+    assert [(m.partition(), m.offset()) for m in batch] == [(0, 7)]
+    assert w._consumer.seeks == [(1, 4)]  # nothing of partition 1 skipped, none of it twice in one batch
+
+
+def test_a_batch_never_opens_the_store_of_a_partition_it_was_not_assigned(make_worker):
+    w = make_worker()
+    assign(w, 0)
+    with pytest.raises(WorkerError, match="partition 1 .* not assigned"):
+        w.process_batch([event(0, 0, "alice"), event(1, 0, "bob")])
+    assert w.stores.partitions == [0] and w._consumer.commits == []
+
+
+# ---- restoring from the changelog ----------------------------------------------------------------
+
+def changelog_record(offset: int) -> Message:
+    z = np.zeros(4, np.float32)
+    value = encode_state(UserState("v1", z, z, "s", 1, 1, [], offset, 1))
+    return Message(topic=CHANGELOG, partition=0, offset=offset, key=f"user-{offset}".encode(), value=value,
+                   headers=records.changelog_headers(offset))
+
+
+class SlowChangelog:
+    """Offsets 0..2 hold records, the high watermark is `high`. No fetch answers before `answers_after_s`
+    (None: never); then the records come in one fetch and the position stops at `position_after`."""
+
+    def __init__(self, answers_after_s: float | None, *, high: int = 3, position_after: int = 3,
+                 n_records: int = 3, transport_errors: bool = False) -> None:
+        self.answers_after_s, self.high, self.position_after = answers_after_s, high, position_after
+        self.n_records, self.transport_errors = n_records, transport_errors
+        self.at = -1001  # librdkafka's OFFSET_INVALID until a fetch came back
+        self.assigned_at = 0.0
+
+    def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        return 0, self.high
+
+    def assign(self, tps):
+        self.assigned_at = time.monotonic()
+
+    def unassign(self):
+        pass
+
+    def consume(self, num_messages=1, timeout=-1):
+        time.sleep(timeout)
+        late = self.answers_after_s is None or time.monotonic() - self.assigned_at < self.answers_after_s
+        if late and self.transport_errors:  # what librdkafka reports while the leader cannot be reached
+            return [Message(topic=CHANGELOG, partition=0, offset=-1, error=KafkaError(KafkaError._TRANSPORT))]
+        if late or self.at >= 0:
+            return []
+        self.at = self.position_after
+        return [changelog_record(o) for o in range(self.n_records)]
+
+    def position(self, tps):
+        return [TopicPartition(CHANGELOG, 0, self.at)]
+
+
+@pytest.fixture
+def short_idle(monkeypatch):
+    monkeypatch.setattr(worker, "_RESTORE_IDLE_S", 0.3)
+
+
+def restored(changelog: SlowChangelog, timeout_s: float) -> list[int]:
+    return [r.offset for r in read_changelog(changelog, CHANGELOG, 0, 0, timeout_s)]
+
+
+def test_a_restore_waits_for_a_leader_that_answers_after_the_idle_period_and_reads_every_record(short_idle):
+    assert restored(SlowChangelog(answers_after_s=1.0), timeout_s=30) == [0, 1, 2]
+
+
+def test_a_restore_from_a_changelog_that_never_answers_fails_naming_the_setting_to_raise(short_idle):
+    t0 = time.monotonic()
+    with pytest.raises(WorkerError, match=r"did not answer a fetch within 1 s .*restore_timeout_s"):
+        restored(SlowChangelog(answers_after_s=None), timeout_s=1)
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_restore_from_a_leader_that_is_down_fails_at_its_deadline_despite_the_errors_it_reports(short_idle):
+    outcome: list[BaseException] = []
+
+    def restore() -> None:
+        try:
+            restored(SlowChangelog(answers_after_s=None, transport_errors=True), timeout_s=1)
+        except BaseException as exc:  # noqa: BLE001 (checked below, in the test's thread)
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=restore, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], WorkerError), "the restore did not end at its deadline"
+    assert "did not answer a fetch within 1 s" in str(outcome[0])
+
+
+def test_a_restore_ends_after_silence_once_records_were_read_short_of_the_watermark(short_idle):
+    # offsets 3 and 4 are transaction markers the position does not move past
+    t0 = time.monotonic()
+    assert restored(SlowChangelog(answers_after_s=0, high=5, position_after=3), timeout_s=30) == [0, 1, 2]
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_restore_ends_after_silence_once_a_fetch_moved_the_position_even_without_records(short_idle):
+    # what is left of the changelog below the watermark is a marker or was compacted away
+    t0 = time.monotonic()
+    assert restored(SlowChangelog(answers_after_s=0, high=5, position_after=4, n_records=0), timeout_s=30) == []
+    assert time.monotonic() - t0 < 5
