@@ -4,8 +4,8 @@ The promise: every input record below the worker group's committed offset has be
 recommendation naming its partition and offset, a dead letter naming it, or (a mis-keyed record) a
 re-keyed copy on the input topic, which is itself an input record to answer. Workers flush their
 outputs before they commit, so reading the committed offsets first and the topics after leaves nothing
-in flight inside the audited range. At least once allows an offset more than one recommendation (a
-batch read again after a crash); exactly once does not.
+in flight inside the audited range. At least once allows an offset more than one answer (a batch read
+again after a crash: two recommendations, or two re-keyed copies); exactly once does not.
 
 An answer counts for the input log it names: recommendations and dead letters carry the input topic and
 its id (where the broker gives one), so an output topic shared with another input topic, or kept while
@@ -47,7 +47,7 @@ class PartitionAudit:
     rekeyed: int = 0
     unanswered: int = 0
     first_unanswered: list[int] = field(default_factory=list)
-    duplicated: int = 0  # records with more than one recommendation
+    duplicated: int = 0  # records answered more than once
 
 
 @dataclass
@@ -90,8 +90,8 @@ class Ledger:
         if committed is None or not start <= offset < committed:
             return
         f, i = self.flags[partition], offset - start
-        if flag == RECOMMENDED and f[i] & RECOMMENDED:
-            flag = TWICE
+        if flag & ANSWERED and f[i] & ANSWERED:
+            flag |= TWICE  # a second answer of any kind: two recommendations, two dead letters, one of each
         f[i] |= flag
 
     def names_this_log(self, topic: str | None, log: str | None) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -54,10 +54,22 @@ def serving_share(share: float) -> float:
     return 1.0 if share == 1.0 else check_share(share)
 
 
+def _bucket(user_id: str, canary_version: str) -> int:
+    digest = hashlib.blake2b(user_id.encode(), digest_size=4, key=canary_version.encode()[:64]).digest()
+    return int.from_bytes(digest, "big")
+
+
 def in_canary(user_id: str, canary_version: str, share: float) -> bool:
     """Whether `user_id` is served by the canary `canary_version` at `share`."""
-    digest = hashlib.blake2b(user_id.encode(), digest_size=4, key=canary_version.encode()[:64]).digest()
-    return int.from_bytes(digest, "big") < share * _BUCKETS
+    return _bucket(user_id, canary_version) < share * _BUCKETS
+
+
+def split_as_canary(version: str, its_users: Iterable[str], other_users: Iterable[str]) -> bool:
+    """Whether two disjoint sets of users lie on the sides `version`, as a canary, puts users on at some share:
+    all of `its_users` hash below all of `other_users` (by `version`'s key). Sets that were not split by that
+    hash pass by chance once in C(n, k) (k of n users): for a canary of 5 users among 50, once in two million."""
+    mine, others = [_bucket(u, version) for u in its_users], [_bucket(u, version) for u in other_users]
+    return bool(mine) and bool(others) and max(mine) < min(others)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ The worker group's topics, group, guarantee and client settings resolve as for `
 --config FILE (the workers' own settings file), HRNN_* environment variables, then these flags.
 
 Exit status: 0 when the promise held, 1 when it did not (unanswered records; with
---processing-guarantee exactly_once also duplicated recommendations), 2 on bad input.
+--processing-guarantee exactly_once also records answered twice), 2 on bad input.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from model.cli_common import output_file
 from stream.cli_common import add_deployment_flags, deployment_settings
 from stream.settings import GUARANTEES, WorkerSettings
 
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_deployment_flags(parser, "audit")
     parser.add_argument("--group", help=f"the workers' consumer group (default {WorkerSettings.group})")
     parser.add_argument("--processing-guarantee", choices=GUARANTEES,
-                        help="the workers' guarantee: exactly_once also fails on duplicated recommendations")
+                        help="the workers' guarantee: exactly_once also fails on records answered twice")
 
 
 def _log_of(report: AuditReport) -> str:
@@ -58,7 +59,7 @@ def _print(report: AuditReport, out: TextIO | None = None) -> None:
     guarantee = "exactly_once" if report.exactly_once else "at_least_once"
     print(f"{report.total('records')} committed input records of {_log_of(report)}{_since(report)} "
           f"(group {report.group!r}): "
-          f"{report.total('unanswered')} unanswered, {report.total('duplicated')} with more than one recommendation "
+          f"{report.total('unanswered')} unanswered, {report.total('duplicated')} answered more than once "
           f"({'not allowed' if report.exactly_once else 'allowed'} under {guarantee}): "
           f"promise {'kept' if report.kept else 'BROKEN'}", file=out)
 
@@ -66,6 +67,7 @@ def _print(report: AuditReport, out: TextIO | None = None) -> None:
 def run(args: argparse.Namespace) -> int:
     from stream.audit import audit_worker
 
+    output_file(args.json, "--json")
     settings, since_ms = deployment_settings(args)
     report = audit_worker(settings, since_ms=since_ms, idle_s=args.idle_s, timeout_s=args.timeout_s,
                           progress=lambda line: print(f"hrnn audit: {line}", file=sys.stderr))

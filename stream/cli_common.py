@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from typing import TYPE_CHECKING
@@ -46,12 +47,18 @@ def add_deployment_flags(parser: argparse.ArgumentParser, checks: str) -> None:
     a("--kafka-config-file", help="client.properties file with librdkafka settings")
 
 
+def positive(value: float) -> bool:
+    """Whether a flag's number of seconds (or other amount) is finite and above 0; NaN, which every
+    comparison calls False, and infinity are not."""
+    return math.isfinite(value) and value > 0
+
+
 def deployment_settings(args: argparse.Namespace) -> tuple[WorkerSettings, int | None]:
     """The worker settings the flags of `add_deployment_flags` resolve to, and the window's start (epoch ms)."""
     from stream.cli_serve import overrides_from
     from stream.settings import load_settings
 
-    if args.idle_s <= 0 or args.timeout_s <= 0 or (args.since_s is not None and args.since_s <= 0):
+    if not (positive(args.idle_s) and positive(args.timeout_s) and (args.since_s is None or positive(args.since_s))):
         raise ConfigError(f"--idle-s, --timeout-s and --since-s must be > 0 seconds, got {args.idle_s:g}, "
                           f"{args.timeout_s:g} and {args.since_s}")
     settings = load_settings(args.config, overrides_from(args), serving=False)

@@ -49,7 +49,11 @@ def _item_ids(args: argparse.Namespace) -> list[str]:
         path = Path(args.from_file)
         if not path.is_file():
             raise ConfigError(f"--from-file {path}: no such file")
-        items += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--from-file {path}: not UTF-8 text (byte {exc.start}): one item id per line") from None
+        items += [line.strip() for line in text.splitlines() if line.strip()]
     if not items:
         raise ConfigError("no item ids given: name them, or pass --from-file FILE")
     return list(dict.fromkeys(items))  # once each, in the order given

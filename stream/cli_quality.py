@@ -16,9 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
+from model.cli_common import output_file
 from model.errors import ConfigError
 from stream.canary import Rule, anytime_z, decide
-from stream.cli_common import add_deployment_flags, deployment_settings
+from stream.cli_common import add_deployment_flags, deployment_settings, positive
 from stream.settings import MAX_K
 
 if TYPE_CHECKING:
@@ -109,14 +110,16 @@ def run(args: argparse.Namespace) -> int:
     from stream.quality import plot_quality, quality_worker
 
     ks = _ks(args.cutoffs)
-    if args.bucket_s is not None and args.bucket_s <= 0:
+    if args.bucket_s is not None and not positive(args.bucket_s):
         raise ConfigError(f"--bucket-s must be > 0 seconds, got {args.bucket_s:g}")
-    if args.history_s < 0 or (args.history_s and args.since_s is None):
+    if not (args.history_s == 0 or positive(args.history_s)) or (args.history_s and args.since_s is None):
         raise ConfigError(f"--history-s must be >= 0 seconds and needs --since-s (without a window every event is "
                           f"read), got {args.history_s:g}")
-    if args.max_loss < 0 or args.min_users < 1 or args.planned_users < 1:
+    if not (math.isfinite(args.max_loss) and args.max_loss >= 0) or args.min_users < 1 or args.planned_users < 1:
         raise ConfigError(f"--max-loss must be >= 0, --min-users and --planned-users >= 1, got {args.max_loss:g}, "
                           f"{args.min_users} and {args.planned_users}")
+    output_file(args.json, "--json")
+    output_file(args.png, "--png")
     settings, since_ms = deployment_settings(args)
     if args.decide_canary and not settings.registry:
         raise ConfigError("--decide-canary needs the workers' registry: --registry DIR, or a --config that names it")
@@ -173,7 +176,8 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
     if report.since_ms is not None and start_ms is not None and start_ms - CANARY_LEAD_MS < report.since_ms:
         print(f"judging the canary over its whole time: from {ann.announced_at} (its announcement) on")
         report = judge(start_ms - CANARY_LEAD_MS)
-    comparison = next((c for c in report.comparisons() if (c.baseline, c.candidate) == (stable, ann.version)), None)
+    comparison = next((c.facing(stable) for c in report.comparisons()
+                       if {c.baseline, c.candidate} == {stable, ann.version}), None)
     decision = decide(comparison, rule)
     print(f"canary {ann.version} ({ann.share:.1%} of the users) vs {stable}: {decision.action}, {decision.reason}")
     out = {"canary": ann.version, "share": ann.share, "stable": stable, "action": decision.action,

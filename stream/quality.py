@@ -19,10 +19,10 @@ off sale, purchases) was not shown, so a next event on it is a miss: the figures
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import msgspec
 import numpy as np
@@ -71,6 +71,7 @@ class Verdicts:
     reference_rank: np.ndarray
     kind: np.ndarray  # SAME, NEXT or 0
     user: np.ndarray  # a code per user
+    user_names: Sequence[str] = ()  # by code, where known
 
     def ranks(self, mask: np.ndarray, reference: bool = False) -> Ranks:
         ranks = (self.reference_rank if reference else self.rank)[mask]
@@ -129,6 +130,13 @@ class Comparison:
         """candidate - baseline, and its standard error."""
         a, b = self.metrics[metric]
         return b.value - a.value, float(np.hypot(a.se, b.se))
+
+    def facing(self, baseline: str) -> "Comparison":
+        """This comparison with `baseline` (one of its two versions) as the baseline."""
+        if baseline == self.baseline:
+            return self
+        return replace(self, baseline=self.candidate, candidate=self.baseline,
+                       metrics={name: (b, a) for name, (a, b) in self.metrics.items()})
 
     @property
     def users(self) -> int:
@@ -191,8 +199,8 @@ class QualityReport:
         return out
 
     def comparisons(self) -> list[Comparison]:
-        """Each later version against each earlier one over the time both served, where they did so to
-        different users (a canary); users served by both then are left out of both sides."""
+        """Each canary against the version it served beside (the baseline), over the time both served to
+        different users; users served by both then are left out of both sides."""
         return list(self._comparisons)
 
     @cached_property
@@ -212,11 +220,27 @@ class QualityReport:
             both = np.intersect1d(users_a, users_b)
             if len(both) in (len(users_a), len(users_b)):
                 continue  # every user of one side saw the other version too: a swap, not side by side
+            if self._is_canary(a, b, np.setdiff1d(users_a, both), np.setdiff1d(users_b, both)):
+                a, b = b, a
             sides = [during & (v.version == c) & ~np.isin(v.user, both) for c in (a, b)]
             metrics = {f"{m}@{k}": (v.estimate(sides[0], k, m), v.estimate(sides[1], k, m))
                        for m in ("recall", "mrr")}
             out.append(Comparison(v.versions[a], v.versions[b], int(start), int(end), len(both), metrics))
         return tuple(out)
+
+    def _is_canary(self, a: int, b: int, users_a: np.ndarray, users_b: np.ndarray) -> bool:
+        """Whether `a`, the first of the two to serve in what was read, is the canary beside `b`: its users
+        and `b`'s are split as `a`'s canary hash splits users, and not as `b`'s. What was read can open while a
+        canary serves, with either version's list; when the split does not tell (no user names, too few
+        users), the first to serve is the baseline."""
+        from stream.canary import split_as_canary  # not at the top: stream.canary imports this module
+
+        v = self.verdicts
+        if not v.user_names:
+            return False
+        names_a, names_b = ([v.user_names[u] for u in users] for users in (users_a, users_b))
+        return (split_as_canary(v.versions[a], names_a, names_b)
+                and not split_as_canary(v.versions[b], names_b, names_a))
 
     def to_dict(self) -> dict:
         return {"input_topic": self.input_topic, "output_topic": self.output_topic, "input_log": self.input_log,
@@ -335,7 +359,7 @@ class Judge:
         order = sorted(np.unique(version), key=lambda code: emitted[version == code].min())
         recode = np.zeros(len(names), np.int64)
         recode[order] = np.arange(len(order))
-        return Verdicts([names[c] for c in order], recode[version], emitted, *cols[2:])
+        return Verdicts([names[c] for c in order], recode[version], emitted, *cols[2:], list(self.users))
 
 
 def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable[int] = DEFAULT_KS,

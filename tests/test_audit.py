@@ -58,6 +58,16 @@ def test_each_kind_of_answer_counts_and_a_record_without_one_is_listed():
     assert ledger.partition(1).records == 0  # a partition the group never committed is not audited
 
 
+def test_a_record_answered_twice_in_any_two_ways_counts_as_duplicated():
+    inputs = [_record("ev", 0, o) for o in range(4)]
+    inputs += [_record("ev", 1, o, headers=records.repartition_headers("ev", 0, 2)) for o in (0, 1)]  # 0@2, twice
+    dead = lambda o: _record("dlq", 0, o, b"x", records.dlq_headers("bad_json", "d", "ev", 0, o))  # noqa: E731
+    recs = [_record("rec", 0, 0, _rec(0, 0)), _record("rec", 0, 1, _rec(0, 3))]
+    ledger, _ = _ledger({0: (0, 4), 1: (0, None)}, inputs, recs, [dead(0), dead(1), dead(1)])
+    got = ledger.partition(0)  # 0: recommended and dead-lettered; 1: dead-lettered twice; 2: re-keyed twice
+    assert (got.records, got.unanswered, got.duplicated) == (4, 0, 3)
+
+
 def test_offsets_before_the_log_start_and_gaps_without_a_record_are_not_audited():
     inputs = [_record("ev", 0, o) for o in (100, 101, 103)]  # 102: a transaction marker, never delivered
     ledger, _ = _ledger({0: (100, 104)}, inputs, [_record("rec", 0, 0, _rec(0, 50))])
@@ -132,9 +142,17 @@ def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under
     assert code == 1 and not report["kept"] and report["totals"]["duplicated"] == 1
 
 
-def test_the_command_refuses_a_non_positive_idle_time():
-    proc = subprocess.run([HRNN, "audit", "--idle-s", "0"], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("flags", [["--idle-s", "0"], ["--since-s", "nan"], ["--timeout-s", "inf"]])
+def test_the_command_refuses_a_time_that_is_not_a_positive_number(flags):
+    proc = subprocess.run([HRNN, "audit", *flags], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--idle-s, --timeout-s and --since-s must be > 0" in proc.stderr
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_audit_not_after(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run([HRNN, "audit", "--bootstrap-servers", "127.0.0.1:9", "--json",
+                           str(tmp_path / "file" / "a.json")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "cannot create its folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.broker

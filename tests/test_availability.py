@@ -91,6 +91,9 @@ def test_items_cli_takes_items_off_sale_lists_them_and_puts_them_back(broker, tm
     assert json.loads(shown.stdout) == {"sku-1": "out of stock", "sku-3": "out of stock"}
     missing = hrnn("unavailable", "--from-file", str(tmp_path / "none.txt"))
     assert missing.returncode != 0 and "no such file" in missing.stderr
+    (tmp_path / "latin1.txt").write_bytes("sku-\xe9\n".encode("latin-1"))
+    binary = hrnn("unavailable", "--from-file", str(tmp_path / "latin1.txt"))
+    assert binary.returncode == 2 and "not UTF-8 text" in binary.stderr and "Traceback" not in binary.stderr
 
 
 @pytest.mark.broker

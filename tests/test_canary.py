@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from stream.canary import Rule, Serving, ShareError, anytime_z, check_share, decide, in_canary
+from stream.canary import Rule, Serving, ShareError, anytime_z, check_share, decide, in_canary, split_as_canary
 
 USERS = [f"user-{i}" for i in range(20_000)]
 
@@ -34,6 +34,15 @@ def test_each_canary_version_draws_another_set_of_users():
     b = {u for u in USERS if in_canary(u, "v3", 0.2)}
     overlap = len(a & b) / len(USERS)
     assert abs(overlap - 0.2 * 0.2) < 0.01  # independent draws, not the same users every time
+
+
+def test_the_users_of_a_canary_and_of_the_stable_version_tell_which_version_was_the_canary():
+    users = USERS[:200]
+    on_v2 = [u for u in users if in_canary(u, "v2", 0.3)]
+    on_v1 = [u for u in users if not in_canary(u, "v2", 0.3)]
+    assert split_as_canary("v2", on_v2, on_v1)
+    assert not split_as_canary("v1", on_v1, on_v2) and not split_as_canary("v3", on_v2, on_v1)
+    assert not split_as_canary("v2", on_v1, on_v2) and not split_as_canary("v2", on_v2, [])
 
 
 def test_a_share_must_lie_strictly_between_zero_and_one():

@@ -171,6 +171,43 @@ def test_a_canary_is_compared_with_the_stable_version_over_the_time_both_served_
     assert QualityReport("ev", "rec", [20], None, swap, 0, LOG).comparisons() == []  # one after the other
 
 
+def _opening_mid_canary(canary: str = "v2", share: float = 0.3) -> QualityReport:
+    """Three events of each of 60 users, read from a time a canary already served: the stable version's lists
+    hold each next item, the canary's do not, and the first list read is one of the canary's."""
+    from stream.canary import in_canary
+
+    users = sorted((f"user-{n}" for n in range(60)), key=lambda u: not in_canary(u, canary, share))
+    assert in_canary(users[0], canary, share) and not in_canary(users[-1], canary, share)
+    events, recs = [], []
+    for step in range(3):
+        for user in users:
+            offset, side = len(events), canary if in_canary(user, canary, share) else "v1"
+            events.append(_event(0, offset, user, f"i{step}"))
+            recs.append(_rec(0, offset, [f"i{step + 1}"] if side == "v1" else ["other"], version=side,
+                             emitted=offset, user=user))
+    return _report(events, recs, bounds={0: (0, len(events))})
+
+
+def test_the_canary_is_the_candidate_even_when_what_was_read_opens_on_one_of_its_lists(monkeypatch, capsys):
+    import stream.quality
+    from stream.cli import main as hrnn
+
+    report = _opening_mid_canary()
+    assert report.verdicts.versions == ["v2", "v1"]  # first to serve in what was read: the canary
+    (c,) = report.comparisons()
+    assert (c.baseline, c.candidate, c.verdict("recall@20")) == ("v1", "v2", "worse")
+    monkeypatch.setattr(stream.quality, "quality_worker", lambda settings, **kw: report)
+    assert hrnn(["quality", "--bootstrap-servers", "127.0.0.1:9", "--fail-if-worse"]) == 1
+    assert "v2 vs v1 on recall@20" in capsys.readouterr().err
+
+
+def test_a_comparison_faces_either_version_as_its_baseline():
+    (c,) = _opening_mid_canary().comparisons()
+    flipped = c.facing("v2")
+    assert (flipped.baseline, flipped.candidate) == ("v2", "v1") and flipped.facing("v1") == c
+    assert flipped.difference("mrr@20")[0] == -c.difference("mrr@20")[0] > 0 and c.facing("v1") is c
+
+
 def test_fail_if_worse_exits_1_when_a_canary_did_worse_beyond_its_interval(monkeypatch, capsys):
     import stream.quality
     from stream.cli import main as hrnn
@@ -373,10 +410,23 @@ def test_a_window_judges_the_answers_to_its_events_and_history_only_informs_the_
                                             (["--bucket-s", "0"], "--bucket-s"),
                                             (["--history-s", "60"], "needs --since-s"),
                                             (["--max-loss", "-0.1"], "--max-loss must be >= 0"),
-                                            (["--planned-users", "0"], "--planned-users >= 1")])
+                                            (["--max-loss", "nan"], "--max-loss must be >= 0"),
+                                            (["--planned-users", "0"], "--planned-users >= 1"),
+                                            (["--since-s", "nan"], "--since-s must be > 0"),
+                                            (["--since-s", "inf"], "--since-s must be > 0"),
+                                            (["--since-s", "60", "--history-s", "nan"], "--history-s must be")])
 def test_the_command_refuses_bad_cut_offs_buckets_and_canary_rules(flags, message):
     proc = subprocess.run([HRNN, "quality", *flags], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_any_topic_is_read(tmp_path):
+    (tmp_path / "file").write_text("")
+    for flag, path in (("--json", tmp_path / "file" / "q.json"), ("--png", tmp_path / "file" / "q.png"),
+                       ("--json", tmp_path)):
+        proc = subprocess.run([HRNN, "quality", "--bootstrap-servers", "127.0.0.1:9", flag, str(path)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and f"{flag} {path}: " in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_the_command_names_an_input_topic_that_does_not_exist(broker):
