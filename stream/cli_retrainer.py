@@ -91,13 +91,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _once(settings) -> int:
-    """One run now; a published version is announced as the service announces it (with --bootstrap-servers).
+    """One run now (skipped, as the service's, while its canary serves); a published version is announced as the
+    service announces it (with --bootstrap-servers).
     Exit 1 when the run failed or its version could not be announced (the JSON outcome says why)."""
     from stream.retrain_job import retrain
-    from stream.retrainer import announce_published
+    from stream.retrainer import announce_published, canary_skip
 
     settings.validate_run()
-    out = retrain(settings.spec())
+    out = canary_skip(settings) or retrain(settings.spec())
     announced = True
     if out.status == "published" and settings.bootstrap_servers:
         announced = announce_published(settings, out)

@@ -154,6 +154,21 @@ def announce_published(settings: RetrainerSettings, out: RetrainOutcome) -> bool
         return False
 
 
+def canary_skip(settings: RetrainerSettings, window_events: int = 0) -> RetrainOutcome | None:
+    """With --canary-share (and a broker to read): a skipped outcome while the registry's latest announcement
+    names a canary, as a new canary would replace it before its comparison could say anything; else None."""
+    s = settings
+    if not s.canary_share or not s.bootstrap_servers:
+        return None
+    from stream.announce import latest_canary, registry_id
+
+    ann = latest_canary(s.bootstrap_servers, s.updates_topic, s.registry_id or registry_id(s.registry))
+    if ann is None:
+        return None
+    return RetrainOutcome("skipped", f"the canary {ann.version} still serves; decide it first (`hrnn quality "
+                                     "--decide-canary`, or `hrnn models promote`)", window_events=window_events)
+
+
 async def run_job(spec: RetrainSpec, timeout_s: float) -> RetrainOutcome:
     """Run one retraining in a child process without blocking the event loop."""
     with tempfile.TemporaryDirectory(prefix="hrnn-retrain-") as tmp:
@@ -271,10 +286,9 @@ class RetrainerService:
         n = await asyncio.get_running_loop().run_in_executor(None, count_events, s.archive, s.window_days)
         log.info("retraining run starts", extra={"window_days": s.window_days, "window_events": n,
                                                  "registry": s.registry})
-        canary = await asyncio.get_running_loop().run_in_executor(None, self._canary_under_way)
-        if canary is not None:  # a new canary would replace it before its comparison could say anything
-            out = RetrainOutcome("skipped", f"the canary {canary} still serves; decide it first (`hrnn quality "
-                                            "--decide-canary`, or `hrnn models promote`)", window_events=n)
+        skip = await asyncio.get_running_loop().run_in_executor(None, canary_skip, s, n)
+        if skip is not None:
+            out = skip
         elif n < s.min_events:
             # decided here, so an empty archive costs no child process
             out = RetrainOutcome("skipped", f"{n} events in the {s.window_days}-day window, {s.min_events} needed",
@@ -290,16 +304,6 @@ class RetrainerService:
         self.runs.append(out)
         log.info("retraining run finished", extra={"outcome": asdict(out)})
         return out
-
-    def _canary_under_way(self) -> str | None:
-        """With --canary-share: the version of the canary the registry's latest announcement names, if any."""
-        if not self.settings.canary_share:
-            return None
-        from stream.announce import latest_canary, registry_id
-
-        s = self.settings
-        ann = latest_canary(s.bootstrap_servers, s.updates_topic, s.registry_id or registry_id(s.registry))
-        return ann.version if ann is not None else None
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (Faust installs the handlers)."""

@@ -249,8 +249,9 @@ def test_a_failed_prune_after_publishing_still_reports_the_version_published(tmp
     assert "pruning failed: OSError: registry volume went read-only" in out.reason
 
 
-def _once(monkeypatch, tmp_path: Path, *extra: str) -> tuple[int, list[tuple[str, str, float]]]:
-    """`hrnn retrainer --once` with a broker address, its announcements recorded instead of sent."""
+def _once(monkeypatch, tmp_path: Path, *extra: str, canary=None) -> tuple[int, list[tuple[str, str, float]]]:
+    """`hrnn retrainer --once` with a broker address, its announcements recorded instead of sent; `canary`: the
+    announcement of a canary serving now."""
     import stream.announce
     import stream.observability
     from stream.cli import main as hrnn
@@ -258,6 +259,7 @@ def _once(monkeypatch, tmp_path: Path, *extra: str) -> tuple[int, list[tuple[str
     sent = []
     monkeypatch.setattr(stream.announce, "announce",
                         lambda bootstrap, topic, version, path, **k: sent.append((version, k["reason"], k["share"])))
+    monkeypatch.setattr(stream.announce, "latest_canary", lambda *a, **k: canary)
     monkeypatch.setattr(stream.observability, "setup_json_logging", lambda level: None)  # keep pytest's logging
     rc = hrnn(["retrainer", "--once", "--registry", str(tmp_path / "registry"), "--archive", str(tmp_path / "archive"),
                "--window-days", "30", "--min-events", "100", "--margin", "1.0", "--bootstrap-servers", "127.0.0.1:9",
@@ -275,6 +277,19 @@ def test_once_with_a_canary_share_announces_a_canary_and_leaves_current_alone(tm
     out = json.loads(capsys.readouterr().out)  # the run's outcome
     assert rc == 0 and out["status"] == "published" and current_version(tmp_path / "registry") == first
     assert sent == [(out["version"], "canary", 0.25)]
+
+
+def test_once_with_a_canary_share_skips_while_a_canary_serves(tmp_path, synth, monkeypatch, capsys):
+    from stream.announce import Announcement
+
+    ArchiveWriter(tmp_path / "archive", "ev").write(_archived(synth))
+    serving = Announcement("v9", str(tmp_path / "registry" / "v9"), "", "canary", "", 0.25)
+    rc, sent = _once(monkeypatch, tmp_path, "--canary-share", "0.25", canary=serving)
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["status"] == "skipped" and "the canary v9 still serves" in out["reason"]
+    assert sent == [] and not (tmp_path / "registry").exists()  # nothing trained, nothing announced
+    rc, sent = _once(monkeypatch, tmp_path, canary=serving)  # a full rollout ends any canary: it runs
+    assert rc == 0 and [reason for _, reason, _ in sent] == ["retrain"]
 
 
 @pytest.mark.parametrize("flag, value", [("--canary-share", "1.5"), ("--keep-versions", "-1"), ("--window-days", "0")])
