@@ -9,6 +9,8 @@ Shared conventions:
   integer-valued scores (counts) get popularity / (max popularity + 1) < 1; real-valued scores
   get 1e-6 (similarities in [0, 1]) or 1e-9 (recency weights) times popularity / max popularity.
   Without it the evaluator's pessimistic tie rule would rank every unscored item last together.
+  Scores are float64: in float32 a term of 1e-9 (or 1e-6 between close popularities) vanishes
+  beside a score near 1, and the ties it should break count against the baseline.
 - Scores are deterministic (no sampling by chance: sknn samples the most recent sessions).
 """
 from __future__ import annotations
@@ -64,7 +66,7 @@ class _Baseline:
         return [self._score_seq(s) for s in seqs]
 
     def _score_seq(self, seq: UserSequence) -> np.ndarray:
-        out = np.empty((len(seq.targets), self.n_items), dtype=np.float32)
+        out = np.empty((len(seq.targets), self.n_items), dtype=np.float64)
         begin = _session_begin(seq)
         for r, t in enumerate(seq.targets):
             t = int(t)
@@ -97,7 +99,7 @@ class RecentPopularity(_Baseline):
     def _fit(self, train: Interactions, session_start: np.ndarray) -> None:
         recent = train.ts_ms >= (train.ts_ms.max() if len(train) else 0) - self.days * DAY_MS
         counts = np.bincount(train.item[recent], minlength=self.n_items).astype(np.float64)
-        self.row = (counts + self.pop / (self.pop.max() + 1.0)).astype(np.float32)
+        self.row = counts + self.pop / (self.pop.max() + 1.0)
 
     def _score_seq(self, seq: UserSequence) -> np.ndarray:
         return np.broadcast_to(self.row, (len(seq.targets), self.n_items)).copy()
