@@ -86,7 +86,10 @@ def save_version(registry: str | Path, model: HRNN, config: HRNNConfig, data_con
     `extras(dir)` may add files (plots, reports) before the manifest is written; they are checksummed too.
     """
     reg = Path(registry)
-    reg.mkdir(parents=True, exist_ok=True)
+    try:
+        reg.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot create the registry {reg} ({exc.strerror})") from None
     version = version or new_version_name()
     final = reg / version
     if final.exists():

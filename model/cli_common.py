@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the model commands: data flags, config flags, output files.
+"""Command-line plumbing shared by the model commands: data flags, config flags, output files and folders.
 
 Every field of HRNNConfig and DataConfig is a flag (`--hidden-dimension 64`), read with the
 same coercion and range checks as a config file (`--config best.json`) or the environment
@@ -75,3 +75,14 @@ def output_file(path: str | None, flag: str) -> None:
     if target.is_dir() or not os.access(target.parent, os.W_OK):
         raise ConfigError(f"{flag} {path}: " + ("a folder, not a file" if target.is_dir() else
                                                 "its folder is not writable"))
+
+
+def output_dir(path: str, flag: str) -> None:
+    """Make sure `path` is (or can be made) a writable directory before the work that fills it."""
+    target = Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot create the directory ({exc.strerror})") from None
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: the directory is not writable")

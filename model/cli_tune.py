@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data
+from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data, output_dir
 from model.config import DataConfig, HRNNConfig
 from model.pipeline import HOLDOUTS
 
@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is None and not args.config:
         args.epochs = TRIAL_EPOCHS
     config, data_config = configs_from_args(args)
+    output_dir(args.out, "--out")
     result = tune(load_data(args), args.out, base=config, data_config=data_config, trials=args.trials,
                   timeout_s=args.timeout_s, holdout=args.holdout, device=args.device, seed=args.tune_seed)
     print(result.out_dir / "best.json")

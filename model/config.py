@@ -115,6 +115,7 @@ class HRNNConfig:
         _in_range("distill_teachers", self.distill_teachers, 0, 16)
         _in_range("distill_weight", self.distill_weight, 0.0, 100.0)
         _in_range("history_length", self.history_length, 1, 10_000)
+        _in_range("seed", self.seed, 0, 2**32 - 1)  # numpy's and torch's generators take no negative seed
         if self.tied_embeddings and self.embedding_dimension not in (0, self.hidden_dimension):
             raise ConfigError("tied_embeddings needs embedding_dimension equal to hidden_dimension (or 0)")
 

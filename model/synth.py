@@ -250,7 +250,7 @@ def _check(n_users: int, n_items: int, n_categories: int, repeat_share: float, e
         raise ConfigError(f"n_items ({n_items}) must be at least n_categories ({n_categories})")
     if not 0.0 <= repeat_share < 1.0:
         raise ConfigError(f"repeat_share must be in [0, 1), got {repeat_share}")
-    if events_per_user < 2:
-        raise ConfigError(f"events_per_user must be at least 2, got {events_per_user}")
-    if session_length < 1:
-        raise ConfigError(f"session_length must be at least 1, got {session_length}")
+    if not 2 <= events_per_user <= 1e6:  # NaN fails too
+        raise ConfigError(f"events_per_user must lie in [2, 1e6], got {events_per_user}")
+    if not 1 <= session_length <= 1e6:
+        raise ConfigError(f"session_length must lie in [1, 1e6], got {session_length}")

@@ -239,7 +239,7 @@ def _explore_loss(gru: torch.Tensor, window: HistoryWindow, cands: torch.Tensor,
     diag = torch.arange(targets.shape[0], device=gru.device)
     explore = ~member[diag, diag]
     member[diag, diag] = False
-    per_row = ranking_loss(cfg.loss, gru.masked_fill(member, NEG_INF), cands, targets, bpreg=cfg.bpreg)
+    per_row = ranking_loss(cfg.loss, gru, cands, targets, bpreg=cfg.bpreg, exclude=member)
     return _weighted(per_row * explore, w)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -105,8 +106,10 @@ def tune(data: Interactions, out_dir: str | Path, *, base: HRNNConfig, data_conf
     """Run the study and write its outputs (see the module docstring). `base.epochs` is each trial's epoch budget."""
     if trials < 1:
         raise ConfigError(f"trials must be >= 1, got {trials}")
-    if timeout_s <= 0:
-        raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
+    if not 0 < timeout_s < math.inf:  # NaN fails too: a NaN deadline would never be reached
+        raise ConfigError(f"timeout_s must be a number of seconds > 0, got {timeout_s}")
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"the sampler's seed must lie in [0, 2**32), got {seed}")
     resolve_device(device)  # here, not as every trial's failure
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     out = Path(out_dir)

@@ -83,6 +83,12 @@ def test_models_show_gives_manifest_config_and_metrics(trained):
     (["evaluate", "--data", "{data}", "--baselines", "pop", "--json", "{d}/list.json/eval.json"],
      "--json {d}/list.json/eval.json: cannot create its folder"),
     (["evaluate", "--data", "{data}", "--baselines", "nope"], "unknown baseline 'nope'"),
+    (["train", "--data", "{data}", "--registry", "{d}/list.json"], "--registry {d}/list.json: cannot create"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--seed", "-1"], "seed = -1"),
+    (["tune", "--data", "{data}", "--out", "{d}/list.json", "--trials", "1"], "--out {d}/list.json: cannot create"),
+    (["tune", "--data", "{data}", "--out", "{d}/tune", "--timeout-s", "nan"], "timeout_s must be a number of seconds"),
+    (["tune", "--data", "{data}", "--out", "{d}/tune", "--tune-seed", "-1"], "the sampler's seed must lie in"),
+    (["synth", "--out", "{d}/s.csv", "--events-per-user", "nan"], "events_per_user must lie in [2, 1e6]"),
     (["models", "show", "{reg}", "v0"], "no version 'v0'"),
 ])
 def test_bad_input_is_a_clear_error_and_a_nonzero_exit(trained, args, message):

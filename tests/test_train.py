@@ -126,6 +126,19 @@ def test_losses_ignore_candidates_that_are_the_positive_item(loss):
     torch.testing.assert_close(with_dup, without)
 
 
+@pytest.mark.parametrize("loss", ["top1", "bpr-max", "cross-entropy"])
+def test_excluded_columns_count_for_nothing_in_any_loss(loss):
+    """The repeat head's explore loss excludes each row's window items: as if those columns were not there."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10)
+    cands, targets = torch.arange(10), torch.arange(4)
+    exclude = torch.zeros(4, 10, dtype=torch.bool)
+    exclude[:, 5:8] = True
+    keep = ~exclude[0]
+    torch.testing.assert_close(ranking_loss(loss, logits, cands, targets, exclude=exclude),
+                               ranking_loss(loss, logits[:, keep], cands[keep], targets))
+
+
 def _drifting_popularity() -> Interactions:
     """Item 'old' is what everybody clicks early on; item 'new' takes over at the end."""
     rng = np.random.default_rng(0)
