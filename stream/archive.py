@@ -19,10 +19,14 @@ old log's; the topic id in the names (Kafka's, see kafka_clients.topic_id) keeps
 batches apart, so the new one is archived from its start and both are read for training.
 Files without an id (a broker that gives none, or archives written before ids were named) are
 one more log of their own.
-Only valid events are archived (the worker sends the others to the dead-letter topic).
+Only valid events are archived (the worker sends the others to the dead-letter topic). An event
+dated after tomorrow (UTC; a wrong client clock) is archived in its day's folder too, but counted
+and logged, and the training window ignores such folders until their day comes: one of them must
+not make every window end in the future.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -65,6 +69,11 @@ class ArchivedEvent:
 
 def _day_of(ts_ms: int) -> date:
     return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).date()
+
+
+def latest_window_day() -> date:
+    """The newest day a window may end on: tomorrow (UTC), which tolerates clocks a day ahead."""
+    return datetime.now(timezone.utc).date() + timedelta(days=1)
 
 
 def day_dirs(root: str | Path) -> list[tuple[date, Path]]:
@@ -124,11 +133,15 @@ class ArchiveWriter:
         if "+" in topic or "/" in topic:
             raise ArchiveError(f"topic name {topic!r} cannot name archive files")
         self.root, self.topic = Path(root), topic
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # an existing file of that name, or a parent that is one
+            raise ArchiveError(f"archive {root} cannot be a directory: {exc}") from None
         self.topic_id: str | None = None
         self.high: dict[int, int] = {}  # partition -> highest archived offset of this topic id's log
         self.events_written = 0
         self.duplicates_skipped = 0
+        self.future_events = 0  # written, dated after tomorrow: the window ignores them until their day
         # refresh (on an assignment) and write (the agent's batch) run on executor threads: a batch must be
         # named and marked for one log, never half for each
         self._lock = threading.Lock()
@@ -188,18 +201,33 @@ class ArchiveWriter:
             # only now is the batch complete, and its offsets count as archived
             self.high[partition] = max(self.high.get(partition, -1), last)
             self.events_written += len(rows)
+            self._count_future(rows)
         return written
+
+    def _count_future(self, written: list[ArchivedEvent]) -> None:
+        """Count and log the events written dated after tomorrow (once written: a retried batch is not counted
+        twice)."""
+        latest = latest_window_day()
+        future = [a for a in written if _day_of(a.event.timestamp_ms) > latest]
+        if future:
+            self.future_events += len(future)
+            newest = max(future, key=lambda a: a.event.timestamp_ms)
+            log.warning("archiving events dated after tomorrow (a wrong clock?): training windows leave them out "
+                        "until their day", extra={"events": len(future), "newest_day": str(
+                            _day_of(newest.event.timestamp_ms)), "partition": newest.partition,
+                            "offset": newest.offset})
 
     def _write_file(self, day: date, name: str, rows: list[ArchivedEvent]) -> Path:
         d = self.root / f"{DAY_PREFIX}{day.isoformat()}"
-        d.mkdir(parents=True, exist_ok=True)
         final = d / name
         tmp = d / f".{name}.{uuid.uuid4().hex[:8]}"
         try:
+            d.mkdir(parents=True, exist_ok=True)
             pq.write_table(_table([a.event for a in rows]), tmp)
             os.replace(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. no folder to hold it (a file of the day's name)
+                tmp.unlink(missing_ok=True)
             raise ArchiveError(f"cannot write {final}: {exc}") from None
         return final
 
@@ -220,12 +248,18 @@ def _table(events: list[Event]) -> pa.Table:
 
 
 def window_days(root: str | Path, days: int, *, end: date | None = None) -> list[Path]:
-    """Day folders of the `days` most recent days, ending at `end` (default: the newest archived day).
+    """Day folders of the `days` most recent days, ending at `end` (default: the newest archived day that is
+    not after tomorrow, UTC).
 
-    The window follows the data rather than the wall clock, so replayed or historical logs train too."""
+    The window follows the data rather than the wall clock, so replayed or historical logs train too; but
+    not into the future, where one event of a wrong clock would leave every window holding that day only."""
     if days < 1:
         raise ArchiveError(f"the window must be at least one day, got {days}")
-    dirs = day_dirs(root)
+    if end is None:
+        latest = latest_window_day()
+        dirs = [(day, d) for day, d in day_dirs(root) if day <= latest]
+    else:
+        dirs = day_dirs(root)
     if not dirs:
         return []
     last = end or dirs[-1][0]

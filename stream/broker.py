@@ -12,6 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from model.errors import HRNNError
 
@@ -50,11 +51,24 @@ class LocalBroker:
         url = f"tcp://{self.host}:{self.port}"
         cmd = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                "--storage-engine", "memory://tansu/"]
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+        out = self._open_log()
+        try:
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+        finally:
+            if out is not subprocess.DEVNULL:  # the broker holds its own copy
+                out.close()
         self._wait_ready(timeout_s)
         return self
+
+    def _open_log(self) -> int | BinaryIO:
+        if self.log_path is None:
+            return subprocess.DEVNULL
+        try:
+            return open(self.log_path, "ab")
+        except OSError as exc:  # a typo in --log is the user's to fix, not a crash
+            raise BrokerError(f"cannot open the broker log {self.log_path}: {exc.strerror or exc} "
+                              "(its directory must exist and be writable)") from None
 
     def _wait_ready(self, timeout_s: float) -> None:
         from confluent_kafka.admin import AdminClient

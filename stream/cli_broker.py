@@ -1,7 +1,11 @@
 """`hrnn broker`: the local Kafka-compatible broker (Tansu) in the foreground, for development.
 
-The bootstrap address is the only stdout line, so a script can start it and read the address:
-    hrnn broker --port 9092 &   or   BOOT=$(hrnn broker | head -1) ...
+The bootstrap address is the only stdout line, printed once the broker answers. It stays in the
+foreground, so `BOOT=$(hrnn broker | head -1)` would wait for it forever; a script starts it in
+the background and reads the line once it is there:
+    hrnn broker > broker.addr &  BROKER=$!
+    until [ -s broker.addr ]; do kill -0 $BROKER || exit 1; sleep 0.2; done
+    BOOT=$(head -1 broker.addr)   ...   kill $BROKER
 Data lives in memory only and is gone when the broker stops.
 """
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from model.config import DataConfig, HRNNConfig
+from model.errors import ConfigError
 from model.interactions import Interactions
 
 NEW_ITEM = "new-item-1"
@@ -34,12 +36,27 @@ OFF_SALE_AT = 0.4  # share of the live replay after which the most popular item 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="directory for data, registry, state, plots, summary.json")
-    p.add_argument("--users", type=int, default=1500)
-    p.add_argument("--items", type=int, default=600)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--rate", type=float, default=250.0, help="replay rate, events/s")
-    p.add_argument("--live-share", type=float, default=0.15, help="newest share of events replayed live")
+    p.add_argument("--users", type=int, default=1500, help="synthetic users, at least 10")
+    p.add_argument("--items", type=int, default=600, help="synthetic items, at least 20 (one per category)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, >= 0")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs, 1 to 1000")
+    p.add_argument("--rate", type=float, default=250.0, help="replay rate, events/s, > 0")
+    p.add_argument("--live-share", type=float, default=0.15,
+                   help="newest share of events replayed live, 0.01 to 0.9 (the rest trains the first version)")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range flags before any work: the demo trains for minutes before it uses --rate."""
+    checks = [("--users", args.users, args.users >= 10, "at least 10"),
+              ("--items", args.items, args.items >= 20, "at least 20, one per synthetic category"),
+              ("--seed", args.seed, args.seed >= 0, ">= 0"),
+              ("--epochs", args.epochs, 1 <= args.epochs <= 1000, "1 to 1000"),
+              ("--rate", args.rate, math.isfinite(args.rate) and args.rate > 0, "events/s, a number > 0"),
+              ("--live-share", args.live_share, 0.01 <= args.live_share <= 0.9,
+               "0.01 to 0.9, so both the history and the live part hold events")]
+    for flag, value, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"{flag} {value} is out of range: {allowed}")
 
 
 @dataclass
@@ -287,6 +304,7 @@ def _plot_latency(emitted: np.ndarray, lat: np.ndarray, run: LiveRun, path: Path
 
 
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     from model.network import device_label
     from model.synth import generate, write
     from stream.audit import audit_worker

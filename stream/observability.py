@@ -9,12 +9,16 @@ import json
 import logging
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from model.errors import ConfigError
 
 NAMESPACE = "hrnn"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -97,21 +101,48 @@ class WorkerMetrics:
 
 
 class HealthSource(Protocol):
-    alive: bool
-    details: dict[str, Any]
+    def report(self) -> tuple[bool, dict[str, Any]]: ...
 
 
 @dataclass
 class Health:
-    """What /health reports: the worker flips `alive` off when its loop is stuck or has failed."""
+    """What /health reports. `alive` is off once the worker failed or stopped; while it is on, a worker that
+    expects heartbeats (expect_beats) is still reported dead when its loop has not beaten for `stale_after_s`:
+    stuck somewhere, which only a restart mends (the liveness probe's job)."""
 
     alive: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    stale_after_s: float | None = None  # None: no heartbeats expected (a process without a loop to watch)
+    last_beat: float = 0.0  # clock() at the loop's last heartbeat
+    clock: Callable[[], float] = time.monotonic
 
     def update(self, alive: bool | None = None, **details: Any) -> None:
         if alive is not None:
             self.alive = alive
         self.details.update(details)
+
+    def expect_beats(self, stale_after_s: float) -> None:
+        """From now on, beat() at least every `stale_after_s` or be reported stuck."""
+        self.beat()
+        self.stale_after_s = stale_after_s
+
+    def beat(self) -> None:
+        # One attribute write per loop iteration, no lock: the HTTP thread reading a float a beat late
+        # changes nothing, and the hot path stays free of contention.
+        self.last_beat = self.clock()
+
+    def report(self) -> tuple[bool, dict[str, Any]]:
+        """(alive, the details /health shows), judged now."""
+        details = dict(self.details)
+        if self.stale_after_s is None:
+            return self.alive, details
+        silent = self.clock() - self.last_beat
+        details["heartbeat_age_s"] = round(silent, 3)
+        if self.alive and silent > self.stale_after_s:
+            details["error"] = (f"the worker loop has not gone round for {silent:.0f} s (longer than "
+                                f"{self.stale_after_s:g} s): stuck")
+            return False, details
+        return self.alive, details
 
 
 class MetricsServer:
@@ -143,7 +174,8 @@ class MetricsServer:
 def start_http_server(metrics: WorkerMetrics, port: int, health: HealthSource, *,
                       host: str = "0.0.0.0") -> MetricsServer:
     """Serve GET /metrics (Prometheus text) and GET /health (JSON; 200 while alive, 503 otherwise).
-    Port 0 picks a free port; read it from the returned server's `.port`."""
+    Port 0 picks a free port; read it from the returned server's `.port`. A port that cannot be bound
+    (taken, privileged) raises a ConfigError naming it."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -151,8 +183,8 @@ def start_http_server(metrics: WorkerMetrics, port: int, health: HealthSource, *
             if path == "/metrics":
                 self._send(200, CONTENT_TYPE_LATEST, metrics.exposition())
             elif path in ("/health", "/healthz"):
-                alive = bool(health.alive)
-                body = {"status": "ok" if alive else "unavailable", **dict(health.details)}
+                alive, details = health.report()
+                body = {"status": "ok" if alive else "unavailable", **details}
                 self._send(200 if alive else 503, "application/json",
                            json.dumps(body, default=str).encode())
             else:
@@ -168,7 +200,11 @@ def start_http_server(metrics: WorkerMetrics, port: int, health: HealthSource, *
         def log_message(self, format: str, *args: Any) -> None:  # scrapes every few seconds: keep out of the log
             logging.getLogger(__name__).debug(format % args)
 
-    httpd = ThreadingHTTPServer((host, port), Handler)
+    try:
+        httpd = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve /metrics and /health on {host}:{port}: {exc.strerror or exc}; pick "
+                          "another metrics port (0 turns the endpoint off)") from None
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, name="hrnn-metrics-http", daemon=True)
     thread.start()

@@ -30,7 +30,7 @@ import torch
 
 from model.artifact import LoadedModel, current_version, load_version, save_version
 from model.config import DataConfig, HRNNConfig, load_config, to_dict
-from model.errors import ArtifactError, HRNNError
+from model.errors import ArtifactError, ConfigError, HRNNError
 from model.evaluate import evaluate
 from model.inference import HRNNScorer
 from model.network import HRNN, WINDOW_OFFSET
@@ -132,8 +132,11 @@ class _RegistryLock:
     """Only one retraining run per registry, even when leadership moves mid-run."""
 
     def __init__(self, registry: Path) -> None:
-        registry.mkdir(parents=True, exist_ok=True)
-        self._f = open(registry / LOCK_NAME, "w")
+        try:
+            registry.mkdir(parents=True, exist_ok=True)
+            self._f = open(registry / LOCK_NAME, "w")
+        except OSError as exc:  # a file of the registry's name (or a parent's), or no permission
+            raise ConfigError(f"registry {registry} cannot hold model versions: {exc}") from None
 
     def acquire(self) -> bool:
         try:
@@ -174,7 +177,10 @@ def retrain(spec: RetrainSpec) -> RetrainOutcome:
     """Run one retraining (in this process); never raises for data or model problems, reports them."""
     t0 = time.monotonic()
     registry = Path(spec.registry)
-    lock = _RegistryLock(registry)
+    try:
+        lock = _RegistryLock(registry)
+    except ConfigError as exc:
+        return RetrainOutcome("failed", str(exc))
     if not lock.acquire():
         lock.release()
         return RetrainOutcome("skipped", "another retraining run holds the registry lock")

@@ -2,7 +2,9 @@
 
 - An agent archives the events topic in batches (`stream.take_events`) into the training
   store (stream/archive.py). Faust acks a batch only after the agent has written it, so offsets
-  are committed after the files exist; the archive's offset-named files absorb replays. The
+  are committed after the files exist; the archive's offset-named files absorb replays. A write
+  that fails (disk full, permissions) is retried, with a capped backoff, until it succeeds or the
+  service stops: the batch is never acked unwritten, and /health says 503 meanwhile. The
   files also name the topic id, read on every assignment and whenever a batch holds offsets
   archived before: a recreated events topic is archived again from its start.
 - A timer (`--interval-s`) or crontab (`--cron`) with `on_leader=True` starts a retraining run
@@ -32,10 +34,11 @@ from typing import Any
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from model.errors import ConfigError, EventError
+from model.errors import ConfigError, EventError, HRNNError
 from model.events import decode_event
 from stream.archive import ArchivedEvent, ArchiveWriter, count_events
 from stream.kafka_clients import KafkaClientError, admin_client, topic_id
+from stream.observability import Health, MetricsServer
 from stream.retrain_job import RetrainOutcome, RetrainSpec
 from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
 
@@ -68,6 +71,8 @@ class RetrainerSettings:
     job_timeout_s: float = 6 * 3600.0
     registry_id: str | None = None
     metrics_port: int = 0
+    archive_retry_first_s: float = 0.5  # backoff of a failed archive write: doubles up to archive_retry_max_s
+    archive_retry_max_s: float = 30.0
 
     def validate(self) -> None:
         """The service's settings: those of a run (validate_run), the broker's and the schedule's."""
@@ -83,11 +88,15 @@ class RetrainerSettings:
                 raise ConfigError(f"--cron {self.cron!r} is not a crontab expression (e.g. '0 3 * * *')")
         if self.session_timeout_s < 3:
             raise ConfigError("--session-timeout-s must be at least 3")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {self.metrics_port} is not a TCP port (0..65535; 0: no endpoint)")
 
     def validate_run(self) -> None:
         """The settings one retraining run uses (all that `--once` needs: no broker, schedule or group)."""
         if not self.registry or not self.archive:
             raise ConfigError("the retrainer needs --registry DIR and --archive DIR")
+        _directory_flag("--registry", self.registry)
+        _directory_flag("--archive", self.archive)
         if self.window_days < 1:
             raise ConfigError(f"--window-days must be at least 1, got {self.window_days}")
         if not -1.0 <= self.margin <= 1.0:
@@ -107,6 +116,17 @@ class RetrainerSettings:
                            margin=self.margin, metric=self.metric, warm_start=self.warm_start,
                            min_events=self.min_events, device=self.device, keep_versions=self.keep_versions,
                            canary=self.canary_share > 0, hrnn=dict(self.hrnn), data=dict(self.data))
+
+
+def _directory_flag(flag: str, path: str) -> None:
+    """A directory the flag names must be one, or creatable as one (created when first written, so a run
+    refused for another reason leaves nothing behind): a file there, or as one of its parents, is refused."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == Path(path) else f" ({p} is a file)"
+                raise ConfigError(f"{flag} {path} must be a directory, but it is a file{where}: name a directory")
+            return
 
 
 class RetrainerMetrics:
@@ -129,6 +149,13 @@ class RetrainerMetrics:
         self.leader = Gauge("leader", "1 while this instance runs the schedule", namespace=ns, registry=r)
         self.last_published = Gauge("last_published_timestamp_seconds", "When a version was last published",
                                     namespace=ns, registry=r)
+        self.future_events = Counter("future_events", "Events archived dated after tomorrow (UTC; a wrong clock): "
+                                     "training windows leave them out until their day", namespace=ns, registry=r)
+        self.archive_write_failures = Counter("archive_write_failures", "Failed attempts to write a batch to the "
+                                              "archive (each is retried; the batch stays unacked)", namespace=ns,
+                                              registry=r)
+        self.archive_failing = Gauge("archive_failing", "1 while the archive cannot be written (archiving waits)",
+                                     namespace=ns, registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -197,8 +224,11 @@ class RetrainerService:
         settings.validate()
         self.settings = settings
         self.metrics = RetrainerMetrics()
+        self.health = Health(details={"state": "starting"})
         self.writer = ArchiveWriter(settings.archive, settings.events_topic)
         self._followed = False  # whether the writer follows the events topic's log (by its id) yet
+        self._archive_error: str | None = None  # why the batch in hand cannot be written, while it cannot
+        self._agent_crash: str | None = None  # why the archive agent stopped (its batch was acked unwritten)
         self.runs: list[RetrainOutcome] = []
         self.app = self._build_app()
 
@@ -220,14 +250,15 @@ class RetrainerService:
 
         @app.agent(events, name="archive")
         async def archive(stream) -> None:
-            async for batch in stream.take_events(s.archive_batch, within=s.archive_within_s):
-                await self._archive(batch)
+            await self._archive_stream(stream)
 
         @app.on_partitions_assigned.connect
         async def on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
             # another instance may have archived these partitions up to a later offset
             await asyncio.get_running_loop().run_in_executor(None, self._follow_events_log)
             self.metrics.leader.set(1 if app.is_leader() else 0)
+            self.health.update(state="running")
+            self._report_health()
             log.info("partitions assigned", extra={"partitions": sorted(f"{tp.topic}/{tp.partition}"
                                                                       for tp in assigned),
                                                      "leader": app.is_leader()})
@@ -241,6 +272,20 @@ class RetrainerService:
             app.timer(s.interval_s, on_leader=True, name="hrnn-retrain")(scheduled)
         return app
 
+    async def _archive_stream(self, stream) -> None:
+        """The archive agent: Faust's take_events acks a batch when the loop asks for the next one, or when an
+        exception leaves the loop; so `_archive` returns only once the batch is written, and an exception that
+        still escapes is reported (the batch it held is lost to the archive)."""
+        s = self.settings
+        try:
+            async for batch in stream.take_events(s.archive_batch, within=s.archive_within_s):
+                await self._archive(batch)
+        except Exception as exc:
+            self._agent_crash = f"{type(exc).__name__}: {exc}"
+            self._report_health()
+            log.error("the archive agent crashed: events are no longer archived", exc_info=True)
+            raise
+
     async def _archive(self, batch) -> None:
         good: list[ArchivedEvent] = []
         for ev in batch:
@@ -249,17 +294,82 @@ class RetrainerService:
                 good.append(ArchivedEvent(msg.partition, msg.offset, decode_event(ev.value)))
             except EventError as exc:
                 self.metrics.invalid_events.labels(reason=exc.reason).inc()
+        before, future_before = self.writer.events_written, self.writer.future_events
+        files = await self._write_until_done(good, batch)
+        if files is None:
+            return
+        # counted over every attempt: a partition written before a later one failed is no replay
+        fresh = self.writer.events_written - before
+        dup = len(good) - fresh
+        self.metrics.archived_events.inc(fresh)
+        self.metrics.duplicate_events.inc(dup)
+        self.metrics.future_events.inc(self.writer.future_events - future_before)
+        log.info("archived events", extra={"events": fresh, "invalid": len(batch) - len(good),
+                                           "duplicates": dup, "files": [f.name for f in files]})
+
+    async def _write_until_done(self, good: list[ArchivedEvent], batch) -> list[Path] | None:
+        """Write the batch, retrying with a capped backoff until it is written (its files), or the service stops
+        (None: the batch is released unacked). An error escaping the agent would have Faust ack the batch
+        unwritten, and its offsets would be committed."""
+        delay = self.settings.archive_retry_first_s
+        while True:
+            try:
+                files = await asyncio.get_running_loop().run_in_executor(None, self._write_batch, good)
+            except Exception as exc:  # noqa: BLE001 (any failure: giving up would lose the batch)
+                self._archive_write_failed(exc, len(good), delay)
+                if not await self._backoff(delay):
+                    self._release_unwritten(batch)
+                    return None
+                delay = min(delay * 2, self.settings.archive_retry_max_s)
+                continue
+            if self._archive_error is not None:
+                log.warning("the archive is written again", extra={"after_error": self._archive_error})
+                self._archive_error = None
+                self.metrics.archive_failing.set(0)
+                self._report_health()
+            return files
+
+    async def _backoff(self, delay_s: float) -> bool:
+        """Wait before the next attempt; False as soon as the service stops (Faust's stop waits for the batch)."""
+        deadline = time.monotonic() + delay_s
+        while not self.app.should_stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            await asyncio.sleep(min(left, 0.2))
+        return False
+
+    @staticmethod
+    def _release_unwritten(batch) -> None:
+        """Let Faust's stop go on without the batch: its messages count as done, so the stop stops waiting for
+        them, yet they are never acked to the consumer, so their offsets stay uncommitted and the next start
+        reads them again (take_events' own ack after this is a no-op)."""
+        for ev in batch:
+            ev.message.acked = True
+        log.warning("stopping with a batch not archived: it is read again on the next start",
+                    extra={"events": len(batch)})
+
+    def _write_batch(self, good: list[ArchivedEvent]) -> list[Path]:
+        """One attempt (on an executor thread)."""
         if not self._followed or any(self.writer.archived(a) for a in good):
             # the first batch may come before the assignment's follow has run (its files would name no log);
             # replays, or a new log of the same name whose offsets start again at 0
-            await asyncio.get_running_loop().run_in_executor(None, self._follow_events_log)
-        before_dup = self.writer.duplicates_skipped
-        files = await asyncio.get_running_loop().run_in_executor(None, self.writer.write, good)
-        dup = self.writer.duplicates_skipped - before_dup
-        self.metrics.archived_events.inc(len(good) - dup)
-        self.metrics.duplicate_events.inc(dup)
-        log.info("archived events", extra={"events": len(good) - dup, "invalid": len(batch) - len(good),
-                                           "duplicates": dup, "files": [f.name for f in files]})
+            self._follow_events_log()
+        return self.writer.write(good)
+
+    def _archive_write_failed(self, exc: Exception, events: int, retry_in_s: float) -> None:
+        self._archive_error = f"{type(exc).__name__}: {exc}"
+        self.metrics.archive_write_failures.inc()
+        self.metrics.archive_failing.set(1)
+        self._report_health()
+        log.error("cannot write a batch to the archive; it stays unacked and is retried",
+                  extra={"error": self._archive_error, "events": events, "retry_in_s": retry_in_s})
+
+    def _report_health(self) -> None:
+        """/health: 503 while the archive cannot be written or after the archive agent crashed (a crash is not
+        undone by a restarted agent: a batch was lost to the archive)."""
+        self.health.update(alive=self._archive_error is None and self._agent_crash is None,
+                           archive_error=self._archive_error, agent_crash=self._agent_crash)
 
     @functools.cached_property
     def _admin(self) -> AdminClient:
@@ -310,13 +420,10 @@ class RetrainerService:
         import faust
 
         server = None
-        if self.settings.metrics_port:
-            from stream.observability import Health, start_http_server
-
-            server = start_http_server(self.metrics, self.settings.metrics_port, Health())  # type: ignore[arg-type]
-        worker = faust.Worker(self.app, quiet=True, override_logging=False, redirect_stdouts=False,
-                              loglevel=logging.getLevelName(logging.getLogger().level))
         try:
+            server = self._serve_metrics()
+            worker = faust.Worker(self.app, quiet=True, override_logging=False, redirect_stdouts=False,
+                                  loglevel=logging.getLevelName(logging.getLogger().level))
             worker.execute_from_commandline()
         except SystemExit as exc:
             return int(exc.code or 0)
@@ -325,4 +432,16 @@ class RetrainerService:
                 server.shutdown()
             shutil.rmtree(self._datadir, ignore_errors=True)
         return 0
+
+    def _serve_metrics(self) -> MetricsServer | None:
+        """/metrics and /health on --metrics-port (None when 0)."""
+        from stream.observability import start_http_server
+
+        port = self.settings.metrics_port
+        if not port:
+            return None
+        try:
+            return start_http_server(self.metrics, port, self.health)  # type: ignore[arg-type]
+        except (OSError, HRNNError) as exc:  # taken by another process, or not ours to bind
+            raise ConfigError(f"--metrics-port {port} cannot be served: {exc}") from None
 

@@ -39,14 +39,15 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from model.errors import EventError, HRNNError
+from model.errors import ConfigError, EventError, HRNNError
 from model.events import Event, decode_event
 from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
@@ -55,8 +56,8 @@ from stream.announce import registry_id
 from stream.availability import AvailabilityReader
 from stream.canary import Serving
 from stream.hotswap import ModelHolder
-from stream.kafka_clients import (KafkaClientError, admin_client, consumer_config, error_detail, produce_waiting,
-                                  producer_config, topic_id)
+from stream.kafka_clients import (KafkaClientError, admin_client, create_consumer, create_producer, error_detail,
+                                  produce_waiting, topic_id)
 from stream.observability import Health, WorkerMetrics
 from stream.settings import WorkerSettings
 from stream.store import ChangelogRecord, StateStores
@@ -70,6 +71,9 @@ _LAG_EVERY_S = 5.0
 _IDLE_POLL_S = 0.1  # longest wait for a first record: how soon an idle worker notices a stop
 _RESTORE_IDLE_S = 5.0  # a changelog partition silent this long after a first answer (not at its end) counts as read
 _PROBE_TIMEOUT_S = 5.0  # how long a fetch at a store's changelog offset may stay silent before "not there"
+_BEAT_EVERY_RESTORED = 1000  # changelog records restored between two heartbeats: a long restore is not stuck
+# Room beside the bounded waits for RocksDB and model work between two heartbeats (liveness_timeout_s).
+_LIVENESS_SLACK_S = 60.0
 # Test-only fault injection (the SIGKILL tests): "<phase>:<batch number>" makes the process kill
 # itself with SIGKILL at that point of that batch. Phases: after_produce, after_flush, after_commit.
 FAULT_ENV = "HRNN_FAULT_INJECT"
@@ -78,6 +82,37 @@ FAULT_ENV = "HRNN_FAULT_INJECT"
 class WorkerError(HRNNError):
     """The worker cannot go on: records were not delivered, a commit or restore failed for good, or the
     availability topic cannot be read."""
+
+
+T = TypeVar("T")
+
+
+def liveness_timeout_s(settings: WorkerSettings) -> float:
+    """How long the worker loop may go without a heartbeat before /health reports it stuck (503: the
+    liveness probe restarts it). The loop beats every iteration (an empty poll too: idle is not stuck)
+    and after each wait bounded by restore_timeout_s (a partition's changelog restore, the first batch's
+    wait for the announced version, then for the availability topic), so the longest legitimate gap is
+    one of those waits plus the client calls around it (a restore's watermarks, probe and committed
+    offset; an exactly_once commit and abort: at most 4 of _CLIENT_TIMEOUT_S), a batch's wait for more
+    records, and _LIVENESS_SLACK_S for store and model work. Defaults: 120 + 120 + 0.01 + 60, about 300 s."""
+    return (settings.restore_timeout_s + 4 * _CLIENT_TIMEOUT_S + settings.batch_timeout_s
+            + _LIVENESS_SLACK_S)
+
+
+def _refused(kind: str, exc: KafkaClientError, given: Mapping[str, str]) -> ConfigError:
+    """librdkafka names the property it refused, sometimes by an alias (linger.ms as queue.buffering.max.ms),
+    so the names given for this kind of client stand beside it (not their values: they may be secrets)."""
+    names = ", ".join(sorted(given)) or "none"
+    return ConfigError(f"the Kafka {kind} settings were refused: {exc} (settings given for the {kind}: {names}; "
+                       f"fix them in kafka / kafka_{kind}, HRNN_KAFKA / HRNN_KAFKA_{kind.upper()} or --kafka-config)")
+
+
+def _beating(items: Iterator[T], beat: Callable[[], None], every: int = _BEAT_EVERY_RESTORED) -> Iterator[T]:
+    """The items unchanged, with a heartbeat every `every` of them."""
+    for i, item in enumerate(items, 1):
+        if i % every == 0:
+            beat()
+        yield item
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,17 +315,19 @@ class Worker:
         if s.create_topics:
             self._ensure_topics(self._admin)
         txn_id = s.effective_transactional_id() if s.exactly_once else None
-        self._producer = Producer(producer_config(s.bootstrap_servers, s.producer_kafka, transactional_id=txn_id))
+        try:
+            self._producer = create_producer(s.bootstrap_servers, s.producer_kafka, transactional_id=txn_id)
+        except KafkaClientError as exc:
+            raise _refused("producer", exc, s.producer_kafka) from None
         if s.exactly_once:
             self._producer.init_transactions(_CLIENT_TIMEOUT_S)
         if s.follow_availability:  # read while the group forms; the first batch waits for its end
             self.availability = AvailabilityReader(s.bootstrap_servers, s.availability_topic, extra=s.consumer_kafka,
                                                    create_topic=s.create_topics).start()
         restore_extra = {**s.consumer_kafka, "enable.partition.eof": False}
-        self._restorer = Consumer(consumer_config(s.bootstrap_servers, f"{s.group}-restore-{uuid.uuid4().hex[:8]}",
-                                                  restore_extra))
+        self._restorer = self._new_consumer(f"{s.group}-restore-{uuid.uuid4().hex[:8]}", restore_extra)
         extra = {**s.consumer_kafka, **({"isolation.level": "read_committed"} if s.exactly_once else {})}
-        self._consumer = Consumer(consumer_config(s.bootstrap_servers, s.group, extra))
+        self._consumer = self._new_consumer(s.group, extra)
         self._consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
         if s.follow_updates and self._own_models:
@@ -301,6 +338,12 @@ class Worker:
                                           "model_version": self.models.version,
                                           "guarantee": s.processing_guarantee})
 
+    def _new_consumer(self, group: str, extra: dict[str, object]) -> Consumer:
+        try:
+            return create_consumer(self.settings.bootstrap_servers, group, extra)
+        except KafkaClientError as exc:
+            raise _refused("consumer", exc, self.settings.consumer_kafka) from None
+
     def _ensure_topics(self, admin: AdminClient) -> None:
         s = self.settings
         n = partition_counts(admin).get(s.input_topic) or s.partitions or DEFAULT_PARTITIONS
@@ -310,9 +353,11 @@ class Worker:
             ensure_topics(admin, standard_topics(s.input_topic, s.output_topic, s.group, actual))
 
     def run(self, stop: threading.Event) -> BatchResult:
-        """Process batches until `stop` is set, then finish the batch in hand and close."""
+        """Process batches until `stop` is set, then finish the batch in hand and close. /health reports
+        the worker dead once the loop has not gone round for liveness_timeout_s."""
         if self._consumer is None:
             self.start()
+        self.health.expect_beats(liveness_timeout_s(self.settings))
         try:
             while not stop.is_set():
                 self.poll_once()
@@ -324,6 +369,7 @@ class Worker:
         return self.totals
 
     def poll_once(self) -> BatchResult | None:
+        self.health.beat()
         msgs = self.poll_batch()
         if msgs:
             result = self.process_batch(msgs)
@@ -411,8 +457,8 @@ class Worker:
         self.stores.close_all()
         if self._own_models:
             self.models.close()
-        if self.health.alive:
-            self.health.update(state="stopped")
+        if self.health.alive:  # a failure keeps its state and error
+            self.health.update(alive=False, state="stopped")
         log.info("worker stopped", extra={k: v for k, v in vars(self.totals).items()})
 
     def _serving_now(self) -> Serving:
@@ -458,6 +504,7 @@ class Worker:
         for tp in partitions:
             self._assigned_in[tp.partition] = self._consume_calls
             self.open_partition(tp.partition)
+            self.health.beat()  # each restore may take restore_timeout_s; several in a row are not stuck
         self.health.update(partitions=self.stores.partitions)
         if partitions:
             self.assigned.set()
@@ -498,8 +545,8 @@ class Worker:
             self.metrics.input_new_logs_total.inc()
         committed = self._committed_offset(partition)
         start = store.changelog_offset + 1
-        result = store.restore(read_changelog(self._restorer, s.changelog_topic, partition, start,
-                                              s.restore_timeout_s), committed, self._input_log)
+        changelog = read_changelog(self._restorer, s.changelog_topic, partition, start, s.restore_timeout_s)
+        result = store.restore(_beating(changelog, self.health.beat), committed, self._input_log)
         log.info("partition assigned", extra={
             "partition": partition, "committed_offset": committed, "restored": result.applied,
             "skipped_uncommitted": result.skipped, "changelog_offset": result.changelog_offset,
@@ -526,10 +573,13 @@ class Worker:
 
     def process_batch(self, msgs: Sequence[Message]) -> BatchResult:
         t0 = time.perf_counter()
+        self.health.beat()  # the waits below may take restore_timeout_s each
         if not self._announced_read:
             self._await_announced()
+            self.health.beat()
         serving = self._serving_now()  # one stable version, one canary, one share for the whole batch
         self._follow_availability()
+        self.health.beat()
         routed = route(msgs)
         result = BatchResult(records=len(msgs), batches=1)
         self._deliveries.reset()
@@ -660,6 +710,7 @@ class Worker:
     def _flush(self) -> None:
         remaining = self._producer.flush(_CLIENT_TIMEOUT_S)
         while remaining:  # librdkafka gives up by itself after delivery.timeout.ms; wait for its verdict
+            self.health.beat()  # a bounded wait, not a stuck loop
             log.warning("records still in flight after flush", extra={"remaining": remaining})
             remaining = self._producer.flush(_CLIENT_TIMEOUT_S)
         if self._deliveries.errors:
@@ -681,6 +732,7 @@ class Worker:
 
     def _commit_transaction(self, offsets: list[TopicPartition], attempts: int = 3) -> bool:
         for attempt in range(1, attempts + 1):
+            self.health.beat()
             try:
                 self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(),
                                                            _CLIENT_TIMEOUT_S)

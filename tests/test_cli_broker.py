@@ -1,6 +1,7 @@
 """`hrnn broker` runs the local broker in the foreground and stops cleanly on a signal."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from stream import cli_broker
 from stream.kafka_clients import admin_client
 from stream.topics import partition_counts
 
@@ -38,3 +40,32 @@ def test_broker_prints_its_address_serves_and_stops_on_signal(sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_log_file_that_cannot_be_opened_is_refused_with_exit_2_and_the_reason(tmp_path):
+    proc = subprocess.run([HRNN, "broker", "--log", str(tmp_path / "no-such-dir" / "b.log")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot open the broker log" in proc.stderr and "No such file or directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _documented_script() -> str:
+    """The shell lines the module docstring gives for reading the address, with a check in place of `...`."""
+    lines = [ln.strip() for ln in cli_broker.__doc__.splitlines() if ln.startswith("    ")]
+    return "\n".join(ln.replace("   ...   ", '\necho "$BOOT"\n') for ln in lines)
+
+
+@pytest.mark.broker
+def test_the_documented_script_usage_reads_the_address_and_goes_on_while_the_broker_runs(tmp_path):
+    env = {**os.environ, "PATH": f"{Path(HRNN).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(["bash", "-ec", _documented_script()], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # as `BOOT=$(hrnn broker | head -1)` did: it waits for the broker to end
+        os.killpg(proc.pid, signal.SIGTERM)  # the script's brokers too, not just bash
+        proc.communicate()
+        pytest.fail("the documented usage did not return while the broker runs")
+    assert proc.returncode == 0, err
+    assert out.strip().startswith("127.0.0.1:")

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def test_the_demo_recommends_every_valid_event_dead_letters_the_bad_and_swaps_in_the_retrained_version(tmp_path):
     out = tmp_path / "demo"
@@ -32,3 +34,17 @@ def test_the_demo_recommends_every_valid_event_dead_letters_the_bad_and_swaps_in
     assert all((out / name).stat().st_size > 0 for name in ("evaluation.png", "latency.png", "evaluation.json",
                                                             "online_quality.png"))
     assert re.search(r"the worker scores on (cpu|cuda)", proc.stdout)
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--live-share", "1.5", "0.01 to 0.9"), ("--live-share", "0", "0.01 to 0.9"), ("--rate", "0", "> 0"),
+    ("--rate", "nan", "> 0"), ("--users", "3", "at least 10"), ("--items", "5", "at least 20"),
+    ("--epochs", "0", "1 to 1000"), ("--seed", "-1", ">= 0"),
+])
+def test_an_out_of_range_flag_exits_2_naming_it_before_any_work(tmp_path, flag, value, allowed):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "stream.cli", "demo", "--out", str(out), flag, value],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"hrnn demo: error: {flag} " in proc.stderr and allowed in proc.stderr
+    assert not out.exists()  # nothing generated, trained or started

@@ -21,7 +21,9 @@ def _containers() -> dict[str, dict]:
             spec = doc.get("spec", {})
             spec = spec.get("jobTemplate", {}).get("spec", spec)  # a CronJob's pods are one level deeper
             for c in spec.get("template", {}).get("spec", {}).get("containers", []):
-                out[c["name"]] = {**c, "volumes": spec["template"]["spec"].get("volumes", [])}
+                pod = spec["template"]["spec"]
+                out[c["name"]] = {**c, "volumes": pod.get("volumes", []),
+                                  "pod_security": pod.get("securityContext", {})}
     return out
 
 
@@ -72,3 +74,18 @@ def test_the_quality_job_decides_canaries_on_the_workers_registry_at_their_path(
     path, claim, _ = registry_of(containers["worker"])
     # the announcements are keyed by the registry's path, and a decision writes CURRENT
     assert registry_of(quality) == (path, claim, True) == registry_of(containers["retrainer"])
+
+
+def test_every_volume_is_writable_by_the_user_the_image_runs_as():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    uid = int(dockerfile.split("useradd --uid ", 1)[1].split()[0])
+    assert "USER hrnn" in dockerfile and f"--gid {uid}" in dockerfile
+    for name, c in _containers().items():  # a claim's files get the pod's fsGroup
+        assert c["pod_security"] == {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid}, name
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    named = set(compose.get("volumes", {}))
+    mounts = {m.split(":")[1] for s in compose["services"].values() for m in s.get("volumes", [])
+              if m.split(":")[0] in named}
+    made = dockerfile.split("mkdir -p ", 1)[1].split("&&")[0].split()
+    assert mounts and mounts <= {p.rstrip("\\") for p in made if p.startswith("/")}  # so a new volume takes hrnn's
+    assert "chown -R hrnn /var/lib/hrnn" in dockerfile

@@ -4,20 +4,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-import urllib.error
-import urllib.request
+import subprocess
+import sys
 
 import pytest
 
+from model.errors import ConfigError
 from stream.observability import Health, WorkerMetrics, setup_json_logging, start_http_server
-
-
-def _get(port: int, path: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
+from worker_testkit import http_get
 
 
 @pytest.fixture
@@ -41,7 +35,7 @@ def test_metrics_endpoint_serves_the_worker_counters_on_a_free_port(served):
     metrics.dlq_total.labels(reason="bad_json").inc(2)
     metrics.event_to_recommendation_seconds.observe(0.003)
     assert server.port > 0
-    status, ctype, body = _get(server.port, "/metrics")
+    status, ctype, body = http_get(server.port, "/metrics")
     text = body.decode()
     assert status == 200 and ctype.startswith("text/plain")
     assert "hrnn_events_in_total 7.0" in text
@@ -55,19 +49,57 @@ def test_metrics_endpoint_serves_the_worker_counters_on_a_free_port(served):
 
 def test_health_is_200_json_while_alive_and_503_when_not(served):
     _, health, server = served
-    status, ctype, body = _get(server.port, "/health")
+    status, ctype, body = http_get(server.port, "/health")
     assert (status, ctype) == (200, "application/json")
     assert json.loads(body) == {"status": "ok", "partitions": [0, 1]}
     health.update(alive=False, error="poll loop stalled")
-    status, _, body = _get(server.port, "/health")
+    status, _, body = http_get(server.port, "/health")
     assert status == 503
     assert json.loads(body)["status"] != "ok" and json.loads(body)["error"] == "poll loop stalled"
     health.update(alive=True)
-    assert _get(server.port, "/health")[0] == 200
+    assert http_get(server.port, "/health")[0] == 200
+
+
+def test_health_turns_503_once_the_expected_heartbeat_is_older_than_its_threshold(served):
+    _, health, server = served
+    now = [100.0]
+    health.clock = lambda: now[0]
+    health.expect_beats(30.0)
+    now[0] += 29.0
+    status, _, body = http_get(server.port, "/health")
+    assert status == 200 and json.loads(body)["heartbeat_age_s"] == 29.0
+    now[0] += 2.0
+    status, _, body = http_get(server.port, "/health")
+    assert status == 503 and "stuck" in json.loads(body)["error"]
+    health.beat()  # the loop went round again: alive, and the stale error is not left behind
+    status, _, body = http_get(server.port, "/health")
+    assert status == 200 and "error" not in json.loads(body)
+
+
+def test_health_without_expected_heartbeats_never_goes_stale(served):
+    _, health, server = served
+    health.clock = lambda: 1e9  # e.g. the retrainer's endpoint: it has no loop that beats
+    assert http_get(server.port, "/health")[0] == 200
+
+
+def test_a_port_that_cannot_be_bound_is_a_config_error_naming_it(served):
+    taken = served[2].port
+    with pytest.raises(ConfigError, match=rf"127\.0\.0\.1:{taken}: Address already in use; pick another metrics port"):
+        start_http_server(WorkerMetrics(), taken, Health(), host="127.0.0.1")
+
+
+def test_serve_on_a_taken_metrics_port_exits_2_with_the_reason(served, tmp_path):
+    taken = served[2].port
+    proc = subprocess.run([sys.executable, "-m", "stream.cli", "serve", "--registry", str(tmp_path / "reg"),
+                           "--state-dir", str(tmp_path / "state"), "--metrics-port", str(taken)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"hrnn serve: error: cannot serve /metrics and /health on 0.0.0.0:{taken}" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_unknown_path_is_404(served):
-    assert _get(served[2].port, "/nope")[0] == 404
+    assert http_get(served[2].port, "/nope")[0] == 404
 
 
 def test_model_version_info_reports_only_the_serving_version():

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from model.synth import generate
 from stream.archive import ArchivedEvent, ArchiveError, ArchiveWriter, count_events, read_window
 from stream.replay import events_from_interactions
 from stream.retrain_job import RetrainSpec, passes_gate, retrain, warm_start_state
+from worker_testkit import health_of, http_get
 
 TINY = {"hidden_dimension": 32, "epochs": 1, "n_sample": 32, "batch_size": 32}
 DAY_MS = 86_400_000
@@ -177,6 +179,119 @@ def test_window_follows_the_newest_archived_day(tmp_path):
     assert count_events(tmp_path, 3) == 3 and count_events(tmp_path, 30) == 10
 
 
+def _today_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def test_one_event_dated_in_the_future_does_not_move_the_window_off_todays_events(tmp_path, caplog):
+    """The window ends at the newest day folder no later than tomorrow (UTC): a wrong clock's event of 2199 is
+    archived (and counted) but trains nobody until its day, while a clock one day ahead still counts."""
+    from stream.archive import window_days
+
+    now = _today_ms()
+    w = ArchiveWriter(tmp_path, "ev")
+    w.write([ArchivedEvent(0, k, Event(f"u{k}", "i", "click", now - (k % 3) * DAY_MS)) for k in range(30)])
+    w.write([ArchivedEvent(0, 30, Event("u", "i", "click", 7_226_582_400_000))])  # 2199-01-01
+    assert w.future_events == 1 and "dated after tomorrow" in caplog.text
+    assert count_events(tmp_path, 7) == 30 and len(read_window(tmp_path, 7)) == 30
+    assert "date=2199-01-01" not in [d.name for d in window_days(tmp_path, 7)]
+    w.write([ArchivedEvent(0, 31, Event("u", "i", "click", now + DAY_MS))])  # tomorrow: a clock a day ahead
+    assert w.future_events == 1 and count_events(tmp_path, 7) == 31
+    assert count_events(tmp_path, 1, end=date(2199, 1, 1)) == 1  # an explicit end still wins
+
+
+def test_a_historical_archive_keeps_its_window_at_its_newest_day(tmp_path):
+    w = ArchiveWriter(tmp_path, "ev")
+    w.write([ArchivedEvent(0, k, Event(f"u{k}", "i", "click", T0 - k * DAY_MS)) for k in range(10)])  # 2025
+    assert count_events(tmp_path, 3) == 3 and w.future_events == 0
+
+
+def test_the_service_counts_events_dated_after_tomorrow(tmp_path, monkeypatch):
+    svc = _offline_service(tmp_path, monkeypatch)
+    asyncio.run(svc._archive(_batch([(0, 0, T0), (0, 1, 7_226_582_400_000)])))
+    assert svc.metrics.registry.get_sample_value("hrnn_retrainer_future_events_total") == 1
+    assert svc.metrics.registry.get_sample_value("hrnn_retrainer_archived_events_total") == 2
+
+
+# --- a failing archive: retried, never acked unwritten, reported on /health ---
+
+def _offline_service(tmp_path: Path, monkeypatch, **settings):
+    """A RetrainerService with no broker behind it (the agent's methods are driven directly)."""
+    import stream.retrainer as retrainer
+
+    monkeypatch.setattr(retrainer, "topic_id", lambda admin, topic: "0a" * 16)
+    monkeypatch.setattr(retrainer.RetrainerService, "_admin", None)
+    return retrainer.RetrainerService(retrainer.RetrainerSettings(
+        bootstrap_servers="127.0.0.1:9", registry=str(tmp_path / "r"), archive=str(tmp_path / "a"), **settings))
+
+
+def _batch(rows: list[tuple[int, int, int]]) -> list:
+    """Faust events of (partition, offset, timestamp) as the agent gets them."""
+    from types import SimpleNamespace
+
+    from model.events import encode_event
+
+    return [SimpleNamespace(message=SimpleNamespace(partition=p, offset=k, acked=False),
+                            value=encode_event(Event(f"u{p}-{k}", "i", "click", ts))) for p, k, ts in rows]
+
+
+def test_a_failed_archive_write_is_retried_and_every_event_archived_exactly_once(tmp_path, monkeypatch):
+    """A write failing after one partition's files (disk full) is retried: the agent returns, and so lets
+    Faust ack the batch, only once all of it is written; meanwhile /health says 503 and the metrics say why."""
+    from stream.archive import ArchiveError
+    from stream.observability import start_http_server
+
+    svc = _offline_service(tmp_path, monkeypatch, archive_retry_first_s=0.01)
+    real_write_file, calls, seen = svc.writer._write_file, [], []
+
+    def disk_full_once(day, name, rows):
+        calls.append(name)
+        if len(calls) == 2:  # the second partition's file, after the first partition's was written
+            raise ArchiveError(f"cannot write {name}: [Errno 28] No space left on device")
+        if len(calls) == 3:  # the retry: the service reports the failure while it lasts
+            seen.append(health_of(server.port))
+        return real_write_file(day, name, rows)
+
+    monkeypatch.setattr(svc.writer, "_write_file", disk_full_once)
+    batch = _batch([(k % 2, k // 2, T0 + k) for k in range(20)])
+    with start_http_server(svc.metrics, 0, svc.health) as server:
+        asyncio.run(svc._archive(batch))
+        after = health_of(server.port)
+    data = read_window(tmp_path / "a", 30)
+    assert sorted(data.user_ids[data.user]) == sorted(f"u{k % 2}-{k // 2}" for k in range(20))  # each once
+    value = svc.metrics.registry.get_sample_value
+    assert value("hrnn_retrainer_archive_write_failures_total") == 1
+    assert value("hrnn_retrainer_archived_events_total") == 20 and value("hrnn_retrainer_duplicate_events_total") == 0
+    assert value("hrnn_retrainer_archive_failing") == 0
+    assert seen[0][0] == 503 and "No space left on device" in seen[0][1]["archive_error"]
+    assert after[0] == 200 and after[1]["archive_error"] is None
+
+
+def test_a_crashed_archive_agent_turns_health_unavailable(tmp_path, monkeypatch):
+    """An exception that still leaves the agent (Faust then acks its batch and restarts the agent) is reported
+    for good: /health says 503 with the reason, even once a restarted agent archives again."""
+    from stream.observability import start_http_server
+
+    svc = _offline_service(tmp_path, monkeypatch)
+
+    class Stream:
+        async def take_events(self, n, within):
+            yield _batch([(0, 0, T0)])
+
+    async def broken(batch):
+        raise RuntimeError("a bug in the agent")
+
+    archive = svc._archive
+    monkeypatch.setattr(svc, "_archive", broken)
+    with start_http_server(svc.metrics, 0, svc.health) as server:
+        assert health_of(server.port)[0] == 200
+        with pytest.raises(RuntimeError):
+            asyncio.run(svc._archive_stream(Stream()))
+        asyncio.run(archive(_batch([(0, 1, T0)])))  # as Faust's restarted agent would
+        code, body = health_of(server.port)
+    assert code == 503 and body["agent_crash"] == "RuntimeError: a bug in the agent"
+
+
 # --- one retraining run ---
 
 def test_gate():
@@ -297,6 +412,65 @@ def test_once_refuses_bad_settings_before_training(tmp_path, monkeypatch, capsys
     rc, sent = _once(monkeypatch, tmp_path, flag, value)
     assert rc == 2 and flag in capsys.readouterr().err
     assert sent == [] and not (tmp_path / "registry").exists()
+
+
+@pytest.fixture
+def busy_port():
+    """A port another process listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case, flag", [
+    ("metrics port out of range", "--metrics-port"),
+    ("metrics port taken", "--metrics-port"),
+    ("archive is a file", "--archive"),
+    ("archive under a file", "--archive"),
+    ("once: registry is a file", "--registry"),
+    ("once: archive is a file", "--archive"),
+])
+def test_bad_flags_exit_2_with_what_to_fix(tmp_path, monkeypatch, capsys, busy_port, case, flag):
+    """Bad input is said plainly (exit 2, the flag named), never a traceback; no broker is reached."""
+    import stream.observability
+    from stream.cli import main as hrnn
+
+    monkeypatch.setattr(stream.observability, "setup_json_logging", lambda level: None)
+    a_file = tmp_path / "a-file"
+    a_file.touch()
+    registry, archive, extra = tmp_path / "registry", tmp_path / "archive", []
+    if case == "metrics port out of range":
+        extra = ["--metrics-port", "70000"]
+    elif case == "metrics port taken":
+        extra = ["--metrics-port", str(busy_port)]
+    elif case.endswith("archive is a file"):
+        archive = a_file
+    elif case == "archive under a file":
+        archive = a_file / "archive"
+    elif case == "once: registry is a file":
+        registry = a_file
+    service = [] if case.startswith("once") else ["--bootstrap-servers", "127.0.0.1:9"]
+    once = ["--once"] if case.startswith("once") else []
+    rc = hrnn(["retrainer", *once, *service, "--registry", str(registry), "--archive", str(archive), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("hrnn retrainer: error: ") and flag in err and "Traceback" not in err
+    assert not registry.exists() or registry == a_file
+
+
+def test_a_registry_that_cannot_be_one_fails_the_run_instead_of_raising(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.touch()
+    out = retrain(RetrainSpec(registry=str(a_file), archive=str(tmp_path / "a")))
+    assert out.status == "failed" and f"registry {a_file} cannot hold model versions" in out.reason
+
+
+def test_an_archive_writer_refuses_a_file_with_a_typed_error(tmp_path):
+    (tmp_path / "a-file").touch()
+    with pytest.raises(ArchiveError, match="cannot be a directory"):
+        ArchiveWriter(tmp_path / "a-file", "ev")
 
 
 def test_a_single_run_needs_no_broker_and_refuses_a_negative_keep_versions():
@@ -439,6 +613,57 @@ def test_the_service_archives_retrains_publishes_and_announces(broker, tmp_path,
             assert any(o["status"] == "published" and o["version"] == ann.version for o in finished)
     finally:
         assert svc.stop() == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.broker
+def test_a_batch_the_archive_cannot_take_is_never_committed_and_is_archived_after_a_restart(broker, tmp_path, synth):
+    """Disk trouble (here: a file where the day's folder must go) makes every write fail: the service retries,
+    says so on /health and /metrics, stops promptly on SIGTERM without committing the batch, and the next start
+    archives every event exactly once."""
+    from stream.kafka_clients import admin_client, create_producer
+    from stream.replay import replay
+    from stream.topics import TopicSpec, ensure_topics
+
+    topic, app_id = f"ev-{uuid.uuid4().hex[:8]}", f"retrainer-{uuid.uuid4().hex[:8]}"
+    data = synth.subset(np.arange(len(synth)) < 500)
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(topic, 1)])
+    assert replay(data, create_producer(broker.bootstrap), topic, progress=False) == len(data)
+    days = sorted({time.strftime("%Y-%m-%d", time.gmtime(int(t) // 1000)) for t in data.ts_ms})
+    (tmp_path / "archive").mkdir()
+    blocker = tmp_path / "archive" / f"date={days[0]}"
+    blocker.touch()
+    port = _free_port()
+    args = _service_args(broker, tmp_path, topic, app_id, "--min-events", "1000000000", "--metrics-port", str(port))
+    svc = Service("a", args)
+    try:
+        _until(lambda: len(svc.logs("cannot write a batch to the archive; it stays unacked and is retried")) >= 2,
+               60, "failed archive writes")
+        code, body = health_of(port)
+        assert code == 503 and body["archive_error"]
+        assert "hrnn_retrainer_archive_failing 1.0" in http_get(port, "/metrics")[2].decode()
+        t0 = time.monotonic()
+    finally:
+        assert svc.stop() == 0
+    assert time.monotonic() - t0 < 20, "the stop waited for the unwritable batch"
+    assert count_events(tmp_path / "archive", 30) == 0
+    blocker.unlink()
+    svc = Service("b", args)
+    try:
+        _until(lambda: count_events(tmp_path / "archive", 30) == len(data), 60, "the archive to fill")
+        assert health_of(port)[0] == 200
+    finally:
+        assert svc.stop() == 0
+    got = read_window(tmp_path / "archive", 30)
+    assert sorted(zip(got.user_ids[got.user], got.item_ids[got.item], got.ts_ms // 1000)) == \
+        sorted(zip(data.user_ids[data.user], data.item_ids[data.item], data.ts_ms // 1000))
 
 
 @pytest.mark.broker

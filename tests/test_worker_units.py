@@ -1,5 +1,5 @@
-"""The worker's pure parts: routing consumed records, ownership rounds, replay detection, filters.
-No broker: records are real confluent_kafka.Message objects built in memory."""
+"""The worker's pure parts: routing consumed records, ownership rounds, replay detection, filters, client
+settings librdkafka refuses. No broker: records are real confluent_kafka.Message objects built in memory."""
 from __future__ import annotations
 
 import gc
@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 from confluent_kafka import KafkaError, Message
 
-from model.errors import EventError
+from model.artifact import latest_version_dir
+from model.errors import ConfigError, EventError
 from model.events import Event, _decode_general, decode_event, encode_event, parse_timestamp
-from model.inference import StepInput
+from model.inference import Recommender, StepInput
 from model.state import UserState
 from stream import worker
 from stream.settings import WorkerSettings
-from stream.worker import (TRACKED_PER_EVENT, Incoming, applied_before, filters_of, gc_threshold_for, route,
+from stream.worker import (TRACKED_PER_EVENT, Incoming, Worker, applied_before, filters_of, gc_threshold_for, route,
                            split_by_owner, tune_process_gc)
+from worker_testkit import make_registry
 
 TS = 1_767_225_600_000
 
@@ -248,3 +250,22 @@ def test_a_record_the_decoder_fails_on_unexpectedly_is_dead_lettered_as_undecoda
     assert [(m.offset(), exc.reason, exc.detail) for m, exc in routed.dead] == [(0, "undecodable", "ValueError: boom")]
     assert [e.offset for e in routed.events] == [1] and routed.next_offsets == {0: 2}
     assert "undecodable" in caplog.text
+
+
+@pytest.mark.parametrize("settings, names", [
+    ({"kafka_producer": {"linger.ms": "abc"}}, ["producer", "linger.ms", "queue.buffering.max.ms"]),
+    ({"kafka_consumer": {"session.timeout.ms": "abc"}}, ["consumer", "session.timeout.ms"]),
+])
+def test_a_client_setting_librdkafka_refuses_stops_the_worker_start_with_a_config_error_naming_it(
+        tmp_path, settings, names):
+    registry = make_registry(tmp_path / "reg")
+    s = WorkerSettings(bootstrap_servers="127.0.0.1:1", registry=str(registry), state_dir=str(tmp_path / "state"),
+                       device="cpu", create_topics=False, follow_updates=False, follow_availability=False, **settings)
+    w = Worker(s, recommender=Recommender.load(latest_version_dir(registry), "cpu"))
+    try:
+        with pytest.raises(ConfigError) as refused:  # `hrnn serve` exits 2 with this message, not a traceback
+            w.start()
+        assert all(name in str(refused.value) for name in names), str(refused.value)
+        assert "abc" not in str(refused.value).split("settings given")[1]  # values may be secrets: names only
+    finally:
+        w.close()

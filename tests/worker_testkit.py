@@ -171,3 +171,21 @@ def same_state(a: UserState, b: UserState, atol: float = 1e-5) -> bool:
             == [(h.item_id, h.ts_ms, h.event_type, h.new_session) for h in b.history]
             and np.allclose(a.session_hidden, b.session_hidden, atol=atol)
             and np.allclose(a.user_hidden, b.user_hidden, atol=atol))
+
+
+def http_get(port: int, path: str) -> tuple[int, str, bytes]:
+    """(status, content type, body) of GET http://127.0.0.1:port/path; an error status is an answer too."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
+
+
+def health_of(port: int) -> tuple[int, dict]:
+    """(status, JSON body) of a /health endpoint."""
+    status, _, body = http_get(port, "/health")
+    return status, json.loads(body)
