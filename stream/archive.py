@@ -201,21 +201,22 @@ class ArchiveWriter:
             # only now is the batch complete, and its offsets count as archived
             self.high[partition] = max(self.high.get(partition, -1), last)
             self.events_written += len(rows)
-            self._count_future(rows)
+            self._count_future(by_day)
         return written
 
-    def _count_future(self, written: list[ArchivedEvent]) -> None:
+    def _count_future(self, by_day: dict[date, list[ArchivedEvent]]) -> None:
         """Count and log the events written dated after tomorrow (once written: a retried batch is not counted
         twice)."""
         latest = latest_window_day()
-        future = [a for a in written if _day_of(a.event.timestamp_ms) > latest]
+        future = {day: rows for day, rows in by_day.items() if day > latest}
         if future:
-            self.future_events += len(future)
-            newest = max(future, key=lambda a: a.event.timestamp_ms)
+            n = sum(len(rows) for rows in future.values())
+            self.future_events += n
+            newest = max(future)
             log.warning("archiving events dated after tomorrow (a wrong clock?): training windows leave them out "
-                        "until their day", extra={"events": len(future), "newest_day": str(
-                            _day_of(newest.event.timestamp_ms)), "partition": newest.partition,
-                            "offset": newest.offset})
+                        "until their day", extra={"events": n, "newest_day": str(newest),
+                                                  "partition": future[newest][0].partition,
+                                                  "offset": future[newest][0].offset})
 
     def _write_file(self, day: date, name: str, rows: list[ArchivedEvent]) -> Path:
         d = self.root / f"{DAY_PREFIX}{day.isoformat()}"

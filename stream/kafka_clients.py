@@ -45,6 +45,19 @@ class KafkaClientError(HRNNError):
     """A Kafka client could not be created or a read did not finish."""
 
 
+class ClientSettingError(KafkaClientError, ConfigError):
+    """A Kafka client refused a pass-through setting: the user's to fix."""
+
+
+def _refused(kind: str, bootstrap: str, exc: Exception, extra: ClientSettings | None) -> ClientSettingError:
+    """librdkafka names the property it refused, sometimes by an alias (linger.ms as queue.buffering.max.ms),
+    so the names given stand beside it (not their values: they may be secrets)."""
+    names = ", ".join(sorted(extra or {})) or "none"
+    return ClientSettingError(f"cannot create a Kafka {kind} for {bootstrap}: {exc} (settings given: {names}; fix "
+                              "them where they come from: --kafka-config, a settings file's kafka tables or "
+                              "HRNN_KAFKA*)")
+
+
 class WaitTimeout(KafkaClientError, TimeoutError):
     """Fewer records than expected arrived before the deadline; `records` holds what did arrive."""
 
@@ -128,24 +141,24 @@ def admin_client(bootstrap: str, extra: ClientSettings | None = None) -> AdminCl
     try:
         return AdminClient(admin_config(bootstrap, extra))
     except (KafkaException, ValueError, TypeError) as exc:
-        raise KafkaClientError(f"cannot create a Kafka admin client for {bootstrap}: {exc}") from None
+        raise _refused("admin client", bootstrap, exc, extra) from None
 
 
 def create_producer(bootstrap: str, extra: ClientSettings | None = None, *,
                     transactional_id: str | None = None) -> Producer:
-    """A Producer with our defaults; a bad pass-through setting becomes a KafkaClientError naming it."""
+    """A Producer with our defaults; a bad pass-through setting becomes a ClientSettingError naming it."""
     try:
         return Producer(producer_config(bootstrap, extra, transactional_id=transactional_id))
     except (KafkaException, ValueError, TypeError) as exc:
-        raise KafkaClientError(f"cannot create a Kafka producer for {bootstrap}: {exc}") from None
+        raise _refused("producer", bootstrap, exc, extra) from None
 
 
 def create_consumer(bootstrap: str, group: str, extra: ClientSettings | None = None) -> Consumer:
-    """A group Consumer with our defaults; a bad pass-through setting becomes a KafkaClientError naming it."""
+    """A group Consumer with our defaults; a bad pass-through setting becomes a ClientSettingError naming it."""
     try:
         return Consumer(consumer_config(bootstrap, group, extra))
     except (KafkaException, ValueError, TypeError) as exc:
-        raise KafkaClientError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
+        raise _refused("consumer", bootstrap, exc, extra) from None
 
 
 def parse_client_settings(items: Iterable[str]) -> dict[str, str]:
@@ -209,7 +222,7 @@ def reader_consumer(bootstrap: str, extra: ClientSettings | None = None) -> Cons
     try:
         return Consumer(cfg)
     except (KafkaException, ValueError, TypeError) as exc:
-        raise KafkaClientError(f"cannot create a Kafka consumer for {bootstrap}: {exc}") from None
+        raise _refused("consumer", bootstrap, exc, extra) from None
 
 
 def produce_waiting(producer: Producer, topic: str, value: bytes | None, key: bytes | str | None = None,

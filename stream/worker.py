@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TypeVar
 
@@ -47,7 +47,7 @@ import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from model.errors import ConfigError, EventError, HRNNError
+from model.errors import EventError, HRNNError
 from model.events import Event, decode_event
 from model.inference import Filters, Recommendations, Recommender, StepInput
 from model.state import StateFormatError, UserState, decode_state, encode_state
@@ -97,14 +97,6 @@ def liveness_timeout_s(settings: WorkerSettings) -> float:
     records, and _LIVENESS_SLACK_S for store and model work. Defaults: 120 + 120 + 0.01 + 60, about 300 s."""
     return (settings.restore_timeout_s + 4 * _CLIENT_TIMEOUT_S + settings.batch_timeout_s
             + _LIVENESS_SLACK_S)
-
-
-def _refused(kind: str, exc: KafkaClientError, given: Mapping[str, str]) -> ConfigError:
-    """librdkafka names the property it refused, sometimes by an alias (linger.ms as queue.buffering.max.ms),
-    so the names given for this kind of client stand beside it (not their values: they may be secrets)."""
-    names = ", ".join(sorted(given)) or "none"
-    return ConfigError(f"the Kafka {kind} settings were refused: {exc} (settings given for the {kind}: {names}; "
-                       f"fix them in kafka / kafka_{kind}, HRNN_KAFKA / HRNN_KAFKA_{kind.upper()} or --kafka-config)")
 
 
 def _beating(items: Iterator[T], beat: Callable[[], None], every: int = _BEAT_EVERY_RESTORED) -> Iterator[T]:
@@ -315,19 +307,17 @@ class Worker:
         if s.create_topics:
             self._ensure_topics(self._admin)
         txn_id = s.effective_transactional_id() if s.exactly_once else None
-        try:
-            self._producer = create_producer(s.bootstrap_servers, s.producer_kafka, transactional_id=txn_id)
-        except KafkaClientError as exc:
-            raise _refused("producer", exc, s.producer_kafka) from None
+        self._producer = create_producer(s.bootstrap_servers, s.producer_kafka, transactional_id=txn_id)
         if s.exactly_once:
             self._producer.init_transactions(_CLIENT_TIMEOUT_S)
         if s.follow_availability:  # read while the group forms; the first batch waits for its end
             self.availability = AvailabilityReader(s.bootstrap_servers, s.availability_topic, extra=s.consumer_kafka,
                                                    create_topic=s.create_topics).start()
         restore_extra = {**s.consumer_kafka, "enable.partition.eof": False}
-        self._restorer = self._new_consumer(f"{s.group}-restore-{uuid.uuid4().hex[:8]}", restore_extra)
+        self._restorer = create_consumer(s.bootstrap_servers, f"{s.group}-restore-{uuid.uuid4().hex[:8]}",
+                                         restore_extra)
         extra = {**s.consumer_kafka, **({"isolation.level": "read_committed"} if s.exactly_once else {})}
-        self._consumer = self._new_consumer(s.group, extra)
+        self._consumer = create_consumer(s.bootstrap_servers, s.group, extra)
         self._consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
         if s.follow_updates and self._own_models:
@@ -337,12 +327,6 @@ class Worker:
         log.info("worker started", extra={"group": s.group, "input_topic": s.input_topic,
                                           "model_version": self.models.version,
                                           "guarantee": s.processing_guarantee})
-
-    def _new_consumer(self, group: str, extra: dict[str, object]) -> Consumer:
-        try:
-            return create_consumer(self.settings.bootstrap_servers, group, extra)
-        except KafkaClientError as exc:
-            raise _refused("consumer", exc, self.settings.consumer_kafka) from None
 
     def _ensure_topics(self, admin: AdminClient) -> None:
         s = self.settings
