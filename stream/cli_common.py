@@ -15,15 +15,26 @@ if TYPE_CHECKING:
 
 
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
-    """--bootstrap-servers (default $HRNN_BOOTSTRAP_SERVERS, else the local broker) and --kafka-config."""
+    """--bootstrap-servers (default $HRNN_BOOTSTRAP_SERVERS, else the local broker) and the Kafka client flags."""
     parser.add_argument("--bootstrap-servers", default=os.environ.get("HRNN_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
                         help="Kafka bootstrap servers (default $HRNN_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
-    _add_kafka_config(parser)
+    add_kafka_flags(parser)
 
 
-def _add_kafka_config(parser: argparse.ArgumentParser) -> None:
+def add_kafka_flags(parser: argparse.ArgumentParser) -> None:
+    """--kafka-config KEY=VALUE (repeatable) and --kafka-config-file: the Kafka client settings of every command."""
     parser.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
                         help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
+    parser.add_argument("--kafka-config-file", help="client.properties file with librdkafka settings (the flags "
+                        "win over its lines)")
+
+
+def kafka_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The settings of add_kafka_flags: the file's, then the flags'."""
+    from stream.kafka_clients import load_client_settings, parse_client_settings
+
+    out = load_client_settings(args.kafka_config_file) if getattr(args, "kafka_config_file", None) else {}
+    return out | parse_client_settings(getattr(args, "kafka_config", None) or [])
 
 
 def add_deployment_flags(parser: argparse.ArgumentParser, checks: str) -> None:
@@ -43,8 +54,7 @@ def add_deployment_flags(parser: argparse.ArgumentParser, checks: str) -> None:
       "until no record came for S seconds (default 2)")
     a("--timeout-s", type=float, default=600.0, help="give up reading a topic after S seconds")
     a("--json", help="also write the report as JSON to this file")
-    _add_kafka_config(parser)
-    a("--kafka-config-file", help="client.properties file with librdkafka settings")
+    add_kafka_flags(parser)
 
 
 def positive(value: float) -> bool:

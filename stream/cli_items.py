@@ -9,8 +9,7 @@ from pathlib import Path
 
 from model.errors import ConfigError
 from stream.availability import AvailabilityReader, set_availability
-from stream.cli_common import add_client_flags
-from stream.kafka_clients import parse_client_settings
+from stream.cli_common import add_client_flags, kafka_settings
 from stream.topics import AVAILABILITY_TOPIC
 
 
@@ -33,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.timeout_s <= 0:
         raise ConfigError(f"--timeout-s must be > 0 seconds, got {args.timeout_s}")
-    extra = parse_client_settings(args.kafka_config)
+    extra = kafka_settings(args)
     if args.action == "list":
         return _list(AvailabilityReader(args.bootstrap_servers, args.topic, extra=extra, poll_timeout_s=0.2), args)
     items, back = _item_ids(args), args.action == "available"

@@ -12,7 +12,8 @@ import json
 import sys
 
 from model.artifact import current_version, list_versions, verify
-from model.errors import ArtifactError
+from model.errors import ArtifactError, HRNNError
+from stream.cli_common import add_kafka_flags, kafka_settings
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for q in (ls, promote, rollback, canary, prune):
         q.add_argument("--topic", default="hrnn.model-updates")
         q.add_argument("--registry-id", help="announcement key (default: the registry's absolute path)")
+        add_kafka_flags(q)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,11 +105,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _announce(args: argparse.Namespace, version: str, path, *, reason: str = "promote", share: float = 1.0) -> None:
-    if args.bootstrap_servers:
-        from stream.announce import announce
+    """Announce what the command did; when a promote or rollback already changed CURRENT, a failure says how to
+    announce it without changing the registry again (a second rollback would go one further back)."""
+    if not args.bootstrap_servers:
+        return
+    from stream.announce import AnnouncementError, announce
 
+    try:
         announce(args.bootstrap_servers, args.topic, version, str(path), reason=reason,
-                 registry_id=args.registry_id, share=share)
+                 registry_id=args.registry_id, share=share, extra=kafka_settings(args))
+    except HRNNError as exc:
+        if reason == "canary":
+            raise
+        raise AnnouncementError(f"{exc}. The current version of {args.registry} is {version} now, but running "
+                                f"workers were not told: once that is fixed, announce it with `hrnn models promote "
+                                f"{args.registry} {version} --bootstrap-servers ...`") from None
 
 
 def _refuse_current_as_canary(registry: str, version: str) -> None:
@@ -123,7 +135,8 @@ def _announced_canary(args: argparse.Namespace):
     """The canary serving now for the registry (its announcement), else None."""
     from stream.announce import latest_canary, registry_id
 
-    return latest_canary(args.bootstrap_servers, args.topic, args.registry_id or registry_id(args.registry))
+    return latest_canary(args.bootstrap_servers, args.topic, args.registry_id or registry_id(args.registry),
+                         extra=kafka_settings(args))
 
 
 def _version_dir(registry: str, version: str):

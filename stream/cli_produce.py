@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from model.errors import ConfigError
-from stream.cli_common import add_client_flags
+from stream.cli_common import add_client_flags, kafka_settings
 
 DEFAULT_PARTITIONS = 6  # what the worker creates when it finds no input topic
 
@@ -43,11 +43,11 @@ def run(args: argparse.Namespace) -> int:
     columns = parse_column_map(args.columns) if args.columns else None
     data = load_interactions(args.data, columns=columns, time_unit=args.time_unit)
 
-    from stream.kafka_clients import admin_client, create_producer, parse_client_settings
+    from stream.kafka_clients import admin_client, create_producer
     from stream.replay import replay
     from stream.topics import TopicSpec, ensure_topics, partition_counts
 
-    extra = parse_client_settings(args.kafka_config)
+    extra = kafka_settings(args)
     admin = admin_client(args.bootstrap_servers, extra)
     partitions = args.partitions or partition_counts(admin).get(args.topic, DEFAULT_PARTITIONS)
     ensure_topics(admin, [TopicSpec(args.topic, partitions)])

@@ -1,7 +1,9 @@
 """`hrnn retrainer`: archive the events topic and retrain on a schedule (leader only), or once with --once.
 
 Hyperparameters default to the serving version's; any HRNN/featurization flag (`--epochs 3`)
-or `--config FILE` overrides them for the retrained versions.
+or `--config FILE` overrides them for the retrained versions. Kafka client settings are the workers'
+(`--kafka-config`, `--kafka-config-file`): the librdkafka clients take them as given, the archive's Faust
+consumer as stream/faust_credentials.py maps them.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 
 from model.cli_common import add_config_flags
 from model.config import DataConfig, HRNNConfig, read_config_file
+from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--train-device", default="cpu", help="device of the retraining run (cpu, cuda, auto)")
     a("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
     a("--log-level", default="INFO")
+    add_kafka_flags(p)
     add_config_flags(p, HRNNConfig, DataConfig)
 
 
@@ -72,7 +76,7 @@ def settings_from(args: argparse.Namespace):
         device=args.train_device,
         hrnn=_overrides(args, HRNNConfig), data=_overrides(args, DataConfig),
         session_timeout_s=args.group_session_timeout_s, job_timeout_s=args.job_timeout_s,
-        registry_id=args.registry_id, metrics_port=args.metrics_port)
+        registry_id=args.registry_id, metrics_port=args.metrics_port, kafka=kafka_settings(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import signal
 import threading
 from typing import Any
 
-from stream.kafka_clients import load_client_settings, parse_client_settings
+from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.settings import GUARANTEES, MAX_K, load_settings
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       "from a build that reads only format 1 is under way)")
     a("--gc-threshold", type=int, help="the process's gen-0 garbage-collection threshold (default 0: "
       "sized to --batch-size, 64 per event, at least 20000)")
-    a("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
-      help="librdkafka setting for every client, e.g. security.protocol=SASL_SSL (repeatable)")
-    a("--kafka-config-file", help="client.properties file with librdkafka settings")
+    add_kafka_flags(parser)
     a("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
 
 
@@ -69,11 +67,7 @@ _FIELDS = ("bootstrap_servers", "registry", "state_dir", "input_topic", "output_
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {name: getattr(args, name, None) for name in _FIELDS}
-    kafka: dict[str, str] = {}
-    if getattr(args, "kafka_config_file", None):
-        kafka.update(load_client_settings(args.kafka_config_file))
-    kafka.update(parse_client_settings(getattr(args, "kafka_config", None) or []))
-    out["kafka"] = kafka
+    out["kafka"] = kafka_settings(args)
     return out
 
 

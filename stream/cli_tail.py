@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from model.errors import ConfigError
-from stream.cli_common import add_client_flags
+from stream.cli_common import add_client_flags, kafka_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stream.kafka_clients import parse_client_settings
     from stream.tail import tail
 
     if args.count is not None and args.count < 1:
@@ -28,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     printed = tail(args.bootstrap_servers, args.topic, count=args.count, from_beginning=args.from_beginning,
-                   timeout_s=args.timeout, extra=parse_client_settings(args.kafka_config), top=args.top)
+                   timeout_s=args.timeout, extra=kafka_settings(args), top=args.top)
     if args.count is not None and printed < args.count:
         print(f"hrnn tail: {printed} of {args.count} records arrived within {args.timeout:g} s", file=sys.stderr)
         return 1

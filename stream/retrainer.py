@@ -14,6 +14,9 @@
   heartbeating and archiving while torch trains; a published version is announced on
   hrnn.model-updates with reason "retrain" (with --canary-share: "canary", for that share of the users).
 
+Kafka client settings (`--kafka-config`, as the workers take them) reach the librdkafka clients (the topic
+id, the announcements) as given and the Faust app as stream/faust_credentials.py maps them.
+
 Against Tansu a consumer-group join takes about session.timeout.ms / 2; Faust's default
 session timeout (60 s) made the first assignment take ~33 s, so the service sets 10 s by default.
 """
@@ -37,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from model.errors import ConfigError, EventError, HRNNError
 from model.events import decode_event
 from stream.archive import ArchivedEvent, ArchiveWriter, count_events
+from stream.faust_credentials import faust_credentials, librdkafka_only
 from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.observability import Health, MetricsServer
 from stream.retrain_job import RetrainOutcome, RetrainSpec
@@ -73,6 +77,7 @@ class RetrainerSettings:
     metrics_port: int = 0
     archive_retry_first_s: float = 0.5  # backoff of a failed archive write: doubles up to archive_retry_max_s
     archive_retry_max_s: float = 30.0
+    kafka: dict[str, str] = field(default_factory=dict)  # librdkafka client settings, mapped for Faust too
 
     def validate(self) -> None:
         """The service's settings: those of a run (validate_run), the broker's and the schedule's."""
@@ -90,6 +95,7 @@ class RetrainerSettings:
             raise ConfigError("--session-timeout-s must be at least 3")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port {self.metrics_port} is not a TCP port (0..65535; 0: no endpoint)")
+        faust_credentials(self.kafka)
 
     def validate_run(self) -> None:
         """The settings one retraining run uses (all that `--once` needs: no broker, schedule or group)."""
@@ -170,7 +176,7 @@ def announce_published(settings: RetrainerSettings, out: RetrainOutcome) -> bool
     s = settings
     try:
         announce(s.bootstrap_servers, s.updates_topic, out.version, out.path, registry_id=s.registry_id,
-                 reason="canary" if s.canary_share else "retrain", share=s.canary_share or 1.0)
+                 reason="canary" if s.canary_share else "retrain", share=s.canary_share or 1.0, extra=s.kafka)
         return True
     except Exception as exc:  # noqa: BLE001 (the version is published; announcing is retried by promote)
         out.reason += f"; announcing failed: {exc}"
@@ -189,7 +195,8 @@ def canary_skip(settings: RetrainerSettings, window_events: int = 0) -> RetrainO
         return None
     from stream.announce import latest_canary, registry_id
 
-    ann = latest_canary(s.bootstrap_servers, s.updates_topic, s.registry_id or registry_id(s.registry))
+    ann = latest_canary(s.bootstrap_servers, s.updates_topic, s.registry_id or registry_id(s.registry),
+                        extra=s.kafka)
     if ann is None:
         return None
     return RetrainOutcome("skipped", f"the canary {ann.version} still serves; decide it first (`hrnn quality "
@@ -230,6 +237,8 @@ class RetrainerService:
         self._archive_error: str | None = None  # why the batch in hand cannot be written, while it cannot
         self._agent_crash: str | None = None  # why the archive agent stopped (its batch was acked unwritten)
         self.runs: list[RetrainOutcome] = []
+        # built now, so a client setting librdkafka refuses stops the start (later it would only be logged)
+        self._admin  # noqa: B018
         self.app = self._build_app()
 
     def _build_app(self):
@@ -245,7 +254,11 @@ class RetrainerService:
             broker_session_timeout=s.session_timeout_s,
             broker_heartbeat_interval=max(0.5, s.session_timeout_s / 5),
             broker_rebalance_timeout=max(s.session_timeout_s, 10.0),
+            broker_credentials=faust_credentials(s.kafka),
         )
+        if librdkafka_only(s.kafka):
+            log.info("Kafka client settings the archive consumer (Faust) has no counterpart for apply to the "
+                     "librdkafka clients only", extra={"settings": librdkafka_only(s.kafka)})
         events = app.topic(s.events_topic, key_serializer="raw", value_serializer="raw")
 
         @app.agent(events, name="archive")
@@ -373,7 +386,7 @@ class RetrainerService:
 
     @functools.cached_property
     def _admin(self) -> AdminClient:
-        return admin_client(self.settings.bootstrap_servers)
+        return admin_client(self.settings.bootstrap_servers, self.settings.kafka)
 
     def _follow_events_log(self) -> None:
         """Point the archive writer at the events topic's current log (by topic id) and re-read its marks."""

@@ -92,7 +92,7 @@ def test_promote_and_rollback_announce_and_a_watcher_follows(broker, tmp_path):
     reg = tmp_path / "registry"
     v0, v1, v2 = _publish(reg, 3)
     topic = _topic()
-    args = ["--bootstrap-servers", broker.bootstrap, "--topic", topic]
+    args = ["--bootstrap-servers", broker.bootstrap, "--topic", topic, "--kafka-config", "client.id=hrnn-models"]
     with AnnouncementWatcher(broker.bootstrap, topic) as w:
         assert w.wait_caught_up(20)
         assert hrnn(["models", "promote", str(reg), v1, *args]) == 0
@@ -103,6 +103,23 @@ def test_promote_and_rollback_announce_and_a_watcher_follows(broker, tmp_path):
         assert hrnn(["models", "promote", str(reg), v0, *args]) == 0
         assert w.wait_for(v0, 20) is not None
     assert current_version(reg) == v0
+
+
+def test_the_models_commands_hand_their_kafka_client_settings_to_the_clients(tmp_path, capsys):
+    """A setting the client refuses is named (so it reached it); a rollback whose announcement failed says how
+    to announce the version it made current, not to roll back again."""
+    reg = tmp_path / "registry"
+    v0, v1 = _publish(reg, 2)
+    assert hrnn(["models", "promote", str(reg), v0]) == 0
+    assert hrnn(["models", "promote", str(reg), v1]) == 0
+    capsys.readouterr()
+    bad = ["--bootstrap-servers", "127.0.0.1:9", "--kafka-config", "no.such.setting=1"]
+    assert hrnn(["models", "list", str(reg), *bad]) == 2
+    assert "no.such.setting" in capsys.readouterr().err
+    assert hrnn(["models", "rollback", str(reg), *bad]) == 2
+    err = capsys.readouterr().err
+    assert current_version(reg) == v0 and "no.such.setting" in err
+    assert f"announce it with `hrnn models promote {reg} {v0} --bootstrap-servers ...`" in err
 
 
 def test_canary_announces_a_share_and_leaves_the_registry_current_alone(broker, tmp_path, capsys):

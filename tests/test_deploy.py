@@ -89,3 +89,27 @@ def test_every_volume_is_writable_by_the_user_the_image_runs_as():
     made = dockerfile.split("mkdir -p ", 1)[1].split("&&")[0].split()
     assert mounts and mounts <= {p.rstrip("\\") for p in made if p.startswith("/")}  # so a new volume takes hrnn's
     assert "chown -R hrnn /var/lib/hrnn" in dockerfile
+
+
+def test_every_pod_reads_the_kafka_client_settings_of_one_secret_which_the_retrainer_can_apply():
+    """Workers, retrainer, audit and quality connect alike, the retrainer's Faust consumer included."""
+    from stream.faust_credentials import faust_credentials
+    from stream.kafka_clients import parse_client_settings
+
+    def secret_of(container: dict) -> tuple[str, str]:
+        path = container["args"][container["args"].index("--kafka-config-file") + 1]
+        mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+        volume = next(v for v in container["volumes"] if v["name"] == mount["name"])
+        return volume["secret"]["secretName"], path[len(mount["mountPath"]) + 1:]
+
+    containers = _containers()
+    assert set(containers) == {"worker", "retrainer", "audit", "quality"}
+    assert {secret_of(c) for c in containers.values()} == {("hrnn-kafka-client", "client.properties")}
+    (secret,) = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "kafka-client.yaml").read_text())
+                 if d["metadata"]["name"] == "hrnn-kafka-client"]
+    lines = [ln for ln in secret["stringData"]["client.properties"].splitlines() if ln.strip()]
+    settings = parse_client_settings(lines)
+    assert settings["security.protocol"] == "SASL_SSL"
+    assert faust_credentials(settings).mechanism.value == settings["sasl.mechanism"]
+    config = next(yaml.safe_load_all((DEPLOY / "k8s" / "config.yaml").read_text()))["data"]["worker.toml"]
+    assert "[serve.kafka]" not in config  # one place: a table there would add to (and hide behind) the Secret's

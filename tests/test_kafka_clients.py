@@ -206,3 +206,24 @@ def test_the_first_offset_since_a_time_is_found_by_its_records_timestamps(broker
     # read again from the records, and the window's first offset can lie past the reported end.
     assert window_offsets(broker.bootstrap, topic, base + 17_000, {0: (0, 16)})[0] == (17, 20)
     assert window_offsets(broker.bootstrap, topic, None, {0: (2, 16)})[0] == (2, 20)  # no time: all of it
+
+
+@pytest.mark.parametrize("argv", [
+    ["produce", "--data", "../events.csv"], ["tail"], ["items", "list"],
+    ["models", "list", "reg", "--bootstrap-servers", "h:1"],
+    ["retrainer", "--once", "--registry", "reg", "--archive", "arc", "--bootstrap-servers", "h:1"],
+    ["audit"], ["quality"], ["serve", "--registry", "reg", "--state-dir", "st"],
+])
+def test_every_kafka_command_reads_a_client_properties_file_and_names_one_it_cannot(tmp_path, capsys, monkeypatch,
+                                                                                   argv):
+    """One flag, one reading: a missing file is said (exit 2) before any broker is reached or anything written."""
+    from stream import cli
+
+    (tmp_path / "events.csv").write_text("USER_ID,ITEM_ID,TIMESTAMP\nu,i,1\n")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    monkeypatch.setattr("stream.observability.setup_json_logging", lambda level: None)
+    missing = tmp_path / "client.properties"
+    assert cli.main([*argv, "--kafka-config-file", str(missing)]) == 2
+    assert f"cannot read Kafka client properties {missing}" in capsys.readouterr().err
+    assert list((tmp_path / "run").iterdir()) == []

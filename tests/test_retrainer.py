@@ -368,18 +368,39 @@ def _once(monkeypatch, tmp_path: Path, *extra: str, canary=None) -> tuple[int, l
     """`hrnn retrainer --once` with a broker address, its announcements recorded instead of sent; `canary`: the
     announcement of a canary serving now."""
     import stream.announce
-    import stream.observability
-    from stream.cli import main as hrnn
 
     sent = []
     monkeypatch.setattr(stream.announce, "announce",
                         lambda bootstrap, topic, version, path, **k: sent.append((version, k["reason"], k["share"])))
     monkeypatch.setattr(stream.announce, "latest_canary", lambda *a, **k: canary)
+    return _hrnn_once(monkeypatch, tmp_path, *extra), sent
+
+
+def _hrnn_once(monkeypatch, tmp_path: Path, *extra: str) -> int:
+    """`hrnn retrainer --once` on a tiny network, with a broker address (its clients replaced by the caller)."""
+    import stream.observability
+    from stream.cli import main as hrnn
+
     monkeypatch.setattr(stream.observability, "setup_json_logging", lambda level: None)  # keep pytest's logging
-    rc = hrnn(["retrainer", "--once", "--registry", str(tmp_path / "registry"), "--archive", str(tmp_path / "archive"),
-               "--window-days", "30", "--min-events", "100", "--margin", "1.0", "--bootstrap-servers", "127.0.0.1:9",
-               "--hidden-dimension", "32", "--epochs", "1", "--n-sample", "32", "--batch-size", "32", *extra])
-    return rc, sent
+    return hrnn(["retrainer", "--once", "--registry", str(tmp_path / "registry"), "--archive", str(tmp_path / "archive"),
+                 "--window-days", "30", "--min-events", "100", "--margin", "1.0", "--bootstrap-servers", "127.0.0.1:9",
+                 "--hidden-dimension", "32", "--epochs", "1", "--n-sample", "32", "--batch-size", "32", *extra])
+
+
+def test_once_hands_the_kafka_client_settings_to_the_clients_that_read_and_announce(tmp_path, synth, monkeypatch):
+    """The file's lines, then the flags (which win), reach the canary lookup and the announcement."""
+    import stream.announce
+
+    ArchiveWriter(tmp_path / "archive", "ev").write(_archived(synth))
+    props = tmp_path / "client.properties"
+    props.write_text("# managed kafka\nclient.id=from-file\nsocket.keepalive.enable=true\n")
+    seen = []
+    monkeypatch.setattr(stream.announce, "latest_canary", lambda *a, **k: seen.append(("lookup", k["extra"])))
+    monkeypatch.setattr(stream.announce, "announce", lambda *a, **k: seen.append(("announce", k["extra"])))
+    rc = _hrnn_once(monkeypatch, tmp_path, "--canary-share", "0.25", "--kafka-config-file", str(props),
+                    "--kafka-config", "client.id=from-flag")
+    given = {"client.id": "from-flag", "socket.keepalive.enable": "true"}
+    assert rc == 0 and seen == [("lookup", given), ("announce", given)]
 
 
 def test_once_with_a_canary_share_announces_a_canary_and_leaves_current_alone(tmp_path, synth, monkeypatch, capsys):
@@ -432,6 +453,9 @@ def busy_port():
     ("archive under a file", "--archive"),
     ("once: registry is a file", "--registry"),
     ("once: archive is a file", "--archive"),
+    ("a security setting Faust cannot apply", "ssl.keystore.location"),
+    ("a setting librdkafka refuses", "no.such.setting"),
+    ("a client properties file that is missing", "client.properties"),
 ])
 def test_bad_flags_exit_2_with_what_to_fix(tmp_path, monkeypatch, capsys, busy_port, case, flag):
     """Bad input is said plainly (exit 2, the flag named), never a traceback; no broker is reached."""
@@ -452,6 +476,12 @@ def test_bad_flags_exit_2_with_what_to_fix(tmp_path, monkeypatch, capsys, busy_p
         archive = a_file / "archive"
     elif case == "once: registry is a file":
         registry = a_file
+    elif case == "a security setting Faust cannot apply":
+        extra = ["--kafka-config", "security.protocol=SSL", "--kafka-config", "ssl.keystore.location=/k.p12"]
+    elif case == "a setting librdkafka refuses":
+        extra = ["--kafka-config", "no.such.setting=1"]
+    elif case == "a client properties file that is missing":
+        extra = ["--kafka-config-file", str(tmp_path / "client.properties")]
     service = [] if case.startswith("once") else ["--bootstrap-servers", "127.0.0.1:9"]
     once = ["--once"] if case.startswith("once") else []
     rc = hrnn(["retrainer", *once, *service, "--registry", str(registry), "--archive", str(archive), *extra])
@@ -595,8 +625,10 @@ def test_the_service_archives_retrains_publishes_and_announces(broker, tmp_path,
     bad.produce(topic, key=b"u", value=b"{not json")
     bad.flush(10)
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    # Kafka client settings as a managed cluster's would come, here for the plaintext broker: every client takes them
+    kafka = ["--kafka-config", "security.protocol=PLAINTEXT", "--kafka-config", "client.id=hrnn-retrainer-e2e"]
     svc = Service("a", _service_args(broker, tmp_path, topic, app_id, "--interval-s", "2", "--min-events",
-                                     str(len(synth)), "--window-days", "30", "--keep-versions", "2", *tiny))
+                                     str(len(synth)), "--window-days", "30", "--keep-versions", "2", *tiny, *kafka))
     try:
         with AnnouncementWatcher(broker.bootstrap, f"{topic}.updates") as watcher:
             _until(lambda: count_events(tmp_path / "archive", 30) == len(synth), 60, "the archive to fill")
@@ -611,6 +643,8 @@ def test_the_service_archives_retrains_publishes_and_announces(broker, tmp_path,
             assert metrics["comparison"]["accepted"] and metrics["retrain"]["window_events"] == len(synth)
             finished = [r["outcome"] for r in svc.logs("retraining run finished")]
             assert any(o["status"] == "published" and o["version"] == ann.version for o in finished)
+            (told,) = [r["settings"] for r in svc.lines if "apply to the librdkafka clients only" in r["msg"]]
+            assert told == ["client.id"]
     finally:
         assert svc.stop() == 0
 

@@ -11,6 +11,7 @@ import pytest
 from model.errors import ConfigError
 from stream import cli
 from stream.cli_serve import overrides_from
+from stream.kafka_clients import load_client_settings
 from stream.settings import WorkerSettings, load_settings
 from stream.topics import AVAILABILITY_TOPIC
 
@@ -41,17 +42,22 @@ def shipped_worker_toml(tmp_path: Path) -> Path:
 
 
 def test_the_shipped_kubernetes_worker_config_loads(tmp_path):
-    # unknown keys or bad values in the shipped file would fail here
-    s = load_settings(shipped_worker_toml(tmp_path), {"registry": "/registry", "state_dir": "/state", "bootstrap_servers": "kafka:9092"})
+    # unknown keys or bad values in the shipped files would fail here; the Kafka settings come from the Secret
+    secret = (Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "kafka-client.yaml").read_text()
+    props = tmp_path / "client.properties"
+    props.write_text(textwrap.dedent(secret.split("client.properties: |\n", 1)[1]))
+    s = load_settings(shipped_worker_toml(tmp_path), {"registry": "/registry", "state_dir": "/state",
+                                                      "bootstrap_servers": "kafka:9092",
+                                                      "kafka": load_client_settings(props)})
     s.validate()
     assert (s.processing_guarantee, s.batch_size, s.torch_threads) == ("exactly_once", 500, 2)
-    assert s.kafka["security.protocol"] == "SASL_SSL"
+    assert s.kafka["security.protocol"] == "SASL_SSL" and s.kafka["sasl.username"] == "hrnn"
 
 
 def test_the_audit_reads_the_workers_settings_without_their_registry_or_state(tmp_path):
     cfg = shipped_worker_toml(tmp_path)
     s = load_settings(cfg, {"bootstrap_servers": "kafka:9092"}, serving=False)
-    assert (s.group, s.processing_guarantee, s.kafka["security.protocol"]) == ("hrnn-worker", "exactly_once", "SASL_SSL")
+    assert (s.group, s.processing_guarantee) == ("hrnn-worker", "exactly_once")
     with pytest.raises(ConfigError, match="--registry"):
         load_settings(cfg, {"bootstrap_servers": "kafka:9092"})  # serving needs them
     with pytest.raises(ConfigError, match="must differ"):
