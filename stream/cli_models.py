@@ -14,6 +14,7 @@ import sys
 from model.artifact import current_version, list_versions, verify
 from model.errors import ArtifactError, HRNNError
 from stream.cli_common import add_kafka_flags, kafka_settings
+from stream.topics import MODEL_UPDATES_TOPIC
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,14 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--bootstrap-servers", required=q is canary,
                        help="announce it on the model-updates topic" + ("" if q is canary else " too"))
     for q in (ls, promote, rollback, canary, prune):
-        q.add_argument("--topic", default="hrnn.model-updates")
+        q.add_argument("--topic", default=MODEL_UPDATES_TOPIC)
         q.add_argument("--registry-id", help="announcement key (default: the registry's absolute path)")
         add_kafka_flags(q)
 
 
 def run(args: argparse.Namespace) -> int:
+    kafka = _kafka_settings(args)  # before the registry changes: a bad setting then changes nothing
     if args.action == "list":
-        canary = _announced_canary(args) if args.bootstrap_servers else None
+        canary = _announced_canary(args, kafka) if args.bootstrap_servers else None
         for v in list_versions(args.registry):
             val = v.metrics.get("val_mrr@20")
             score = f"val_mrr@20={val:.4f}" if isinstance(val, (int, float)) else ""
@@ -66,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
         from model.registry import rollback, version_path
 
         version = rollback(args.registry)
-        _announce(args, version, version_path(args.registry, version))
+        _announce(args, kafka, version, version_path(args.registry, version))
         print(f"current version of {args.registry}: {version} (rolled back)")
         return 0
     if args.action == "prune":
         from model.registry import prune
 
-        canary = _announced_canary(args) if args.bootstrap_servers else None
+        canary = _announced_canary(args, kafka) if args.bootstrap_servers else None
         removed = prune(args.registry, args.keep, protect=(canary.version,) if canary else ())
         print(f"removed {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else "")
               + (f"; kept the canary {canary.version}" if canary else ""))
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         check_share(args.share)
         _refuse_current_as_canary(args.registry, args.version)
         verify(d)
-        _announce(args, args.version, d, reason="canary", share=args.share)
+        _announce(args, kafka, args.version, d, reason="canary", share=args.share)
         print(f"{args.version} announced as a canary for {args.share:.1%} of the users of {args.registry}")
         return 0
     if args.action == "show":
@@ -99,12 +101,24 @@ def run(args: argparse.Namespace) -> int:
     from model.registry import promote
 
     promote(args.registry, args.version)
-    _announce(args, args.version, d)
+    _announce(args, kafka, args.version, d)
     print(f"current version of {args.registry}: {args.version}")
     return 0
 
 
-def _announce(args: argparse.Namespace, version: str, path, *, reason: str = "promote", share: float = 1.0) -> None:
+def _kafka_settings(args: argparse.Namespace) -> dict[str, str]:
+    """The Kafka client settings of a command given --bootstrap-servers, checked by librdkafka; else none."""
+    if not getattr(args, "bootstrap_servers", None):
+        return {}
+    from stream.kafka_clients import check_client_settings
+
+    kafka = kafka_settings(args)
+    check_client_settings(args.bootstrap_servers, kafka)
+    return kafka
+
+
+def _announce(args: argparse.Namespace, kafka: dict[str, str], version: str, path, *, reason: str = "promote",
+              share: float = 1.0) -> None:
     """Announce what the command did; when a promote or rollback already changed CURRENT, a failure says how to
     announce it without changing the registry again (a second rollback would go one further back)."""
     if not args.bootstrap_servers:
@@ -113,13 +127,16 @@ def _announce(args: argparse.Namespace, version: str, path, *, reason: str = "pr
 
     try:
         announce(args.bootstrap_servers, args.topic, version, str(path), reason=reason,
-                 registry_id=args.registry_id, share=share, extra=kafka_settings(args))
+                 registry_id=args.registry_id, share=share, extra=kafka)
     except HRNNError as exc:
         if reason == "canary":
             raise
+        topic = args.topic if args.topic != MODEL_UPDATES_TOPIC else None
+        where = "".join(f" {flag} {value}" for flag, value in (("--topic", topic), ("--registry-id", args.registry_id))
+                        if value)
         raise AnnouncementError(f"{exc}. The current version of {args.registry} is {version} now, but running "
                                 f"workers were not told: once that is fixed, announce it with `hrnn models promote "
-                                f"{args.registry} {version} --bootstrap-servers ...`") from None
+                                f"{args.registry} {version}{where} --bootstrap-servers ...`") from None
 
 
 def _refuse_current_as_canary(registry: str, version: str) -> None:
@@ -131,12 +148,12 @@ def _refuse_current_as_canary(registry: str, version: str) -> None:
                             f"promote {registry} {version} --bootstrap-servers ...`)")
 
 
-def _announced_canary(args: argparse.Namespace):
+def _announced_canary(args: argparse.Namespace, kafka: dict[str, str]):
     """The canary serving now for the registry (its announcement), else None."""
     from stream.announce import latest_canary, registry_id
 
     return latest_canary(args.bootstrap_servers, args.topic, args.registry_id or registry_id(args.registry),
-                         extra=kafka_settings(args))
+                         extra=kafka)
 
 
 def _version_dir(registry: str, version: str):

@@ -102,6 +102,10 @@ def _once(settings) -> int:
     from stream.retrainer import announce_published, canary_skip
 
     settings.validate_run()
+    if settings.bootstrap_servers:  # before training, not after it when announcing
+        from stream.kafka_clients import check_client_settings
+
+        check_client_settings(settings.bootstrap_servers, settings.kafka)
     out = canary_skip(settings) or retrain(settings.spec())
     announced = True
     if out.status == "published" and settings.bootstrap_servers:

@@ -41,16 +41,26 @@ def faust_credentials(settings: Mapping[str, str]):
     context = _ssl_context(settings) if protocol.endswith("ssl") else None
     if not protocol.startswith("sasl"):
         return faust.SSLCredentials(context) if context is not None else None
-    mechanism = (settings.get("sasl.mechanism") or settings.get("sasl.mechanisms") or "").upper()
+    mechanism = _mechanism(settings)
     if mechanism not in MECHANISMS:
         given = f"sasl.mechanism={mechanism}" if mechanism else "no sasl.mechanism (librdkafka's default: GSSAPI)"
         raise ConfigError(f"{given} cannot be used by the retrainer's archive consumer; name one of "
-                          f"{', '.join(MECHANISMS)}")
+                          f"{', '.join(MECHANISMS)} (upper case, as librdkafka takes them)")
     missing = [k for k in ("sasl.username", "sasl.password") if not settings.get(k)]
     if missing:
         raise ConfigError(f"sasl.mechanism={mechanism} needs {' and '.join(missing)}")
     return faust.SASLCredentials(username=settings["sasl.username"], password=settings["sasl.password"],
                                  mechanism=mechanism, ssl_context=context)
+
+
+def _mechanism(settings: Mapping[str, str]) -> str:
+    """sasl.mechanism, or its alias sasl.mechanisms: librdkafka takes the one set last, an order a merged table
+    no longer has, so two different values are refused."""
+    named = {settings[k] for k in ("sasl.mechanism", "sasl.mechanisms") if settings.get(k)}
+    if len(named) > 1:
+        raise ConfigError(f"sasl.mechanism and its alias sasl.mechanisms name different mechanisms "
+                          f"({', '.join(sorted(named))}): give one")
+    return next(iter(named), "")
 
 
 def _ssl_context(settings: Mapping[str, str]) -> ssl.SSLContext:
@@ -68,11 +78,12 @@ def _ssl_context(settings: Mapping[str, str]) -> ssl.SSLContext:
     ca = settings.get("ssl.ca.location")
     ca = None if ca in (None, "", "probe") else Path(ca)  # probe: the system's CAs, as without one
     try:
-        context = ssl.create_default_context(cafile=ca if ca and ca.is_file() else None,
+        context = ssl.create_default_context(cafile=ca if ca and not ca.is_dir() else None,
                                              capath=ca if ca and ca.is_dir() else None,
                                              cadata=settings.get("ssl.ca.pem"))
         if cert:
-            context.load_cert_chain(cert, key, password=settings.get("ssl.key.password"))
+            # without a password, OpenSSL would prompt on the terminal for an encrypted key's: fail instead
+            context.load_cert_chain(cert, key, password=settings.get("ssl.key.password") or (lambda: b""))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"the TLS files of the Kafka client settings ({', '.join(_named_files(settings))}) "
                           f"cannot be used: {exc}") from None
@@ -80,10 +91,22 @@ def _ssl_context(settings: Mapping[str, str]) -> ssl.SSLContext:
     if identification not in ("https", "none"):
         raise ConfigError(f"ssl.endpoint.identification.algorithm={identification} is not https or none")
     context.check_hostname = identification == "https"
-    if settings.get("enable.ssl.certificate.verification", "true").lower() in ("false", "0"):
+    if not _boolean(settings, "enable.ssl.certificate.verification", default=True):
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _boolean(settings: Mapping[str, str], key: str, *, default: bool) -> bool:
+    """A librdkafka boolean: true/false, t/f or 1/0 in any case; anything else is refused, as librdkafka does."""
+    value = settings.get(key)
+    if value is None:
+        return default
+    if value.lower() in ("true", "t", "1"):
+        return True
+    if value.lower() in ("false", "f", "0"):
+        return False
+    raise ConfigError(f"{key}={value} is not a boolean (true or false)")
 
 
 def _named_files(settings: Mapping[str, str]) -> list[str]:

@@ -161,6 +161,12 @@ def create_consumer(bootstrap: str, group: str, extra: ClientSettings | None = N
         raise _refused("consumer", bootstrap, exc, extra) from None
 
 
+def check_client_settings(bootstrap: str, extra: ClientSettings | None = None) -> None:
+    """librdkafka checks its settings only as a client is built: build one and drop it (it may connect, but
+    produces nothing), so a command can refuse bad settings (ClientSettingError) before it changes anything."""
+    create_producer(bootstrap, extra)
+
+
 def parse_client_settings(items: Iterable[str]) -> dict[str, str]:
     """`KEY=VALUE` strings (repeatable `--kafka-config` flags) -> a settings dict."""
     out: dict[str, str] = {}

@@ -95,7 +95,6 @@ class RetrainerSettings:
             raise ConfigError("--session-timeout-s must be at least 3")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port {self.metrics_port} is not a TCP port (0..65535; 0: no endpoint)")
-        faust_credentials(self.kafka)
 
     def validate_run(self) -> None:
         """The settings one retraining run uses (all that `--once` needs: no broker, schedule or group)."""
@@ -245,6 +244,7 @@ class RetrainerService:
         import faust
 
         s = self.settings
+        credentials = faust_credentials(s.kafka)  # refused settings: before anything is made
         self._datadir = tempfile.mkdtemp(prefix="hrnn-retrainer-faust-")
         app = faust.App(
             s.app_id,
@@ -254,11 +254,11 @@ class RetrainerService:
             broker_session_timeout=s.session_timeout_s,
             broker_heartbeat_interval=max(0.5, s.session_timeout_s / 5),
             broker_rebalance_timeout=max(s.session_timeout_s, 10.0),
-            broker_credentials=faust_credentials(s.kafka),
+            broker_credentials=credentials,
         )
-        if librdkafka_only(s.kafka):
+        if others := librdkafka_only(s.kafka):
             log.info("Kafka client settings the archive consumer (Faust) has no counterpart for apply to the "
-                     "librdkafka clients only", extra={"settings": librdkafka_only(s.kafka)})
+                     "librdkafka clients only", extra={"settings": others})
         events = app.topic(s.events_topic, key_serializer="raw", value_serializer="raw")
 
         @app.agent(events, name="archive")

@@ -106,8 +106,7 @@ def test_promote_and_rollback_announce_and_a_watcher_follows(broker, tmp_path):
 
 
 def test_the_models_commands_hand_their_kafka_client_settings_to_the_clients(tmp_path, capsys):
-    """A setting the client refuses is named (so it reached it); a rollback whose announcement failed says how
-    to announce the version it made current, not to roll back again."""
+    """A setting the client refuses is named (so it reached it), before the registry changes."""
     reg = tmp_path / "registry"
     v0, v1 = _publish(reg, 2)
     assert hrnn(["models", "promote", str(reg), v0]) == 0
@@ -116,10 +115,29 @@ def test_the_models_commands_hand_their_kafka_client_settings_to_the_clients(tmp
     bad = ["--bootstrap-servers", "127.0.0.1:9", "--kafka-config", "no.such.setting=1"]
     assert hrnn(["models", "list", str(reg), *bad]) == 2
     assert "no.such.setting" in capsys.readouterr().err
-    assert hrnn(["models", "rollback", str(reg), *bad]) == 2
+    for argv in (["rollback", str(reg)], ["promote", str(reg), v0]):
+        assert hrnn(["models", *argv, *bad]) == 2
+        assert "no.such.setting" in capsys.readouterr().err and current_version(reg) == v1  # refused before
+
+
+def test_a_rollback_whose_announcement_failed_says_how_to_announce_it_not_to_roll_back_again(tmp_path, capsys,
+                                                                                               monkeypatch):
+    import stream.announce
+
+    reg = tmp_path / "registry"
+    v0, v1 = _publish(reg, 2)
+    assert hrnn(["models", "promote", str(reg), v0]) == 0
+    assert hrnn(["models", "promote", str(reg), v1]) == 0
+    capsys.readouterr()
+
+    def broker_down(*args, **kwargs):
+        raise AnnouncementError("announcing failed: the broker is down")
+
+    monkeypatch.setattr(stream.announce, "announce", broker_down)
+    assert hrnn(["models", "rollback", str(reg), "--bootstrap-servers", "127.0.0.1:9", "--topic", "shop.updates"]) == 2
     err = capsys.readouterr().err
-    assert current_version(reg) == v0 and "no.such.setting" in err
-    assert f"announce it with `hrnn models promote {reg} {v0} --bootstrap-servers ...`" in err
+    assert current_version(reg) == v0 and "the broker is down" in err
+    assert f"announce it with `hrnn models promote {reg} {v0} --topic shop.updates --bootstrap-servers ...`" in err
 
 
 def test_canary_announces_a_share_and_leaves_the_registry_current_alone(broker, tmp_path, capsys):

@@ -92,9 +92,10 @@ def test_every_volume_is_writable_by_the_user_the_image_runs_as():
 
 
 def test_every_pod_reads_the_kafka_client_settings_of_one_secret_which_the_retrainer_can_apply():
-    """Workers, retrainer, audit and quality connect alike, the retrainer's Faust consumer included."""
+    """Workers, retrainer, audit and quality connect alike, the retrainer's Faust consumer included; the Secret's
+    example is no manifest, so applying the folder cannot overwrite the real Secret with its placeholders."""
     from stream.faust_credentials import faust_credentials
-    from stream.kafka_clients import parse_client_settings
+    from stream.kafka_clients import load_client_settings
 
     def secret_of(container: dict) -> tuple[str, str]:
         path = container["args"][container["args"].index("--kafka-config-file") + 1]
@@ -105,10 +106,9 @@ def test_every_pod_reads_the_kafka_client_settings_of_one_secret_which_the_retra
     containers = _containers()
     assert set(containers) == {"worker", "retrainer", "audit", "quality"}
     assert {secret_of(c) for c in containers.values()} == {("hrnn-kafka-client", "client.properties")}
-    (secret,) = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "kafka-client.yaml").read_text())
-                 if d["metadata"]["name"] == "hrnn-kafka-client"]
-    lines = [ln for ln in secret["stringData"]["client.properties"].splitlines() if ln.strip()]
-    settings = parse_client_settings(lines)
+    example = DEPLOY / "k8s" / "client.properties.example"
+    assert "secret generic hrnn-kafka-client --from-file=client.properties=" in example.read_text()
+    settings = load_client_settings(example)
     assert settings["security.protocol"] == "SASL_SSL"
     assert faust_credentials(settings).mechanism.value == settings["sasl.mechanism"]
     config = next(yaml.safe_load_all((DEPLOY / "k8s" / "config.yaml").read_text()))["data"]["worker.toml"]

@@ -428,7 +428,8 @@ def test_once_with_a_canary_share_skips_while_a_canary_serves(tmp_path, synth, m
     assert rc == 0 and [reason for _, reason, _ in sent] == ["retrain"]
 
 
-@pytest.mark.parametrize("flag, value", [("--canary-share", "1.5"), ("--keep-versions", "-1"), ("--window-days", "0")])
+@pytest.mark.parametrize("flag, value", [("--canary-share", "1.5"), ("--keep-versions", "-1"), ("--window-days", "0"),
+                                         ("--kafka-config", "no.such.setting=1")])
 def test_once_refuses_bad_settings_before_training(tmp_path, monkeypatch, capsys, flag, value):
     rc, sent = _once(monkeypatch, tmp_path, flag, value)
     assert rc == 2 and flag in capsys.readouterr().err
