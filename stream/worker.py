@@ -438,6 +438,7 @@ class Worker:
         if self.availability is not None:
             self.availability.stop()
             self.availability = None
+        self._admin = None  # kept, it would try the bootstrap servers every second for as long as the object lives
         self.stores.close_all()
         if self._own_models:
             self.models.close()

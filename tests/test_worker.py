@@ -57,9 +57,15 @@ def streamed(broker, registry, tmp_path_factory):
         metrics = worker.metrics
     inputs = records_of(broker.bootstrap, settings.input_topic)
     return dict(settings=settings, version=latest_version_dir(registry).name, events=events, miskeyed=miskeyed,
-                recs=recs, totals=totals, metrics=metrics,
+                recs=recs, totals=totals, metrics=metrics, stopped=worker,
                 inputs=inputs, dlq=records_of(broker.bootstrap, settings.dlq_topic),
                 states=stored_states(settings, range(PARTITIONS)))
+
+
+def test_a_stopped_worker_holds_no_kafka_client(streamed):
+    """A client kept alive goes on trying the bootstrap servers (logging each failure once the broker is gone)."""
+    w = streamed["stopped"]
+    assert (w._admin, w._producer, w._consumer, w._restorer, w.availability) == (None,) * 5
 
 
 def processed_inputs(streamed) -> list[tuple[int, int, Event]]:
