@@ -95,7 +95,7 @@ def main() -> int:
     p.add_argument("--synth", action="store_true", help="hrnn synth's default log (2000 users, 1000 items) instead")
     p.add_argument("--repeat-share", type=float, default=0.0, help="with --synth: the repeat knob")
     p.add_argument("--seeds", type=_seeds, default=[], help="train each network once per seed (comma list) and compare the "
-                   "means: seed-to-seed spread on reddit is about 0.3% MRR (default: the config's seed)")
+                   "means: seed-to-seed spread on reddit is about 0.3%% MRR (default: the config's seed)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
 

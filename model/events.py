@@ -140,7 +140,7 @@ def decode_event(raw: bytes | None) -> Event:
     """Decode and validate one UTF-8 JSON message value.
 
     Messages of the usual shape take a typed msgspec decoder (about ten times faster: this is the
-    worker's hot path); anything else (ISO or second timestamps, numeric ids, missing or bad fields)
+    worker's hot path); anything else (ISO timestamps, numeric ids, missing or bad fields)
     takes the general decoder, which also names the reason of a rejection. Tests check both agree."""
     if raw is not None:
         try:

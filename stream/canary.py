@@ -101,7 +101,7 @@ class Serving:
 
 def anytime_z(users: int, planned_users: int = PLANNED_USERS, alpha: float = ALPHA) -> float:
     """The multiple of the standard error that makes the asymptotic confidence sequence after `users`
-    independent users (Theorem 2.2 of the paper above, with rho tuned for `planned_users`): 3.03 there
+    independent users (Theorem 2.2 of the paper above, with rho tuned for `planned_users`): 3.04 there
     for alpha 0.05, against 1.96 for a single look."""
     if users < 1 or planned_users < 1:
         raise ValueError(f"users and planned_users must be >= 1, got {users} and {planned_users}")
