@@ -54,8 +54,8 @@ class Announcement:
             raise AnnouncementError("announcement has no value (a tombstone)")
         try:
             obj = json.loads(value)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise AnnouncementError(f"announcement is not JSON: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deeply nested JSON
+            raise AnnouncementError(f"announcement is not JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise AnnouncementError("announcement must be a JSON object")
         missing = [f for f in ("version", "path") if not isinstance(obj.get(f), str) or not obj.get(f)]
@@ -137,8 +137,7 @@ class AnnouncementWatcher(CompactedTopicReader):
                  poll_timeout_s: float = 0.5, create_topic: bool = True) -> None:
         super().__init__(bootstrap, topic, extra=extra, poll_timeout_s=poll_timeout_s, create_topic=create_topic)
         self.registry_id, self.on_announcement = registry_id, on_announcement
-        self.received = 0  # valid announcements read (matching registry_id)
-        self.malformed = 0
+        self.received = 0  # valid announcements read (matching registry_id); `malformed`: see the base class
         self._latest: Announcement | None = None
         self._news: list[Announcement] = []
         self._changed = threading.Condition()

@@ -60,6 +60,9 @@ def decode_status(key: bytes | None, value: bytes | None) -> tuple[str, ItemStat
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise AvailabilityError(f"the status of {item!r} is not "
                                 f'{{"available": true|false, "reason": "..."}}: {exc}') from None
+    except Exception as exc:  # noqa: BLE001 (e.g. RecursionError on deeply nested JSON: a bad record all the same)
+        raise AvailabilityError(f"the status of {item!r} cannot be decoded: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def set_availability(bootstrap: str, items: Sequence[str], *, available: bool, reason: str | None = None,
@@ -90,7 +93,6 @@ class AvailabilityReader(CompactedTopicReader):
                  poll_timeout_s: float = 0.5, create_topic: bool = True) -> None:
         super().__init__(bootstrap, topic, extra=extra, poll_timeout_s=poll_timeout_s, create_topic=create_topic)
         self.unavailable: frozenset[str] = frozenset()
-        self.malformed = 0
         self._reasons: dict[str, str | None] = {}  # item -> reason, written by the reader thread only
         self._changed = False
         self._lock = threading.Lock()

@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from model.errors import ConfigError
@@ -55,6 +56,17 @@ def add_deployment_flags(parser: argparse.ArgumentParser, checks: str) -> None:
     a("--timeout-s", type=float, default=600.0, help="give up reading a topic after S seconds")
     a("--json", help="also write the report as JSON to this file")
     add_kafka_flags(parser)
+
+
+def directory_flag(flag: str, path: str) -> None:
+    """A directory the flag names must be one, or creatable as one (created when first written, so a command
+    refused for another reason leaves nothing behind): a file there, or as one of its parents, is refused."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == Path(path) else f" ({p} is a file)"
+                raise ConfigError(f"{flag} {path} must be a directory, but it is a file{where}: name a directory")
+            return
 
 
 def positive(value: float) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from model.errors import ConfigError
 from stream.availability import AvailabilityReader, set_availability
-from stream.cli_common import add_client_flags, kafka_settings
+from stream.cli_common import add_client_flags, kafka_settings, positive
 from stream.topics import AVAILABILITY_TOPIC
 
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.timeout_s <= 0:
+    if not positive(args.timeout_s):
         raise ConfigError(f"--timeout-s must be > 0 seconds, got {args.timeout_s}")
     extra = kafka_settings(args)
     if args.action == "list":
@@ -55,6 +55,11 @@ def _item_ids(args: argparse.Namespace) -> list[str]:
         items += [line.strip() for line in text.splitlines() if line.strip()]
     if not items:
         raise ConfigError("no item ids given: name them, or pass --from-file FILE")
+    for item in items:  # an argument in the terminal's bytes that are not UTF-8 cannot be a Kafka key
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"item id {item.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
     return list(dict.fromkeys(items))  # once each, in the order given
 
 

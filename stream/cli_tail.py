@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from model.errors import ConfigError
-from stream.cli_common import add_client_flags, kafka_settings
+from stream.cli_common import add_client_flags, kafka_settings, positive
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,12 +23,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.count is not None and args.count < 1:
         raise ConfigError(f"--count must be >= 1, got {args.count}")
-    if args.timeout is not None and args.timeout <= 0:
+    if args.timeout is not None and not positive(args.timeout):
         raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    printed = tail(args.bootstrap_servers, args.topic, count=args.count, from_beginning=args.from_beginning,
-                   timeout_s=args.timeout, extra=kafka_settings(args), top=args.top)
+    try:
+        printed = tail(args.bootstrap_servers, args.topic, count=args.count, from_beginning=args.from_beginning,
+                       timeout_s=args.timeout, extra=kafka_settings(args), top=args.top)
+    except BrokenPipeError:  # `hrnn tail | head`: the reader took what it wanted and left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush then goes nowhere
+        return 0
     if args.count is not None and printed < args.count:
         print(f"hrnn tail: {printed} of {args.count} records arrived within {args.timeout:g} s", file=sys.stderr)
         return 1

@@ -8,7 +8,12 @@ record as it comes. Subclasses say what a record means (`_take`) and what to do 
 
 "Caught up" needs care on Tansu: its high watermark is the base offset of the last record
 batch + 1, not the log end. A reader is caught up once it holds a record at or past
-(high watermark - 1) and a consume then comes back empty, or when the topic has no records.
+(high watermark - 1) and a consume then comes back empty, or when the topic holds no records
+(high watermark <= low watermark: never written, or every record removed by compaction or retention).
+
+No single record can stop a reader: one whose `_take` raises is logged, counted (`malformed`) and
+skipped, since every reader reads every record again on each start and one bad producer would
+otherwise stop them all.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from stream.kafka_clients import ClientSettings, admin_client, raise_if_fatal, reader_consumer
-from stream.topics import TopicSpec, ensure_topics
+from stream.topics import ensure_topics, table_topic
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +35,7 @@ _WATERMARK_WAIT_S = 30.0  # a topic just created may take a moment to answer
 def ensure_table_topic(bootstrap: str, topic: str, *, extra: ClientSettings | None = None,
                        timeout_s: float = 30.0) -> None:
     """Create a table topic (one partition, compacted) if it is missing; an existing one is checked."""
-    ensure_topics(admin_client(bootstrap, extra), [TopicSpec(topic, 1, compacted=True)], timeout_s=timeout_s)
+    ensure_topics(admin_client(bootstrap, extra), [table_topic(topic)], timeout_s=timeout_s)
 
 
 class CompactedTopicReader:
@@ -45,6 +50,7 @@ class CompactedTopicReader:
         self.bootstrap, self.topic, self.extra = bootstrap, topic, extra
         self.poll_timeout_s, self.create_topic = poll_timeout_s, create_topic
         self.error: BaseException | None = None
+        self.malformed = 0  # records skipped: not what the topic holds, or their `_take` failed
         self._caught_up = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -95,8 +101,9 @@ class CompactedTopicReader:
         consumer = reader_consumer(self.bootstrap, self.extra)
         try:
             consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
-            high = self._high_watermark(consumer)
-            reached_end = high <= 0  # an empty topic: nothing to catch up on
+            low, high = self._watermarks(consumer)
+            # no records: never written, or all removed (low == high > 0); max: a low not known (< 0) says nothing
+            reached_end = high <= max(low, 0)
             last_progress = time.monotonic()
             while not self._stop.is_set():
                 msgs = consumer.consume(num_messages=100, timeout=self.poll_timeout_s)
@@ -115,7 +122,7 @@ class CompactedTopicReader:
                             log.warning("reading %s: %s", self.topic, err.str(), extra={"topic": self.topic})
                         continue
                     reached_end = reached_end or msg.offset() >= high - 1
-                    self._take(msg.key(), msg.value(), msg.offset())
+                    self._take_guarded(msg.key(), msg.value(), msg.offset())
                 caught_up_now = not self.caught_up and not msgs and reached_end
                 self._polled(caught_up_now)  # first: whoever waits for caught_up reads what it published
                 if caught_up_now:
@@ -127,11 +134,24 @@ class CompactedTopicReader:
         finally:
             consumer.close()
 
-    def _high_watermark(self, consumer: Consumer) -> int:
+    def _take_guarded(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        """`_take`, but a record it fails on is skipped: the record is read again on every start, so letting
+        it end the thread would stop every reader of the topic for good."""
+        try:
+            self._take(key, value, offset)
+        except Exception as exc:  # noqa: BLE001 (any fault of one record; stop requests are not Exceptions)
+            self.malformed += 1
+            error = f"{type(exc).__name__}: {str(exc)[:200]}"  # never the value: it may be huge
+            log.error("skipping a record that could not be taken: %s", error,
+                      extra={"topic": self.topic, "offset": offset, "error": error})
+
+    def _watermarks(self, consumer: Consumer) -> tuple[int, int]:
+        """(low, high) of partition 0."""
         deadline = time.monotonic() + _WATERMARK_WAIT_S
         while True:
             try:
-                return int(consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=5.0, cached=False)[1])
+                low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=5.0, cached=False)
+                return int(low), int(high)
             except KafkaException:
                 if self._stop.is_set() or time.monotonic() > deadline:
                     raise

@@ -346,13 +346,15 @@ class ModelHolder:
         self.request(ann.path, ann.version, reason=f"announcement ({ann.reason})", share=ann.share)
 
     def follow(self, bootstrap: str, topic: str | None = None, *, registry_id: str | None = None,
-               extra: "ClientSettings | None" = None) -> "AnnouncementWatcher":
-        """Start following the announcements topic; `close()` stops it."""
+               extra: "ClientSettings | None" = None, create_topic: bool = True) -> "AnnouncementWatcher":
+        """Start following the announcements topic; `close()` stops it. With `create_topic` False the topic is
+        neither created nor checked (a client without the rights to: it must exist already)."""
         from stream.announce import AnnouncementWatcher
         from stream.topics import MODEL_UPDATES_TOPIC
 
         self._watcher = AnnouncementWatcher(bootstrap, topic or MODEL_UPDATES_TOPIC, registry_id=registry_id,
-                                            on_announcement=self.on_announcement, extra=extra).start()
+                                            on_announcement=self.on_announcement, extra=extra,
+                                            create_topic=create_topic).start()
         return self._watcher
 
     # --- observation ---

@@ -235,6 +235,8 @@ class JsonFormatter(logging.Formatter):
 
 def setup_json_logging(level: int | str = "INFO", stream: Any = None) -> logging.Handler:
     """Route the root logger to JSON lines on stderr (or `stream`), replacing earlier handlers."""
+    if isinstance(level, str) and level.upper() not in logging.getLevelNamesMapping():
+        raise ConfigError(f"--log-level {level} is not a log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

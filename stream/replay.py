@@ -83,10 +83,10 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
     emit time - event time is a real latency (file times of a historical log are years old)."""
     if rate is not None and speedup is not None:
         raise ConfigError("give either a rate (events/s) or a speedup of event time, not both")
-    if rate is not None and rate <= 0:
-        raise ConfigError(f"rate must be > 0 events/s, got {rate}")
-    if speedup is not None and speedup <= 0:
-        raise ConfigError(f"speedup must be > 0, got {speedup}")
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ConfigError(f"rate must be a number of events/s > 0, got {rate}")
+    if speedup is not None and not (math.isfinite(speedup) and speedup > 0):
+        raise ConfigError(f"speedup must be a number > 0, got {speedup}")
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
     total = len(interactions) if limit is None else min(limit, len(interactions))

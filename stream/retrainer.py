@@ -40,6 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from model.errors import ConfigError, EventError, HRNNError
 from model.events import decode_event
 from stream.archive import ArchivedEvent, ArchiveWriter, count_events
+from stream.cli_common import directory_flag
 from stream.faust_credentials import faust_credentials, librdkafka_only
 from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.observability import Health, MetricsServer
@@ -100,8 +101,8 @@ class RetrainerSettings:
         """The settings one retraining run uses (all that `--once` needs: no broker, schedule or group)."""
         if not self.registry or not self.archive:
             raise ConfigError("the retrainer needs --registry DIR and --archive DIR")
-        _directory_flag("--registry", self.registry)
-        _directory_flag("--archive", self.archive)
+        directory_flag("--registry", self.registry)
+        directory_flag("--archive", self.archive)
         if self.window_days < 1:
             raise ConfigError(f"--window-days must be at least 1, got {self.window_days}")
         if not -1.0 <= self.margin <= 1.0:
@@ -121,17 +122,6 @@ class RetrainerSettings:
                            margin=self.margin, metric=self.metric, warm_start=self.warm_start,
                            min_events=self.min_events, device=self.device, keep_versions=self.keep_versions,
                            canary=self.canary_share > 0, hrnn=dict(self.hrnn), data=dict(self.data))
-
-
-def _directory_flag(flag: str, path: str) -> None:
-    """A directory the flag names must be one, or creatable as one (created when first written, so a run
-    refused for another reason leaves nothing behind): a file there, or as one of its parents, is refused."""
-    for p in (Path(path), *Path(path).parents):
-        if p.exists():
-            if not p.is_dir():
-                where = "" if p == Path(path) else f" ({p} is a file)"
-                raise ConfigError(f"{flag} {path} must be a directory, but it is a file{where}: name a directory")
-            return
 
 
 class RetrainerMetrics:

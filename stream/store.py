@@ -79,8 +79,8 @@ class PartitionStore:
 
     def __init__(self, path: str | Path, partition: int, state_format: int = FORMAT_VERSION) -> None:
         self.path, self.partition, self.state_format = Path(path), partition, state_format
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = Rdict(str(self.path), options=_options())
         except Exception as exc:  # rocksdict raises a bare Exception for I/O and lock errors
             raise StoreError(f"cannot open state store {self.path}: {exc} "

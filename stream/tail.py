@@ -31,7 +31,7 @@ def format_recommendation(value: bytes | None, *, top: int = 5) -> str:
     A value that is not a recommendation record comes back as a warning line with its raw bytes."""
     try:
         rec = decode_recommendation(value if value is not None else b"")
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # deep nesting: RecursionError
         raw = repr(value[:200] + (b"..." if len(value) > 200 else b"")) if value is not None else "None"
         return f"WARNING not a recommendation record ({exc}): {raw}"
     items = ", ".join(f"{it.item_id} ({it.score:.3f})" for it in rec.items[:top])

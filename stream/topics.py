@@ -2,7 +2,9 @@
 
 A worker keeps one state store per input partition and mirrors it to the same partition of
 its changelog, so partition counts matter: a topic with fewer partitions than asked is an
-error the operator must fix, never something to work around silently.
+error the operator must fix, never something to work around silently. A table topic (model
+announcements, item availability) is read on partition 0 only, so it must have exactly one:
+records a producer's partitioner puts on any other partition would never be read.
 """
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ class TopicSpec:
     partitions: int
     compacted: bool = False
     replication: int = -1  # -1: the broker's default.replication.factor
+    # True: exactly `partitions`, more is a mismatch too (a table topic is read on partition 0 only).
+    exact_partitions: bool = False
+
+
+def table_topic(name: str) -> TopicSpec:
+    """A table topic: one compacted partition, read whole by every process that needs it."""
+    return TopicSpec(name, 1, compacted=True, exact_partitions=True)
 
 
 class TopicError(HRNNError):
@@ -45,7 +54,8 @@ class TopicError(HRNNError):
 
 
 class TopicMismatchError(TopicError):
-    """An existing topic has fewer partitions than needed, or lacks compaction where it is needed."""
+    """An existing topic has fewer partitions than needed (or more, where exactly so many are needed), or lacks
+    compaction where it is needed."""
 
 
 class TopicCreationError(TopicError):
@@ -53,15 +63,17 @@ class TopicCreationError(TopicError):
 
 
 def standard_topics(input_topic: str = EVENTS_TOPIC, output_topic: str = RECOMMENDATIONS_TOPIC,
-                    group: str = "hrnn-worker", partitions: int = 1) -> list[TopicSpec]:
+                    group: str = "hrnn-worker", partitions: int = 1,
+                    updates_topic: str = MODEL_UPDATES_TOPIC) -> list[TopicSpec]:
     """Every topic a worker group touches. `partitions` must be the input topic's real count:
-    the changelog needs a partition for every input partition."""
+    the changelog needs a partition for every input partition. `updates_topic` is the settings'
+    announcements topic (a deployment may name its own)."""
     return [
         TopicSpec(input_topic, partitions),
         TopicSpec(output_topic, partitions),
         TopicSpec(dlq_topic(input_topic), 1),  # low volume; order across users does not matter
         TopicSpec(changelog_topic(group), partitions, compacted=True),
-        TopicSpec(MODEL_UPDATES_TOPIC, 1, compacted=True),  # one announcement stream, read whole
+        table_topic(updates_topic),  # one announcement stream, read whole
     ]
 
 
@@ -77,8 +89,9 @@ def partition_counts(admin: AdminClient, timeout_s: float = 10.0) -> dict[str, i
 def ensure_topics(admin: AdminClient, specs: list[TopicSpec], *, timeout_s: float = 30.0) -> list[str]:
     """Create the missing topics and check the existing ones; returns the names created.
 
-    Raises TopicMismatchError for an existing topic that has too few partitions or no
-    compaction where `compacted` is asked, TopicCreationError when the broker refuses."""
+    Raises TopicMismatchError for an existing topic that has too few partitions (or too many,
+    with `exact_partitions`) or no compaction where `compacted` is asked, TopicCreationError
+    when the broker refuses."""
     existing = partition_counts(admin, timeout_s)
     missing = [s for s in specs if s.name not in existing]
     created: list[str] = []
@@ -118,6 +131,15 @@ def _check_existing(admin: AdminClient, spec: TopicSpec, partitions: int, timeou
             f"topic {spec.name!r} has {partitions} partition(s) but {spec.partitions} are needed: "
             f"add partitions (kafka-topics.sh --alter --topic {spec.name} --partitions {spec.partitions}), "
             f"or run with --partitions {partitions}, or delete the topic so it is re-created")
+    if spec.exact_partitions and partitions > spec.partitions:
+        # Kafka cannot remove partitions: the only fix is a new topic.
+        compact = " --config cleanup.policy=compact" if spec.compacted else ""
+        raise TopicMismatchError(
+            f"topic {spec.name!r} has {partitions} partitions but must have exactly {spec.partitions}: it is read "
+            f"as a table on partition 0 only, so records on the others would never be read. Recreate it with "
+            f"{spec.partitions} partition(s) (kafka-topics.sh --delete --topic {spec.name}, then kafka-topics.sh "
+            f"--create --topic {spec.name} --partitions {spec.partitions}{compact}, or let it be re-created) "
+            f"and publish its records again")
     if not spec.compacted:
         return
     policy = cleanup_policy(admin, spec.name, timeout_s)

@@ -322,7 +322,7 @@ class Worker:
                                  on_lost=self._on_lost)
         if s.follow_updates and self._own_models:
             self.models.follow(s.bootstrap_servers, s.updates_topic, registry_id=registry_id(s.registry),
-                               extra=s.consumer_kafka)
+                               extra=s.consumer_kafka, create_topic=s.create_topics)
         self.health.update(alive=True, state="running", group=s.group, model_version=self.models.version)
         log.info("worker started", extra={"group": s.group, "input_topic": s.input_topic,
                                           "model_version": self.models.version,
@@ -331,10 +331,10 @@ class Worker:
     def _ensure_topics(self, admin: AdminClient) -> None:
         s = self.settings
         n = partition_counts(admin).get(s.input_topic) or s.partitions or DEFAULT_PARTITIONS
-        ensure_topics(admin, standard_topics(s.input_topic, s.output_topic, s.group, n))
+        ensure_topics(admin, standard_topics(s.input_topic, s.output_topic, s.group, n, s.updates_topic))
         actual = partition_counts(admin).get(s.input_topic, n)
         if actual != n:  # someone (a producer's auto-create) made the input topic meanwhile
-            ensure_topics(admin, standard_topics(s.input_topic, s.output_topic, s.group, actual))
+            ensure_topics(admin, standard_topics(s.input_topic, s.output_topic, s.group, actual, s.updates_topic))
 
     def run(self, stop: threading.Event) -> BatchResult:
         """Process batches until `stop` is set, then finish the batch in hand and close. /health reports
@@ -781,8 +781,14 @@ class Worker:
 # ---- changelog catch-up ---------------------------------------------------------------------
 
 def _changelog_record(msg: Message) -> ChangelogRecord | None:
+    """The record as the restore applies it; None for one no user of ours can have written (no key, a key that
+    is not UTF-8, a value that is no state record)."""
     key, value = msg.key(), msg.value()
-    if key is None:
+    try:
+        user = None if key is None else key.decode()
+    except UnicodeDecodeError:
+        user = None
+    if user is None:
         return None
     headers = msg.headers()
     source = records.source_offset_of(headers)
@@ -791,7 +797,7 @@ def _changelog_record(msg: Message) -> ChangelogRecord | None:
             source = decode_state(value).source_offset
         except StateFormatError:
             return None
-    return ChangelogRecord(key.decode(), value, msg.offset(), -1 if source is None else source,
+    return ChangelogRecord(user, value, msg.offset(), -1 if source is None else source,
                            records.header(headers, records.H_SOURCE_LOG))
 
 

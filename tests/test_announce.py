@@ -13,10 +13,11 @@ from model.config import DataConfig, HRNNConfig
 from model.network import HRNN
 from stream.announce import Announcement, AnnouncementError, AnnouncementWatcher, announce
 from stream.cli import main as hrnn
-from stream.kafka_clients import read_all
+from stream.kafka_clients import create_producer, produce_acknowledged, read_all
 
 pytestmark = pytest.mark.broker
 CFG = HRNNConfig(hidden_dimension=32)
+DEEP = b"[" * 100_000  # nested past json's recursion limit: one producer's record must not stop a watcher
 
 
 def _topic() -> str:
@@ -35,6 +36,11 @@ def test_value_round_trip_and_malformed_values_are_typed_errors():
     for raw in (b"not json", b"[]", b'{"version": "v1"}', None):
         with pytest.raises(AnnouncementError):
             Announcement.decode(b"/r", raw)
+
+
+def test_a_deeply_nested_announcement_is_a_typed_error_not_a_recursion_error():
+    with pytest.raises(AnnouncementError, match="RecursionError"):
+        Announcement.decode(b"/r", DEEP)
 
 
 def test_a_share_below_one_announces_a_canary_and_a_record_without_one_a_full_rollout():
@@ -86,6 +92,16 @@ def test_malformed_records_and_other_registries_are_skipped(broker, tmp_path):
     with AnnouncementWatcher(broker.bootstrap, topic, registry_id=str((tmp_path / "mine").resolve())) as w:
         assert w.wait_caught_up(20)
         assert w.latest.version == "v1" and w.malformed == 1 and w.received == 1
+
+
+def test_a_deeply_nested_announcement_is_skipped_and_the_watcher_goes_on(broker, tmp_path):
+    topic, key = _topic(), str(tmp_path.resolve())
+    announce(broker.bootstrap, topic, "v1", tmp_path / "v1")
+    assert produce_acknowledged(create_producer(broker.bootstrap), topic, [(key.encode(), DEEP)]) is None
+    announce(broker.bootstrap, topic, "v2", tmp_path / "v2")
+    with AnnouncementWatcher(broker.bootstrap, topic, registry_id=key, poll_timeout_s=0.1) as w:
+        assert w.wait_caught_up(30), w.error
+        assert w.latest.version == "v2" and w.received == 2 and w.malformed == 1 and w.error is None
 
 
 def test_promote_and_rollback_announce_and_a_watcher_follows(broker, tmp_path):

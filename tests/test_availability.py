@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from stream.availability import AvailabilityError, AvailabilityReader, decode_status, set_availability
-from stream.kafka_clients import KafkaClientError, create_producer
+from stream.kafka_clients import KafkaClientError, create_producer, produce_acknowledged
 from stream.worker import WorkerError
 from worker_testkit import (make_events, make_registry, produce, recommendations, records_of, running, settings_for,
                             wait_until)
 
 HRNN = str(Path(sys.executable).with_name("hrnn"))
+# valid JSON nested past any decoder's recursion limit: what one careless (or hostile) producer can write
+DEEP = b'{"available": false, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 
 
 def test_a_status_decodes_and_a_tombstone_puts_the_item_back():
@@ -34,6 +36,7 @@ def test_a_status_decodes_and_a_tombstone_puts_the_item_back():
     (b"sku-1", b"off", "is not"),
     (b"sku-1", b'{"reason": "gone"}', "available"),
     (b"sku-1", b'{"available": "no"}', "available"),
+    (b"sku-1", DEEP, "RecursionError"),
 ])
 def test_a_record_that_is_not_a_status_is_a_typed_error_naming_the_fault(key, value, says):
     with pytest.raises(AvailabilityError, match=says):
@@ -71,6 +74,17 @@ def test_a_reader_holds_what_was_on_the_topic_then_follows_changes_and_skips_bad
         assert reader.malformed == 1 and reader.reasons()["d"] is None
         assert held == {"a", "b"}  # a set handed out is never changed afterwards
         assert reader.error is None
+
+
+@pytest.mark.broker
+def test_a_deeply_nested_record_is_skipped_and_the_reader_goes_on(broker):
+    topic = f"avail-{uuid.uuid4().hex[:8]}"
+    set_availability(broker.bootstrap, ["before"], available=False, topic=topic)
+    assert produce_acknowledged(create_producer(broker.bootstrap), topic, [(b"deep", DEEP)]) is None
+    set_availability(broker.bootstrap, ["after"], available=False, topic=topic)
+    with AvailabilityReader(broker.bootstrap, topic, poll_timeout_s=0.1) as reader:
+        assert reader.wait_caught_up(30), reader.error
+        assert reader.unavailable == {"before", "after"} and reader.malformed == 1 and reader.error is None
 
 
 @pytest.mark.broker

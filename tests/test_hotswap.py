@@ -392,3 +392,40 @@ def test_a_canary_share_outside_zero_to_one_is_a_typed_error(versions):
             with pytest.raises(ShareError):
                 holder.request(b, b.name, share=share)
         assert holder.stats().loading is None and holder.wait_idle(1)
+
+
+class _RecordingWatcher:
+    """Stands in for AnnouncementWatcher: keeps the arguments it was built with, reads nothing."""
+
+    built: list[dict] = []
+
+    def __init__(self, bootstrap, topic, **kwargs) -> None:
+        _RecordingWatcher.built.append({"topic": topic, **kwargs})
+
+    def start(self) -> "_RecordingWatcher":
+        return self
+
+    def stop(self) -> None:
+        pass
+
+
+def _follow_recorded(reg, monkeypatch, **kwargs) -> dict:
+    """The arguments ModelHolder.follow(**kwargs) builds its watcher with."""
+    import stream.announce
+
+    monkeypatch.setattr(stream.announce, "AnnouncementWatcher", _RecordingWatcher)
+    monkeypatch.setattr(_RecordingWatcher, "built", [])
+    with ModelHolder.open(reg, device="cpu") as holder:
+        holder.follow("127.0.0.1:1", "shop1.model-updates", **kwargs)
+    [built] = _RecordingWatcher.built
+    return built
+
+
+def test_following_without_create_topic_leaves_the_announcements_topic_alone(versions, monkeypatch):
+    # A worker without CreateTopics/DescribeConfigs rights must not list, create or describe the topic.
+    built = _follow_recorded(versions[0], monkeypatch, create_topic=False)
+    assert built["topic"] == "shop1.model-updates" and built.get("create_topic", True) is False
+
+
+def test_following_creates_or_checks_the_announcements_topic_by_default(versions, monkeypatch):
+    assert _follow_recorded(versions[0], monkeypatch).get("create_topic", True) is True

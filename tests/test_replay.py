@@ -96,6 +96,14 @@ def test_speedup_replays_event_time_faster():
     assert gaps[0] >= 0.095 and gaps[1] >= 0.19  # 1 s and 2 s of event time at 10x
 
 
+@pytest.mark.parametrize("pace", [{"rate": float("nan")}, {"rate": float("inf")}, {"speedup": float("nan")},
+                                  {"speedup": 0.0}])
+def test_a_pace_that_is_no_positive_number_is_refused_not_ignored(pace):
+    producer = _RecordingProducer()
+    with pytest.raises(ConfigError, match=next(iter(pace))):
+        replay(_small(), producer, "t", progress=False, **pace)
+
+
 def test_rate_and_speedup_together_are_refused():
     with pytest.raises(ConfigError):
         replay(_small(), _RecordingProducer(), "t", rate=10, speedup=2, progress=False)

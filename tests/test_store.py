@@ -210,3 +210,10 @@ def test_restore_applies_records_of_another_input_log_with_their_offsets_forgott
     # without an id to compare (a broker that gives none), the old rule alone
     other = stores.open(1)
     assert other.restore(records[:2], committed_offset=-1001).applied == 0
+
+
+def test_a_store_path_under_a_file_is_a_store_error_naming_it(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.touch()
+    with pytest.raises(StoreError, match="cannot open state store"):
+        StateStores(a_file, "g", "t").open(0)

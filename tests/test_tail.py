@@ -100,3 +100,28 @@ def test_tail_cli_prints_count_lines_and_fails_when_fewer_arrive(broker):
                            capture_output=True, text=True, timeout=60)
     assert short.returncode == 1 and "3 of 4" in short.stderr
     assert len(short.stdout.splitlines()) == 3
+
+
+def test_a_deeply_nested_value_prints_a_warning_not_a_traceback():
+    line = format_recommendation(b'{"x":' + b"[" * 100_000)
+    assert line.startswith("WARNING not a recommendation record")
+
+
+@pytest.mark.broker
+def test_tail_piped_into_head_stops_quietly_with_exit_0(broker):
+    topic = f"recs-{uuid.uuid4().hex[:8]}"
+    # more lines than a pipe's buffer holds (64 KiB), so a write meets the closed pipe
+    _produce(broker.bootstrap, topic, [encode_recommendation(_rec(f"u{i}", offset=i)) for i in range(2000)])
+    proc = subprocess.run(f"{HRNN} tail --bootstrap-servers {broker.bootstrap} --topic {topic} --from-beginning "
+                          "--timeout 30 | head -1; exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--timeout", "--count"])
+def test_tail_refuses_a_limit_that_is_no_number_before_reading(flag, capsys):
+    from stream.cli import main as hrnn
+
+    assert hrnn(["tail", "--bootstrap-servers", "127.0.0.1:9", flag, "nan" if flag == "--timeout" else "0"]) == 2
+    assert flag in capsys.readouterr().err

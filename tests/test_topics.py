@@ -11,7 +11,7 @@ from model.errors import HRNNError
 from stream.kafka_clients import admin_client
 from stream.topics import (
     MODEL_UPDATES_TOPIC, TopicCreationError, TopicMismatchError, TopicSpec, changelog_topic, cleanup_policy,
-    ensure_topics, partition_counts, standard_topics,
+    ensure_topics, partition_counts, standard_topics, table_topic,
 )
 
 
@@ -105,3 +105,41 @@ def test_unreported_cleanup_policy_is_a_warning_not_an_error(admin, caplog):
     with caplog.at_level("WARNING", logger="stream.topics"):
         assert ensure_topics(admin, [TopicSpec(name, 1, compacted=True)]) == []
     assert any("cannot verify compaction" in r.getMessage() and r.topic == name for r in caplog.records)
+
+
+def test_standard_topics_use_the_updates_topic_the_settings_name():
+    specs = {s.name: s for s in standard_topics("in", "out", "grp", 6, "shop1.model-updates")}
+    assert "shop1.model-updates" in specs and MODEL_UPDATES_TOPIC not in specs
+    assert specs["shop1.model-updates"] == table_topic("shop1.model-updates")
+
+
+def _compacted_topic(admin, name: str, partitions: int) -> None:
+    # Made the way an operator or a broker's auto-create (num.partitions > 1) would, not by ensure_topics.
+    admin.create_topics([NewTopic(name, partitions, 1, config={"cleanup.policy": "compact"})])[name].result(timeout=10)
+
+
+@pytest.mark.broker
+def test_a_table_topic_with_more_than_one_partition_is_a_mismatch_saying_to_recreate_it(admin):
+    name = _name("table3")
+    _compacted_topic(admin, name, 3)
+    with pytest.raises(TopicMismatchError) as info:  # a reader of partition 0 would miss the others' records
+        ensure_topics(admin, [table_topic(name)])
+    msg = str(info.value)
+    assert name in msg and "3 partitions" in msg and "exactly 1" in msg and "Recreate" in msg
+
+
+@pytest.mark.broker
+def test_a_table_topic_with_one_partition_passes(admin):
+    name = _name("table1")
+    _compacted_topic(admin, name, 1)
+    assert ensure_topics(admin, [table_topic(name)]) == []
+
+
+@pytest.mark.broker
+def test_the_availability_and_announcement_readers_refuse_a_table_topic_of_several_partitions(broker, admin):
+    from stream.compacted import ensure_table_topic
+
+    name = _name("avail3")
+    _compacted_topic(admin, name, 3)
+    with pytest.raises(TopicMismatchError, match="exactly 1"):
+        ensure_table_topic(broker.bootstrap, name)

@@ -159,3 +159,22 @@ def test_serve_flags_become_settings(tmp_path):
 def test_serve_without_a_registry_exits_2_with_the_fix(capsys):
     assert cli.main(["serve", "--state-dir", "st"]) == 2
     assert "--registry" in capsys.readouterr().err
+
+
+def test_a_state_dir_that_is_a_file_or_under_one_is_refused_before_the_worker_starts(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.touch()
+    for state_dir in (a_file, a_file / "state"):
+        with pytest.raises(ConfigError, match="--state-dir .* must be a directory"):
+            load_settings(None, {"registry": "r", "state_dir": str(state_dir)})
+    assert not (tmp_path / "fresh").exists()
+    load_settings(None, {"registry": "r", "state_dir": str(tmp_path / "fresh")})  # made when first written
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("command", [["serve", "--registry", "r", "--state-dir", "s"],
+                                     ["retrainer", "--once", "--registry", "r", "--archive", "a"]])
+def test_an_unknown_log_level_exits_2_naming_it(command, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*command, "--log-level", "verbose"]) == 2
+    assert "--log-level verbose is not a log level" in capsys.readouterr().err

@@ -75,13 +75,16 @@ def test_a_replayed_batch_is_not_applied_twice(broker, registry, tmp_path):
     assert after == before
 
 
-def test_a_lost_store_is_rebuilt_from_the_changelog(broker, registry, tmp_path):
+def test_a_lost_store_is_rebuilt_from_the_changelog_past_records_of_no_user(broker, registry, tmp_path):
     settings = settings_for(broker.bootstrap, registry, tmp_path / "first", partitions=PARTITIONS, batch_size=50)
     events = make_events(300, 25, seed=7)
     with running(settings):
         produce(broker.bootstrap, settings.input_topic, events[:200])
         recommendations(broker.bootstrap, settings.output_topic, 200)
     before = stored_states(settings, range(PARTITIONS))
+    # a record another tool wrote, keyed by no user of ours (not UTF-8): skipped, the rest restored
+    produce(broker.bootstrap, settings.changelog_topic, [(b"\xff\xfe", encode_state(next(iter(before.values()))))],
+            partition=0)
     settings.state_dir = str(tmp_path / "empty")  # another machine, or a wiped disk
     with running(settings) as fresh:
         restored = stored_states_while_running(fresh)

@@ -269,3 +269,51 @@ def test_a_client_setting_librdkafka_refuses_stops_the_worker_start_with_a_confi
         assert "abc" not in str(refused.value).split("settings given")[1]  # values may be secrets: names only
     finally:
         w.close()
+
+
+class _RecordingWatcher:
+    """Stands in for AnnouncementWatcher: keeps the arguments it was built with, reads nothing."""
+
+    def __init__(self, built: list[dict]) -> None:
+        self.built = built
+
+    def __call__(self, bootstrap, topic, **kwargs) -> "_RecordingWatcher":
+        self.built.append({"topic": topic, **kwargs})
+        return self
+
+    def start(self) -> "_RecordingWatcher":
+        return self
+
+    def stop(self) -> None:
+        pass
+
+
+def _start_and_close(tmp_path: Path, monkeypatch, **settings) -> list[dict]:
+    """Start a worker (no broker: clients only connect lazily) and close it; the watchers it built."""
+    import stream.announce
+
+    built: list[dict] = []
+    monkeypatch.setattr(stream.announce, "AnnouncementWatcher", _RecordingWatcher(built))
+    registry = make_registry(tmp_path / "reg")
+    s = WorkerSettings(bootstrap_servers="127.0.0.1:1", registry=str(registry), state_dir=str(tmp_path / "state"),
+                       device="cpu", follow_availability=False, updates_topic="shop1.model-updates", **settings)
+    w = Worker(s, recommender=Recommender.load(latest_version_dir(registry), "cpu"))
+    try:
+        w.start()
+    finally:
+        w.close()
+    return built
+
+
+def test_a_worker_that_may_not_create_topics_follows_announcements_without_creating_or_checking_them(
+        tmp_path, monkeypatch):
+    built = _start_and_close(tmp_path, monkeypatch, create_topics=False)
+    assert [(b["topic"], b.get("create_topic", True)) for b in built] == [("shop1.model-updates", False)]
+
+
+def test_a_worker_creates_and_checks_the_updates_topic_its_settings_name(tmp_path, monkeypatch):
+    asked: list[str] = []
+    monkeypatch.setattr(worker, "partition_counts", lambda admin: {})
+    monkeypatch.setattr(worker, "ensure_topics", lambda admin, specs: asked.extend(s.name for s in specs))
+    _start_and_close(tmp_path, monkeypatch, create_topics=True)
+    assert "shop1.model-updates" in asked and "hrnn.model-updates" not in asked

@@ -1,0 +1,91 @@
+"""The table-topic reader's own rules, against a fake consumer: when a topic counts as read to its end,
+and that no single record can stop a reader."""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+import stream.compacted
+from stream.compacted import CATCH_UP_IDLE_S, CompactedTopicReader
+
+
+class _Msg:
+    def __init__(self, offset: int, value: bytes) -> None:
+        self._offset, self._value = offset, value
+
+    def error(self):
+        return None
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return self._value
+
+    def offset(self) -> int:
+        return self._offset
+
+
+class _FakeConsumer:
+    """Answers the watermarks given and hands out `records` in one consume, then nothing."""
+
+    def __init__(self, low: int, high: int, records: list[_Msg]) -> None:
+        self.watermarks, self.pending = (low, high), list(records)
+
+    def assign(self, partitions) -> None:
+        pass
+
+    def get_watermark_offsets(self, partition, timeout: float, cached: bool) -> tuple[int, int]:
+        return self.watermarks
+
+    def consume(self, num_messages: int, timeout: float) -> list[_Msg]:
+        batch, self.pending = self.pending, []
+        if not batch:
+            time.sleep(0.01)  # as a real consume would wait; keeps the reader's loop from spinning
+        return batch
+
+    def close(self) -> None:
+        pass
+
+
+class _Recorder(CompactedTopicReader):
+    """Keeps the offsets it took; a value of b"poison" fails as a decoder would on deeply nested JSON."""
+
+    def __init__(self) -> None:
+        super().__init__("fake:9092", "table", poll_timeout_s=0.01, create_topic=False)
+        self.taken: list[int] = []
+
+    def _take(self, key, value, offset) -> None:
+        if value == b"poison":
+            raise RecursionError("maximum recursion depth exceeded while deserializing an object")
+        self.taken.append(offset)
+
+
+def _reading(monkeypatch, consumer: _FakeConsumer) -> _Recorder:
+    monkeypatch.setattr(stream.compacted, "reader_consumer", lambda bootstrap, extra=None: consumer)
+    return _Recorder()
+
+
+def test_a_topic_whose_records_were_all_removed_is_caught_up_at_once(monkeypatch):
+    # compaction or retention removed every record: low == high > 0, and no fetch will ever return one
+    with _reading(monkeypatch, _FakeConsumer(7, 7, [])) as reader:
+        assert reader.wait_caught_up(CATCH_UP_IDLE_S / 3)  # not after the idle wait meant for a lost record
+        assert reader.taken == [] and reader.error is None
+
+
+def test_a_record_whose_take_fails_is_counted_logged_and_skipped_and_the_reader_goes_on(monkeypatch, caplog):
+    records = [_Msg(0, b"good"), _Msg(1, b"poison"), _Msg(2, b"good")]
+    with caplog.at_level(logging.ERROR, logger="stream.compacted"):
+        with _reading(monkeypatch, _FakeConsumer(0, 3, records)) as reader:
+            assert reader.wait_caught_up(5)
+            assert reader.taken == [0, 2] and reader.malformed == 1 and reader.error is None
+    (logged,) = [r for r in caplog.records if "could not be taken" in r.getMessage()]
+    assert "RecursionError" in logged.getMessage() and (logged.topic, logged.offset) == ("table", 1)
+
+
+@pytest.mark.parametrize("low, high", [(0, 0), (-1001, 0)])  # -1001: a low watermark the client does not know
+def test_a_topic_never_written_is_caught_up_at_once(monkeypatch, low, high):
+    with _reading(monkeypatch, _FakeConsumer(low, high, [])) as reader:
+        assert reader.wait_caught_up(CATCH_UP_IDLE_S / 3)
