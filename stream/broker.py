@@ -77,13 +77,21 @@ class LocalBroker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise BrokerError(f"broker exited with code {self.process.returncode} (port {self.port} taken?)")
+            if not self._accepting():  # a Kafka client would log every refused connect
+                time.sleep(0.1)
+                continue
             try:
                 AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=1.0)
                 return
-            except Exception:  # not listening yet
+            except Exception:  # listening, not answering yet
                 time.sleep(0.2)
         self.stop()
         raise BrokerError(f"broker did not answer on {self.bootstrap} within {timeout_s:.0f} s")
+
+    def _accepting(self) -> bool:
+        with socket.socket() as probe:
+            probe.settimeout(1.0)
+            return probe.connect_ex((self.host, self.port)) == 0
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -8,8 +8,7 @@ import argparse
 
 from model.errors import ConfigError
 from stream.cli_common import add_client_flags, kafka_settings
-
-DEFAULT_PARTITIONS = 6  # what the worker creates when it finds no input topic
+from stream.topics import DEFAULT_PARTITIONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from model.config import load_config, read_config_file
 from model.errors import ConfigError
 from model.state import FORMAT_VERSION, FORMATS
+from stream import topics
 
 ENV_PREFIX = "HRNN_"
 GUARANTEES = ("at_least_once", "exactly_once")
@@ -173,11 +174,11 @@ class WorkerSettings:
 
     @property
     def dlq_topic(self) -> str:
-        return f"{self.input_topic}.dlq"
+        return topics.dlq_topic(self.input_topic)
 
     @property
     def changelog_topic(self) -> str:
-        return f"{self.group}.state-changelog"
+        return topics.changelog_topic(self.group)
 
     @property
     def exactly_once(self) -> bool:

@@ -24,6 +24,7 @@ EVENTS_TOPIC = "hrnn.events"
 RECOMMENDATIONS_TOPIC = "hrnn.recommendations"
 MODEL_UPDATES_TOPIC = "hrnn.model-updates"
 AVAILABILITY_TOPIC = "hrnn.item-availability"
+DEFAULT_PARTITIONS = 6  # of an input topic a worker or `hrnn produce` creates, without --partitions
 
 
 def dlq_topic(input_topic: str) -> str:

@@ -61,11 +61,10 @@ from stream.kafka_clients import (KafkaClientError, admin_client, create_consume
 from stream.observability import Health, WorkerMetrics
 from stream.settings import WorkerSettings
 from stream.store import ChangelogRecord, StateStores
-from stream.topics import ensure_topics, partition_counts, standard_topics
+from stream.topics import DEFAULT_PARTITIONS, ensure_topics, partition_counts, standard_topics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARTITIONS = 6
 _CLIENT_TIMEOUT_S = 30.0
 _LAG_EVERY_S = 5.0
 _IDLE_POLL_S = 0.1  # longest wait for a first record: how soon an idle worker notices a stop

@@ -69,3 +69,30 @@ def test_the_documented_script_usage_reads_the_address_and_goes_on_while_the_bro
         pytest.fail("the documented usage did not return while the broker runs")
     assert proc.returncode == 0, err
     assert out.strip().startswith("127.0.0.1:")
+
+
+def test_waiting_for_a_starting_broker_asks_no_kafka_client_before_its_port_listens(capfd):
+    """A client asked too early logs each refused connect ("Connection refused" lines in `make demo`'s output);
+    the wait first sees the port accept. Here the port listens after 1.5 s and never speaks Kafka."""
+    import threading
+    import time
+
+    from stream.broker import BrokerError, LocalBroker, free_port
+
+    broker = LocalBroker(port=free_port())
+    broker.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    listener = socket.socket()
+
+    def listen_later() -> None:
+        time.sleep(1.5)
+        listener.bind(("127.0.0.1", broker.port))
+        listener.listen()
+
+    threading.Thread(target=listen_later, daemon=True).start()
+    try:
+        with pytest.raises(BrokerError, match="did not answer"):
+            broker._wait_ready(3.0)
+    finally:
+        broker.process.kill()
+        listener.close()
+    assert "Connection refused" not in capfd.readouterr().err
