@@ -25,6 +25,7 @@ RECOMMENDATIONS_TOPIC = "hrnn.recommendations"
 MODEL_UPDATES_TOPIC = "hrnn.model-updates"
 AVAILABILITY_TOPIC = "hrnn.item-availability"
 DEFAULT_PARTITIONS = 6  # of an input topic a worker or `hrnn produce` creates, without --partitions
+_GRACE_S = 5.0  # waits outlast librdkafka's request timeout by this, so its error (which says why) comes first
 
 
 def dlq_topic(input_topic: str) -> str:
@@ -102,8 +103,11 @@ def ensure_topics(admin: AdminClient, specs: list[TopicSpec], *, timeout_s: floa
             request_timeout=timeout_s, operation_timeout=timeout_s)
         for spec in missing:
             try:
-                futures[spec.name].result(timeout=timeout_s)
+                futures[spec.name].result(timeout=timeout_s + _GRACE_S)
                 created.append(spec.name)
+            except TimeoutError:
+                raise TopicCreationError(f"creating topic {spec.name!r}: the broker did not answer within "
+                                         f"{timeout_s:g} s") from None
             except KafkaException as exc:
                 # Another worker of the group may have created it a moment ago: check it like any other.
                 if exc.args and isinstance(exc.args[0], KafkaError) and \
@@ -160,7 +164,11 @@ def cleanup_policy(admin: AdminClient, topic: str, timeout_s: float = 10.0) -> s
     """The topic's cleanup.policy, or None when the broker does not report it."""
     resource = ConfigResource(ResourceType.TOPIC, topic)
     try:
-        configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(timeout=timeout_s)
+        configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(
+            timeout=timeout_s + _GRACE_S)
+    except TimeoutError:
+        raise TopicError(f"cannot read the configuration of topic {topic!r}: no answer within {timeout_s:g} s") \
+            from None
     except KafkaException as exc:
         raise TopicError(f"cannot read the configuration of topic {topic!r}: {error_detail(exc)}") from None
     entry = configs.get("cleanup.policy")

@@ -143,3 +143,27 @@ def test_the_availability_and_announcement_readers_refuse_a_table_topic_of_sever
     _compacted_topic(admin, name, 3)
     with pytest.raises(TopicMismatchError, match="exactly 1"):
         ensure_table_topic(broker.bootstrap, name)
+
+
+def test_a_broker_that_never_answers_a_creation_is_a_typed_error_not_a_bare_timeout(monkeypatch):
+    """Python's wait ending first raised a builtin TimeoutError, a traceback for every command."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    import stream.topics
+
+    class Silent:
+        def list_topics(self, timeout):
+            return SimpleNamespace(topics={})
+
+        def create_topics(self, new, **kwargs):
+            return {t.topic: Future() for t in new}  # never resolved
+
+        def describe_configs(self, resources, **kwargs):
+            return {r: Future() for r in resources}
+
+    monkeypatch.setattr(stream.topics, "_GRACE_S", 0.05)
+    with pytest.raises(TopicCreationError, match="did not answer within 0.1 s"):
+        ensure_topics(Silent(), [TopicSpec("t", 1)], timeout_s=0.1)
+    with pytest.raises(stream.topics.TopicError, match="no answer within 0.1 s"):
+        cleanup_policy(Silent(), "t", timeout_s=0.1)
