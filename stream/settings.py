@@ -23,6 +23,7 @@ from model.config import load_config, read_config_file
 from model.errors import ConfigError
 from model.state import FORMAT_VERSION, FORMATS
 from stream import topics
+from stream.cli_common import directory_flag
 
 ENV_PREFIX = "HRNN_"
 GUARANTEES = ("at_least_once", "exactly_once")
@@ -105,8 +106,6 @@ class WorkerSettings:
             raise ConfigError("no model registry given: pass --registry DIR (or set HRNN_REGISTRY)")
         if not self.state_dir:
             raise ConfigError("no state directory given: pass --state-dir DIR (or set HRNN_STATE_DIR)")
-        from stream.cli_common import directory_flag
-
         directory_flag("--state-dir", self.state_dir)  # now, not in the first rebalance callback
         self.validate_kafka()
         from model.network import resolve_device  # torch loads only once a worker is being set up

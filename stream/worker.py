@@ -783,11 +783,11 @@ def _changelog_record(msg: Message) -> ChangelogRecord | None:
     """The record as the restore applies it; None for one no user of ours can have written (no key, a key that
     is not UTF-8, a value that is no state record)."""
     key, value = msg.key(), msg.value()
+    if key is None:
+        return None
     try:
-        user = None if key is None else key.decode()
+        user = key.decode()
     except UnicodeDecodeError:
-        user = None
-    if user is None:
         return None
     headers = msg.headers()
     source = records.source_offset_of(headers)

@@ -27,6 +27,14 @@ def _containers() -> dict[str, dict]:
     return out
 
 
+def _file_of(container: dict, flag: str) -> tuple[dict, str]:
+    """The volume holding the file the container's `flag` names, and the file's path inside it."""
+    path = container["args"][container["args"].index(flag) + 1]
+    mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in container["volumes"] if v["name"] == mount["name"])
+    return volume, path[len(mount["mountPath"]) + 1:]
+
+
 def _commands() -> list[tuple[str, list[str]]]:
     text = (DEPLOY / "docker-compose.yml").read_text()
     compose = yaml.safe_load(text)["services"]
@@ -50,10 +58,8 @@ def test_the_checking_jobs_read_the_settings_file_the_workers_read(job):
     worker, audit = containers["worker"], containers[job]
 
     def config_map_of(container: dict) -> tuple[str, str]:
-        path = container["args"][container["args"].index("--config") + 1]
-        mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
-        volume = next(v for v in container["volumes"] if v["name"] == mount["name"])
-        return volume["configMap"]["name"], path[len(mount["mountPath"]) + 1:]
+        volume, file = _file_of(container, "--config")
+        return volume["configMap"]["name"], file
 
     assert audit["args"][0] == job and config_map_of(audit) == config_map_of(worker) == ("hrnn-config",
                                                                                               "worker.toml")
@@ -98,10 +104,8 @@ def test_every_pod_reads_the_kafka_client_settings_of_one_secret_which_the_retra
     from stream.kafka_clients import load_client_settings
 
     def secret_of(container: dict) -> tuple[str, str]:
-        path = container["args"][container["args"].index("--kafka-config-file") + 1]
-        mount = next(m for m in container["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
-        volume = next(v for v in container["volumes"] if v["name"] == mount["name"])
-        return volume["secret"]["secretName"], path[len(mount["mountPath"]) + 1:]
+        volume, file = _file_of(container, "--kafka-config-file")
+        return volume["secret"]["secretName"], file
 
     containers = _containers()
     assert set(containers) == {"worker", "retrainer", "audit", "quality"}
