@@ -26,6 +26,7 @@ import asyncio
 import functools
 import json
 import logging
+import secrets
 import shutil
 import sys
 import tempfile
@@ -235,7 +236,9 @@ class RetrainerService:
 
         s = self.settings
         credentials = faust_credentials(s.kafka)  # refused settings: before anything is made
-        self._datadir = tempfile.mkdtemp(prefix="hrnn-retrainer-faust-")
+        # named now, made by Faust only when it starts, removed by run(): a service built and never run (a
+        # test, a refused start) leaves nothing in the temp folder
+        self._datadir = Path(tempfile.gettempdir()) / f"hrnn-retrainer-faust-{secrets.token_hex(8)}"
         app = faust.App(
             s.app_id,
             broker=[f"kafka://{h.strip()}" for h in s.bootstrap_servers.split(",") if h.strip()],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -211,6 +212,17 @@ def test_the_service_counts_events_dated_after_tomorrow(tmp_path, monkeypatch):
     asyncio.run(svc._archive(_batch([(0, 0, T0), (0, 1, 7_226_582_400_000)])))
     assert svc.metrics.registry.get_sample_value("hrnn_retrainer_future_events_total") == 1
     assert svc.metrics.registry.get_sample_value("hrnn_retrainer_archived_events_total") == 2
+
+
+def test_a_service_built_and_never_run_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    svc = _offline_service(tmp_path, monkeypatch)
+    assert svc.app.conf.datadir.parent == tmp
+    assert not list(tmp.iterdir())
 
 
 # --- a failing archive: retried, never acked unwritten, reported on /health ---
@@ -527,11 +539,12 @@ def test_retrain_skips_a_thin_window(tmp_path):
 class Service:
     """`hrnn retrainer` in a subprocess, its JSON log lines collected as they come."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str, args: list[str], tmpdir: Path | None = None) -> None:
         self.name, self.lines = name, []
         self._lock = threading.Lock()
+        env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir else None
         self.proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "retrainer", *args],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -628,8 +641,11 @@ def test_the_service_archives_retrains_publishes_and_announces(broker, tmp_path,
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     # Kafka client settings as a managed cluster's would come, here for the plaintext broker: every client takes them
     kafka = ["--kafka-config", "security.protocol=PLAINTEXT", "--kafka-config", "client.id=hrnn-retrainer-e2e"]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     svc = Service("a", _service_args(broker, tmp_path, topic, app_id, "--interval-s", "2", "--min-events",
-                                     str(len(synth)), "--window-days", "30", "--keep-versions", "2", *tiny, *kafka))
+                                     str(len(synth)), "--window-days", "30", "--keep-versions", "2", *tiny, *kafka),
+                  tmpdir=tmp)
     try:
         with AnnouncementWatcher(broker.bootstrap, f"{topic}.updates") as watcher:
             _until(lambda: count_events(tmp_path / "archive", 30) == len(synth), 60, "the archive to fill")
@@ -646,8 +662,10 @@ def test_the_service_archives_retrains_publishes_and_announces(broker, tmp_path,
             assert any(o["status"] == "published" and o["version"] == ann.version for o in finished)
             (told,) = [r["settings"] for r in svc.lines if "apply to the librdkafka clients only" in r["msg"]]
             assert told == ["client.id"]
+            assert list(tmp.glob("hrnn-retrainer-faust-*")), "Faust's data folder is not in the temp folder"
     finally:
         assert svc.stop() == 0
+    assert not list(tmp.glob("hrnn-*")), "the stopped service left its folders in the temp folder"
 
 
 def _free_port() -> int:
