@@ -10,7 +10,7 @@ from pathlib import Path
 from model.errors import ConfigError
 from stream.availability import AvailabilityReader, set_availability
 from stream.cli_common import add_client_flags, kafka_settings, positive
-from stream.topics import AVAILABILITY_TOPIC
+from stream.topics import AVAILABILITY_TOPIC, check_topic_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not positive(args.timeout_s):
         raise ConfigError(f"--timeout-s must be > 0 seconds, got {args.timeout_s}")
+    check_topic_name("--topic", args.topic)
     extra = kafka_settings(args)
     if args.action == "list":
         return _list(AvailabilityReader(args.bootstrap_servers, args.topic, extra=extra, poll_timeout_s=0.2), args)

@@ -14,7 +14,7 @@ import sys
 from model.artifact import current_version, list_versions, verify
 from model.errors import ArtifactError, HRNNError
 from stream.cli_common import add_kafka_flags, kafka_settings
-from stream.topics import MODEL_UPDATES_TOPIC
+from stream.topics import MODEL_UPDATES_TOPIC, check_topic_name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,6 +112,7 @@ def _kafka_settings(args: argparse.Namespace) -> dict[str, str]:
         return {}
     from stream.kafka_clients import check_client_settings
 
+    check_topic_name("--topic", args.topic)
     kafka = kafka_settings(args)
     check_client_settings(args.bootstrap_servers, kafka)
     return kafka

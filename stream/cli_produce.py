@@ -8,7 +8,7 @@ import argparse
 
 from model.errors import ConfigError
 from stream.cli_common import add_client_flags, kafka_settings
-from stream.topics import DEFAULT_PARTITIONS
+from stream.topics import DEFAULT_PARTITIONS, check_topic_name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit must be >= 0, got {args.limit}")
     if args.partitions is not None and args.partitions < 1:
         raise ConfigError(f"--partitions must be >= 1, got {args.partitions}")
+    check_topic_name("--topic", args.topic)
     columns = parse_column_map(args.columns) if args.columns else None
     data = load_interactions(args.data, columns=columns, time_unit=args.time_unit)
 

@@ -46,7 +46,7 @@ from stream.faust_credentials import faust_credentials, librdkafka_only
 from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.observability import Health, MetricsServer
 from stream.retrain_job import RetrainOutcome, RetrainSpec
-from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
+from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC, check_topic_name
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class RetrainerSettings:
         if not self.bootstrap_servers:
             raise ConfigError("the retrainer needs --bootstrap-servers")
         self.validate_run()
+        check_topic_name("--events-topic", self.events_topic)
+        check_topic_name("--app-id (Faust names its own topics after it)", self.app_id)
         if self.cron is None and (self.interval_s is None or self.interval_s <= 0):
             raise ConfigError("give --interval-s N (> 0) or --cron EXPR")
         if self.cron is not None:
@@ -104,6 +106,7 @@ class RetrainerSettings:
             raise ConfigError("the retrainer needs --registry DIR and --archive DIR")
         directory_flag("--registry", self.registry)
         directory_flag("--archive", self.archive)
+        check_topic_name("--updates-topic", self.updates_topic)
         if self.window_days < 1:
             raise ConfigError(f"--window-days must be at least 1, got {self.window_days}")
         if not -1.0 <= self.margin <= 1.0:

@@ -151,14 +151,18 @@ class WorkerSettings:
     def _validate_topic_roles(self) -> None:
         """One topic, one role: recommendations written to the DLQ or the changelog would be taken for dead
         letters or states (a restore decodes the changelog), and model announcements sent to the input topic
-        would be read as events."""
-        roles = [  # the derived topics first, so a clash names the setting that was given
-            ("the dead-letter topic (input_topic + '.dlq')", self.dlq_topic),
-            ("the changelog topic (group + '.state-changelog')", self.changelog_topic),
-            ("input_topic", self.input_topic), ("output_topic", self.output_topic),
-            ("updates_topic", self.updates_topic), ("availability_topic", self.availability_topic)]
+        would be read as events. Each name is one Apache Kafka accepts."""
+        given = [("input_topic", self.input_topic), ("output_topic", self.output_topic),
+                 ("updates_topic", self.updates_topic), ("availability_topic", self.availability_topic)]
+        derived = [("the dead-letter topic (input_topic + '.dlq')", self.dlq_topic),
+                   ("the changelog topic (group + '.state-changelog')", self.changelog_topic)]
+        if self.group in ("", ".", ".."):  # its changelog's name is legal, but the stores' folder is not its own
+            raise ConfigError(f"group {self.group!r} cannot name the worker group: its state stores live in "
+                              "<state_dir>/<group>")
+        for role, topic in given + derived:  # a bad name: the setting given is named first
+            topics.check_topic_name(role, topic)
         seen: dict[str, str] = {}
-        for role, topic in roles:
+        for role, topic in derived + given:  # a clash: the setting given is named, not what it clashes with
             if topic in seen:
                 raise ConfigError(f"{role} {topic!r} must differ from {seen[topic]}: each topic has one role")
             seen[topic] = role

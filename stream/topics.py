@@ -9,13 +9,14 @@ records a producer's partitioner puts on any other partition would never be read
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
-from model.errors import HRNNError
+from model.errors import ConfigError, HRNNError
 from stream.kafka_clients import error_detail
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,18 @@ MODEL_UPDATES_TOPIC = "hrnn.model-updates"
 AVAILABILITY_TOPIC = "hrnn.item-availability"
 DEFAULT_PARTITIONS = 6  # of an input topic a worker or `hrnn produce` creates, without --partitions
 _GRACE_S = 5.0  # waits outlast librdkafka's request timeout by this, so its error (which says why) comes first
+
+
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def check_topic_name(role: str, name: str) -> None:
+    """Apache Kafka's rule for topic names, checked before anything starts: some Kafka-compatible brokers
+    (Tansu) accept any name, and a name with '/' or '..' would place a partition's state store or an archive
+    file outside its folder."""
+    if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{role} {name!r} is not a Kafka topic name: give 1 to 249 of the characters "
+                          "a-z A-Z 0-9 . _ - (and not '.' or '..')")
 
 
 def dlq_topic(input_topic: str) -> str:

@@ -469,6 +469,9 @@ def busy_port():
     ("a security setting Faust cannot apply", "ssl.keystore.location"),
     ("a setting librdkafka refuses", "no.such.setting"),
     ("a client properties file that is missing", "client.properties"),
+    ("an events topic Kafka would refuse", "--events-topic"),
+    ("an app id Faust would name illegal topics after", "--app-id"),
+    ("once: an updates topic Kafka would refuse", "--updates-topic"),
 ])
 def test_bad_flags_exit_2_with_what_to_fix(tmp_path, monkeypatch, capsys, busy_port, case, flag):
     """Bad input is said plainly (exit 2, the flag named), never a traceback; no broker is reached."""
@@ -495,6 +498,12 @@ def test_bad_flags_exit_2_with_what_to_fix(tmp_path, monkeypatch, capsys, busy_p
         extra = ["--kafka-config", "no.such.setting=1"]
     elif case == "a client properties file that is missing":
         extra = ["--kafka-config-file", str(tmp_path / "client.properties")]
+    elif case == "an events topic Kafka would refuse":
+        extra = ["--events-topic", "../events"]
+    elif case == "an app id Faust would name illegal topics after":
+        extra = ["--app-id", "retrainer/eu"]
+    elif case == "once: an updates topic Kafka would refuse":
+        extra = ["--updates-topic", "model updates"]
     service = [] if case.startswith("once") else ["--bootstrap-servers", "127.0.0.1:9"]
     once = ["--once"] if case.startswith("once") else []
     rc = hrnn(["retrainer", *once, *service, "--registry", str(registry), "--archive", str(archive), *extra])

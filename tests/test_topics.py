@@ -167,3 +167,28 @@ def test_a_broker_that_never_answers_a_creation_is_a_typed_error_not_a_bare_time
         ensure_topics(Silent(), [TopicSpec("t", 1)], timeout_s=0.1)
     with pytest.raises(stream.topics.TopicError, match="no answer within 0.1 s"):
         cleanup_policy(Silent(), "t", timeout_s=0.1)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../events", "shop events", "é", "t" * 250])
+def test_a_name_apache_kafka_would_refuse_is_refused_whatever_the_broker(name):
+    from model.errors import ConfigError
+    from stream.topics import check_topic_name
+
+    with pytest.raises(ConfigError, match=r"--topic .* is not a Kafka topic name"):
+        check_topic_name("--topic", name)
+    check_topic_name("--topic", "Shop_EU-1.events." + "t" * 232)  # every legal character, 249 of them
+
+
+@pytest.mark.parametrize("argv", [
+    ["produce", "--data", "events.csv"], ["items", "unavailable", "sku-1"], ["models", "rollback", "reg"],
+])
+def test_commands_that_create_or_write_a_topic_refuse_an_illegal_name_before_anything_changes(
+        tmp_path, monkeypatch, capsys, argv):
+    """The local broker (Tansu) would create '../events'; Apache Kafka would not, so neither do we."""
+    from stream.cli import main as hrnn
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "events.csv").write_text("USER_ID,ITEM_ID,TIMESTAMP\nu,i,1\n")
+    assert hrnn([*argv, "--bootstrap-servers", "127.0.0.1:9", "--topic", "../events"]) == 2
+    assert "--topic '../events' is not a Kafka topic name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.csv"]
