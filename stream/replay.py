@@ -77,7 +77,9 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
            speedup: float | None = None, limit: int | None = None, progress: bool = True,
            retime: bool = False) -> int:
     """Produce the events (key user_id, value the event JSON) and wait until all are delivered.
-    Returns how many were delivered; raises ReplayError if the broker rejected any.
+    Returns how many were delivered; raises ReplayError if the broker rejected any. The replay stops sending
+    at the first rejection it hears of: the events after it would reach the topic with a gap before them, and
+    a paced replay would go on for its whole length to no purpose.
 
     retime: stamp each event with the wall clock at sending instead of its file time, so that
     emit time - event time is a real latency (file times of a historical log are years old)."""
@@ -90,7 +92,7 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
     if limit is not None and limit < 0:
         raise ConfigError(f"limit must be >= 0, got {limit}")
     total = len(interactions) if limit is None else min(limit, len(interactions))
-    delivered, failures = 0, []
+    delivered, sent, failures = 0, 0, []
 
     def on_delivery(err, _msg) -> None:
         nonlocal delivered
@@ -111,7 +113,10 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
                 producer.poll(min(wait, 0.1))  # serve delivery reports while pacing instead of idling
             if retime:
                 event = dataclasses.replace(event, timestamp_ms=int(time.time() * 1000))
+            if failures:
+                break
             produce_waiting(producer, topic, encode_event(event), event.user_id.encode(), on_delivery=on_delivery)
+            sent += 1
             bar.update(1)
             if i % 1000 == 0:
                 producer.poll(0)
@@ -123,6 +128,8 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
                           f"(is the broker reachable?)")
     if failures:
         shown = "; ".join(e.str() for e in failures if e is not None)
-        raise ReplayError(f"{len(failures)} of {total} events to {topic!r} were rejected: {shown}")
+        stopped = f"; sending stopped at the first rejection, {total - sent} not sent" if sent < total else ""
+        raise ReplayError(f"{len(failures)} of the {sent} events sent to {topic!r} were rejected ({delivered} "
+                          f"delivered{stopped}): {shown}")
     return delivered
 

@@ -15,7 +15,7 @@ from model.errors import ConfigError
 from model.events import decode_event
 from model.interactions import Interactions
 from stream.kafka_clients import admin_client, create_producer, read_all
-from stream.replay import events_from_interactions, replay
+from stream.replay import ReplayError, events_from_interactions, replay
 from stream.topics import TopicSpec, ensure_topics
 
 HRNN = str(Path(sys.executable).with_name("hrnn"))
@@ -168,6 +168,40 @@ def test_produce_cli_on_a_malformed_file_exits_non_zero_naming_the_problem(tmp_p
     assert proc.returncode != 0
     assert "hrnn produce: error:" in proc.stderr and "bad.csv" in proc.stderr and "TIMESTAMP" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class _RejectingProducer(_RecordingProducer):
+    """Unit-test fake: the broker rejects the events from the `first_rejected`-th on (a topic deleted, say)."""
+
+    def __init__(self, first_rejected: int) -> None:
+        super().__init__()
+        self.first_rejected = first_rejected
+
+    def poll(self, timeout=0):
+        err = type("Err", (), {"str": lambda self: "Broker: Unknown topic or partition"})()
+        for k, cb in enumerate(self._pending, start=len(self.sent) - len(self._pending)):
+            cb(err if k >= self.first_rejected else None, None)
+        n, self._pending = len(self._pending), []
+        return n
+
+
+def test_a_replay_stops_sending_at_the_first_rejection_and_says_how_far_it_got():
+    """A paced replay that kept going after the broker began rejecting would run its whole length for nothing,
+    and the events after the gap would reach the topic without the ones before them."""
+    data = _small(n=120)
+    producer = _RejectingProducer(first_rejected=10)
+    with pytest.raises(ReplayError) as err:
+        replay(data, producer, "t", rate=200, progress=False)  # pacing polls, so delivery reports come as it goes
+    assert 11 <= len(producer.sent) < 20, len(producer.sent)  # stopped within the next reports served
+    sent = len(producer.sent)
+    assert (f"{sent - 10} of the {sent} events sent to 't' were rejected (10 delivered; sending stopped at the "
+            f"first rejection, {120 - sent} not sent): Broker: Unknown topic or partition") in str(err.value)
+
+
+def test_rejections_heard_of_only_at_the_end_are_reported_without_claiming_a_stop():
+    producer = _RejectingProducer(first_rejected=29)
+    with pytest.raises(ReplayError, match=r"1 of the 30 events sent to 't' were rejected \(29 delivered\): Broker"):
+        replay(_small(n=30), producer, "t", progress=False)  # unpaced: the reports come at the flush
 
 
 def test_retime_stamps_events_with_the_send_time():
