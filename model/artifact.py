@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,12 +64,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    # made with the umask's modes, not mkstemp's 0600: a worker running as another user must read CURRENT
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ArtifactError(f"cannot write {path} ({exc.strerror or exc})") from None
 
 
 def new_version_name() -> str:
@@ -94,7 +100,11 @@ def save_version(registry: str | Path, model: HRNN, config: HRNNConfig, data_con
     final = reg / version
     if final.exists():
         raise ArtifactError(f"version {version} already exists in {reg}")
-    tmp = Path(tempfile.mkdtemp(dir=reg, prefix=f".tmp-{version}-"))
+    tmp = reg / f".tmp-{version}-{secrets.token_hex(4)}"
+    try:
+        tmp.mkdir()  # the umask's modes, not mkdtemp's 0700: workers may run as another user than the trainer
+    except OSError as exc:
+        raise ArtifactError(f"cannot write to the registry {reg} ({exc.strerror})") from None
     try:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
         _write_json(tmp / "config.json", {"version": version, "n_items": len(item_ids),
@@ -122,7 +132,7 @@ def set_current(registry: str | Path, version: str, *, remember: bool = True) ->
     reg = Path(registry)
     if not (reg / version / "manifest.json").exists():
         raise ArtifactError(f"no complete version {version!r} in {reg}")
-    before = current_version(reg)
+    before = _pointer(reg)
     if remember and before is not None and before != version:
         # history first: a crash before CURRENT moves leaves an entry naming the current version, which a
         # rollback skips; the other order would lose the version a rollback should return to
@@ -132,12 +142,33 @@ def set_current(registry: str | Path, version: str, *, remember: bool = True) ->
     _atomic_write(reg / POINTER, version + "\n")
 
 
+def _read_pointer_file(path: Path) -> str:
+    """CURRENT or its history as text ('' when missing); any other failure to read it is an ArtifactError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise ArtifactError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path} is not UTF-8 text: it holds version names, one per line") from None
+
+
+def _pointer(reg: Path) -> str | None:
+    """CURRENT's text as written, malformed or not: what set_current replaces (moving it is the repair)."""
+    return _read_pointer_file(reg / POINTER).strip() or None
+
+
+def check_pointer_files(registry: str | Path) -> None:
+    """Raise ArtifactError now if CURRENT or its history cannot be read, so publishing could not move CURRENT:
+    `hrnn train` checks before the training, not after it."""
+    _pointer(Path(registry))
+    current_history(registry)
+
+
 def current_history(registry: str | Path) -> list[str]:
     """The versions CURRENT named before, oldest first; empty for a registry written before it was kept."""
-    try:
-        text = (Path(registry) / HISTORY).read_text()
-    except FileNotFoundError:
-        return []
+    text = _read_pointer_file(Path(registry) / HISTORY)
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -146,29 +177,46 @@ def write_current_history(registry: str | Path, versions: list[str]) -> None:
 
 
 def current_version(registry: str | Path) -> str | None:
-    try:
-        return (Path(registry) / POINTER).read_text().strip() or None
-    except FileNotFoundError:
-        return None
+    """The version CURRENT names (None: none yet). Only the name of a directory of the registry is one: a path
+    ('v1/', '../other/v1') would serve a version that the registry's commands, comparing names, do not see as
+    current, and so could prune."""
+    path = Path(registry) / POINTER
+    version = _pointer(Path(registry))
+    if version is not None and (version.startswith(".") or any(c in version for c in "/\\\0")):
+        raise ArtifactError(f"{path} holds {version!r}, which is no version name (a directory of the registry, "
+                            f"such as v20260101T000000000Z): point it at one with `hrnn models promote {registry} "
+                            "VERSION`")
+    return version
 
 
 def latest_version_dir(registry: str | Path) -> Path:
     version = current_version(registry)
     if version is None:
         raise ArtifactError(f"registry {registry} has no current version (train one with `hrnn train`)")
+    if not (Path(registry) / version).is_dir():
+        raise ArtifactError(f"{Path(registry) / POINTER} names {version!r}, which is not in the registry: point it "
+                            f"at a version with `hrnn models promote {registry} VERSION` (`hrnn models list` "
+                            "lists them)")
     return Path(registry) / version
 
 
 def list_versions(registry: str | Path) -> list[VersionInfo]:
     reg = Path(registry)
     if not reg.is_dir():
-        raise ArtifactError(f"registry {reg} does not exist")
-    cur = current_version(reg)
+        raise ArtifactError(f"registry {reg} {'is not a directory' if reg.exists() else 'does not exist'}")
+    cur = _pointer(reg)  # as written: a malformed CURRENT marks no version, and `models promote` still finds them
     out = []
-    for d in sorted(p for p in reg.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    try:
+        dirs = sorted(p for p in reg.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise ArtifactError(f"registry {reg} cannot be listed ({exc.strerror})") from None
+    for d in dirs:
         try:
             manifest = json.loads((d / "manifest.json").read_text())
             metrics = json.loads((d / "metrics.json").read_text())
+        except PermissionError as exc:  # a version there, but not for this user: saying none would mislead
+            raise ArtifactError(f"{d} cannot be read ({exc.strerror}): the registry's files must be readable by "
+                                "every user that serves or manages it") from None
         except (OSError, ValueError):
             continue  # not a complete version
         if not isinstance(manifest, dict) or not isinstance(metrics, dict) \

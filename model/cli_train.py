@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model.artifact import check_pointer_files
 from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data, output_dir
 from model.pipeline import HOLDOUTS, train_version
 
@@ -27,6 +28,7 @@ def _config_classes():
 def run(args: argparse.Namespace) -> int:
     config, data_config = configs_from_args(args)
     output_dir(args.registry, "--registry")  # before the training, not after it
+    check_pointer_files(args.registry)
     data = load_data(args)
     run_ = train_version(data, args.registry, config=config, data_config=data_config, holdout=args.holdout,
                          early_stopping=not args.no_early_stopping, device=args.device, progress=not args.quiet)

@@ -2,7 +2,7 @@
 
 Versions are ordered by their manifest's created_at (then name), so "the last N" means the
 N most recently published, whatever their names. Pruning never touches the CURRENT version
-and removes a version by renaming it to a dot-name first: a reader either sees the complete
+or the one a rollback returns to, and removes a version by renaming it to a dot-name first: a reader either sees the complete
 version or none (list_versions skips dot-names), never a half-deleted one.
 
 A rollback returns to the version CURRENT named before (its history, model/artifact.py), not to the version
@@ -14,6 +14,7 @@ current one.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -83,7 +84,9 @@ def rollback(registry: str | Path) -> str:
 
 
 def prune(registry: str | Path, keep: int, *, protect: tuple[str, ...] = ()) -> list[str]:
-    """Delete all but the `keep` newest versions; the current one and `protect` always stay.
+    """Delete all but the `keep` newest versions that can serve (every file of their manifest there); the current
+    one, the one a rollback returns to, and `protect` always stay. A damaged version counts for none of the
+    `keep`: kept in their place, it would leave fewer versions to serve or roll back to than asked.
 
     Returns the names deleted. Stale temp dirs of crashed publishers are removed too.
     """
@@ -91,7 +94,8 @@ def prune(registry: str | Path, keep: int, *, protect: tuple[str, ...] = ()) -> 
         raise ArtifactError(f"keep must be at least 1, got {keep}")
     reg = Path(registry)
     versions = ordered_versions(reg)
-    spared = {v.version for v in versions[-keep:]} | {current_version(reg)} | set(protect)
+    whole = [v for v in versions if _files_present(v.path)]
+    spared = {v.version for v in whole[-keep:]} | {current_version(reg), previous_version(reg)} | set(protect)
     removed = []
     for v in versions:
         if v.version in spared:
@@ -101,10 +105,22 @@ def prune(registry: str | Path, keep: int, *, protect: tuple[str, ...] = ()) -> 
             os.rename(v.path, trash)
         except FileNotFoundError:
             continue  # another pruner got there first
+        except OSError as exc:
+            raise ArtifactError(f"cannot delete {v.path} ({exc.strerror}); deleted so far: "
+                                f"{', '.join(removed) or 'none'}") from None
         shutil.rmtree(trash, ignore_errors=True)
         removed.append(v.version)
     _remove_stale_temp(reg)
     return removed
+
+
+def _files_present(path: Path) -> bool:
+    """Every file the version's manifest lists is there (a cheap check: verify() also reads each checksum)."""
+    try:
+        files = json.loads((path / "manifest.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(files, dict) and all((path / str(name)).is_file() for name in files)
 
 
 def _remove_stale_temp(reg: Path) -> None:

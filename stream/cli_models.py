@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     canary.add_argument("registry")
     canary.add_argument("version")
     canary.add_argument("--share", type=float, required=True, help="of the users, strictly between 0 and 1")
-    prune = sub.add_parser("prune", help="delete all but the newest N versions (never the current one, nor with "
-                                         "--bootstrap-servers the canary serving now)")
+    prune = sub.add_parser("prune", help="delete all but the newest N versions (never the current one or the one a "
+                                         "rollback returns to, nor with --bootstrap-servers the canary serving now)")
     prune.add_argument("registry")
     prune.add_argument("--keep", type=int, required=True)
     for q in (ls, prune):

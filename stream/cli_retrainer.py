@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--metric", default="mrr@20", help="metric of the comparison (default mrr@20)")
     a("--warm-start", action="store_true", help="start from the serving weights (item rows matched by id)")
     a("--min-events", type=int, default=1000, help="skip a run with fewer events in the window")
-    a("--keep-versions", type=int, default=0, help="after publishing, keep the newest N versions (0: all)")
+    a("--keep-versions", type=int, default=0, help="after publishing, keep the newest N versions, and always the "
+                                                  "current one and the one a rollback returns to (0: all)")
     a("--canary-share", type=float, default=0.0,
       help="announce a published version as a canary for this share of the users, leaving the registry's "
            "current version serving the rest until `hrnn models promote` (default 0: publish as current)")

@@ -80,7 +80,11 @@ class ModelRefused(ArtifactError):
 def validate_version(path: str | Path, *, device: str = "cpu", expected_version: str | None = None) -> Recommender:
     """Load a version and prove it can serve; raises ModelRefused with the first failed check."""
     d = Path(path)
-    if not (d / "manifest.json").is_file():
+    try:
+        published = (d / "manifest.json").is_file()
+    except OSError as exc:  # a directory this user may not enter: the registry's modes, not a missing version
+        raise ModelRefused("unreadable", d, f"cannot be read ({exc.strerror})") from None
+    if not published:
         raise ModelRefused("missing", d, "no manifest.json (not a published version directory)")
     try:
         verify(d)

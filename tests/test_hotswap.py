@@ -115,6 +115,21 @@ def test_missing_and_mismatched_versions_are_refused(versions, tmp_path):
     assert err.value.reason == "mismatch"
 
 
+def test_a_version_this_user_may_not_enter_is_refused_as_unreadable_not_raised(versions, monkeypatch):
+    _, a, _ = versions
+    real = Path.is_file
+
+    def denied(self):  # as for a user without the trainer's rights (root, running the tests, has them)
+        if self.parent == a:
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    with pytest.raises(ModelRefused) as err:
+        validate_version(a)
+    assert err.value.reason == "unreadable" and "Permission denied" in str(err.value)
+
+
 def test_a_version_swaps_in_only_between_batches(versions):
     reg, a, b = versions
     metrics = WorkerMetrics()

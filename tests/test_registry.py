@@ -155,3 +155,100 @@ def test_a_canary_of_the_current_version_is_refused_without_announcing(registry,
     assert hrnn(["models", "canary", str(registry), "v-b", "--share", "0.1",
                  "--bootstrap-servers", "127.0.0.1:9"]) == 0
     assert [a[2] for a in announced] == ["v-b"]
+
+
+@pytest.mark.parametrize("written", ["v-e/", "./v-e", "../registry/v-e", "{reg}/v-e", ".", ".trash-v-e"])
+def test_a_current_pointer_that_is_a_path_not_a_version_name_is_refused_and_promote_repairs_it(
+        registry, capsys, written):
+    """'v-e/' (tab completion) loaded fine but was no name the commands matched: prune deleted the version
+    being served, and the next worker start failed."""
+    (registry / "CURRENT").write_text(written.format(reg=registry) + "\n")
+    with pytest.raises(ArtifactError, match="which is no version name"):
+        current_version(registry)
+    assert hrnn(["models", "prune", str(registry), "--keep", "1"]) == 2
+    assert "hrnn models promote" in capsys.readouterr().err
+    assert len(list_versions_unchecked(registry)) == 5  # nothing deleted
+    assert hrnn(["models", "promote", str(registry), "v-e"]) == 0 and current_version(registry) == "v-e"
+
+
+def list_versions_unchecked(registry: Path) -> list[str]:
+    return sorted(p.name for p in registry.iterdir() if (p / "manifest.json").is_file())
+
+
+@pytest.mark.parametrize("name, content", [("CURRENT", b"\xff\xfe"), ("CURRENT", None), ("CURRENT.history", b"\xff")])
+def test_a_pointer_file_that_cannot_be_read_is_named_not_a_traceback(registry, capsys, name, content):
+    path = registry / name
+    path.unlink()
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    commands = [["promote", "v-a"], ["rollback"], ["prune", "--keep", "1"]] + [["list"]] * (name == "CURRENT")
+    for command in commands:
+        assert hrnn(["models", command[0], str(registry), *command[1:]]) == 2, command
+        err = capsys.readouterr().err
+        assert str(path) in err and "Traceback" not in err, (command, err)
+    assert len(list_versions_unchecked(registry)) == 5
+
+
+def test_a_pointer_history_that_cannot_be_read_stops_train_before_it_trains(registry, tmp_path, capsys):
+    (registry / HISTORY).write_bytes(b"\xff")
+    data = tmp_path / "events.csv"
+    data.write_text("USER_ID,ITEM_ID,TIMESTAMP\n" + "".join(f"u{k % 3},i{k % 5},{1_700_000_000 + k}\n"
+                                                              for k in range(30)))
+    assert hrnn(["train", "--data", str(data), "--registry", str(registry), "--epochs", "1", "--quiet"]) == 2
+    assert f"{registry / HISTORY} is not UTF-8 text" in capsys.readouterr().err
+    assert len(list_versions_unchecked(registry)) == 5  # no version trained and left beside CURRENT
+
+
+def test_a_current_pointer_naming_a_missing_version_says_so(registry):
+    from model.artifact import latest_version_dir
+
+    (registry / "CURRENT").write_text("v-gone\n")
+    with pytest.raises(ArtifactError, match=r"CURRENT names 'v-gone', which is not in the registry"):
+        latest_version_dir(registry)
+
+
+def test_a_registry_path_that_is_a_file_is_called_one(tmp_path, capsys):
+    (tmp_path / "reg").write_text("")
+    assert hrnn(["models", "list", str(tmp_path / "reg")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_prune_counts_only_versions_that_can_serve(registry):
+    shutil.copytree(registry / "v-e", registry / "v-z")  # newest, but its weights lost (an interrupted copy)
+    (registry / "v-z" / "weights.pt").unlink()
+    assert previous_version(registry) == "v-b"
+    assert sorted(prune(registry, 2)) == ["v-a", "v-c", "v-d", "v-z"]  # v-z took none of the 2 places
+    assert {v.version for v in ordered_versions(registry)} == {"v-b", "v-e"}
+    assert rollback(registry) == "v-b"
+
+
+def test_a_single_version_kept_still_leaves_the_rollback_target(registry):
+    assert sorted(prune(registry, 1)) == ["v-a", "v-c", "v-d"]
+    assert rollback(registry) == "v-b"
+
+
+def test_registry_files_take_the_umask_so_a_worker_running_as_another_user_can_read_them(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _publish(tmp_path / "reg", ["v-a", "v-b"])
+    finally:
+        os.umask(old)
+    reg = tmp_path / "reg"
+    assert oct((reg / "v-b").stat().st_mode & 0o777) == oct(0o755)
+    for f in ("CURRENT", HISTORY):
+        assert oct((reg / f).stat().st_mode & 0o777) == oct(0o644), f
+
+
+def test_a_version_this_user_may_not_read_is_an_error_not_an_empty_registry(registry, monkeypatch):
+    real = Path.read_text
+
+    def denied(self, *a, **k):  # as for a user without the trainer's rights (root, running the tests, has them)
+        if self.name == "manifest.json" and self.parent.name == "v-b":
+            raise PermissionError(13, "Permission denied")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ArtifactError, match=r"v-b cannot be read \(Permission denied\)"):
+        list_versions(registry)
