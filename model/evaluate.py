@@ -31,10 +31,14 @@ class EvalResult:
     models: dict[str, dict[str, float]] = field(default_factory=dict)
     cutoffs: tuple[int, ...] = CUTOFFS
     n_first_events: int = 0  # rankings in the "first" slice (last-session only)
+    # test events no model can rank (item unseen in training), or in a test session that left too short
+    n_left_out_events: int = 0
+    n_left_out_users: int = 0  # personalize: held-out users none of whose held-out items occur in training
 
     def to_json(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "n_test_events": self.n_test_events,
-                "n_first_events": self.n_first_events, "cutoffs": list(self.cutoffs),
+                "n_first_events": self.n_first_events, "n_left_out_events": self.n_left_out_events,
+                "n_left_out_users": self.n_left_out_users, "cutoffs": list(self.cutoffs),
                 "models": {name: dict(m) for name, m in self.models.items()}}
 
 
@@ -83,7 +87,8 @@ def evaluate(split: Split, scorers: dict[str, Scorer], *, cutoffs: tuple[int, ..
     by_set = split.protocol == PERSONALIZE
     n_first = 0 if by_set else split.n_first_targets
     result = EvalResult(protocol=split.protocol, n_test_events=split.n_targets - n_first,
-                        cutoffs=tuple(cutoffs), n_first_events=n_first)
+                        cutoffs=tuple(cutoffs), n_first_events=n_first,
+                        n_left_out_events=split.dropped_test_events, n_left_out_users=split.dropped_users)
     for name, scorer in scorers.items():
         if by_set:
             main: NextItemMetrics | SetMetrics = SetMetrics(n_items, cutoffs)
@@ -126,5 +131,10 @@ def format_table(result: EvalResult, columns: tuple[str, ...] = TABLE_COLUMNS) -
     title = f"protocol {result.protocol}: {result.n_test_events} test events"
     if result.n_first_events:
         title += f" (+{result.n_first_events} session-first events in first/)"
+    if result.n_left_out_events:
+        title += (f"; {result.n_left_out_events} test-session events left out: their item never occurs in training "
+                  "(no model can rank it), or their session was left too short")
+    if result.n_left_out_users:
+        title += f"; {result.n_left_out_users} held-out users left out: none of their held-out items occurs in training"
     lines = [title, fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     return "\n".join(lines)

@@ -86,6 +86,10 @@ def fit_inputs(data: Interactions, data_config: DataConfig, holdout: str = "last
         raise DataError(data.source, f"{why_empty(prep.report, data_config, data.event_types)}. Featurization: {steps}")
     train, starts = training_part(prep, holdout, seed)
     full, full_starts = train.compact(), starts
+    if len(full) == len(np.unique(full.user)):  # a network trained on no pair would publish its random weights
+        raise DataError(data.source, f"no user has two events in what training may learn from ({len(full)} events "
+                                     f"of {len(full)} users, after the {holdout!r} holdout): there is no next event "
+                                     "to learn. Is USER_ID mapped to a per-event column?")
     train, val = full, None
     if early_stopping:
         cand = validation_split(Split("last-session", full, starts, [], []))

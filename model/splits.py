@@ -43,6 +43,7 @@ class Split:
     # Personalize only: per test sequence, the sorted unique item codes of its held-out events.
     ground_truth: list[np.ndarray] | None = None
     dropped_test_sessions: int = 0  # last-session: test sessions too short after removing unknown items
+    dropped_test_events: int = 0  # last-session: test-session events left out (unknown item, or session dropped)
     dropped_users: int = 0  # personalize: held-out users none of whose held-out items occur in training
 
     @property
@@ -130,7 +131,8 @@ def last_session_split(data: Interactions, starts: np.ndarray, *, min_test_sessi
         f = np.zeros(len(targets), dtype=bool)
         f[0] = True
         first.append(f)
-    return Split(LAST_SESSION, train, train_starts, test, first, dropped_test_sessions=dropped)
+    return Split(LAST_SESSION, train, train_starts, test, first, dropped_test_sessions=dropped,
+                 dropped_test_events=int(np.count_nonzero(in_test_session & ~keep_test)))
 
 
 def validation_split(split: Split, *, min_test_session_len: int = 2) -> Split:

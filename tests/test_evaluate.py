@@ -175,3 +175,21 @@ def test_reddit_last_session_baselines_order_sensibly(reddit_path):
     # history-based scorers also predict the session's first event; session-only ones cannot
     assert urs["first/recall@20"] > pop["first/recall@20"] + 0.3
     assert sknn["first/recall@20"] == pytest.approx(pop["first/recall@20"], abs=0.01)
+
+
+def test_the_table_says_how_many_test_events_were_left_out_and_why():
+    """Each user's test session a0, new-x, new-y, a1: the two items never in training cannot be ranked by any
+    model, so they leave the test; the table says so rather than scoring 20 of the 40 events silently."""
+    users, items, ts = [], [], []
+    for u in range(10):
+        for day, session in enumerate([["a0", "a1", "a2"], ["a0", f"new{u}x", f"new{u}y", "a1"]]):
+            for j, item in enumerate(session):
+                users.append(f"u{u}")
+                items.append(item)
+                ts.append(day * 24 * HOUR_MS + u * 1000 + j * 60_000)
+    data = Interactions.from_columns(users, items, ts)
+    split = last_session_split(data, session_starts(data, 1800))
+    res = evaluate(split, {"oracle": Oracle(split.n_items)}, progress=False)
+    assert (res.n_test_events, res.n_first_events, res.n_left_out_events) == (10, 10, 20)
+    assert "; 20 test-session events left out: their item never occurs in training" in format_table(res)
+    assert res.to_json()["n_left_out_events"] == 20

@@ -118,3 +118,16 @@ def test_training_on_what_featurization_emptied_is_a_data_error_naming_the_step(
     with pytest.raises(DataError, match=f"^events.csv: featurization left no events: step {step} ") as err:
         pipeline.train_version(log, "/tmp/never-written", config=BASE, data_config=data_config, progress=False)
     assert setting in str(err.value) and "events 1500 -> 0" in str(err.value)
+
+
+@pytest.mark.parametrize("holdout, per_user", [("last-session", 1), ("none", 1), ("last-session", 2)])
+def test_a_log_with_no_next_event_to_learn_is_a_data_error_not_a_published_random_network(tmp_path, holdout, per_user):
+    """One event per user (USER_ID mapped to an event id, say), or two in two sessions of which the holdout keeps
+    the second: there is no training pair, and the network would be published at its starting weights."""
+    users, items, ts = zip(*[(f"e{u}", f"i{u % 7}", u * 60_000 + j * 86_400_000) for u in range(40)
+                             for j in range(per_user)])
+    log = Interactions.from_columns(users, items, ts, source="events.csv")
+    with pytest.raises(DataError, match=r"^events.csv: no user has two events in what training may learn from"):
+        pipeline.train_version(log, tmp_path / "reg", config=BASE, data_config=DataConfig(), holdout=holdout,
+                               progress=False)
+    assert not (tmp_path / "reg").exists()
