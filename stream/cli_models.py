@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from model.artifact import current_version, list_versions, verify
+from model.artifact import current_version, latest_version_dir, list_versions, verify
 from model.errors import ArtifactError, HRNNError
 from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.topics import MODEL_UPDATES_TOPIC, check_topic_name
@@ -63,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
             mark = "*" if v.current else "~" if is_canary else " "
             print(f"{mark} {v.version}  {v.created_at}  {score}"
                   + (f"  canary: {canary.share:.1%} of the users" if is_canary else ""))
+        if current_version(args.registry) is not None:  # a CURRENT no worker can serve: said below the list, exit 2
+            latest_version_dir(args.registry)
         return 0
     if args.action == "rollback":
         from model.registry import rollback, version_path

@@ -194,8 +194,9 @@ def test_prune_keeps_a_canary_serving_now_when_it_reads_the_announcements(broker
     assert hrnn(["models", "canary", str(reg), v1, "--share", "0.2", *args]) == 0
     capsys.readouterr()
     assert hrnn(["models", "prune", str(reg), "--keep", "1", *args]) == 0
-    assert f"removed 2 version(s): {v0}, {v2}; kept the canary {v1}" in capsys.readouterr().out
-    assert [v.version for v in list_versions(reg)] == [v1, v3]
+    # v2 stays too: it was current before v3, so a rollback returns to it
+    assert f"removed 1 version(s): {v0}; kept the canary {v1}" in capsys.readouterr().out
+    assert [v.version for v in list_versions(reg)] == [v1, v2, v3]
     assert hrnn(["models", "prune", str(reg), "--keep", "1"]) == 0  # without the announcements it cannot know
     out, err = capsys.readouterr()
     assert f"removed 1 version(s): {v1}" in out and "a canary serving now was not looked for" in err

@@ -167,6 +167,9 @@ def test_a_current_pointer_that_is_a_path_not_a_version_name_is_refused_and_prom
         current_version(registry)
     assert hrnn(["models", "prune", str(registry), "--keep", "1"]) == 2
     assert "hrnn models promote" in capsys.readouterr().err
+    assert hrnn(["models", "list", str(registry)]) == 2
+    out, err = capsys.readouterr()
+    assert out.count(" v-") == 5 and "which is no version name" in err
     assert len(list_versions_unchecked(registry)) == 5  # nothing deleted
     assert hrnn(["models", "promote", str(registry), "v-e"]) == 0 and current_version(registry) == "v-e"
 
@@ -201,12 +204,15 @@ def test_a_pointer_history_that_cannot_be_read_stops_train_before_it_trains(regi
     assert len(list_versions_unchecked(registry)) == 5  # no version trained and left beside CURRENT
 
 
-def test_a_current_pointer_naming_a_missing_version_says_so(registry):
+def test_a_current_pointer_naming_a_missing_version_says_so(registry, capsys):
     from model.artifact import latest_version_dir
 
     (registry / "CURRENT").write_text("v-gone\n")
     with pytest.raises(ArtifactError, match=r"CURRENT names 'v-gone', which is not in the registry"):
         latest_version_dir(registry)
+    assert hrnn(["models", "list", str(registry)]) == 2  # the versions, then why none is marked current
+    out, err = capsys.readouterr()
+    assert "  v-e  " in out and "CURRENT names 'v-gone'" in err
 
 
 def test_a_registry_path_that_is_a_file_is_called_one(tmp_path, capsys):
