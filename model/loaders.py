@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import csv
+import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from model.errors import DataError, EventError
+from model.errors import ConfigError, DataError, EventError
 from model.events import parse_timestamp
 from model.interactions import Interactions
 
@@ -38,6 +39,8 @@ _DELIMITER_NAMES = {",": "comma ','", "\t": "tab '\\t'", ";": "semicolon ';'", "
 _SNIFF_BYTES = 1 << 16
 _SNIFF_LINES = 20
 _NUMBER = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
+_INT64_MS_LIMIT = 2.0 ** 63  # times are int64 epoch ms: [-2**63, 2**63), exactly representable as a float
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # the line ends pyarrow splits on, so line numbers agree with it
 
 
 def parse_column_map(text: str) -> dict[str, str]:
@@ -117,6 +120,7 @@ def load_interactions(path: str | Path, *, columns: dict[str, str] | None = None
     if time_unit not in ("s", "ms", "iso"):
         raise DataError(name, f"unknown time unit {time_unit!r}", expected="'s', 'ms' or 'iso'")
     mapping = _normalise_mapping(name, columns)
+    base_epoch_s = _checked_base_epoch(base_epoch_s)
     if not p.exists():
         raise DataError(name, "file not found", expected="an existing CSV, TSV or Parquet file")
     if not p.is_file():
@@ -155,6 +159,21 @@ def loader_options(args: argparse.Namespace) -> dict:
             "delimiter": delim, "base_epoch_s": float(getattr(args, "base_epoch", 0.0) or 0.0)}
 
 
+def _checked_base_epoch(base_epoch_s: float) -> float:
+    """The base epoch as a float, refused when no timestamp could be shifted by it into int64 epoch ms
+    (nan would turn every time into the same garbage value and training would still publish)."""
+    try:
+        value = float(base_epoch_s)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--base-epoch {base_epoch_s!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"--base-epoch {value} is not a finite number (expected epoch seconds, e.g. 1767225600)")
+    if abs(value * 1000.0) >= _INT64_MS_LIMIT:
+        raise ConfigError(f"--base-epoch {_compact(value)} is out of range (expected epoch seconds within about "
+                          "±292 million years of 1970, e.g. 1767225600)")
+    return value
+
+
 # --- mapping and header resolution -------------------------------------------------------
 
 def _normalise_mapping(name: str, columns: dict[str, str] | None) -> dict[str, str]:
@@ -170,33 +189,67 @@ def _normalise_mapping(name: str, columns: dict[str, str] | None) -> dict[str, s
 
 def _resolve(name: str, found: list[str], mapping: dict[str, str], positional: bool) -> dict[str, int]:
     """Field -> column index, or a DataError that lists what the file has."""
-    lower = {c.strip().lower(): i for i, c in enumerate(found)}
-    exact = {c: i for i, c in enumerate(found)}
     resolved: dict[str, int] = {}
     for field in FIELDS:
         if field in mapping:
-            src = mapping[field]
-            if src in exact:
-                resolved[field] = exact[src]
-            elif src.strip().lower() in lower:
-                resolved[field] = lower[src.strip().lower()]
-            elif src.isdigit() and (positional or int(src) < len(found)):
-                if int(src) >= len(found):
-                    raise DataError(name, f"column mapping {field}={src} points past the last column",
-                                    column=src, expected=f"a position below {len(found)}")
-                resolved[field] = int(src)
-            else:
-                raise DataError(name, f"mapped column {src!r} for {field} is not in the file",
-                                column=src, expected=f"one of the columns found: {', '.join(found)}")
-        elif not positional and field.lower() in lower:
-            resolved[field] = lower[field.lower()]
+            resolved[field] = _mapped_column(name, found, field, mapping[field], positional)
+        elif not positional:
+            matches = _columns_named(found, field, exact=False)
+            if matches:
+                resolved[field] = _only_match(name, found, field, matches)
     missing = [f for f in REQUIRED if f not in resolved]
     if missing:
         what = "columns found: " + ", ".join(repr(c) for c in found)
         raise DataError(name, f"required column(s) {', '.join(missing)} missing; {what}",
                         expected="USER_ID, ITEM_ID, TIMESTAMP (or a column mapping such as "
                                  "USER_ID=userId,ITEM_ID=movieId,TIMESTAMP=timestamp)")
+    _refuse_shared_columns(found, resolved)
     return resolved
+
+
+def _mapped_column(name: str, found: list[str], field: str, src: str, positional: bool) -> int:
+    # an exact name wins over case-insensitive ones, so a mapping is how to pick between TIMESTAMP and timestamp
+    matches = _columns_named(found, src, exact=True) or _columns_named(found, src, exact=False)
+    if matches:
+        return _only_match(name, found, field, matches)
+    if src.isdigit() and (positional or int(src) < len(found)):
+        if int(src) >= len(found):
+            raise DataError(name, f"column mapping {field}={src} points past the last column",
+                            column=src, expected=f"a position below {len(found)}")
+        return int(src)
+    raise DataError(name, f"mapped column {src!r} for {field} is not in the file",
+                    column=src, expected=f"one of the columns found: {', '.join(found)}")
+
+
+def _columns_named(found: list[str], wanted: str, *, exact: bool) -> list[int]:
+    if exact:
+        return [i for i, c in enumerate(found) if c == wanted]
+    key = wanted.strip().lower()
+    return [i for i, c in enumerate(found) if c.strip().lower() == key]
+
+
+def _only_match(name: str, found: list[str], field: str, matches: list[int]) -> int:
+    """The one column a field names; several would otherwise leave the last one winning silently (a stray
+    second USER_ID column made every event one user's)."""
+    if len(matches) == 1:
+        return matches[0]
+    cols = ", ".join(f"{found[i]!r} (position {i})" for i in matches)
+    names_differ = len({found[i] for i in matches}) == len(matches)
+    pick = f"{field}={found[matches[0]]}" if names_differ else f"{field}={matches[0]}"
+    raise DataError(name, f"{field} matches {len(matches)} columns: {cols}",
+                    expected=f"one column for {field}: rename or drop the others, or pick one with a column "
+                             f"mapping such as {pick}")
+
+
+def _refuse_shared_columns(found: list[str], resolved: dict[str, int]) -> None:
+    # fields looked up by their own names never share a column, so a shared one comes from the mapping
+    by_column: dict[int, list[str]] = {}
+    for field, i in resolved.items():
+        by_column.setdefault(i, []).append(field)
+    for i, fields in by_column.items():
+        if len(fields) > 1:
+            raise ConfigError(f"--columns maps {' and '.join(fields)} to the same column {found[i]!r} "
+                              f"(position {i}); each field needs a column of its own")
 
 
 # --- Parquet -----------------------------------------------------------------------------
@@ -208,13 +261,15 @@ def _read_parquet(name: str, mapping: dict[str, str]) -> tuple[pa.Table, int, di
         raise DataError(name, f"not a readable Parquet file ({exc})", expected="a Parquet file") from None
     found = list(pf.schema_arrow.names)
     resolved = _resolve(name, found, mapping, positional=False)
+    wanted = list(dict.fromkeys(found[i] for i in sorted(set(resolved.values()))))
     try:
-        table = pf.read(columns=[found[i] for i in sorted(set(resolved.values()))])
+        table = pf.read(columns=wanted)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(name, f"cannot read Parquet data ({exc})") from None
-    table = table.rename_columns([str(c) for c in table.column_names])
-    by_name = {c: i for i, c in enumerate(table.column_names)}
-    return table, 0, {f: by_name[found[i]] for f, i in resolved.items()}
+    # pyarrow reads every column of a requested name, in request order then file order; a field mapped by
+    # position to one of two same-named columns must get that one, not whichever a by-name lookup keeps
+    read_order = [i for n in wanted for i, c in enumerate(found) if c == n]
+    return table, 0, {f: read_order.index(i) for f, i in resolved.items()}
 
 
 # --- CSV / TSV ---------------------------------------------------------------------------
@@ -258,9 +313,14 @@ def _looks_like_header(fields: list[str], mapping: dict[str, str]) -> bool:
 def _read_text(name: str, mapping: dict[str, str], delimiter: str | None,
                header: bool | None) -> tuple[pa.Table, int, dict[str, int]]:
     text = _sample_text(name)
-    lines = [ln for ln in text.splitlines() if ln.strip()][:_SNIFF_LINES]
+    physical = _LINE_BREAK.split(text)
+    lines = [ln for ln in physical if ln.strip()][:_SNIFF_LINES]
     if not lines:
         raise DataError(name, "file has no rows", expected="a header row and at least one event")
+    # blank lines above the first row are skipped here, so pyarrow must skip them too, or it reads the
+    # header as an event ("cannot parse timestamp 'TIMESTAMP'") and every line number is off
+    leading = next(k for k, ln in enumerate(physical) if ln.strip())
+    first_line = leading + 1
     delim = delimiter if delimiter is not None else _sniff_delimiter(name, lines)
     if len(delim) != 1:
         raise DataError(name, f"delimiter {delim!r} is not a single character", expected="',', '\\t', ';' or '|'")
@@ -270,7 +330,8 @@ def _read_text(name: str, mapping: dict[str, str], delimiter: str | None,
                   and len({ln.count(d) for ln in lines}) == 1]
         if others:
             raise DataError(name, f"every line reads as one column with delimiter {_DELIMITER_NAMES.get(delim, repr(delim))}",
-                            line=1, expected=f"delimiter {_DELIMITER_NAMES[others[0]]}, which this file appears to use")
+                            line=first_line,
+                            expected=f"delimiter {_DELIMITER_NAMES[others[0]]}, which this file appears to use")
     has_header = _looks_like_header(first, mapping) if header is None else header
     positional = not has_header
     if positional:
@@ -282,7 +343,7 @@ def _read_text(name: str, mapping: dict[str, str], delimiter: str | None,
                 if guess:
                     hint = f"; it has 3 columns: try the column mapping {format_column_map(guess)}"
             raise DataError(name, "the first line is not a header with USER_ID, ITEM_ID, TIMESTAMP "
-                                  f"(found {', '.join(repr(f) for f in first)}){hint}", line=1,
+                                  f"(found {', '.join(repr(f) for f in first)}){hint}", line=first_line,
                             expected="a header row, or a positional column mapping such as "
                                      "USER_ID=0,ITEM_ID=1,TIMESTAMP=2 for a headerless file")
         found = [str(i) for i in range(len(first))]
@@ -291,13 +352,14 @@ def _read_text(name: str, mapping: dict[str, str], delimiter: str | None,
     resolved = _resolve(name, found, mapping, positional)
     col_names = [f"c{i}" for i in range(len(found))]  # unique names even if the header repeats one
     wanted = sorted(set(resolved.values()))
+    skip = leading + (1 if has_header else 0)
     types = {col_names[i]: pa.string() for i in wanted if i != resolved.get("EVENT_VALUE")}
     if "EVENT_VALUE" in resolved:
         types[col_names[resolved["EVENT_VALUE"]]] = pa.string()
     try:
         table = pa_csv.read_csv(
             name,
-            read_options=pa_csv.ReadOptions(column_names=col_names, skip_rows=1 if has_header else 0,
+            read_options=pa_csv.ReadOptions(column_names=col_names, skip_rows=skip,
                                             block_size=1 << 24),
             parse_options=pa_csv.ParseOptions(delimiter=delim, newlines_in_values=False),
             convert_options=pa_csv.ConvertOptions(column_types=types,
@@ -305,13 +367,17 @@ def _read_text(name: str, mapping: dict[str, str], delimiter: str | None,
                                                   strings_can_be_null=False, quoted_strings_can_be_null=False),
         )
     except pa.ArrowInvalid as exc:
-        raise _explain_csv_error(name, str(exc), delim, len(found)) from None
+        raise _explain_csv_error(name, str(exc), delim, len(found), leading) from None
     by_name = {c: i for i, c in enumerate(table.column_names)}
-    return table, 1 if has_header else 0, {f: by_name[col_names[i]] for f, i in resolved.items()}
+    return table, skip, {f: by_name[col_names[i]] for f, i in resolved.items()}
 
 
-def _explain_csv_error(name: str, message: str, delim: str, n_cols: int) -> DataError:
-    """Find the line pyarrow choked on; this slow scan only runs on the error path."""
+def _explain_csv_error(name: str, message: str, delim: str, n_cols: int, leading: int) -> DataError:
+    """Find the line pyarrow choked on; this slow scan only runs on the error path. `leading`: the blank
+    lines above the first row, which are skipped and so cannot be the bad line."""
+    if message.startswith("Could not skip initial"):
+        # pyarrow's words for a header that has no line end after it: there is nothing past the header
+        return DataError(name, "no events after the header", expected="at least one event row")
     if "UTF8" in message or "utf8" in message.lower():
         data = Path(name).read_bytes()
         try:
@@ -325,7 +391,7 @@ def _explain_csv_error(name: str, message: str, delim: str, n_cols: int) -> Data
     if m:
         with open(name, encoding="utf-8", errors="replace", newline="") as fh:
             for lineno, row in enumerate(csv.reader(fh, delimiter=delim), start=1):
-                if row and len(row) != n_cols:
+                if row and len(row) != n_cols and lineno > leading:
                     return DataError(name, f"line has {len(row)} fields, the first line has {n_cols}",
                                      line=lineno, expected=f"{n_cols} fields separated by {_DELIMITER_NAMES.get(delim, repr(delim))}")
         return DataError(name, f"a line has {m.group(2)} fields, the first line has {m.group(1)}")
@@ -437,14 +503,38 @@ def _timestamps(name: str, arr: pa.ChunkedArray, unit: TimeUnit, base_epoch_s: f
             _raise_first(name, pa.array(~finite), arr, "TIMESTAMP", line_of, "cannot parse timestamp", expected)
         if unit == "s" and values.max() > 1e11:  # past year 5000 in seconds: these are milliseconds
             row = int(np.argmax(values > 1e11))
-            raise DataError(name, f"timestamp {values[row]:.0f} is too large for epoch seconds", line=line_of(row),
-                            column="TIMESTAMP", expected="epoch seconds; for epoch milliseconds use time unit 'ms'")
-        scale = 1000.0 if unit == "s" else 1.0
-        return np.rint(values * scale + base_epoch_s * 1000.0).astype(np.int64)
+            raise DataError(name, f"timestamp {_compact(values[row])} is too large for epoch seconds",
+                            line=line_of(row), column="TIMESTAMP",
+                            expected="epoch seconds; for epoch milliseconds use time unit 'ms'")
+        return _epoch_ms(name, values, unit, base_epoch_s, line_of, expected)
     if not is_text:
         raise DataError(name, f"time unit 'iso' but the column holds {arr.type}", column="TIMESTAMP",
                         expected="ISO-8601 strings, or time_unit 's'/'ms' for numbers")
     return _iso(name, arr, line_of)
+
+
+def _epoch_ms(name: str, values: np.ndarray, unit: TimeUnit, base_epoch_s: float, line_of,
+              expected: str) -> np.ndarray:
+    """Numeric times as int64 epoch ms; a time outside int64 is refused, since numpy's cast would turn it into
+    -2**63 silently and that one row would zero every recency weight in training."""
+    scale = 1000.0 if unit == "s" else 1.0
+    ms = np.rint(values * scale + base_epoch_s * 1000.0)
+    outside = ~((ms >= -_INT64_MS_LIMIT) & (ms < _INT64_MS_LIMIT))
+    if outside.any():
+        row = int(np.argmax(outside))
+        shift = f" plus the base epoch {_compact(base_epoch_s)} s" if base_epoch_s else ""
+        raise DataError(name, f"timestamp {_compact(values[row])} {unit}{shift} is beyond the range of "
+                              "int64 epoch milliseconds", line=line_of(row), column="TIMESTAMP",
+                        expected=f"{expected} within about ±292 million years of 1970")
+    return ms.astype(np.int64)
+
+
+def _compact(value: float) -> str:
+    """A number short enough for a message: whole numbers of up to 15 digits in full (an epoch in ms is
+    recognisable), anything else in 6 significant digits (1e300 is not 301 characters)."""
+    if math.isfinite(value) and float(value).is_integer() and abs(value) < 1e15:
+        return f"{value:.0f}"
+    return f"{value:.6g}"
 
 
 def _native_ms(arr: pa.ChunkedArray) -> np.ndarray:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.errors import DataError
+from model.errors import ConfigError, DataError
 from model.loaders import guess_headerless_3col, load_interactions, parse_column_map
 
 REDDIT_MAP = {"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}
@@ -328,3 +328,129 @@ def test_csv_ids_lose_the_spaces_around_them_as_the_header_names_do(tmp_path):
     data = load_interactions(write(tmp_path, "x.csv", text))
     assert list(data.user_ids) == ["u1"] and list(data.item_ids) == ["i1", "i2"]
     assert data.event_types == ("click", "purchase")
+
+
+# --- timestamps must fit int64 epoch milliseconds: numpy's cast turned an overflow into -2**63 silently, and
+# that one row zeroed every recency weight (training then published a model with loss 0.0) ----------------
+
+def test_a_millisecond_timestamp_beyond_int64_is_refused_naming_its_line_and_value(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP\na,x,1767225600000\na,y,1767225601000\nb,x,1e19\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text), time_unit="ms")
+    assert err.value.line == 4 and err.value.column == "TIMESTAMP"
+    assert "1e+19" in str(err.value) and "int64" in str(err.value)
+
+
+def test_a_negative_timestamp_in_seconds_beyond_int64_milliseconds_is_refused_naming_its_line(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP\na,x,1767225600\nb,y,-1e17\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    assert err.value.line == 3 and err.value.column == "TIMESTAMP" and "-1e+17" in str(err.value)
+
+
+def test_a_parquet_uint64_timestamp_near_2_to_the_64_is_refused_naming_its_row(tmp_path):
+    table = pa.table({"USER_ID": ["a", "b"], "ITEM_ID": ["x", "y"],
+                      "TIMESTAMP": pa.array([1_767_225_600_000, 2**64 - 5], pa.uint64())})
+    pq.write_table(table, tmp_path / "x.parquet")
+    with pytest.raises(DataError) as err:
+        load_interactions(tmp_path / "x.parquet", time_unit="ms")
+    assert err.value.line == 2 and err.value.column == "TIMESTAMP"
+
+
+def test_a_timestamp_pushed_beyond_int64_by_the_base_epoch_is_refused_naming_the_base_epoch(tmp_path):
+    path = write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\na,x,0\nb,y,3000000\nb,z,5e17\n")
+    with pytest.raises(DataError) as err:
+        load_interactions(path, time_unit="ms", base_epoch_s=9e15)
+    assert err.value.line == 4 and "base epoch" in str(err.value)
+
+
+@pytest.mark.parametrize("base", [float("nan"), float("inf"), float("-inf"), 1e17])
+def test_a_base_epoch_not_finite_or_beyond_int64_is_a_config_error_naming_the_flag(tmp_path, base):
+    with pytest.raises(ConfigError, match="--base-epoch"):
+        load_interactions(write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\na,x,1\n"), base_epoch_s=base)
+
+
+def test_a_nan_base_epoch_flag_is_refused_before_any_time_is_read(tmp_path):
+    import argparse
+
+    from model.loaders import add_loader_arguments, loader_options
+
+    parser = argparse.ArgumentParser()
+    add_loader_arguments(parser)
+    opts = loader_options(parser.parse_args(["--base-epoch", "nan"]))
+    with pytest.raises(ConfigError, match="--base-epoch nan"):
+        load_interactions(write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\na,x,1\n"), **opts)
+
+
+def test_seconds_from_a_logs_start_still_load_while_an_int64_overflow_is_refused(tmp_path):
+    # relative times (reddit-jodie's 0..3e6 s) are legitimate: the check is int64's range, not a calendar window
+    path = write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\na,x,0\nb,y,3000000\nb,z,1e17\n")
+    with pytest.raises(DataError):
+        load_interactions(path, time_unit="ms", base_epoch_s=9.2e15)
+    data = load_interactions(write(tmp_path, "y.csv", "USER_ID,ITEM_ID,TIMESTAMP\na,x,0\nb,y,3000000\n"))
+    assert sorted(data.ts_ms.tolist()) == [0, 3_000_000_000]
+
+
+def test_a_huge_timestamp_in_seconds_is_shown_compactly_in_the_message(tmp_path):
+    with pytest.raises(DataError, match="too large for epoch seconds") as err:
+        load_interactions(write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\na,x,1\nb,y,1e300\n"))
+    assert err.value.problem == "timestamp 1e+300 is too large for epoch seconds"
+
+
+# --- a field names one column: the last of several used to win silently -------------------------------------
+
+def test_a_second_column_named_like_a_field_is_refused_naming_both_positions(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP,EVENT_TYPE,USER_ID\na,x,1,click,z\nb,y,2,click,z\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    msg = str(err.value)
+    assert "USER_ID matches 2 columns" in msg and "position 0" in msg and "position 4" in msg
+    assert "USER_ID=0" in msg  # the way out: pick one by position
+    data = load_interactions(tmp_path / "x.csv", columns={"USER_ID": "0"})
+    assert list(data.user_ids) == ["a", "b"]
+
+
+def test_upper_and_lower_case_columns_for_one_field_are_refused_until_a_mapping_picks_one(tmp_path):
+    path = write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP,timestamp\na,x,1,100\n")
+    with pytest.raises(DataError, match="TIMESTAMP matches 2 columns: 'TIMESTAMP' .*'timestamp'"):
+        load_interactions(path)
+    assert list(load_interactions(path, columns={"TIMESTAMP": "TIMESTAMP"}).ts_ms) == [1000]
+    assert list(load_interactions(path, columns={"TIMESTAMP": "timestamp"}).ts_ms) == [100_000]
+
+
+def test_a_parquet_column_name_repeated_is_refused_and_a_positional_mapping_picks_either(tmp_path):
+    table = pa.Table.from_arrays([pa.array(["a", "b"]), pa.array(["x", "y"]), pa.array([1, 2]), pa.array(["z", "z"])],
+                                 names=["USER_ID", "ITEM_ID", "TIMESTAMP", "USER_ID"])
+    pq.write_table(table, tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="USER_ID matches 2 columns"):
+        load_interactions(tmp_path / "x.parquet")
+    assert list(load_interactions(tmp_path / "x.parquet", columns={"USER_ID": "0"}).user_ids) == ["a", "b"]
+    assert list(load_interactions(tmp_path / "x.parquet", columns={"USER_ID": "3"}).user_ids) == ["z"]
+
+
+def test_two_fields_mapped_to_one_column_is_a_config_error_naming_the_columns_flag(tmp_path):
+    path = write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\na,x,1\n")
+    with pytest.raises(ConfigError, match="--columns maps USER_ID and ITEM_ID to the same column 'USER_ID'"):
+        load_interactions(path, columns=parse_column_map("USER_ID=USER_ID,ITEM_ID=USER_ID"))
+    with pytest.raises(ConfigError, match="--columns"):
+        load_interactions(path, columns={"ITEM_ID": "user_id"})  # USER_ID still finds its own column
+
+
+# --- the header line -------------------------------------------------------------------------------------
+
+def test_a_header_without_a_line_end_and_no_events_says_there_are_no_events(tmp_path):
+    with pytest.raises(DataError, match="no events after the header"):
+        load_interactions(write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP"))
+    with pytest.raises(DataError, match="no events after the header"):
+        load_interactions(write(tmp_path, "y.csv", "\nUSER_ID,ITEM_ID,TIMESTAMP"))
+
+
+def test_blank_lines_above_the_header_are_skipped_and_counted_in_line_numbers(tmp_path):
+    data = load_interactions(write(tmp_path, "x.csv", "\n \r\nUSER_ID,ITEM_ID,TIMESTAMP\na,x,1\nb,y,2\n"))
+    assert list(data.user_ids) == ["a", "b"] and list(data.ts_ms) == [1000, 2000]
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "y.csv", "\n\nUSER_ID,ITEM_ID,TIMESTAMP\na,x,1\nb,y,oops\n"))
+    assert err.value.line == 5 and "'oops'" in str(err.value)
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "z.csv", " \nUSER_ID,ITEM_ID,TIMESTAMP\na,x,1\na,y,2,extra\n"))
+    assert err.value.line == 4 and "4 fields" in str(err.value)
