@@ -12,12 +12,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from model.config import DataConfig, HRNNConfig, json_kind, load_config, read_config_file
+from model.config import DataConfig, HRNNConfig, json_kind, load_config, read_config_file, unknown_setting
 from model.errors import ConfigError
 from model.interactions import Interactions
 from model.loaders import add_loader_arguments, load_interactions, loader_options
 
 ENV_PREFIX = "HRNN_"
+SECTIONS: dict[str, type] = {"hrnn": HRNNConfig, "data": DataConfig}
+# The bookkeeping keys of a published version's config.json (model/artifact.py), which is a valid --config:
+# its hrnn and data sections hold every setting the version was trained with.
+VERSION_KEYS = ("version", "n_items")
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -44,13 +48,47 @@ def configs_from_args(args: argparse.Namespace, base: dict[str, Any] | None = No
     """Defaults < `base` (e.g. a model's saved config) < --config file < environment < flags."""
     values = dict(base or {})
     if getattr(args, "config", None):
-        file_values = read_config_file(args.config)
-        values.update(_section(args.config, file_values, "hrnn") | _section(args.config, file_values, "data")
-                      | file_values)
+        values.update(file_settings(args.config))
     flags = {k: v for k, v in vars(args).items() if v is not None}
     hrnn = load_config(HRNNConfig, file_values=values, env_prefix=ENV_PREFIX, overrides=flags)
     data = load_config(DataConfig, file_values=values, env_prefix=ENV_PREFIX, overrides=flags)
     return hrnn, data
+
+
+def file_settings(path: str) -> dict[str, Any]:
+    """A --config file's settings, its sections' merged under its top level's. Every key must be a setting:
+    a misspelt one would otherwise leave its setting at the default without a word."""
+    file_values = read_config_file(path)
+    merged: dict[str, Any] = {}
+    for name in SECTIONS:
+        section = _section(path, file_values, name)
+        for key in section:
+            _check_section_key(path, name, key)
+        merged.update(section)
+    top = {k: v for k, v in file_values.items() if k not in SECTIONS and k not in VERSION_KEYS}
+    every = _field_names(HRNNConfig) | _field_names(DataConfig)
+    for key in top:
+        if key not in every:
+            raise unknown_setting(key, every, f"config file {path}")
+    return merged | top
+
+
+def _check_section_key(path: str, name: str, key: str) -> None:
+    # A setting in the other class's section is refused too: the retrainer reads each section for its own
+    # class only, so it would train without it.
+    own = _field_names(SECTIONS[name])
+    if key in own:
+        return
+    where = f"config file {path}, section {name!r}"
+    for other, cls in SECTIONS.items():
+        if key in _field_names(cls):
+            raise ConfigError(f"{where}: {key!r} is a {cls.__name__} setting; move it to section {other!r} "
+                              "or the top level")
+    raise unknown_setting(key, own, where)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _section(path: str, file_values: dict[str, Any], name: str) -> dict[str, Any]:

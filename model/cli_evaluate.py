@@ -15,7 +15,7 @@ from model.evaluate import evaluate, format_table
 from model.inference import HRNNScorer
 from model.network import resolve_device
 from model.pipeline import prepare
-from model.plots import plot_eval_table
+from model.plots import check_format, plot_eval_table
 from model.splits import PERSONALIZE, PROTOCOLS, make_split
 
 DEFAULT_BASELINES = "pop,recent-pop,item-knn,sknn,user-knn,user-repeat+session"  # the strongest bars by default
@@ -38,6 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    baselines = baseline_names(args.baselines)
+    if not baselines and not args.model:
+        raise ConfigError("nothing to evaluate: --baselines is empty and no --model is given "
+                          f"(baselines: {', '.join(BASELINES)})")
+    if args.plot:
+        check_format(args.plot, "--plot")
     plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     output_file(args.json, "--json")
     output_file(plot, "--plot")
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if not split.test:
         raise ConfigError(f"{args.data}: no user qualifies for a {args.protocol} test (too few sessions per user?)")
     scorers = {}
-    for name in [b.strip() for b in args.baselines.split(",") if b.strip()]:
+    for name in baselines:
         scorers[name] = make_baseline(name)
     for m in loaded:
         scorers[f"hrnn:{m.version}"] = HRNNScorer.for_version(m, split.train, name=f"hrnn:{m.version}")
@@ -69,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     if plot:
         plot_eval_table(result, plot)
     return 0
+
+
+def baseline_names(text: str) -> list[str]:
+    """The names in a --baselines comma list ('' and stray commas: none)."""
+    return [b.strip() for b in text.split(",") if b.strip()]
 
 
 def holdout_seed(m: LoadedModel) -> int | None:

@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out}: unknown extension {out.suffix!r} (expected one of {', '.join(_SUFFIXES)})")
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a directory (expected a file name)")
+    if args.seed < 0:  # numpy's generators take no negative seed
+        raise ConfigError(f"--seed {args.seed}: the seed must be 0 or more")
     started = time.perf_counter()
     data = generate(args.users, args.items, seed=args.seed, n_categories=args.categories,
                     repeat_share=args.repeat_share, events_per_user=args.events_per_user)

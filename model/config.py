@@ -7,11 +7,13 @@ overrides (command-line flags). Values are coerced to the field's type and range
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -142,6 +144,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "null")):
             return None
         return _coerce(name, args[0], value)
+    _refuse_wrong_kind(name, tp, origin, value)
     try:
         if tp is bool:
             if isinstance(value, str):
@@ -163,18 +166,50 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             if isinstance(value, str):  # "click=1,purchase=3" or JSON
                 value = json.loads(value) if value.strip().startswith("{") else \
                     dict(kv.split("=", 1) for kv in value.split(",") if kv.strip())
-            return {str(k).strip(): float(v) for k, v in dict(value).items()}
+            return {str(k).strip(): _weight(name, k, v) for k, v in dict(value).items()}
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"setting {name}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from exc
     return value
 
 
+def _refuse_wrong_kind(name: str, tp: Any, origin: Any, value: Any) -> None:
+    """A file value of another JSON kind than the field's is a mistake, not something to convert: bool(0.5),
+    float(true) and list({...}) all succeed and train with a value nobody wrote. Strings stay accepted:
+    environment variables and flags are strings by nature."""
+    if tp is bool and not isinstance(value, (bool, str)):
+        raise _wrong_kind(name, value, "a boolean (true or false)")
+    if tp in (int, float) and isinstance(value, bool):
+        raise _wrong_kind(name, value, "an integer" if tp is int else "a number")
+    if origin is tuple and isinstance(value, dict):
+        raise _wrong_kind(name, value, 'a list of names (e.g. ["click", "purchase"])')
+
+
+def _weight(name: str, key: Any, value: Any) -> float:
+    if isinstance(value, bool):  # float(true) would be a weight of 1 nobody chose
+        raise _wrong_kind(f"{name}[{str(key).strip()!r}]", value, "a number")
+    return float(value)
+
+
+def _wrong_kind(name: str, value: Any, wanted: str) -> ConfigError:
+    shown = json.dumps(value, default=repr)  # in the file's own spelling: true, not True
+    return ConfigError(f"setting {name}: {shown} is {json_kind(value)}, not {wanted}")
+
+
+def unknown_setting(key: str, known: Iterable[str], where: str) -> ConfigError:
+    """The error for a key that is no setting; it names the setting probably meant, since a typo would
+    otherwise train silently with that setting's default."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}: unknown setting {key!r}{hint}")
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    text = _utf8_text(p, raw)
     try:
         values = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
@@ -183,6 +218,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} holds {json_kind(values)}, not an object of settings "
                           '(e.g. {"hidden_dimension": 64})')
     return values
+
+
+def _utf8_text(path: Path, raw: bytes) -> str:
+    # JSON and TOML files are UTF-8 by their specs; the locale's encoding would read the same file differently
+    # on another machine.
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+                          "cannot be decoded (save the file as UTF-8)") from None
 
 
 def json_kind(value: Any) -> str:

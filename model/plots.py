@@ -8,10 +8,27 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
+from model.errors import ConfigError  # noqa: E402
 from model.evaluate import EvalResult  # noqa: E402
 
 EVAL_METRICS = ("recall@20", "mrr@20", "ndcg@20")
+
+
+def writable_formats() -> list[str]:
+    """The file extensions matplotlib's savefig can write here (png, pdf, svg, ...)."""
+    return sorted(FigureCanvasBase.get_supported_filetypes())  # what savefig consults, without making a figure
+
+
+def check_format(path: str | Path, flag: str) -> None:
+    """Refuse a chart path whose extension savefig cannot write, before the work whose result it charts;
+    a path without one would be written under another name (`out` becomes `out.png`)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    formats = writable_formats()
+    if suffix not in formats:
+        problem = f"matplotlib cannot write {Path(path).suffix!r} files" if suffix else "no extension names the format"
+        raise ConfigError(f"{flag} {path}: {problem} (it writes {', '.join('.' + f for f in formats)})")
 
 
 def save_figure(fig, path: str | Path, dpi: int | None = None) -> Path:

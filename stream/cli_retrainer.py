@@ -12,8 +12,8 @@ import dataclasses
 import json
 import logging
 
-from model.cli_common import add_config_flags
-from model.config import DataConfig, HRNNConfig, read_config_file
+from model.cli_common import add_config_flags, file_settings
+from model.config import DataConfig, HRNNConfig
 from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
 
@@ -57,10 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace, cls: type) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     out = {}
-    if args.config:
-        values = read_config_file(args.config)
-        section = {HRNNConfig: "hrnn", DataConfig: "data"}[cls]
-        out.update({k: v for k, v in (values | values.get(section, {})).items() if k in names})
+    if args.config:  # read as `hrnn train` reads it: a key that is no setting is refused, not dropped
+        out.update({k: v for k, v in file_settings(args.config).items() if k in names})
     out.update({k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
     return out
 

@@ -90,10 +90,23 @@ def test_models_show_gives_manifest_config_and_metrics(trained):
     (["tune", "--data", "{data}", "--out", "{d}/tune", "--tune-seed", "-1"], "the sampler's seed must lie in"),
     (["synth", "--out", "{d}/s.csv", "--events-per-user", "nan"], "events_per_user must lie in [2, 1e6]"),
     (["models", "show", "{reg}", "v0"], "no version 'v0'"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--config", "{d}/typo.json"],
+     "config file {d}/typo.json: unknown setting 'hidden_dimensions' (did you mean 'hidden_dimension'?)"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--config", "{d}/latin1.json"],
+     "config file {d}/latin1.json is not UTF-8 text: byte 0xe9 at offset 16"),
+    (["train", "--data", "{data}", "--registry", "/tmp/x", "--config", "{d}/kind.json"],
+     "setting session_timeout_s: true is a boolean, not a number"),
+    (["evaluate", "--data", "{data}", "--baselines", "pop", "--plot", "{d}/out.txt", "--json", "{d}/r.json"],
+     "--plot {d}/out.txt: matplotlib cannot write '.txt' files (it writes "),
+    (["evaluate", "--data", "{data}", "--baselines", ""], "nothing to evaluate"),
+    (["synth", "--out", "{d}/s.csv", "--users", "5", "--seed", "-1"], "--seed -1"),
 ])
 def test_bad_input_is_a_clear_error_and_a_nonzero_exit(trained, args, message):
     d, data, _ = trained
     (d / "list.json").write_text("[1, 2]")
+    (d / "typo.json").write_text('{"hidden_dimensions": 64, "epoch": 1}')
+    (d / "latin1.json").write_bytes('{"variant": "café"}'.encode("latin-1"))
+    (d / "kind.json").write_text('{"session_timeout_s": true}')
     args = [a.format(data=data, reg=d / "reg", d=d) for a in args]
     proc = hrnn(*args, check=False)
     assert proc.returncode != 0
@@ -176,3 +189,19 @@ def test_evaluate_refuses_an_output_path_it_cannot_write_before_it_reads_the_dat
     flags = [f.format(f=tmp_path / "a-file", d=tmp_path) for f in flags]
     with pytest.raises(ConfigError, match="cannot create its folder|a folder, not a file"):
         evaluate_here("--data", "events.csv", "--baselines", "pop", *flags)
+
+
+@pytest.mark.parametrize("plot", ["p.txt", "p"])
+def test_evaluate_refuses_a_plot_format_matplotlib_cannot_write_before_it_writes_or_reads_anything(
+        tmp_path, monkeypatch, plot):
+    monkeypatch.setattr(cli_evaluate, "load_data", lambda args: pytest.fail("read the data first"))
+    with pytest.raises(ConfigError, match=r"--plot .*\(it writes .*\.png") as err:
+        evaluate_here("--data", "events.csv", "--baselines", "pop", "--json", str(tmp_path / "out" / "r.json"),
+                      "--plot", str(tmp_path / plot))
+    assert str(tmp_path / plot) in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_evaluate_with_no_baseline_and_no_model_refuses_before_it_reads_the_data(monkeypatch):
+    monkeypatch.setattr(cli_evaluate, "load_data", lambda args: pytest.fail("read the data first"))
+    with pytest.raises(ConfigError, match="nothing to evaluate"):
+        evaluate_here("--data", "events.csv", "--baselines", " , ")

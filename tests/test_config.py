@@ -3,12 +3,15 @@ crash a command is a ConfigError naming the setting, before any work starts."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
+from model.artifact import save_version
 from model.cli_common import add_config_flags, configs_from_args
 from model.config import DataConfig, HRNNConfig
 from model.errors import ConfigError
+from model.network import HRNN
 
 
 def _configs(*argv: str) -> tuple[HRNNConfig, DataConfig]:
@@ -64,3 +67,66 @@ def test_a_config_file_may_group_settings_in_hrnn_and_data_sections(tmp_path):
     path.write_text('{"hrnn": {"hidden_dimension": 64}, "data": {"min_item_support": 2}, "epochs": 3}')
     hrnn, data = _configs("--config", str(path))
     assert (hrnn.hidden_dimension, hrnn.epochs, data.min_item_support) == (64, 3, 2)
+
+
+@pytest.mark.parametrize("text, found", [
+    ('{"hidden_dimensions": 64, "epochs": 1}',
+     "unknown setting 'hidden_dimensions' (did you mean 'hidden_dimension'?)"),
+    ('{"hrnn": {"epoch": 1}}', "section 'hrnn': unknown setting 'epoch' (did you mean 'epochs'?)"),
+    ('{"data": {"session_timeout": 60}}', "unknown setting 'session_timeout' (did you mean 'session_timeout_s'?)"),
+    ('{"hrnn": {"min_item_support": 2}}', "'min_item_support' is a DataConfig setting; move it to section 'data'"),
+    ('{"zzz": 1}', "unknown setting 'zzz'"),
+])
+def test_a_key_of_a_config_file_that_is_no_setting_is_a_config_error_naming_it_the_file_and_the_setting_meant(
+        tmp_path, text, found):
+    path = tmp_path / "typo.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        _configs("--config", str(path))
+    assert found in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_published_versions_config_json_is_a_config_file_but_a_key_beside_its_settings_is_not(tmp_path):
+    cfg = HRNNConfig(hidden_dimension=64, epochs=2)
+    version = save_version(tmp_path / "reg", HRNN(5, cfg), cfg, DataConfig(min_item_support=2),
+                           [f"i{k}" for k in range(5)], ["click"])
+    hrnn, data = _configs("--config", str(version / "config.json"))
+    assert (hrnn.hidden_dimension, hrnn.epochs, data.min_item_support) == (64, 2, 2)
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({**json.loads((version / "config.json").read_text()), "epoch": 1}))
+    with pytest.raises(ConfigError, match="unknown setting 'epoch'"):
+        _configs("--config", str(typo))
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_the_file_and_the_byte_offset(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"variant": "café"}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8") as err:
+        _configs("--config", str(path))
+    assert str(path) in str(err.value) and "0xe9 at offset 16" in str(err.value)
+
+
+@pytest.mark.parametrize("setting, wrong, as_string, found", [
+    ("session_timeout_s", True, "60", "setting session_timeout_s: true is a boolean, not a number"),
+    ("epochs", False, "3", "setting epochs: false is a boolean, not an integer"),
+    ("recency_mask", 0.5, "false", "setting recency_mask: 0.5 is a number, not a boolean"),
+    ("recency_mask", 1, "true", "setting recency_mask: 1 is a number, not a boolean"),
+    ("event_types", {"a": 1}, "click,purchase", 'setting event_types: {"a": 1} is an object, not a list'),
+    ("event_type_weights", {"click": True}, "click=2", "setting event_type_weights['click']: true is a boolean"),
+])
+def test_a_config_value_of_another_kind_than_its_setting_is_refused_while_its_spelling_as_a_string_is_read(
+        tmp_path, setting, wrong, as_string, found):
+    path = tmp_path / "kind.json"
+    path.write_text(json.dumps({setting: wrong}))
+    with pytest.raises(ConfigError) as err:
+        _configs("--config", str(path))
+    assert str(err.value).startswith(found)
+    path.write_text(json.dumps({setting: as_string}))  # flags and the environment give every value as a string
+    _configs("--config", str(path))
+
+
+def test_a_toml_config_value_of_another_kind_than_its_setting_is_refused_too(tmp_path):
+    path = tmp_path / "kind.toml"
+    path.write_text("[hrnn]\nrecency_mask = 0.5\n")
+    with pytest.raises(ConfigError, match="setting recency_mask: 0.5 is a number, not a boolean"):
+        _configs("--config", str(path))

@@ -1,8 +1,11 @@
 """Evaluation and training-curve charts are written as PNG files."""
 from __future__ import annotations
 
+import pytest
+
+from model.errors import ConfigError
 from model.evaluate import EvalResult
-from model.plots import plot_eval_table, plot_training_curve
+from model.plots import check_format, plot_eval_table, plot_training_curve
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -39,3 +42,12 @@ def test_training_curve_marks_the_calibrated_validation_level(tmp_path):
     plain = plot_training_curve(history, tmp_path / "plain.png").read_bytes()
     marked = plot_training_curve(history, tmp_path / "calibrated.png", calibrated=(4.0, 0.46)).read_bytes()
     assert marked.startswith(PNG_MAGIC) and marked != plain
+
+
+def test_a_chart_path_is_refused_unless_its_extension_names_a_format_matplotlib_writes(tmp_path):
+    for fine in ("eval.png", "eval.PNG", "eval.pdf", "eval.svg"):
+        check_format(tmp_path / fine, "--plot")
+    for bad, found in (("eval.txt", "cannot write '.txt' files"), ("eval", "no extension names the format")):
+        with pytest.raises(ConfigError, match=found) as err:
+            check_format(tmp_path / bad, "--plot")
+        assert str(err.value).startswith(f"--plot {tmp_path / bad}: ") and ".png, " in str(err.value)

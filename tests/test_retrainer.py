@@ -472,6 +472,7 @@ def busy_port():
     ("an events topic Kafka would refuse", "--events-topic"),
     ("an app id Faust would name illegal topics after", "--app-id"),
     ("once: an updates topic Kafka would refuse", "--updates-topic"),
+    ("once: a config key that is no setting", "unknown setting 'hidden_dimensions'"),
 ])
 def test_bad_flags_exit_2_with_what_to_fix(tmp_path, monkeypatch, capsys, busy_port, case, flag):
     """Bad input is said plainly (exit 2, the flag named), never a traceback; no broker is reached."""
@@ -504,6 +505,9 @@ def test_bad_flags_exit_2_with_what_to_fix(tmp_path, monkeypatch, capsys, busy_p
         extra = ["--app-id", "retrainer/eu"]
     elif case == "once: an updates topic Kafka would refuse":
         extra = ["--updates-topic", "model updates"]
+    elif case == "once: a config key that is no setting":  # as `hrnn train` refuses it, not trained without it
+        (tmp_path / "typo.json").write_text('{"hidden_dimensions": 64}')
+        extra = ["--config", str(tmp_path / "typo.json")]
     service = [] if case.startswith("once") else ["--bootstrap-servers", "127.0.0.1:9"]
     once = ["--once"] if case.startswith("once") else []
     rc = hrnn(["retrainer", *once, *service, "--registry", str(registry), "--archive", str(archive), *extra])

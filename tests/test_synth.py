@@ -161,3 +161,8 @@ def test_cli_rejects_bad_arguments_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         hrnn(["synth", "--out", str(tmp_path / "s.csv"), "--users", "many"])
     assert exit_.value.code != 0
+
+
+def test_cli_refuses_a_negative_seed_naming_the_flag(tmp_path, capsys):
+    assert hrnn(["synth", "--out", str(tmp_path / "s.csv"), "--users", "5", "--seed", "-1"]) == 2
+    assert "--seed -1" in capsys.readouterr().err and not (tmp_path / "s.csv").exists()
