@@ -2,8 +2,9 @@
 
 Versions are ordered by their manifest's created_at (then name), so "the last N" means the
 N most recently published, whatever their names. Pruning never touches the CURRENT version
-or the one a rollback returns to, and removes a version by renaming it to a dot-name first: a reader either sees the complete
-version or none (list_versions skips dot-names), never a half-deleted one.
+or the one a rollback returns to, and removes a version by renaming it to a dot-name first:
+a reader either sees the complete version or none (list_versions skips dot-names), never a
+half-deleted one.
 
 A rollback returns to the version CURRENT named before (its history, model/artifact.py), not to the version
 published before the current one: with canaries that may be one that never served everyone. Each rollback
