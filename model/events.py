@@ -17,6 +17,11 @@ from model.errors import EventError
 TimeUnit = Literal["s", "ms", "iso"]
 # Timestamps outside [1990, 2200) in epoch-ms are almost always a unit mix-up (seconds sent as ms).
 _MIN_MS, _MAX_MS = 631_152_000_000, 7_258_118_400_000
+# An event is a few hundred bytes. Bounds keep every record the worker writes for one (its recommendation, dead
+# letter, re-keyed copy, the user's state on the changelog) far below Kafka's 1 MB record limit: a record past
+# it failed its batch on every restart, and the partition stopped for good.
+MAX_EVENT_BYTES = 65_536
+MAX_ID_CHARS = 256  # user_id, item_id, event_type, session_id, event_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +79,23 @@ def _required_str(obj: dict, key: str) -> str:
     text = str(value)
     if not text:
         raise EventError("bad_field", f"field {key!r} is empty")
-    return text
+    return _short(key, text)
 
 
 def _optional_str(obj: dict, key: str) -> str | None:
     value = obj.get(key)
-    return None if value is None or value == "" else str(value)
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):  # {"a": 1} would become the text "{'a': 1}"
+        raise EventError("bad_field", f"field {key!r} must be a string, got {type(value).__name__}")
+    return _short(key, str(value))
+
+
+def _short(key: str, text: str) -> str:
+    if len(text) > MAX_ID_CHARS:
+        raise EventError("bad_field", f"field {key!r} has {len(text)} characters, more than the {MAX_ID_CHARS} "
+                                      "an id may have")
+    return text
 
 
 def _event_value(value: Any) -> float | None:
@@ -142,21 +158,28 @@ def decode_event(raw: bytes | None) -> Event:
     Messages of the usual shape take a typed msgspec decoder (about ten times faster: this is the
     worker's hot path); anything else (ISO timestamps, numeric ids, missing or bad fields)
     takes the general decoder, which also names the reason of a rejection. Tests check both agree."""
-    if raw is not None:
+    if raw is not None and len(raw) <= MAX_EVENT_BYTES:  # a larger one: the general decoder refuses it
         try:
             e = _plain_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             e = None  # the general decoder names the reason
         if (e is not None and e.user_id and e.item_id and e.event_type and _MIN_MS <= e.timestamp < _MAX_MS
-                and (e.event_value is None or math.isfinite(e.event_value))):
+                and (e.event_value is None or math.isfinite(e.event_value)) and _ids_fit(e)):
             return Event(e.user_id, e.item_id, e.event_type, e.timestamp, e.session_id or None, e.event_id or None,
                          e.event_value)
     return _decode_general(raw)
 
 
+def _ids_fit(e: _PlainEvent) -> bool:
+    return max(len(e.user_id), len(e.item_id), len(e.event_type), len(e.session_id or ""),
+               len(e.event_id or "")) <= MAX_ID_CHARS
+
+
 def _decode_general(raw: bytes | None) -> Event:
     if raw is None:
         raise EventError("empty_value", "message has no value")
+    if len(raw) > MAX_EVENT_BYTES:
+        raise EventError("too_large", f"{len(raw)} bytes, more than the {MAX_EVENT_BYTES} an event may have")
     try:
         obj = _decoder.decode(raw)
     except msgspec.DecodeError as exc:

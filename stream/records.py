@@ -80,6 +80,28 @@ def scored_items(items: Sequence[tuple[str, float]]) -> list[ScoredItem]:
     return [ScoredItem(i, float(s)) for i, s in items]
 
 
+H_CLIPPED = "hrnn-dlq-clipped"
+DLQ_MAX_PART_BYTES = 65_536  # of a dead letter's key and of its value: far below Kafka's 1 MB record limit
+
+
+def carried_headers(original: Sequence[tuple[str, bytes | None]] | None, ours: Headers) -> Headers:
+    """The producer's headers (tracing, tenant), then ours; one of theirs named like ours is dropped, so a reader
+    of ours cannot be misled by a producer's."""
+    names = {name for name, _ in ours}
+    return [(k, v) for k, v in original or () if k not in names] + ours
+
+
+def clipped_dead_letter(key: bytes | None, value: bytes | None) -> tuple[bytes | None, bytes | None, Headers]:
+    """A dead letter's key and value, each cut to DLQ_MAX_PART_BYTES, with a header giving the sizes cut: an
+    input record too large for the dead-letter topic failed its batch on every restart."""
+    cut = [f"{name}={len(part)}" for name, part in (("key", key), ("value", value))
+           if part is not None and len(part) > DLQ_MAX_PART_BYTES]
+    if not cut:
+        return key, value, []
+    clip = (lambda b: b if b is None else b[:DLQ_MAX_PART_BYTES])
+    return clip(key), clip(value), [(H_CLIPPED, f"first {DLQ_MAX_PART_BYTES} bytes of {', '.join(cut)}".encode())]
+
+
 def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: int,
                 source_log: str | None = None) -> Headers:
     headers = [(H_REASON, reason.encode()), (H_DETAIL, detail.encode()), (H_SOURCE_TOPIC, topic.encode()),

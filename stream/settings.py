@@ -89,6 +89,9 @@ class WorkerSettings:
     gc_threshold: int = 0  # the serving process's gen-0 GC threshold; 0: sized to batch_size (worker.gc_threshold_for)
     log_level: str = "INFO"
     restore_timeout_s: float = 120.0  # longest catch-up from the changelog for one assignment
+    # An event stamped further ahead of its record's Kafka timestamp is dead-lettered (bad_timestamp): the user's
+    # sessions never time out again after it, their clock having moved to its time. 0: no check.
+    max_event_lead_s: float = 3600.0
     create_topics: bool = True
     # librdkafka pass-through for every client. Typed Mapping so the generic loader hands it over
     # untouched (it would coerce a dict's values to float); __post_init__ reads it.
@@ -129,6 +132,9 @@ class WorkerSettings:
                               "(1 while builds that read only format 1 still serve)")
         if not 0 <= self.gc_threshold <= 10_000_000:
             raise ConfigError(f"gc_threshold = {self.gc_threshold} is outside its range [0, 10000000] (0: sized to batch_size)")
+        if not (math.isfinite(self.max_event_lead_s) and self.max_event_lead_s >= 0):
+            raise ConfigError(f"max_event_lead_s = {self.max_event_lead_s} must be a number of seconds >= 0 "
+                              "(0 turns the check off)")
         if self.prebuild_max_users < 0:
             raise ConfigError(f"prebuild_max_users = {self.prebuild_max_users} must be >= 0 (0 turns it off)")
         if not 0 <= self.metrics_port <= 65535:

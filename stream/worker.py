@@ -143,8 +143,9 @@ class BatchResult:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-def route(msgs: Sequence[Message]) -> Routed:
-    """Split consumed records into valid events, dead letters and records to re-key."""
+def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
+    """Split consumed records into valid events, dead letters and records to re-key. An event stamped more than
+    `max_lead_s` (> 0) ahead of its record's Kafka timestamp is a dead letter."""
     out = Routed([], [], [], {}, {})
     for msg in msgs:
         err = msg.error()
@@ -164,11 +165,16 @@ def route(msgs: Sequence[Message]) -> Routed:
         except Exception as exc:  # noqa: BLE001 (a decoder bug on one record must not crash-loop the group on it)
             out.dead.append((msg, _undecodable(msg, exc)))
             continue
+        ts_type, ts = msg.timestamp()
+        if max_lead_s and ts_type and event.timestamp_ms > ts + max_lead_s * 1000:
+            out.dead.append((msg, EventError("bad_timestamp", f"timestamp {event.timestamp_ms} is "
+                                             f"{(event.timestamp_ms - ts) / 1000:.0f} s ahead of the record's Kafka "
+                                             f"timestamp {ts}, more than max_event_lead_s = {max_lead_s:g}")))
+            continue
         key = msg.key()
         if key is None or key != event.user_id.encode():
             out.rekey.append((msg, event))
             continue
-        ts_type, ts = msg.timestamp()
         out.events.append(Incoming(p, o, event, ts if ts_type else None))
     out.events.sort(key=lambda e: (e.partition, e.offset))
     return out
@@ -564,7 +570,7 @@ class Worker:
         serving = self._serving_now()  # one stable version, one canary, one share for the whole batch
         self._follow_availability()
         self.health.beat()
-        routed = route(msgs)
+        routed = route(msgs, self.settings.max_event_lead_s)
         result = BatchResult(records=len(msgs), batches=1)
         self._deliveries.reset()
         if self.settings.exactly_once:
@@ -623,8 +629,10 @@ class Worker:
     # ---- produce ----------------------------------------------------------------------------
 
     def _produce(self, topic: str, value: bytes | None, key: bytes | str | None, *, partition: int | None = None,
-                 headers: list | None = None) -> None:
-        kwargs = {"partition": partition} if partition is not None else {}
+                 headers: list | None = None, timestamp: int | None = None) -> None:
+        kwargs: dict[str, int] = {"partition": partition} if partition is not None else {}
+        if timestamp is not None:  # a re-keyed copy keeps the original's time: latency counts from the event
+            kwargs["timestamp"] = timestamp
         produce_waiting(self._producer, topic, value, key, headers=headers, on_delivery=self._deliveries, **kwargs)
 
     def _produce_changelog(self, fresh: list[Incoming], recs: Recommendations,
@@ -662,15 +670,19 @@ class Worker:
 
     def _produce_dead(self, dead: list[tuple[Message, EventError]], result: BatchResult) -> None:
         for msg, exc in dead:
-            self._produce(self.settings.dlq_topic, msg.value(), msg.key(), headers=records.dlq_headers(
-                exc.reason, exc.detail, msg.topic(), msg.partition(), msg.offset(), self._input_log))
+            key, value, clipped = records.clipped_dead_letter(msg.key(), msg.value())
+            ours = records.dlq_headers(exc.reason, exc.detail, msg.topic(), msg.partition(), msg.offset(),
+                                       self._input_log) + clipped
+            self._produce(self.settings.dlq_topic, value, key, headers=records.carried_headers(msg.headers(), ours))
             self.metrics.dlq_total.labels(reason=exc.reason).inc()
         result.dead_lettered += len(dead)
 
     def _produce_rekeyed(self, rekey: list[tuple[Message, Event]], result: BatchResult) -> None:
         for msg, event in rekey:
+            ours = records.repartition_headers(msg.topic(), msg.partition(), msg.offset())
+            ts_type, ts = msg.timestamp()
             self._produce(self.settings.input_topic, msg.value(), event.user_id,
-                          headers=records.repartition_headers(msg.topic(), msg.partition(), msg.offset()))
+                          headers=records.carried_headers(msg.headers(), ours), timestamp=ts if ts_type else None)
         result.repartitioned += len(rekey)
 
     # ---- commit -----------------------------------------------------------------------------

@@ -31,7 +31,17 @@ INVALID = [  # (key, value, reason)
      "bad_timestamp"),
     (b"user-4", b"[1, 2, 3]", "not_an_object"),
     (b"user-5", None, "empty_value"),
+    # past Kafka's 1 MB record limit: its dead letter failed the batch on every restart, stopping the partition
+    (b"user-6", b"x" * 1_100_000, "too_large"),
+    (b"user-7", b'{"user_id": "user-7", "item_id": "' + b"i" * 300 + b'", "event_type": "click", '
+                b'"timestamp": 1767225600000}', "bad_field"),  # ids are bounded, so states and outputs are
+    (b"user-8", b'{"user_id": "user-8", "item_id": "item-1", "event_type": "click", "timestamp": 1767225600000, '
+                b'"session_id": {"a": 1}}', "bad_field"),  # not the text "{'a': 1}"
+    # far ahead of the record's time: the user's sessions would never time out again
+    (b"user-9", b'{"user_id": "user-9", "item_id": "item-1", "event_type": "click", "timestamp": 7258000000000}',
+     "bad_timestamp"),
 ]
+TRACE = [("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +59,10 @@ def streamed(broker, registry, tmp_path_factory):
     wrong_keys = [None, b"someone-else"] * 4
     with running(settings) as worker:
         produce(broker.bootstrap, settings.input_topic, keyed)
-        produce(broker.bootstrap, settings.input_topic, [(k, v) for k, v, _ in INVALID], partition=0)
+        produce(broker.bootstrap, settings.input_topic, [(k, v) for k, v, _ in INVALID], partition=0, headers=TRACE,
+                config={"message.max.bytes": 2_000_000})
         produce(broker.bootstrap, settings.input_topic,
-                [(k, encode_event(e)) for k, e in zip(wrong_keys, miskeyed)], partition=1)
+                [(k, encode_event(e)) for k, e in zip(wrong_keys, miskeyed)], partition=1, headers=TRACE)
         recs = recommendations(broker.bootstrap, settings.output_topic, N_VALID)
         totals = worker.totals
         metrics = worker.metrics
@@ -76,6 +87,8 @@ def processed_inputs(streamed) -> list[tuple[int, int, Event]]:
             e = decode_event(r.value)
         except Exception:
             continue
+        if e.timestamp_ms > r.timestamp_ms + streamed["settings"].max_event_lead_s * 1000:
+            continue  # dead-lettered: far ahead of its record
         if r.key == e.user_id.encode():
             out.append((r.partition, r.offset, e))
     return sorted(out, key=lambda t: (t[0], t[1]))
@@ -123,8 +136,11 @@ def test_invalid_records_go_to_the_dead_letter_topic_with_reason_and_source(stre
     assert len(dlq) == len(INVALID)
     inputs = {(r.partition, r.offset): r for r in streamed["inputs"]}
     for rec, (key, value, reason) in zip(sorted(dlq, key=lambda r: r.offset), INVALID):
-        assert (rec.key, rec.value) == (key, value)
+        clipped = value is not None and len(value) > records.DLQ_MAX_PART_BYTES
+        assert (rec.key, rec.value) == (key, value[:records.DLQ_MAX_PART_BYTES] if clipped else value)
+        assert (records.header(rec.headers, records.H_CLIPPED) is not None) == clipped
         assert records.header(rec.headers, records.H_REASON) == reason
+        assert records.header(rec.headers, "traceparent") == TRACE[0][1].decode()  # the producer's headers stay
         assert records.header(rec.headers, records.H_DETAIL)
         src = (int(records.header(rec.headers, records.H_SOURCE_PARTITION)),
                int(records.header(rec.headers, records.H_SOURCE_OFFSET)))
@@ -136,6 +152,7 @@ def test_invalid_records_go_to_the_dead_letter_topic_with_reason_and_source(stre
 
 def test_mis_keyed_records_are_repartitioned_and_land_with_their_users_state(streamed):
     rekeyed = [r for r in streamed["inputs"] if records.header(r.headers, records.H_REPARTITIONED_FROM)]
+    inputs = {(r.partition, r.offset): r for r in streamed["inputs"]}
     assert len(rekeyed) == len(streamed["miskeyed"]) == streamed["totals"].repartitioned
     home = {}  # user -> the partition its correctly keyed events use
     for p, _, e in processed_inputs(streamed):
@@ -149,6 +166,9 @@ def test_mis_keyed_records_are_repartitioned_and_land_with_their_users_state(str
         assert records.header(r.headers, records.H_REPARTITIONED_FROM).startswith(
             f"{streamed['settings'].input_topic}/1/")
         assert recs[(r.partition, r.offset)]["event_id"] == e.event_id
+        source = inputs[tuple(int(x) for x in records.header(r.headers, records.H_REPARTITIONED_FROM).split("/")[1:])]
+        assert r.timestamp_ms == source.timestamp_ms  # latency counts from the event, not from the re-key
+        assert records.header(r.headers, "traceparent") == TRACE[0][1].decode()
     per_user = Counter(e.user_id for e in streamed["events"])
     assert {u: s.n_events for u, s in streamed["states"].items()} == dict(per_user)
 
@@ -193,8 +213,8 @@ def test_metrics_count_records_recommendations_and_dead_letters(streamed):
     assert m.value("hrnn_events_in_total") == t.records == N_VALID + len(INVALID) + len(streamed["miskeyed"])
     assert m.value("hrnn_recommendations_out_total") == N_VALID
     assert m.value("hrnn_repartitioned_total") == len(streamed["miskeyed"])
-    for _, _, reason in INVALID:
-        assert m.value("hrnn_dlq_total", {"reason": reason}) == 1
+    for reason, n in Counter(reason for _, _, reason in INVALID).items():
+        assert m.value("hrnn_dlq_total", {"reason": reason}) == n
     assert m.value("hrnn_batch_size_count") == t.batches > 1
 
 

@@ -14,7 +14,7 @@ from model.errors import ConfigError, EventError
 from model.events import Event, _decode_general, decode_event, encode_event, parse_timestamp
 from model.inference import Recommender, StepInput
 from model.state import UserState
-from stream import worker
+from stream import records, worker
 from stream.settings import WorkerSettings
 from stream.worker import (TRACKED_PER_EVENT, Incoming, Worker, applied_before, filters_of, gc_threshold_for, route,
                            split_by_owner, tune_process_gc)
@@ -178,6 +178,14 @@ RAW_EVENTS = [
     b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "event_value": "x"}',
     b'{"user_id": null, "item_id": "i", "event_type": "click", "timestamp": 1767225600000}',
     b'["u", "i"]', b'{not json', b'', None,
+    b'{"user_id": "' + b"u" * 257 + b'", "item_id": "i", "event_type": "click", "timestamp": 1767225600000}',
+    b'{"user_id": "' + b"u" * 256 + b'", "item_id": "i", "event_type": "click", "timestamp": 1767225600000}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "session_id": {"a": 1}}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "session_id": true}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "event_id": [1, 2]}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "event_id": 7}',
+    b'{"user_id": "u", "item_id": "i", "event_type": "click", "timestamp": 1767225600000, "pad": "'
+    + b"x" * 70_000 + b'"}',
 ]
 
 
@@ -221,6 +229,42 @@ def test_poison_values_are_refused_by_both_decoders_with_their_reason(raw, reaso
             decode(raw)
         assert refused.value.reason == reason and complaint in refused.value.detail
         assert len(refused.value.detail) < 200  # names the bad value, does not repeat its 400 digits
+
+
+@pytest.mark.parametrize("raw, reason, complaint", [
+    (poison(item_id='"' + "i" * 257 + '"'), "bad_field", "'item_id' has 257 characters, more than the 256"),
+    (poison(session_id='{"a": 1}'), "bad_field", "'session_id' must be a string, got dict"),
+    (poison(event_id="false"), "bad_field", "'event_id' must be a string, got bool"),
+    (poison(pad='"' + "x" * 70_000 + '"'), "too_large", "70"),
+])
+def test_ids_and_records_are_bounded_so_no_output_of_one_event_can_pass_kafkas_record_limit(raw, reason, complaint):
+    for decode in (decode_event, _decode_general):
+        with pytest.raises(EventError) as refused:
+            decode(raw)
+        assert refused.value.reason == reason and complaint in refused.value.detail
+
+
+def test_an_event_stamped_far_ahead_of_its_record_is_set_aside_as_a_bad_timestamp():
+    """Once a user's clock moved to 2199, none of their sessions would time out again."""
+    hour = 3_600_000
+    ahead = [encode_event(Event("a", "i1", "click", TS + lead)) for lead in (hour // 2, hour + 1, 100 * hour)]
+    msgs = [message(0, k, raw, b"a") for k, raw in enumerate(ahead)]
+    routed = route(msgs, max_lead_s=3600)
+    assert [e.offset for e in routed.events] == [0]
+    assert [(m.offset(), exc.reason) for m, exc in routed.dead] == [(1, "bad_timestamp"), (2, "bad_timestamp")]
+    assert "ahead of the record's Kafka timestamp" in routed.dead[0][1].detail
+    assert len(route(msgs, max_lead_s=0).events) == 3  # 0 turns the check off
+
+
+def test_a_dead_letter_keeps_the_producers_headers_and_is_clipped_below_kafkas_record_limit():
+    ours = records.dlq_headers("too_large", "big", "ev", 0, 5)
+    carried = records.carried_headers([("traceparent", b"t"), (records.H_REASON, b"forged")], ours)
+    assert carried[0] == ("traceparent", b"t") and records.header(carried, records.H_REASON) == "too_large"
+    assert [k for k, _ in carried].count(records.H_REASON) == 1
+    key, value, clip = records.clipped_dead_letter(b"k" * 10, b"v" * 2_000_000)
+    assert key == b"k" * 10 and len(value) == records.DLQ_MAX_PART_BYTES
+    assert clip == [(records.H_CLIPPED, b"first 65536 bytes of value=2000000")]
+    assert records.clipped_dead_letter(b"k", b"v") == (b"k", b"v", [])
 
 
 def test_a_timestamp_in_seconds_past_the_float_range_is_a_bad_timestamp():

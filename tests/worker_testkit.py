@@ -68,13 +68,17 @@ def make_events(n: int, n_users: int, *, seed: int = 1, purchase_every: int = 7,
 
 
 def produce(bootstrap: str, topic: str, events: Iterable[Event | tuple[bytes | None, bytes]], *,
-            partition: int | None = None) -> int:
-    """Produce events keyed by user id (or raw (key, value) pairs as given); returns how many."""
-    p = Producer(producer_config(bootstrap))
+            partition: int | None = None, headers: list[tuple[str, bytes]] | None = None,
+            config: dict | None = None) -> int:
+    """Produce events keyed by user id (or raw (key, value) pairs as given), each with `headers`; returns how
+    many. `config`: more producer settings (message.max.bytes, for a record past librdkafka's 1 MB)."""
+    p = Producer({**producer_config(bootstrap), **(config or {})})
     n = 0
     for e in events:
         key, value = (e.user_id.encode(), encode_event(e)) if isinstance(e, Event) else e
-        kwargs = {} if partition is None else {"partition": partition}
+        kwargs: dict = {} if partition is None else {"partition": partition}
+        if headers:
+            kwargs["headers"] = headers
         p.produce(topic, value, key, **kwargs)
         n += 1
     assert p.flush(30) == 0
