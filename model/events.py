@@ -16,7 +16,7 @@ from model.errors import EventError
 
 TimeUnit = Literal["s", "ms", "iso"]
 # Timestamps outside [1990, 2200) in epoch-ms are almost always a unit mix-up (seconds sent as ms).
-_MIN_MS, _MAX_MS = 631_152_000_000, 7_258_118_400_000
+MIN_EVENT_MS, MAX_EVENT_MS = 631_152_000_000, 7_258_118_400_000
 # An event is a few hundred bytes. Bounds keep every record the worker writes for one (its recommendation, dead
 # letter, re-keyed copy, the user's state on the changelog) far below Kafka's 1 MB record limit: a record past
 # it failed its batch on every restart, and the partition stopped for good.
@@ -120,7 +120,7 @@ def event_from_mapping(obj: Any, *, check_range: bool = True) -> Event:
     if "timestamp" not in obj:
         raise EventError("missing_field", "field 'timestamp' is required")
     ts = parse_timestamp(obj["timestamp"], "ms")
-    if check_range and not (_MIN_MS <= ts < _MAX_MS):
+    if check_range and not (MIN_EVENT_MS <= ts < MAX_EVENT_MS):
         raise EventError("bad_timestamp", f"timestamp {_brief(obj['timestamp'])} is not epoch-ms between 1990 and 2200")
     value = _event_value(obj.get("event_value"))
     return Event(
@@ -163,7 +163,7 @@ def decode_event(raw: bytes | None) -> Event:
             e = _plain_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             e = None  # the general decoder names the reason
-        if (e is not None and e.user_id and e.item_id and e.event_type and _MIN_MS <= e.timestamp < _MAX_MS
+        if (e is not None and e.user_id and e.item_id and e.event_type and MIN_EVENT_MS <= e.timestamp < MAX_EVENT_MS
                 and (e.event_value is None or math.isfinite(e.event_value)) and _ids_fit(e)):
             return Event(e.user_id, e.item_id, e.event_type, e.timestamp, e.session_id or None, e.event_id or None,
                          e.event_value)

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from model.errors import ConfigError, EventError, HRNNError
 from model.events import decode_event
-from stream.archive import ArchivedEvent, ArchiveWriter, count_events
+from stream.archive import ArchivedEvent, ArchiveWriter, Window, scan_window
 from stream.cli_common import directory_flag
 from stream.faust_credentials import faust_credentials, librdkafka_only
 from stream.kafka_clients import KafkaClientError, admin_client, topic_id
@@ -400,11 +400,36 @@ class RetrainerService:
             self.metrics.new_logs.inc()
 
     async def retrain_now(self) -> RetrainOutcome:
-        """One retraining run (the schedule calls this on the leader), then announce what was published."""
+        """One retraining run (the schedule calls this on the leader), then announce what was published. Never
+        raises: an exception escaping the schedule's task would crash the Faust app, and stop archiving with it,
+        at every start again; it becomes a failed run, with the reason, instead."""
+        try:
+            out = await self._retrain()
+        except Exception as exc:  # noqa: BLE001 (see above; the traceback goes to the log)
+            log.error("the retraining run failed", exc_info=True)
+            out = RetrainOutcome("failed", f"{type(exc).__name__}: {exc}")
+        self.metrics.runs.labels(status=out.status).inc()
+        self.runs.append(out)
+        log.info("retraining run finished", extra={"outcome": asdict(out)})
+        return out
+
+    async def _retrain(self) -> RetrainOutcome:
         s = self.settings
-        n = await asyncio.get_running_loop().run_in_executor(None, count_events, s.archive, s.window_days)
+        try:
+            window = await asyncio.get_running_loop().run_in_executor(None, scan_window, s.archive, s.window_days)
+        except Exception as exc:  # noqa: BLE001 (the archive's folder itself: unreadable, gone)
+            log.error("cannot count the events of the archive's window", exc_info=True)
+            return RetrainOutcome("failed", f"cannot count the events of the {s.window_days}-day window of "
+                                            f"{s.archive}: {type(exc).__name__}: {exc}")
+        out = await self._retrain_on(window)
+        out.reason += window.note()  # files left out of the window (the child process reads the same window)
+        return out
+
+    async def _retrain_on(self, window: Window) -> RetrainOutcome:
+        s = self.settings
+        n = window.events
         log.info("retraining run starts", extra={"window_days": s.window_days, "window_events": n,
-                                                 "registry": s.registry})
+                                                 "skipped_files": len(window.skipped), "registry": s.registry})
         skip = await asyncio.get_running_loop().run_in_executor(None, canary_skip, s, n)
         if skip is not None:
             out = skip
@@ -419,9 +444,6 @@ class RetrainerService:
         if out.status == "published" and out.version and out.path:
             if await asyncio.get_running_loop().run_in_executor(None, announce_published, s, out):
                 self.metrics.last_published.set_to_current_time()
-        self.metrics.runs.labels(status=out.status).inc()
-        self.runs.append(out)
-        log.info("retraining run finished", extra={"outcome": asdict(out)})
         return out
 
     def run(self) -> int:

@@ -304,6 +304,56 @@ def test_a_crashed_archive_agent_turns_health_unavailable(tmp_path, monkeypatch)
     assert code == 503 and body["agent_crash"] == "RuntimeError: a bug in the agent"
 
 
+# --- an archive holding a bad file: the file is skipped, a run never crashes the service ---
+
+def _archive_with_a_zero_byte_file(root: Path, events: int = 20) -> Path:
+    """`events` valid events, and an empty file under the name of a complete batch: the bad file."""
+    ArchiveWriter(root, "ev").write([ArchivedEvent(0, k, Event(f"u{k}", "i", "click", T0 + k)) for k in range(events)])
+    bad = root / "date=2026-01-01" / "ev+p1+000000000000-000000000009+1of1.parquet"
+    bad.touch()
+    return bad
+
+
+def test_a_scheduled_run_skips_an_unreadable_archive_file_and_says_so_in_its_outcome(tmp_path, monkeypatch, caplog):
+    svc = _offline_service(tmp_path, monkeypatch)
+    bad = _archive_with_a_zero_byte_file(tmp_path / "a")
+    out = asyncio.run(svc.retrain_now())
+    assert out.status == "skipped" and out.window_events == 20
+    assert out.reason == ("20 events in the 7-day window, 1000 needed; 1 archive file(s) skipped as unreadable or "
+                          "not the archive's (the log names each)")
+    assert f"skipping archive file {bad}" in caplog.text
+
+
+def test_a_scheduled_run_whose_window_cannot_be_counted_fails_instead_of_crashing_the_app(tmp_path, monkeypatch):
+    """An exception out of the schedule's task would crash the Faust app, archiving with it, at every start."""
+    import stream.archive as archive
+
+    svc = _offline_service(tmp_path, monkeypatch)
+
+    def disk_error(root):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(archive, "_complete_batches", disk_error)
+    out = asyncio.run(svc.retrain_now())
+    assert out.status == "failed" and "Input/output error" in out.reason
+    assert svc.metrics.registry.get_sample_value("hrnn_retrainer_runs_total", {"status": "failed"}) == 1
+
+
+def test_a_scheduled_run_over_future_events_only_says_they_were_left_out(tmp_path, monkeypatch):
+    svc = _offline_service(tmp_path, monkeypatch)
+    ArchiveWriter(tmp_path / "a", "ev").write([ArchivedEvent(0, 0, Event("u", "i", "click", 7_226_582_400_000))])
+    out = asyncio.run(svc.retrain_now())
+    assert out.status == "skipped" and "1 archive file(s) dated after tomorrow left out until their day" in out.reason
+
+
+def test_a_run_over_an_archive_with_an_unreadable_file_reads_the_window_without_it(tmp_path):
+    """`hrnn retrainer --once`: one bad file is no traceback, and the window's other events still count."""
+    _archive_with_a_zero_byte_file(tmp_path / "archive")
+    out = retrain(RetrainSpec(registry=str(tmp_path / "r"), archive=str(tmp_path / "archive"), window_days=30,
+                              min_events=1000))
+    assert out.status == "skipped" and out.window_events == 20
+
+
 # --- one retraining run ---
 
 def test_gate():
