@@ -14,6 +14,16 @@ this log. Answers written by builds before those fields name only partition and 
 to be this log's.
 
 A window (`since_ms`, `stream/topic_window.py`) audits the committed input records of that time on.
+
+An answer naming a record the input log cannot hold (a partition it does not have, a negative offset, an
+offset at or past the partition's end) answers nothing and is counted with the other stray records: it
+does not break the promise (nothing committed went unanswered for it), but it says a writer is wrong.
+The input's ends are read after the answers' ends, so every true answer read names an offset below them.
+
+The input records past the committed offsets (the group's lag) are not audited; they are counted, so a
+kept promise is not mistaken for a caught-up group. A group that committed nothing on the input topic (a
+misspelt group, most often) while the input holds records is refused rather than audited: nothing audited
+would read as a kept promise.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import msgspec
 import numpy as np
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from model.errors import ConfigError
 from stream import records
 from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, admin_client, consumer_config,
                                   error_detail, topic_id, topic_partitions)
@@ -34,6 +45,26 @@ SHOWN = 20  # unanswered offsets listed per partition; the count is always compl
 # One byte of flags per audited offset, so a log of any length costs a byte per record, not a record.
 SEEN, RECOMMENDED, TWICE, DEAD, REKEYED = 1, 2, 4, 8, 16
 ANSWERED = RECOMMENDED | DEAD | REKEYED
+MAX_OFFSET = 2**63 - 1  # Kafka offsets are signed 64-bit: an answer naming one past this names no record
+
+
+class NothingCommitted(ConfigError):
+    """The group has no committed offset on any partition of the input topic: there is nothing to audit,
+    and a report of 0 records would read as a kept promise. Most often the group's name is wrong."""
+
+    def __init__(self, group: str, topic: str) -> None:
+        self.group, self.topic = group, topic
+        super().__init__(f"group {group!r} has committed no offsets on topic {topic!r}: check --group (or the "
+                         "group the workers' --config names)")
+
+
+class MissingOutputTopic(ConfigError):
+    """The output topic the answers are read from does not exist: a misspelt --output-topic, most often."""
+
+    def __init__(self, topic: str, bootstrap: str) -> None:
+        self.topic = topic
+        super().__init__(f"output topic {topic!r} does not exist on {bootstrap}: check --output-topic (or the "
+                         "output_topic the workers' --config names)")
 
 
 @dataclass
@@ -48,6 +79,7 @@ class PartitionAudit:
     unanswered: int = 0
     first_unanswered: list[int] = field(default_factory=list)
     duplicated: int = 0  # records answered more than once
+    lag: int = 0  # input records at or past `committed` (all of them where None), up to the end: not audited
 
 
 @dataclass
@@ -71,28 +103,52 @@ class AuditReport:
 
     def to_dict(self) -> dict:
         totals = {k: self.total(k) for k in ("records", "recommended", "dead_letters", "rekeyed", "unanswered",
-                                               "duplicated")}
+                                               "duplicated", "lag")}
         return {**{k: v for k, v in asdict(self).items() if k != "partitions"}, "kept": self.kept,
                 "totals": totals, "partitions": [asdict(p) for p in self.partitions]}
 
 
 class Ledger:
-    """The flags of every audited offset of one input log: partition -> offsets [start, committed)."""
+    """The flags of every audited offset of one input log: partition -> offsets [start, committed). `ranges`
+    names every partition of the log; `ends` (partition -> end offset), where known, bounds the offsets an
+    answer may name."""
 
-    def __init__(self, ranges: dict[int, tuple[int, int | None]], topic: str, log: str | None = None) -> None:
-        self.ranges, self.topic, self.log = ranges, topic, log
+    def __init__(self, ranges: dict[int, tuple[int, int | None]], topic: str, log: str | None = None,
+                 ends: dict[int, int] | None = None) -> None:
+        self.ranges, self.topic, self.log, self.ends = ranges, topic, log, ends or {}
         self.flags = {p: np.zeros(max(0, (c or s) - s), np.uint8) for p, (s, c) in ranges.items()}
+        self.lag = dict.fromkeys(ranges, 0)
 
-    def mark(self, partition: int, offset: int, flag: int) -> None:
+    def can_hold(self, partition: int, offset: int) -> bool:
+        """Whether the log can hold a record at the offset: answers naming one it cannot are strays."""
+        if partition not in self.ranges or not 0 <= offset <= MAX_OFFSET:
+            return False
+        end = self.ends.get(partition)
+        return end is None or offset < end
+
+    def mark(self, partition: int, offset: int, flag: int) -> bool:
         """Note `flag` for the offset; offsets outside the audited range (in flight, or before the log's
-        start) are not this audit's."""
-        start, committed = self.ranges.get(partition, (0, None))
+        start) are not this audit's. False where the log cannot hold the offset at all."""
+        if not self.can_hold(partition, offset):
+            return False
+        start, committed = self.ranges[partition]
         if committed is None or not start <= offset < committed:
-            return
+            return True
         f, i = self.flags[partition], offset - start
         if flag & ANSWERED and f[i] & ANSWERED:
             flag |= TWICE  # a second answer of any kind: two recommendations, two dead letters, one of each
         f[i] |= flag
+        return True
+
+    def see(self, partition: int, offset: int) -> None:
+        """An input record read: audited below the committed offset, counted as lag at or past it."""
+        if partition not in self.ranges:
+            return  # a partition added after the ends were read: past this audit
+        committed = self.ranges[partition][1]
+        if committed is None or offset >= committed:
+            self.lag[partition] += 1
+        else:
+            self.mark(partition, offset, SEEN)
 
     def names_this_log(self, topic: str | None, log: str | None) -> bool:
         """Whether an answer naming (topic, log) answers this log; None: not named (older records)."""
@@ -105,7 +161,7 @@ class Ledger:
         has = lambda bit: int(np.count_nonzero(seen & ((f & bit) > 0)))  # noqa: E731
         missing = np.flatnonzero(seen & ((f & ANSWERED) == 0))
         return PartitionAudit(p, start, committed, int(seen.sum()), has(RECOMMENDED), has(DEAD), has(REKEYED),
-                              len(missing), [int(o) + start for o in missing[:SHOWN]], has(TWICE))
+                              len(missing), [int(o) + start for o in missing[:SHOWN]], has(TWICE), self.lag[p])
 
 
 def _int(value: str | None) -> int | None:
@@ -122,7 +178,7 @@ def _origin(value: str | None) -> tuple[str, int | None, int | None] | None:
 
 
 def note_input(ledger: Ledger, r: Record) -> None:
-    ledger.mark(r.partition, r.offset, SEEN)
+    ledger.see(r.partition, r.offset)
     origin = _origin(records.header(r.headers, records.H_REPARTITIONED_FROM))
     # A re-keyed copy lies in the log it answers, so its topic is all it needs to name.
     if origin is not None and origin[0] == ledger.topic and None not in origin:
@@ -130,25 +186,25 @@ def note_input(ledger: Ledger, r: Record) -> None:
 
 
 def note_recommendation(ledger: Ledger, r: Record) -> bool:
-    """False for a record that is not a recommendation, or one of another input log."""
+    """False for a record that is not a recommendation, one of another input log, or one naming a record the
+    log cannot hold."""
     try:
         rec = records.decode_recommendation(r.value or b"")
     except (msgspec.DecodeError, msgspec.ValidationError):
         return False
     if not ledger.names_this_log(rec.source_topic, rec.source_log):
         return False
-    ledger.mark(rec.source_partition, rec.source_offset, RECOMMENDED)
-    return True
+    return ledger.mark(rec.source_partition, rec.source_offset, RECOMMENDED)
 
 
 def note_dead_letter(ledger: Ledger, r: Record) -> bool:
-    """False for a dead letter of another input log or without its source headers."""
+    """False for a dead letter of another input log, without its source headers, or naming a record the log
+    cannot hold."""
     topic, log = (records.header(r.headers, h) for h in (records.H_SOURCE_TOPIC, records.H_SOURCE_LOG))
     p, o = _int(records.header(r.headers, records.H_SOURCE_PARTITION)), records.source_offset_of(r.headers)
     if topic is None or not ledger.names_this_log(topic, log) or p is None or o is None:
         return False
-    ledger.mark(p, o, DEAD)
-    return True
+    return ledger.mark(p, o, DEAD)
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str, extra: ClientSettings | None = None,
@@ -178,15 +234,23 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
     the clients."""
     committed = committed_offsets(bootstrap, group, input_topic, extra)  # first: see the module docstring
     # Answers to committed records were written before the commit: they lie below the ends read now
-    # (a re-keyed copy too, which may lie past its own partition's committed offset).
+    # (a re-keyed copy too, which may lie past its own partition's committed offset). The input's ends are
+    # read after the answers': every answer read was written after its input record, so names one below them.
     answers_since = earlier(since_ms, ANSWER_SKEW_MS)
-    bounds = window_bounds(bootstrap, {input_topic: since_ms, output_topic: answers_since, dlq_topic: answers_since},
-                           extra)
-    ranges = {p: (bounds[input_topic].get(p, (0, 0))[0], c) for p, c in committed.items()}
+    bounds = window_bounds(bootstrap, {output_topic: answers_since, dlq_topic: answers_since}, extra)
+    if not bounds[output_topic]:
+        raise MissingOutputTopic(output_topic, bootstrap)
+    bounds |= window_bounds(bootstrap, {input_topic: since_ms}, extra)
+    if all(c is None for c in committed.values()) and any(e > s for s, e in bounds[input_topic].values()):
+        raise NothingCommitted(group, input_topic)  # an empty input, though, has nothing to answer: audited
+    # Every partition of the input, also one added since the offsets were read (nothing committed there).
+    ranges = {p: (bounds[input_topic].get(p, (0, 0))[0], committed.get(p))
+              for p in sorted(committed.keys() | bounds[input_topic].keys())}
     progress("audited offsets [start, committed) per partition: "
              + ", ".join(f"{p}: [{s}, {'-' if c is None else c})" for p, (s, c) in sorted(ranges.items())))
     admin = admin_client(bootstrap, extra)
-    ledger, foreign = Ledger(ranges, input_topic, topic_id(admin, input_topic)), 0
+    ends = {p: end for p, (_, end) in bounds[input_topic].items()}
+    ledger, foreign = Ledger(ranges, input_topic, topic_id(admin, input_topic), ends), 0
 
     def read(topic: str, note: Callable[[Record], bool | None]) -> None:
         def visit(r: Record) -> None:

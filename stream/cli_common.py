@@ -83,5 +83,10 @@ def deployment_settings(args: argparse.Namespace) -> tuple[WorkerSettings, int |
     if not (positive(args.idle_s) and positive(args.timeout_s) and (args.since_s is None or positive(args.since_s))):
         raise ConfigError(f"--idle-s, --timeout-s and --since-s must be > 0 seconds, got {args.idle_s:g}, "
                           f"{args.timeout_s:g} and {args.since_s}")
+    now_s = time.time()
+    # Checked before any topic is read: a window opening before 1970 has no time to print or to look up.
+    if args.since_s is not None and args.since_s > now_s:
+        raise ConfigError(f"--since-s {args.since_s:g} reaches back before 1970: at most {now_s:.0f} seconds (the "
+                          "time since the epoch); leave it out to read all the input topic retains")
     settings = load_settings(args.config, overrides_from(args), serving=False)
-    return settings, None if args.since_s is None else int((time.time() - args.since_s) * 1000)
+    return settings, None if args.since_s is None else int((now_s - args.since_s) * 1000)

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
@@ -110,14 +111,22 @@ def run(args: argparse.Namespace) -> int:
     from stream.quality import plot_quality, quality_worker
 
     ks = _ks(args.cutoffs)
-    if args.bucket_s is not None and not positive(args.bucket_s):
-        raise ConfigError(f"--bucket-s must be > 0 seconds, got {args.bucket_s:g}")
+    # Bounded by the time since the epoch: a wider bucket holds every emission time already, and one past
+    # 64-bit milliseconds fails in the chart, after the whole judgement.
+    if args.bucket_s is not None and not (positive(args.bucket_s) and args.bucket_s <= time.time()):
+        raise ConfigError(f"--bucket-s must be > 0 seconds and at most {time.time():.0f} (the time since the "
+                          f"epoch), got {args.bucket_s:g}")
     if not (args.history_s == 0 or positive(args.history_s)) or (args.history_s and args.since_s is None):
         raise ConfigError(f"--history-s must be >= 0 seconds and needs --since-s (without a window every event is "
                           f"read), got {args.history_s:g}")
     if not (math.isfinite(args.max_loss) and args.max_loss >= 0) or args.min_users < 1 or args.planned_users < 1:
         raise ConfigError(f"--max-loss must be >= 0, --min-users and --planned-users >= 1, got {args.max_loss:g}, "
                           f"{args.min_users} and {args.planned_users}")
+    if args.png:
+        from model.plots import check_format  # matplotlib only when a chart is asked for
+
+        # Before the judgement, not after it: a .txt fails in savefig, and no extension writes another name.
+        check_format(args.png, "--png")
     output_file(args.json, "--json")
     output_file(args.png, "--png")
     settings, since_ms = deployment_settings(args)

@@ -15,7 +15,8 @@ the window are read for it too (they are not judged).
 
 A recommendation whose user had no later event among those read is `pending`, not judged; one read twice
 (at least once: a batch replayed after a crash) is judged once. What the worker left out of a list (items
-off sale, purchases) was not shown, so a next event on it is a miss: the figures are what users saw.
+off sale, purchases) was not shown, so a next event on it is a miss: the figures are what users saw. So is
+a next item ranked past the largest cutoff: no figure reads a rank beyond it, and a list may be of any length.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import msgspec
 import numpy as np
 
+from model.errors import ConfigError, EventError
 from model.events import decode_event
-from model.errors import EventError
 from stream import records
+from stream.audit import MissingOutputTopic
 from stream.kafka_clients import ClientSettings, KafkaClientError, Record, admin_client, topic_id, window_offsets
 from stream.settings import MAX_K, WorkerSettings
 from stream.topic_window import ANSWER_SKEW_MS, Bounds, earlier, read_window, window_bounds
@@ -258,9 +260,9 @@ class Board:
         self.first, self.end = first, end
         self.next = np.full(n, -1, np.int64)  # offset of the same user's next event; -1: none read
         self.item = np.full(n, -1, np.int32)  # that event's item, a code into Judge.item_names
-        self.reference = np.zeros(n, np.int16)
-        self.rank = np.full(n, -1, np.int16)  # -1: no recommendation read
-        self.version = np.full(n, -1, np.int16)
+        self.reference = np.zeros(n, np.int16)  # at most the Judge's depth (<= MAX_K)
+        self.rank = np.full(n, -1, np.int16)  # -1: no recommendation read; at most the Judge's depth (<= MAX_K)
+        self.version = np.full(n, -1, np.int32)  # one code per model version: a long-lived topic holds many
         self.session = np.full(n, -1, np.int64)  # a code into Judge.sessions
         self.emitted = np.zeros(n, np.int64)
         self.user = np.full(n, -1, np.int32)  # a code into Judge.users
@@ -283,6 +285,8 @@ class Judge:
 
     def __init__(self, bounds: Bounds, input_topic: str, input_log: str | None, depth: int,
                  judged_from: Mapping[int, int] | None = None) -> None:
+        if not 1 <= depth <= MAX_K:  # ranks up to `depth` are kept as int16
+            raise ConfigError(f"the largest cutoff must lie in [1, {MAX_K}], got {depth}")
         self.boards = {p: Board(first, end) for p, (first, end) in bounds.items()}
         # Events before these offsets (the history read for the reference list) are not judged.
         self.judged_from = judged_from or {}
@@ -341,7 +345,9 @@ class Judge:
             self.pending += 1
             return
         wanted = self.item_names[board.item[i]]
-        board.rank[i] = next((n for n, s in enumerate(rec.items, 1) if s.item_id == wanted), 0)
+        # Only the first `depth` (the largest cutoff) are looked at: a rank past it is a miss at every cutoff,
+        # and the list, of any length, would not fit the board's ranks.
+        board.rank[i] = next((n for n, s in enumerate(rec.items[:self.depth], 1) if s.item_id == wanted), 0)
 
     def _item_code(self, item: str) -> int:
         code = self.items.get(item)
@@ -374,6 +380,8 @@ def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable
                                        output_topic: earlier(since_ms, ANSWER_SKEW_MS)}, extra)
     if not bounds[input_topic]:
         raise KafkaClientError(f"topic {input_topic!r} does not exist on {bootstrap}")
+    if not bounds[output_topic]:  # else nothing judged would read as a report, and pass --fail-if-worse
+        raise MissingOutputTopic(output_topic, bootstrap)
     # With history, the judged part starts later within the bounds already read: bisect there, not from scratch.
     judged = window_offsets(bootstrap, input_topic, since_ms, bounds[input_topic], extra) if history_ms \
         else bounds[input_topic]

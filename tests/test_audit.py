@@ -1,6 +1,7 @@
 """`hrnn audit`: every committed input record answered, counted from what the topics hold."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from stream import records
-from stream.audit import SHOWN, Ledger, audit_worker, note_dead_letter, note_input, note_recommendation
+from stream.audit import (SHOWN, AuditReport, Ledger, audit_worker, note_dead_letter, note_input,
+                          note_recommendation)
+from stream.cli_audit import _print
 from stream.kafka_clients import Record, admin_client, create_producer, topic_id
 from stream.records import Recommendation, encode_recommendation
 from stream.topics import TopicSpec, ensure_topics
@@ -37,8 +40,8 @@ def _record(topic: str, partition: int, offset: int, value: bytes | None = b"{}"
 
 
 def _ledger(ranges: dict[int, tuple[int, int | None]], inputs: list[Record], recs=(), dlq=(),
-            log: str | None = LOG) -> tuple[Ledger, int]:
-    ledger, foreign = Ledger(ranges, "ev", log), 0
+            log: str | None = LOG, **ends: dict[int, int]) -> tuple[Ledger, int]:
+    ledger, foreign = Ledger(ranges, "ev", log, **ends), 0
     for r in inputs:
         note_input(ledger, r)
     foreign += sum(not note_recommendation(ledger, r) for r in recs)
@@ -106,6 +109,45 @@ def test_answers_naming_another_topic_or_a_deleted_log_of_the_same_name_answer_n
     assert (ledger.partition(0).first_unanswered, foreign) == ([2], 1)  # the topic still counts
 
 
+def test_answers_naming_a_partition_or_offset_the_log_cannot_hold_are_counted_as_strays():
+    inputs = [_record("ev", 0, o) for o in range(4)]
+    named = [(0, 0), (0, 3), (0, -5), (7, 0), (0, 10**9), (0, 2**62)]  # 3: in flight, past the committed offset
+    recs = [_record("rec", 0, i, _rec(p, o, "ev", LOG)) for i, (p, o) in enumerate(named)]
+    dlq = [_record("dlq", 0, 0, b"x", records.dlq_headers("bad_json", "d", "ev", 0, 10**23, LOG)),
+           _record("dlq", 0, 1, b"x", records.dlq_headers("bad_json", "d", "ev", 0, 1, LOG))]
+    ranges = {0: (0, 3), 1: (0, None)}
+    ledger, foreign = _ledger(ranges, inputs, recs, dlq)  # the ends unknown: past Kafka's offsets, no partition 7
+    assert foreign == 3 and (ledger.partition(0).recommended, ledger.partition(0).dead_letters) == (1, 1)
+    ledger, foreign = _ledger(ranges, inputs, recs, dlq, ends={0: 4, 1: 0})  # and past the partition's end
+    assert foreign == 5 and ledger.partition(0).first_unanswered == [2]
+
+
+def test_input_records_past_the_committed_offset_are_counted_as_the_groups_lag_not_audited():
+    inputs = [_record("ev", 0, o) for o in range(5)] + [_record("ev", 1, o) for o in range(3)]
+    ledger, _ = _ledger({0: (0, 2), 1: (0, None)}, inputs, [_record("rec", 0, 0, _rec(0, 0))])
+    got = [ledger.partition(p) for p in (0, 1)]
+    assert [(p.records, p.unanswered, p.lag) for p in got] == [(2, 1, 3), (0, 0, 3)]
+
+
+def _printed(report: AuditReport) -> str:
+    out = io.StringIO()
+    _print(report, out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("since_ms", [10**18, -10**18])
+def test_a_window_start_no_calendar_date_has_is_printed_as_epoch_ms_not_a_crash(since_ms):
+    report = AuditReport("ev", "rec", "g", False, [], since_ms=since_ms)
+    assert f"since {since_ms} ms after the epoch" in _printed(report)
+
+
+@pytest.mark.parametrize("since_s", ["1e12", "1e300"])
+def test_a_window_reaching_back_before_1970_is_refused_before_the_broker_is_asked(since_s):
+    proc = subprocess.run([HRNN, "audit", "--bootstrap-servers", "127.0.0.1:9", "--since-s", since_s],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "reaches back before 1970" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.broker
 def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under_exactly_once(broker, tmp_path):
     settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)  # fresh topics and group; no worker runs
@@ -134,7 +176,7 @@ def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under
     assert code == 1 and "unanswered offsets: 3" in stdout and "promise BROKEN" in stdout
     assert report["foreign_records"] == 1 and "1 record of" in stdout  # reported, not an answer
     assert report["totals"] == {"records": 4, "recommended": 2, "dead_letters": 1, "rekeyed": 0, "unanswered": 1,
-                                "duplicated": 1}
+                                "duplicated": 1, "lag": 1}
     commit_offsets(settings, {0: 3})
     code, stdout, report = audit("--config", str(workers_file))
     assert code == 0 and report["kept"] and "promise kept" in stdout
@@ -167,7 +209,7 @@ def test_the_command_names_an_input_topic_that_does_not_exist(broker):
 def test_a_rekeyed_copy_past_its_partitions_committed_offset_still_answers_its_original(broker):
     settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)
     ev = settings.input_topic
-    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(ev, 2)])
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(ev, 2), TopicSpec(settings.output_topic, 1)])
     producer = create_producer(broker.bootstrap)
     producer.produce(ev, b"{}", b"wrong-key", partition=0)
     producer.produce(ev, b"{}", b"u", partition=1, headers=records.repartition_headers(ev, 0, 0))
@@ -223,3 +265,58 @@ def test_a_window_audits_only_the_input_records_of_its_time(broker, tmp_path):
     assert proc.returncode == 0 and "since" in proc.stdout and "promise kept" in proc.stdout
     assert (report["partitions"][0]["start"], report["totals"]["records"], report["totals"]["recommended"]) == (4, 4, 4)
     assert now_ms - 3_700_000 < report["since_ms"] < time.time() * 1000 - 3_500_000
+
+
+def _audit(bootstrap: str, settings, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([HRNN, "audit", "--bootstrap-servers", bootstrap, "--group", settings.group, "--input-topic",
+                           settings.input_topic, "--output-topic", settings.output_topic, "--idle-s", "1",
+                           "--json", str(out), *flags], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.broker
+def test_a_group_that_committed_nothing_and_an_output_topic_that_does_not_exist_are_refused_not_audited(
+        broker, tmp_path):
+    settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(settings.input_topic, 1),
+                                                   TopicSpec(settings.output_topic, 1)])
+    out, empty = tmp_path / "report.json", tmp_path / "empty.json"
+    # an input with no record yet (a fresh deployment) has nothing to answer: kept, not refused
+    assert _audit(broker.bootstrap, settings, empty).returncode == 0 and json.loads(empty.read_text())["kept"]
+    producer = create_producer(broker.bootstrap)
+    for offset in range(3):
+        producer.produce(settings.input_topic, b"{}", b"u", partition=0)
+        producer.produce(settings.output_topic, _rec(0, offset), b"u", partition=0)
+    assert producer.flush(15) == 0
+    proc = _audit(broker.bootstrap, settings, out)  # as a misspelt --group reads: no offset committed anywhere
+    assert proc.returncode == 2 and not out.exists() and "Traceback" not in proc.stderr
+    assert (f"group {settings.group!r} has committed no offsets on topic {settings.input_topic!r}: check --group"
+            in proc.stderr)
+    commit_offsets(settings, {0: 3})
+    proc = _audit(broker.bootstrap, settings, out, "--output-topic", "no-such-recs")
+    assert proc.returncode == 2 and "output topic 'no-such-recs' does not exist" in proc.stderr
+
+
+@pytest.mark.broker
+def test_a_kept_promise_says_the_groups_lag_and_counts_answers_naming_records_the_log_cannot_hold(broker, tmp_path):
+    settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)
+    ev = settings.input_topic
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(ev, 1), TopicSpec(settings.output_topic, 1)])
+    producer = create_producer(broker.bootstrap)
+    for offset in range(5):
+        producer.produce(ev, b"{}", b"u", partition=0)
+    for partition, offset in ((0, 0), (0, 1), (0, 10**9), (0, -5), (0, 2**62), (7, 0)):  # the last 4: no such record
+        producer.produce(settings.output_topic, _rec(partition, offset, ev), b"u", partition=0)
+    producer.produce(settings.dlq_topic, b"{", b"u", headers=records.dlq_headers("bad_json", "d", ev, 0, 10**23))
+    assert producer.flush(15) == 0
+    out = tmp_path / "report.json"
+    commit_offsets(settings, {0: 2})
+    proc = _audit(broker.bootstrap, settings, out)
+    report = json.loads(out.read_text())
+    assert proc.returncode == 0 and "promise kept" in proc.stdout, proc.stderr
+    assert report["foreign_records"] == 5 and "5 records of" in proc.stdout  # reported, as other strays are
+    assert report["totals"]["lag"] == 3 and "3 input records past the committed offsets" in proc.stdout
+    commit_offsets(settings, {0: 0})  # a group stuck at its first record
+    proc = _audit(broker.bootstrap, settings, out)
+    report = json.loads(out.read_text())
+    assert (report["totals"]["records"], report["totals"]["lag"]) == (0, 5)
+    assert "5 input records past the committed offsets (the group's lag) not audited" in proc.stdout

@@ -97,6 +97,14 @@ def test_events_read_as_history_inform_the_reference_but_are_not_judged():
     assert _row(report, REFERENCE)["mrr@20"] == pytest.approx(1 / 3)
 
 
+def test_a_next_item_ranked_past_the_largest_cutoff_in_a_list_of_any_length_is_a_miss():
+    events = [_event(0, o, "u1", item) for o, item in enumerate("abc")]
+    recs = [_rec(0, 0, ["z"] * 32_767 + ["b"]),  # b at 32,768: past what a 16-bit rank holds
+            _rec(0, 1, ["z"] * 3 + ["c"] + ["y"] * 40_000)]
+    row = _row(_report(events, recs), "v1")
+    assert (row["judged"], row["recall@1"], row["recall@5"], row["recall@20"]) == (2, 0.0, 0.5, 0.5)
+
+
 def test_dead_letters_and_mis_keyed_originals_are_not_events_of_the_user():
     bad = Record("ev", 0, 1, b"u1", b"{not json", None)
     events = [_event(0, 0, "u1", "a"), bad, _event(0, 2, "u1", "x", key="someone-else"), _event(0, 3, "u1", "b")]
@@ -427,6 +435,33 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_any_topic_is_rea
         proc = subprocess.run([HRNN, "quality", "--bootstrap-servers", "127.0.0.1:9", flag, str(path)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and f"{flag} {path}: " in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [(["--png", "q.txt"], "--png q.txt: matplotlib cannot write '.txt'"),
+                                            (["--png", "qnoext"], "--png qnoext: no extension names the format"),
+                                            (["--png", "q.png", "--bucket-s", "1e300"], "--bucket-s must be > 0 "
+                                             "seconds and at most"),
+                                            (["--since-s", "1e12"], "--since-s 1e+12 reaches back before 1970")])
+def test_a_chart_or_window_that_cannot_be_made_is_refused_before_any_topic_is_read(flags, message, tmp_path):
+    proc = subprocess.run([HRNN, "quality", "--bootstrap-servers", "127.0.0.1:9", *flags], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())  # no chart under another name
+
+
+def test_the_command_names_an_output_topic_that_does_not_exist(broker):
+    from stream.kafka_clients import admin_client, create_producer
+    from stream.topics import TopicSpec, ensure_topics
+
+    settings = settings_for(broker.bootstrap, Path("-"), Path("-"), partitions=1)
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(settings.input_topic, 1)])
+    producer = create_producer(broker.bootstrap)
+    producer.produce(settings.input_topic, encode_event(Event("u1", "a", "click", T0)), b"u1", partition=0)
+    assert producer.flush(15) == 0
+    proc = subprocess.run([HRNN, "quality", "--bootstrap-servers", broker.bootstrap, "--input-topic",
+                           settings.input_topic, "--output-topic", "no-such-recs", "--idle-s", "1", "--fail-if-worse"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "output topic 'no-such-recs' does not exist" in proc.stderr
 
 
 def test_the_command_names_an_input_topic_that_does_not_exist(broker):
