@@ -73,25 +73,22 @@ def _brief(value: Any, limit: int = 60) -> str:
 def _required_str(obj: dict, key: str) -> str:
     if key not in obj or obj[key] is None:
         raise EventError("missing_field", f"field {key!r} is required")
-    value = obj[key]
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise EventError("bad_field", f"field {key!r} must be a string, got {type(value).__name__}")
-    text = str(value)
+    text = _id_text(key, obj[key])
     if not text:
         raise EventError("bad_field", f"field {key!r} is empty")
-    return _short(key, text)
+    return text
 
 
 def _optional_str(obj: dict, key: str) -> str | None:
     value = obj.get(key)
-    if value is None or value == "":
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):  # {"a": 1} would become the text "{'a': 1}"
+    return None if value is None or value == "" else _id_text(key, value)
+
+
+def _id_text(key: str, value: Any) -> str:
+    """An id field's text: a string or an integer ({"a": 1} would become the text "{'a': 1}"), not too long."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise EventError("bad_field", f"field {key!r} must be a string, got {type(value).__name__}")
-    return _short(key, str(value))
-
-
-def _short(key: str, text: str) -> str:
+    text = str(value)
     if len(text) > MAX_ID_CHARS:
         raise EventError("bad_field", f"field {key!r} has {len(text)} characters, more than the {MAX_ID_CHARS} "
                                       "an id may have")
