@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from model.config import DataConfig, HRNNConfig, json_kind, load_config, read_config_file, unknown_setting
+from model.config import (DataConfig, HRNNConfig, field_names, json_kind, load_config, read_config_file,
+                          unknown_setting)
 from model.errors import ConfigError
 from model.interactions import Interactions
 from model.loaders import add_loader_arguments, load_interactions, loader_options
@@ -66,7 +67,7 @@ def file_settings(path: str) -> dict[str, Any]:
             _check_section_key(path, name, key)
         merged.update(section)
     top = {k: v for k, v in file_values.items() if k not in SECTIONS and k not in VERSION_KEYS}
-    every = _field_names(HRNNConfig) | _field_names(DataConfig)
+    every = field_names(HRNNConfig) | field_names(DataConfig)
     for key in top:
         if key not in every:
             raise unknown_setting(key, every, f"config file {path}")
@@ -76,19 +77,15 @@ def file_settings(path: str) -> dict[str, Any]:
 def _check_section_key(path: str, name: str, key: str) -> None:
     # A setting in the other class's section is refused too: the retrainer reads each section for its own
     # class only, so it would train without it.
-    own = _field_names(SECTIONS[name])
+    own = field_names(SECTIONS[name])
     if key in own:
         return
     where = f"config file {path}, section {name!r}"
     for other, cls in SECTIONS.items():
-        if key in _field_names(cls):
+        if key in field_names(cls):
             raise ConfigError(f"{where}: {key!r} is a {cls.__name__} setting; move it to section {other!r} "
                               "or the top level")
     raise unknown_setting(key, own, where)
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _section(path: str, file_values: dict[str, Any], name: str) -> dict[str, Any]:

@@ -199,8 +199,13 @@ def unknown_setting(key: str, known: Iterable[str], where: str) -> ConfigError:
     """The error for a key that is no setting; it names the setting probably meant, since a typo would
     otherwise train silently with that setting's default."""
     close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{where}: unknown setting {key!r}{hint}")
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+    return ConfigError(f"{where}: unknown setting {key!r} ({hint})")
+
+
+def field_names(cls: type) -> set[str]:
+    """The settings a config dataclass has."""
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -242,13 +247,13 @@ def load_config(cls: type[T], *, file_values: dict[str, Any] | None = None, env_
     """Build `cls` from defaults < file values < environment < overrides (None means 'not given'); then
     its `validate()`, if it has one, unless the caller checks the result itself."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     values: dict[str, Any] = {}
     for key, value in (file_values or {}).items():
         if key in names:
             values[key] = _coerce(key, hints[key], value)
         elif strict_file:
-            raise ConfigError(f"unknown setting {key!r} (known: {', '.join(sorted(names))})")
+            raise unknown_setting(key, names, cls.__name__)
     if env_prefix:
         for key in names:
             env = os.environ.get(env_prefix + key.upper())

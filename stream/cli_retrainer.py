@@ -13,7 +13,7 @@ import json
 import logging
 
 from model.cli_common import add_config_flags, file_settings
-from model.config import DataConfig, HRNNConfig
+from model.config import DataConfig, HRNNConfig, field_names
 from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
 
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace, cls: type) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     out = {}
     if args.config:  # read as `hrnn train` reads it: a key that is no setting is refused, not dropped
         out.update({k: v for k, v in file_settings(args.config).items() if k in names})
