@@ -494,9 +494,11 @@ def count_events(root: str | Path, days: int, *, end: date | None = None) -> int
     return scan_window(root, days, end=end).events
 
 
-def read_window(root: str | Path, days: int, *, end: date | None = None) -> Interactions:
-    """The window's events as Interactions (sorted by user, time; file order breaks ties)."""
-    window = scan_window(root, days, end=end)
+def read_window(root: str | Path, days: int, *, end: date | None = None, window: Window | None = None
+                ) -> Interactions:
+    """The window's events as Interactions (sorted by user, time; file order breaks ties). `window`: the
+    scan_window(root, days, end=end) the caller already made, so its files are not checked (and warned of) twice."""
+    window = window or scan_window(root, days, end=end)
     tables, skipped = [], len(window.skipped)
     for f in window.files:
         try:

@@ -37,7 +37,7 @@ from model.network import HRNN, WINDOW_OFFSET
 from model.pipeline import prepare, train_version, training_part
 from model.registry import prune
 from model.splits import LAST_SESSION, make_split
-from stream.archive import ArchiveError, count_events, read_window
+from stream.archive import ArchiveError, read_window, scan_window
 
 log = logging.getLogger("stream.retrain_job")  # also when run as __main__
 
@@ -197,11 +197,12 @@ def retrain(spec: RetrainSpec) -> RetrainOutcome:
 
 
 def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> RetrainOutcome:
-    n = count_events(spec.archive, spec.window_days)
+    window = scan_window(spec.archive, spec.window_days)
+    n = window.events
     if n < spec.min_events:
         return RetrainOutcome("skipped", f"{n} events in the {spec.window_days}-day window, "
                                          f"{spec.min_events} needed", window_events=n)
-    data = read_window(spec.archive, spec.window_days)
+    data = read_window(spec.archive, spec.window_days, window=window)
     serving = _serving_model(registry)
     base_h = to_dict(serving.config) if serving else {}
     base_d = to_dict(serving.data_config) if serving else {}

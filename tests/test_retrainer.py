@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -352,6 +353,15 @@ def test_a_run_over_an_archive_with_an_unreadable_file_reads_the_window_without_
     out = retrain(RetrainSpec(registry=str(tmp_path / "r"), archive=str(tmp_path / "archive"), window_days=30,
                               min_events=1000))
     assert out.status == "skipped" and out.window_events == 20
+
+
+def test_a_run_that_reads_its_window_checks_each_file_once(tmp_path, caplog):
+    """Counting the window and reading it share one scan: the bad file is warned of once, not twice."""
+    bad = _archive_with_a_zero_byte_file(tmp_path / "archive")
+    with caplog.at_level(logging.WARNING, logger="stream.archive"):
+        retrain(RetrainSpec(registry=str(tmp_path / "r"), archive=str(tmp_path / "archive"), window_days=30,
+                            min_events=1, hrnn=dict(TINY)))
+    assert [r.file for r in caplog.records if r.getMessage().startswith("skipping archive file")] == [str(bad)]
 
 
 # --- one retraining run ---
