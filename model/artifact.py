@@ -37,6 +37,11 @@ class VersionInfo:
     created_at: str
     metrics: dict[str, Any]
     current: bool
+    files: dict[str, Any] | None = None  # the manifest's, file name -> sha256 (None: it has none of that shape)
+
+    def files_present(self) -> bool:
+        """Every file the manifest lists is there (a cheap check: verify() also reads each checksum)."""
+        return self.files is not None and all((self.path / str(name)).is_file() for name in self.files)
 
 
 @dataclass
@@ -222,7 +227,9 @@ def list_versions(registry: str | Path) -> list[VersionInfo]:
         if not isinstance(manifest, dict) or not isinstance(metrics, dict) \
                 or not isinstance(manifest.get("created_at", ""), str):
             continue  # not a version this code wrote: as unreadable as a missing manifest
-        out.append(VersionInfo(d.name, d, manifest.get("created_at", ""), metrics, d.name == cur))
+        files = manifest.get("files")
+        out.append(VersionInfo(d.name, d, manifest.get("created_at", ""), metrics, d.name == cur,
+                               files if isinstance(files, dict) else None))
     return out
 
 

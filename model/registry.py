@@ -15,7 +15,6 @@ current one.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -95,7 +94,7 @@ def prune(registry: str | Path, keep: int, *, protect: tuple[str, ...] = ()) -> 
         raise ArtifactError(f"keep must be at least 1, got {keep}")
     reg = Path(registry)
     versions = ordered_versions(reg)
-    whole = [v for v in versions if _files_present(v.path)]
+    whole = [v for v in versions if v.files_present()]
     spared = {v.version for v in whole[-keep:]} | {current_version(reg), previous_version(reg)} | set(protect)
     removed = []
     for v in versions:
@@ -113,15 +112,6 @@ def prune(registry: str | Path, keep: int, *, protect: tuple[str, ...] = ()) -> 
         removed.append(v.version)
     _remove_stale_temp(reg)
     return removed
-
-
-def _files_present(path: Path) -> bool:
-    """Every file the version's manifest lists is there (a cheap check: verify() also reads each checksum)."""
-    try:
-        files = json.loads((path / "manifest.json").read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(files, dict) and all((path / str(name)).is_file() for name in files)
 
 
 def _remove_stale_temp(reg: Path) -> None:
