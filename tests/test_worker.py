@@ -15,7 +15,7 @@ from model.events import Event, decode_event, encode_event
 from model.inference import Filters
 from stream import records
 from stream.audit import audit_worker
-from stream.kafka_clients import admin_client, topic_id
+from stream.kafka_clients import admin_client, partition_for, topic_id
 from worker_testkit import (make_events, make_registry, offline, produce, records_of, recommendations, running,
                             same_state, settings_for, stored_states)
 
@@ -230,3 +230,27 @@ def test_the_changelog_holds_one_record_per_touched_user_per_batch_on_the_source
         last[user] = r
     assert all(records.source_offset_of(r.headers) == streamed["states"][u].source_offset for u, r in last.items())
     assert json.dumps(sorted(last)) == json.dumps(sorted(streamed["states"]))
+
+
+def test_re_keyed_copies_follow_the_producers_partitioner_when_the_worker_is_given_it(broker, registry, tmp_path):
+    """Producers on librdkafka's default partitioner (CRC32) put a user's keyed events elsewhere than murmur2
+    would; with the same partitioner in the worker's kafka_producer table, a mis-keyed event's copy joins them."""
+    crc32 = {"partitioner": "consistent_random"}
+    settings = settings_for(broker.bootstrap, registry, tmp_path, kafka_producer=crc32)
+    events = make_events(60, 6, purchase_every=0)
+    keyed = [e for e in events if e.event_id != "e59"]
+    last = events[-1]
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, keyed, config=crc32)
+        recommendations(broker.bootstrap, settings.output_topic, len(keyed))
+        produce(broker.bootstrap, settings.input_topic, [(None, encode_event(last))], partition=1)
+        recommendations(broker.bootstrap, settings.output_topic, len(events))
+    inputs = records_of(broker.bootstrap, settings.input_topic)
+    home = {decode_event(r.value).user_id: r.partition for r in inputs if r.key is not None
+            and not records.header(r.headers, records.H_REPARTITIONED_FROM)}
+    murmur2_elsewhere = {u for u, p in home.items() if partition_for(u.encode(), settings.partitions) != p}
+    assert murmur2_elsewhere  # the two partitioners disagree on some of these users
+    [copy] = [r for r in inputs if records.header(r.headers, records.H_REPARTITIONED_FROM)]
+    assert copy.partition == home[last.user_id]
+    per_user = Counter(e.user_id for e in events)
+    assert {u: s.n_events for u, s in stored_states(settings, range(settings.partitions)).items()} == dict(per_user)
