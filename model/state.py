@@ -212,22 +212,31 @@ class UserState:
     history: History = field(default_factory=History)  # the last H events, oldest first
     source_offset: int = -1  # offset of the input record that produced this state
     n_events: int = 0
+    # Of the re-keyed copies applied (events a producer keyed wrongly, copied onto the user's partition): the
+    # highest offset of the original record per input partition. A second copy of one record (made when the
+    # original's batch was read again) has an offset of its own, above source_offset; this tells it apart.
+    origins: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.history, History):  # a list of HistoryEvents, as tests and tools write them
             self.history = History.of(self.history)
+
+    def forget_input_offsets(self) -> None:
+        """Forget which input records it applied (they name a log that is gone: offsets start again at 0)."""
+        self.source_offset, self.origins = -1, {}
 
     def copy(self) -> "UserState":
         """A state to advance without touching this one (advancing replaces the hidden vectors, and
         extends the history in place)."""
         return UserState(self.model_version, self.session_hidden, self.user_hidden, self.session_id,
                          self.last_event_ms, self.session_length, self.history.copy(), self.source_offset,
-                         self.n_events)
+                         self.n_events, dict(self.origins))
 
 
 class _Head(msgspec.Struct, array_like=True):
-    """The fields both formats begin with; each format's history fields, then source_offset and n_events,
-    follow them in the array."""
+    """The fields both formats begin with; each format's history fields, then source_offset, n_events and
+    origins, follow them in the array. origins came last, later: a value without it reads as having none, and
+    builds before it read (and ignore) it."""
 
     model_version: str
     hidden_dim: int
@@ -247,6 +256,7 @@ class _Wire(_Head, array_like=True):  # format 2
     hist_new: bytes  # one byte (0 or 1) per event
     source_offset: int
     n_events: int
+    origins: dict[int, int] | None = None
 
 
 class _WireV1(_Head, array_like=True):
@@ -256,6 +266,7 @@ class _WireV1(_Head, array_like=True):
     hist_new: list[bool]
     source_offset: int
     n_events: int
+    origins: dict[int, int] | None = None
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -284,7 +295,7 @@ def encode_state(s: UserState, fmt: int = FORMAT_VERSION) -> bytes:
             np.ascontiguousarray(s.session_hidden, dtype=np.float32).tobytes(),
             np.ascontiguousarray(s.user_hidden, dtype=np.float32).tobytes(),
             s.session_id, int(s.last_event_ms), int(s.session_length))
-    tail = (int(s.source_offset), int(s.n_events))
+    tail = (int(s.source_offset), int(s.n_events), s.origins or None)
     if fmt == 2:
         wire = _Wire(*head, h.names, _le(h.item_codes), h.type_names, _le(h.type_codes), _le(h.ts), bytes(h.opens),
                      *tail)
@@ -293,7 +304,8 @@ def encode_state(s: UserState, fmt: int = FORMAT_VERSION) -> bytes:
     else:
         raise StateFormatError(f"state format {fmt} cannot be written (this build writes formats "
                                f"{', '.join(map(str, FORMATS))})")
-    return bytes([fmt]) + _enc.encode(wire)
+    fields = msgspec.structs.astuple(wire)
+    return bytes([fmt]) + _enc.encode(fields if s.origins else fields[:-1])  # none: written as before origins
 
 
 def _history_v2(w: _Wire) -> History:
@@ -326,7 +338,7 @@ def decode_state(raw: bytes) -> UserState:
     try:
         history = _history_v2(w) if isinstance(w, _Wire) else \
             History(w.hist_items, w.hist_ts, w.hist_types, w.hist_new)
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:  # OverflowError: a format-1 time past int64
         raise StateFormatError(f"corrupt state value: {exc}") from None
     return UserState(w.model_version, sess, user, w.session_id, w.last_event_ms, w.session_length,
-                     history, w.source_offset, w.n_events)
+                     history, w.source_offset, w.n_events, w.origins or {})

@@ -43,8 +43,8 @@ from stream.topic_window import ANSWER_SKEW_MS, earlier, read_window, window_bou
 
 SHOWN = 20  # unanswered offsets listed per partition; the count is always complete
 # One byte of flags per audited offset, so a log of any length costs a byte per record, not a record.
-SEEN, RECOMMENDED, TWICE, DEAD, REKEYED = 1, 2, 4, 8, 16
-ANSWERED = RECOMMENDED | DEAD | REKEYED
+SEEN, RECOMMENDED, TWICE, DEAD, REKEYED, COPY_AGAIN = 1, 2, 4, 8, 16, 32
+ANSWERED = RECOMMENDED | DEAD | REKEYED | COPY_AGAIN
 MAX_OFFSET = 2**63 - 1  # Kafka offsets are signed 64-bit: an answer naming one past this names no record
 
 
@@ -76,6 +76,7 @@ class PartitionAudit:
     recommended: int = 0
     dead_letters: int = 0
     rekeyed: int = 0
+    copies_again: int = 0  # re-keyed copies of a record copied before (a crash before the commit), answered by that
     unanswered: int = 0
     first_unanswered: list[int] = field(default_factory=list)
     duplicated: int = 0  # records answered more than once
@@ -102,7 +103,8 @@ class AuditReport:
         return self.total("unanswered") == 0 and not (self.exactly_once and self.total("duplicated"))
 
     def to_dict(self) -> dict:
-        totals = {k: self.total(k) for k in ("records", "recommended", "dead_letters", "rekeyed", "unanswered",
+        totals = {k: self.total(k) for k in ("records", "recommended", "dead_letters", "rekeyed", "copies_again",
+                                               "unanswered",
                                                "duplicated", "lag")}
         return {**{k: v for k, v in asdict(self).items() if k != "partitions"}, "kept": self.kept,
                 "totals": totals, "partitions": [asdict(p) for p in self.partitions]}
@@ -140,6 +142,12 @@ class Ledger:
         f[i] |= flag
         return True
 
+    def flags_of(self, partition: int, offset: int) -> int:
+        """The flags noted for the offset so far; 0 outside the audited range."""
+        start, committed = self.ranges.get(partition, (0, None))
+        return int(self.flags[partition][offset - start]) if committed is not None and start <= offset < committed \
+            else 0
+
     def see(self, partition: int, offset: int) -> None:
         """An input record read: audited below the committed offset, counted as lag at or past it."""
         if partition not in self.ranges:
@@ -161,6 +169,7 @@ class Ledger:
         has = lambda bit: int(np.count_nonzero(seen & ((f & bit) > 0)))  # noqa: E731
         missing = np.flatnonzero(seen & ((f & ANSWERED) == 0))
         return PartitionAudit(p, start, committed, int(seen.sum()), has(RECOMMENDED), has(DEAD), has(REKEYED),
+                              has(COPY_AGAIN),
                               len(missing), [int(o) + start for o in missing[:SHOWN]], has(TWICE), self.lag[p])
 
 
@@ -171,18 +180,17 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-def _origin(value: str | None) -> tuple[str, int | None, int | None] | None:
-    """(topic, partition, offset) of a re-keyed record's `hrnn-repartitioned-from` header."""
-    parts = value.rsplit("/", 2) if value is not None else []  # topic names hold no "/"
-    return (parts[0], _int(parts[1]), _int(parts[2])) if len(parts) == 3 else None
-
-
 def note_input(ledger: Ledger, r: Record) -> None:
     ledger.see(r.partition, r.offset)
-    origin = _origin(records.header(r.headers, records.H_REPARTITIONED_FROM))
+    origin = records.repartitioned_from(r.headers)
     # A re-keyed copy lies in the log it answers, so its topic is all it needs to name.
-    if origin is not None and origin[0] == ledger.topic and None not in origin:
-        ledger.mark(origin[1], origin[2], REKEYED)
+    if origin is None or origin[0] != ledger.topic:
+        return
+    if ledger.flags_of(origin[1], origin[2]) & REKEYED:
+        # A second copy of one record (the original's batch read again after a crash before its commit) lies
+        # after the first in the user's partition: workers apply the first and skip this one as a replay.
+        ledger.mark(r.partition, r.offset, COPY_AGAIN)
+    ledger.mark(origin[1], origin[2], REKEYED)
 
 
 def note_recommendation(ledger: Ledger, r: Record) -> bool:

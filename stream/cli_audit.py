@@ -48,12 +48,12 @@ def _since(report: AuditReport) -> str:
 
 def _print(report: AuditReport, out: TextIO | None = None) -> None:
     out = out or sys.stdout  # looked up at call time: a caller may have redirected it
-    row = "{:>9} {:>10} {:>10} {:>8} {:>11} {:>6} {:>8} {:>10} {:>10} {:>8}".format
-    print(row("partition", "start", "committed", "records", "recommended", "dlq", "re-keyed", "duplicated",
-              "unanswered", "lag"), file=out)
+    row = "{:>9} {:>10} {:>10} {:>8} {:>11} {:>6} {:>8} {:>11} {:>10} {:>10} {:>8}".format
+    print(row("partition", "start", "committed", "records", "recommended", "dlq", "re-keyed", "copy again",
+              "duplicated", "unanswered", "lag"), file=out)
     for p in report.partitions:
         print(row(p.partition, p.start, "-" if p.committed is None else p.committed, p.records, p.recommended,
-                  p.dead_letters, p.rekeyed, p.duplicated, p.unanswered, p.lag), file=out)
+                  p.dead_letters, p.rekeyed, p.copies_again, p.duplicated, p.unanswered, p.lag), file=out)
         if p.first_unanswered:
             print(f"          unanswered offsets: {', '.join(map(str, p.first_unanswered))}"
                   f"{' ...' if p.unanswered > len(p.first_unanswered) else ''}", file=out)

@@ -131,6 +131,16 @@ def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str
     return found
 
 
+def repartitioned_from(headers: Sequence[tuple[str, bytes | None]] | None) -> tuple[str, int, int] | None:
+    """(topic, partition, offset) a re-keyed copy was made from, from its header; None for other records (or a
+    header naming no record)."""
+    parts = (header(headers, H_REPARTITIONED_FROM) or "").rsplit("/", 2)  # topic names hold no "/"
+    try:
+        return (parts[0], int(parts[1]), int(parts[2])) if len(parts) == 3 else None
+    except ValueError:
+        return None
+
+
 def source_offset_of(headers: Sequence[tuple[str, bytes | None]] | None) -> int | None:
     value = header(headers, H_SOURCE_OFFSET)
     try:

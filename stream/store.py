@@ -65,12 +65,12 @@ def _options() -> Options:
     return opts
 
 
-def _forgetting_source_offset(value: bytes) -> bytes:
+def _forgetting_input_offsets(value: bytes) -> bytes:
     try:
         state = decode_state(value)
     except StateFormatError:
         return value  # unreadable either way: the user starts afresh when it is read
-    state.source_offset = -1
+    state.forget_input_offsets()
     return encode_state(state, value[0])  # in the format it had
 
 
@@ -115,7 +115,7 @@ class PartitionStore:
         if recorded is not None:
             for chunk in self.scan_states():
                 for state in chunk.values():
-                    state.source_offset = -1
+                    state.forget_input_offsets()
                 self.put_states(chunk)
                 forgotten += len(chunk)
         batch = WriteBatch(raw_mode=True)
@@ -184,7 +184,7 @@ class PartitionStore:
             value = rec.value
             old_log = input_log is not None and rec.source_log not in (None, input_log)
             if old_log and value is not None:
-                value = _forgetting_source_offset(value)
+                value = _forgetting_input_offsets(value)
             if not old_log and (committed_offset < 0 or rec.source_offset >= committed_offset):
                 skipped += 1
             else:

@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TypeVar
 
@@ -114,6 +114,7 @@ class Incoming:
     offset: int
     event: Event
     kafka_ts_ms: int | None  # the record's timestamp (producer create time), for the latency metric
+    origin: tuple[int, int] | None = None  # a re-keyed copy's original record: (partition, offset) of the input
 
 
 @dataclass
@@ -175,7 +176,9 @@ def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
         if key is None or key != event.user_id.encode():
             out.rekey.append((msg, event))
             continue
-        out.events.append(Incoming(p, o, event, ts if ts_type else None))
+        origin = records.repartitioned_from(msg.headers())
+        out.events.append(Incoming(p, o, event, ts if ts_type else None,
+                                   origin[1:] if origin and origin[0] == msg.topic() else None))
     out.events.sort(key=lambda e: (e.partition, e.offset))
     return out
 
@@ -203,6 +206,26 @@ def split_by_owner(events: list[Incoming]) -> tuple[list[Incoming], list[Incomin
 
 def applied_before(state: UserState | None, offset: int) -> bool:
     return state is not None and offset <= state.source_offset
+
+
+def fresh_events(events: list[Incoming], stored: Mapping[str, UserState | None]) -> list[Incoming]:
+    """The events not applied to their user's state before: a record at or below the state's source offset
+    (its batch read again), or a re-keyed copy of a record whose copy was applied already (the original's batch
+    read again after a crash between the copy and its commit: the second copy lies at an offset of its own)."""
+    origins: dict[str, dict[int, int]] = {}
+    out = []
+    for e in events:
+        state = stored[e.event.user_id]
+        if applied_before(state, e.offset):
+            continue
+        if e.origin is not None:
+            seen = origins.setdefault(e.event.user_id, dict(state.origins) if state else {})
+            p, o = e.origin
+            if o <= seen.get(p, -1):
+                continue
+            seen[p] = o
+        out.append(e)
+    return out
 
 
 def filters_of(settings: WorkerSettings) -> Filters:
@@ -597,7 +620,7 @@ class Worker:
     def _step_round(self, serving: Serving, events: list[Incoming], encoded: dict[int, dict[str, bytes]],
                     result: BatchResult) -> None:
         stored = self._load_states(events)
-        fresh = [e for e in events if not applied_before(stored[e.event.user_id], e.offset)]
+        fresh = fresh_events(events, stored)
         result.replayed += len(events) - len(fresh)
         for model, mine in serving.split(fresh, lambda e: e.event.user_id):
             users = {e.event.user_id for e in mine}
@@ -638,11 +661,16 @@ class Worker:
     def _produce_changelog(self, fresh: list[Incoming], recs: Recommendations,
                            encoded: dict[int, dict[str, bytes]]) -> None:
         last: dict[str, Incoming] = {}
+        copied: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for e in fresh:  # sorted by (partition, offset): the last one wins
             last[e.event.user_id] = e
+            if e.origin is not None:
+                copied[e.event.user_id].append(e.origin)
         for user, state in recs.states.items():
             src = last[user]
             state.source_offset = src.offset
+            for p, o in copied.get(user, ()):
+                state.origins[p] = max(o, state.origins.get(p, -1))
             value = encode_state(state, self.settings.state_format)
             encoded[src.partition][user] = value
             self._produce(self.settings.changelog_topic, value, user, partition=src.partition,

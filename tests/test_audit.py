@@ -78,6 +78,17 @@ def test_offsets_before_the_log_start_and_gaps_without_a_record_are_not_audited(
     assert (got.start, got.records, got.unanswered, got.first_unanswered) == (100, 3, 3, [100, 101, 103])
 
 
+def test_a_second_re_keyed_copy_of_one_record_is_answered_by_the_first_and_the_record_counts_twice():
+    """A crash between re-keying a batch and committing it copies its records again; workers apply the first
+    copy only (answered by its recommendation) and skip the second as a replay."""
+    inputs = [_record("ev", 0, 0)]  # the mis-keyed original
+    inputs += [_record("ev", 1, o, headers=records.repartition_headers("ev", 0, 0)) for o in (0, 1)]
+    ledger, _ = _ledger({0: (0, 1), 1: (0, 2)}, inputs, [_record("rec", 0, 0, _rec(1, 0))])
+    copies, original = ledger.partition(1), ledger.partition(0)
+    assert (copies.recommended, copies.copies_again, copies.unanswered) == (1, 1, 0)
+    assert (original.rekeyed, original.duplicated, original.unanswered) == (1, 1, 0)  # twice: not exactly once
+
+
 def test_every_unanswered_record_is_counted_but_only_the_first_are_listed():
     ledger, _ = _ledger({0: (0, 1000)}, [_record("ev", 0, o) for o in range(1000)])
     got = ledger.partition(0)
@@ -175,7 +186,7 @@ def test_the_command_fails_on_an_unanswered_record_and_on_a_duplicate_only_under
                                  "--output-topic", settings.output_topic)
     assert code == 1 and "unanswered offsets: 3" in stdout and "promise BROKEN" in stdout
     assert report["foreign_records"] == 1 and "1 record of" in stdout  # reported, not an answer
-    assert report["totals"] == {"records": 4, "recommended": 2, "dead_letters": 1, "rekeyed": 0, "unanswered": 1,
+    assert report["totals"] == {"records": 4, "recommended": 2, "dead_letters": 1, "rekeyed": 0, "copies_again": 0, "unanswered": 1,
                                 "duplicated": 1, "lag": 1}
     commit_offsets(settings, {0: 3})
     code, stdout, report = audit("--config", str(workers_file))

@@ -30,6 +30,29 @@ def test_a_state_round_trips_through_its_stored_form():
     np.testing.assert_array_equal(back.session_hidden, s.session_hidden)
 
 
+def test_the_original_offsets_of_applied_re_keyed_copies_round_trip_and_a_state_without_them_is_stored_as_before():
+    s = _state()
+    assert encode_state(s, 1) == _format_1(s) and decode_state(_format_1(s)).origins == {}
+    with_origins = replace(s, origins={0: 17, 3: 2**40})
+    for fmt in (1, 2):
+        raw = encode_state(with_origins, fmt)
+        assert decode_state(raw).origins == {0: 17, 3: 2**40}
+        # appended to the array: builds before it read the same fields (and ignore the last)
+        assert msgspec.msgpack.decode(raw[1:])[:-1] == msgspec.msgpack.decode(encode_state(s, fmt)[1:])
+    copy = with_origins.copy()
+    copy.origins[0] = 99
+    assert with_origins.origins[0] == 17
+
+
+def test_a_format_1_time_past_64_bits_is_a_corrupt_state_not_a_crash():
+    s = _state(3)
+    raw = _format_1(s)
+    fields = msgspec.msgpack.decode(raw[1:])
+    fields[8][0] = 2**64 - 1  # hist_ts
+    with pytest.raises(StateFormatError, match="corrupt"):
+        decode_state(bytes([1]) + msgspec.msgpack.encode(fields))
+
+
 @pytest.mark.parametrize("raw, says", [(b"", "empty"), (bytes([FORMAT_VERSION + 1]) + b"\x90", "not supported"),
                                        (bytes([FORMAT_VERSION]) + b"\xc1garbage", "corrupt")])
 def test_bad_bytes_are_refused_with_what_is_wrong(raw, says):

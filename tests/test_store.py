@@ -1,6 +1,8 @@
 """The per-partition RocksDB state stores (real RocksDB files, no broker)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from rocksdict import Options, Rdict
@@ -164,12 +166,12 @@ OLD_LOG, NEW_LOG = "0a" * 16, "0b" * 16
 def test_states_of_another_input_log_keep_their_histories_and_forget_their_offsets(stores):
     store = stores.open(0)
     assert store.input_log is None and store.follow_input_log(OLD_LOG) == 0  # a new store: nothing to forget
-    store.put_states({"a": make_state(1, 50), "b": make_state(2, 99)}, changelog_offset=7)
+    store.put_states({"a": replace(make_state(1, 50), origins={2: 40}), "b": make_state(2, 99)}, changelog_offset=7)
     assert store.follow_input_log(OLD_LOG) == 0 and store.follow_input_log(None) == 0  # None: id unknown
     assert store.get("a").source_offset == 50 and store.input_log == OLD_LOG
     assert store.follow_input_log(NEW_LOG) == 2  # the input topic was deleted and created again
     a, b = store.get("a"), store.get("b")
-    assert (a.source_offset, b.source_offset) == (-1, -1) and store.input_log == NEW_LOG
+    assert (a.source_offset, b.source_offset, a.origins) == (-1, -1, {}) and store.input_log == NEW_LOG
     a.source_offset, b.source_offset = 50, 99
     assert same_state(a, make_state(1, 50)) and same_state(b, make_state(2, 99))  # all else kept
     assert store.changelog_offset == 7

@@ -111,7 +111,7 @@ def test_the_audit_finds_every_committed_input_record_answered_by_its_kind(strea
     assert report.kept and report.foreign_records == 0
     assert report.to_dict()["totals"] == {  # the drained worker committed every input record
         "records": len(streamed["inputs"]), "recommended": N_VALID, "dead_letters": len(INVALID),
-        "rekeyed": len(streamed["miskeyed"]), "unanswered": 0, "duplicated": 0, "lag": 0}
+        "rekeyed": len(streamed["miskeyed"]), "copies_again": 0, "unanswered": 0, "duplicated": 0, "lag": 0}
 
 
 @pytest.fixture(scope="module")

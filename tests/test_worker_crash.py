@@ -23,7 +23,7 @@ import pytest
 from confluent_kafka import Producer
 
 from model.events import decode_event, encode_event
-from stream.audit import audit_worker
+from stream.audit import NothingCommitted, audit_worker
 from stream.broker import free_port
 from stream.kafka_clients import admin_client, producer_config, wait_for_count
 from stream.topics import ensure_topics, standard_topics
@@ -198,3 +198,40 @@ def test_a_worker_killed_while_streaming_recovers_on_restart_and_drains_on_sigte
     assert distinct_recommended(broker, settings) < n
     restart_until_done(broker, settings, tmp_path, n, metrics_port=free_port())
     assert_nothing_lost_nothing_applied_twice(broker, settings, registry)
+
+
+def test_a_crash_between_re_keying_and_its_commit_applies_no_re_keyed_event_twice(broker, registry, tmp_path):
+    """Mis-keyed records are re-keyed (copied onto their user's partition) and flushed before their batch is
+    committed: killed in between, the restart reads the batch again and copies its records a second time, at
+    offsets of their own. Each event must still reach its user's state once."""
+    n = 60
+    settings, events = prepare(broker, registry, tmp_path, n, batch_size=100, seed=23, produce_first=0)
+    produce(broker.bootstrap, settings.input_topic, [(b"not-the-user", encode_event(e)) for e in events], partition=0)
+    crashing = ServeProcess(settings, tmp_path, fault="after_flush:1")
+    try:
+        assert crashing.wait(90) == -signal.SIGKILL, crashing.tail()
+    finally:
+        crashing.close()
+    first_copies = len(records_of(broker.bootstrap, settings.input_topic)) - n
+    assert first_copies > 0  # flushed before the kill, never committed
+    worker = ServeProcess(settings, tmp_path)
+    try:
+        def done() -> bool:
+            try:
+                report = audit_worker(settings, idle_s=0.5)
+            except NothingCommitted:
+                return False  # nothing committed yet
+            return report.total("records") == 2 * n + first_copies and report.total("lag") == 0
+        wait_until(lambda: worker.proc.poll() is not None or done(), 120, interval_s=1.0,
+                   message="every original and both copies committed")
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, worker.tail()
+    finally:
+        worker.close()
+    got = stored_states(settings, range(PARTITIONS))
+    assert {u: s.n_events for u, s in got.items()} == dict(Counter(e.user_id for e in events))
+    _, want = offline(registry, events)
+    assert all(same_state(got[u], want[u]) for u in want)
+    report = audit_worker(settings, idle_s=1.0)  # the second copies: answered by the first, which was applied
+    assert report.kept and report.total("copies_again") == first_copies
+    assert report.total("recommended") == n and report.total("rekeyed") == n

@@ -16,8 +16,8 @@ from model.inference import Recommender, StepInput
 from model.state import UserState
 from stream import records, worker
 from stream.settings import WorkerSettings
-from stream.worker import (TRACKED_PER_EVENT, Incoming, Worker, applied_before, filters_of, gc_threshold_for, route,
-                           split_by_owner, tune_process_gc)
+from stream.worker import (TRACKED_PER_EVENT, Incoming, Worker, applied_before, filters_of, fresh_events,
+                           gc_threshold_for, route, split_by_owner, tune_process_gc)
 from worker_testkit import make_registry
 
 TS = 1_767_225_600_000
@@ -89,6 +89,24 @@ def test_an_event_at_or_below_the_stored_source_offset_counts_as_applied():
     assert applied_before(state, 10) and applied_before(state, 3)
     assert not applied_before(state, 11)
     assert not applied_before(None, 0)
+
+
+def test_a_re_keyed_copy_names_its_original_record_only_when_copied_from_this_topic():
+    copy = lambda origin: Message(topic="ev", partition=1, offset=5, key=b"a", value=event_bytes("a"),  # noqa: E731
+                                  timestamp=(1, TS), headers=records.repartition_headers(origin, 0, 9))
+    assert [e.origin for e in route([copy("ev")]).events] == [(0, 9)]
+    assert [e.origin for e in route([copy("other")]).events] == [None]  # not a copy this worker made
+    assert [e.origin for e in route([message(1, 6, event_bytes("a"), b"a")]).events] == [None]
+
+
+def test_a_second_re_keyed_copy_of_one_record_counts_as_applied_in_the_batch_and_after_it():
+    """A crash between re-keying a batch and committing it copies its records again, at offsets of their own."""
+    z = np.zeros(4, dtype=np.float32)
+    ev = lambda user, offset, origin=None: Incoming(1, offset, Event(user, "i", "click", TS), TS, origin)  # noqa: E731
+    stored = {"a": UserState("v", z, z, "s", TS, 1, [], source_offset=3, origins={0: 7}), "b": None}
+    batch = [ev("a", 4, (0, 6)), ev("a", 5, (0, 8)), ev("b", 6, (0, 9)), ev("a", 7, (2, 1)), ev("a", 8),
+             ev("a", 9, (0, 8)), ev("b", 10, (0, 9)), ev("a", 11, (0, 10)), ev("a", 2)]
+    assert [e.offset for e in fresh_events(batch, stored)] == [5, 6, 7, 8, 11]
 
 
 def test_the_serving_process_freezes_what_it_loaded_and_collects_rarely():
