@@ -299,6 +299,7 @@ class Judge:
         self.versions: dict[str, int] = {}
         self.users: dict[str, int] = {}
         self.pending = 0
+        self.copied: set[tuple[int, int]] = set()  # (partition, offset) of the records a re-keyed copy was read of
 
     def add_event(self, r: Record) -> None:
         board = self.boards.get(r.partition)
@@ -310,6 +311,11 @@ class Judge:
             return  # a dead letter: no recommendation to judge, and not an event of the user
         if r.key != event.user_id.encode():
             return  # mis-keyed: the worker re-keys it and scores the copy, which is read in its own partition
+        origin = records.repartitioned_from(r.headers)
+        if origin is not None and origin[0] == self.topic:
+            if origin[1:] in self.copied:
+                return  # copied again after a crash: the worker applies the first copy only, so the user's is that
+            self.copied.add(origin[1:])
         user, item = event.user_id, self._item_code(event.item_id)  # codes: one int object per item, shared
         recent = self.recent.setdefault(user, [])
         before = self.last.get((r.partition, user))

@@ -16,7 +16,8 @@ from stream.cli_quality import print_report
 from stream.kafka_clients import Record
 from stream.quality import (REFERENCE, Judge, QualityReport, Verdicts, bucket_ms_for, plot_quality, quality_worker,
                             with_gaps)
-from stream.records import Recommendation, ScoredItem, decode_recommendation, encode_recommendation
+from stream.records import (Recommendation, ScoredItem, decode_recommendation, encode_recommendation,
+                            repartition_headers)
 from worker_testkit import make_events, make_registry, produce, records_of, running, settings_for, wait_until
 
 HRNN = str(Path(sys.executable).with_name("hrnn"))
@@ -110,6 +111,16 @@ def test_dead_letters_and_mis_keyed_originals_are_not_events_of_the_user():
     events = [_event(0, 0, "u1", "a"), bad, _event(0, 2, "u1", "x", key="someone-else"), _event(0, 3, "u1", "b")]
     report = _report(events, [_rec(0, 0, ["b"])])
     assert _row(report, "v1")["judged"] == 1 and _row(report, "v1")["recall@1"] == 1.0
+
+
+def test_a_second_re_keyed_copy_of_one_record_is_not_an_event_of_the_user():
+    """Copied again after a crash before its batch committed: the worker applies (and answers) the first only."""
+    def copy(offset: int, item: str, origin: int) -> Record:
+        r = _event(1, offset, "u1", item)
+        return Record(r.topic, r.partition, r.offset, r.key, r.value, None, tuple(repartition_headers("ev", 0, origin)))
+    events = [copy(0, "a", 5), copy(1, "b", 6), copy(2, "a", 5), copy(3, "b", 6), _event(1, 4, "u1", "c")]
+    report = _report(events, [_rec(1, 0, ["b"]), _rec(1, 1, ["c"]), _rec(1, 4, ["x"])])
+    assert _row(report, "v1")["judged"] == 2 and _row(report, "v1")["recall@1"] == 1.0 and report.pending == 1
 
 
 def test_versions_are_listed_in_the_order_they_first_served_and_charted_over_time(tmp_path):
