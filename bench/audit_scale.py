@@ -99,6 +99,8 @@ def main() -> int:
     ap.add_argument("--missing", type=int, default=7)
     ap.add_argument("--window-share", type=float, default=0.1)
     args = ap.parse_args()
+    if args.partitions < 1:  # checked first: the checks below divide by it
+        ap.error("--partitions must be >= 1")
     if args.records < args.partitions or not 0 <= args.missing <= args.records // args.partitions:
         ap.error("need --records >= --partitions and 0 <= --missing <= --records / --partitions")
     if not 0 < args.window_share <= 1:

@@ -92,8 +92,9 @@ def main() -> int:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--k", type=int, default=20)
     args = ap.parse_args()
-    if args.events < 2 * args.users or args.users < args.partitions or not 1 <= args.k <= 500:
-        ap.error("need --events >= 2 x --users, --users >= --partitions and 1 <= --k <= 500")
+    if (args.partitions < 1 or args.events < 2 * args.users or args.users < args.partitions
+            or not 1 <= args.k <= 500):
+        ap.error("need --partitions >= 1, --events >= 2 x --users, --users >= --partitions and 1 <= --k <= 500")
     name, steps = uuid.uuid4().hex[:8], args.events // args.users
     with LocalBroker() as broker:
         t0 = time.perf_counter()

@@ -48,7 +48,10 @@ def log(*args) -> None:
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or not all(x >= 1 for x in values):  # a batch or catalogue of 0 measures nothing
+        raise argparse.ArgumentTypeError(f"counts must be integers >= 1, got {text!r}")
+    return values
 
 
 def _shares(text: str) -> list[float]:

@@ -26,6 +26,7 @@ import numpy as np
 from model.config import DataConfig, HRNNConfig
 from model.errors import ConfigError
 from model.interactions import Interactions
+from stream.cli_common import directory_flag
 
 NEW_ITEM = "new-item-1"
 RETRAIN_AT = 0.25  # share of the live replay after which the retrain starts
@@ -57,6 +58,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(f"{flag} {value} is out of range: {allowed}")
+    directory_flag("--out", args.out)
 
 
 @dataclass

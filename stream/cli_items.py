@@ -10,6 +10,7 @@ from pathlib import Path
 from model.errors import ConfigError
 from stream.availability import AvailabilityReader, set_availability
 from stream.cli_common import add_client_flags, kafka_settings, positive
+from stream.kafka_clients import KafkaClientError, reader_consumer, topic_partitions
 from stream.topics import AVAILABILITY_TOPIC, check_topic_name
 
 
@@ -34,8 +35,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout-s must be > 0 seconds, got {args.timeout_s}")
     check_topic_name("--topic", args.topic)
     extra = kafka_settings(args)
-    if args.action == "list":
-        return _list(AvailabilityReader(args.bootstrap_servers, args.topic, extra=extra, poll_timeout_s=0.2), args)
+    if args.action == "list":  # reads only: a misspelt --topic must not be created and listed as empty
+        _check_exists(args.bootstrap_servers, args.topic, extra, args.timeout_s)
+        return _list(AvailabilityReader(args.bootstrap_servers, args.topic, extra=extra, poll_timeout_s=0.2,
+                                        create_topic=False), args)
     items, back = _item_ids(args), args.action == "available"
     set_availability(args.bootstrap_servers, items, available=back, reason=getattr(args, "reason", None),
                      topic=args.topic, extra=extra, timeout_s=args.timeout_s)
@@ -62,6 +65,16 @@ def _item_ids(args: argparse.Namespace) -> list[str]:
         except UnicodeEncodeError:
             raise ConfigError(f"item id {item.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
     return list(dict.fromkeys(items))  # once each, in the order given
+
+
+def _check_exists(bootstrap: str, topic: str, extra: dict[str, str], timeout_s: float) -> None:
+    consumer = reader_consumer(bootstrap, extra)  # a consumer's metadata request never creates the topic
+    try:
+        if not topic_partitions(consumer, topic, timeout_s=timeout_s):
+            raise KafkaClientError(f"topic {topic!r} does not exist on {bootstrap}: check --topic (it is created "
+                                   "when an item is first taken off sale or a worker starts)")
+    finally:
+        consumer.close()
 
 
 def _list(reader: AvailabilityReader, args: argparse.Namespace) -> int:

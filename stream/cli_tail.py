@@ -20,6 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from stream.tail import tail
+    from stream.topics import check_topic_name
 
     if args.count is not None and args.count < 1:
         raise ConfigError(f"--count must be >= 1, got {args.count}")
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
+    check_topic_name("--topic", args.topic)  # an illegal name can never exist: tail would wait for it forever
     try:
         printed = tail(args.bootstrap_servers, args.topic, count=args.count, from_beginning=args.from_beginning,
                        timeout_s=args.timeout, extra=kafka_settings(args), top=args.top)

@@ -2,9 +2,10 @@
 a JSON/TOML file, environment variables HRNN_<FIELD> and command-line flags.
 
 A settings file may hold the worker's keys at its top level or in a `[serve]` table (so one
-file can also carry other commands' sections). Kafka client settings (`security.protocol`,
-`sasl.*`, `ssl.*`, ...) go in a `kafka` table, in HRNN_KAFKA as `key=value,key=value` or JSON,
-or in repeatable `--kafka-config KEY=VALUE` flags; they are passed to librdkafka unchanged.
+file can also carry other commands' sections, the only other top-level keys it then accepts).
+Kafka client settings (`security.protocol`, `sasl.*`, `ssl.*`, ...) go in a `kafka` table, in
+HRNN_KAFKA as `key=value,key=value` or JSON, or in repeatable `--kafka-config KEY=VALUE` flags;
+they are passed to librdkafka unchanged.
 `kafka_consumer` / `kafka_producer` tables (HRNN_KAFKA_CONSUMER, HRNN_KAFKA_PRODUCER) add
 settings for one kind of client only, e.g. session.timeout.ms, which a producer would warn about.
 """
@@ -28,6 +29,7 @@ from stream.cli_common import directory_flag
 ENV_PREFIX = "HRNN_"
 GUARANTEES = ("at_least_once", "exactly_once")
 MAX_K = 500
+_TABLE_SETTINGS = ("kafka", "kafka_consumer", "kafka_producer")  # the worker's settings that are tables
 
 
 def _parse_kafka(value: Any) -> dict[str, str]:
@@ -203,14 +205,27 @@ class WorkerSettings:
         return f"{self.group}-{socket.gethostname()}-{where}"
 
 
+def _file_settings(path: str | Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The worker's keys of a settings file: its `serve` table if it has one, else its top level. Beside a
+    `serve` table only other commands' tables may sit: a setting there (a value, or a `kafka*` table) would be
+    ignored without a word, and the worker would run under a guarantee, batch size or group nobody chose."""
+    serve = raw.get("serve")
+    if not isinstance(serve, Mapping):
+        return raw
+    stray = [k for k, v in raw.items() if k != "serve" and (not isinstance(v, Mapping) or k in _TABLE_SETTINGS)]
+    if stray:
+        raise ConfigError(f"config file {path}: {', '.join(map(repr, stray))} beside its 'serve' table would be "
+                          "ignored (the worker reads only that table when there is one): move them into it")
+    return dict(serve)
+
+
 def load_settings(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
                   *, env_prefix: str | None = ENV_PREFIX, serving: bool = True) -> WorkerSettings:
     """Defaults < file (top level or its [serve] table) < HRNN_* env < overrides (None: not given).
     serving=False (`hrnn audit`): only `validate_kafka`'s settings are checked, no registry or state needed."""
     file_values: dict[str, Any] = {}
     if config_file:
-        raw = read_config_file(config_file)
-        file_values = raw["serve"] if isinstance(raw.get("serve"), Mapping) else raw
+        file_values = _file_settings(config_file, read_config_file(config_file))
     extra_kafka = dict((overrides or {}).get("kafka") or {})
     rest = {k: v for k, v in (overrides or {}).items() if k != "kafka"}
     settings = load_config(WorkerSettings, file_values=file_values, env_prefix=env_prefix, overrides=rest,

@@ -12,7 +12,8 @@ from typing import TextIO
 import msgspec
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
-from stream.kafka_clients import ClientSettings, raise_if_fatal, reader_consumer, wait_for_partitions
+from stream.kafka_clients import (ClientSettings, KafkaClientError, raise_if_fatal, reader_consumer,
+                                  wait_for_partitions)
 from stream.records import Recommendation, decode_recommendation
 
 _DAY_MS = 86_400_000
@@ -45,7 +46,8 @@ def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning
          timeout_s: float | None = None, extra: ClientSettings | None = None, out: TextIO | None = None,
          top: int = 5) -> int:
     """Print records of `topic` to `out` until `count` were printed or `timeout_s` passed
-    (None: until interrupted). Returns how many were printed."""
+    (None: until interrupted). Returns how many were printed; KafkaClientError if the topic
+    still does not exist at the timeout."""
     out = out or sys.stdout
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     started_ms = int(time.time() * 1000)
@@ -54,8 +56,9 @@ def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning
     try:
         # the worker may not have created the output topic yet
         partitions = wait_for_partitions(consumer, topic, deadline)
-        if not partitions:
-            return 0
+        if not partitions:  # a misspelt --topic, most often: printing nothing and exit 0 would hide it
+            raise KafkaClientError(f"topic {topic!r} does not exist on {bootstrap} (waited {timeout_s:g} s): "
+                                   "check --topic")
         start = OFFSET_BEGINNING if from_beginning else OFFSET_END
         consumer.assign([TopicPartition(topic, p, start) for p in partitions])
         # Tansu's "end" is the base offset of the last batch + 1, which can land inside a batch that

@@ -16,3 +16,21 @@ def test_the_benchmark_prints_its_usage(script):
                           timeout=120, cwd=BENCH.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage:")
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("audit_scale.py", ["--partitions", "0"], "--partitions must be >= 1"),
+    ("quality_scale.py", ["--users", "0", "--partitions", "0"], "--partitions >= 1"),
+    ("serving_scale.py", ["--batches", ""], "argument --batches: counts must be integers >= 1"),
+    ("serving_scale.py", ["--batches", "16,0"], "argument --batches: counts must be integers >= 1"),
+    ("serving_scale.py", ["--items", "0"], "argument --items: counts must be integers >= 1"),
+])
+def test_a_benchmark_refuses_a_count_it_cannot_measure_with_a_usage_error(script, argv, says, tmp_path):
+    # exit 2 before any broker starts or model is built: no traceback, and no row measuring nothing. A small
+    # run's flags first (argv's win), so a script that takes the count runs briefly rather than for minutes.
+    small = ["--devices", "cpu", "--items", "100", "--seconds", "0.1", "--png", str(tmp_path / "s.png")] \
+        if script == "serving_scale.py" else []
+    proc = subprocess.run([sys.executable, str(BENCH / script), *small, *argv], capture_output=True, text=True,
+                          timeout=120, cwd=BENCH.parent)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert says in proc.stderr and "Traceback" not in proc.stderr

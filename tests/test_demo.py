@@ -48,3 +48,15 @@ def test_an_out_of_range_flag_exits_2_naming_it_before_any_work(tmp_path, flag, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"hrnn demo: error: {flag} " in proc.stderr and allowed in proc.stderr
     assert not out.exists()  # nothing generated, trained or started
+
+
+@pytest.mark.parametrize("under", ["", "demo"])
+def test_an_out_that_is_a_file_or_under_one_exits_2_naming_it_before_any_work(tmp_path, under):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("kept\n")
+    out = a_file / under if under else a_file
+    proc = subprocess.run([sys.executable, "-m", "stream.cli", "demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"hrnn demo: error: --out {out} must be a directory, but it is a file" in proc.stderr
+    assert "Traceback" not in proc.stderr and a_file.read_text() == "kept\n"

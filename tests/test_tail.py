@@ -125,3 +125,22 @@ def test_tail_refuses_a_limit_that_is_no_number_before_reading(flag, capsys):
 
     assert hrnn(["tail", "--bootstrap-servers", "127.0.0.1:9", flag, "nan" if flag == "--timeout" else "0"]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_tail_refuses_an_illegal_topic_name_before_reading(capsys):
+    from stream.cli import main as hrnn
+
+    # --timeout only bounds the test without the check: a name no topic can have would be waited for forever
+    assert hrnn(["tail", "--bootstrap-servers", "127.0.0.1:9", "--topic", "hrnn recommendations",
+                 "--timeout", "1"]) == 2
+    assert "--topic 'hrnn recommendations' is not a Kafka topic name" in capsys.readouterr().err
+
+
+@pytest.mark.broker
+def test_tail_exits_2_saying_so_when_the_topic_still_does_not_exist_at_its_timeout(broker, capsys):
+    from stream.cli import main as hrnn
+
+    topic = f"recs-typo-{uuid.uuid4().hex[:8]}"
+    assert hrnn(["tail", "--bootstrap-servers", broker.bootstrap, "--topic", topic, "--timeout", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"hrnn tail: error: topic {topic!r} does not exist" in err and "waited 2 s" in err

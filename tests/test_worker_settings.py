@@ -140,6 +140,28 @@ def test_an_unknown_key_in_the_settings_file_is_refused(tmp_path):
         load_settings(cfg)
 
 
+def test_a_setting_beside_a_serve_table_is_refused_naming_it_and_other_commands_tables_are_kept(tmp_path):
+    cfg = tmp_path / "w.toml"
+    # In TOML a key above the first table is top level: the worker, reading only [serve], would drop it silently.
+    cfg.write_text('batch_size = 7\nprocesing_guarantee = "exactly_once"\n[kafka]\n"security.protocol" = "SSL"\n'
+                   '[serve]\ngroup = "g1"\n[train]\nepochs = 3\n')
+    with pytest.raises(ConfigError, match="'batch_size', 'procesing_guarantee', 'kafka' beside its 'serve' table"):
+        load_settings(cfg, serving=False)
+    cfg.write_text('[serve]\ngroup = "g1"\n[serve.kafka]\n"security.protocol" = "SSL"\n[train]\nepochs = 3\n')
+    s = load_settings(cfg, serving=False)
+    assert (s.group, s.kafka) == ("g1", {"security.protocol": "SSL"})
+
+
+@pytest.mark.parametrize("command", [["serve", "--registry", "r", "--state-dir", "s"],
+                                     ["audit", "--bootstrap-servers", "127.0.0.1:9"],
+                                     ["quality", "--bootstrap-servers", "127.0.0.1:9"]])
+def test_every_command_reading_worker_settings_exits_2_on_a_setting_beside_the_serve_table(command, tmp_path, capsys):
+    cfg = tmp_path / "w.json"
+    cfg.write_text(json.dumps({"processing_guarantee": "exactly_once", "serve": {"group": "g1"}}))
+    assert cli.main([*command, "--config", str(cfg)]) == 2
+    assert "'processing_guarantee' beside its 'serve' table would be ignored" in capsys.readouterr().err
+
+
 def test_exactly_once_transactional_id_is_stable_per_state_dir_and_unique_across_them(tmp_path):
     a = WorkerSettings(registry="r", state_dir=str(tmp_path / "a"))
     assert a.effective_transactional_id() == WorkerSettings(registry="r", state_dir=str(tmp_path / "a")) \
