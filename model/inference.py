@@ -173,6 +173,8 @@ class Recommender:
         self.history_length = loaded.config.history_length
         self.type_slot = {t: int(type_slots(np.array([i]))[0]) for i, t in enumerate(loaded.event_types)}
         self.kept_types = frozenset(loaded.data_config.event_types)  # empty: every type
+        self.collapse = loaded.data_config.collapse_repeats
+        self.drops_events = bool(self.kept_types) or self.collapse  # else every event steps: skip the check
         # Filled by prebuild() before this version serves; the worker thread takes entries out after.
         self.prebuilt: dict[str, Prebuilt] = {}
         self._unavailable: tuple[frozenset[str], torch.Tensor | None] = (frozenset(), None)
@@ -261,7 +263,8 @@ class Recommender:
         excluded: list[list[int]] = [[] for _ in events]
         windows: list[History] = [History()] * len(events)
         for wave in _waves(events):
-            stepping = [i for i in wave if self.featurized(events[i])] if self.kept_types else wave
+            stepping = [i for i in wave if self.featurized(events[i], work[events[i].user_id])] \
+                if self.drops_events else wave
             flags = [self._bookkeep(work[events[i].user_id], events[i]) for i in stepping]
             if stepping:
                 rows = torch.tensor([row[events[i].user_id] for i in stepping], device=self.device)
@@ -292,11 +295,27 @@ class Recommender:
             else torch.zeros(0, len(self.item_ids), device=self.device)
         return Advanced(work, scores, new_session, known, session_ids, rebuilt, excluded)
 
-    def featurized(self, e: StepInput) -> bool:
-        """Whether training and evaluation see events like `e`: featurization drops the types outside the
-        version's event_types before sessionizing, so such an event neither steps the network nor moves the
-        session clock, and stays out of the stored history (the repeat head's window) as it does offline."""
-        return not self.kept_types or e.event_type in self.kept_types
+    def featurized(self, e: StepInput, s: UserState) -> bool:
+        """Whether training and evaluation see `e` after the user's state `s`: featurization drops the types
+        outside the version's event_types and (collapse_repeats) repeats, both before sessionizing, so such an
+        event neither steps the network nor moves the session clock, and stays out of the stored history (the
+        repeat head's window) as it does offline."""
+        if self.kept_types and e.event_type not in self.kept_types:
+            return False
+        return not self.collapse or not self._repeats(s, e)
+
+    def _repeats(self, s: UserState, e: StepInput) -> bool:
+        """Whether featurization collapses `e` into the user's previous event: the same item and type in the same
+        session. The previous event of a kept type is the newest stored one: a repeat never enters the history,
+        and it has the same item and type as the event it repeats. The session gap is counted from the newest
+        stored event too, where featurization counts it from the repeat before (the state keeps no clock of
+        repeats): a run of repeats lasting longer than session_timeout, each gap within it, is merged whole
+        offline while here its first event past the timeout opens a session."""
+        h = s.history
+        if not len(h) or h.names[h.item_codes[-1]] != e.item_id or h.type_names[h.type_codes[-1]] != e.event_type:
+            return False
+        return not is_new_session(s.session_id, s.last_event_ms, e.session_id, e.ts_ms, self.timeout_ms,
+                                  self.data_config.whole_history_session)
 
     def _item_indices(self, cols: Packed) -> np.ndarray:
         """Model item index per event (-1 unknown), looking up each distinct name once."""

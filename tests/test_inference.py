@@ -58,6 +58,31 @@ def _saved_version(reg: Path, variant: str, repeat: bool, h: int) -> tuple[Inter
     return data, latest_version_dir(reg)
 
 
+def _with_repeats(data: Interactions, seed: int = 1) -> Interactions:
+    """`data` with runs of repeats (what collapse_repeats merges) after half of the events: the same item, of the
+    same type or the other (kept), first 1 min, 20 min (the next event then opens a session offline, counted from
+    the event repeated) or 5 h (a new session: kept) later, then 0 or 1 min apart; the next event 1 min, 15 min
+    or 5 h after the run. A run lasts under the session timeout (see Recommender._repeats), and an event of the
+    run's item after it comes 5 h later."""
+    rng = np.random.default_rng(seed)
+    types = list(data.event_types)
+    rows = []
+    for u in np.unique(data.user):
+        t, run_item = 1_700_000_000_000, None
+        for r in np.flatnonzero(data.user == u):
+            item, etype = data.item_ids[data.item[r]], types[data.event_type[r]]
+            gaps = [60_000, 5 * HOUR_MS] if run_item is None else [60_000, 15 * 60_000, 5 * HOUR_MS]
+            t += 5 * HOUR_MS if item == run_item else int(rng.choice(gaps))
+            rows.append((data.user_ids[u], item, t, etype))
+            run_item = None
+            if rng.random() < 0.5:
+                run_item, rtype = item, etype if rng.random() < 0.75 else types[1 - types.index(etype)]
+                for k in range(int(rng.integers(1, 4))):
+                    t += int(rng.choice([60_000, 20 * 60_000, 5 * HOUR_MS] if k == 0 else [0, 60_000]))
+                    rows.append((data.user_ids[u], item, t, rtype))
+    return Interactions.from_columns(*zip(*rows))
+
+
 def _events_of(data: Interactions, user: int) -> list[StepInput]:
     rows = np.flatnonzero(data.user == user)
     return [StepInput(data.user_ids[user], data.item_ids[data.item[r]], data.event_types[data.event_type[r]],
@@ -73,12 +98,17 @@ def _republished(path: Path, reg: Path, data_config: DataConfig) -> Path:
 
 
 # clicks-only: the version's featurization drops purchases, so evaluation never sees them, while the worker is
-# given every event; those must leave the state (network, session clock, stored history) as it was.
+# given every event; those must leave the state (network, session clock, stored history) as it was. collapse:
+# the same for the repeats featurization merges (on a log with runs of them).
+@pytest.mark.parametrize("collapse", [False, True], ids=["no-collapse", "collapse"])
 @pytest.mark.parametrize("event_types", [(), ("click",)], ids=["all-types", "clicks-only"])
-def test_event_by_event_api_gives_the_evaluation_forward_pass_scores(version, event_types, device, tmp_path):
+def test_event_by_event_api_gives_the_evaluation_forward_pass_scores(version, event_types, collapse, device,
+                                                                     tmp_path):
     data, path = version
-    if event_types:
-        path = _republished(path, tmp_path, DataConfig(event_types=event_types))
+    if collapse:
+        data = _with_repeats(data)
+    if event_types or collapse:
+        path = _republished(path, tmp_path, DataConfig(event_types=event_types, collapse_repeats=collapse))
     rec = Recommender.load(path, device=device)
     feat, _ = featurize(data, rec.data_config)  # what evaluation scores
     scorer = HRNNScorer.for_version(rec.loaded, feat)
@@ -89,21 +119,28 @@ def test_event_by_event_api_gives_the_evaluation_forward_pass_scores(version, ev
         targets = np.array([j for j in range(1, len(rows)) if not starts[rows[j]]])
         seq = UserSequence(user, feat.item[rows], feat.ts_ms[rows], feat.event_type[rows], starts[rows], targets)
         offline = scorer.score([seq])[0]
+        seen = [(feat.item_ids[feat.item[r]], int(feat.ts_ms[r]), feat.event_types[feat.event_type[r]]) for r in rows]
+        events = _events_of(data, int(np.flatnonzero(data.user_ids == feat.user_ids[user])[0]))  # every event
         state, online = None, []
-        for ev in _events_of(data, int(np.flatnonzero(data.user_ids == feat.user_ids[user])[0])):  # every event
+        for ev in events:
             adv = rec.advance({ev.user_id: state}, [ev])
             state = decode_state(encode_state(adv.states[ev.user_id]))  # through the stored form, as the worker does
-            if not event_types or ev.event_type in event_types:  # the scores after each event evaluation sees
-                online.append(adv.scores[0].cpu().numpy()[columns])
-        assert len(online) == len(rows)
+            if seen[len(online):len(online) + 1] == [(ev.item_id, ev.ts_ms, ev.event_type)]:
+                online.append(adv.scores[0].cpu().numpy()[columns])  # the scores after each event evaluation sees
+        assert len(online) == len(rows) == state.n_events
+        assert len(rows) < len(events) if collapse or event_types else len(rows) == len(events)
         np.testing.assert_allclose(np.stack([online[j - 1] for j in targets]), offline, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("collapse", [False, True], ids=["no-collapse", "collapse"])
 @pytest.mark.parametrize("event_types", [(), ("click",)], ids=["all-types", "clicks-only"])
-def test_a_batch_with_several_events_per_user_equals_one_event_at_a_time(version, event_types, device, tmp_path):
+def test_a_batch_with_several_events_per_user_equals_one_event_at_a_time(version, event_types, collapse, device,
+                                                                          tmp_path):
     data, path = version
-    if event_types:  # purchases, left out of the state, sit in the same waves as other users' steps
-        path = _republished(path, tmp_path, DataConfig(event_types=event_types))
+    if collapse:  # a repeat is judged by the user's state after the events before it in the batch
+        data = _with_repeats(data)
+    if event_types or collapse:  # purchases, left out of the state, sit in the same waves as other users' steps
+        path = _republished(path, tmp_path, DataConfig(event_types=event_types, collapse_repeats=collapse))
     rec = Recommender.load(path, device=device)
     events = sorted(_events_of(data, 0) + _events_of(data, 1) + _events_of(data, 2), key=lambda e: e.ts_ms)
     batch = rec.advance({}, events)
@@ -141,6 +178,23 @@ def test_advancing_leaves_the_states_it_was_given_as_they_were(version, device):
     before = encode_state(s0)
     after = rec.advance({"x": s0}, [StepInput("x", data.item_ids[1], "purchase", 1_700_000_060_000)]).states["x"]
     assert encode_state(s0) == before and len(after.history) == 2
+
+
+def test_a_repeat_collapse_repeats_merges_is_answered_from_the_state_as_it_is_and_leaves_it_so(version, device,
+                                                                                                tmp_path):
+    data, path = version
+    rec = Recommender.load(_republished(path, tmp_path, DataConfig(collapse_repeats=True)), device=device)
+    t0, item = 1_700_000_000_000, data.item_ids[0]
+    first = rec.advance({}, [StepInput("x", item, "click", t0)])
+    s0 = first.states["x"]
+    rep = rec.advance({"x": s0}, [StepInput("x", item, "click", t0 + 20 * 60_000)])
+    assert encode_state(rep.states["x"]) == encode_state(s0)
+    assert rep.new_session == [False] and rep.known == [True] and rep.session_ids == [s0.session_id]
+    np.testing.assert_allclose(rep.scores.cpu().numpy(), first.scores.cpu().numpy(), rtol=1e-6, atol=1e-6)
+    # 35 min after the click repeated (the session timeout is 30): the repeat did not move the session clock;
+    # a purchase of the item is another signal, kept
+    nxt = rec.advance({"x": rep.states["x"]}, [StepInput("x", item, "purchase", t0 + 35 * 60_000)])
+    assert nxt.new_session == [True] and len(nxt.states["x"].history) == 2
 
 
 def test_late_events_do_not_move_the_clock_backwards(version, device):
