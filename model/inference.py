@@ -263,7 +263,7 @@ class Recommender:
         excluded: list[list[int]] = [[] for _ in events]
         windows: list[History] = [History()] * len(events)
         for wave in _waves(events):
-            stepping = [i for i in wave if self.featurized(events[i], work[events[i].user_id])] \
+            stepping = [i for i in wave if self._kept(work[events[i].user_id], events[i])] \
                 if self.drops_events else wave
             flags = [self._bookkeep(work[events[i].user_id], events[i]) for i in stepping]
             if stepping:
@@ -304,17 +304,24 @@ class Recommender:
             return False
         return not self.collapse or not self._repeats(s, e)
 
+    def _kept(self, s: UserState, e: StepInput) -> bool:
+        """featurized(e, s), noting a collapsed repeat's time in `s`: the next repeat's gap counts from it."""
+        if self.featurized(e, s):
+            return True
+        if self.collapse and (not self.kept_types or e.event_type in self.kept_types):
+            s.repeat_ms = max(s.repeat_ms, e.ts_ms)
+        return False
+
     def _repeats(self, s: UserState, e: StepInput) -> bool:
         """Whether featurization collapses `e` into the user's previous event: the same item and type in the same
-        session. The previous event of a kept type is the newest stored one: a repeat never enters the history,
-        and it has the same item and type as the event it repeats. The session gap is counted from the newest
-        stored event too, where featurization counts it from the repeat before (the state keeps no clock of
-        repeats): a run of repeats lasting longer than session_timeout, each gap within it, is merged whole
-        offline while here its first event past the timeout opens a session."""
+        session. The previous event of a kept type is the newest stored one (a repeat never enters the history,
+        and it has the same item and type as the event it repeats), or a repeat merged since: the session gap
+        counts from the later of the two, as featurization counts it from the event just before."""
         h = s.history
         if not len(h) or h.names[h.item_codes[-1]] != e.item_id or h.type_names[h.type_codes[-1]] != e.event_type:
             return False
-        return not is_new_session(s.session_id, s.last_event_ms, e.session_id, e.ts_ms, self.timeout_ms,
+        before = max(s.last_event_ms, s.repeat_ms)
+        return not is_new_session(s.session_id, before, e.session_id, e.ts_ms, self.timeout_ms,
                                   self.data_config.whole_history_session)
 
     def _item_indices(self, cols: Packed) -> np.ndarray:

@@ -216,6 +216,9 @@ class UserState:
     # highest offset of the original record per input partition. A second copy of one record (made when the
     # original's batch was read again) has an offset of its own, above source_offset; this tells it apart.
     origins: dict[int, int] = field(default_factory=dict)
+    # With collapse_repeats: the time of the newest event merged into the one before it (not stepped, not stored).
+    # Featurization counts a repeat's session gap from the repeat before it, not from the last event kept.
+    repeat_ms: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.history, History):  # a list of HistoryEvents, as tests and tools write them
@@ -230,13 +233,13 @@ class UserState:
         extends the history in place)."""
         return UserState(self.model_version, self.session_hidden, self.user_hidden, self.session_id,
                          self.last_event_ms, self.session_length, self.history.copy(), self.source_offset,
-                         self.n_events, dict(self.origins))
+                         self.n_events, dict(self.origins), self.repeat_ms)
 
 
 class _Head(msgspec.Struct, array_like=True):
-    """The fields both formats begin with; each format's history fields, then source_offset, n_events and
-    origins, follow them in the array. origins came last, later: a value without it reads as having none, and
-    builds before it read (and ignore) it."""
+    """The fields both formats begin with; each format's history fields, then source_offset, n_events and the
+    optional fields (origins, repeat_ms: added later, written only up to the last one set), follow them in the
+    array. A value without an optional field reads as having none, and builds before it read (and ignore) it."""
 
     model_version: str
     hidden_dim: int
@@ -257,6 +260,7 @@ class _Wire(_Head, array_like=True):  # format 2
     source_offset: int
     n_events: int
     origins: dict[int, int] | None = None
+    repeat_ms: int | None = None
 
 
 class _WireV1(_Head, array_like=True):
@@ -267,6 +271,7 @@ class _WireV1(_Head, array_like=True):
     source_offset: int
     n_events: int
     origins: dict[int, int] | None = None
+    repeat_ms: int | None = None
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -295,7 +300,7 @@ def encode_state(s: UserState, fmt: int = FORMAT_VERSION) -> bytes:
             np.ascontiguousarray(s.session_hidden, dtype=np.float32).tobytes(),
             np.ascontiguousarray(s.user_hidden, dtype=np.float32).tobytes(),
             s.session_id, int(s.last_event_ms), int(s.session_length))
-    tail = (int(s.source_offset), int(s.n_events), s.origins or None)
+    tail = (int(s.source_offset), int(s.n_events), s.origins or None, int(s.repeat_ms) or None)
     if fmt == 2:
         wire = _Wire(*head, h.names, _le(h.item_codes), h.type_names, _le(h.type_codes), _le(h.ts), bytes(h.opens),
                      *tail)
@@ -305,7 +310,10 @@ def encode_state(s: UserState, fmt: int = FORMAT_VERSION) -> bytes:
         raise StateFormatError(f"state format {fmt} cannot be written (this build writes formats "
                                f"{', '.join(map(str, FORMATS))})")
     fields = msgspec.structs.astuple(wire)
-    return bytes([fmt]) + _enc.encode(fields if s.origins else fields[:-1])  # none: written as before origins
+    n = len(fields)
+    while fields[n - 1] is None:  # optional fields not set are left out: the value is as builds before them wrote it
+        n -= 1
+    return bytes([fmt]) + _enc.encode(fields[:n])
 
 
 def _history_v2(w: _Wire) -> History:
@@ -341,4 +349,4 @@ def decode_state(raw: bytes) -> UserState:
     except (ValueError, OverflowError) as exc:  # OverflowError: a format-1 time past int64
         raise StateFormatError(f"corrupt state value: {exc}") from None
     return UserState(w.model_version, sess, user, w.session_id, w.last_event_ms, w.session_length,
-                     history, w.source_offset, w.n_events, w.origins or {})
+                     history, w.source_offset, w.n_events, w.origins or {}, w.repeat_ms or 0)

@@ -1,6 +1,7 @@
 """The online inference API computes exactly what evaluation's forward pass computes, on every device here."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,8 @@ def _with_repeats(data: Interactions, seed: int = 1) -> Interactions:
     """`data` with runs of repeats (what collapse_repeats merges) after half of the events: the same item, of the
     same type or the other (kept), first 1 min, 20 min (the next event then opens a session offline, counted from
     the event repeated) or 5 h (a new session: kept) later, then 0 or 1 min apart; the next event 1 min, 15 min
-    or 5 h after the run. A run lasts under the session timeout (see Recommender._repeats), and an event of the
-    run's item after it comes 5 h later."""
+    or 5 h after the run. A run may last past the session timeout with each gap within it (merged whole offline,
+    where the gap counts from the repeat before), and an event of the run's item after it comes 5 h later."""
     rng = np.random.default_rng(seed)
     types = list(data.event_types)
     rows = []
@@ -78,7 +79,7 @@ def _with_repeats(data: Interactions, seed: int = 1) -> Interactions:
             if rng.random() < 0.5:
                 run_item, rtype = item, etype if rng.random() < 0.75 else types[1 - types.index(etype)]
                 for k in range(int(rng.integers(1, 4))):
-                    t += int(rng.choice([60_000, 20 * 60_000, 5 * HOUR_MS] if k == 0 else [0, 60_000]))
+                    t += int(rng.choice([60_000, 20 * 60_000, 5 * HOUR_MS] if k == 0 else [0, 60_000, 20 * 60_000]))
                     rows.append((data.user_ids[u], item, t, rtype))
     return Interactions.from_columns(*zip(*rows))
 
@@ -188,12 +189,15 @@ def test_a_repeat_collapse_repeats_merges_is_answered_from_the_state_as_it_is_an
     first = rec.advance({}, [StepInput("x", item, "click", t0)])
     s0 = first.states["x"]
     rep = rec.advance({"x": s0}, [StepInput("x", item, "click", t0 + 20 * 60_000)])
-    assert encode_state(rep.states["x"]) == encode_state(s0)
+    assert rep.states["x"].repeat_ms == t0 + 20 * 60_000  # all the repeat leaves: the next repeat's gap counts from it
+    assert encode_state(replace(rep.states["x"], repeat_ms=0)) == encode_state(s0)
     assert rep.new_session == [False] and rep.known == [True] and rep.session_ids == [s0.session_id]
     np.testing.assert_allclose(rep.scores.cpu().numpy(), first.scores.cpu().numpy(), rtol=1e-6, atol=1e-6)
-    # 35 min after the click repeated (the session timeout is 30): the repeat did not move the session clock;
-    # a purchase of the item is another signal, kept
-    nxt = rec.advance({"x": rep.states["x"]}, [StepInput("x", item, "purchase", t0 + 35 * 60_000)])
+    # 35 min after the click repeated (the session timeout is 30), 15 after its repeat: merged too, as offline
+    again = rec.advance({"x": rep.states["x"]}, [StepInput("x", item, "click", t0 + 35 * 60_000)])
+    assert again.new_session == [False] and encode_state(replace(again.states["x"], repeat_ms=0)) == encode_state(s0)
+    # a purchase of the item is another signal, kept; the repeats did not move the session clock
+    nxt = rec.advance({"x": again.states["x"]}, [StepInput("x", item, "purchase", t0 + 36 * 60_000)])
     assert nxt.new_session == [True] and len(nxt.states["x"].history) == 2
 
 

@@ -42,6 +42,9 @@ def test_the_original_offsets_of_applied_re_keyed_copies_round_trip_and_a_state_
     copy = with_origins.copy()
     copy.origins[0] = 99
     assert with_origins.origins[0] == 17
+    for later in (replace(s, repeat_ms=1_700_000_060_000), replace(with_origins, repeat_ms=1_700_000_060_000)):
+        back = decode_state(encode_state(later))  # the repeat clock of collapse_repeats, with or without origins
+        assert (back.repeat_ms, back.origins) == (later.repeat_ms, later.origins) and later.copy().repeat_ms
 
 
 def test_a_format_1_time_past_64_bits_is_a_corrupt_state_not_a_crash():
