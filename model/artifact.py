@@ -194,6 +194,17 @@ def current_version(registry: str | Path) -> str | None:
     return version
 
 
+def current_written_at(registry: str | Path) -> float | None:
+    """When CURRENT was last moved (epoch seconds, the file's mtime); None when there is none yet. An announcement
+    older than this names a version the registry has moved away from since (stream/hotswap.py)."""
+    try:
+        return (Path(registry) / POINTER).stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ArtifactError(f"{Path(registry) / POINTER} cannot be read ({exc.strerror or exc})") from None
+
+
 def latest_version_dir(registry: str | Path) -> Path:
     version = current_version(registry)
     if version is None:

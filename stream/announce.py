@@ -44,6 +44,14 @@ class Announcement:
     registry_id: str = ""  # the record key
     share: float = 1.0  # of the users; below 1: a canary beside the stable version
 
+    def announced_epoch_s(self) -> float | None:
+        """`announced_at` in epoch seconds; None when it is not an ISO-8601 time (a record written by hand)."""
+        try:
+            at = datetime.fromisoformat(self.announced_at)
+        except ValueError:
+            return None
+        return (at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)).timestamp()
+
     def value(self) -> bytes:
         obj = {k: v for k, v in asdict(self).items() if k != "registry_id"}
         return json.dumps(obj, sort_keys=True).encode()
@@ -128,6 +136,8 @@ class AnnouncementWatcher(CompactedTopicReader):
     `on_announcement` gets, once caught up, the latest announcement present at start (if any),
     then every new one in order; history older than the latest is never replayed, so a
     starting worker does not walk through old versions. With `registry_id`, other keys are ignored.
+    A tombstone on a registry's key retires its announcement: `latest` is None again, and nothing is delivered
+    for it (a running worker keeps what it serves; one starting serves the registry's CURRENT).
     """
 
     thread_name = "hrnn-announcement-watcher"
@@ -139,7 +149,7 @@ class AnnouncementWatcher(CompactedTopicReader):
         self.registry_id, self.on_announcement = registry_id, on_announcement
         self.received = 0  # valid announcements read (matching registry_id); `malformed`: see the base class
         self._latest: Announcement | None = None
-        self._news: list[Announcement] = []
+        self._news: list[Announcement | str] = []  # a str: the registry id whose key a tombstone retired
         self._changed = threading.Condition()
 
     @property
@@ -158,6 +168,11 @@ class AnnouncementWatcher(CompactedTopicReader):
             return self._latest
 
     def _take(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        if value is None:
+            retired = key.decode("utf-8", "replace") if key else None
+            if retired is not None and self.registry_id in (None, retired):
+                self._news.append(retired)
+            return
         ann = self._decode(key, value, offset)
         if ann is not None:
             self._news.append(ann)
@@ -165,7 +180,7 @@ class AnnouncementWatcher(CompactedTopicReader):
     def _polled(self, caught_up_now: bool) -> None:
         news, self._news = self._news, []
         if news:
-            self._set_latest(news[-1])
+            self._set_latest(_after(self._latest, news))
         if caught_up_now:
             log.info("announcement watcher caught up", extra={
                 "topic": self.topic, "latest_version": self._latest.version if self._latest else None})
@@ -173,11 +188,10 @@ class AnnouncementWatcher(CompactedTopicReader):
                 self._deliver(self._latest)
         elif self.caught_up:
             for ann in news:
-                self._deliver(ann)
+                if isinstance(ann, Announcement):
+                    self._deliver(ann)
 
-    def _decode(self, key: bytes | None, value: bytes | None, offset: int) -> Announcement | None:
-        if value is None:
-            return None  # a tombstone retires a registry's key; nothing to serve from it
+    def _decode(self, key: bytes | None, value: bytes, offset: int) -> Announcement | None:
         try:
             ann = Announcement.decode(key, value)
         except AnnouncementError as exc:
@@ -201,3 +215,14 @@ class AnnouncementWatcher(CompactedTopicReader):
             self.on_announcement(ann)
         except Exception:  # a faulty callback must not stop the watcher
             log.exception("announcement callback failed", extra={"version": ann.version})
+
+
+def _after(latest: Announcement | None, news: list[Announcement | str]) -> Announcement | None:
+    """The latest announcement once `news` is applied in order: a str (a tombstone's registry id) retires the
+    announcement of that registry, so there is none until the next one."""
+    for item in news:
+        if isinstance(item, Announcement):
+            latest = item
+        elif latest is not None and latest.registry_id == item:
+            latest = None
+    return latest

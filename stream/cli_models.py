@@ -4,12 +4,15 @@ promote and rollback also announce the new current version on the model-updates 
 --bootstrap-servers is given, so running workers switch to it. canary only announces: running workers
 serve the version to a share of the users beside the current one, which stays CURRENT in the registry
 (so a worker starting meanwhile serves it as the stable version); promoting either version ends the canary.
+All three first check the version as a worker does before serving it (stream/hotswap.py validate_version), and
+refuse one every worker would refuse.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from model.artifact import current_version, latest_version_dir, list_versions, verify
 from model.errors import ArtifactError, HRNNError
@@ -67,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
             latest_version_dir(args.registry)
         return 0
     if args.action == "rollback":
-        from model.registry import rollback, version_path
+        from model.registry import previous_version, rollback, version_path
 
+        target = previous_version(args.registry)
+        if target is not None:  # else rollback() says there is none
+            _check_servable(version_path(args.registry, target), target)
         version = rollback(args.registry)
         _announce(args, kafka, version, version_path(args.registry, version))
         print(f"current version of {args.registry}: {version} (rolled back)")
@@ -90,18 +96,19 @@ def run(args: argparse.Namespace) -> int:
 
         check_share(args.share)
         _refuse_current_as_canary(args.registry, args.version)
-        verify(d)
+        _check_servable(d, args.version)
         _announce(args, kafka, args.version, d, reason="canary", share=args.share)
         print(f"{args.version} announced as a canary for {args.share:.1%} of the users of {args.registry}")
         return 0
     if args.action == "show":
         manifest = verify(d)
-        out = {"manifest": manifest, "config": json.loads((d / "config.json").read_text()),
-               "metrics": {k: v for k, v in json.loads((d / "metrics.json").read_text()).items() if k != "history"}}
+        out = {"manifest": manifest, "config": _read_json(d, "config.json"),
+               "metrics": {k: v for k, v in _read_json(d, "metrics.json").items() if k != "history"}}
         print(json.dumps(out, indent=2))
         return 0
     from model.registry import promote
 
+    _check_servable(d, args.version)
     promote(args.registry, args.version)
     _announce(args, kafka, args.version, d)
     print(f"current version of {args.registry}: {args.version}")
@@ -125,6 +132,9 @@ def _announce(args: argparse.Namespace, kafka: dict[str, str], version: str, pat
     """Announce what the command did; when a promote or rollback already changed CURRENT, a failure says how to
     announce it without changing the registry again (a second rollback would go one further back)."""
     if not args.bootstrap_servers:
+        print(f"not announced (no --bootstrap-servers): running workers keep serving what they serve until the next "
+              f"announcement, workers started from now on serve {version}; to tell the running ones: `hrnn models "
+              f"promote {args.registry} {version} --bootstrap-servers ...`", file=sys.stderr)
         return
     from stream.announce import AnnouncementError, announce
 
@@ -140,6 +150,22 @@ def _announce(args: argparse.Namespace, kafka: dict[str, str], version: str, pat
         raise AnnouncementError(f"{exc}. The current version of {args.registry} is {version} now, but running "
                                 f"workers were not told: once that is fixed, announce it with `hrnn models promote "
                                 f"{args.registry} {version}{where} --bootstrap-servers ...`") from None
+
+
+def _check_servable(path: Path, version: str) -> None:
+    """Refuse (ModelRefused, with its reason) a version the workers would refuse: the checks a worker runs before
+    it serves one, so CURRENT never names a version no worker can start with."""
+    from stream.hotswap import validate_version
+
+    validate_version(path, device="cpu", expected_version=version)
+
+
+def _read_json(d: Path, name: str) -> dict:
+    """A version's JSON file, or ArtifactError naming it (a signed version may still hold one that is not JSON)."""
+    try:
+        return json.loads((d / name).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        raise ArtifactError(f"{d}: {name} unreadable ({exc})") from None
 
 
 def _refuse_current_as_canary(registry: str, version: str) -> None:

@@ -29,7 +29,8 @@ from stream.topics import ensure_topics, table_topic
 log = logging.getLogger(__name__)
 
 CATCH_UP_IDLE_S = 10.0  # fetches empty this long below the watermark: the watermark's record is gone
-_WATERMARK_WAIT_S = 30.0  # a topic just created may take a moment to answer
+_WATERMARK_RETRY_MAX_S = 5.0  # between two tries to read the offsets: a topic just created, or a broker restarting
+_WATERMARK_LOG_S = 30.0  # how often a reader still waiting for the offsets says so
 
 
 def ensure_table_topic(bootstrap: str, topic: str, *, extra: ClientSettings | None = None,
@@ -101,7 +102,10 @@ class CompactedTopicReader:
         consumer = reader_consumer(self.bootstrap, self.extra)
         try:
             consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
-            low, high = self._watermarks(consumer)
+            watermarks = self._watermarks(consumer)
+            if watermarks is None:
+                return  # stopped before the topic answered
+            low, high = watermarks
             # no records: never written, or all removed (low == high > 0); max: a low not known (< 0) says nothing
             reached_end = high <= max(low, 0)
             last_progress = time.monotonic()
@@ -145,14 +149,20 @@ class CompactedTopicReader:
             log.error("skipping a record that could not be taken: %s", error,
                       extra={"topic": self.topic, "offset": offset, "error": error})
 
-    def _watermarks(self, consumer: Consumer) -> tuple[int, int]:
-        """(low, high) of partition 0."""
-        deadline = time.monotonic() + _WATERMARK_WAIT_S
-        while True:
+    def _watermarks(self, consumer: Consumer) -> tuple[int, int] | None:
+        """(low, high) of partition 0; None once stopped. A topic not there yet (created later by its first writer,
+        where readers may not create it) or a broker not answering is waited for however long it takes: a reader
+        that gave up would leave its owner on what it knew at start for good, with nothing telling it."""
+        delay, waiting_since, said_at = 0.2, time.monotonic(), float("-inf")
+        while not self._stop.is_set():
             try:
                 low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, 0), timeout=5.0, cached=False)
                 return int(low), int(high)
-            except KafkaException:
-                if self._stop.is_set() or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+            except KafkaException as exc:
+                if time.monotonic() - said_at >= _WATERMARK_LOG_S:
+                    said_at = time.monotonic()
+                    log.warning("cannot read the offsets of %s for %.0f s; retrying: %s", self.topic,
+                                said_at - waiting_since, exc, extra={"topic": self.topic})
+                self._stop.wait(delay)
+                delay = min(delay * 2, _WATERMARK_RETRY_MAX_S)
+        return None

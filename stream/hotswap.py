@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from model.artifact import latest_version_dir, verify
+from model.artifact import current_version, current_written_at, latest_version_dir, verify
 from model.errors import ArtifactError
 from model.inference import Filters, Recommender, StepInput
 from model.network import device_label
@@ -346,8 +346,32 @@ class ModelHolder:
                 "version": req.name, "share": req.share, "reason": req.reason, "change": change, "dropped": dropped})
 
     def on_announcement(self, ann: "Announcement") -> None:
-        """AnnouncementWatcher callback."""
+        """AnnouncementWatcher callback. The latest announcement found at start (handed over before the watcher
+        reports being caught up) is skipped when it is a full rollout older than the registry's CURRENT: CURRENT
+        moved since without an announcement (`hrnn models rollback` without --bootstrap-servers, `hrnn train`),
+        and serving the announced version would undo that. A canary, and any announcement read later, applies."""
+        watcher = self._watcher
+        if watcher is not None and not watcher.caught_up and self._superseded_by_current(ann):
+            log.warning("the latest announcement, of %s, is older than the registry's CURRENT: not served",
+                        ann.version, extra={"announced_version": ann.version, "announced_at": ann.announced_at,
+                                            "serving_version": self._serving.version})
+            return
         self.request(ann.path, ann.version, reason=f"announcement ({ann.reason})", share=ann.share)
+
+    def _superseded_by_current(self, ann: "Announcement") -> bool:
+        """A full rollout of another version than CURRENT names, announced before CURRENT was last moved (or at a
+        time not known)."""
+        if ann.share < 1.0 or self.registry is None:
+            return False
+        try:
+            current, moved_at = current_version(self.registry), current_written_at(self.registry)
+        except ArtifactError as exc:  # the worker serves already; the announcement decides as it did before
+            log.warning("cannot read the registry's CURRENT", extra={"error": str(exc)})
+            return False
+        if current is None or moved_at is None or current == ann.version:
+            return False
+        announced = ann.announced_epoch_s()
+        return announced is None or announced < moved_at
 
     def follow(self, bootstrap: str, topic: str | None = None, *, registry_id: str | None = None,
                extra: "ClientSettings | None" = None, create_topic: bool = True) -> "AnnouncementWatcher":
@@ -356,9 +380,11 @@ class ModelHolder:
         from stream.announce import AnnouncementWatcher
         from stream.topics import MODEL_UPDATES_TOPIC
 
+        # set before it starts: on_announcement tells the announcement found at start by this watcher's state
         self._watcher = AnnouncementWatcher(bootstrap, topic or MODEL_UPDATES_TOPIC, registry_id=registry_id,
                                             on_announcement=self.on_announcement, extra=extra,
-                                            create_topic=create_topic).start()
+                                            create_topic=create_topic)
+        self._watcher.start()
         return self._watcher
 
     # --- observation ---

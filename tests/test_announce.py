@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from confluent_kafka import Producer
 from model.artifact import current_version, list_versions, save_version
 from model.config import DataConfig, HRNNConfig
 from model.network import HRNN
-from stream.announce import Announcement, AnnouncementError, AnnouncementWatcher, announce
+from stream.announce import Announcement, AnnouncementError, AnnouncementWatcher, announce, latest_announcement
 from stream.cli import main as hrnn
 from stream.kafka_clients import create_producer, produce_acknowledged, read_all
 
@@ -210,3 +211,32 @@ def test_promote_of_an_unknown_version_fails_without_announcing(broker, tmp_path
                  "--topic", topic]) == 2
     assert "no version 'v999'" in capsys.readouterr().err
     assert read_all(broker.bootstrap, topic, idle_s=0.5) == []
+
+
+def test_a_tombstone_on_a_registrys_key_retires_its_announcement_and_one_on_another_key_does_not(broker, tmp_path):
+    from stream.announce import latest_canary
+
+    topic, mine, theirs = _topic(), str((tmp_path / "mine").resolve()), str((tmp_path / "theirs").resolve())
+
+    def tombstone(key: str) -> None:
+        assert produce_acknowledged(create_producer(broker.bootstrap), topic, [(key.encode(), None)]) is None
+
+    announce(broker.bootstrap, topic, "v1", tmp_path / "mine" / "v1", reason="canary", share=0.5)
+    announce(broker.bootstrap, topic, "v9", tmp_path / "theirs" / "v9")
+    tombstone(theirs)
+    assert latest_announcement(broker.bootstrap, topic, theirs) is None
+    assert latest_canary(broker.bootstrap, topic, mine).version == "v1"
+    tombstone(mine)
+    assert latest_canary(broker.bootstrap, topic, mine) is None
+    got: list[str] = []
+    with AnnouncementWatcher(broker.bootstrap, topic, registry_id=mine,
+                             on_announcement=lambda a: got.append(a.version)) as w:
+        assert w.wait_caught_up(20), w.error
+        assert w.latest is None and got == [] and w.malformed == 0  # a starting worker serves CURRENT
+        announce(broker.bootstrap, topic, "v2", tmp_path / "mine" / "v2")
+        assert w.wait_for("v2", 20) is not None
+        tombstone(mine)
+        deadline = time.monotonic() + 20
+        while w.latest is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.latest is None and got == ["v2"]  # a running worker is told nothing: it keeps what it serves

@@ -6,6 +6,7 @@ import logging
 import time
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 import stream.compacted
 from stream.compacted import CATCH_UP_IDLE_S, CompactedTopicReader
@@ -89,3 +90,34 @@ def test_a_record_whose_take_fails_is_counted_logged_and_skipped_and_the_reader_
 def test_a_topic_never_written_is_caught_up_at_once(monkeypatch, low, high):
     with _reading(monkeypatch, _FakeConsumer(low, high, [])) as reader:
         assert reader.wait_caught_up(CATCH_UP_IDLE_S / 3)
+
+
+class _UnansweredConsumer(_FakeConsumer):
+    """Cannot read the offsets (a topic not created yet, a broker restarting) for the first `failures` tries."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(0, 1, [_Msg(0, b"good")])
+        self.failures = failures
+
+    def get_watermark_offsets(self, partition, timeout: float, cached: bool) -> tuple[int, int]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION))
+        return self.watermarks
+
+
+def test_a_reader_that_cannot_read_the_offsets_keeps_trying_says_so_and_then_reads_the_topic(monkeypatch, caplog):
+    monkeypatch.setattr(stream.compacted, "_WATERMARK_WAIT_S", 0.3, raising=False)  # where a reader gave up
+    monkeypatch.setattr(stream.compacted, "_WATERMARK_RETRY_MAX_S", 0.2, raising=False)
+    with caplog.at_level(logging.WARNING, logger="stream.compacted"):
+        with _reading(monkeypatch, _UnansweredConsumer(failures=8)) as reader:
+            assert reader.wait_caught_up(10), reader.error
+            assert reader.taken == [0] and reader.error is None
+    assert any("cannot read the offsets of table" in r.getMessage() for r in caplog.records)
+
+
+def test_a_reader_stopped_while_waiting_for_the_offsets_ends_without_an_error(monkeypatch):
+    reader = _reading(monkeypatch, _UnansweredConsumer(failures=10**9)).start()
+    time.sleep(0.5)
+    reader.stop()
+    assert not reader._thread.is_alive() and reader.error is None and not reader.caught_up

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -444,3 +445,70 @@ def test_following_without_create_topic_leaves_the_announcements_topic_alone(ver
 
 def test_following_creates_or_checks_the_announcements_topic_by_default(versions, monkeypatch):
     assert _follow_recorded(versions[0], monkeypatch).get("create_topic", True) is True
+
+
+def _registry_copy(tmp_path: Path, *versions: Path) -> Path:
+    """A registry of its own holding copies of `versions` (their names kept): a test may move its CURRENT."""
+    reg = tmp_path / "registry"
+    for v in versions:
+        shutil.copytree(v, reg / v.name)
+    return reg
+
+
+def _moved_later(reg: Path, version: str) -> None:
+    # past the file system's clock tick: CURRENT's mtime comes from a coarser clock than an announcement's time
+    time.sleep(0.05)
+    set_current(reg, version)
+
+
+def test_a_starting_worker_keeps_a_current_moved_after_the_latest_announcement_and_follows_later_ones(
+        versions, broker, tmp_path):
+    from stream.announce import announce, registry_id
+
+    _, a, b = versions
+    reg, topic = _registry_copy(tmp_path, a, b), f"hrnn.model-updates-{uuid.uuid4().hex[:8]}"
+    set_current(reg, b.name)
+    announce(broker.bootstrap, topic, b.name, reg / b.name, reason="retrain")
+    _moved_later(reg, a.name)  # `hrnn models rollback` without --bootstrap-servers
+    with ModelHolder.open(reg, device="cpu") as holder:
+        holder.follow(broker.bootstrap, topic, registry_id=registry_id(reg))
+        assert holder.wait_announced(30)
+        assert holder.swap_if_ready() is None and holder.version == a.name and holder.stats().loading is None
+        announce(broker.bootstrap, topic, b.name, reg / b.name)  # one read after the start applies
+        assert _until(lambda: holder.swap_if_ready() is not None) and holder.version == b.name
+    with ModelHolder.open(reg, device="cpu") as holder:  # that announcement is newer than CURRENT: a restart follows it
+        holder.follow(broker.bootstrap, topic, registry_id=registry_id(reg))
+        assert holder.wait_announced(30)
+        assert holder.swap_if_ready() is not None and holder.version == b.name
+
+
+def test_a_canary_announced_before_current_moved_still_serves_beside_it_at_start(versions, broker, tmp_path):
+    from stream.announce import announce, registry_id
+
+    _, a, b = versions
+    reg, topic = _registry_copy(tmp_path, a, b), f"hrnn.model-updates-{uuid.uuid4().hex[:8]}"
+    announce(broker.bootstrap, topic, b.name, reg / b.name, reason="canary", share=0.5)
+    _moved_later(reg, a.name)
+    with ModelHolder.open(reg, device="cpu") as holder:
+        holder.follow(broker.bootstrap, topic, registry_id=registry_id(reg))
+        assert holder.wait_announced(30)
+        holder.swap_if_ready()
+        assert holder.serving().shares == {a.name: 0.5, b.name: 0.5}
+
+
+def test_a_worker_started_before_its_announcements_topic_exists_follows_it_once_created(versions, broker,
+                                                                                          monkeypatch):
+    # A reader may not create the topic (create_topics: false); the retrainer's first announcement creates it.
+    # A reader that gave up on the offsets (after _WATERMARK_WAIT_S, once) would never swap.
+    import stream.compacted
+    from stream.announce import announce
+
+    monkeypatch.setattr(stream.compacted, "_WATERMARK_WAIT_S", 1.0, raising=False)
+    reg, a, b = versions
+    topic = f"hrnn.model-updates-{uuid.uuid4().hex[:8]}"
+    with ModelHolder.open(reg, device="cpu") as holder:
+        watcher = holder.follow(broker.bootstrap, topic, create_topic=False)
+        assert not holder.wait_announced(4) and watcher.error is None
+        announce(broker.bootstrap, topic, b.name, b, reason="retrain")
+        assert _until(lambda: holder.swap_if_ready() is not None, 60), (watcher.error, holder.stats())
+        assert holder.version == b.name and watcher.error is None

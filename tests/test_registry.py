@@ -1,12 +1,15 @@
 """Registry helpers: promote, rollback, retention."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.artifact import HISTORY, current_version, list_versions, save_version, set_current
 from model.config import DataConfig, HRNNConfig
@@ -258,3 +261,63 @@ def test_a_version_this_user_may_not_read_is_an_error_not_an_empty_registry(regi
     monkeypatch.setattr(Path, "read_text", denied)
     with pytest.raises(ArtifactError, match=r"v-b cannot be read \(Permission denied\)"):
         list_versions(registry)
+
+
+def _signed_copy(registry: Path, src: str, name: str) -> Path:
+    """A copy of `src` named `name`, its manifest rewritten to match whatever the test then changes (`_resign`)."""
+    shutil.copytree(registry / src, registry / name)
+    _resign(registry / name)
+    return registry / name
+
+
+def _resign(d: Path) -> None:
+    """Checksums matching the files again: a broken version a publisher of another code revision signed."""
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["version"] = d.name
+    manifest["files"] = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in manifest["files"]}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _unloadable(registry: Path, name: str) -> Path:
+    """A signed version whose weights do not fit its config: every worker refuses it (shape)."""
+    d = _signed_copy(registry, "v-b", name)
+    torch.save(HRNN(10, HRNNConfig(hidden_dimension=48)).state_dict(), d / "weights.pt")
+    _resign(d)
+    return d
+
+
+def test_promote_rollback_and_canary_refuse_a_version_no_worker_could_load_and_leave_current(registry, capsys,
+                                                                                            monkeypatch):
+    import stream.announce
+
+    announced = []
+    monkeypatch.setattr(stream.announce, "announce", lambda *a, **k: announced.append(a))
+    _unloadable(registry, "v-bad")
+    assert hrnn(["models", "promote", str(registry), "v-bad"]) == 2
+    assert "refused (shape)" in capsys.readouterr().err and current_version(registry) == "v-e"
+    assert hrnn(["models", "canary", str(registry), "v-bad", "--share", "0.1",
+                 "--bootstrap-servers", "127.0.0.1:9"]) == 2
+    assert "refused (shape)" in capsys.readouterr().err and announced == []
+    set_current(registry, "v-bad")  # as a registry written before promote checked this may hold it
+    set_current(registry, "v-a")
+    assert hrnn(["models", "rollback", str(registry), "--bootstrap-servers", "127.0.0.1:9"]) == 2
+    assert "refused (shape)" in capsys.readouterr().err and current_version(registry) == "v-a" and announced == []
+    assert hrnn(["models", "promote", str(registry), "v-b"]) == 0 and current_version(registry) == "v-b"
+
+
+def test_models_show_of_a_version_whose_config_is_not_json_names_the_file_without_a_traceback(registry, capsys):
+    d = _signed_copy(registry, "v-b", "v-odd-config")
+    (d / "config.json").write_text("{ not json")
+    _resign(d)
+    assert hrnn(["models", "show", str(registry), "v-odd-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"{d}: config.json unreadable" in err and "Traceback" not in err
+
+
+def test_promote_and_rollback_without_bootstrap_servers_warn_that_running_workers_are_not_told(registry, capsys):
+    assert hrnn(["models", "promote", str(registry), "v-a"]) == 0
+    err = capsys.readouterr().err
+    assert "not announced" in err and "running workers keep serving what they serve" in err
+    assert "workers started from now on serve v-a" in err
+    assert hrnn(["models", "rollback", str(registry)]) == 0
+    assert "not announced" in capsys.readouterr().err and current_version(registry) == "v-e"
