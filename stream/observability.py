@@ -59,7 +59,8 @@ class WorkerMetrics:
         self.step_seconds = Histogram("step_seconds", "Wall time of one batch step", namespace=ns, registry=r,
                                       buckets=STEP_BUCKETS)
         self.event_to_recommendation_seconds = Histogram(
-            "event_to_recommendation_seconds", "Event timestamp to recommendation emit time",
+            "event_to_recommendation_seconds", "Input record's Kafka timestamp (its producer's create time) to "
+            "recommendation emit time",
             namespace=ns, registry=r, buckets=LATENCY_BUCKETS)
         self.consumer_lag = Gauge("consumer_lag", "Records behind the end, per assigned input partition "
                                   "(approximate on Tansu)", ["partition"], namespace=ns, registry=r)
