@@ -45,8 +45,9 @@ class WorkerMetrics:
                                             namespace=ns, registry=r)
         self.prebuilt_states_total = Counter("prebuilt_states", "User states rebuilt in the background before "
                                              "a swap (their next events only catch up)", namespace=ns, registry=r)
-        self.stores_discarded_total = Counter("stores_discarded", "Partition stores found past their changelog's "
-                                              "end (topics recreated) and rebuilt from it", namespace=ns, registry=r)
+        self.stores_discarded_total = Counter("stores_discarded", "Partition stores discarded and rebuilt from the "
+                                              "changelog: built from another changelog (topics recreated, another "
+                                              "cluster) or damaged", namespace=ns, registry=r)
         self.input_new_logs_total = Counter("input_new_logs", "Partition stores whose states were built from "
                                             "another log of the input topic (another topic id: deleted and "
                                             "created again) and forgot their input offsets", namespace=ns,

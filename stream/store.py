@@ -7,6 +7,7 @@ changelog. A store holds these keys in its default column family:
   b"u" + user_id (UTF-8)  -> the encoded UserState (model.state.encode_state)
   b"\\x00changelog_offset" -> the changelog offset the stored states correspond to (ASCII int)
   b"\\x00input_log"        -> the input topic's id (hex) whose offsets the states' source offsets are
+  b"\\x00changelog_log"    -> the changelog topic's id (hex) the changelog offset is an offset of
 
 States and the changelog offset are always written in one WriteBatch, so after a crash the
 store is at some batch boundary and the offset says where catching up has to start.
@@ -14,6 +15,7 @@ store is at some batch boundary and the offset says where catching up has to sta
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -30,11 +32,16 @@ log = logging.getLogger(__name__)
 _USER = b"u"
 _CHANGELOG_OFFSET = b"\x00changelog_offset"
 _INPUT_LOG = b"\x00input_log"
+_CHANGELOG_LOG = b"\x00changelog_log"
 _RESTORE_CHUNK = 5000  # changelog records per WriteBatch while catching up
 
 
 class StoreError(HRNNError):
     """A state store cannot be opened or written (path taken by another process, disk full, ...)."""
+
+
+class StoreCorrupt(StoreError):
+    """RocksDB finds a store's files damaged. The store is only a copy of the changelog: rebuild it from there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +72,15 @@ def _options() -> Options:
     return opts
 
 
+def _open_error(path: Path, exc: Exception) -> StoreError:
+    detail = str(exc)
+    if detail.startswith(("Corruption:", "Invalid argument:")):
+        return StoreCorrupt(f"state store {path} is damaged: {detail}")
+    if re.search(r"\block\b", detail, re.IGNORECASE):  # RocksDB's LOCK file is held (not a "block" checksum)
+        return StoreError(f"cannot open state store {path}: {detail} (is another worker using the same --state-dir?)")
+    return StoreError(f"cannot open state store {path}: {detail}")
+
+
 def _forgetting_input_offsets(value: bytes) -> bytes:
     try:
         state = decode_state(value)
@@ -82,9 +98,8 @@ class PartitionStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = Rdict(str(self.path), options=_options())
-        except Exception as exc:  # rocksdict raises a bare Exception for I/O and lock errors
-            raise StoreError(f"cannot open state store {self.path}: {exc} "
-                             "(is another worker using the same --state-dir?)") from None
+        except Exception as exc:  # rocksdict raises a bare Exception for I/O, lock and corruption errors
+            raise _open_error(self.path, exc) from None
         self.corrupt_states = 0
         self._closing = threading.Lock()  # a scan on another thread never reads a closed database
 
@@ -99,6 +114,21 @@ class PartitionStore:
         """The input topic id whose offsets the stored source offsets are; None when not recorded."""
         raw = self._db.get(_INPUT_LOG)
         return None if raw is None else raw.decode()
+
+    @property
+    def changelog_log(self) -> str | None:
+        """The changelog topic id the changelog offset refers to; None when not recorded."""
+        raw = self._db.get(_CHANGELOG_LOG)
+        return None if raw is None else raw.decode()
+
+    def follow_changelog_log(self, changelog_log: str | None) -> None:
+        """Record the changelog topic id this store catches up from. A store recorded with another id
+        was built from another log: the caller discards it before (its offsets name another log's records)."""
+        if changelog_log is None or changelog_log == self.changelog_log:
+            return
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_CHANGELOG_LOG, changelog_log.encode())
+        self._write(batch)
 
     def follow_input_log(self, input_log: str | None) -> int:
         """Record the input topic id the states' source offsets refer to from now on.
@@ -238,8 +268,8 @@ class PartitionStore:
             start = last + b"\x00"
 
     def estimate_count(self) -> int:
-        # RocksDB's estimate counts the two meta keys too; the gauge is approximate anyway.
-        return max(0, int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0) - 2)
+        # RocksDB's estimate counts the three meta keys too; the gauge is approximate anyway.
+        return max(0, int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0) - 3)
 
     def close(self) -> None:
         with self._closing:

@@ -21,13 +21,14 @@ restores. Rebalance callbacks run inside consume(): between the processing of tw
 possibly between the consume() calls that poll one. Revocation closes the partition's store and
 the poll drops the records of it already taken (their new owner reads them again from the
 committed offset), so a batch only touches the stores of partitions assigned when it was polled.
-A store whose changelog offset lies past its changelog's end (the topics were recreated, or the
-worker now talks to another cluster) is discarded and rebuilt from the changelog: the input
-offsets its states remember belong to another log, and trusting them would skip new events as
-replays. When only the input topic was recreated, the store's recorded input topic id differs
-from the broker's: the states keep their histories and forget their input offsets
-(PartitionStore.follow_input_log), and a restore does the same for changelog records of the old
-log (their hrnn-source-log header).
+A store built from another changelog than the broker's (the topics were recreated, or the worker
+now talks to another cluster: the store's recorded changelog topic id differs; where the broker
+gives no ids, its changelog offset lies past the changelog's end) is discarded and rebuilt from
+the changelog: the input offsets its states remember belong to another log, and trusting them
+would skip new events as replays. So is a store RocksDB finds damaged. When only the input topic
+was recreated, the store's recorded input topic id differs from the broker's: the states keep
+their histories and forget their input offsets (PartitionStore.follow_input_log), and a restore
+does the same for changelog records of the old log (their hrnn-source-log header).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from stream.kafka_clients import (KafkaClientError, admin_client, create_consume
                                   produce_waiting, topic_id)
 from stream.observability import Health, WorkerMetrics
 from stream.settings import WorkerSettings
-from stream.store import ChangelogRecord, StateStores
+from stream.store import ChangelogRecord, PartitionStore, StateStores, StoreCorrupt
 from stream.topics import DEFAULT_PARTITIONS, ensure_topics, partition_counts, standard_topics
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ log = logging.getLogger(__name__)
 _CLIENT_TIMEOUT_S = 30.0
 _LAG_EVERY_S = 5.0
 _IDLE_POLL_S = 0.1  # longest wait for a first record: how soon an idle worker notices a stop
-_RESTORE_IDLE_S = 5.0  # a changelog partition silent this long after a first answer (not at its end) counts as read
+_RESTORE_IDLE_S = 5.0  # a changelog partition silent this long mid-restore: read its end again, warn
 _PROBE_TIMEOUT_S = 5.0  # how long a fetch at a store's changelog offset may stay silent before "not there"
 _BEAT_EVERY_RESTORED = 1000  # changelog records restored between two heartbeats: a long restore is not stuck
 # Room beside the bounded waits for RocksDB and model work between two heartbeats (liveness_timeout_s).
@@ -320,6 +321,7 @@ class Worker:
         self._admin: AdminClient | None = None
         self.availability: AvailabilityReader | None = None  # the items off sale, followed from start()
         self._input_log: str | None = None  # the input topic's id, read on every assignment
+        self._changelog_log: str | None = None  # the changelog topic's id, read on every assignment (None: unknown)
         self._last_lag = 0.0
         self._announced_read = False  # whether the first batch waited for the announced version
         self._consume_calls = 0  # consume() calls of the input consumer so far
@@ -514,6 +516,7 @@ class Worker:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._input_log = self._read_input_log()
+        self._changelog_log = self._read_changelog_log()
         for tp in partitions:
             self._assigned_in[tp.partition] = self._consume_calls
             self.open_partition(tp.partition)
@@ -540,16 +543,16 @@ class Worker:
         """Open the partition's store and catch it up from the changelog."""
         s = self.settings
         t0 = time.perf_counter()
-        store = self.stores.open(partition)
-        reached = changelog_reaches(self._restorer, s.changelog_topic, partition, store.changelog_offset,
-                                    _PROBE_TIMEOUT_S)
-        if not reached:
-            log.warning("partition store is past its changelog's end (topics recreated, or another cluster): "
-                        "discarded, rebuilt from the changelog",
-                        extra={"partition": partition, "changelog_offset": store.changelog_offset})
+        store = self._open_store(partition)
+        stale = self._stale_store(store)
+        if stale:
+            log.warning(f"partition store {stale} (topics recreated, or another cluster): discarded, rebuilt from "
+                        "the changelog", extra={"partition": partition, "changelog_offset": store.changelog_offset,
+                                                "changelog_log": self._changelog_log})
             self.metrics.stores_discarded_total.inc()
             self.stores.wipe(partition)
             store = self.stores.open(partition)
+        store.follow_changelog_log(self._changelog_log)
         forgotten = store.follow_input_log(self._input_log)
         if forgotten:
             log.warning("the input topic is another log than the one the partition's states were built from "
@@ -564,6 +567,41 @@ class Worker:
             "partition": partition, "committed_offset": committed, "restored": result.applied,
             "skipped_uncommitted": result.skipped, "changelog_offset": result.changelog_offset,
             "seconds": round(time.perf_counter() - t0, 3)})
+
+    def _open_store(self, partition: int) -> PartitionStore:
+        """The partition's store; a damaged local copy is wiped and opened empty (the changelog refills it)."""
+        try:
+            return self.stores.open(partition)
+        except StoreCorrupt as exc:
+            log.warning("partition store is damaged: discarded, rebuilt from the changelog",
+                        extra={"partition": partition, "error": str(exc)})
+            self.metrics.stores_discarded_total.inc()
+            self.stores.wipe(partition)
+            return self.stores.open(partition)
+
+    def _stale_store(self, store: PartitionStore) -> str | None:
+        """Why the store cannot be caught up from the broker's changelog; None when it can.
+
+        Topic ids tell two logs apart whatever their lengths. Without them (a broker that gives none, a store
+        of a build that recorded none), only a store past the changelog's end is known to be of another log."""
+        recorded, current = store.changelog_log, self._changelog_log
+        if recorded is not None and current is not None:
+            return None if recorded == current else "was built from another changelog topic than the broker's"
+        if not changelog_reaches(self._restorer, self.settings.changelog_topic, store.partition,
+                                 store.changelog_offset, _PROBE_TIMEOUT_S):
+            return "is past its changelog's end"
+        return None
+
+    def _read_changelog_log(self) -> str | None:
+        """The changelog topic's id; None when it cannot be read now (stores are then checked by their offsets)."""
+        if self._admin is None:  # clients set up without start(): nothing to ask
+            return None
+        try:
+            return topic_id(self._admin, self.settings.changelog_topic)
+        except KafkaClientError as exc:
+            log.warning("cannot read the changelog topic's id; stores are checked against its end offset",
+                        extra={"error": str(exc)})
+            return None
 
     def _read_input_log(self) -> str | None:
         """The input topic's id; the last one known when it cannot be read now."""
@@ -846,10 +884,12 @@ def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
 
     "The end" is an empty fetch once the consumer's position has reached the high watermark:
     on Tansu the watermark is only the base offset of the last batch + 1, so the watermark alone
-    would stop inside the last batch. A partition that stays silent for a while after its fetches
-    were answered also counts as read (offsets up to the watermark can be transaction markers or
-    compacted away). Silence before the first answer is a slow or absent leader, not the end: it is
-    waited for up to `timeout_s`, then a WorkerError says so (ending there would drop the states).
+    would stop inside the last batch. librdkafka's position moves past transaction markers, so
+    silence short of the watermark is a slow or absent leader, not the end, before the first answer
+    and after it: ending there would drop the states of the records not read, and the next batch's
+    changelog offset would hide them for good. When a partition stays silent for _RESTORE_IDLE_S,
+    its end is read again (a log cut back below the position is read to its end); otherwise the
+    rest is waited for up to `timeout_s`, then a WorkerError names the partition and the offsets.
     """
     tp = TopicPartition(topic, partition)
     low, high = _watermarks(consumer, tp)
@@ -859,6 +899,7 @@ def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
     deadline = time.monotonic() + timeout_s
     last_data = time.monotonic()
     answered = False  # a fetch came back: a record read, or a position (it also moves past transaction markers)
+    warned = False
     try:
         while True:
             msgs = consumer.consume(num_messages=2000, timeout=0.1)
@@ -878,12 +919,28 @@ def read_changelog(consumer: Consumer, topic: str, partition: int, start: int,
                 continue
             position = consumer.position([tp])[0].offset
             answered = answered or position >= 0
-            if position >= high or (answered and now - last_data > _RESTORE_IDLE_S):
+            if position >= high:
                 return
+            if answered and now - last_data > _RESTORE_IDLE_S:
+                if position >= _end_now(consumer, tp, high, deadline - now):
+                    return
+                if not warned:
+                    log.warning("changelog silent short of its end; waiting for the rest up to restore_timeout_s",
+                                extra={"changelog": topic, "partition": partition, "position": position, "end": high})
+                warned, last_data = True, now  # the next look at its end in _RESTORE_IDLE_S
             if now > deadline:
                 raise WorkerError(_restore_late(topic, partition, timeout_s, position if answered else None, high))
     finally:
         consumer.unassign()
+
+
+def _end_now(consumer: Consumer, tp: TopicPartition, high: int, timeout_s: float) -> int:
+    """The partition's high watermark read again, never above `high` (records written after the restore
+    began are not waited for); `high` when it cannot be read now (a broker that stalls may not answer)."""
+    try:
+        return min(high, consumer.get_watermark_offsets(tp, timeout=max(0.1, min(_CLIENT_TIMEOUT_S, timeout_s)))[1])
+    except KafkaException:
+        return high
 
 
 def _restore_late(topic: str, partition: int, timeout_s: float, position: int | None, high: int) -> str:

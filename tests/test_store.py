@@ -219,3 +219,44 @@ def test_a_store_path_under_a_file_is_a_store_error_naming_it(tmp_path):
     a_file.touch()
     with pytest.raises(StoreError, match="cannot open state store"):
         StateStores(a_file, "g", "t").open(0)
+
+
+def test_a_store_records_the_changelog_topic_id_it_catches_up_from(stores):
+    store = stores.open(0)
+    assert store.changelog_log is None
+    store.follow_changelog_log(None)  # a broker that gives no ids: nothing recorded
+    assert store.changelog_log is None
+    store.follow_changelog_log(OLD_LOG)
+    stores.close(0)
+    assert stores.open(0).changelog_log == OLD_LOG
+
+
+def _damage(stores: StateStores, partition: int) -> None:
+    """Truncate the store's MANIFEST, as a crash on a full disk can leave it."""
+    stores.open(partition).put_states({"a": make_state(1)}, changelog_offset=3)
+    stores.close(partition)
+    manifest = next(stores.path(partition).glob("MANIFEST-*"))
+    manifest.write_bytes(manifest.read_bytes()[:20])
+
+
+def test_a_damaged_store_is_a_corrupt_store_error_that_blames_no_other_worker(stores):
+    from stream.store import StoreCorrupt
+
+    _damage(stores, 0)
+    with pytest.raises(StoreCorrupt, match="is damaged: Corruption") as raised:
+        stores.open(0)
+    assert "state-dir" not in str(raised.value)
+    stores.wipe(0)  # a copy of the changelog: wiped, it opens empty
+    assert stores.open(0).changelog_offset == -1
+
+
+def test_a_store_held_by_another_handle_is_not_taken_for_a_damaged_one(tmp_path):
+    from stream.store import StoreCorrupt
+
+    first = PartitionStore(tmp_path / "p0", 0)
+    try:
+        with pytest.raises(StoreError, match="state-dir") as raised:
+            PartitionStore(tmp_path / "p0", 0)
+        assert not isinstance(raised.value, StoreCorrupt)
+    finally:
+        first.close()

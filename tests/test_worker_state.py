@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import time
 import uuid
@@ -139,6 +140,62 @@ def test_a_store_past_its_changelogs_end_is_discarded_not_trusted(broker, regist
     assert worker.totals.replayed == 0
     assert worker.metrics.value("hrnn_stores_discarded_total") == PARTITIONS
     assert_states_match_offline(settings, registry, broker.bootstrap)  # the new log's events only
+
+
+def test_a_kept_store_of_another_changelog_is_discarded_also_once_that_changelog_has_grown_past_its_offset(
+        broker, registry, tmp_path, caplog):
+    """The store's changelog offset names a record the new cluster's changelog holds too (another worker
+    served the partition there meanwhile), so only the changelog topic's id tells the two logs apart."""
+    from stream.broker import LocalBroker
+
+    caplog.set_level(logging.WARNING, logger="stream.worker")
+    with LocalBroker() as old_cluster:
+        old = settings_for(old_cluster.bootstrap, registry, tmp_path / "kept", partitions=1, batch_size=10)
+        with running(old):
+            produce(old_cluster.bootstrap, old.input_topic,
+                    [dataclasses.replace(e, user_id=f"old-{e.user_id}") for e in make_events(30, 5, seed=10)])
+            recommendations(old_cluster.bootstrap, old.output_topic, 30)
+    kept_offset = _recorded_changelog_offset(old)
+    settings = dataclasses.replace(old, bootstrap_servers=broker.bootstrap)
+    with running(dataclasses.replace(settings, state_dir=str(tmp_path / "other"))):
+        produce(broker.bootstrap, settings.input_topic, make_events(200, 20, seed=11))
+        recommendations(broker.bootstrap, settings.output_topic, 200)
+    assert len(records_of(broker.bootstrap, settings.changelog_topic)) > kept_offset + 1  # grown past it
+    with running(settings) as worker:
+        pass
+    assert worker.metrics.value("hrnn_stores_discarded_total") == 1
+    assert "was built from another changelog topic" in caplog.text
+    assert_states_match_offline(settings, registry, broker.bootstrap, partitions=[0])  # no user of the old log
+
+
+def _recorded_changelog_offset(settings, partition: int = 0) -> int:
+    from stream.store import StateStores
+
+    stores = StateStores(settings.state_dir, settings.group, settings.input_topic)
+    try:
+        return stores.open(partition).changelog_offset
+    finally:
+        stores.close_all()
+
+
+def test_a_damaged_local_store_is_rebuilt_from_the_changelog(broker, registry, tmp_path, caplog):
+    from stream.store import StateStores
+
+    caplog.set_level(logging.WARNING, logger="stream.worker")
+    settings = settings_for(broker.bootstrap, registry, tmp_path, partitions=PARTITIONS, batch_size=50)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, make_events(150, 20, seed=12))
+        recommendations(broker.bootstrap, settings.output_topic, 150)
+    before = stored_states(settings, range(PARTITIONS))
+    stores = StateStores(settings.state_dir, settings.group, settings.input_topic)
+    for p in range(PARTITIONS):  # a MANIFEST truncated, as a crash on a full disk can leave it
+        manifest = next(stores.path(p).glob("MANIFEST-*"))
+        manifest.write_bytes(manifest.read_bytes()[:20])
+    with running(settings) as worker:
+        restored = stored_states_while_running(worker)
+    assert worker.metrics.value("hrnn_stores_discarded_total") == PARTITIONS
+    assert "partition store is damaged" in caplog.text and "state-dir" not in caplog.text
+    assert set(restored) == set(before) and all(same_state(restored[u], before[u], atol=0) for u in before)
 
 
 @pytest.mark.parametrize("store", ["kept", "lost"])

@@ -3,11 +3,12 @@ settings librdkafka refuses. No broker: records are real confluent_kafka.Message
 from __future__ import annotations
 
 import gc
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import KafkaError, Message, TopicPartition
 
 from model.artifact import latest_version_dir
 from model.errors import ConfigError, EventError
@@ -379,3 +380,68 @@ def test_a_worker_creates_and_checks_the_updates_topic_its_settings_name(tmp_pat
     monkeypatch.setattr(worker, "ensure_topics", lambda admin, specs: asked.extend(s.name for s in specs))
     _start_and_close(tmp_path, monkeypatch, create_topics=True)
     assert "shop1.model-updates" in asked and "hrnn.model-updates" not in asked
+
+
+# ---- reading the changelog back (a stub stands in for a broker that stalls mid-restore) --------------------------
+
+class StallingChangelog:
+    """Offsets 0..high-1 hold records. The first `first` come at once, then the fetches stay silent for `stall_s`
+    (None: for good), then the rest comes. `ends_at` is the high watermark read again after the first read."""
+
+    def __init__(self, high: int = 10, first: int = 3, stall_s: float | None = None, ends_at: int | None = None):
+        self.high, self.first, self.stall_s, self.ends_at = high, first, stall_s, ends_at
+        self.at, self.watermark_reads, self.stalled_at = -1001, 0, None
+
+    def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        self.watermark_reads += 1
+        return 0, self.high if self.watermark_reads == 1 or self.ends_at is None else self.ends_at
+
+    def assign(self, tps):
+        pass
+
+    def unassign(self):
+        pass
+
+    def consume(self, num_messages=1, timeout=-1):
+        time.sleep(timeout)
+        if self.at < 0:
+            self.at = self.first
+            return [self._record(o) for o in range(self.first)]
+        self.stalled_at = self.stalled_at or time.monotonic()
+        if self.at >= self.high or self.stall_s is None or time.monotonic() - self.stalled_at < self.stall_s:
+            return []
+        rest, self.at = range(self.at, self.high), self.high
+        return [self._record(o) for o in rest]
+
+    def position(self, tps):
+        return [TopicPartition("cl", 0, self.at)]
+
+    @staticmethod
+    def _record(offset: int) -> Message:
+        return Message(topic="cl", partition=0, offset=offset, key=f"user-{offset}".encode(), value=b"state",
+                       headers=records.changelog_headers(offset))
+
+
+def read_back(changelog: StallingChangelog, timeout_s: float) -> list[int]:
+    return [r.offset for r in worker.read_changelog(changelog, "cl", 0, 0, timeout_s)]
+
+
+def test_a_restore_reads_every_record_through_a_stall_longer_than_the_idle_period(monkeypatch):
+    monkeypatch.setattr(worker, "_RESTORE_IDLE_S", 0.2)
+    assert read_back(StallingChangelog(stall_s=1.0), timeout_s=30) == list(range(10))
+
+
+def test_a_restore_that_stays_silent_short_of_the_watermark_fails_at_its_deadline_naming_partition_and_offsets(
+        monkeypatch):
+    monkeypatch.setattr(worker, "_RESTORE_IDLE_S", 0.2)
+    t0 = time.monotonic()
+    with pytest.raises(worker.WorkerError, match=r"changelog cl\[0\] not caught up within 1 s \(at 3, end ~10\)"):
+        read_back(StallingChangelog(stall_s=None), timeout_s=1)
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_restore_silent_at_the_end_its_changelog_was_cut_back_to_ends_there(monkeypatch):
+    monkeypatch.setattr(worker, "_RESTORE_IDLE_S", 0.2)
+    t0 = time.monotonic()
+    assert read_back(StallingChangelog(stall_s=None, ends_at=3), timeout_s=30) == [0, 1, 2]
+    assert time.monotonic() - t0 < 5
