@@ -1,7 +1,6 @@
 """ModelHolder: background load + validation, swap between batches, refusal of broken versions."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -22,6 +21,7 @@ from model.pipeline import train_version
 from model.synth import generate
 from stream.hotswap import ModelHolder, ModelRefused, validate_version
 from stream.observability import WorkerMetrics
+from worker_testkit import resign
 
 TINY = HRNNConfig(hidden_dimension=32, epochs=1, n_sample=32, batch_size=32)
 
@@ -42,18 +42,10 @@ def versions(tmp_path_factory) -> tuple[Path, Path, Path]:
     return reg, a, b
 
 
-def _rehash(d: Path) -> None:
-    """Rewrite the manifest so checksums match again: a broken version a buggy publisher signed."""
-    manifest = json.loads((d / "manifest.json").read_text())
-    manifest["version"] = d.name
-    manifest["files"] = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in manifest["files"]}
-    (d / "manifest.json").write_text(json.dumps(manifest))
-
-
 def _copy(src: Path, name: str) -> Path:
     dst = src.parent / f"{name}-{uuid.uuid4().hex[:6]}"
     shutil.copytree(src, dst)
-    _rehash(dst)
+    resign(dst)
     return dst
 
 
@@ -78,7 +70,7 @@ def broken_copy(src: Path, kind: str) -> Path:
         items = json.loads((d / "items.json").read_text())
         items["item_ids"][1] = items["item_ids"][0]
         (d / "items.json").write_text(json.dumps(items))
-    _rehash(d)
+    resign(d)
     return d
 
 

@@ -1,7 +1,6 @@
 """Registry helpers: promote, rollback, retention."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from model.errors import ArtifactError
 from model.network import HRNN
 from model.registry import STALE_TEMP_S, ordered_versions, previous_version, promote, prune, rollback, version_path
 from stream.cli import main as hrnn
+from worker_testkit import resign
 
 CFG = HRNNConfig(hidden_dimension=32)
 
@@ -264,25 +264,17 @@ def test_a_version_this_user_may_not_read_is_an_error_not_an_empty_registry(regi
 
 
 def _signed_copy(registry: Path, src: str, name: str) -> Path:
-    """A copy of `src` named `name`, its manifest rewritten to match whatever the test then changes (`_resign`)."""
+    """A copy of `src` named `name`, its manifest rewritten to match whatever the test then changes (`resign`)."""
     shutil.copytree(registry / src, registry / name)
-    _resign(registry / name)
+    resign(registry / name)
     return registry / name
-
-
-def _resign(d: Path) -> None:
-    """Checksums matching the files again: a broken version a publisher of another code revision signed."""
-    manifest = json.loads((d / "manifest.json").read_text())
-    manifest["version"] = d.name
-    manifest["files"] = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in manifest["files"]}
-    (d / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _unloadable(registry: Path, name: str) -> Path:
     """A signed version whose weights do not fit its config: every worker refuses it (shape)."""
     d = _signed_copy(registry, "v-b", name)
     torch.save(HRNN(10, HRNNConfig(hidden_dimension=48)).state_dict(), d / "weights.pt")
-    _resign(d)
+    resign(d)
     return d
 
 
@@ -308,7 +300,7 @@ def test_promote_rollback_and_canary_refuse_a_version_no_worker_could_load_and_l
 def test_models_show_of_a_version_whose_config_is_not_json_names_the_file_without_a_traceback(registry, capsys):
     d = _signed_copy(registry, "v-b", "v-odd-config")
     (d / "config.json").write_text("{ not json")
-    _resign(d)
+    resign(d)
     assert hrnn(["models", "show", str(registry), "v-odd-config"]) == 2
     err = capsys.readouterr().err
     assert f"{d}: config.json unreadable" in err and "Traceback" not in err

@@ -2,6 +2,7 @@
 settings on unique topics, a worker running in a thread, and readers for its outputs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -38,6 +39,15 @@ def make_registry(root: Path, *, seed: int = 0, n_items: int = N_ITEMS, hidden: 
     items = [f"item-{i}" for i in range(n_items)]
     save_version(root, HRNN(n_items, cfg).eval(), cfg, DataConfig(), items, ["click", "purchase"])
     return root
+
+
+def resign(d: Path) -> None:
+    """Rewrite a version's manifest so its checksums match its files again: a broken version a publisher of another
+    code revision (or a buggy one) signed."""
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["version"] = d.name
+    manifest["files"] = {n: hashlib.sha256((d / n).read_bytes()).hexdigest() for n in manifest["files"]}
+    (d / "manifest.json").write_text(json.dumps(manifest))
 
 
 def settings_for(bootstrap: str, registry: Path, state_dir: Path, *, name: str | None = None,
