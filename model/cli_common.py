@@ -2,7 +2,8 @@
 
 Every field of HRNNConfig and DataConfig is a flag (`--hidden-dimension 64`), read with the
 same coercion and range checks as a config file (`--config best.json`) or the environment
-(HRNN_HIDDEN_DIMENSION); flags win over the environment, which wins over the file.
+(HRNN_HIDDEN_DIMENSION); flags win over the environment, which wins over the file. A config file may also
+name the `holdout` its values were tuned under (`hrnn tune` writes it into best.json); `config_holdout` reads it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ SECTIONS: dict[str, type] = {"hrnn": HRNNConfig, "data": DataConfig}
 # The bookkeeping keys of a published version's config.json (model/artifact.py), which is a valid --config:
 # its hrnn and data sections hold every setting the version was trained with.
 VERSION_KEYS = ("version", "n_items")
+# Not a setting of either class but of the run: tune's best.json records the holdout its trials were scored
+# under, since training under another one would neither reproduce the best trial nor keep its test events unseen.
+HOLDOUT_KEY = "holdout"
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -66,12 +70,33 @@ def file_settings(path: str) -> dict[str, Any]:
         for key in section:
             _check_section_key(path, name, key)
         merged.update(section)
-    top = {k: v for k, v in file_values.items() if k not in SECTIONS and k not in VERSION_KEYS}
+    top = {k: v for k, v in file_values.items() if k not in SECTIONS and k not in (*VERSION_KEYS, HOLDOUT_KEY)}
     every = field_names(HRNNConfig) | field_names(DataConfig)
     for key in top:
         if key not in every:
             raise unknown_setting(key, every, f"config file {path}")
     return merged | top
+
+
+def config_holdout(args: argparse.Namespace, choices: tuple[str, ...]) -> str | None:
+    """The `holdout` the --config file records (None: no file or no such key), one of `choices`."""
+    path = getattr(args, "config", None)
+    if not path:
+        return None
+    value = read_config_file(path).get(HOLDOUT_KEY)
+    if value is not None and value not in choices:
+        raise ConfigError(f"config file {path}: {HOLDOUT_KEY} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def explicit_settings(args: argparse.Namespace) -> set[str]:
+    """The settings given on purpose: by flag, environment or --config file (not left at a default)."""
+    given = {k for k, v in vars(args).items() if v is not None}
+    if getattr(args, "config", None):
+        given |= set(file_settings(args.config))
+    every = field_names(HRNNConfig) | field_names(DataConfig)
+    given |= {k for k in every if ENV_PREFIX + k.upper() in os.environ}
+    return given & every
 
 
 def _check_section_key(path: str, name: str, key: str) -> None:

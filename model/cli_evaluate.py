@@ -8,13 +8,13 @@ from pathlib import Path
 
 from model.artifact import LoadedModel, load_version
 from model.baselines import BASELINES, make_baseline
-from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data, output_file
+from model.cli_common import add_config_flags, add_data_flags, config_holdout, configs_from_args, load_data, output_file
 from model.config import DataConfig, to_dict
 from model.errors import ConfigError
 from model.evaluate import evaluate, format_table
 from model.inference import HRNNScorer
 from model.network import resolve_device
-from model.pipeline import prepare
+from model.pipeline import HOLDOUTS, prepare
 from model.plots import check_format, plot_eval_table
 from model.splits import PERSONALIZE, PROTOCOLS, make_split
 
@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_flags(p)
     p.add_argument("--model", action="append", default=[], metavar="DIR", help="a model version directory (repeatable)")
     p.add_argument("--baselines", default=DEFAULT_BASELINES, help=f"comma list of: {', '.join(BASELINES)} ('' for none)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="last-session")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="default: the --config file's holdout where it is a protocol (`hrnn tune` records it in "
+                        "best.json), else last-session")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write a bar chart PNG here (default: next to --json)")
     p.add_argument("--seed", type=int, default=None,
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     # The split must match the one the models were trained around: use the first model's featurization.
     base = to_dict(loaded[0].data_config) if loaded else None
     _, data_config = configs_from_args(args, base)
+    args.protocol = args.protocol or protocol_of(config_holdout(args, HOLDOUTS))
     for m in loaded:
         if m.metrics.get("holdout") not in (args.protocol, None):
             print(f"warning: {m.path} was trained holding out {m.metrics.get('holdout')!r}, not {args.protocol!r}: "
@@ -75,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if plot:
         plot_eval_table(result, plot)
     return 0
+
+
+def protocol_of(holdout: str | None) -> str:
+    """The protocol that tests what `holdout` kept out of training; a holdout of none kept nothing out."""
+    return holdout if holdout in PROTOCOLS else PROTOCOLS[0]
 
 
 def baseline_names(text: str) -> list[str]:

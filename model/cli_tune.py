@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-from model.cli_common import add_config_flags, add_data_flags, configs_from_args, load_data, output_dir
+from model.cli_common import (add_config_flags, add_data_flags, configs_from_args, explicit_settings, load_data,
+                               output_dir)
 from model.config import DataConfig, HRNNConfig
 from model.pipeline import HOLDOUTS
 
-TRIAL_EPOCHS = 4  # per-trial budget unless --epochs/--config says otherwise: pruning does the rest
+TRIAL_EPOCHS = 4  # per-trial budget unless --epochs, HRNN_EPOCHS or --config says otherwise: pruning does the rest
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,16 +21,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-seed", type=int, default=0, help="seed of the Optuna sampler")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     add_config_flags(p, HRNNConfig, DataConfig)
+    p.epilog = ("A searched hyperparameter given by flag, HRNN_<NAME> or --config is fixed in every trial, not "
+                "searched; --epochs is each trial's epoch budget (default 4).")
 
 
 def run(args: argparse.Namespace) -> int:
     from model.tune import tune
 
-    if args.epochs is None and not args.config:
-        args.epochs = TRIAL_EPOCHS
-    config, data_config = configs_from_args(args)
+    config, data_config = configs_from_args(args, base={"epochs": TRIAL_EPOCHS})  # the lowest layer, not a flag
     output_dir(args.out, "--out")
     result = tune(load_data(args), args.out, base=config, data_config=data_config, trials=args.trials,
-                  timeout_s=args.timeout_s, holdout=args.holdout, device=args.device, seed=args.tune_seed)
+                  timeout_s=args.timeout_s, holdout=args.holdout, device=args.device, seed=args.tune_seed,
+                  fixed=frozenset(explicit_settings(args)))
     print(result.out_dir / "best.json")
     return 0

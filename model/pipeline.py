@@ -12,6 +12,7 @@ With the repeat head, the published network's window offset is then calibrated (
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def fit_and_refit(inputs: FitInputs, config: HRNNConfig, data_config: DataConfig
         return Trained(early, None)
     if progress:
         print(f"refit: {len(inputs.full)} events (validation sessions included), {early.best_epoch} epochs",
-              flush=True)
+              file=sys.stderr, flush=True)
     again = fit(inputs.full, inputs.full_starts, replace(config, epochs=early.best_epoch),
                 type_weights=event_weights(inputs.full, data_config), device=device, progress=progress,
                 init_state=init_state, teachers=[t.published for t in teachers] if teachers else None)
@@ -155,7 +156,7 @@ def train_teachers(inputs: FitInputs, config: HRNNConfig, data_config: DataConfi
     for i in range(config.distill_teachers):
         cfg = replace(config, seed=config.seed + 1 + i, distill_teachers=0)
         if progress:
-            print(f"teacher {i + 1}/{config.distill_teachers} (seed {cfg.seed})", flush=True)
+            print(f"teacher {i + 1}/{config.distill_teachers} (seed {cfg.seed})", file=sys.stderr, flush=True)
         out.append(fit_and_refit(inputs, cfg, data_config, validate, progress=progress, **kwargs))
     return out
 
@@ -170,7 +171,7 @@ def calibrate(trained: Trained, config: HRNNConfig, validate: Validator | None, 
     set_window_offset(trained.published, cal.window_offset)
     if progress:
         print(f"calibration: window offset {cal.window_offset:g}, validation MRR@20 "
-              f"{cal.uncalibrated:.4f} -> {cal.chosen[1]:.4f}", flush=True)
+              f"{cal.uncalibrated:.4f} -> {cal.chosen[1]:.4f}", file=sys.stderr, flush=True)
     return cal
 
 

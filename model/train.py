@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.config import HRNNConfig
+from model.errors import ConfigError
 from model.interactions import Interactions
 from model.losses import NEG_INF, ranking_loss
 from model.network import HRNN, resolve_device
@@ -71,14 +73,11 @@ class TrainSequences:
         n = len(data)
         nxt = np.zeros(n, dtype=bool)
         nxt[:-1] = ~session_start[1:]
-        w = recency_weights(data.ts_ms, cfg) if cfg.recency_mask else np.ones(n, dtype=np.float32)
-        if type_weights is not None:
-            w = w * type_weights
-        w = (w / max(float(w.mean()), 1e-12)).astype(np.float32)
         pop = np.bincount(data.item, minlength=data.n_items).astype(np.float64)
         bounds = data.user_bounds()
         first = np.zeros(n, dtype=bool)
         first[bounds[:-1]] = True
+        w = target_weights(data.ts_ms, session_start | first, first, cfg, type_weights)
         rows = np.arange(n)
         user_first = np.repeat(bounds[:-1], np.diff(bounds)).astype(np.int64)
         session_first = np.maximum.accumulate(np.where(session_start | first, rows, 0)).astype(np.int64) \
@@ -94,6 +93,24 @@ class TrainSequences:
         t = torch.from_numpy
         return gather_windows(t(self.items), t(self.ts_ms), t(self.type_slot), t(ends), t(self.user_first[ends]),
                               t(np.ascontiguousarray(sess, dtype=np.int64)), length)
+
+
+def target_weights(ts_ms: np.ndarray, new_session: np.ndarray, user_first: np.ndarray, cfg: HRNNConfig,
+                   type_weights: np.ndarray | None = None) -> np.ndarray:
+    """Each row's weight as a target, rescaled to mean 1. A ConfigError names the setting when every row that
+    is a target weighs 0: the loss would be 0 from the first step and the random network would be published."""
+    w = recency_weights(ts_ms, cfg) if cfg.recency_mask else np.ones(len(ts_ms), dtype=np.float32)
+    if type_weights is not None:
+        w = w * type_weights
+    starts_are_targets = cfg.predict_session_start and cfg.variant != "session-only"
+    targets = ~user_first & (~new_session | starts_are_targets)  # a user's first event is never a target
+    if targets.any() and not float(w[targets].sum(dtype=np.float64)) > 0:
+        if type_weights is not None and not (type_weights[targets] > 0).any():
+            raise ConfigError("event_type_weights give every training target a weight of 0 (of the event types "
+                              "trained on, at least one needs a weight above 0): nothing would be learnt")
+        raise ConfigError(f"recency_half_life_days {cfg.recency_half_life_days:g} gives every training target a "
+                          "weight of 0: nothing would be learnt (lengthen it, or set recency_mask false)")
+    return (w / max(float(w.mean()), 1e-12)).astype(np.float32)
 
 
 def recency_weights(ts_ms: np.ndarray, cfg: HRNNConfig) -> np.ndarray:
@@ -366,9 +383,11 @@ def deterministic_kernels(device: torch.device) -> Iterator[None]:
 
 def fit(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig, *, type_weights: np.ndarray | None = None,
         validate: Validator | None = None, patience: int = 2, device: str = "auto", progress: bool = True,
-        init_state: dict | None = None, teachers: list[HRNN] | None = None) -> FitResult:
+        init_state: dict | None = None, teachers: list[HRNN] | None = None,
+        stop: Callable[[], bool] | None = None) -> FitResult:
     """Train an HRNN. With `validate`, keep the weights of the best epoch by its 'mrr@20'. With `teachers`
-    (trained on the same data), also learn their mean predictions, weighted by cfg.distill_weight."""
+    (trained on the same data), also learn their mean predictions, weighted by cfg.distill_weight. `stop`,
+    asked after each epoch, ends training there as early stopping would (e.g. a time budget)."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -403,8 +422,10 @@ def fit(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig, *, type_
             result.history.append(entry)
             if progress:
                 shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
-                tqdm.write(f"epoch {epoch}: {shown}")
+                tqdm.write(f"epoch {epoch}: {shown}", file=sys.stderr)  # stdout is the caller's result
             if validate is not None and bad >= patience:
+                break
+            if stop is not None and stop():
                 break
     if best_state is None and average is not None:
         best_state = average.model.state_dict()

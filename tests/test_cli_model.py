@@ -205,3 +205,29 @@ def test_evaluate_with_no_baseline_and_no_model_refuses_before_it_reads_the_data
     monkeypatch.setattr(cli_evaluate, "load_data", lambda args: pytest.fail("read the data first"))
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         evaluate_here("--data", "events.csv", "--baselines", " , ")
+
+
+def test_evaluate_tests_the_protocol_a_config_files_holdout_names_unless_the_flag_names_one(tmp_path):
+    from model.synth import generate, write
+
+    data = write(generate(120, 60, seed=3, events_per_user=15), tmp_path / "log.csv")
+    config = tmp_path / "best.json"
+    config.write_text('{"holdout": "personalize"}')
+    for flags, protocol in (([], "personalize"), (["--protocol", "last-session"], "last-session")):
+        evaluate_here("--data", str(data), "--baselines", "pop", "--config", str(config), "--json",
+                      str(tmp_path / "e.json"), "--quiet", *flags)
+        assert json.loads((tmp_path / "e.json").read_text())["protocol"] == protocol
+
+
+def test_train_writes_only_the_version_directory_to_stdout_and_its_progress_to_stderr(tmp_path, capsys):
+    from model.synth import generate, write
+    from stream.cli import main
+
+    data = write(generate(120, 60, seed=3, events_per_user=15), tmp_path / "log.csv")
+    assert main(["train", "--data", str(data), "--registry", str(tmp_path / "reg"), "--epochs", "1",
+                 "--hidden-dimension", "32", "--repeat-head", "true", "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    (version,) = cap.out.splitlines()
+    assert Path(version).parent == tmp_path / "reg"
+    for progress in ("epoch 1: ", "refit: ", "calibration: "):
+        assert progress in cap.err

@@ -130,3 +130,43 @@ def test_a_toml_config_value_of_another_kind_than_its_setting_is_refused_too(tmp
     path.write_text("[hrnn]\nrecency_mask = 0.5\n")
     with pytest.raises(ConfigError, match="setting recency_mask: 0.5 is a number, not a boolean"):
         _configs("--config", str(path))
+
+
+def _train_args(*argv: str) -> argparse.Namespace:
+    from model import cli_train
+
+    p = argparse.ArgumentParser()
+    cli_train.add_arguments(p)
+    return p.parse_args(["--data", "events.csv", "--registry", "reg", *argv])
+
+
+def test_a_config_files_holdout_is_the_holdout_of_hrnn_train_unless_the_flag_names_another(tmp_path):
+    from model.cli_train import resolve_holdout
+
+    path = tmp_path / "best.json"
+    path.write_text('{"holdout": "personalize", "hidden_dimension": 40}')
+    args = _train_args("--config", str(path))
+    assert configs_from_args(args)[0].hidden_dimension == 40  # the key is no setting, yet not refused
+    assert resolve_holdout(args) == "personalize"
+    assert resolve_holdout(_train_args("--config", str(path), "--holdout", "none")) == "none"
+    assert resolve_holdout(_train_args()) == "last-session"
+
+
+def test_a_config_files_holdout_that_is_no_holdout_is_a_config_error_naming_it(tmp_path):
+    from model.cli_train import resolve_holdout
+
+    path = tmp_path / "best.json"
+    path.write_text('{"holdout": "last_session"}')
+    with pytest.raises(ConfigError, match=r"best.json: holdout 'last_session' is not one of last-session, "):
+        resolve_holdout(_train_args("--config", str(path)))
+
+
+def test_the_settings_given_explicitly_are_those_of_the_flags_the_environment_and_the_config_file(tmp_path,
+                                                                                                   monkeypatch):
+    from model.cli_common import explicit_settings
+
+    path = tmp_path / "c.json"
+    path.write_text('{"hrnn": {"bptt": 8}, "min_item_support": 2, "holdout": "none"}')
+    monkeypatch.setenv("HRNN_N_SAMPLE", "0")
+    args = _train_args("--config", str(path), "--loss", "top1")
+    assert explicit_settings(args) == {"bptt", "min_item_support", "n_sample", "loss"}

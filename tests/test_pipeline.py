@@ -12,7 +12,7 @@ import model.pipeline as pipeline
 from model.artifact import load_version
 from model.cli_evaluate import split_seed
 from model.config import DataConfig, HRNNConfig
-from model.errors import DataError
+from model.errors import ConfigError, DataError
 from model.interactions import Interactions
 from model.splits import make_split
 from model.synth import generate
@@ -131,3 +131,11 @@ def test_a_log_with_no_next_event_to_learn_is_a_data_error_not_a_published_rando
         pipeline.train_version(log, tmp_path / "reg", config=BASE, data_config=DataConfig(), holdout=holdout,
                                progress=False)
     assert not (tmp_path / "reg").exists()
+
+
+@pytest.mark.parametrize("data_config", [DataConfig(event_type_weights={"click": 0, "purchase": 0}),
+                                         DataConfig(event_types=("purchase",), event_type_weights={"purchase": 0})])
+def test_event_type_weights_that_leave_nothing_to_learn_publish_nothing(data, data_config, tmp_path):
+    with pytest.raises(ConfigError, match="^event_type_weights give every training target a weight of 0"):
+        pipeline.train_version(data, tmp_path, config=BASE, data_config=data_config, progress=False)
+    assert not any(tmp_path.iterdir())

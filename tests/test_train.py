@@ -180,3 +180,27 @@ def test_the_hrnn_really_learns_the_synthetic_cross_session_signal():
     res = evaluate(split, scorers, progress=False).models
     assert res["hrnn"]["recall@20"] > 1.5 * res["pop"]["recall@20"]
     assert res["hrnn"]["first/recall@20"] > res["pop"]["first/recall@20"]
+
+
+def test_event_type_weights_of_0_for_every_target_are_a_config_error_naming_the_setting_before_training(
+        synth, monkeypatch):
+    import model.train as train_mod
+    from model.errors import ConfigError
+
+    monkeypatch.setattr(train_mod, "run_epoch", lambda *a, **k: pytest.fail("trained"))
+    starts = session_starts(synth, 1800)
+    with pytest.raises(ConfigError, match="^event_type_weights give every training target a weight of 0"):
+        fit(synth, starts, HRNNConfig(**SMALL), type_weights=np.zeros(len(synth), dtype=np.float32), progress=False)
+
+
+def test_a_recency_half_life_that_leaves_every_target_a_weight_of_0_is_a_config_error_naming_it():
+    from model.errors import ConfigError
+    from model.train import target_weights
+
+    # user 0: three events long ago (the targets); user 1: one event, the newest, and a user's first is no target
+    ts_ms = np.array([0, 1000, 2000, 10**12])
+    new_session, first = np.array([True, False, False, True]), np.array([True, False, False, True])
+    cfg = HRNNConfig(recency_mask=True, recency_half_life_days=1e-6)
+    with pytest.raises(ConfigError, match="^recency_half_life_days 1e-06 gives every training target a weight of 0"):
+        target_weights(ts_ms, new_session, first, cfg)
+    assert np.allclose(target_weights(ts_ms, new_session, first, HRNNConfig(recency_mask=False)), 1.0)

@@ -1,8 +1,16 @@
 """`hrnn tune`: an Optuna study on the validation split only, within its budgets, whose best.json reruns the best trial."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +54,7 @@ def test_the_study_writes_best_json_trials_and_a_history_plot(study):
     result, out, _ = study
     best = json.loads((out / "best.json").read_text())
     fields = {f.name for f in dataclasses.fields(HRNNConfig)} | {f.name for f in dataclasses.fields(DataConfig)}
-    assert set(best) == fields
+    assert set(best) == fields | {"holdout"}
     trials = json.loads((out / "trials.json").read_text())["trials"]
     assert len(trials) == 5 and {t["state"] for t in trials} <= {"complete", "pruned"}
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 1 + 5
@@ -124,3 +132,189 @@ def test_the_cli_prints_one_line_per_trial_and_the_path_of_best_json(data, tmp_p
     best = json.loads((tmp_path / "out" / "best.json").read_text())
     assert np.isfinite(json.loads((tmp_path / "out" / "trials.json").read_text())["best_value"])
     assert best["epochs"] == 1 and best["batch_size"] == 32
+
+
+# A small study, fast enough to run whole: one epoch of a small network takes about a second.
+SMALL = dict(batch_size=32, hidden_dimension=32, n_sample=64, repeat_head=False)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return generate(120, 60, seed=3, events_per_user=15)
+
+
+@pytest.fixture(scope="module")
+def small_csv(small, tmp_path_factory):
+    return write(small, tmp_path_factory.mktemp("small") / "log.csv")
+
+
+def hrnn_here(argv: list[str]) -> tuple[int, str, str]:
+    """`hrnn ...` in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = hrnn(argv)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pinned(small_csv, tmp_path_factory):
+    """`hrnn tune` with searched settings given by flag (loss, hidden dimension, repeat head) and environment
+    (n_sample), and its epochs by environment only."""
+    out = tmp_path_factory.mktemp("pinned")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HRNN_EPOCHS", "2")
+        mp.setenv("HRNN_N_SAMPLE", "0")
+        rc, _, err = hrnn_here(["tune", "--data", str(small_csv), "--out", str(out), "--trials", "3",
+                                "--loss", "top1", "--hidden-dimension", "40", "--repeat-head", "false",
+                                "--batch-size", "32", "--device", "cpu"])
+    assert rc == 0, err
+    return out, err
+
+
+def test_settings_given_by_flag_or_environment_are_fixed_in_every_trial_and_the_output_says_so(pinned):
+    out, err = pinned
+    trials = json.loads((out / "trials.json").read_text())["trials"]
+    assert len(trials) == 3
+    for t in trials:
+        assert not {"loss", "hidden_dimension", "repeat_head", "n_sample", "history_length"} & set(t["params"])
+    best = json.loads((out / "best.json").read_text())
+    assert (best["loss"], best["hidden_dimension"], best["repeat_head"], best["n_sample"]) == ("top1", 40, False, 0)
+    assert "learning_rate" in trials[1]["params"]  # the rest is still searched
+    (fixed,) = [ln for ln in err.splitlines() if ln.startswith("fixed in every trial")]
+    assert all(s in fixed for s in ("loss=top1", "hidden_dimension=40", "repeat_head=False", "n_sample=0"))
+
+
+def test_tune_takes_its_epochs_from_the_environment_its_default_of_4_only_below_it(pinned):
+    out, _ = pinned
+    assert json.loads((out / "best.json").read_text())["epochs"] == 2
+
+
+def test_tune_prints_a_line_per_epoch_of_each_trial_to_stderr(pinned):
+    _, err = pinned
+    epochs = [ln for ln in err.splitlines() if ln.startswith("  trial #0 epoch ")]
+    assert [ln.split(":")[0] for ln in epochs] == ["  trial #0 epoch 1/2", "  trial #0 epoch 2/2"]
+    assert all("mrr@20 " in ln and ln.endswith(" s") for ln in epochs)
+
+
+def test_only_the_settings_searched_are_left_out_of_the_search_when_given():
+    study = tune_mod.optuna.create_study()
+    trial = study.ask()
+    cfg = tune_mod.suggest(trial, dataclasses.replace(BASE, repeat_head=True, history_length=77),
+                           frozenset({"loss", "history_length"}))
+    assert "loss" not in trial.params and "history_length" not in trial.params and "bptt" in trial.params
+    assert (cfg.loss, cfg.history_length) == (BASE.loss, 77)
+    assert "loss" not in tune_mod.base_params(BASE, frozenset({"loss"}))
+
+
+def test_a_crash_in_a_trial_leaves_best_json_and_the_trials_completed_before_it(small, tmp_path, monkeypatch):
+    calls = []
+    real_fit = tune_mod.fit
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(tune_mod, "fit", second_fails)
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tune(small, tmp_path, base=HRNNConfig(epochs=1, **SMALL), data_config=DataConfig(), trials=5,
+             timeout_s=600, log=lines.append)
+    trials = json.loads((tmp_path / "trials.json").read_text())
+    assert [t["state"] for t in trials["trials"]] == ["complete", "fail"]
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["hidden_dimension"] == trials["trials"][trials["best_trial"]]["params"]["hidden_dimension"]
+    assert (tmp_path / "trials.csv").exists() and (tmp_path / "optimization_history.png").exists()
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    assert lines[-1].startswith("stopped by RuntimeError: CUDA out of memory; the best of the 1 trial(s) completed")
+
+
+def test_ctrl_c_during_tune_keeps_the_completed_trials_and_exits_130_with_one_line_and_no_traceback(small_csv,
+                                                                                                     tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "tune", "--data", str(small_csv), "--out", str(out),
+                             "--trials", "500", "--epochs", "2", "--batch-size", "32", "--hidden-dimension", "32",
+                             "--repeat-head", "false", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    try:
+        seen = []
+        for line in proc.stderr:  # the first trial's line, then Ctrl-C in the next trial
+            seen.append(line)
+            if line.startswith("trial #0 "):
+                break
+        assert seen and seen[-1].startswith("trial #0 "), "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert rest.strip().splitlines()[-1].startswith("interrupted; the best of the ")
+    trials = json.loads((out / "trials.json").read_text())["trials"]
+    assert trials[0]["state"] == "complete"
+    assert json.loads((out / "best.json").read_text())["hidden_dimension"] == 32
+
+
+@pytest.fixture(scope="module")
+def cut_short(small, tmp_path_factory):
+    """A study whose every validation takes 100 s by the clock tune reads (the network trains for real): with a
+    250 s budget the second epoch ends at about 200 s, when neither a third, nor the calibration (6 validations),
+    nor another trial's first epoch would end before the deadline."""
+    out = tmp_path_factory.mktemp("cut_short")
+    skew = [0.0]
+    real_validator, real_clock = tune_mod.validator, tune_mod.time.perf_counter
+
+    def slow_validator(split, seed):
+        run = real_validator(split, seed)
+
+        def validate(model):
+            skew[0] += 100.0
+            return run(model)
+        return validate
+
+    base = HRNNConfig(epochs=4, **{**SMALL, "repeat_head": True})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tune_mod, "validator", slow_validator)
+        mp.setattr(tune_mod, "time", types.SimpleNamespace(perf_counter=lambda: real_clock() + skew[0]))
+        result = tune(small, out, base=base, data_config=DataConfig(), trials=50, timeout_s=250, log=lambda _: None)
+    return result, out
+
+
+def test_no_trial_starts_when_the_time_left_is_shorter_than_a_first_epoch(cut_short):
+    result, _ = cut_short
+    assert len(result.trials) == 1
+
+
+def test_a_trial_the_budget_cuts_short_is_kept_with_the_epochs_it_ran_and_without_the_calibration(cut_short):
+    result, out = cut_short
+    (trial,) = result.trials
+    assert (trial["state"], trial["epochs"], trial["stopped_for_time"]) == ("complete", 2, True)
+    assert trial["window_offset"] is None
+    best = json.loads((out / "best.json").read_text())
+    assert (best["epochs"], best["calibrate_window_offset"]) == (2, False)
+
+
+def test_training_from_the_best_json_of_a_study_cut_short_reproduces_its_best_trial(cut_short, small, tmp_path):
+    result, out = cut_short
+    values = json.loads((out / "best.json").read_text())
+    cfg, dcfg = load_config(HRNNConfig, file_values=values), load_config(DataConfig, file_values=values)
+    run = train_version(small, tmp_path, config=cfg, data_config=dcfg, progress=False)
+    assert run.metrics["val_mrr@20"] == result.best_value
+
+
+def test_best_json_records_the_holdout_and_hrnn_train_with_it_reproduces_the_trial(small_csv, tmp_path):
+    tuned = tmp_path / "tune"
+    rc, _, err = hrnn_here(["tune", "--data", str(small_csv), "--out", str(tuned), "--trials", "1", "--epochs", "2",
+                            "--holdout", "personalize", "--batch-size", "32", "--hidden-dimension", "32",
+                            "--n-sample", "64", "--repeat-head", "false", "--device", "cpu"])
+    assert rc == 0, err
+    assert json.loads((tuned / "best.json").read_text())["holdout"] == "personalize"
+    rc, out, err = hrnn_here(["train", "--data", str(small_csv), "--registry", str(tmp_path / "reg"),
+                              "--config", str(tuned / "best.json"), "--device", "cpu", "--quiet"])
+    assert rc == 0, err
+    metrics = json.loads((Path(out.strip()) / "metrics.json").read_text())
+    assert metrics["holdout"] == "personalize"
+    assert metrics["val_mrr@20"] == json.loads((tuned / "trials.json").read_text())["best_value"]
