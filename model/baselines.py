@@ -7,7 +7,9 @@ Shared conventions:
 - Items with code -1 (unknown to training) are skipped as inputs.
 - Ties are broken by training popularity with a term too small to reorder the primary scores:
   integer-valued scores (counts) get popularity / (max popularity + 1) < 1; real-valued scores
-  get 1e-6 (similarities in [0, 1]) or 1e-9 (recency weights) times popularity / max popularity.
+  get 1e-12 (sums of kNN similarities: two cosines can differ by less than 1e-6, e.g. 1/sqrt(10^4) and
+  1/sqrt(10^4 + 1)), 1e-6 (EASE, whose float32 weights hold no finer differences) or 1e-9 (recency
+  weights) times popularity / max popularity.
   Without it the evaluator's pessimistic tie rule would rank every unscored item last together.
   Scores are float64: in float32 a term of 1e-9 (or 1e-6 between close popularities) vanishes
   beside a score near 1, and the ties it should break count against the baseline.
@@ -27,6 +29,7 @@ from model.scorer import Scorer, UserSequence
 from model.sessions import session_index
 
 DAY_MS = 86_400_000
+SIMILARITY_TIE_BREAK = 1e-12  # times popularity / max popularity: float64 resolves it beside scores up to ~500
 
 
 def _session_begin(seq: UserSequence) -> np.ndarray:
@@ -166,7 +169,7 @@ class ItemKNN(_Baseline):
         self.sim = np.zeros((n, m), dtype=np.float64)
         self.nbr[r[keep], pos[keep]] = c[keep]
         self.sim[r[keep], pos[keep]] = sim[keep]
-        self.base = 1e-6 * self.pop_norm
+        self.base = SIMILARITY_TIE_BREAK * self.pop_norm
 
     def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
         row = self.base.copy()
@@ -215,7 +218,7 @@ class SessionKNN(_Baseline):
         keep = pos_from_end < self.sample_size
         self.item_sessions = ss[keep]
         self.item_ptr = np.concatenate([[0], np.cumsum(np.bincount(it[keep], minlength=self.n_items))]).astype(np.int64)
-        self.base = 1e-6 * self.pop_norm
+        self.base = SIMILARITY_TIE_BREAK * self.pop_norm
 
     def _score_one(self, seq: UserSequence, begin: int, t: int) -> np.ndarray:
         row = self.base.copy()

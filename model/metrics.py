@@ -44,6 +44,23 @@ def pessimistic_ranks(scores: np.ndarray, rows: np.ndarray, items: np.ndarray) -
     return out
 
 
+def _set_ranks(scores: np.ndarray, sets: list[np.ndarray]) -> np.ndarray:
+    """Ranks of each row's relevant items, concatenated: pessimistic against the other items (one tied with a
+    relevant item ranks above it), but relevant items tied with each other take consecutive ranks, as in any
+    ordering of them (the plain pessimistic rank would give each the last of their ranks)."""
+    rows = np.repeat(np.arange(len(sets)), [len(t) for t in sets])
+    items = np.concatenate(sets) if sets else np.zeros(0, dtype=np.int64)
+    ranks = pessimistic_ranks(scores, rows, items)
+    at = 0
+    for r, t in enumerate(sets):
+        mine = scores[r, t]
+        order = np.argsort(-mine, kind="stable")
+        higher_or_tied = np.searchsorted(-mine[order], -mine[order], side="right")  # relevant items scoring >= it
+        ranks[at + order] += np.arange(1, len(t) + 1) - higher_or_tied
+        at += len(t)
+    return ranks
+
+
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k best items of each row (unordered within the k; ties at the border broken arbitrarily)."""
     scores = _clean(scores)
@@ -145,8 +162,7 @@ class SetMetrics:
         if (sizes == 0).any():
             raise ValueError("every ranking needs at least one ground-truth item")
         rows = np.repeat(np.arange(len(sets)), sizes)
-        items = np.concatenate(sets) if sets else np.zeros(0, dtype=np.int64)
-        ranks = pessimistic_ranks(scores, rows, items).astype(np.float64)
+        ranks = _set_ranks(scores, sets).astype(np.float64)
         n = len(sets)
         self.n += n
         for k in self.cutoffs:

@@ -113,6 +113,25 @@ def test_the_popularity_tie_break_survives_between_close_popularities():
         assert scores[0, code(data, "z")] > scores[0, code(data, "y")], name
 
 
+def test_the_popularity_tie_break_never_reorders_two_different_similarities():
+    """sim(L, X) = 1/sqrt(10000) exceeds sim(L, Y) = 1/sqrt(10001) by 5e-7, less than a 1e-6 popularity term could
+    add to Y (three times as popular)."""
+    users, items = ["u0"] * 3, ["L", "X", "Y"]
+    for k in range(9999):
+        users.append(f"x{k}"), items.append("X")
+    for k in range(10000):
+        users += [f"y{k}"] * 3
+        items += ["Y"] * 3
+    train = Interactions.from_columns(users, items, np.arange(len(users)) * 1000)
+    knn = make_baseline("item-knn")
+    knn.fit(train, session_starts(train, 1800))
+    code = {n: i for i, n in enumerate(train.item_ids)}
+    seq = UserSequence(0, np.array([code["L"], code["X"]], np.int32), np.array([0, 1000]), np.zeros(2, np.int16),
+                       np.array([True, False]), np.array([1]))
+    scores = knn.score([seq])[0][0]
+    assert scores[code["X"]] > scores[code["Y"]]
+
+
 def test_session_term_lifts_the_current_sessions_items(bg):
     data, starts = bg
     # history: a twice a day ago; current session: c once

@@ -127,6 +127,17 @@ def test_a_perfect_set_ranking_scores_one():
     assert out["precision@3"] == pytest.approx(1.0) and out["precision@5"] == pytest.approx(3 / 5)
 
 
+def test_relevant_items_tied_with_each_other_take_consecutive_ranks_and_lose_ties_with_the_others():
+    acc = SetMetrics(5, cutoffs=(1, 2))
+    acc.add(np.array([[1.0, 1.0, 0.0, 0.0, 0.0]], dtype=np.float32), [np.array([0, 1])])  # the set alone on top
+    out = acc.result()
+    assert (out["precision@1"], out["recall@1"], out["mrr@1"], out["ndcg@2"]) == pytest.approx((1.0, 0.5, 1.0, 1.0))
+    acc = SetMetrics(5, cutoffs=(2, 3))  # an irrelevant item tied with both still ranks above them: ranks 2, 3
+    acc.add(np.array([[1.0, 1.0, 1.0, 0.0, 0.0]], dtype=np.float32), [np.array([0, 1])])
+    out = acc.result()
+    assert (out["recall@2"], out["recall@3"], out["mrr@3"]) == pytest.approx((0.5, 1.0, 0.5))
+
+
 def test_an_empty_ground_truth_set_is_refused():
     with pytest.raises(ValueError, match="ground-truth"):
         SetMetrics(3).add(np.zeros((1, 3), dtype=np.float32), [np.array([], dtype=np.int64)])
