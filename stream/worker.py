@@ -177,7 +177,8 @@ def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
         if key is None or key != event.user_id.encode():
             out.rekey.append((msg, event))
             continue
-        origin = records.repartitioned_from(msg.headers())
+        headers = msg.headers()
+        origin = records.repartitioned_from(headers) if headers else None  # most records carry no headers
         out.events.append(Incoming(p, o, event, ts if ts_type else None,
                                    origin[1:] if origin and origin[0] == msg.topic() else None))
     out.events.sort(key=lambda e: (e.partition, e.offset))
@@ -546,12 +547,8 @@ class Worker:
         store = self._open_store(partition)
         stale = self._stale_store(store)
         if stale:
-            log.warning(f"partition store {stale} (topics recreated, or another cluster): discarded, rebuilt from "
-                        "the changelog", extra={"partition": partition, "changelog_offset": store.changelog_offset,
-                                                "changelog_log": self._changelog_log})
-            self.metrics.stores_discarded_total.inc()
-            self.stores.wipe(partition)
-            store = self.stores.open(partition)
+            store = self._rebuilt_store(partition, f"{stale} (topics recreated, or another cluster)",
+                                        changelog_offset=store.changelog_offset, changelog_log=self._changelog_log)
         store.follow_changelog_log(self._changelog_log)
         forgotten = store.follow_input_log(self._input_log)
         if forgotten:
@@ -573,11 +570,15 @@ class Worker:
         try:
             return self.stores.open(partition)
         except StoreCorrupt as exc:
-            log.warning("partition store is damaged: discarded, rebuilt from the changelog",
-                        extra={"partition": partition, "error": str(exc)})
-            self.metrics.stores_discarded_total.inc()
-            self.stores.wipe(partition)
-            return self.stores.open(partition)
+            return self._rebuilt_store(partition, "is damaged", error=str(exc))
+
+    def _rebuilt_store(self, partition: int, why: str, **extra: object) -> PartitionStore:
+        """The partition's store wiped and opened empty: the changelog restore that follows refills it."""
+        log.warning(f"partition store {why}: discarded, rebuilt from the changelog",
+                    extra={"partition": partition, **extra})
+        self.metrics.stores_discarded_total.inc()
+        self.stores.wipe(partition)
+        return self.stores.open(partition)
 
     def _stale_store(self, store: PartitionStore) -> str | None:
         """Why the store cannot be caught up from the broker's changelog; None when it can.
