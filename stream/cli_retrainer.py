@@ -14,6 +14,7 @@ import logging
 
 from model.cli_common import add_config_flags, file_settings
 from model.config import DataConfig, HRNNConfig, field_names
+from model.errors import ConfigError
 from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
 
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
-    a("--bootstrap-servers", help="Kafka bootstrap servers HOST:PORT[,...] (not needed with --once)")
+    a("--bootstrap-servers", help="Kafka bootstrap servers HOST:PORT[,...] (optional with --once, which then "
+                                  "announces what it publishes; --canary-share needs it)")
     a("--registry", required=True, help="model registry directory")
     a("--archive", required=True, help="training store: Parquet files by day")
     when = p.add_mutually_exclusive_group()
@@ -101,6 +103,11 @@ def _once(settings) -> int:
     from stream.retrainer import announce_published, canary_skip
 
     settings.validate_run()
+    if settings.canary_share and not settings.bootstrap_servers:
+        # only the announcement makes a version a canary: unannounced, it would be published and serve nobody
+        raise ConfigError(f"--canary-share {settings.canary_share:g} needs --bootstrap-servers: a canary serves only "
+                          "once announced to the workers. Give --bootstrap-servers, or drop --canary-share (the "
+                          "version is then published as the current one)")
     if settings.bootstrap_servers:  # before training, not after it when announcing
         from stream.kafka_clients import check_client_settings
 

@@ -7,9 +7,11 @@ Steps: read the newest `window_days` of the archive; train a candidate with the 
 version's hyperparameters (plus overrides), holding out each user's last session
 (the newest events, unseen by the candidate); evaluate candidate and serving version on those
 sessions; publish the candidate (and make it CURRENT) only if its metric is not worse than the
-serving one's by more than `margin` (relative). The candidate is trained into a staging
-registry first, so a rejected one never appears in the registry, and a published one carries
-the comparison in its metrics.json from the moment it is visible.
+serving one's by more than `margin` (relative), and not when CURRENT has moved since the run read
+it (a rollback or promotion during the run: the comparison is then with a version that no longer
+serves). The candidate is trained into a staging registry first, so a rejected one never appears
+in the registry, and a published one carries the comparison in its metrics.json from the moment
+it is visible. A staging registry left by a killed run is removed by the next run.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ log = logging.getLogger("stream.retrain_job")  # also when run as __main__
 
 HOLDOUT = LAST_SESSION
 LOCK_NAME = ".retrain.lock"
+STAGING_PREFIX = ".staging-"
 STATUSES = ("published", "rejected", "skipped", "failed")
 
 
@@ -161,8 +164,7 @@ def _metrics_on_split(models: dict[str, LoadedModel], data, data_config: DataCon
     return {name: {k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for name, m in res.models.items()}
 
 
-def _serving_model(registry: Path) -> LoadedModel | None:
-    cur = current_version(registry)
+def _serving_model(registry: Path, cur: str | None) -> LoadedModel | None:
     if cur is None:
         return None
     try:
@@ -184,8 +186,9 @@ def retrain(spec: RetrainSpec) -> RetrainOutcome:
     if not lock.acquire():
         lock.release()
         return RetrainOutcome("skipped", "another retraining run holds the registry lock")
-    staging = registry / f".staging-{uuid.uuid4().hex[:8]}"
+    staging = registry / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
     try:
+        _remove_left_staging(registry)
         out = _retrain_locked(spec, registry, staging)
     except HRNNError as exc:
         out = RetrainOutcome("failed", str(exc))
@@ -196,6 +199,17 @@ def retrain(spec: RetrainSpec) -> RetrainOutcome:
     return out
 
 
+def _remove_left_staging(registry: Path) -> None:
+    """Remove the staging folders of earlier runs: a run killed at its timeout (SIGKILL) never cleans its own up.
+    Only under the registry lock: it guarantees that no other run is training into one of them."""
+    left = sorted(d for d in registry.glob(f"{STAGING_PREFIX}*") if d.is_dir())
+    for d in left:
+        shutil.rmtree(d, ignore_errors=True)
+    if left:
+        log.warning("removed the staging folders of earlier runs (killed before they could clean up): %s",
+                    ", ".join(d.name for d in left))
+
+
 def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> RetrainOutcome:
     window = scan_window(spec.archive, spec.window_days)
     n = window.events
@@ -203,7 +217,8 @@ def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> Retrain
         return RetrainOutcome("skipped", f"{n} events in the {spec.window_days}-day window, "
                                          f"{spec.min_events} needed", window_events=n)
     data = read_window(spec.archive, spec.window_days, window=window)
-    serving = _serving_model(registry)
+    serving_name = current_version(registry)  # the name, not serving.version: that is None for a broken CURRENT
+    serving = _serving_model(registry, serving_name)
     base_h = to_dict(serving.config) if serving else {}
     base_d = to_dict(serving.data_config) if serving else {}
     config = load_config(HRNNConfig, file_values=base_h, overrides=spec.hrnn)
@@ -238,6 +253,16 @@ def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> Retrain
         out.reason = f"{spec.metric} {cand_m:.4f} is worse than the serving {serv_m:.4f} by more than {spec.margin:g}"
         log.warning("candidate rejected", extra={"comparison": comparison})
         return out
+    now_current = current_version(registry)
+    if now_current != serving_name:
+        # a rollback or promotion during the run (they do not take the lock): the gate judged the candidate against
+        # a version that no longer serves, and publishing would override the operator's choice
+        out.status = "skipped"
+        out.reason = (f"CURRENT moved from {serving_name or 'none'} to {now_current or 'none'} during the run: "
+                      "not published over it")
+        log.warning("candidate not published: CURRENT moved during the run",
+                    extra={"serving_version": serving_name, "current_version": now_current})
+        return out
     curve = run.version_dir / "training_curve.png"
     path = save_version(registry, candidate.model, candidate.config, candidate.data_config, candidate.item_ids,
                         candidate.event_types, {**candidate.metrics, "comparison": comparison},
@@ -256,7 +281,7 @@ def _prune_after_publishing(registry: Path, keep: int, out: RetrainOutcome) -> l
     """Prune to `keep` versions; a failure is logged and added to out.reason, never raised: the version is
     saved (and CURRENT moved) already, so the run must still report it published and have it announced."""
     try:
-        return prune(registry, keep)
+        return prune(registry, keep, protect=(out.version,))  # a canary is not CURRENT: prune would not spare it
     except Exception as exc:  # noqa: BLE001 (any failure here would otherwise hide a published version)
         log.error("published %s but pruning to %d versions failed: %s", out.version, keep, exc)
         out.reason += f"; pruning failed: {type(exc).__name__}: {exc}"
