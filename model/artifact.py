@@ -268,17 +268,24 @@ def verify(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def version_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The HRNN and data settings a version was trained with, as its config.json holds them (OSError, ValueError,
+    KeyError or TypeError where it cannot be read so)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    # versions written before window_profile existed were trained without it
+    return {"window_profile": False, **cfg["hrnn"]}, dict(cfg["data"])
+
+
 def load_version(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Load and validate a version: checksums, config, item index and weight shapes."""
     d = Path(path)
     manifest = verify(d)
     try:
-        cfg_obj = json.loads((d / "config.json").read_text())
+        hrnn, data = version_settings(d)
         items = json.loads((d / "items.json").read_text())
         metrics = json.loads((d / "metrics.json").read_text())
-        # versions written before window_profile existed were trained without it
-        config = load_config(HRNNConfig, file_values={"window_profile": False, **cfg_obj["hrnn"]})
-        data_config = load_config(DataConfig, file_values=cfg_obj["data"])
+        config = load_config(HRNNConfig, file_values=hrnn)
+        data_config = load_config(DataConfig, file_values=data)
         state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
         item_ids = [str(i) for i in items["item_ids"]]
         event_types = list(items.get("event_types", []))

@@ -33,8 +33,9 @@ import torch
 from model.artifact import LoadedModel, current_version, load_version, save_version
 from model.config import DataConfig, HRNNConfig, load_config, to_dict
 from model.errors import ArtifactError, ConfigError, HRNNError
-from model.evaluate import evaluate
+from model.evaluate import FIRST, evaluate
 from model.inference import HRNNScorer
+from model.metrics import NextItemMetrics
 from model.network import HRNN, WINDOW_OFFSET
 from model.pipeline import prepare, train_version, training_part
 from model.registry import prune
@@ -47,6 +48,8 @@ HOLDOUT = LAST_SESSION
 LOCK_NAME = ".retrain.lock"
 STAGING_PREFIX = ".staging-"
 STATUSES = ("published", "rejected", "skipped", "failed")
+GATE_CUTOFFS = (10, 20)  # the comparison's metrics; "first/" prefixes those of the first item of a session
+GATE_METRICS = frozenset(k for name in NextItemMetrics(1, GATE_CUTOFFS).result() for k in (name, FIRST + name))
 
 
 @dataclass
@@ -160,7 +163,7 @@ def _metrics_on_split(models: dict[str, LoadedModel], data, data_config: DataCon
     scorers = {name: HRNNScorer.for_version(m, split.train, name=name) for name, m in models.items()}
     for s in scorers.values():
         s.fit(split.train, split.train_starts)
-    res = evaluate(split, scorers, cutoffs=(10, 20), progress=False)
+    res = evaluate(split, scorers, cutoffs=GATE_CUTOFFS, progress=False)
     return {name: {k: float(v) for k, v in m.items() if isinstance(v, (int, float))} for name, m in res.models.items()}
 
 

@@ -7,12 +7,16 @@
   service stops: the batch is never acked unwritten, and /health says 503 meanwhile. The
   files also name the topic id, read on every assignment and whenever a batch holds offsets
   archived before: a recreated events topic is archived again from its start.
-- A timer (`--interval-s`) or crontab (`--cron`) with `on_leader=True` starts a retraining run
-  on the group's leader only: Faust elects as leader the member that is assigned partition 0
-  of its `<app id>-__assignor-__leader` topic, so with N instances exactly one runs the schedule.
+- A timer or crontab (`--cron`) with `on_leader=True` starts a retraining run on the group's leader
+  only: Faust elects as leader the member that is assigned partition 0 of its
+  `<app id>-__assignor-__leader` topic, so with N instances exactly one runs the schedule.
+  `--interval-s` counts from the start of the last scheduled run, which the registry records
+  (`.last-run`), so failover and restarts keep it; the leader looks every min(interval, 60) s,
+  and runs at its first look when no run is recorded.
 - A run is a child process (`python -m stream.retrain_job`), so the event loop keeps
   heartbeating and archiving while torch trains; a published version is announced on
   hrnn.model-updates with reason "retrain" (with --canary-share: "canary", for that share of the users).
+  On Linux the child dies with the service, however the service dies (SIGKILL, OOM kill).
 
 Kafka client settings (`--kafka-config`, as the workers take them) reach the librdkafka clients (the topic
 id, the announcements) as given and the Faust app as stream/faust_credentials.py maps them.
@@ -26,6 +30,8 @@ import asyncio
 import functools
 import json
 import logging
+import math
+import os
 import secrets
 import shutil
 import sys
@@ -38,6 +44,8 @@ from typing import Any
 from confluent_kafka.admin import AdminClient
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from model.artifact import current_version, version_settings
+from model.config import DataConfig, HRNNConfig, load_config
 from model.errors import ConfigError, EventError, HRNNError
 from model.events import decode_event
 from stream.archive import ArchivedEvent, ArchiveWriter, Window, scan_window
@@ -45,10 +53,13 @@ from stream.cli_common import directory_flag
 from stream.faust_credentials import faust_credentials, librdkafka_only
 from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.observability import Health, MetricsServer
-from stream.retrain_job import RetrainOutcome, RetrainSpec
+from stream.retrain_job import GATE_METRICS, RetrainOutcome, RetrainSpec
 from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC, check_topic_name
 
 log = logging.getLogger(__name__)
+
+LAST_RUN_NAME = ".last-run"  # in the registry: when the schedule last started a run there, for every instance
+SCHEDULE_TICK_S = 60.0  # how often the leader looks whether a run is due (--interval-s when that is shorter)
 
 
 @dataclass
@@ -117,15 +128,81 @@ class RetrainerSettings:
         if self.keep_versions < 0:
             raise ConfigError(f"--keep-versions must be at least 0 (0: keep every version), "
                               f"got {self.keep_versions}")
+        if self.min_events < 0:
+            raise ConfigError(f"--min-events must be at least 0, got {self.min_events}")
+        if not self.job_timeout_s > 0:  # NaN too
+            raise ConfigError(f"--job-timeout-s must be above 0, got {self.job_timeout_s}")
+        if self.metric not in GATE_METRICS:  # else found only after a full training
+            raise ConfigError(f"--metric {self.metric!r} is not one the comparison computes "
+                              f"(known: {', '.join(sorted(GATE_METRICS))})")
+        self._check_overrides()
         from model.network import resolve_device  # torch: the training runs need it anyway
 
         resolve_device(self.device)
+
+    def _check_overrides(self) -> None:
+        """The hyperparameter overrides, read as a run starting now reads them (over the CURRENT version's settings,
+        or the defaults without one), so a value of the wrong type or out of range stops the start, not each run."""
+        base_h, base_d = _serving_settings(self.registry)
+        try:
+            load_config(HRNNConfig, file_values=base_h, overrides=self.hrnn)
+            load_config(DataConfig, file_values=base_d, overrides=self.data)
+        except ConfigError as exc:
+            raise ConfigError(f"hyperparameter flags (or --config): {exc}") from None
 
     def spec(self) -> RetrainSpec:
         return RetrainSpec(registry=self.registry, archive=self.archive, window_days=self.window_days,
                            margin=self.margin, metric=self.metric, warm_start=self.warm_start,
                            min_events=self.min_events, device=self.device, keep_versions=self.keep_versions,
                            canary=self.canary_share > 0, hrnn=dict(self.hrnn), data=dict(self.data))
+
+
+def _serving_settings(registry: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The HRNN and data settings of the registry's CURRENT version, read from its config.json (the weights are
+    not needed); empty when there is none or it cannot be read, as a run then starts from the defaults."""
+    try:
+        cur = current_version(registry)
+        return ({}, {}) if cur is None else version_settings(Path(registry) / cur)
+    except (HRNNError, OSError, ValueError, KeyError, TypeError):
+        return {}, {}
+
+
+def last_run_started(registry: str | Path) -> float | None:
+    """When the schedule last started a run on this registry (epoch seconds, any instance's); None when it never
+    did or the record cannot be read (the schedule then runs, as on a first start)."""
+    path = Path(registry) / LAST_RUN_NAME
+    try:
+        started = float(json.loads(path.read_text())["started_at"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("cannot read when the last run started: the schedule runs as if none had",
+                    extra={"path": str(path), "error": f"{type(exc).__name__}: {exc}"})
+        return None
+    return started if math.isfinite(started) else None
+
+
+def record_run_start(registry: str | Path, started_at: float) -> None:
+    """Record a run's start for every instance (OSError when the registry cannot take it). Replaced whole, so an
+    instance reading it meanwhile sees the old record or the new one, never a part."""
+    reg = Path(registry)
+    reg.mkdir(parents=True, exist_ok=True)
+    tmp = reg / f"{LAST_RUN_NAME}.{secrets.token_hex(8)}"
+    try:
+        tmp.write_text(json.dumps({"started_at": started_at}))
+        os.replace(tmp, reg / LAST_RUN_NAME)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def run_is_due(last_started: float | None, now: float, interval_s: float) -> bool:
+    """Whether the interval schedule starts a run now: at once when none is recorded, else once the interval has
+    passed since the last start. A start recorded more than an interval ahead of this clock (a clock stepped back,
+    or another host's clock ahead) is not waited for: that wait could last any time."""
+    if last_started is None:
+        return True
+    return now - last_started >= interval_s or last_started - now > interval_s
 
 
 class RetrainerMetrics:
@@ -196,13 +273,33 @@ def canary_skip(settings: RetrainerSettings, window_events: int = 0) -> RetrainO
                                      "--decide-canary`, or `hrnn models promote`)", window_events=window_events)
 
 
+# The child's entry (`python -c`, then stream.retrain_job as `-m` runs it): an orphaned child would keep the
+# registry lock, then publish and move CURRENT with nobody to announce it. PR_SET_PDEATHSIG has the kernel SIGKILL
+# the child when the thread that started it (the event loop's, which lives as long as the service) ends, however
+# the service dies. It is set after exec, not in a preexec_fn: that would run Python between fork and exec in a
+# process with librdkafka's and the executor's threads. The service may die before it is set: hence the getppid
+# check. Without prctl (not Linux) the child runs as before, untied.
+_CHILD_MAIN = """\
+import os, runpy, signal, sys
+parent = int(sys.argv.pop(1))
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, ctypes.c_ulong(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+except (ImportError, OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit("the retraining service exited before its run started")
+runpy.run_module("stream.retrain_job", run_name="__main__", alter_sys=True)
+"""
+
+
 async def run_job(spec: RetrainSpec, timeout_s: float) -> RetrainOutcome:
     """Run one retraining in a child process without blocking the event loop."""
     with tempfile.TemporaryDirectory(prefix="hrnn-retrain-") as tmp:
         spec_path, out_path = Path(tmp, "spec.json"), Path(tmp, "outcome.json")
         spec_path.write_text(json.dumps(asdict(spec)))
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "stream.retrain_job", str(spec_path),
-                                                    str(out_path), stdin=asyncio.subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _CHILD_MAIN, str(os.getpid()),
+                                                    str(spec_path), str(out_path), stdin=asyncio.subprocess.DEVNULL)
         try:
             await asyncio.wait_for(proc.wait(), timeout_s)
         except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
@@ -230,6 +327,8 @@ class RetrainerService:
         self._archive_error: str | None = None  # why the batch in hand cannot be written, while it cannot
         self._agent_crash: str | None = None  # why the archive agent stopped (its batch was acked unwritten)
         self.runs: list[RetrainOutcome] = []
+        # this instance's last scheduled start: the schedule keeps to it should the registry's record not be written
+        self._last_run_start: float | None = None
         # built now, so a client setting librdkafka refuses stops the start (later it would only be logged)
         self._admin  # noqa: B018
         self.app = self._build_app()
@@ -275,10 +374,14 @@ class RetrainerService:
         async def scheduled(app_) -> None:  # noqa: ARG001 (Faust passes the app)
             await self.retrain_now()
 
+        async def ticked(app_) -> None:  # noqa: ARG001 (Faust passes the app)
+            await self.retrain_if_due()
+
         if s.cron:
             app.crontab(s.cron, on_leader=True)(scheduled)
         else:
-            app.timer(s.interval_s, on_leader=True, name="hrnn-retrain")(scheduled)
+            # a timer of the interval itself would count from this process's start, not from the last run
+            app.timer(min(s.interval_s, SCHEDULE_TICK_S), on_leader=True, name="hrnn-retrain")(ticked)
         return app
 
     async def _archive_stream(self, stream) -> None:
@@ -398,6 +501,25 @@ class RetrainerService:
                         "another cluster): this one is archived from its start beside them",
                         extra={"topic": topic, "topic_id": tid})
             self.metrics.new_logs.inc()
+
+    async def retrain_if_due(self) -> RetrainOutcome | None:
+        """The interval schedule's look (on the leader): a run when --interval-s has passed since the start of the
+        last run that any instance's schedule started on this registry (None: not due). Its start is recorded
+        before it runs, so an instance that takes the schedule over mid-run counts from it too."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        now = time.time()  # wall clock: the record is compared across processes and hosts
+        recorded = await loop.run_in_executor(None, last_run_started, s.registry)
+        last = max((t for t in (recorded, self._last_run_start) if t is not None), default=None)
+        if not run_is_due(last, now, s.interval_s):
+            return None
+        self._last_run_start = now
+        try:
+            await loop.run_in_executor(None, record_run_start, s.registry, now)
+        except OSError as exc:
+            log.error("cannot record the run's start in the registry: an instance taking the schedule over may run "
+                      "again before --interval-s has passed", extra={"registry": s.registry, "error": str(exc)})
+        return await self.retrain_now()
 
     async def retrain_now(self) -> RetrainOutcome:
         """One retraining run (the schedule calls this on the leader), then announce what was published. Never

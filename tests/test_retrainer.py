@@ -398,6 +398,9 @@ def test_retrain_publishes_compares_and_rejects(tmp_path, synth):
     first = retrain(spec)
     assert first.status == "published" and first.serving_version is None
     assert current_version(reg) == first.version and first.candidate["mrr@20"] > 0
+    from stream.retrainer import GATE_METRICS  # what the service's --metric check accepts at start
+
+    assert set(first.candidate) == GATE_METRICS
 
     spec.warm_start, spec.margin = True, 1.0  # anything not worse than 100 % passes
     second = retrain(spec)
@@ -424,7 +427,7 @@ def test_retrain_publishes_compares_and_rejects(tmp_path, synth):
 def test_a_failed_prune_after_publishing_still_reports_the_version_published(tmp_path, synth, monkeypatch):
     import stream.retrain_job as retrain_job
 
-    def prune_fails(registry, keep):
+    def prune_fails(registry, keep, protect=()):
         raise OSError("registry volume went read-only")
 
     monkeypatch.setattr(retrain_job, "prune", prune_fails)
