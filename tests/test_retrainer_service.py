@@ -148,7 +148,9 @@ def test_a_training_child_dies_with_the_service_when_the_service_is_killed(tmp_p
                "from stream.retrain_job import RetrainSpec\n"
                "os.chdir(sys.argv[1])  # the child finds the fake stream.retrain_job first\n"
                "asyncio.run(run_job(RetrainSpec(registry='r', archive='a'), 600))\n")
-    proc = subprocess.Popen([sys.executable, "-c", service, str(fake)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the killed service cannot remove its run's temporary folder
+    proc = subprocess.Popen([sys.executable, "-c", service, str(fake)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env=env)
     child = 0
     try:
         child = int(_read_line(proc, 60))
