@@ -162,9 +162,10 @@ def create_consumer(bootstrap: str, group: str, extra: ClientSettings | None = N
 
 
 def check_client_settings(bootstrap: str, extra: ClientSettings | None = None) -> None:
-    """librdkafka checks its settings only as a client is built: build one and drop it (it may connect, but
-    produces nothing), so a command can refuse bad settings (ClientSettingError) before it changes anything."""
-    create_producer(bootstrap, extra)
+    """librdkafka checks its settings only as a client is built: build one and close it (it may connect, but
+    produces nothing), so a command can refuse bad settings (ClientSettingError) before it changes anything.
+    Closed, not dropped: a dropped client lives until the collector takes it, retrying the servers meanwhile."""
+    create_producer(bootstrap, extra).close()
 
 
 def parse_client_settings(items: Iterable[str]) -> dict[str, str]:

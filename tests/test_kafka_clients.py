@@ -227,3 +227,21 @@ def test_every_kafka_command_reads_a_client_properties_file_and_names_one_it_can
     assert cli.main([*argv, "--kafka-config-file", str(missing)]) == 2
     assert f"cannot read Kafka client properties {missing}" in capsys.readouterr().err
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_the_client_built_to_check_settings_is_closed_not_left_retrying_the_servers(monkeypatch):
+    """Dropped, it would live until the collector took it: through a whole `--once` training, retrying the servers."""
+    import stream.kafka_clients as kc
+
+    built = []
+
+    class Recorded:
+        closed = False
+
+        def close(self) -> bool:
+            self.closed = True
+            return True
+
+    monkeypatch.setattr(kc, "create_producer", lambda bootstrap, extra=None: built.append(Recorded()) or built[-1])
+    kc.check_client_settings("127.0.0.1:9", {"linger.ms": "5"})
+    assert [c.closed for c in built] == [True]
