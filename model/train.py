@@ -75,8 +75,7 @@ class TrainSequences:
         nxt[:-1] = ~session_start[1:]
         pop = np.bincount(data.item, minlength=data.n_items).astype(np.float64)
         bounds = data.user_bounds()
-        first = np.zeros(n, dtype=bool)
-        first[bounds[:-1]] = True
+        first = user_first_rows(bounds, n)
         w = target_weights(data.ts_ms, session_start | first, first, cfg, type_weights)
         rows = np.arange(n)
         user_first = np.repeat(bounds[:-1], np.diff(bounds)).astype(np.int64)
@@ -93,6 +92,20 @@ class TrainSequences:
         t = torch.from_numpy
         return gather_windows(t(self.items), t(self.ts_ms), t(self.type_slot), t(ends), t(self.user_first[ends]),
                               t(np.ascontiguousarray(sess, dtype=np.int64)), length)
+
+
+def user_first_rows(bounds: np.ndarray, n: int) -> np.ndarray:
+    """Per row of n, whether it is its user's first (`bounds`: Interactions.user_bounds)."""
+    first = np.zeros(n, dtype=bool)
+    first[bounds[:-1]] = True
+    return first
+
+
+def check_target_weights(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig,
+                         type_weights: np.ndarray | None = None) -> None:
+    """target_weights' ConfigError, before any training, without building the training tensors."""
+    first = user_first_rows(data.user_bounds(), len(data))
+    target_weights(data.ts_ms, session_start | first, first, cfg, type_weights)
 
 
 def target_weights(ts_ms: np.ndarray, new_session: np.ndarray, user_first: np.ndarray, cfg: HRNNConfig,

@@ -51,7 +51,7 @@ from model.interactions import Interactions  # noqa: E402
 from model.network import HRNN, resolve_device  # noqa: E402
 from model.pipeline import Trained, calibrate, fit_inputs, validation_metrics, validator  # noqa: E402
 from model.plots import save_figure  # noqa: E402
-from model.train import TrainSequences, fit  # noqa: E402
+from model.train import check_target_weights, fit  # noqa: E402
 
 OBJECTIVE = "mrr@20"
 N_SAMPLE_CHOICES = (0, 64, 128, 256, 512, 1024, 2048)
@@ -138,7 +138,7 @@ def tune(data: Interactions, out_dir: str | Path, *, base: HRNNConfig, data_conf
         raise ConfigError("no user has two sessions in the training part: there is no validation split to tune on")
     validate = validator(inputs.validation, base.seed)
     weights = event_weights(inputs.train, data_config)
-    TrainSequences.build(inputs.train, inputs.starts, base, weights)  # weights that leave nothing to learn: say so once
+    check_target_weights(inputs.train, inputs.starts, base, weights)  # weights that leave nothing to learn: say so once
     fixed = frozenset(fixed) & set(SPACE)
     if fixed:
         say("fixed in every trial (given explicitly, not searched): "
