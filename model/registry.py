@@ -28,7 +28,8 @@ from model.errors import ArtifactError
 # A temp dir of save_version (or a retraining run's staging registry) older than this is a leftover of a
 # crashed or killed publisher, not one in progress.
 STALE_TEMP_S = 3600.0
-TEMP_PREFIXES = (".tmp-", ".trash-", ".staging-")
+STAGING_PREFIX = ".staging-"  # a retraining run's staging registry (stream/retrain_job.py)
+TEMP_PREFIXES = (".tmp-", ".trash-", STAGING_PREFIX)
 
 
 def ordered_versions(registry: str | Path) -> list[VersionInfo]:

@@ -38,7 +38,7 @@ from model.inference import HRNNScorer
 from model.metrics import NextItemMetrics
 from model.network import HRNN, WINDOW_OFFSET
 from model.pipeline import prepare, train_version, training_part
-from model.registry import prune
+from model.registry import STAGING_PREFIX, prune
 from model.splits import LAST_SESSION, make_split
 from stream.archive import ArchiveError, read_window, scan_window
 
@@ -46,7 +46,6 @@ log = logging.getLogger("stream.retrain_job")  # also when run as __main__
 
 HOLDOUT = LAST_SESSION
 LOCK_NAME = ".retrain.lock"
-STAGING_PREFIX = ".staging-"
 STATUSES = ("published", "rejected", "skipped", "failed")
 GATE_CUTOFFS = (10, 20)  # the comparison's metrics; "first/" prefixes those of the first item of a session
 GATE_METRICS = frozenset(k for name in NextItemMetrics(1, GATE_CUTOFFS).result() for k in (name, FIRST + name))
