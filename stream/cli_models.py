@@ -71,10 +71,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "rollback":
         from model.registry import previous_version, rollback, version_path
+        from stream.hotswap import check_servable
 
         target = previous_version(args.registry)
         if target is not None:  # else rollback() says there is none
-            _check_servable(version_path(args.registry, target), target)
+            check_servable(version_path(args.registry, target), target)
         version = rollback(args.registry)
         _announce(args, kafka, version, version_path(args.registry, version))
         print(f"current version of {args.registry}: {version} (rolled back)")
@@ -93,10 +94,11 @@ def run(args: argparse.Namespace) -> int:
     d = _version_dir(args.registry, args.version)
     if args.action == "canary":
         from stream.canary import check_share
+        from stream.hotswap import check_servable
 
         check_share(args.share)
         _refuse_current_as_canary(args.registry, args.version)
-        _check_servable(d, args.version)
+        check_servable(d, args.version)
         _announce(args, kafka, args.version, d, reason="canary", share=args.share)
         print(f"{args.version} announced as a canary for {args.share:.1%} of the users of {args.registry}")
         return 0
@@ -107,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     from model.registry import promote
+    from stream.hotswap import check_servable
 
-    _check_servable(d, args.version)
+    check_servable(d, args.version)
     promote(args.registry, args.version)
     _announce(args, kafka, args.version, d)
     print(f"current version of {args.registry}: {args.version}")
@@ -150,14 +153,6 @@ def _announce(args: argparse.Namespace, kafka: dict[str, str], version: str, pat
         raise AnnouncementError(f"{exc}. The current version of {args.registry} is {version} now, but running "
                                 f"workers were not told: once that is fixed, announce it with `hrnn models promote "
                                 f"{args.registry} {version}{where} --bootstrap-servers ...`") from None
-
-
-def _check_servable(path: Path, version: str) -> None:
-    """Refuse (ModelRefused, with its reason) a version the workers would refuse: the checks a worker runs before
-    it serves one, so CURRENT never names a version no worker can start with."""
-    from stream.hotswap import validate_version
-
-    validate_version(path, device="cpu", expected_version=version)
 
 
 def _read_json(d: Path, name: str) -> dict:

@@ -174,6 +174,7 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
     from model.artifact import current_version
     from model.registry import promote, version_path
     from stream.announce import announce, latest_canary, registry_id
+    from stream.hotswap import check_servable
 
     registry, key = settings.registry, registry_id(settings.registry)
     ann = latest_canary(settings.bootstrap_servers, settings.updates_topic, key, extra=settings.consumer_kafka)
@@ -193,6 +194,7 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
            "reason": decision.reason, "announced": None}
     if decision.action != "wait":
         target = ann.version if decision.action == "promote" else stable
+        check_servable(version_path(registry, target), target)  # as `models promote` does: CURRENT stays servable
         path = promote(registry, target) if decision.action == "promote" else version_path(registry, target)
         announce(settings.bootstrap_servers, settings.updates_topic, target, path, reason="promote",
                  registry_id=key, extra=settings.producer_kafka)

@@ -114,6 +114,13 @@ def validate_version(path: str | Path, *, device: str = "cpu", expected_version:
     return rec
 
 
+def check_servable(path: str | Path, version: str) -> None:
+    """Refuse (ModelRefused, with its reason) a version the workers would refuse, before a command makes it
+    current or announces it: the checks a worker runs before it serves one, so CURRENT never names a version no
+    worker can start with."""
+    validate_version(path, device="cpu", expected_version=version)
+
+
 def _smoke(rec: Recommender) -> None:
     """Two events of a new user and one of a user whose state came from another version (forces a rebuild)."""
     items = rec.item_ids[:3]

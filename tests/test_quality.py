@@ -18,7 +18,7 @@ from stream.quality import (REFERENCE, Judge, QualityReport, Verdicts, bucket_ms
                             with_gaps)
 from stream.records import (Recommendation, ScoredItem, decode_recommendation, encode_recommendation,
                             repartition_headers)
-from worker_testkit import make_events, make_registry, produce, records_of, running, settings_for, wait_until
+from worker_testkit import make_events, make_registry, produce, records_of, resign, running, settings_for, wait_until
 
 HRNN = str(Path(sys.executable).with_name("hrnn"))
 LOG = "01" * 16
@@ -283,6 +283,39 @@ def test_decide_canary_promotes_ends_or_keeps_the_announced_canary(broker, tmp_p
     latest = latest_announcement(broker.bootstrap, topic, str(registry.resolve()))
     want = {"promote": (canary, 1.0, canary), "end": (stable, 1.0, stable), "wait": (canary, 0.5, stable)}[action]
     assert (latest.version, latest.share, current_version(registry)) == want
+
+
+def test_decide_canary_promotes_nothing_when_the_canary_can_no_longer_be_served(broker, tmp_path, monkeypatch,
+                                                                                 capsys):
+    import uuid
+
+    import torch
+
+    import stream.quality
+    from model.artifact import current_version, latest_version_dir, set_current
+    from model.config import HRNNConfig
+    from model.network import HRNN
+    from stream.announce import announce, latest_announcement
+    from stream.cli import main as hrnn
+
+    registry = make_registry(tmp_path / "registry", seed=1)
+    stable = current_version(registry)
+    canary = latest_version_dir(make_registry(registry, seed=2)).name
+    set_current(registry, stable)
+    topic = f"upd-{uuid.uuid4().hex[:8]}"
+    announce(broker.bootstrap, topic, canary, registry / canary, reason="canary", share=0.5)
+    # signed, but weights of another shape: only the worker's own check finds it
+    torch.save(HRNN(10, HRNNConfig(hidden_dimension=48)).state_dict(), registry / canary / "weights.pt")
+    resign(registry / canary)
+    rows = [(v, t, 1, u) for t in range(0, 100_000, 10_000)
+            for v, us in ((stable, range(200)), (canary, range(200, 400))) for u in us]
+    monkeypatch.setattr(stream.quality, "quality_worker",
+                        lambda settings, **kw: QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG))
+    assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry),
+                 "--updates-topic", topic, "--decide-canary", "--min-users", "50"]) == 2
+    assert "refused (shape)" in capsys.readouterr().err
+    latest = latest_announcement(broker.bootstrap, topic, str(registry.resolve()))
+    assert (latest.version, latest.share, current_version(registry)) == (canary, 0.5, stable)
 
 
 def test_decide_canary_judges_the_canary_from_its_announcement_on_not_only_the_window(broker, tmp_path, monkeypatch,
