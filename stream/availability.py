@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import msgspec
 
 from model.errors import HRNNError
+from model.events import MAX_ID_CHARS
 from stream.compacted import CompactedTopicReader, ensure_table_topic
 from stream.kafka_clients import ClientSettings, create_producer, produce_acknowledged
 from stream.topics import AVAILABILITY_TOPIC
@@ -71,6 +72,10 @@ def set_availability(bootstrap: str, items: Sequence[str], *, available: bool, r
     """Take `items` off sale (available=False) or put them back; returns once the broker acknowledged all."""
     if not items or not all(items):
         raise AvailabilityError("give at least one item id, none of them empty")
+    too_long = next((i for i in items if len(i) > MAX_ID_CHARS), None)
+    if too_long is not None:  # no event can name it: taking it off sale would change nothing
+        raise AvailabilityError(f"item id {too_long[:40]!r}... has {len(too_long)} characters, more than the "
+                                f"{MAX_ID_CHARS} an event's item_id may have")
     ensure_table_topic(bootstrap, topic, extra=extra, timeout_s=timeout_s)
     # Putting an item back writes a tombstone: compaction then forgets the item altogether.
     value = None if available else _encoder.encode(ItemStatus(False, reason, int(time.time() * 1000)))

@@ -53,7 +53,7 @@ def _item_ids(args: argparse.Namespace) -> list[str]:
         if not path.is_file():
             raise ConfigError(f"--from-file {path}: no such file")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is not part of an id
         except UnicodeDecodeError as exc:
             raise ConfigError(f"--from-file {path}: not UTF-8 text (byte {exc.start}): one item id per line") from None
         items += [line.strip() for line in text.splitlines() if line.strip()]

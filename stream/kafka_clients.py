@@ -255,7 +255,11 @@ def produce_acknowledged(producer: Producer, topic: str, records: Iterable[tuple
             errors.append(err)
 
     for key, value in records:
-        produce_waiting(producer, topic, value, key, partition=partition, on_delivery=delivered)
+        try:
+            produce_waiting(producer, topic, value, key, partition=partition, on_delivery=delivered)
+        except KafkaException as exc:  # refused before sending (e.g. larger than message.max.bytes)
+            producer.flush(timeout_s)
+            return f"record {key[:40]!r} refused: {error_detail(exc)}"
     left = producer.flush(timeout_s)
     if errors:
         return errors[0].str()

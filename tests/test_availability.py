@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from model.events import MAX_ID_CHARS
 from stream.availability import AvailabilityError, AvailabilityReader, decode_status, set_availability
 from stream.kafka_clients import KafkaClientError, create_producer, produce_acknowledged
 from stream.worker import WorkerError
@@ -47,6 +48,11 @@ def test_writing_no_or_empty_item_ids_is_refused_before_the_broker_is_asked():
     for items in ([], ["sku-1", ""]):
         with pytest.raises(AvailabilityError, match="at least one item id"):
             set_availability("127.0.0.1:1", items, available=False)
+
+
+def test_an_item_id_no_event_could_carry_is_refused_before_the_broker_is_asked():
+    with pytest.raises(AvailabilityError, match=f"more than the {MAX_ID_CHARS}"):
+        set_availability("127.0.0.1:1", ["sku-1", "x" * (MAX_ID_CHARS + 1)], available=False)
 
 
 def test_waiting_for_a_reader_that_failed_ends_at_once_not_at_the_deadline():
@@ -96,7 +102,7 @@ def test_items_cli_takes_items_off_sale_lists_them_and_puts_them_back(broker, tm
         return subprocess.run([HRNN, "items", *args, *base], capture_output=True, text=True, timeout=90)
 
     listing = tmp_path / "items.txt"
-    listing.write_text("sku-2\n\nsku-3\n")
+    listing.write_bytes("\ufeffsku-2\n\nsku-3\n".encode())  # a byte-order mark, as Excel and Notepad write
     off = hrnn("unavailable", "sku-1", "--from-file", str(listing), "--reason", "out of stock")
     assert off.returncode == 0 and "3 item(s) taken off sale" in off.stdout, off.stderr
     assert hrnn("available", "sku-2").returncode == 0

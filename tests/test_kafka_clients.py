@@ -119,6 +119,12 @@ def test_producing_more_records_than_the_local_queue_holds_waits_for_room_and_lo
     assert [r.key for r in got[10:]] == [k for k, _ in records]
 
 
+def test_a_record_the_client_refuses_before_sending_is_reported_as_a_failure_not_raised():
+    producer = create_producer("127.0.0.1:9", {"message.max.bytes": "1000"})
+    failure = produce_acknowledged(producer, "t", [(b"sku-1", b"x" * 5000)], timeout_s=1)
+    assert failure is not None and "MSG_SIZE_TOO_LARGE" in failure and "sku-1" in failure
+
+
 @pytest.mark.broker
 def test_a_scan_up_to_the_end_offsets_stops_there_while_the_topic_is_still_written(broker):
     topic = f"scan-{uuid.uuid4().hex[:8]}"
