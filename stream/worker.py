@@ -41,7 +41,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 import torch
@@ -139,10 +139,20 @@ class BatchResult:
     users: int = 0
     batches: int = 0
     aborted: int = 0  # exactly_once batches whose transaction was aborted and will be re-read
+    # Metrics of the batch, applied once it is durable: an aborted one counts nothing, its re-read counts them.
+    dead_reasons: dict[str, int] = field(default_factory=dict)  # dead letters per reason
+    latencies_s: list[float] = field(default_factory=list)  # event_to_recommendation_seconds samples
 
     def add(self, other: "BatchResult") -> None:
+        """Sum the counts; the samples of one batch are not kept in totals."""
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            mine = getattr(self, f.name)
+            if isinstance(mine, int):
+                setattr(self, f.name, mine + getattr(other, f.name))
+
+    def counts(self) -> dict[str, int]:
+        """The counts alone (what the worker logs when it stops)."""
+        return {k: v for k, v in vars(self).items() if isinstance(v, int)}
 
 
 def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
@@ -391,6 +401,7 @@ class Worker:
         else:  # idle: a validated version still takes over now, so /health and metrics name it
             result = None
             self._serving_now()
+            self._report_unavailable()
         self._maybe_report_lag()
         return result
 
@@ -475,7 +486,7 @@ class Worker:
             self.models.close()
         if self.health.alive:  # a failure keeps its state and error
             self.health.update(alive=False, state="stopped")
-        log.info("worker stopped", extra={k: v for k, v in vars(self.totals).items()})
+        log.info("worker stopped", extra=self.totals.counts())
 
     def _serving_now(self) -> Serving:
         before = self.models.serving()
@@ -511,6 +522,13 @@ class Worker:
             raise WorkerError(f"following the availability topic {reader.topic!r} failed: {reader.error}")
         if reader.unavailable is not self.filters.unavailable_items:
             self.filters = replace(self.filters, unavailable_items=reader.unavailable)
+            self.metrics.unavailable_items.set(len(reader.unavailable))
+
+    def _report_unavailable(self) -> None:
+        """While idle the gauge follows the reader too: batches set it as they take its set, so a worker without
+        events (one restarted on a topic that lists items) reported 0 items off sale."""
+        reader = self.availability
+        if reader is not None:
             self.metrics.unavailable_items.set(len(reader.unavailable))
 
     # ---- rebalancing and restore -------------------------------------------------------------
@@ -669,7 +687,7 @@ class Worker:
                            e.event.session_id) for e in mine],
                 k=self.settings.k, filters=self.filters)
             self._produce_changelog(mine, recs, encoded)
-            self._produce_recommendations(mine, recs)
+            self._produce_recommendations(mine, recs, result)
             result.recommendations += len(mine)
             result.users += len(recs.states)
             result.unknown_items += recs.known.count(False)
@@ -715,13 +733,13 @@ class Worker:
             self._produce(self.settings.changelog_topic, value, user, partition=src.partition,
                           headers=records.changelog_headers(src.offset, self._input_log))
 
-    def _produce_recommendations(self, fresh: list[Incoming], recs: Recommendations) -> None:
+    def _produce_recommendations(self, fresh: list[Incoming], recs: Recommendations, result: BatchResult) -> None:
         # The hot loop of the worker: one record per event, so no helper calls in it.
         topic, version = self.settings.output_topic, recs.model_version
         source_topic, source_log = self.settings.input_topic, self._input_log
         produce, on_delivery = self._producer.produce, self._deliveries
         encode, Rec, Item = records.encode_recommendation, records.Recommendation, records.ScoredItem
-        observe = self.metrics.event_to_recommendation_seconds.observe
+        sample = result.latencies_s.append  # observed once the batch is durable (_observe)
         emitted = int(time.time() * 1000)
         for e, items, session_id in zip(fresh, recs.items, recs.session_ids):
             ev = e.event
@@ -733,7 +751,7 @@ class Worker:
             except BufferError:
                 self._produce(topic, value, ev.user_id)
             if e.kafka_ts_ms is not None:
-                observe(max(0, emitted - e.kafka_ts_ms) / 1000)
+                sample(max(0, emitted - e.kafka_ts_ms) / 1000)
 
     def _produce_dead(self, dead: list[tuple[Message, EventError]], result: BatchResult) -> None:
         for msg, exc in dead:
@@ -741,7 +759,7 @@ class Worker:
             ours = records.dlq_headers(exc.reason, exc.detail, msg.topic(), msg.partition(), msg.offset(),
                                        self._input_log) + clipped
             self._produce(self.settings.dlq_topic, value, key, headers=records.carried_headers(msg.headers(), ours))
-            self.metrics.dlq_total.labels(reason=exc.reason).inc()
+            result.dead_reasons[exc.reason] = result.dead_reasons.get(exc.reason, 0) + 1
         result.dead_lettered += len(dead)
 
     def _produce_rekeyed(self, rekey: list[tuple[Message, Event]], result: BatchResult) -> None:
@@ -834,6 +852,11 @@ class Worker:
         m.unknown_items_total.inc(result.unknown_items)
         m.repartitioned_total.inc(result.repartitioned)
         m.rebuilt_states_total.inc(result.rebuilt_states)
+        for reason, n in result.dead_reasons.items():
+            m.dlq_total.labels(reason=reason).inc(n)
+        observe = m.event_to_recommendation_seconds.observe
+        for seconds_late in result.latencies_s:
+            observe(seconds_late)
         m.batch_size.observe(n_records)
         m.step_seconds.observe(seconds)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from model.artifact import latest_version_dir
 from model.events import Event, encode_event
@@ -36,6 +36,7 @@ class FakeProducer:
         self.pending: list[tuple] = []
         self.sent: list[tuple] = []
         self.txn_offsets: list[list[tuple[int, int]]] = []
+        self.fenced_commits = 0  # commits to fail as when the group moved on: the batch is aborted and read again
         self._next: dict[tuple[str, int], int] = {}
 
     def produce(self, topic, value=None, key=None, partition=None, headers=None, on_delivery=None, **_):
@@ -61,6 +62,11 @@ class FakeProducer:
         self.txn_offsets.append([(tp.partition, tp.offset) for tp in offsets])
 
     def commit_transaction(self, timeout=None):
+        if self.fenced_commits:
+            self.fenced_commits -= 1
+            raise KafkaException(KafkaError(KafkaError._FENCED, "fenced", txn_requires_abort=True))
+
+    def abort_transaction(self, timeout=None):
         pass
 
     def to(self, topic: str) -> list[tuple]:
@@ -91,6 +97,12 @@ class FakeConsumer:
 
     def seek(self, tp):
         self.seeks.append((tp.partition, tp.offset))
+
+    def position(self, tps):
+        return [TopicPartition(tp.topic, tp.partition, -1001) for tp in tps]
+
+    def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        return 0, 0
 
     def consumer_group_metadata(self):
         return None
@@ -168,6 +180,47 @@ def test_a_batch_holding_poison_records_dead_letters_them_and_answers_and_commit
     assert users_answered(w) == ["alice", "bob"]
     assert w._consumer.commits == [[(0, 4)]]
     assert (result.dead_lettered, result.recommendations) == (2, 2)
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+class ListedItems:
+    """An availability reader that has read its topic to the end: these items are off sale."""
+
+    topic, caught_up, error = "availability", True, None
+
+    def __init__(self, *items: str) -> None:
+        self.unavailable = frozenset(items)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_an_idle_worker_reports_the_items_off_sale_before_any_event_arrives(make_worker):
+    w = make_worker()
+    assign(w, 0)
+    w.availability = ListedItems("item-1", "item-2", "item-3")
+    assert w.poll_once() is None
+    assert w.metrics.value("hrnn_unavailable_items") == 3
+
+
+def test_an_aborted_transaction_counts_its_dead_letters_and_latencies_only_when_its_batch_is_read_again(
+        make_worker):
+    w = make_worker("exactly_once")
+    assign(w, 0)
+    w._producer.fenced_commits = 1
+    batch = [event(0, 0, "alice"), Message(topic="ev", partition=0, offset=1, key=b"a", value=b"not json"),
+             event(0, 2, "bob")]
+    m = w.metrics
+
+    def counted() -> tuple[float, float, float]:
+        return (m.value("hrnn_recommendations_out_total"), m.value("hrnn_dlq_total", {"reason": "bad_json"}) or 0,
+                m.value("hrnn_event_to_recommendation_seconds_count"))
+
+    assert w.process_batch(batch).aborted == 1
+    assert counted() == (0, 0, 0)
+    assert w.process_batch(batch).aborted == 0
+    assert counted() == (2, 1, 2)
 
 
 # ---- a rebalance inside the poll -----------------------------------------------------------------
