@@ -13,7 +13,6 @@ import json
 import math
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
@@ -66,11 +65,16 @@ def _ks(text: str) -> list[int]:
     return ks
 
 
-def _epoch_ms(iso: str) -> int | None:
-    try:
-        return int(datetime.fromisoformat(iso).timestamp() * 1000)
-    except ValueError:
-        return None  # an announcement written before announced_at existed
+def _finite(obj: object) -> object:
+    """`obj` with null for each NaN or infinity (a kind with nothing judged, a side of one user): JSON has no
+    such numbers, and json.dumps would write them bare, which other readers refuse."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _cell(x: float) -> str:
@@ -98,7 +102,10 @@ def print_comparison(c: Comparison, out: TextIO, planned_users: int) -> None:
     """Two versions served side by side (a canary): each metric's difference with its 95% interval, and the
     anytime-valid one a judge that reads this again and again should use (stream/canary.py)."""
     print(f"\n{c.candidate} vs {c.baseline}, served side by side to different users for "
-          f"{(c.end_ms - c.start_ms) / 1000:.0f} s (95% intervals by user"
+          f"{c.side_by_side_ms / 1000:.0f} s"
+          + (f" (only the {c.bucket_ms / 1000:g} s buckets in which both served lists" if c.bucket_ms else " (")
+          + (f"; {c.alone_ms / 1000:g} s in which one served alone left out" if c.alone_ms else "")
+          + ("; " if c.bucket_ms else "") + "95% intervals by user"
           + (f"; {c.left_out_users} user(s) who saw both left out" if c.left_out_users else "") + "):", file=out)
     z = anytime_z(max(c.users, 1), planned_users)
     for name, (a, b) in c.metrics.items():
@@ -148,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                                                     args.planned_users), judge) if args.decide_canary else None
     if args.json:
         out = {**report.to_dict(), **({"canary_decision": decision} if decision is not None else {})}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(_finite(out), indent=2, allow_nan=False) + "\n")
     worse = [f"{c.candidate} vs {c.baseline} on {name}" for c in report.comparisons() for name in c.metrics
              if c.verdict(name) == "worse"]
     if args.fail_if_worse and worse:
@@ -182,7 +189,8 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
         print(f"canary: none serving for {key}")
         return {"canary": None, "action": "none"}
     stable = current_version(registry)
-    start_ms = _epoch_ms(ann.announced_at)
+    start_s = ann.announced_epoch_s()  # read as the workers read it: without an offset, UTC
+    start_ms = None if start_s is None else int(start_s * 1000)
     if report.since_ms is not None and start_ms is not None and start_ms - CANARY_LEAD_MS < report.since_ms:
         print(f"judging the canary over its whole time: from {ann.announced_at} (its announcement) on")
         report = judge(start_ms - CANARY_LEAD_MS)

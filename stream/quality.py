@@ -118,10 +118,17 @@ class Comparison:
 
     baseline: str
     candidate: str
-    start_ms: int  # the time both served: emission times
+    start_ms: int  # the first and last list of the two in the buckets compared: emission times
     end_ms: int
     left_out_users: int  # served by both within that time (a share raised mid-way): in neither side
     metrics: dict[str, tuple[Estimate, Estimate]]  # "recall@k" / "mrr@k" -> (baseline, candidate)
+    bucket_ms: int = 0  # the time buckets compared are those in which both served lists; 0: not bucketed
+    served_ms: int | None = None  # time served side by side; None: end_ms - start_ms
+    alone_ms: int = 0  # buckets in which only one of them served (a promotion, a rollback): not compared
+
+    @property
+    def side_by_side_ms(self) -> int:
+        return self.end_ms - self.start_ms if self.served_ms is None else self.served_ms
 
     def difference(self, metric: str) -> tuple[float, float]:
         """candidate - baseline, and the 95% half width (the sides' users are disjoint: independent)."""
@@ -152,7 +159,8 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "candidate": self.candidate, "start_ms": self.start_ms,
-                "end_ms": self.end_ms, "left_out_users": self.left_out_users,
+                "end_ms": self.end_ms, "side_by_side_ms": self.side_by_side_ms, "bucket_ms": self.bucket_ms,
+                "alone_ms": self.alone_ms, "left_out_users": self.left_out_users,
                 "metrics": {name: {"baseline": a.to_dict(), "candidate": b.to_dict(),
                                    "difference": self.difference(name)[0],
                                    "ci95": self.difference(name)[1], "verdict": self.verdict(name)}
@@ -202,7 +210,8 @@ class QualityReport:
 
     def comparisons(self) -> list[Comparison]:
         """Each canary against the version it served beside (the baseline), over the time both served to
-        different users; users served by both then are left out of both sides."""
+        different users: the chart's time buckets in which both served lists. Users served by both then are
+        left out of both sides."""
         return list(self._comparisons)
 
     @cached_property
@@ -210,14 +219,18 @@ class QualityReport:
         # Computed once: the printer, the JSON, --fail-if-worse and --decide-canary all read it, and each pair
         # of overlapping versions costs several passes over every judged list.
         v, k = self.verdicts, max(self.ks)
-        spans = [(v.emitted_at[v.version == c].min(), v.emitted_at[v.version == c].max())
-                 for c in range(len(v.versions))]
+        width = bucket_ms_for(self)
+        bucket = v.emitted_at // width
+        served = [np.unique(bucket[v.version == c]) for c in range(len(v.versions))]
         out = []
         for a, b in ((a, b) for b in range(len(v.versions)) for a in range(b)):
-            start, end = max(spans[a][0], spans[b][0]), min(spans[a][1], spans[b][1])
-            if start > end:
+            # Only buckets in which both served, not the span from the later one's first list to the earlier
+            # one's last: after a canary is promoted and then rolled back, that span holds the time the canary
+            # served everyone, whose users would "see both" and leave one side only: no longer a random split.
+            shared = np.intersect1d(served[a], served[b])
+            if not len(shared):
                 continue  # one after the other
-            during = (v.emitted_at >= start) & (v.emitted_at <= end)
+            during = np.isin(bucket, shared)
             users_a, users_b = (np.unique(v.user[during & (v.version == c)]) for c in (a, b))
             both = np.intersect1d(users_a, users_b)
             if len(both) in (len(users_a), len(users_b)):
@@ -227,8 +240,24 @@ class QualityReport:
             sides = [during & (v.version == c) & ~np.isin(v.user, both) for c in (a, b)]
             metrics = {f"{m}@{k}": (v.estimate(sides[0], k, m), v.estimate(sides[1], k, m))
                        for m in ("recall", "mrr")}
-            out.append(Comparison(v.versions[a], v.versions[b], int(start), int(end), len(both), metrics))
+            pair = during & ((v.version == a) | (v.version == b))
+            out.append(Comparison(v.versions[a], v.versions[b], int(v.emitted_at[pair].min()),
+                                  int(v.emitted_at[pair].max()), len(both), metrics, width,
+                                  *self._side_by_side(served[a], served[b], bucket, pair, width)))
         return tuple(out)
+
+    def _side_by_side(self, served_a: np.ndarray, served_b: np.ndarray, bucket: np.ndarray, pair: np.ndarray,
+                      width: int) -> tuple[int, int]:
+        """(the time two versions served side by side: first to last of the `pair`'s lists in each run of the
+        buckets both served in that no bucket of one alone breaks; the time of the buckets, from the later one's
+        first to the earlier one's last, in which one served alone)."""
+        union = np.union1d(served_a, served_b)
+        alone = ~np.isin(union, np.intersect1d(served_a, served_b))
+        run = np.cumsum(alone)[np.searchsorted(union, bucket[pair])]  # runs of shared buckets between alone ones
+        t = self.verdicts.emitted_at[pair]
+        served_ms = sum(int(t[run == r].max() - t[run == r].min()) for r in np.unique(run))
+        common = (union >= max(served_a[0], served_b[0])) & (union <= min(served_a[-1], served_b[-1]))
+        return served_ms, int((alone & common).sum()) * width
 
     def _is_canary(self, a: int, b: int, users_a: np.ndarray, users_b: np.ndarray) -> bool:
         """Whether `a`, the first of the two to serve in what was read, is the canary beside `b`: its users

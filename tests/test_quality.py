@@ -246,6 +246,54 @@ def test_fail_if_worse_exits_1_when_a_canary_did_worse_beyond_its_interval(monke
     assert hrnn(flags) == 0 and "no difference shown" in capsys.readouterr().out
 
 
+def test_a_canary_promoted_and_then_rolled_back_is_compared_only_over_the_time_both_served(monkeypatch, capsys):
+    import stream.quality
+    from stream.cli import main as hrnn
+
+    heavy = set(range(50)) | set(range(100, 110))  # active throughout; the same rank whichever version serves
+    rank = lambda u: 0 if u in heavy else 1  # noqa: E731
+    rows = [(name, t, rank(u), u) for t in range(0, 100_000, 10_000)  # the canary: C beside S
+            for name, users in (("S", range(100)), ("C", range(100, 120))) for u in users]
+    rows += [("C", t, rank(u), u) for t in range(100_000, 200_000, 10_000) for u in heavy]  # C promoted
+    rows += [("S", t, rank(u), u) for t in range(200_000, 300_000, 10_000) for u in heavy]  # rolled back to S
+    report = QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG)
+    (c,) = report.comparisons()
+    # Over [first C, last C] S's heavy users saw C as well: left out of S's side only, S would have looked better.
+    assert (c.baseline, c.candidate, c.start_ms, c.end_ms, c.left_out_users) == ("S", "C", 0, 90_000, 0)
+    assert (c.bucket_ms, c.side_by_side_ms, c.alone_ms) == (10_000, 90_000, 100_000)
+    stable, canary = c.metrics["recall@20"]
+    assert (stable.users, canary.users) == (100, 20) and c.difference("recall@20")[0] == 0.0
+    out = io.StringIO()
+    print_report(report, out)
+    assert ("C vs S, served side by side to different users for 90 s (only the 10 s buckets in which both served "
+            "lists; 100 s in which one served alone left out; 95% intervals by user):") in out.getvalue()
+    monkeypatch.setattr(stream.quality, "quality_worker", lambda settings, **kw: report)
+    assert hrnn(["quality", "--bootstrap-servers", "127.0.0.1:9", "--fail-if-worse"]) == 0
+    assert "no difference shown" in capsys.readouterr().out
+
+
+def test_the_json_report_holds_null_where_a_figure_has_nothing_to_judge(monkeypatch, tmp_path):
+    import stream.quality
+    from stream.cli import main as hrnn
+
+    # No next-session lists (kind 0), and one user on the canary's side: NaN figures and standard errors.
+    rows = [("stable", t, 1, u) for t in range(0, 100_000, 10_000) for u in range(5)]
+    rows += [("canary", t, 1, 5) for t in range(0, 100_000, 10_000)]
+    report = QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG)
+    monkeypatch.setattr(stream.quality, "quality_worker", lambda settings, **kw: report)
+    path = tmp_path / "q.json"
+    assert hrnn(["quality", "--bootstrap-servers", "127.0.0.1:9", "--json", str(path)]) == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    written = json.loads(path.read_text(), parse_constant=refuse)
+    row = next(r for r in written["rows"] if r["name"] == "stable" and r["kind"] == "next session")
+    assert row["judged"] == 0 and row["recall@20"] is None and row["mrr@20"] is None
+    metric = written["comparisons"][0]["metrics"]["recall@20"]
+    assert metric["candidate"]["se"] is None and metric["ci95"] is None and metric["difference"] == 0.0
+
+
 @pytest.mark.parametrize("canary_rank, action, status, flags, says", [
     (1, "promote", 0, [], "anytime 95% lower bounds"), (0, "end", 1, [], "beyond the anytime 95% interval"),
     (0, "end", 1, ["--fixed-horizon"], "beyond the 95% interval"), (None, "wait", 0, [], "needed"),
@@ -353,6 +401,44 @@ def test_decide_canary_judges_the_canary_from_its_announcement_on_not_only_the_w
     assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry), "--updates-topic",
                  topic, "--decide-canary", "--since-s", "86400"]) == 0
     assert len(windows) == 1  # the window already holds the canary's whole time
+
+
+@pytest.fixture
+def new_york_time(monkeypatch):
+    """Local time five hours behind UTC in December: a time without offset read as local lies off by 5 h."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_decide_canary_reads_an_announced_time_without_offset_as_utc_as_workers_do(tmp_path, monkeypatch, capsys,
+                                                                                   new_york_time):
+    import stream.announce
+    import stream.quality
+    from model.artifact import current_version
+    from stream.announce import Announcement
+    from stream.cli import main as hrnn
+    from stream.cli_quality import CANARY_LEAD_MS
+
+    registry = make_registry(tmp_path / "registry", seed=1)
+    stable = current_version(registry)
+    ann = Announcement("v9", str(registry / "v9"), "2026-12-05T12:00:00", "canary", str(registry), 0.5)
+    announced_ms = 1_796_472_000_000  # 2026-12-05 12:00 UTC
+    assert ann.announced_epoch_s() * 1000 == announced_ms  # what the workers serve the canary from
+    monkeypatch.setattr(stream.announce, "latest_canary", lambda *a, **kw: ann)
+    windows = []
+
+    def judged(settings, *, since_ms, **kw):
+        windows.append(since_ms)
+        return QualityReport("ev", "rec", [20], since_ms, _verdicts([(stable, 0, 1, 0)]), 0, LOG)
+
+    monkeypatch.setattr(stream.quality, "quality_worker", judged)
+    assert hrnn(["quality", "--bootstrap-servers", "127.0.0.1:9", "--registry", str(registry), "--decide-canary",
+                 "--since-s", "60"]) == 0
+    assert windows[1:] == [announced_ms - CANARY_LEAD_MS] and current_version(registry) == stable
+    assert "canary v9 (50.0% of the users)" in capsys.readouterr().out
 
 
 def test_decide_canary_without_a_canary_serving_changes_nothing_and_says_so(broker, tmp_path, monkeypatch, capsys):
