@@ -6,7 +6,10 @@
   that fails (disk full, permissions) is retried, with a capped backoff, until it succeeds or the
   service stops: the batch is never acked unwritten, and /health says 503 meanwhile. The
   files also name the topic id, read on every assignment and whenever a batch holds offsets
-  archived before: a recreated events topic is archived again from its start.
+  archived before: a recreated events topic is archived again from its start. No batch is written
+  before this process has read the id once (until then the batch waits, as a failed write does).
+  Re-keyed copies the worker writes back onto the events topic (header hrnn-repartitioned-from)
+  are not archived: their mis-keyed originals are, by their own offsets.
 - A timer or crontab (`--cron`) with `on_leader=True` starts a retraining run on the group's leader
   only: Faust elects as leader the member that is assigned partition 0 of its
   `<app id>-__assignor-__leader` topic, so with N instances exactly one runs the schedule.
@@ -53,6 +56,7 @@ from stream.cli_common import directory_flag
 from stream.faust_credentials import faust_credentials, librdkafka_only
 from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.observability import Health, MetricsServer
+from stream.records import H_REPARTITIONED_FROM
 from stream.retrain_job import GATE_METRICS, RetrainOutcome, RetrainSpec
 from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC, check_topic_name
 
@@ -323,7 +327,7 @@ class RetrainerService:
         self.metrics = RetrainerMetrics()
         self.health = Health(details={"state": "starting"})
         self.writer = ArchiveWriter(settings.archive, settings.events_topic)
-        self._followed = False  # whether the writer follows the events topic's log (by its id) yet
+        self._followed = False  # whether the writer follows the events topic's log (by an id read in this process)
         self._archive_error: str | None = None  # why the batch in hand cannot be written, while it cannot
         self._agent_crash: str | None = None  # why the archive agent stopped (its batch was acked unwritten)
         self.runs: list[RetrainOutcome] = []
@@ -363,7 +367,11 @@ class RetrainerService:
         @app.on_partitions_assigned.connect
         async def on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ARG001 (signal signature)
             # another instance may have archived these partitions up to a later offset
-            await asyncio.get_running_loop().run_in_executor(None, self._follow_events_log)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._follow_events_log)
+            except KafkaClientError as exc:  # no id read yet: the first batch reads it before it is written
+                log.warning("cannot read the events topic's id; archiving waits until it can",
+                            extra={"error": str(exc)})
             self.metrics.leader.set(1 if app.is_leader() else 0)
             self.health.update(state="running")
             self._report_health()
@@ -400,11 +408,18 @@ class RetrainerService:
 
     async def _archive(self, batch) -> None:
         good: list[ArchivedEvent] = []
+        copies = invalid = 0
         for ev in batch:
             msg = ev.message
+            if H_REPARTITIONED_FROM in ev.headers:
+                # the worker's re-keyed copy of a mis-keyed event: the original is archived by its own offset
+                # (archived again, the event would train twice, more after a worker's crash copied it again)
+                copies += 1
+                continue
             try:
                 good.append(ArchivedEvent(msg.partition, msg.offset, decode_event(ev.value)))
             except EventError as exc:
+                invalid += 1
                 self.metrics.invalid_events.labels(reason=exc.reason).inc()
         before, future_before = self.writer.events_written, self.writer.future_events
         files = await self._write_until_done(good, batch)
@@ -416,7 +431,7 @@ class RetrainerService:
         self.metrics.archived_events.inc(fresh)
         self.metrics.duplicate_events.inc(dup)
         self.metrics.future_events.inc(self.writer.future_events - future_before)
-        log.info("archived events", extra={"events": fresh, "invalid": len(batch) - len(good),
+        log.info("archived events", extra={"events": fresh, "invalid": invalid, "repartitioned_copies": copies,
                                            "duplicates": dup, "files": [f.name for f in files]})
 
     async def _write_until_done(self, good: list[ArchivedEvent], batch) -> list[Path] | None:
@@ -464,8 +479,8 @@ class RetrainerService:
     def _write_batch(self, good: list[ArchivedEvent]) -> list[Path]:
         """One attempt (on an executor thread)."""
         if not self._followed or any(self.writer.archived(a) for a in good):
-            # the first batch may come before the assignment's follow has run (its files would name no log);
-            # replays, or a new log of the same name whose offsets start again at 0
+            # the first batch may come before the assignment's follow has run, or after it failed (its files would
+            # name no log); replays, or a new log of the same name whose offsets start again at 0
             self._follow_events_log()
         return self.writer.write(good)
 
@@ -488,11 +503,18 @@ class RetrainerService:
         return admin_client(self.settings.bootstrap_servers, self.settings.kafka)
 
     def _follow_events_log(self) -> None:
-        """Point the archive writer at the events topic's current log (by topic id) and re-read its marks."""
+        """Point the archive writer at the events topic's current log (by topic id) and re-read its marks.
+        KafkaClientError when the id cannot be read and this process has read none yet: the writer then follows
+        no log, and _write_batch raises it, so the batch waits unacked and is retried."""
         topic, tid = self.settings.events_topic, self.writer.topic_id
         try:
             tid = topic_id(self._admin, topic)
         except KafkaClientError as exc:
+            if not self._followed:
+                # The id-less log is no fallback: where the archive names ids its marks are empty, so a replayed
+                # batch (archived before a crash under the id) would be written again, as a "new log". Only the
+                # id of this log, once read, is one to go on by.
+                raise
             log.warning("cannot read the events topic's id; archiving goes on by the offsets of the log followed "
                         "so far", extra={"error": str(exc)})
         self._followed = True

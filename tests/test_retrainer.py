@@ -116,7 +116,7 @@ def test_the_service_rereads_the_topic_id_when_a_batch_holds_archived_offsets(tm
         bootstrap_servers="127.0.0.1:9", registry=str(tmp_path / "r"), archive=str(tmp_path / "a")))
 
     def batch(offsets):
-        return [SimpleNamespace(message=SimpleNamespace(partition=0, offset=k),
+        return [SimpleNamespace(message=SimpleNamespace(partition=0, offset=k), headers={},
                                 value=encode_event(Event(f"u{k}", "i", "click", T0 + k))) for k in offsets]
 
     def _new_logs(svc) -> float:
@@ -168,7 +168,7 @@ def test_a_first_batch_before_the_assignments_follow_is_archived_under_the_topic
     monkeypatch.setattr(retrainer.RetrainerService, "_admin", None)  # no broker here
     svc = retrainer.RetrainerService(retrainer.RetrainerSettings(
         bootstrap_servers="127.0.0.1:9", registry=str(tmp_path / "r"), archive=str(tmp_path / "a")))
-    batch = [SimpleNamespace(message=SimpleNamespace(partition=0, offset=k),
+    batch = [SimpleNamespace(message=SimpleNamespace(partition=0, offset=k), headers={},
                              value=encode_event(Event(f"u{k}", "i", "click", T0 + k))) for k in range(4)]
     asyncio.run(svc._archive(batch))
     names = [p.name for p in (tmp_path / "a").rglob("*.parquet")]
@@ -238,14 +238,72 @@ def _offline_service(tmp_path: Path, monkeypatch, **settings):
         bootstrap_servers="127.0.0.1:9", registry=str(tmp_path / "r"), archive=str(tmp_path / "a"), **settings))
 
 
-def _batch(rows: list[tuple[int, int, int]]) -> list:
-    """Faust events of (partition, offset, timestamp) as the agent gets them."""
+def _batch(rows: list[tuple[int, int, int]], headers: dict[str, bytes] | None = None) -> list:
+    """Faust events of (partition, offset, timestamp) as the agent gets them (each with these headers)."""
     from types import SimpleNamespace
 
     from model.events import encode_event
 
-    return [SimpleNamespace(message=SimpleNamespace(partition=p, offset=k, acked=False),
+    return [SimpleNamespace(message=SimpleNamespace(partition=p, offset=k, acked=False), headers=dict(headers or {}),
                             value=encode_event(Event(f"u{p}-{k}", "i", "click", ts))) for p, k, ts in rows]
+
+
+def test_the_workers_rekeyed_copies_of_mis_keyed_events_are_not_archived_again(tmp_path, monkeypatch):
+    """The worker writes a re-keyed copy of each mis-keyed event back onto the events topic (header
+    hrnn-repartitioned-from; a crash before its commit copies it again): the original is archived by its
+    own offset, so every event is archived once, and the copies are neither written nor counted."""
+    from types import SimpleNamespace
+
+    from stream import records
+
+    svc = _offline_service(tmp_path, monkeypatch)
+    well_keyed = _batch([(0, k, T0 + k) for k in range(10)])
+    mis_keyed = _batch([(1, k, T0 + 10 + k) for k in range(10)])
+    # the same events at other offsets of their users' partition, two copies each (the worker crashed once
+    # between producing them and committing)
+    copies = [SimpleNamespace(message=SimpleNamespace(partition=0, offset=10 + 2 * k + c, acked=False),
+                              headers=dict(records.repartition_headers(svc.settings.events_topic, 1, k)),
+                              value=ev.value) for k, ev in enumerate(mis_keyed) for c in range(2)]
+    asyncio.run(svc._archive(well_keyed + mis_keyed + copies))
+    data = read_window(tmp_path / "a", 30)
+    assert sorted(data.user_ids[data.user]) == sorted([f"u0-{k}" for k in range(10)] + [f"u1-{k}" for k in range(10)])
+    value = svc.metrics.registry.get_sample_value
+    assert value("hrnn_retrainer_archived_events_total") == 20 and value("hrnn_retrainer_duplicate_events_total") == 0
+
+
+def test_a_restart_that_cannot_read_the_topic_id_yet_does_not_archive_the_replayed_batch_again(tmp_path, monkeypatch):
+    """A process killed after archiving a batch, before its offsets were committed, reads it again after the
+    restart. Should the topic id not be readable then (a broker timing out), the batch waits, unacked and retried,
+    until it is: the id-less log, with no marks of its own, would have it archived twice as a "new log"."""
+    import contextlib
+
+    import stream.retrainer as retrainer
+    from stream.kafka_clients import KafkaClientError
+
+    batch = _batch([(0, k, T0 + k) for k in range(10)])
+    first = _offline_service(tmp_path, monkeypatch)
+    first._follow_events_log()
+    asyncio.run(first._archive(batch))  # then SIGKILLed, before Faust commits the batch
+    lookups = []
+
+    def times_out_twice(admin, topic):
+        lookups.append(topic)
+        if len(lookups) <= 2:  # the assignment's lookup and the first write's
+            raise KafkaClientError(f"cannot describe topic {topic!r}: timed out")
+        return "0a" * 16
+
+    restarted = _offline_service(tmp_path, monkeypatch, archive_retry_first_s=0.01)
+    monkeypatch.setattr(retrainer, "topic_id", times_out_twice)
+    with contextlib.suppress(KafkaClientError):  # as the assignment's handler does
+        restarted._follow_events_log()
+    asyncio.run(restarted._archive(_batch([(0, k, T0 + k) for k in range(10)])))  # the batch read again
+    assert count_events(tmp_path / "a", 30) == 10 and len(lookups) == 3
+    names = {p.name for p in (tmp_path / "a").rglob("*.parquet")}
+    assert all(f"+t{'0a' * 16}+" in n for n in names)
+    value = restarted.metrics.registry.get_sample_value
+    assert value("hrnn_retrainer_duplicate_events_total") == 10 and value("hrnn_retrainer_archived_events_total") == 0
+    assert value("hrnn_retrainer_events_topic_new_logs_total") == 0
+    assert value("hrnn_retrainer_archive_write_failures_total") == 1 and value("hrnn_retrainer_archive_failing") == 0
 
 
 def test_a_failed_archive_write_is_retried_and_every_event_archived_exactly_once(tmp_path, monkeypatch):
