@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 @dataclass(frozen=True)
@@ -39,16 +41,16 @@ class Interactions:
                      source: str = "<memory>") -> "Interactions":
         """Encode string columns and sort by (user, time, input order)."""
         n = len(ts_ms)
-        u_vocab, user = np.unique(np.asarray(user_ids).astype(str), return_inverse=True)
-        i_vocab, item = np.unique(np.asarray(item_ids).astype(str), return_inverse=True)
+        u_vocab, user = encode_text(user_ids)
+        i_vocab, item = encode_text(item_ids)
         if event_types is None:
             t_vocab, etype = np.array(["click"]), np.zeros(n, dtype=np.int64)
         else:
-            t_vocab, etype = np.unique(np.asarray(event_types).astype(str), return_inverse=True)
+            t_vocab, etype = encode_text(event_types)
         val = np.full(n, np.nan, dtype=np.float32) if values is None else np.asarray(values, dtype=np.float32)
         skey = None
         if session_ids is not None:
-            _, skey = np.unique(np.asarray(session_ids).astype(str), return_inverse=True)
+            _, skey = encode_text(session_ids)
             skey = skey.astype(np.int64)
         ts = np.asarray(ts_ms, dtype=np.int64)
         order = np.lexsort((np.arange(n), ts, user))
@@ -56,7 +58,7 @@ class Interactions:
             user=user.astype(np.int32)[order], item=item.astype(np.int32)[order], ts_ms=ts[order],
             event_type=etype.astype(np.int16)[order], value=val[order],
             session_key=None if skey is None else skey[order],
-            user_ids=u_vocab.astype(object), item_ids=i_vocab.astype(object),
+            user_ids=u_vocab, item_ids=i_vocab,
             event_types=tuple(str(t) for t in t_vocab), source=source,
         )
 
@@ -82,3 +84,26 @@ class Interactions:
 
     def type_code(self, name: str) -> int | None:
         return self.event_types.index(name) if name in self.event_types else None
+
+
+def encode_text(values) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted vocabulary of `values` as text (an object array of str) and each value's code in it.
+
+    Never through numpy's fixed-width strings: `astype(str)` makes every row as wide as the longest value,
+    so one 20,000-character id in a 1 MB file asked for 12 GB. pyarrow orders UTF-8 by its bytes, which is
+    code point order, the order np.unique gives str, so the codes are the ones np.unique would give.
+    """
+    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
+    if arr.dtype.kind != "O":
+        text = arr.astype(str).astype(object)  # numbers are short; a str array is as wide as its caller made it
+    else:
+        text = np.frompyfunc(str, 1, 1)(arr)  # what astype(str) writes, without the fixed width
+    try:
+        column = pa.array(text, type=pa.string())
+    except (pa.ArrowException, UnicodeError):  # a lone surrogate is not UTF-8: sort the Python objects
+        vocab, codes = np.unique(text, return_inverse=True)
+        return vocab, codes.reshape(-1)
+    vocab = pc.unique(column)
+    vocab = vocab.take(pc.sort_indices(vocab))
+    codes = pc.index_in(column, value_set=vocab)
+    return vocab.to_numpy(zero_copy_only=False), codes.to_numpy(zero_copy_only=False)

@@ -16,7 +16,7 @@ import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +25,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from model.errors import ConfigError, DataError, EventError
-from model.events import parse_timestamp
-from model.interactions import Interactions
+from model.events import MAX_ID_CHARS, parse_timestamp
+from model.interactions import Interactions, encode_text
 
 TimeUnit = Literal["s", "ms", "iso"]
+LineOf = Callable[[int], int]  # row index -> the file's line number, for messages
 
 REQUIRED = ("USER_ID", "ITEM_ID", "TIMESTAMP")
 OPTIONAL = ("EVENT_TYPE", "EVENT_VALUE", "SESSION_ID")
@@ -130,10 +131,10 @@ def load_interactions(path: str | Path, *, columns: dict[str, str] | None = None
     with open(p, "rb") as fh:
         magic = fh.read(4)
     if p.suffix.lower() in _PARQUET_SUFFIXES or magic == b"PAR1":
-        table, header_lines, resolved = _read_parquet(name, mapping)
+        table, line_of, resolved = _read_parquet(name, mapping)
     else:
-        table, header_lines, resolved = _read_text(name, mapping, delimiter, header)
-    return _to_interactions(name, table, resolved, header_lines, time_unit, base_epoch_s)
+        table, line_of, resolved = _read_text(name, mapping, delimiter, header)
+    return _to_interactions(name, table, resolved, line_of, time_unit, base_epoch_s)
 
 
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
@@ -254,7 +255,7 @@ def _refuse_shared_columns(found: list[str], resolved: dict[str, int]) -> None:
 
 # --- Parquet -----------------------------------------------------------------------------
 
-def _read_parquet(name: str, mapping: dict[str, str]) -> tuple[pa.Table, int, dict[str, int]]:
+def _read_parquet(name: str, mapping: dict[str, str]) -> tuple[pa.Table, LineOf, dict[str, int]]:
     try:
         pf = pq.ParquetFile(name)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -269,7 +270,7 @@ def _read_parquet(name: str, mapping: dict[str, str]) -> tuple[pa.Table, int, di
     # pyarrow reads every column of a requested name, in request order then file order; a field mapped by
     # position to one of two same-named columns must get that one, not whichever a by-name lookup keeps
     read_order = [i for n in wanted for i, c in enumerate(found) if c == n]
-    return table, 0, {f: read_order.index(i) for f, i in resolved.items()}
+    return table, lambda row: row + 1, {f: read_order.index(i) for f, i in resolved.items()}
 
 
 # --- CSV / TSV ---------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def _looks_like_header(fields: list[str], mapping: dict[str, str]) -> bool:
 
 
 def _read_text(name: str, mapping: dict[str, str], delimiter: str | None,
-               header: bool | None) -> tuple[pa.Table, int, dict[str, int]]:
+               header: bool | None) -> tuple[pa.Table, LineOf, dict[str, int]]:
     text = _sample_text(name)
     physical = _LINE_BREAK.split(text)
     lines = [ln for ln in physical if ln.strip()][:_SNIFF_LINES]
@@ -369,7 +370,27 @@ def _read_text(name: str, mapping: dict[str, str], delimiter: str | None,
     except pa.ArrowInvalid as exc:
         raise _explain_csv_error(name, str(exc), delim, len(found), leading) from None
     by_name = {c: i for i, c in enumerate(table.column_names)}
-    return table, skip, {f: by_name[col_names[i]] for f, i in resolved.items()}
+    return table, _text_line_of(name, delim, skip), {f: by_name[col_names[i]] for f, i in resolved.items()}
+
+
+def _text_line_of(name: str, delim: str, skip: int) -> LineOf:
+    """Row index -> physical line of a delimited file whose first `skip` lines are not rows. pyarrow skips
+    blank lines and a quoted field may hold a line break, so the row number plus the header is wrong past
+    either; this slow rescan only runs to name the line of an error."""
+    def line_of(row: int) -> int:
+        with open(name, encoding="utf-8", errors="replace", newline="") as fh:
+            for _ in range(skip):
+                fh.readline()
+            reader = csv.reader(fh, delimiter=delim)
+            consumed, seen = 0, 0
+            for record in reader:
+                start, consumed = skip + consumed + 1, reader.line_num
+                if record:  # an empty record is a blank line, which pyarrow skips
+                    if seen == row:
+                        return start
+                    seen += 1
+        return row + 1 + skip
+    return line_of
 
 
 def _explain_csv_error(name: str, message: str, delim: str, n_cols: int, leading: int) -> DataError:
@@ -400,14 +421,11 @@ def _explain_csv_error(name: str, message: str, delim: str, n_cols: int, leading
 
 # --- columns into Interactions -----------------------------------------------------------
 
-def _to_interactions(name: str, table: pa.Table, resolved: dict[str, int], header_lines: int,
+def _to_interactions(name: str, table: pa.Table, resolved: dict[str, int], line_of: LineOf,
                      time_unit: TimeUnit, base_epoch_s: float) -> Interactions:
     n = table.num_rows
     if n == 0:
         raise DataError(name, "no events after the header", expected="at least one event row")
-
-    def line_of(row: int) -> int:
-        return row + 1 + header_lines
 
     def col(field: str) -> pa.ChunkedArray:
         return table.column(resolved[field])
@@ -417,6 +435,7 @@ def _to_interactions(name: str, table: pa.Table, resolved: dict[str, int], heade
             arr = _id_text(col(field))
         bad = pc.or_kleene(pc.is_null(arr), pc.equal(pc.utf8_length(arr), 0))
         _raise_first(name, bad, arr, field, line_of, "empty value", f"a non-empty {field}")
+        _refuse_long_ids(name, arr, field, line_of)
         return np.asarray(arr.to_numpy(zero_copy_only=False))
 
     users, items = ids("USER_ID"), ids("ITEM_ID")
@@ -424,8 +443,7 @@ def _to_interactions(name: str, table: pa.Table, resolved: dict[str, int], heade
         ts_ms = _timestamps(name, col("TIMESTAMP"), time_unit, base_epoch_s, line_of)
     types = ids("EVENT_TYPE") if "EVENT_TYPE" in resolved else None
     with _arrow_errors(name, "EVENT_VALUE"):
-        values = _numbers(name, col("EVENT_VALUE"), "EVENT_VALUE", line_of, allow_empty=True) \
-            if "EVENT_VALUE" in resolved else None
+        values = _event_values(name, col("EVENT_VALUE"), line_of) if "EVENT_VALUE" in resolved else None
     sessions = ids("SESSION_ID") if "SESSION_ID" in resolved else None
     return Interactions.from_columns(users, items, ts_ms, event_types=types, values=values,
                                      session_ids=sessions, source=name)
@@ -452,6 +470,18 @@ def _id_text(arr: pa.ChunkedArray) -> pa.ChunkedArray:
     if not pa.types.is_string(arr.type) and not pa.types.is_large_string(arr.type):
         arr = pc.cast(arr, pa.string())
     return pc.utf8_trim_whitespace(arr)
+
+
+def _refuse_long_ids(name: str, arr: pa.ChunkedArray, field: str, line_of: LineOf) -> None:
+    """An id longer than an event may carry: the worker would dead-letter every event of it, so the file is
+    refused here, where the line can be named (and before a vocabulary of such ids is built)."""
+    lengths = pc.utf8_length(arr)
+    if pc.max(lengths).as_py() > MAX_ID_CHARS:
+        row = int(pc.index(pc.greater(lengths, MAX_ID_CHARS), True).as_py())
+        value = arr[row].as_py()
+        raise DataError(name, f"id of {len(value)} characters ({value[:20]!r}...), more than the "
+                              f"{MAX_ID_CHARS} an event's {field.lower()} may have", line=line_of(row), column=field,
+                        expected=f"ids of at most {MAX_ID_CHARS} characters")
 
 
 def _raise_first(name: str, bad: pa.ChunkedArray | pa.Array, arr, field: str, line_of, problem: str,
@@ -482,6 +512,22 @@ def _numbers(name: str, arr: pa.ChunkedArray, field: str, line_of, *, allow_empt
         bad = pc.invert(pc.fill_null(ok, True)) if allow_empty else pc.invert(pc.fill_null(ok, False))
         _raise_first(name, bad, arr, field, line_of, "not a number:", "a number")
         raise DataError(name, "cannot read the column as numbers", column=field, expected="numbers") from None
+
+
+def _event_values(name: str, arr: pa.ChunkedArray, line_of: LineOf) -> np.ndarray:
+    """EVENT_VALUE as float64, NaN where empty. A value that is not finite as the float32 it is kept as (inf,
+    nan, 1e300) is refused: replay would send it as null and the value would be lost without a word."""
+    values = _numbers(name, arr, "EVENT_VALUE", line_of, allow_empty=True)
+    absent = pc.is_null(arr)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        absent = pc.or_(absent, pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0))
+    with np.errstate(over="ignore"):
+        finite = np.isfinite(values.astype(np.float32))
+    bad = ~finite & ~np.asarray(absent.to_numpy(zero_copy_only=False), dtype=bool)
+    if bad.any():
+        _raise_first(name, pa.array(bad), arr, "EVENT_VALUE", line_of, "not a finite number:",
+                     f"a finite number within ±{float(np.finfo(np.float32).max):.4g}, or an empty field")
+    return values
 
 
 def _timestamps(name: str, arr: pa.ChunkedArray, unit: TimeUnit, base_epoch_s: float, line_of) -> np.ndarray:
@@ -554,7 +600,7 @@ def _iso(name: str, arr: pa.ChunkedArray, line_of) -> np.ndarray:
             return pc.cast(pc.cast(text, target), pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
-    uniq, inverse = np.unique(np.asarray(text.to_numpy(zero_copy_only=False)).astype(str), return_inverse=True)
+    uniq, inverse = encode_text(text.to_numpy(zero_copy_only=False))
     parsed = np.empty(len(uniq), dtype=np.int64)
     bad_values: set[str] = set()
     for k, value in enumerate(uniq):

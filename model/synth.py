@@ -44,6 +44,9 @@ from model.interactions import Interactions
 from model.sessions import session_index, session_starts
 
 BASE_EPOCH_S = 1_767_225_600  # 2026-01-01T00:00:00Z
+# bound on n_users x events_per_user, so a slip (--events-per-user 1e6 with 2000 users: 2e9 events) is a
+# message rather than a MemoryError part way through
+MAX_EVENTS = 100_000_000
 EVENT_TYPES = ("click", "purchase")
 
 
@@ -208,11 +211,12 @@ def write(data: Interactions, path: str | Path) -> Path:
     p = Path(path)
     ts = data.ts_ms
     seconds = pa.array(ts // 1000) if np.all(ts % 1000 == 0) else pa.array(ts / 1000.0)
+    # ids go to pyarrow as the Python strings they are: astype(str) would make every row as wide as the longest
     cols = {
-        "USER_ID": pa.array(data.user_ids[data.user].astype(str)),
-        "ITEM_ID": pa.array(data.item_ids[data.item].astype(str)),
+        "USER_ID": pa.array(data.user_ids[data.user], type=pa.string()),
+        "ITEM_ID": pa.array(data.item_ids[data.item], type=pa.string()),
         "TIMESTAMP": seconds,
-        "EVENT_TYPE": pa.array(np.asarray(data.event_types, dtype=object)[data.event_type].astype(str)),
+        "EVENT_TYPE": pa.array(np.asarray(data.event_types, dtype=object)[data.event_type], type=pa.string()),
     }
     if not np.all(np.isnan(data.value)):
         cols["EVENT_VALUE"] = pa.array(data.value, mask=np.isnan(data.value))
@@ -252,5 +256,8 @@ def _check(n_users: int, n_items: int, n_categories: int, repeat_share: float, e
         raise ConfigError(f"repeat_share must be in [0, 1), got {repeat_share}")
     if not 2 <= events_per_user <= 1e6:  # NaN fails too
         raise ConfigError(f"events_per_user must lie in [2, 1e6], got {events_per_user}")
+    if n_users * events_per_user > MAX_EVENTS:
+        raise ConfigError(f"n_users x events_per_user asks for about {n_users * events_per_user:.3g} events, more "
+                          f"than the {MAX_EVENTS:.0e} a synthetic log may have")
     if not 1 <= session_length <= 1e6:
         raise ConfigError(f"session_length must lie in [1, 1e6], got {session_length}")

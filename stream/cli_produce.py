@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from model.errors import ConfigError
+from model.loaders import add_loader_arguments, load_interactions, loader_options
 from stream.cli_common import add_client_flags, kafka_settings
 from stream.topics import DEFAULT_PARTITIONS, check_topic_name
 
@@ -22,26 +23,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stamp events with the time they are sent (for latency measurements); "
                              "with --speedup, gaps between events keep their scaled length")
     parser.add_argument("--limit", type=int, help="send only the first N events (in time order)")
-    parser.add_argument("--columns", help="column map, e.g. USER_ID=userId,ITEM_ID=movieId,TIMESTAMP=ts")
-    parser.add_argument("--time-unit", choices=("s", "ms", "iso"), default="s",
-                        help="unit of numeric TIMESTAMPs in the file (default s, as Personalize)")
     parser.add_argument("--partitions", type=int,
                         help=f"partitions when the topic is created (default {DEFAULT_PARTITIONS}); "
                              "an existing topic with fewer is an error")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_loader_arguments(parser)  # --columns, --time-unit, --delimiter, --base-epoch, as train reads the file
 
 
 def run(args: argparse.Namespace) -> int:
     # Read the file before touching the broker: a bad file should fail fast and say why.
-    from model.loaders import load_interactions, parse_column_map
-
     if args.limit is not None and args.limit < 0:
         raise ConfigError(f"--limit must be >= 0, got {args.limit}")
     if args.partitions is not None and args.partitions < 1:
         raise ConfigError(f"--partitions must be >= 1, got {args.partitions}")
     check_topic_name("--topic", args.topic)
-    columns = parse_column_map(args.columns) if args.columns else None
-    data = load_interactions(args.data, columns=columns, time_unit=args.time_unit)
+    data = load_interactions(args.data, **loader_options(args))
 
     from stream.kafka_clients import admin_client, create_producer
     from stream.replay import replay

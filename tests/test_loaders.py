@@ -454,3 +454,123 @@ def test_blank_lines_above_the_header_are_skipped_and_counted_in_line_numbers(tm
     with pytest.raises(DataError) as err:
         load_interactions(write(tmp_path, "z.csv", " \nUSER_ID,ITEM_ID,TIMESTAMP\na,x,1\na,y,2,extra\n"))
     assert err.value.line == 4 and "4 fields" in str(err.value)
+
+
+def test_one_very_long_id_does_not_make_every_row_as_wide_as_it():
+    # numpy's fixed-width text would give each of the 10,000 rows 4,000 characters: 160 MB for a 40 kB column
+    import tracemalloc
+
+    from model.interactions import Interactions
+
+    users = np.array(["u" + "x" * 3_999] + [f"u{k % 50}" for k in range(9_999)], dtype=object)
+    tracemalloc.start()
+    try:
+        data = Interactions.from_columns(users, users, np.arange(10_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16_000_000, f"peak {peak / 1e6:.0f} MB"
+    assert data.user_ids.dtype == object and data.n_users == 51 and len(data.user_ids[-1]) == 4_000
+
+
+def test_ids_are_coded_in_sorted_order_whatever_their_length_or_script():
+    from model.interactions import Interactions
+
+    users = ["b", "a" * 300, "é", "Z", "😀", "a", "b"]
+    data = Interactions.from_columns(users, [1, 10, 2, 1, 1, 1, 1], np.arange(7))
+    assert list(data.user_ids) == sorted(set(users)) and list(data.item_ids) == ["1", "10", "2"]
+    assert [data.user_ids[u] for u in data.user] == ["Z", "a", "a" * 300, "b", "b", "é", "😀"]
+
+
+def test_a_file_of_the_longest_ids_an_event_may_carry_loads_without_a_row_per_id_width(tmp_path):
+    import tracemalloc
+
+    rows = [f"u{k % 40},i{k % 30},{1767225600 + k}" for k in range(50_000)]
+    rows[7] = f"{'u' * 256},i1,1767225607"
+    path = write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\n" + "\n".join(rows) + "\n")
+    tracemalloc.start()
+    try:
+        data = load_interactions(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(data) == 50_000 and max(map(len, data.user_ids)) == 256
+    assert peak < 25_000_000, f"peak {peak / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("field", ["USER_ID", "ITEM_ID", "EVENT_TYPE", "SESSION_ID"])
+def test_an_id_longer_than_an_event_may_carry_is_refused_naming_line_and_column(tmp_path, field):
+    from model.events import MAX_ID_CHARS
+
+    def row(k: int, long: bool = False) -> str:
+        values = {"USER_ID": "u1", "ITEM_ID": f"i{k}", "EVENT_TYPE": "click", "SESSION_ID": "s1"}
+        if long:
+            values[field] = "y" * (MAX_ID_CHARS + 1)
+        return ",".join([values["USER_ID"], values["ITEM_ID"], str(1767225600 + k), values["EVENT_TYPE"],
+                         values["SESSION_ID"]])
+
+    header = "USER_ID,ITEM_ID,TIMESTAMP,EVENT_TYPE,SESSION_ID\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", header + "\n".join([row(1), row(2, long=True), row(3)]) + "\n"))
+    assert err.value.line == 3 and err.value.column == field
+    assert f"{MAX_ID_CHARS + 1} characters" in str(err.value) and str(MAX_ID_CHARS) in str(err.value)
+    assert len(str(err.value)) < 400  # the id is not spelt out in full
+
+
+def test_an_id_of_exactly_the_events_limit_loads(tmp_path):
+    from model.events import MAX_ID_CHARS
+
+    data = load_interactions(write(tmp_path, "x.csv", f"USER_ID,ITEM_ID,TIMESTAMP\nu1,{'i' * MAX_ID_CHARS},1\n"))
+    assert list(data.item_ids) == ["i" * MAX_ID_CHARS]
+
+
+def test_an_error_after_blank_lines_names_its_physical_line(tmp_path):
+    text = "USER_ID,ITEM_ID,TIMESTAMP\nu1,i1,1700000000\n\n\n\n\nu1,i2,1700000100\nu1,i3,17OOOOO2OO\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    assert err.value.line == 8 and "'17OOOOO2OO'" in str(err.value)
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "y.csv", text.replace("\n", "\r\n")))
+    assert err.value.line == 8
+
+
+def test_an_error_after_a_quoted_line_break_names_its_physical_line(tmp_path):
+    text = 'USER_ID,ITEM_ID,TIMESTAMP\nu1,"item\none",1700000000\n\nu1,i2,oops\n'
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    assert err.value.line == 5 and "'oops'" in str(err.value)
+
+
+def test_an_empty_id_after_blank_lines_names_its_physical_line(tmp_path):
+    text = "\nUSER_ID,ITEM_ID,TIMESTAMP\n\nu1,i1,1\n\n,i2,2\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    assert err.value.line == 6 and err.value.column == "USER_ID"
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "NaN", "1e300", "-1e39"])
+def test_an_event_value_not_finite_as_float32_is_refused_naming_its_line(tmp_path, value):
+    text = f"USER_ID,ITEM_ID,TIMESTAMP,EVENT_VALUE\nu1,i1,1,2.5\nu1,i2,2,\nu1,i3,3,{value}\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text))
+    assert err.value.line == 4 and err.value.column == "EVENT_VALUE" and repr(value) in str(err.value)
+    assert "finite" in str(err.value)
+
+
+def test_a_parquet_event_value_not_finite_is_refused_while_nulls_are_absent_values(tmp_path):
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"USER_ID": ["a", "a", "a"], "ITEM_ID": ["x", "y", "z"], "TIMESTAMP": [1, 2, 3],
+                             "EVENT_VALUE": pa.array([1.0, None, 2.0])}), path)
+    data = load_interactions(path)
+    assert np.isnan(data.value[1]) and data.value[2] == 2.0
+    pq.write_table(pa.table({"USER_ID": ["a", "a"], "ITEM_ID": ["x", "y"], "TIMESTAMP": [1, 2],
+                             "EVENT_VALUE": pa.array([1.0, float("inf")])}), path)
+    with pytest.raises(DataError) as err:
+        load_interactions(path)
+    assert err.value.line == 2 and err.value.column == "EVENT_VALUE"
+
+
+def test_the_largest_float32_event_value_loads(tmp_path):
+    top = float(np.finfo(np.float32).max)
+    data = load_interactions(write(tmp_path, "x.csv", f"USER_ID,ITEM_ID,TIMESTAMP,EVENT_VALUE\nu1,i1,1,{top!r}\n"))
+    assert np.isfinite(data.value[0])

@@ -213,3 +213,31 @@ def test_retime_stamps_events_with_the_send_time():
     events = [decode_event(v) for _, _, v, _ in producer.sent]
     assert all(before <= e.timestamp_ms <= after for e in events)
     assert sorted(int(e.event_id) for e in events) == list(range(30))
+
+
+def _relative_tab_log(tmp_path) -> Path:
+    # tab-separated, but each user id holds two commas: the sniffer would read it as comma-separated
+    path = tmp_path / "relative.csv"
+    path.write_text("u,1,a\ti1\t0\nu,1,a\ti2\t60\nu,2,b\ti1\t30\n")
+    return path
+
+
+@pytest.mark.broker
+def test_produce_cli_takes_the_loaders_delimiter_and_base_epoch_flags_as_train_does(broker, tmp_path):
+    topic = f"cli-{uuid.uuid4().hex[:8]}"
+    proc = _hrnn("produce", "--bootstrap-servers", broker.bootstrap, "--data", str(_relative_tab_log(tmp_path)),
+                 "--topic", topic, "--columns", "USER_ID=0,ITEM_ID=1,TIMESTAMP=2", "--delimiter", "tab",
+                 "--base-epoch", "1767225600", "--time-unit", "s", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "3"
+    events = [decode_event(r.value) for r in read_all(broker.bootstrap, topic, idle_s=1.0, timeout_s=30)]
+    assert sorted((e.user_id, e.item_id, e.timestamp_ms) for e in events) == [
+        ("u,1,a", "i1", 1_767_225_600_000), ("u,1,a", "i2", 1_767_225_660_000), ("u,2,b", "i1", 1_767_225_630_000)]
+
+
+def test_produce_cli_hands_its_base_epoch_to_the_loader_before_touching_the_broker(tmp_path):
+    proc = _hrnn("produce", "--bootstrap-servers", "127.0.0.1:1", "--data", str(_relative_tab_log(tmp_path)),
+                 "--columns", "USER_ID=0,ITEM_ID=1,TIMESTAMP=2", "--delimiter", "tab", "--base-epoch", "1e300")
+    assert proc.returncode == 2
+    assert "hrnn produce: error:" in proc.stderr and "--base-epoch 1e+300 is out of range" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -166,3 +166,35 @@ def test_cli_rejects_bad_arguments_with_a_message(tmp_path, capsys):
 def test_cli_refuses_a_negative_seed_naming_the_flag(tmp_path, capsys):
     assert hrnn(["synth", "--out", str(tmp_path / "s.csv"), "--users", "5", "--seed", "-1"]) == 2
     assert "--seed -1" in capsys.readouterr().err and not (tmp_path / "s.csv").exists()
+
+
+def _limited(*command: str) -> "subprocess.CompletedProcess":
+    """Run with a 3 GB address-space limit, so a run that tries to allocate billions of events fails at once
+    (with a MemoryError) instead of swapping the machine."""
+    import resource
+    import subprocess
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+
+
+def test_cli_refuses_more_events_than_it_can_make_naming_both_flags(tmp_path):
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "big.csv"
+    proc = _limited(str(Path(sys.executable).with_name("hrnn")), "synth", "--out", str(out),
+                    "--events-per-user", "1000000")
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert "--users 2000" in proc.stderr and "--events-per-user 1000000" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_generate_refuses_more_events_than_it_can_make_naming_both_parameters():
+    import sys
+
+    proc = _limited(sys.executable, "-c", "from model.synth import generate; "
+                                          "generate(2000, 1000, seed=0, events_per_user=1e6)")
+    assert "ConfigError" in proc.stderr and "n_users x events_per_user" in proc.stderr, proc.stderr[-500:]
