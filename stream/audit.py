@@ -32,11 +32,11 @@ from typing import Callable
 
 import msgspec
 import numpy as np
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 from model.errors import ConfigError
 from stream import records
-from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, admin_client, consumer_config,
+from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, admin_client, create_consumer,
                                   error_detail, topic_id, topic_partitions)
 from stream.settings import WorkerSettings
 from stream.topic_window import ANSWER_SKEW_MS, earlier, read_window, window_bounds
@@ -218,8 +218,10 @@ def note_dead_letter(ledger: Ledger, r: Record) -> bool:
 def committed_offsets(bootstrap: str, group: str, topic: str, extra: ClientSettings | None = None,
                       timeout_s: float = 30.0) -> dict[int, int | None]:
     """The group's committed offset per partition of `topic` (None where it has none). Reading them does
-    not join the group: a consumer that never subscribes takes no partition from the workers."""
-    consumer = Consumer({**consumer_config(bootstrap, group, extra), "enable.auto.commit": False})
+    not join the group: a consumer that never subscribes takes no partition from the workers, so it has
+    none to commit, whatever `extra` says of auto-commit. A client setting librdkafka refuses is the
+    user's to fix (ClientSettingError, exit 2), not a broken promise (exit 1)."""
+    consumer = create_consumer(bootstrap, group, extra)
     try:
         parts = topic_partitions(consumer, topic, timeout_s)
         if not parts:

@@ -52,7 +52,7 @@ from model.config import DataConfig, HRNNConfig, load_config
 from model.errors import ConfigError, EventError, HRNNError
 from model.events import decode_event
 from stream.archive import ArchivedEvent, ArchiveWriter, Window, scan_window
-from stream.cli_common import directory_flag
+from stream.cli_common import directory_flag, positive
 from stream.faust_credentials import faust_credentials, librdkafka_only
 from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.observability import Health, MetricsServer
@@ -103,15 +103,17 @@ class RetrainerSettings:
         self.validate_run()
         check_topic_name("--events-topic", self.events_topic)
         check_topic_name("--app-id (Faust names its own topics after it)", self.app_id)
-        if self.cron is None and (self.interval_s is None or self.interval_s <= 0):
-            raise ConfigError("give --interval-s N (> 0) or --cron EXPR")
+        # Not finite: NaN is never due (every comparison is False), so the schedule would never run.
+        if self.cron is None and (self.interval_s is None or not positive(self.interval_s)):
+            raise ConfigError(f"give --interval-s N (a finite number > 0, got {self.interval_s}) or --cron EXPR")
         if self.cron is not None:
             from croniter import croniter
 
             if not croniter.is_valid(self.cron):
                 raise ConfigError(f"--cron {self.cron!r} is not a crontab expression (e.g. '0 3 * * *')")
-        if self.session_timeout_s < 3:
-            raise ConfigError("--session-timeout-s must be at least 3")
+        if not (math.isfinite(self.session_timeout_s) and self.session_timeout_s >= 3):  # NaN too
+            raise ConfigError(f"--group-session-timeout-s must be a finite number of at least 3 (seconds), "
+                              f"got {self.session_timeout_s}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port {self.metrics_port} is not a TCP port (0..65535; 0: no endpoint)")
 

@@ -51,7 +51,20 @@ def _parse_kafka(value: Any) -> dict[str, str]:
             value = dict(pairs)
     if not isinstance(value, Mapping):
         raise ConfigError(f"setting kafka must be a table of librdkafka settings, got {type(value).__name__}")
-    return {str(k).strip(): str(v).strip() if not isinstance(v, bool) else str(v).lower() for k, v in value.items()}
+    return {k: str(v).strip() if not isinstance(v, bool) else str(v).lower() for k, v in _flat(value).items()}
+
+
+def _flat(table: Mapping, prefix: str = "") -> dict[str, Any]:
+    """librdkafka's names as keys: TOML reads a bare dotted key (security.protocol = ...) as nested tables,
+    which are joined back into the dotted name a quoted key ("security.protocol" = ...) gives."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = prefix + str(key).strip()
+        for k, v in (_flat(value, name + ".") if isinstance(value, Mapping) else {name: value}).items():
+            if k in out:
+                raise ConfigError(f"setting kafka: {k!r} is given twice (as a dotted and as a quoted key)")
+            out[k] = v
+    return out
 
 
 @dataclass

@@ -70,7 +70,7 @@ class TopicError(HRNNError):
 
 class TopicMismatchError(TopicError):
     """An existing topic has fewer partitions than needed (or more, where exactly so many are needed), or lacks
-    compaction where it is needed."""
+    compaction where it is needed (or adds delete to it, which drops a key's latest value)."""
 
 
 class TopicCreationError(TopicError):
@@ -105,8 +105,8 @@ def ensure_topics(admin: AdminClient, specs: list[TopicSpec], *, timeout_s: floa
     """Create the missing topics and check the existing ones; returns the names created.
 
     Raises TopicMismatchError for an existing topic that has too few partitions (or too many,
-    with `exact_partitions`) or no compaction where `compacted` is asked, TopicCreationError
-    when the broker refuses."""
+    with `exact_partitions`) or no compaction where `compacted` is asked (or compaction with delete, unless
+    retention.ms is -1), TopicCreationError when the broker refuses."""
     existing = partition_counts(admin, timeout_s)
     missing = [s for s in specs if s.name not in existing]
     created: list[str] = []
@@ -160,21 +160,34 @@ def _check_existing(admin: AdminClient, spec: TopicSpec, partitions: int, timeou
             f"and publish its records again")
     if not spec.compacted:
         return
-    policy = cleanup_policy(admin, spec.name, timeout_s)
+    configs = _topic_configs(admin, spec.name, timeout_s)
+    policy = configs.get("cleanup.policy")
     if policy is None:
         # Tansu only reports the configs a topic was created with; an unreported policy cannot be checked.
         log.warning("broker does not report cleanup.policy; cannot verify compaction",
                     extra={"topic": spec.name})
         return
-    if "compact" not in {p.strip() for p in policy.split(",")}:
+    policies = {p.strip() for p in policy.split(",")}
+    fix = (f"set it with kafka-configs.sh --alter --entity-type topics --entity-name {spec.name} "
+           f"--add-config cleanup.policy=compact, or delete the topic so it is re-created")
+    if "compact" not in policies:
+        raise TopicMismatchError(f"topic {spec.name!r} has cleanup.policy={policy} but needs compaction: {fix}")
+    # With delete beside compact, Kafka drops a key's latest value too once it is older than retention.ms:
+    # a restore loses the state of users idle that long, and an item taken off sale comes back on sale.
+    if "delete" in policies and configs.get("retention.ms") != "-1":
         raise TopicMismatchError(
-            f"topic {spec.name!r} has cleanup.policy={policy} but needs compaction: set it with "
-            f"kafka-configs.sh --alter --entity-type topics --entity-name {spec.name} "
-            f"--add-config cleanup.policy=compact, or delete the topic so it is re-created")
+            f"topic {spec.name!r} has cleanup.policy={policy} (retention.ms="
+            f"{configs.get('retention.ms') or 'unreported'}): Kafka would delete each key's latest value "
+            f"after retention.ms, losing the table it keeps; it needs compaction alone: {fix}")
 
 
 def cleanup_policy(admin: AdminClient, topic: str, timeout_s: float = 10.0) -> str | None:
     """The topic's cleanup.policy, or None when the broker does not report it."""
+    return _topic_configs(admin, topic, timeout_s).get("cleanup.policy")
+
+
+def _topic_configs(admin: AdminClient, topic: str, timeout_s: float) -> dict[str, str]:
+    """The configs the broker reports for the topic (Tansu: only those it was created with)."""
     resource = ConfigResource(ResourceType.TOPIC, topic)
     try:
         configs = admin.describe_configs([resource], request_timeout=timeout_s)[resource].result(
@@ -184,8 +197,7 @@ def cleanup_policy(admin: AdminClient, topic: str, timeout_s: float = 10.0) -> s
             from None
     except KafkaException as exc:
         raise TopicError(f"cannot read the configuration of topic {topic!r}: {error_detail(exc)}") from None
-    entry = configs.get("cleanup.policy")
-    return None if entry is None or entry.value is None else str(entry.value)
+    return {name: str(entry.value) for name, entry in configs.items() if entry.value is not None}
 
 
 def _wait_visible(admin: AdminClient, names: list[str], timeout_s: float) -> None:

@@ -208,6 +208,13 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_the_audit_not_afte
     assert proc.returncode == 2 and "cannot create its folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_client_setting_librdkafka_refuses_is_a_settings_error_not_a_broken_promise():
+    proc = subprocess.run([HRNN, "audit", "--bootstrap-servers", "127.0.0.1:9", "--kafka-config",
+                           "security.protocol=SASL_SSLX"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot create a Kafka consumer" in proc.stderr and "security.protocol" in proc.stderr
+
+
 @pytest.mark.broker
 def test_the_command_names_an_input_topic_that_does_not_exist(broker):
     topic = f"absent-{uuid.uuid4().hex[:8]}"

@@ -2,6 +2,7 @@
 quality jobs check the group the workers run, with their settings."""
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import yaml
 
 from stream import cli
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
 
 
 def _containers() -> dict[str, dict]:
@@ -117,3 +119,53 @@ def test_every_pod_reads_the_kafka_client_settings_of_one_secret_which_the_retra
     assert faust_credentials(settings).mechanism.value == settings["sasl.mechanism"]
     config = next(yaml.safe_load_all((DEPLOY / "k8s" / "config.yaml").read_text()))["data"]["worker.toml"]
     assert "[serve.kafka]" not in config  # one place: a table there would add to (and hide behind) the Secret's
+
+
+def _dockerignored(path: str) -> bool:
+    """Whether the root's .dockerignore keeps `path` out of the build context: the last pattern matching the path
+    or one of its parent folders decides (`!` re-includes); `*` stays within a folder, `**/` spans any number."""
+    ignored = False
+    parents = [path] + [str(p) for p in Path(path).parents if str(p) != "."]
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        keep, pattern = pattern.startswith("!"), pattern.lstrip("!").strip("/")
+        regex = "".join({"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(t, re.escape(t))
+                        for t in re.findall(r"\*\*/|\*\*|\*|\?|[^*?]+", pattern))
+        if any(re.fullmatch(regex, p) for p in parents):
+            ignored = not keep
+    return ignored
+
+
+def test_the_build_context_holds_every_file_the_dockerfile_copies_and_not_the_checkouts_bulk():
+    """docker-compose builds with the repository root as context: without a .dockerignore the .venv (over a GB
+    once `make setup` ran), .git and out/ go to the daemon on every build."""
+    copied = [src for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")
+              for src in shlex.split(line)[1:-1] if not src.startswith("--")]
+    assert {"pyproject.toml", "README.md", "model", "stream"} <= set(copied)
+    files = [f for src in copied for f in ([ROOT / src] if (ROOT / src).is_file() else (ROOT / src).rglob("*.py"))
+             if "__pycache__" not in f.parts]
+    assert not [str(f.relative_to(ROOT)) for f in files if _dockerignored(str(f.relative_to(ROOT)))]
+    for bulk in (".venv/bin/python", ".git/HEAD", "out/demo/report.json", "tests/conftest.py", "bench/run.py",
+                 "hrnn_stream.egg-info/PKG-INFO", ".pytest_cache/README.md", "stream/__pycache__/cli.pyc"):
+        assert _dockerignored(bulk), bulk
+
+
+def test_every_phony_make_target_has_a_rule():
+    """A phony target without a rule runs nothing and exits 0: `make bench` would read as a benchmark that passed."""
+    text = (ROOT / "Makefile").read_text()
+    phony = next(line for line in text.splitlines() if line.startswith(".PHONY:")).split(":", 1)[1].split()
+    rules = set(re.findall(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", text, flags=re.M))
+    assert phony and set(phony) <= rules, sorted(set(phony) - rules)
+
+
+@pytest.mark.parametrize("name", ["worker", "retrainer"])
+def test_the_long_running_pods_serve_health_and_are_restarted_when_it_fails(name):
+    """The retrainer's /health answers 503 once its archive agent crashed, which only a restart mends: without
+    --metrics-port and a liveness probe on that port, nothing would ever ask."""
+    c = _containers()[name]
+    port = int(c["args"][c["args"].index("--metrics-port") + 1])
+    assert {"containerPort": port, "name": "metrics"} in c["ports"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] in ({"path": "/health", "port": "metrics"}, {"path": "/health", "port": port})

@@ -662,6 +662,28 @@ def test_a_single_run_needs_no_broker_and_refuses_a_negative_keep_versions():
         settings.validate_run()
 
 
+@pytest.mark.parametrize("flag, value, says", [
+    ("--interval-s", "nan", "give --interval-s N (a finite number > 0, got nan)"),  # never due: never runs
+    ("--interval-s", "inf", "give --interval-s N (a finite number > 0, got inf)"),
+    ("--group-session-timeout-s", "nan", "--group-session-timeout-s must be a finite number of at least 3"),
+    ("--group-session-timeout-s", "2", "--group-session-timeout-s must be a finite number of at least 3"),
+])
+def test_the_service_refuses_a_schedule_or_group_session_that_is_not_a_finite_number_in_range(tmp_path, flag, value,
+                                                                                              says):
+    proc = subprocess.run([sys.executable, "-m", "stream.cli", "retrainer", "--bootstrap-servers", "127.0.0.1:9",
+                           "--registry", str(tmp_path / "r"), "--archive", str(tmp_path / "a"), flag, value],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_too_short_group_session_names_the_flag_that_sets_it_not_the_models_session_gap():
+    from stream.retrainer import RetrainerSettings
+
+    settings = RetrainerSettings(bootstrap_servers="127.0.0.1:9", registry="r", archive="a", session_timeout_s=2)
+    with pytest.raises(ConfigError, match="^--group-session-timeout-s must"):
+        settings.validate()
+
+
 def test_retrain_skips_a_thin_window(tmp_path):
     ArchiveWriter(tmp_path / "a", "ev").write([ArchivedEvent(0, 0, Event("u", "i", "click", T0))])
     out = retrain(RetrainSpec(registry=str(tmp_path / "r"), archive=str(tmp_path / "a"), min_events=10))

@@ -76,6 +76,27 @@ def test_existing_topic_without_compaction_is_a_mismatch_when_compaction_is_need
     assert name in str(info.value) and "cleanup.policy=compact" in str(info.value)
 
 
+@pytest.mark.broker
+@pytest.mark.parametrize("compacted_spec", [lambda name: TopicSpec(name, 1, compacted=True), table_topic])
+def test_compaction_with_delete_is_a_mismatch_since_it_drops_each_keys_latest_value(admin, compacted_spec):
+    name = _name("compactdelete")
+    admin.create_topics([NewTopic(name, 1, 1, config={"cleanup.policy": "compact,delete",
+                                                      "retention.ms": "3600000"})])[name].result(timeout=10)
+    with pytest.raises(TopicMismatchError) as info:
+        ensure_topics(admin, [compacted_spec(name)])
+    msg = str(info.value)
+    assert name in msg and "compact,delete" in msg and "retention.ms" in msg
+    assert "kafka-configs.sh --alter" in msg and "cleanup.policy=compact" in msg
+
+
+@pytest.mark.broker
+def test_compaction_with_delete_but_unlimited_retention_keeps_every_latest_value_and_passes(admin):
+    name = _name("compactkeep")
+    admin.create_topics([NewTopic(name, 1, 1, config={"cleanup.policy": "compact,delete",
+                                                      "retention.ms": "-1"})])[name].result(timeout=10)
+    assert ensure_topics(admin, [TopicSpec(name, 1, compacted=True)]) == []
+
+
 class _RefusingAdmin:
     """Unit-test fake: lists no topics and refuses every creation the way librdkafka reports it."""
 

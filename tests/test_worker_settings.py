@@ -74,6 +74,22 @@ def test_flags_beat_environment_which_beats_the_file(tmp_path, monkeypatch):
     assert s.kafka == {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}
 
 
+def test_kafka_settings_written_as_bare_dotted_toml_keys_keep_librdkafkas_dotted_names(tmp_path):
+    cfg = tmp_path / "worker.toml"
+    cfg.write_text('[serve]\ngroup = "g"\n[serve.kafka]\nsecurity.protocol = "SASL_SSL"\nsasl.mechanism = "PLAIN"\n'
+                   '"sasl.username" = "shop"\n[serve.kafka_consumer]\nsession.timeout.ms = 6000\n')
+    s = load_settings(cfg, {}, serving=False)
+    assert s.kafka == {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "sasl.username": "shop"}
+    assert s.consumer_kafka == {**s.kafka, "session.timeout.ms": "6000"}
+
+
+def test_a_kafka_setting_given_both_as_a_dotted_and_as_a_quoted_key_is_refused(tmp_path):
+    cfg = tmp_path / "worker.toml"
+    cfg.write_text('[serve.kafka]\n"security.protocol" = "SSL"\nsecurity.protocol = "SASL_SSL"\n')
+    with pytest.raises(ConfigError, match="'security.protocol' is given twice"):
+        load_settings(cfg, {}, serving=False)
+
+
 def test_kafka_settings_can_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("HRNN_KAFKA", "security.protocol=SSL,ssl.ca.location=/etc/ca.pem")
     monkeypatch.setenv("HRNN_KAFKA_CONSUMER", '{"session.timeout.ms": 6000}')
