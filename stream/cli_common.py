@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +69,24 @@ def directory_flag(flag: str, path: str) -> None:
                 where = "" if p == Path(path) else f" ({p} is a file)"
                 raise ConfigError(f"{flag} {path} must be a directory, but it is a file{where}: name a directory")
             return
+
+
+SIGTERM_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (`kill PID`, `timeout`, a CI job's limit, `docker stop`) raise SystemExit in the main thread,
+    so `with LocalBroker()`, temporary directories and `finally` clauses unwind as on Ctrl-C. Python's default
+    ends the process without unwinding, and the local broker runs in its own session (stream.broker), so it
+    outlived the program that started it."""
+    signal.signal(signal.SIGTERM, _exit_143)
+
+
+def _exit_143(signum: int, _frame) -> None:
+    # A second SIGTERM while the first unwinds would cut the clean-up short and leave the broker again;
+    # SIGKILL still ends a clean-up that hangs.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(SIGTERM_STATUS)
 
 
 def positive(value: float) -> bool:

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import numpy as np
 from model.config import DataConfig, HRNNConfig
 from model.errors import ConfigError
 from model.interactions import Interactions
-from stream.cli_common import directory_flag
+from stream.cli_common import directory_flag, exit_on_sigterm
 
 NEW_ITEM = "new-item-1"
 RETRAIN_AT = 0.25  # share of the live replay after which the retrain starts
@@ -70,6 +72,8 @@ class LiveRun:
     versions: list[str] = field(default_factory=list)
     off_sale_item: str | None = None
     off_sale_at_ms: int | None = None  # wall time the worker's availability reader held it
+    retrain_error: str | None = None  # why v2 does not serve: the replay stops waiting for it, the demo fails
+    retrain_proc: subprocess.Popen | None = None  # the retraining child, ended with the demo
 
 
 def _say(msg: str) -> None:
@@ -178,13 +182,16 @@ def _retrain_and_swap(hist: Interactions, seen, out: Path, registry: Path, epoch
         y = np.concatenate([np.array(hist.event_types)[hist.event_type], [e.event_type for e in seen]])
         archive = write(Interactions.from_columns(u, i, t, y), out / "archive.csv")
         _say(f"\n== retraining v2 in a separate process on {len(u):,} archived events (the new item included)")
-        proc = subprocess.run([sys.executable, "-m", "stream.cli", "train", "--data", str(archive), "--registry",
-                               str(registry), "--epochs", str(epochs), *TRAIN_FLAGS, "--quiet"],
-                              capture_output=True, text=True)
+        proc = run.retrain_proc = subprocess.Popen(
+            [sys.executable, "-m", "stream.cli", "train", "--data", str(archive), "--registry", str(registry),
+             "--epochs", str(epochs), *TRAIN_FLAGS, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        stdout, stderr = proc.communicate()
         if proc.returncode != 0:
-            _say(f"retrain failed: {proc.stderr[-2000:]}")
+            run.retrain_error = f"the retraining exited with code {proc.returncode}: {stderr[-2000:]}"
+            _say(f"retrain failed: {run.retrain_error}")
             return
-        v2 = Path(proc.stdout.strip().splitlines()[-1])
+        v2 = Path(stdout.strip().splitlines()[-1])
         settings = worker.settings
         announce(settings.bootstrap_servers, settings.updates_topic, v2.name, v2, reason="retrain",
                  extra=settings.producer_kafka)
@@ -194,16 +201,34 @@ def _retrain_and_swap(hist: Interactions, seen, out: Path, registry: Path, epoch
             run.versions.append(v2.name)
             _say(f"\n== the worker serves {v2.name} from this batch on")
         else:
-            _say(f"\n== the worker did not swap to {v2.name} within 120 s: {worker.models.stats()}")
+            run.retrain_error = f"the worker did not swap to {v2.name} within 120 s: {worker.models.stats()}"
+            _say(f"\n== {run.retrain_error}")
     th = threading.Thread(target=job, name="retrain", daemon=True)
     th.start()
     return th
 
 
+@contextmanager
+def _ending_retrain(run: LiveRun) -> Iterator[None]:
+    """End the retraining child with the demo (Ctrl-C, SIGTERM, an error): it would go on training and then
+    write a version into the registry of a demo that is gone."""
+    try:
+        yield
+    finally:
+        proc = run.retrain_proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def _wait_for_swap(run: LiveRun, timeout_s: float = 600.0) -> float:
     """Pause the replay until v2 serves, so the swap lands mid-stream even on a slow machine; returns the pause."""
     print("\n   (replay paused until the retrained version is serving)", file=sys.stderr, flush=True)
-    return _timed(lambda: _wait_until(lambda: run.swap_at is not None, timeout_s, every_s=0.1))
+    return _timed(lambda: _wait_until(lambda: run.swap_at is not None or run.retrain_error is not None, timeout_s,
+                                      every_s=0.1))
 
 
 def _wait_until(condition, timeout_s: float, every_s: float) -> bool:
@@ -317,8 +342,12 @@ def run(args: argparse.Namespace) -> int:
     from stream.tail import format_recommendation
     from stream.worker import Worker
 
+    exit_on_sigterm()  # `kill`, `timeout`, `docker stop`: the broker and the retraining child end with the demo
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a directory the flag check could not foresee (no permission, /proc)
+        raise ConfigError(f"--out {out}: cannot create it ({exc.strerror})") from None
     registry, state = out / "registry", out / "state"
     shutil.rmtree(state, ignore_errors=True)  # an earlier run's states belong to a broker that is gone
     data = generate(args.users, args.items, seed=args.seed, repeat_share=0.3)
@@ -328,7 +357,8 @@ def run(args: argparse.Namespace) -> int:
          f"({len(hist):,} history, {len(live):,} replayed live) -> {out / 'events.csv'}")
     v1 = _train(hist, registry, args.epochs, "v1")
     evaluation = _evaluate(hist, v1.version_dir, out)
-    with LocalBroker(log_path=out / "broker.log") as broker:
+    live_run = LiveRun(versions=[v1.version_dir.name])
+    with LocalBroker(log_path=out / "broker.log") as broker, _ending_retrain(live_run):
         _say(f"\n== local broker on {broker.bootstrap}; worker state in {state}")
         settings = WorkerSettings(bootstrap_servers=broker.bootstrap, registry=str(registry), state_dir=str(state),
                                   partitions=4,
@@ -342,7 +372,6 @@ def run(args: argparse.Namespace) -> int:
         _wait_assigned(worker)
         _say(f"   the worker scores on {device_label(worker.models.current().device)}")
         retrain: list[threading.Thread] = []
-        live_run = LiveRun(versions=[v1.version_dir.name])
         _say(f"\n== replaying {len(live):,} events at {args.rate:.0f}/s (plus 3 malformed records)")
         popular = str(hist.item_ids[np.bincount(hist.item).argmax()])
         _replay_live(live, broker.bootstrap, settings.input_topic, args.rate, live_run,
@@ -371,4 +400,7 @@ def run(args: argparse.Namespace) -> int:
     _say("\n== summary\n" + "\n".join(f"   {k}: {v}" for k, v in summary.items()))
     _say(f"\nplots: {out / 'evaluation.png'}, {out / 'latency.png'}, {out / 'online_quality.png'}, "
          f"{v1.version_dir / 'training_curve.png'}")
-    return 0 if summary["recommendations_out"] >= summary["valid_events"] and checked.kept else 1
+    if live_run.retrain_error is not None:
+        _say(f"\nno hot swap: {live_run.retrain_error}")
+    return 0 if summary["recommendations_out"] >= summary["valid_events"] and checked.kept \
+        and live_run.retrain_error is None else 1

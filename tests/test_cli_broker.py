@@ -96,3 +96,24 @@ def test_waiting_for_a_starting_broker_asks_no_kafka_client_before_its_port_list
         broker.process.kill()
         listener.close()
     assert "Connection refused" not in capfd.readouterr().err
+
+
+def test_a_program_that_exits_on_sigterm_stops_its_local_broker_with_it(tmp_path):
+    """`hrnn demo` and the benches start a LocalBroker in its own session: SIGTERM must unwind the `with`."""
+    script = ("import sys, time\n"
+              "from stream.broker import LocalBroker\n"
+              "from stream.cli_common import exit_on_sigterm\n"
+              "exit_on_sigterm()\n"
+              "with LocalBroker() as b:\n"
+              "    print(b.process.pid, flush=True)\n"
+              "    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    broker_pid = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    try:
+        os.kill(broker_pid, 0)
+    except ProcessLookupError:
+        return
+    os.kill(broker_pid, signal.SIGKILL)  # do not leave it behind for the next test
+    pytest.fail(f"the broker {broker_pid} outlived the program that started it")

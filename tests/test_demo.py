@@ -60,3 +60,34 @@ def test_an_out_that_is_a_file_or_under_one_exits_2_naming_it_before_any_work(tm
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"hrnn demo: error: --out {out} must be a directory, but it is a file" in proc.stderr
     assert "Traceback" not in proc.stderr and a_file.read_text() == "kept\n"
+
+
+def test_an_out_that_cannot_be_created_exits_2_naming_it_without_a_traceback():
+    out = "/proc/hrnn-demo-out"  # no one may create a directory there, root included
+    proc = subprocess.run([sys.executable, "-m", "stream.cli", "demo", "--out", out],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"hrnn demo: error: --out {out}: cannot create it" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_failed_retrain_ends_the_replays_wait_for_the_swap_at_once():
+    import threading
+    import time
+
+    from stream.cli_demo import LiveRun, _wait_for_swap
+
+    run = LiveRun()
+    threading.Timer(0.2, lambda: setattr(run, "retrain_error", "the retraining exited with code 2")).start()
+    started = time.monotonic()
+    _wait_for_swap(run, timeout_s=10)
+    assert time.monotonic() - started < 5 and run.swap_at is None
+
+
+def test_the_retraining_child_ends_with_the_demo_however_it_stops():
+    from stream.cli_demo import LiveRun, _ending_retrain
+
+    run = LiveRun()
+    with pytest.raises(SystemExit), _ending_retrain(run):  # as SIGTERM unwinds the demo (exit_on_sigterm)
+        run.retrain_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        raise SystemExit(143)
+    assert run.retrain_proc.wait(timeout=15) != 0  # terminated, not left training
