@@ -110,7 +110,8 @@ class StepInput:
 @dataclass(frozen=True)
 class Filters:
     """Serving-time exclusions (evaluation never filters): items of the user's stored last-H events
-    by type or session, and items no one is to be recommended now (off sale)."""
+    by type (of the last H the version steps and the last H of types it does not: UserState.skipped) or
+    session (of events it steps), and items no one is to be recommended now (off sale)."""
 
     exclude_purchased: bool = True
     purchase_types: tuple[str, ...] = ("purchase",)
@@ -151,11 +152,12 @@ class Recommendations:
     model_version: str
 
 
-def _excluded(history: History, index: Mapping[str, int], f: Filters) -> list[int]:
+def _excluded(s: UserState, index: Mapping[str, int], f: Filters) -> list[int]:
     types = set(f.exclude_event_types) | (set(f.purchase_types) if f.exclude_purchased else set())
-    items = history.items_of_types(types)
+    # A version trained on other types never stores a purchase in the history: its skipped events hold it.
+    items = s.history.items_of_types(types) + s.skipped.items_of_types(types)
     if f.exclude_session_items:
-        items += history.session_items()
+        items += s.history.session_items()
     return sorted({index[i] for i in items if i in index})
 
 
@@ -209,7 +211,7 @@ class Recommender:
         h_user, h_sess, _ = run_sequences(self.model, seqs, start=h0)
         hu, hs = h_user.cpu().numpy(), h_sess.cpu().numpy()
         return [replace(s, model_version=self.version, user_hidden=hu[i].copy(), session_hidden=hs[i].copy(),
-                        history=s.history.copy()) for i, s in enumerate(states)]
+                        history=s.history.copy(), skipped=s.skipped.copy()) for i, s in enumerate(states)]
 
     def prebuild(self, states: Mapping[str, UserState]) -> int:
         """Rebuild the stale ones of `states` now (before this version serves) and keep the result, so
@@ -284,7 +286,7 @@ class Recommender:
                     f = (self.index.get(events[i].item_id, -1), False, False, 0)
                 new_session[i], known[i], session_ids[i] = f[2], f[0] >= 0, s.session_id or ""
                 if filters is not None:
-                    excluded[i] = _excluded(s.history, self.index, filters)
+                    excluded[i] = _excluded(s, self.index, filters)
                 if self.model.repeat is not None:
                     windows[i] = s.history[-self.history_length:]  # this event's view: later ones append
         hu_np, hs_np = h_user.cpu().numpy(), h_sess.cpu().numpy()
@@ -305,10 +307,15 @@ class Recommender:
         return not self.collapse or not self._repeats(s, e)
 
     def _kept(self, s: UserState, e: StepInput) -> bool:
-        """featurized(e, s), noting a collapsed repeat's time in `s`: the next repeat's gap counts from it."""
+        """featurized(e, s), noting a collapsed repeat's time in `s` (the next repeat's gap counts from it) and an
+        event of a type the version does not step in `s.skipped` (the filters read it). A collapsed repeat is not
+        noted there: its item is already the history's newest."""
         if self.featurized(e, s):
             return True
-        if self.collapse and (not self.kept_types or e.event_type in self.kept_types):
+        if self.kept_types and e.event_type not in self.kept_types:
+            s.skipped.append(e.item_id, e.ts_ms, e.event_type, False)
+            s.skipped.keep_last(self.history_length)
+        elif self.collapse:
             s.repeat_ms = max(s.repeat_ms, e.ts_ms)
         return False
 

@@ -219,10 +219,16 @@ class UserState:
     # With collapse_repeats: the time of the newest event merged into the one before it (not stepped, not stored).
     # Featurization counts a repeat's session gap from the repeat before it, not from the last event kept.
     repeat_ms: int = 0
+    # The last H events of types outside the version's event_types (not stepped, not in `history`, so never in
+    # a rebuild or the repeat head's window), kept only for the serving filters: a purchase stays excluded
+    # whatever types the version steps. Their session flags are all False (they open no session).
+    skipped: History = field(default_factory=History)
 
     def __post_init__(self) -> None:
         if not isinstance(self.history, History):  # a list of HistoryEvents, as tests and tools write them
             self.history = History.of(self.history)
+        if not isinstance(self.skipped, History):
+            self.skipped = History.of(self.skipped)
 
     def forget_input_offsets(self) -> None:
         """Forget which input records it applied (they name a log that is gone: offsets start again at 0)."""
@@ -233,13 +239,14 @@ class UserState:
         extends the history in place)."""
         return UserState(self.model_version, self.session_hidden, self.user_hidden, self.session_id,
                          self.last_event_ms, self.session_length, self.history.copy(), self.source_offset,
-                         self.n_events, dict(self.origins), self.repeat_ms)
+                         self.n_events, dict(self.origins), self.repeat_ms, self.skipped.copy())
 
 
 class _Head(msgspec.Struct, array_like=True):
     """The fields both formats begin with; each format's history fields, then source_offset, n_events and the
-    optional fields (origins, repeat_ms: added later, written only up to the last one set), follow them in the
-    array. A value without an optional field reads as having none, and builds before it read (and ignore) it."""
+    optional fields (origins, repeat_ms, skipped: added later, written only up to the last one set), follow them
+    in the array. A value without an optional field reads as having none, and builds before it read (and ignore)
+    it."""
 
     model_version: str
     hidden_dim: int
@@ -248,6 +255,17 @@ class _Head(msgspec.Struct, array_like=True):
     session_id: str | None
     last_event_ms: int
     session_length: int
+
+
+class _Columns(msgspec.Struct, array_like=True):
+    """A History as format 2 stores it, as one array: UserState.skipped in either format."""
+
+    hist_names: list[str]
+    hist_item_codes: bytes
+    hist_type_names: list[str]
+    hist_type_codes: bytes
+    hist_ts: bytes
+    hist_new: bytes
 
 
 class _Wire(_Head, array_like=True):  # format 2
@@ -261,6 +279,7 @@ class _Wire(_Head, array_like=True):  # format 2
     n_events: int
     origins: dict[int, int] | None = None
     repeat_ms: int | None = None
+    skipped: _Columns | None = None
 
 
 class _WireV1(_Head, array_like=True):
@@ -272,6 +291,7 @@ class _WireV1(_Head, array_like=True):
     n_events: int
     origins: dict[int, int] | None = None
     repeat_ms: int | None = None
+    skipped: _Columns | None = None
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -293,6 +313,10 @@ def _from_le(typecode: str, raw: bytes) -> array:
     return a
 
 
+def _columns(h: History) -> tuple[list[str], bytes, list[str], bytes, bytes, bytes]:
+    return h.names, _le(h.item_codes), h.type_names, _le(h.type_codes), _le(h.ts), bytes(h.opens)
+
+
 def encode_state(s: UserState, fmt: int = FORMAT_VERSION) -> bytes:
     """The stored form, in format `fmt` (1 only while builds that read nothing else still serve)."""
     h = s.history
@@ -300,10 +324,10 @@ def encode_state(s: UserState, fmt: int = FORMAT_VERSION) -> bytes:
             np.ascontiguousarray(s.session_hidden, dtype=np.float32).tobytes(),
             np.ascontiguousarray(s.user_hidden, dtype=np.float32).tobytes(),
             s.session_id, int(s.last_event_ms), int(s.session_length))
-    tail = (int(s.source_offset), int(s.n_events), s.origins or None, int(s.repeat_ms) or None)
+    tail = (int(s.source_offset), int(s.n_events), s.origins or None, int(s.repeat_ms) or None,
+            _Columns(*_columns(s.skipped)) if len(s.skipped) else None)
     if fmt == 2:
-        wire = _Wire(*head, h.names, _le(h.item_codes), h.type_names, _le(h.type_codes), _le(h.ts), bytes(h.opens),
-                     *tail)
+        wire = _Wire(*head, *_columns(h), *tail)
     elif fmt == 1:
         wire = _WireV1(*head, h.items, h.ts_ms, h.types, [bool(o) for o in h.opens], *tail)
     else:
@@ -316,7 +340,7 @@ def encode_state(s: UserState, fmt: int = FORMAT_VERSION) -> bytes:
     return bytes([fmt]) + _enc.encode(fields[:n])
 
 
-def _history_v2(w: _Wire) -> History:
+def _history_v2(w: _Wire | _Columns) -> History:
     n = len(w.hist_new)
     if (len(w.hist_item_codes), len(w.hist_type_codes), len(w.hist_ts)) != (2 * n, 2 * n, 8 * n):
         raise ValueError("history columns differ in length")
@@ -346,7 +370,8 @@ def decode_state(raw: bytes) -> UserState:
     try:
         history = _history_v2(w) if isinstance(w, _Wire) else \
             History(w.hist_items, w.hist_ts, w.hist_types, w.hist_new)
+        skipped = History() if w.skipped is None else _history_v2(w.skipped)
     except (ValueError, OverflowError) as exc:  # OverflowError: a format-1 time past int64
         raise StateFormatError(f"corrupt state value: {exc}") from None
     return UserState(w.model_version, sess, user, w.session_id, w.last_event_ms, w.session_length,
-                     history, w.source_offset, w.n_events, w.origins or {}, w.repeat_ms or 0)
+                     history, w.source_offset, w.n_events, w.origins or {}, w.repeat_ms or 0, skipped)

@@ -226,6 +226,54 @@ def test_purchased_items_are_filtered_by_default_and_session_items_only_on_reque
     assert scores == sorted(scores, reverse=True)
 
 
+def test_an_item_bought_is_filtered_from_its_purchases_list_and_later_ones_by_a_version_that_does_not_step_purchases(
+        version, device, tmp_path):
+    data, path = version
+    rec = Recommender.load(_republished(path, tmp_path, DataConfig(event_types=("click",))), device=device)
+    n, bought, t0 = len(rec.item_ids), rec.item_ids[7], 1_700_000_000_000
+    evs = [StepInput("z", rec.item_ids[1], "click", t0), StepInput("z", bought, "purchase", t0 + 1000),
+           StepInput("z", rec.item_ids[2], "click", t0 + 2000)]
+
+    def listed(filters: Filters) -> list[bool]:
+        return [bought in {i for i, _ in row} for row in rec.recommend({}, evs, k=n, filters=filters).items]
+
+    assert listed(Filters()) == [True, False, False]
+    assert listed(Filters(exclude_purchased=False)) == [True, True, True]
+    assert listed(Filters(exclude_purchased=False, exclude_event_types=("purchase",))) == [True, False, False]
+    state, one_by_one = None, []
+    for ev in evs + [StepInput("z", rec.item_ids[3], "click", t0 + 3000)]:
+        out = rec.recommend({"z": state}, [ev], k=n)
+        state = decode_state(encode_state(out.states["z"]))  # through the stored form, as the worker does
+        one_by_one.append(bought in {i for i, _ in out.items[0]})
+    assert one_by_one == [True, False, False, False] and state.history.items == [rec.item_ids[j] for j in (1, 2, 3)]
+
+
+def test_events_a_version_does_not_step_for_their_type_leave_its_scores_hidden_states_and_rebuilds_as_without_them(
+        version, device, tmp_path):
+    data, path = version
+    rec = Recommender.load(_republished(path, tmp_path, DataConfig(event_types=("click",))), device=device)
+    events = _events_of(data, 0)
+    u, clicks = events[0].user_id, [j for j, e in enumerate(events) if e.event_type == "click"]
+    bought = [e.item_id for e in events if e.event_type != "click"]
+    assert bought
+    every, only_clicks = rec.advance({}, events), rec.advance({}, [events[j] for j in clicks])
+    np.testing.assert_allclose(every.scores[clicks].cpu().numpy(), only_clicks.scores.cpu().numpy(),
+                               rtol=1e-6, atol=1e-6)  # the repeat head's window too
+    s, ref = every.states[u], only_clicks.states[u]
+    np.testing.assert_allclose(s.user_hidden, ref.user_hidden, atol=1e-6)
+    assert s.history == ref.history and len(ref.skipped) == 0 and s.skipped.items == bought[-rec.history_length:]
+    nxt = [StepInput(u, data.item_ids[0], "click", events[-1].ts_ms + 60_000)]
+    rebuilt = [rec.advance({u: replace(x, model_version="older", user_hidden=x.user_hidden * 0 + 7)}, nxt)
+               for x in (s, ref)]  # replayed from the stored history alone
+    assert rebuilt[0].rebuilt_users == 1
+    np.testing.assert_allclose(rebuilt[0].scores.cpu().numpy(), rebuilt[1].scores.cpu().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rebuilt[0].states[u].user_hidden, rebuilt[1].states[u].user_hidden, atol=1e-6)
+    # the purchase filter only takes the items bought out: every other item keeps its score and its place
+    n, gone = len(rec.item_ids), set(bought[-rec.history_length:])
+    on, off = rec.recommend({}, events, k=n), rec.recommend({}, events, k=n, filters=Filters(exclude_purchased=False))
+    assert on.items[-1] == [x for x in off.items[-1] if x[0] not in gone] and len(on.items[-1]) == n - len(gone)
+
+
 def test_items_off_sale_are_left_out_for_every_user_and_the_list_is_filled_from_the_rest(version, device):
     data, path = version
     rec = Recommender.load(path, device=device)

@@ -47,6 +47,29 @@ def test_the_original_offsets_of_applied_re_keyed_copies_round_trip_and_a_state_
         assert (back.repeat_ms, back.origins) == (later.repeat_ms, later.origins) and later.copy().repeat_ms
 
 
+def test_the_events_a_version_does_not_step_for_their_type_round_trip_and_a_state_without_them_is_stored_as_before():
+    s = _state()
+    assert encode_state(s) == _format_2(s) and encode_state(s, 1) == _format_1(s)
+    bought = History(["item-9", "item-3"], [1_700_000_000_000, 1_700_000_060_000], ["purchase"] * 2, [False] * 2)
+    for base in (s, replace(s, origins={0: 17}), replace(s, origins={0: 17}, repeat_ms=1_700_000_060_000)):
+        for fmt in (1, 2):
+            raw, before = encode_state(replace(base, skipped=bought), fmt), encode_state(base, fmt)
+            back = decode_state(raw)
+            assert back.skipped == bought and decode_state(before).skipped == History()
+            assert (back.history, back.origins, back.repeat_ms, back.n_events) == \
+                (s.history, base.origins, base.repeat_ms, 250)
+            # appended to the array (optional fields before it unset): builds before it read the same fields
+            fields, old = msgspec.msgpack.decode(raw[1:]), msgspec.msgpack.decode(before[1:])
+            assert fields[:len(old)] == old and fields[len(old):-1] == [None] * (len(fields) - len(old) - 1)
+    copy = replace(s, skipped=bought).copy()
+    copy.skipped.append("item-5", 1_700_000_120_000, "purchase", False)
+    assert len(bought) == 2
+    bad = replace(s, skipped=bought.copy())
+    bad.skipped.item_codes[0] = 99
+    with pytest.raises(StateFormatError, match="past its names"):
+        decode_state(encode_state(bad))
+
+
 def test_a_format_1_time_past_64_bits_is_a_corrupt_state_not_a_crash():
     s = _state(3)
     raw = _format_1(s)
@@ -88,6 +111,16 @@ def _format_1(s: UserState) -> bytes:
     return bytes([1]) + msgspec.msgpack.encode([
         s.model_version, 8, s.session_hidden.tobytes(), s.user_hidden.tobytes(), s.session_id, s.last_event_ms,
         s.session_length, h.items, h.ts_ms, h.types, [e.new_session for e in h], s.source_offset, s.n_events])
+
+
+def _format_2(s: UserState) -> bytes:
+    """The bytes a format-2 build before the optional fields wrote (the history as format-2 columns)."""
+    h = s.history
+    return bytes([2]) + msgspec.msgpack.encode([
+        s.model_version, 8, s.session_hidden.tobytes(), s.user_hidden.tobytes(), s.session_id, s.last_event_ms,
+        s.session_length, h.names, np.array(h.item_codes, "<u2").tobytes(), h.type_names,
+        np.array(h.type_codes, "<u2").tobytes(), np.array(h.ts, "<i8").tobytes(), bytes(h.opens), s.source_offset,
+        s.n_events])
 
 
 def test_states_stored_by_a_format_1_build_are_still_read_and_are_written_back_as_format_2():

@@ -11,9 +11,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
+from model.artifact import save_version
+from model.config import DataConfig, HRNNConfig
+from model.events import Event
+from model.network import HRNN
 from model.state import encode_state
-from worker_testkit import (commit_offsets, make_events, make_registry, offline, produce, records_of,
+from worker_testkit import (BASE_MS, commit_offsets, make_events, make_registry, offline, produce, records_of,
                             recommendations, running, same_state, settings_for, stored_states, wait_until)
 
 pytestmark = pytest.mark.broker
@@ -119,6 +124,25 @@ def test_states_written_in_format_1_are_continued_and_restored_and_state_format_
         restored = stored_states_while_running(fresh)
     assert set(restored) == {e.user_id for e in events}
     assert_states_match_offline(settings, registry, broker.bootstrap)
+
+
+def test_an_item_bought_stays_filtered_by_a_version_that_does_not_step_purchases_also_after_the_store_is_lost(
+        broker, tmp_path):
+    torch.manual_seed(0)
+    cfg, items = HRNNConfig(hidden_dimension=32), [f"item-{i}" for i in range(30)]
+    save_version(tmp_path / "reg", HRNN(len(items), cfg).eval(), cfg, DataConfig(event_types=("click",)), items,
+                 ["click"])  # trained on clicks: purchases neither step it nor enter the history
+    settings = settings_for(broker.bootstrap, tmp_path / "reg", tmp_path / "first", partitions=1, k=30)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, [Event("u", "item-1", "click", BASE_MS),
+                                                         Event("u", "item-7", "purchase", BASE_MS + 1000)])
+        recommendations(broker.bootstrap, settings.output_topic, 2)
+    settings.state_dir = str(tmp_path / "empty")  # the purchase comes back with the state, from the changelog
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, [Event("u", "item-2", "click", BASE_MS + 2000)])
+        recs = recommendations(broker.bootstrap, settings.output_topic, 3)
+    listed = {r["source_offset"]: {i["item_id"] for i in r["items"]} for r in recs}
+    assert ["item-7" in listed[o] for o in range(3)] == [True, False, False] and len(listed[2]) == 29
 
 
 def test_a_store_past_its_changelogs_end_is_discarded_not_trusted(broker, registry, tmp_path):
