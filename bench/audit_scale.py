@@ -4,8 +4,9 @@
 
 Everything on 127.0.0.1 (the local broker, `LocalBroker`), stopping by itself. The bench writes
 --records input records over --partitions partitions, one recommendation record for each of them
-except --missing (spread over the partitions), and commits the group's offsets at each partition's
-end, as a drained worker would; then runs `stream.audit.audit` in this process, as `hrnn audit` does.
+except --missing (drawn at random over the partitions, the same ones every run), and commits the group's
+offsets at each partition's end, as a drained worker would; then runs `stream.audit.audit` in this
+process, as `hrnn audit` does.
 The input records' timestamps are spread evenly over the last 10 hours (each answer 1 ms after its
 record); a second audit then takes only the last --window-share of that time (`hrnn audit --since-s`).
 
@@ -36,8 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
+from stream.cli_common import exit_on_sigterm  # noqa: E402
+from model.errors import exit_status  # noqa: E402
 from stream.audit import AuditReport, audit  # noqa: E402
 from stream.broker import LocalBroker  # noqa: E402
 from stream.kafka_clients import (admin_client, consumer_config, produce_waiting, producer_config,  # noqa: E402
@@ -59,11 +63,7 @@ def _write(bootstrap: str, name: str, n: int, partitions: int, missing: int, now
     admin = admin_client(bootstrap)
     ensure_topics(admin, [TopicSpec(f"ev-{name}", partitions)])
     log, per = topic_id(admin, f"ev-{name}"), n // partitions  # recommendations name their log, as the worker's
-    skip: set[tuple[int, int]] = set()
-    i = 0
-    while len(skip) < missing:  # distinct (partition, offset) pairs, spread
-        skip.add((i % partitions, (i * 7919 + 13) % per))
-        i += 1
+    skip = unanswered(partitions, per, missing)
     for o in range(per):  # in time order, as a live topic is written
         for p in range(partitions):
             ts = _timestamp(o, per, now_ms)
@@ -78,6 +78,14 @@ def _write(bootstrap: str, name: str, n: int, partitions: int, missing: int, now
     committer.commit(offsets=[TopicPartition(f"ev-{name}", p, per) for p in range(partitions)], asynchronous=False)
     committer.close()
     return skip
+
+
+def unanswered(partitions: int, per: int, missing: int, seed: int = 0) -> set[tuple[int, int]]:
+    """`missing` distinct (partition, offset) pairs of `partitions` partitions of `per` records each, drawn
+    without replacement (a fixed seed: every run leaves the same records unanswered). A stepped walk over
+    the offsets could come back to pairs it had drawn and never reach `missing`."""
+    drawn = np.random.default_rng(seed).choice(partitions * per, missing, replace=False)
+    return {(int(k) % partitions, int(k) // partitions) for k in drawn}
 
 
 def _timestamp(offset: int, per: int, now_ms: int) -> int:
@@ -130,4 +138,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_sigterm()
+    sys.exit(exit_status(main, Path(__file__).name))

@@ -25,9 +25,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.stream_throughput import make_events, make_model  # noqa: E402
+from stream.cli_common import exit_on_sigterm  # noqa: E402
+from bench.stream_throughput import check_hidden, make_events, make_model  # noqa: E402
+from model.errors import exit_status  # noqa: E402
 from model.inference import Filters, Recommender, StepInput  # noqa: E402
-from stream.canary import Serving, in_canary  # noqa: E402
+from stream.canary import Serving, ShareError, check_share, in_canary  # noqa: E402
+
+
+def _shares(text: str) -> list[float]:
+    try:
+        shares = [check_share(float(x)) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
+    except ShareError as exc:  # 1.5 put every user on the canary and was measured as a canary
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not shares:
+        raise argparse.ArgumentTypeError(f"expected at least one share, got {text!r}")
+    return shares
 
 
 def score_all(serving: Serving, steps: list[StepInput], batch: int, states: dict) -> float:
@@ -47,9 +61,12 @@ def main() -> int:
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=500)
-    ap.add_argument("--shares", default="0.1,0.5")
+    ap.add_argument("--shares", type=_shares, default=[0.1, 0.5], help="canary shares, comma list in (0, 1)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.repeats < 1:  # no pass: no rate to report
+        ap.error("--repeats must be >= 1")
+    check_hidden(ap, args.hidden)
     import torch
 
     torch.set_num_threads(1)  # the worker's default (torch_threads = 1)
@@ -60,7 +77,7 @@ def main() -> int:
         time.sleep(0.01)  # another version name
         canary = Recommender.load(Path(tmp) / make_model(Path(tmp), args.items, args.hidden), "cpu")
         settings = {"one version": Serving(stable)}
-        settings |= {f"canary at {s:g}": Serving(stable, canary, s) for s in map(float, args.shares.split(","))}
+        settings |= {f"canary at {s:g}": Serving(stable, canary, s) for s in args.shares}
         warm = {}
         for name, serving in settings.items():
             warm[name] = {}
@@ -84,4 +101,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_sigterm()
+    sys.exit(exit_status(main, Path(__file__).name))

@@ -6,10 +6,11 @@ anytime-valid one that `hrnn quality --decide-canary` uses; prints ONE JSON obje
 
 Simulated canaries, judged by the real code (`Verdicts.estimate`, `Comparison`, `stream.canary.decide`):
 each experiment draws --users users, each with as many judged lists as a user of reddit-jodie's last 20%
-(by time) had events (the real, heavy-tailed counts), a hit probability from a Beta distribution around
-the side's recall (mean --recall, concentration 4), and a side (the canary at --share). With --arrival
-lists (default) every list comes at its own random time, so a heavy user's lists spread over the whole
-experiment, as in serving; with `users` a user's lists come all together. The judge looks after each
+(by time) had events less one (the real, heavy-tailed counts; a list is judged by the user's next event, so
+a user's last list waits and a user with one event has none judged), a hit probability from a Beta
+distribution around the side's recall (mean --recall, concentration 4), and a side (the canary at --share).
+With --arrival lists (default) every list comes at its own random time, so a heavy user's lists spread over
+the whole experiment, as in serving; with `users` a user's lists come all together. The judge looks after each
 1/--looks of the lists (a day, say) and stops at its first `end` or `promote`.
 Scenarios: `a/a` (the canary is as good: ending it is the wrong decision), `loss` (its recall is --loss
 lower) and `small loss` (1.5 x --max-loss lower): beyond the allowed loss, so promoting it is the wrong
@@ -35,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from model.errors import exit_status  # noqa: E402
 from stream.canary import Rule, decide  # noqa: E402
 from stream.quality import Comparison, Verdicts  # noqa: E402
 
@@ -43,10 +45,12 @@ PAST = {"end": "ended", "promote": "promoted"}
 
 
 def lists_per_user(path: Path, live_share: float = 0.2) -> np.ndarray:
-    """Events per user in the last `live_share` of the log by time: the judged lists a user gets."""
+    """The judged lists of each user with any, in the last `live_share` of the log by time: events - 1, as a
+    list is judged by the user's next event (the last list awaits one), as `hrnn quality` judges them."""
     users, times = np.loadtxt(path, dtype=np.int64, usecols=(0, 2), unpack=True)
     live = times >= np.quantile(times, 1 - live_share)
-    return np.bincount(users[live])[np.bincount(users[live]) > 0]
+    events = np.bincount(users[live])
+    return events[events >= 2] - 1
 
 
 def experiment(rng: np.random.Generator, sizes: np.ndarray, *, users: int, share: float, recall: float,
@@ -102,6 +106,8 @@ def main() -> int:
     ap.add_argument("--arrival", choices=("lists", "users"), default="lists")
     ap.add_argument("--png", default="/tmp/canary_peeking.png")
     args = ap.parse_args()
+    if args.experiments < 1 or args.looks < 1:  # no experiment: no share to report; no look: no decision
+        ap.error("--experiments and --looks must be >= 1")
     started = time.perf_counter()
     sizes = lists_per_user(args.data)
     base = Rule(max_loss=args.max_loss, planned_users=args.users // 2)
@@ -170,4 +176,4 @@ def plot(curves: dict, looks: int, path: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main, Path(__file__).name))

@@ -48,8 +48,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stream.cli_common import exit_on_sigterm  # noqa: E402
 from bench.swap import (H, Harness, Traffic, describe, log, pct, plot, scan, seed_states,  # noqa: E402
                         two_versions)
+from model.errors import exit_status  # noqa: E402
 
 
 def main() -> None:
@@ -209,4 +211,5 @@ def _flip_flops(outs: dict, a: str, b: str) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_sigterm()
+    sys.exit(exit_status(main, Path(__file__).name))

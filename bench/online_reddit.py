@@ -42,7 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from stream.cli_common import exit_on_sigterm  # noqa: E402
 from model.config import DataConfig, HRNNConfig, load_config  # noqa: E402
+from model.errors import exit_status  # noqa: E402
 from model.loaders import load_interactions  # noqa: E402
 from model.pipeline import train_version  # noqa: E402
 from stream.broker import LocalBroker  # noqa: E402
@@ -99,6 +101,10 @@ def main() -> int:
     ap.add_argument("--canary-set", help="a canary: the config with these changes, key=value,... (e.g. seed=7)")
     ap.add_argument("--canary-share", type=float, default=0.5)
     args = ap.parse_args()
+    if not 0 < args.train_share < 1:  # nothing to train on, or nothing left to judge
+        ap.error(f"--train-share must lie strictly between 0 and 1, got {args.train_share:g}")
+    if not 0 < args.canary_share < 1:
+        ap.error(f"--canary-share must lie strictly between 0 and 1, got {args.canary_share:g}")
     data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}, time_unit="s")
     data = dataclasses.replace(data, ts_ms=data.ts_ms - data.ts_ms.min() + START_MS)
     cut = np.quantile(data.ts_ms, args.train_share)
@@ -116,27 +122,30 @@ def main() -> int:
         worker, stop = Worker(settings), threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
         thread.start()
-        while not worker.assigned.is_set():
-            time.sleep(0.1)
-        producer, first, n_events = create_producer(broker.bootstrap, {"linger.ms": 20}), len(train), len(data)
-        t0 = time.perf_counter()
-        replay(train, producer, settings.input_topic)  # as `hrnn produce` does, in time order, at full speed
-        if canary is not None:
-            _serve_canary(worker, canary.version_dir, args.canary_share, first)
-        since_ms = int(time.time() * 1000)  # Kafka timestamps: every later record is of the part judged
-        replay(data.subset(data.ts_ms >= cut, reindex=False), producer, settings.input_topic)
-        answered = lambda: worker.metrics.value("hrnn_recommendations_out_total") or 0  # noqa: E731
-        deadline = time.monotonic() + 3600
-        while answered() < n_events:
-            if worker.metrics.value("hrnn_dlq_total", {"reason": "bad_timestamp"}):
-                raise SystemExit("events were dead-lettered: bad_timestamp")
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise SystemExit(f"the worker stopped or took over an hour: {answered():,.0f} of {n_events:,} answered")
-            time.sleep(1)
-        stream_s = time.perf_counter() - t0
-        _say(f"{n_events:,} events answered in {stream_s:.0f} s")
-        stop.set()
-        thread.join(timeout=60)
+        try:  # however this ends (a SIGTERM too), the worker closes its stores before their folder goes
+            while not worker.assigned.is_set():
+                time.sleep(0.1)
+            producer, first, n_events = create_producer(broker.bootstrap, {"linger.ms": 20}), len(train), len(data)
+            t0 = time.perf_counter()
+            replay(train, producer, settings.input_topic)  # as `hrnn produce` does, in time order, at full speed
+            if canary is not None:
+                _serve_canary(worker, canary.version_dir, args.canary_share, first)
+            since_ms = int(time.time() * 1000)  # Kafka timestamps: every later record is of the part judged
+            replay(data.subset(data.ts_ms >= cut, reindex=False), producer, settings.input_topic)
+            answered = lambda: worker.metrics.value("hrnn_recommendations_out_total") or 0  # noqa: E731
+            deadline = time.monotonic() + 3600
+            while answered() < n_events:
+                if worker.metrics.value("hrnn_dlq_total", {"reason": "bad_timestamp"}):
+                    raise SystemExit("events were dead-lettered: bad_timestamp")
+                if not thread.is_alive() or time.monotonic() > deadline:
+                    raise SystemExit(f"the worker stopped or took over an hour: {answered():,.0f} of "
+                                     f"{n_events:,} answered")
+                time.sleep(1)
+            stream_s = time.perf_counter() - t0
+            _say(f"{n_events:,} events answered in {stream_s:.0f} s")
+        finally:
+            stop.set()
+            thread.join(timeout=60)
         t0 = time.perf_counter()
         report = quality_worker(settings, ks=[1, 5, 10, 20], since_ms=since_ms, history_ms=since_ms,
                                 progress=_say)
@@ -156,4 +165,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_sigterm()
+    sys.exit(exit_status(main, Path(__file__).name))

@@ -98,6 +98,10 @@ def main() -> int:
                    "means: seed-to-seed spread on reddit is about 0.3%% MRR (default: the config's seed)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - {"repeat", "plain"})
+    if unknown:  # a typo trained no network and reported the baselines alone
+        p.error(f"--models: unknown network {', '.join(unknown)} (known: repeat, plain)")
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +111,6 @@ def main() -> int:
     else:
         data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"},
                                  time_unit="s")
-    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     configs = {}
     if "repeat" in wanted:
         configs["hrnn-repeat"] = _config(REPEAT_DEFAULTS, args.repeat_config, args.repeat_set)

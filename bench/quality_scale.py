@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from confluent_kafka import Producer  # noqa: E402
 
+from stream.cli_common import exit_on_sigterm  # noqa: E402
+from model.errors import exit_status  # noqa: E402
 from model.events import Event, encode_event  # noqa: E402
 from stream.broker import LocalBroker  # noqa: E402
 from stream.kafka_clients import admin_client, produce_waiting, producer_config, topic_id  # noqa: E402
@@ -127,4 +129,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_sigterm()
+    sys.exit(exit_status(main, Path(__file__).name))

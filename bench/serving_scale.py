@@ -15,6 +15,8 @@ measures the whole worker (`--device cuda` there too).
 Per device ("auto": the CPU, and CUDA where present), catalogue size and batch size:
   events_per_s   batch / median seconds per call
   ms_p50, ms_p99 seconds per call (recommend returns lists, so a GPU call is synchronised)
+  peak_rss_mb    this process's peak resident memory so far (resource.getrusage): it only grows over the
+                 run, so it is one point's own peak in a run of one catalogue and one batch size
 The process's cycle collector is tuned as `hrnn serve` tunes it (stream.worker.tune_process_gc).
 With --stored, each call also decodes the users' stored states and encodes the new ones, as a worker
 batch does around RocksDB. Every batch size starts from the same warm states. --unavailable takes shares
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="shares of the catalogue off sale, comma list in [0, 1) (default 0)")
     ap.add_argument("--png", default="/tmp/serving_scale.png")
     args = ap.parse_args(argv)
+    if args.threads < 0:
+        ap.error("--threads must be >= 0 (0: torch's default)")
 
     import torch
 
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "calls": len(times), "events_per_s": round(batch / med, 1),
                                  "ms_p50": round(med * 1000, 2),
                                  "ms_p99": round(float(np.percentile(times, 99)) * 1000, 2),
-                                 "model_mb": round(model_mb, 1)})
+                                 "model_mb": round(model_mb, 1),
+                                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
                     log(f"{label:>28} {n_items:>9,} items  batch {batch:>5}, {share:.0%} off sale: "
                         f"{batch / med:>11,.0f} events/s ({med * 1000:.2f} ms per call)")
             del rec, states

@@ -133,6 +133,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stream.cli_common import exit_on_sigterm  # noqa: E402
+from model.errors import exit_status  # noqa: E402
+
 NEW_ITEM = "new-item-1"
 H = 100
 # Tansu answers an empty fetch only after fetch.wait.max.ms; a group join takes ~session.timeout.ms / 2.
@@ -909,4 +912,5 @@ def archive_all(seeded: dict, live: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_sigterm()
+    sys.exit(exit_status(main, Path(__file__).name))

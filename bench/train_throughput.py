@@ -135,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--out-dir", default="/tmp/train_throughput")
     args = ap.parse_args(argv)
+    wanted = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = sorted(wanted - {name for name, *_ in CONFIGS})
+    if unknown:  # a typo measured nothing and exited 0
+        ap.error(f"--only: unknown config {', '.join(unknown)} (known: {', '.join(n for n, *_ in CONFIGS)})")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    if args.threads < 0:
+        ap.error("--threads must be >= 0 (0: all cores)")
 
     import torch
 
@@ -169,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         fit(train.subset(mask), starts[mask], HRNNConfig(hidden_dimension=43, n_sample=args.n_sample, epochs=1),
             device=args.device, progress=False)
 
-    wanted = {s.strip() for s in args.only.split(",") if s.strip()}
     results: dict[str, dict] = {}
     for rep in range(1, args.repeats + 1):  # round-robin, so a burst of other load does not hit one config only
         for name, variant, hidden, batch in CONFIGS:

@@ -12,7 +12,9 @@ the producer goes, and the run ends when all are recommended.
   events_per_s        recommendations / (the first batch begun .. the last batch done), over all workers
   speedup             events_per_s / the first count's figure of this run
   per_worker          each worker's partitions, recommendations and mean batch size
-  produce_events_per_s  how fast the input was written: throughput near it means the producer bound it
+  produce_events_per_s  how fast the input was written (from the first record, the producer connected and
+                      holding its producer id, to the last acknowledged): throughput near it means the
+                      producer bound it
   peak_rss_mb         the largest worker's peak resident memory; on CUDA also its peak reserved GPU memory
 Against the local broker (Tansu, in memory), which shares the host's cores with the workers; the
 model version has random weights of the right shape (as in bench/stream_throughput.py).
@@ -35,10 +37,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stream.cli_common import exit_on_sigterm  # noqa: E402
 from model.errors import exit_status  # noqa: E402
 from model.events import encode_event  # noqa: E402
-from stream_throughput import (create_topics, make_events, make_model, produce_records, settings,  # noqa: E402
-                               timed_worker)
+from stream_throughput import (check_hidden, create_topics, make_events, make_model, produce_records,  # noqa: E402
+                               settings, timed_worker)
 
 SETTLED_S = 3.0  # the assignment unchanged this long counts as settled (a Tansu rebalance takes ~3 s)
 
@@ -156,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fetch-wait-ms", type=int, default=10, help="consumers' fetch.wait.max.ms")
     ap.add_argument("--png", default="/tmp/worker_scaling.png")
     args = ap.parse_args(argv)
+    if args.events < 1:  # no events: no batch to time, and nothing for the workers to end on
+        ap.error("--events must be >= 1")
+    check_hidden(ap, args.hidden)
     args.torch_threads = 1  # one per process: the processes are the parallelism here
 
     from model.errors import ConfigError
@@ -188,4 +194,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(exit_status(main, Path(__file__).name))

@@ -58,7 +58,11 @@ class LocalBroker:
         finally:
             if out is not subprocess.DEVNULL:  # the broker holds its own copy
                 out.close()
-        self._wait_ready(timeout_s)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:  # not ready, or the program stopped meanwhile (SIGTERM, Ctrl-C): not left running
+            self.stop()
+            raise
         return self
 
     def _open_log(self) -> int | BinaryIO:
