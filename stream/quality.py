@@ -224,13 +224,12 @@ class QualityReport:
         served = [np.unique(bucket[v.version == c]) for c in range(len(v.versions))]
         out = []
         for a, b in ((a, b) for b in range(len(v.versions)) for a in range(b)):
-            # Only buckets in which both served, not the span from the later one's first list to the earlier
-            # one's last: after a canary is promoted and then rolled back, that span holds the time the canary
-            # served everyone, whose users would "see both" and leave one side only: no longer a random split.
-            shared = np.intersect1d(served[a], served[b])
-            if not len(shared):
+            spans, alone_ms = self._side_by_side(a, b, bucket, served[a], served[b], width)
+            if not spans:
                 continue  # one after the other
-            during = np.isin(bucket, shared)
+            during = np.zeros(len(v.emitted_at), dtype=bool)
+            for start, end in spans:
+                during |= (v.emitted_at >= start) & (v.emitted_at <= end)
             users_a, users_b = (np.unique(v.user[during & (v.version == c)]) for c in (a, b))
             both = np.intersect1d(users_a, users_b)
             if len(both) in (len(users_a), len(users_b)):
@@ -240,24 +239,34 @@ class QualityReport:
             sides = [during & (v.version == c) & ~np.isin(v.user, both) for c in (a, b)]
             metrics = {f"{m}@{k}": (v.estimate(sides[0], k, m), v.estimate(sides[1], k, m))
                        for m in ("recall", "mrr")}
-            pair = during & ((v.version == a) | (v.version == b))
-            out.append(Comparison(v.versions[a], v.versions[b], int(v.emitted_at[pair].min()),
-                                  int(v.emitted_at[pair].max()), len(both), metrics, width,
-                                  *self._side_by_side(served[a], served[b], bucket, pair, width)))
+            out.append(Comparison(v.versions[a], v.versions[b], spans[0][0], spans[-1][1], len(both), metrics,
+                                  width, sum(e - s for s, e in spans), alone_ms))
         return tuple(out)
 
-    def _side_by_side(self, served_a: np.ndarray, served_b: np.ndarray, bucket: np.ndarray, pair: np.ndarray,
-                      width: int) -> tuple[int, int]:
-        """(the time two versions served side by side: first to last of the `pair`'s lists in each run of the
-        buckets both served in that no bucket of one alone breaks; the time of the buckets, from the later one's
-        first to the earlier one's last, in which one served alone)."""
-        union = np.union1d(served_a, served_b)
+    def _side_by_side(self, a: int, b: int, bucket: np.ndarray, served_a: np.ndarray, served_b: np.ndarray,
+                      width: int) -> tuple[list[tuple[int, int]], int]:
+        """The times versions `a` and `b` served side by side, as (first, last) emission times, and the time of
+        the buckets between in which one served alone (not compared).
+
+        Not simply the span from the later one's first list to the earlier one's last: after a canary is
+        promoted and then rolled back, that span holds the time the canary served everyone, whose users would
+        "see both" and leave one side only, no longer a random split. So the chart's buckets in which both
+        served are cut into runs at each bucket one served alone, and each run is clipped to its later first list
+        and earlier last list: whole buckets would reach back before an announcement, where the canary's users
+        were served by the stable version."""
+        v, union = self.verdicts, np.union1d(served_a, served_b)
         alone = ~np.isin(union, np.intersect1d(served_a, served_b))
-        run = np.cumsum(alone)[np.searchsorted(union, bucket[pair])]  # runs of shared buckets between alone ones
-        t = self.verdicts.emitted_at[pair]
-        served_ms = sum(int(t[run == r].max() - t[run == r].min()) for r in np.unique(run))
+        runs = np.cumsum(alone)
+        spans = []
+        for r in np.unique(runs[~alone]):
+            lo, hi = union[(runs == r) & ~alone][[0, -1]]
+            inside = (bucket >= lo) & (bucket <= hi)
+            ta, tb = (v.emitted_at[inside & (v.version == c)] for c in (a, b))
+            first, last = max(ta.min(), tb.min()), min(ta.max(), tb.max())
+            if first <= last:
+                spans.append((int(first), int(last)))
         common = (union >= max(served_a[0], served_b[0])) & (union <= min(served_a[-1], served_b[-1]))
-        return served_ms, int((alone & common).sum()) * width
+        return spans, int((alone & common).sum()) * width
 
     def _is_canary(self, a: int, b: int, users_a: np.ndarray, users_b: np.ndarray) -> bool:
         """Whether `a`, the first of the two to serve in what was read, is the canary beside `b`: its users

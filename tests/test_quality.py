@@ -272,6 +272,19 @@ def test_a_canary_promoted_and_then_rolled_back_is_compared_only_over_the_time_b
     assert "no difference shown" in capsys.readouterr().out
 
 
+def test_a_canary_announced_mid_bucket_is_compared_from_its_first_list_not_from_the_buckets_start():
+    """The stable version's lists to the canary's users before the announcement share its time bucket: counted,
+    every canary user would have "seen both" and been left out, and no comparison made."""
+    rows = [("stable", t, 1, u) for t in range(0, 155_000, 5_000) for u in range(100)]
+    rows += [("stable" if u < 80 else "canary", t, 1, u) for t in range(155_000, 300_000, 5_000) for u in range(100)]
+    report = QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG)
+    assert 155_000 % bucket_ms_for(report)  # the announcement falls inside a bucket
+    (c,) = report.comparisons()
+    a, b = c.metrics["recall@20"]
+    assert (c.start_ms, c.end_ms, c.left_out_users) == (155_000, 295_000, 0) and {a.users, b.users} == {80, 20}
+    assert c.difference("recall@20")[0] == 0.0
+
+
 def test_the_json_report_holds_null_where_a_figure_has_nothing_to_judge(monkeypatch, tmp_path):
     import stream.quality
     from stream.cli import main as hrnn
