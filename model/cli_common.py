@@ -27,6 +27,7 @@ VERSION_KEYS = ("version", "n_items")
 # Not a setting of either class but of the run: tune's best.json records the holdout its trials were scored
 # under, since training under another one would neither reproduce the best trial nor keep its test events unseen.
 HOLDOUT_KEY = "holdout"
+SERVE_TABLE = "serve"  # the worker's table in a settings file shared by every command
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -51,19 +52,32 @@ def add_config_flags(p: argparse.ArgumentParser, *classes: type) -> None:
 def configs_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None
                       ) -> tuple[HRNNConfig, DataConfig]:
     """Defaults < `base` (e.g. a model's saved config) < --config file < environment < flags."""
-    values = dict(base or {})
-    if getattr(args, "config", None):
-        values.update(file_settings(args.config))
-    flags = {k: v for k, v in vars(args).items() if v is not None}
+    values, flags = _layers(args, base)
     hrnn = load_config(HRNNConfig, file_values=values, env_prefix=ENV_PREFIX, overrides=flags)
     data = load_config(DataConfig, file_values=values, env_prefix=ENV_PREFIX, overrides=flags)
     return hrnn, data
 
 
+def data_config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> DataConfig:
+    """The DataConfig alone, for a command that trains nothing (`hrnn evaluate`): an HRNN_* variable of training
+    or of the worker (HRNN_BATCH_SIZE is both), or its own flags (--seed), must not be read as HRNNConfig's."""
+    values, flags = _layers(args, base)
+    return load_config(DataConfig, file_values=values, env_prefix=ENV_PREFIX, overrides=flags)
+
+
+def _layers(args: argparse.Namespace, base: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`base` under the --config file's settings, and the flags given."""
+    values = dict(base or {})
+    if getattr(args, "config", None):
+        values.update(file_settings(args.config))
+    return values, {k: v for k, v in vars(args).items() if v is not None}
+
+
 def file_settings(path: str) -> dict[str, Any]:
     """A --config file's settings, its sections' merged under its top level's. Every key must be a setting:
-    a misspelt one would otherwise leave its setting at the default without a word."""
-    file_values = read_config_file(path)
+    a misspelt one would otherwise leave its setting at the default without a word. A `[serve]` table is the
+    worker's (stream/settings.py), so one file can serve every command: skipped, as the worker skips ours."""
+    file_values = {k: v for k, v in read_config_file(path).items() if not (k == SERVE_TABLE and isinstance(v, dict))}
     merged: dict[str, Any] = {}
     for name in SECTIONS:
         section = _section(path, file_values, name)

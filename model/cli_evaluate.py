@@ -8,7 +8,8 @@ from pathlib import Path
 
 from model.artifact import LoadedModel, load_version
 from model.baselines import BASELINES, make_baseline
-from model.cli_common import add_config_flags, add_data_flags, config_holdout, configs_from_args, load_data, output_file
+from model.cli_common import (add_config_flags, add_data_flags, config_holdout, data_config_from_args, load_data,
+                               output_file)
 from model.config import DataConfig, to_dict
 from model.errors import ConfigError
 from model.evaluate import evaluate, format_table
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = [load_version(d, device) for d in args.model]
     # The split must match the one the models were trained around: use the first model's featurization.
     base = to_dict(loaded[0].data_config) if loaded else None
-    _, data_config = configs_from_args(args, base)
+    data_config = data_config_from_args(args, base)
     args.protocol = args.protocol or protocol_of(config_holdout(args, HOLDOUTS))
     for m in loaded:
         if m.metrics.get("holdout") not in (args.protocol, None):

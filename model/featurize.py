@@ -6,10 +6,13 @@ Steps, in order (each one sees what the previous left):
    same type keeps only its first event (a click followed by a purchase of that item stays:
    the purchase is a different signal);
 3. item support: drop items with fewer than `cfg.min_item_support` events;
-4. user history length: drop users whose event count is below the
+4. user history length: the users whose event count is below the
    `min_user_history_length_percentile` quantile or above the
    `max_user_history_length_percentile` quantile of all users' counts (with max 0.99 the
-   longest 1% go; a percentile of 0.0 / 1.0 disables its side).
+   longest 1%; a percentile of 0.0 / 1.0 disables its side) are kept out of TRAINING only, as
+   Personalize documents these settings: they stay in the featurized log, so every evaluation
+   (`hrnn evaluate`, validation, tune's objective, the retrainer's comparison) scores them as the
+   worker serves them. `learning_users` says who training learns from.
 """
 from __future__ import annotations
 
@@ -41,8 +44,10 @@ class FeaturizeReport:
     items_before: int
     items_after: int
     steps: tuple[StepCount, ...] = field(default_factory=tuple)
-    min_user_events: float = 0.0  # history-length bounds that were applied (events per user)
+    min_user_events: float = 0.0  # history-length bounds of the users training learns from (events per user)
     max_user_events: float = float("inf")
+    history_users_out: int = 0  # users outside those bounds (kept out of training, still evaluated)
+    history_events_out: int = 0  # their events in the featurized log
 
     def dropped(self, step: str) -> StepCount:
         return next(s for s in self.steps if s.step == step)
@@ -61,7 +66,9 @@ class FeaturizeReport:
                f"{self.users_after}, items {self.items_before} -> {self.items_after}"]
         for s in self.steps:
             out.append(f"  {s.step}: -{s.events_dropped} events, -{s.users_dropped} users, -{s.items_dropped} items")
-        out.append(f"  user history length kept: {self.min_user_events:g} .. {self.max_user_events:g} events")
+        out.append(f"  user history length kept for training: {self.min_user_events:g} .. {self.max_user_events:g} "
+                   f"events: -{self.history_events_out} events, -{self.history_users_out} users kept out of "
+                   "training (still evaluated)")
         return out
 
     def __str__(self) -> str:
@@ -97,7 +104,7 @@ def featurize(data: Interactions, cfg: DataConfig) -> tuple[Interactions, Featur
     support = np.bincount(cur.item, minlength=cur.n_items)
     apply("min_item_support", support[cur.item] >= cfg.min_item_support)
 
-    # 4. user history length percentiles
+    # 4. user history length percentiles: bounds only, the users outside them leave training alone (pipeline)
     lengths = np.bincount(cur.user, minlength=cur.n_users)
     lo, hi = 0.0, float("inf")
     if len(lengths):
@@ -105,16 +112,23 @@ def featurize(data: Interactions, cfg: DataConfig) -> tuple[Interactions, Featur
             lo = float(np.quantile(lengths, cfg.min_user_history_length_percentile))
         if cfg.max_user_history_length_percentile < 1.0:
             hi = float(np.quantile(lengths, cfg.max_user_history_length_percentile))
-    ok_user = (lengths >= lo) & (lengths <= hi)
-    apply("user_history_length", ok_user[cur.user])
+    out_user = (lengths < lo) | (lengths > hi)
 
     report = FeaturizeReport(
         events_before=len(data), events_after=len(cur),
         users_before=_n_present(data.user), users_after=cur.n_users,
         items_before=_n_present(data.item), items_after=cur.n_items,
         steps=tuple(steps), min_user_events=lo, max_user_events=hi,
+        history_users_out=int(out_user.sum()), history_events_out=int(lengths[out_user].sum()),
     )
     return cur, report
+
+
+def learning_users(data: Interactions, report: FeaturizeReport) -> np.ndarray:
+    """Per user code of the featurized `data`: its history length lies within the report's bounds, so training
+    learns from the user (the history-length filter of step 4)."""
+    lengths = np.bincount(data.user, minlength=data.n_users)
+    return (lengths >= report.min_user_events) & (lengths <= report.max_user_events)
 
 
 def why_empty(report: FeaturizeReport, cfg: DataConfig, types_in_data: tuple[str, ...]) -> str:
@@ -127,11 +141,15 @@ def why_empty(report: FeaturizeReport, cfg: DataConfig, types_in_data: tuple[str
                        f"({', '.join(types_in_data)})",
         "collapse_repeats": "collapse_repeats",
         "min_item_support": f"min_item_support = {cfg.min_item_support}: no item has that many events",
-        "user_history_length": f"min/max_user_history_length_percentile = {cfg.min_user_history_length_percentile:g}"
-                               f"/{cfg.max_user_history_length_percentile:g} keep users of "
-                               f"{report.min_user_events:g} .. {report.max_user_events:g} events: there are none",
     }[step.step]
     return f"featurization left no events: step {step.step} dropped the last {step.events_dropped} ({setting})"
+
+
+def why_no_learning_user(report: FeaturizeReport, cfg: DataConfig) -> str:
+    """What to change when the history-length filter kept every user of the training part out of training."""
+    return (f"the user_history_length filter keeps no user for training: min/max_user_history_length_percentile = "
+            f"{cfg.min_user_history_length_percentile:g}/{cfg.max_user_history_length_percentile:g} keep users of "
+            f"{report.min_user_events:g} .. {report.max_user_events:g} events: the training part has none")
 
 
 def event_weights(data: Interactions, cfg: DataConfig) -> np.ndarray:

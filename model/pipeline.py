@@ -1,11 +1,14 @@
 """From an interactions log to a published model version.
 
 Featurize, sessionize, hold out the evaluation protocol's test events (so `hrnn evaluate`
-on the same file scores events the model never saw), hold out each remaining user's last
-session for early stopping, train, and publish the version with its metrics. With `refit`
-(the default) the published network is trained once more, from scratch, on the whole
-training part for the epoch count early stopping chose: the held-out sessions are each
-user's most recent ones, the behaviour (and the new items) a retrained model exists to learn.
+on the same file scores events the model never saw), leave out of what remains the users the
+history-length filter keeps out of training (Personalize's min/max_user_history_length_percentile:
+they are evaluated everywhere, `hrnn evaluate` included, but never learnt from), hold out each
+user's last session for early stopping (every user's: validation is an evaluation, so the
+filtered users' sessions are scored too; only the others' train), train, and publish the version
+with its metrics. With `refit` (the default) the published network is trained once more, from
+scratch, on all it may learn from for the epoch count early stopping chose: the held-out sessions
+are each user's most recent ones, the behaviour (and the new items) a retrained model exists to learn.
 With `distill_teachers` = N > 0, N networks of the same config (other seeds) are trained that way
 first, and both runs of the published network also learn the teachers' mean predictions.
 With the repeat head, the published network's window offset is then calibrated (model.calibration).
@@ -23,13 +26,13 @@ from model.calibration import Calibration, calibrate_window_offset, set_window_o
 from model.config import DataConfig, HRNNConfig
 from model.evaluate import evaluate
 from model.errors import DataError
-from model.featurize import FeaturizeReport, event_weights, featurize, why_empty
+from model.featurize import FeaturizeReport, event_weights, featurize, learning_users, why_empty, why_no_learning_user
 from model.inference import HRNNScorer
 from model.interactions import Interactions
 from model.network import HRNN
 from model.plots import plot_training_curve
 from model.sessions import session_starts
-from model.splits import PERSONALIZE, Split, make_split, validation_split
+from model.splits import PERSONALIZE, Split, last_session_split, make_split
 from model.train import FitResult, Validator, fit
 
 HOLDOUTS = ("last-session", "personalize", "none")
@@ -38,9 +41,10 @@ MAX_VALIDATION_USERS = 3000  # validation runs every epoch; a sample keeps it ch
 
 @dataclass
 class Prepared:
-    data: Interactions
+    data: Interactions  # every user, those the history-length filter keeps out of training too: evaluations split it
     starts: np.ndarray
     report: FeaturizeReport
+    learns: np.ndarray  # per user code of data: training learns from the user (model.featurize.learning_users)
 
 
 @dataclass
@@ -54,15 +58,23 @@ class TrainingRun:
 def prepare(data: Interactions, data_config: DataConfig) -> Prepared:
     feat, report = featurize(data, data_config)
     return Prepared(feat, session_starts(feat, data_config.session_timeout_s, data_config.whole_history_session),
-                    report)
+                    report, learning_users(feat, report))
 
 
 def training_part(prep: Prepared, holdout: str, seed: int = 0) -> tuple[Interactions, np.ndarray]:
-    """The events a model may learn from when `holdout` protocol's test events are reserved."""
+    """The events left when `holdout` protocol's test events are reserved, of every user (codes of prep.data)."""
     if holdout == "none":
         return prep.data, prep.starts
     split = make_split(holdout, prep.data, prep.starts, seed=seed)
     return split.train, split.train_starts
+
+
+def learning_part(prep: Prepared, holdout: str, seed: int = 0) -> tuple[Interactions, np.ndarray]:
+    """What the network may learn from: the training part less the users the history-length filter keeps out,
+    compacted (its items are the served catalogue)."""
+    train, starts = training_part(prep, holdout, seed)
+    learn = prep.learns[train.user]
+    return train.subset(learn), starts[learn]
 
 
 @dataclass
@@ -72,31 +84,53 @@ class FitInputs:
     prep: Prepared
     train: Interactions  # what early stopping trains on: `full` less the validation sessions
     starts: np.ndarray
-    validation: Split | None  # each training user's last session, carved out of `full`
-    full: Interactions  # the whole training part, compacted: its catalogue is the served one (train shares it)
+    validation: Split | None  # every user's last training session (see validation_sessions), in `full`'s codes
+    full: Interactions  # all the network may learn from (learning_part): its catalogue is the served one
     full_starts: np.ndarray
 
 
 def fit_inputs(data: Interactions, data_config: DataConfig, holdout: str = "last-session", seed: int = 0,
                early_stopping: bool = True) -> FitInputs:
-    """Featurize, reserve the `holdout` protocol's test events, then (early_stopping) hold out each remaining
-    user's last session as the validation split; never touches the test events."""
+    """Featurize, reserve the `holdout` protocol's test events, keep the users the history-length filter lets
+    training learn from, then (early_stopping) hold out each user's last session as the validation split; never
+    touches the test events."""
     prep = prepare(data, data_config)
+    steps = "; ".join(line.strip() for line in prep.report.lines())
     if not len(prep.data):
-        steps = "; ".join(line.strip() for line in prep.report.lines())
         raise DataError(data.source, f"{why_empty(prep.report, data_config, data.event_types)}. Featurization: {steps}")
     train, starts = training_part(prep, holdout, seed)
-    full, full_starts = train.compact(), starts
+    learn = prep.learns[train.user]
+    full, full_starts = train.subset(learn), starts[learn]  # learning_part's
+    if not len(full):
+        raise DataError(data.source, f"{why_no_learning_user(prep.report, data_config)}. Featurization: {steps}")
     if len(full) == len(np.unique(full.user)):  # a network trained on no pair would publish its random weights
         raise DataError(data.source, f"no user has two events in what training may learn from ({len(full)} events "
                                      f"of {len(full)} users, after the {holdout!r} holdout): there is no next event "
                                      "to learn. Is USER_ID mapped to a per-event column?")
-    train, val = full, None
+    fit_on, fit_starts, val = full, full_starts, None
     if early_stopping:
-        cand = validation_split(Split("last-session", full, starts, [], []))
+        cand = validation_sessions(train, learn, data_config)
         if cand.test:
-            train, starts, val = cand.train, cand.train_starts, cand
-    return FitInputs(prep, train, starts, val, full, full_starts)
+            fit_on, fit_starts, val = cand.train, cand.train_starts, cand
+    return FitInputs(prep, fit_on, fit_starts, val, full, full_starts)
+
+
+def validation_sessions(train: Interactions, learn: np.ndarray, data_config: DataConfig) -> Split:
+    """Each user's last session of the training part `train` (`learn`: per row, training learns from its user),
+    as the last-session split takes it; its train is what the early-stopping run learns from: the other sessions
+    of the learning users. The users the history-length filter keeps out of training are validated too
+    (validation is an evaluation, and the worker serves them), in the network's codes: their events of items no
+    learning user has are left out, as the network cannot know them."""
+    learnt = np.zeros(train.n_items, dtype=bool)
+    learnt[train.item[learn]] = True
+    known = learnt[train.item]
+    every = train.subset(known)  # compacted: the items, and so the codes, of learning_part's
+    split = last_session_split(every, session_starts(every, data_config.session_timeout_s,
+                                                     data_config.whole_history_session))
+    learns = np.zeros(every.n_users, dtype=bool)
+    learns[every.user[learn[known]]] = True
+    rows = learns[split.train.user]
+    return replace(split, train=split.train.subset(rows, reindex=False), train_starts=split.train_starts[rows])
 
 
 def validator(split: Split, seed: int = 0) -> Validator:

@@ -37,7 +37,7 @@ from model.evaluate import FIRST, evaluate
 from model.inference import HRNNScorer
 from model.metrics import NextItemMetrics
 from model.network import HRNN, WINDOW_OFFSET
-from model.pipeline import prepare, train_version, training_part
+from model.pipeline import learning_part, prepare, train_version
 from model.registry import STAGING_PREFIX, prune
 from model.splits import LAST_SESSION, make_split
 from stream.archive import ArchiveError, read_window, scan_window
@@ -155,6 +155,8 @@ class _RegistryLock:
 
 
 def _metrics_on_split(models: dict[str, LoadedModel], data, data_config: DataConfig) -> dict[str, dict[str, float]]:
+    """Scores on every user's last session: the users the history-length filter kept out of training too, as the
+    worker serves them."""
     prep = prepare(data, data_config)
     split = make_split(HOLDOUT, prep.data, prep.starts)
     if not split.test:
@@ -227,7 +229,7 @@ def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> Retrain
     data_config = load_config(DataConfig, file_values=base_d, overrides=spec.data)
     init_state, warm = None, None
     if spec.warm_start and serving is not None:
-        items = [str(i) for i in training_part(prepare(data, data_config), HOLDOUT, config.seed)[0].compact().item_ids]
+        items = [str(i) for i in learning_part(prepare(data, data_config), HOLDOUT, config.seed)[0].item_ids]
         init_state, warm = warm_start_state(serving, items, config)
         log.info("warm start" if init_state is not None else "cold start: serving model cannot seed it",
                  extra={"warm_start": warm})

@@ -231,3 +231,31 @@ def test_train_writes_only_the_version_directory_to_stdout_and_its_progress_to_s
     assert Path(version).parent == tmp_path / "reg"
     for progress in ("epoch 1: ", "refit: ", "calibration: "):
         assert progress in cap.err
+
+
+def test_evaluate_scores_every_user_whatever_the_history_length_percentiles_which_only_limit_training(tmp_path):
+    from model.synth import generate, write
+
+    data = write(generate(200, 60, seed=3, events_per_user=15), tmp_path / "log.csv")
+    counts = []
+    for low, high in (("0.0", "1.0"), ("0.0", "0.99"), ("0.2", "0.8")):
+        out = tmp_path / f"e{low}-{high}.json"
+        evaluate_here("--data", str(data), "--baselines", "pop,user-repeat+session", "--json", str(out), "--quiet",
+                      "--min-user-history-length-percentile", low, "--max-user-history-length-percentile", high)
+        result = json.loads(out.read_text())
+        counts.append((result["n_test_events"], result["n_first_events"], result["models"]))
+    assert counts[0] == counts[1] == counts[2] and counts[0][0] > 0
+
+
+def test_evaluate_reads_no_training_setting_so_a_worker_variable_or_its_own_seed_flag_cannot_stop_it(tmp_path,
+                                                                                                    monkeypatch):
+    from model.synth import generate, write
+
+    data = write(generate(120, 60, seed=3, events_per_user=15), tmp_path / "log.csv")
+    monkeypatch.setenv("HRNN_BATCH_SIZE", "10000")  # the worker's records per batch; no training minibatch
+    for protocol in ("last-session", "personalize"):
+        assert evaluate_here("--data", str(data), "--baselines", "pop", "--protocol", protocol, "--seed", "5000000000",
+                             "--quiet") == 0
+    monkeypatch.setenv("HRNN_MIN_ITEM_SUPPORT", "0")  # its own settings are still read, and checked
+    with pytest.raises(ConfigError, match="min_item_support"):
+        evaluate_here("--data", str(data), "--baselines", "pop", "--quiet")

@@ -170,3 +170,22 @@ def test_the_settings_given_explicitly_are_those_of_the_flags_the_environment_an
     monkeypatch.setenv("HRNN_N_SAMPLE", "0")
     args = _train_args("--config", str(path), "--loss", "top1")
     assert explicit_settings(args) == {"bptt", "min_item_support", "n_sample", "loss"}
+
+
+def test_a_settings_file_shared_with_the_worker_trains_from_its_sections_and_leaves_its_serve_table_to_the_worker(
+        tmp_path):
+    from model.cli_common import explicit_settings
+
+    path = tmp_path / "shared.toml"
+    path.write_text('[serve]\nregistry = "reg"\nbatch_size = 500\n\n[hrnn]\nbptt = 8\n\n[data]\nmin_item_support = 2\n')
+    args = _train_args("--config", str(path))
+    hrnn, data = configs_from_args(args)
+    assert (hrnn.bptt, hrnn.batch_size, data.min_item_support) == (8, HRNNConfig().batch_size, 2)
+    assert explicit_settings(args) == {"bptt", "min_item_support"}
+
+
+def test_a_top_level_serve_key_that_is_no_table_is_still_refused(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('serve = "yes"\n')
+    with pytest.raises(ConfigError, match="unknown setting 'serve'"):
+        configs_from_args(_train_args("--config", str(path)))

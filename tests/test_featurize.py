@@ -1,11 +1,11 @@
-"""Featurization: type filter, repeat collapsing, item support, history-length percentiles."""
+"""Featurization: type filter, repeat collapsing, item support, history-length percentiles (training only)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from model.config import DataConfig
-from model.featurize import event_weights, featurize
+from model.featurize import event_weights, featurize, learning_users
 from model.interactions import Interactions
 from model.loaders import load_interactions
 
@@ -27,31 +27,37 @@ def kept_users(data: Interactions) -> set[str]:
     return set(data.user_ids.tolist())
 
 
-def test_max_percentile_drops_the_longest_one_percent_of_users():
+def learners(out: Interactions, report) -> set[str]:
+    return set(out.user_ids[learning_users(out, report)].tolist())
+
+
+def test_max_percentile_keeps_the_longest_one_percent_of_users_out_of_training_not_out_of_the_log():
     lengths = list(range(1, 101))  # user k has k+1 events
     data = users_with_lengths(lengths)
     out, report = featurize(data, DataConfig(max_user_history_length_percentile=0.99))
-    assert kept_users(data) - kept_users(out) == {"u099"}
-    assert report.dropped("user_history_length").users_dropped == 1
-    assert report.dropped("user_history_length").events_dropped == 100
+    assert len(out) == len(data) and kept_users(out) == kept_users(data)  # evaluations still see u099
+    assert kept_users(out) - learners(out, report) == {"u099"}
+    assert (report.history_users_out, report.history_events_out) == (1, 100)
+    assert "-100 events, -1 users kept out of training" in str(report)
 
 
-def test_min_percentile_zero_keeps_short_users_and_min_percentile_drops_the_shortest():
+def test_min_percentile_zero_keeps_short_users_and_min_percentile_keeps_the_shortest_out_of_training():
     data = users_with_lengths(list(range(1, 101)))
-    out, _ = featurize(data, DataConfig(min_user_history_length_percentile=0.0, max_user_history_length_percentile=1.0))
-    assert len(out) == len(data) and out.n_users == 100
+    out, report = featurize(data, DataConfig(min_user_history_length_percentile=0.0,
+                                             max_user_history_length_percentile=1.0))
+    assert len(out) == len(data) and learners(out, report) == kept_users(data)
     out, report = featurize(data, DataConfig(min_user_history_length_percentile=0.05,
                                              max_user_history_length_percentile=1.0))
-    assert kept_users(data) - kept_users(out) == {f"u{k:03d}" for k in range(5)}
+    assert kept_users(out) - learners(out, report) == {f"u{k:03d}" for k in range(5)}
     assert report.min_user_events > 5
 
 
-def test_equal_history_lengths_drop_nobody():
+def test_equal_history_lengths_keep_nobody_out_of_training():
     data = users_with_lengths([7] * 50)
     out, report = featurize(data, DataConfig(min_user_history_length_percentile=0.1,
                                              max_user_history_length_percentile=0.9))
-    assert len(out) == len(data)
-    assert report.users_after == report.users_before == 50
+    assert len(out) == len(data) and learning_users(out, report).all()
+    assert report.users_after == report.users_before == 50 and report.history_users_out == 0
 
 
 def test_min_item_support_drops_rare_items_and_users_left_with_nothing():
@@ -109,8 +115,9 @@ def test_report_counts_add_up_on_real_data(reddit_path):
     assert report.users_before - sum(s.users_dropped for s in report.steps) == report.users_after == out.n_users
     assert report.items_before - sum(s.items_dropped for s in report.steps) == report.items_after == out.n_items
     assert all(s.events_dropped > 0 for s in report.steps if s.step != "event_types")
-    counts = np.bincount(out.user)
+    counts = np.bincount(out.user)[learning_users(out, report)]
     assert counts.min() >= report.min_user_events and counts.max() <= report.max_user_events
+    assert report.history_users_out == out.n_users - len(counts) > 0
     text = str(report)
     assert str(len(data)) in text and "collapse_repeats" in text and len(report.lines()) == len(report.steps) + 2
 

@@ -83,9 +83,11 @@ def personalize_version(data, tmp_path_factory):
 
 
 def _untested_users(data, seed: int) -> set:
+    """The users the personalize split of `seed` does not test, but for those the history-length filter keeps out of
+    training (untested, never trained on)."""
     prep = pipeline.prepare(data, DataConfig())
     train = make_split("personalize", prep.data, prep.starts, seed=seed).train
-    return set(train.user_ids[np.unique(train.user)])
+    return set(train.user_ids[np.unique(train.user[prep.learns[train.user]])])
 
 
 def test_evaluate_tests_exactly_the_users_a_personalize_holdout_kept_out_of_training(data, personalize_version,
@@ -107,17 +109,50 @@ def test_evaluate_with_another_personalize_seed_warns_that_it_tests_training_use
 @pytest.mark.parametrize("data_config, step, setting", [
     (DataConfig(event_types=("foo",)), "event_types", "event_types = foo matches none of the file's types (click"),
     (DataConfig(min_item_support=100_000), "min_item_support", "min_item_support = 100000"),
-    # users have 10 or 20 events: a window strictly between the two counts keeps nobody
-    (DataConfig(min_user_history_length_percentile=0.5, max_user_history_length_percentile=0.505),
-     "user_history_length", "keep users of"),
 ])
 def test_training_on_what_featurization_emptied_is_a_data_error_naming_the_step(data_config, step, setting):
-    lengths = [10] * 50 + [20] * 50
-    users, items, ts = zip(*[(f"u{u}", f"i{j % 7}", j * 60_000) for u, n in enumerate(lengths) for j in range(n)])
-    log = Interactions.from_columns(users, items, ts, source="events.csv")
     with pytest.raises(DataError, match=f"^events.csv: featurization left no events: step {step} ") as err:
-        pipeline.train_version(log, "/tmp/never-written", config=BASE, data_config=data_config, progress=False)
+        pipeline.train_version(_log_of_lengths([10] * 50 + [20] * 50), "/tmp/never-written", config=BASE,
+                               data_config=data_config, progress=False)
     assert setting in str(err.value) and "events 1500 -> 0" in str(err.value)
+
+
+def test_a_history_length_filter_that_keeps_every_user_out_of_training_is_a_data_error_naming_it():
+    # users have 10 or 20 events: a window strictly between the two counts keeps nobody
+    cfg = DataConfig(min_user_history_length_percentile=0.5, max_user_history_length_percentile=0.505)
+    with pytest.raises(DataError, match="^events.csv: the user_history_length filter keeps no user for training: "
+                                        "min/max_user_history_length_percentile = 0.5/0.505 keep users of 15 .. ") as e:
+        pipeline.train_version(_log_of_lengths([10] * 50 + [20] * 50), "/tmp/never-written", config=BASE,
+                               data_config=cfg, progress=False)
+    assert "-1500 events, -100 users kept out of training" in str(e.value)
+
+
+def _log_of_lengths(lengths: list[int], session: int = 0) -> Interactions:
+    """User u has lengths[u] events of 7 items, a minute apart; with `session`, a day apart every `session` events."""
+    day = 86_400_000
+    users, items, ts = zip(*[(f"u{u:02d}", f"i{j % 7}", j * 60_000 + (j // session * day if session else 0))
+                             for u, n in enumerate(lengths) for j in range(n)])
+    return Interactions.from_columns(users, items, ts, source="events.csv")
+
+
+def _names(ids, seqs) -> set[str]:
+    return {str(ids[s.user]) for s in seqs}
+
+
+def test_the_users_the_history_length_filter_keeps_out_of_training_are_evaluated_and_validated_but_never_learnt_from():
+    log = _log_of_lengths([12] * 20 + [40, 40], session=4)  # three sessions or more each; max 0.9 keeps out the 40s
+    cfg = DataConfig(max_user_history_length_percentile=0.9)
+    out = {"u20", "u21"}
+    prep = pipeline.prepare(log, cfg)
+    split = make_split("last-session", prep.data, prep.starts)  # what `hrnn evaluate` scores
+    assert out <= _names(prep.data.user_ids, split.test)
+    inputs = pipeline.fit_inputs(log, cfg, "last-session", BASE.seed)
+    for learnt in (inputs.full, inputs.train):
+        assert not out & set(learnt.user_ids[np.unique(learnt.user)]) and len(np.unique(learnt.user)) == 20
+    val = inputs.validation
+    assert _names(val.train.user_ids, val.test) == {f"u{u:02d}" for u in range(22)}  # early stopping scores them
+    assert list(val.train.item_ids) == list(inputs.full.item_ids)  # in the network's codes
+    assert prep.report.history_users_out == 2 and "-80 events, -2 users kept out of training" in str(prep.report)
 
 
 @pytest.mark.parametrize("holdout, per_user", [("last-session", 1), ("none", 1), ("last-session", 2)])
