@@ -307,25 +307,35 @@ def test_the_json_report_holds_null_where_a_figure_has_nothing_to_judge(monkeypa
     assert metric["candidate"]["se"] is None and metric["ci95"] is None and metric["difference"] == 0.0
 
 
+def _announced_canary(bootstrap: str, tmp_path: Path):
+    """A registry whose current version (stable) has a canary published beside it, not over it, announced for half
+    of the users on a topic of its own: (registry, stable, canary, topic, announcement)."""
+    import uuid
+
+    from model.artifact import current_version, latest_version_dir, set_current
+    from stream.announce import announce
+
+    registry = make_registry(tmp_path / "registry", seed=1)
+    stable = current_version(registry)
+    canary = latest_version_dir(make_registry(registry, seed=2)).name
+    set_current(registry, stable)
+    topic = f"upd-{uuid.uuid4().hex[:8]}"
+    return registry, stable, canary, topic, announce(bootstrap, topic, canary, registry / canary, reason="canary",
+                                                     share=0.5)
+
+
 @pytest.mark.parametrize("canary_rank, action, status, flags, says", [
     (1, "promote", 0, [], "anytime 95% lower bounds"), (0, "end", 1, [], "beyond the anytime 95% interval"),
     (0, "end", 1, ["--fixed-horizon"], "beyond the 95% interval"), (None, "wait", 0, [], "needed"),
     (0, "end", 1, ["--fail-if-worse"], "beyond the anytime 95% interval")])  # the alarm does not skip the decision
 def test_decide_canary_promotes_ends_or_keeps_the_announced_canary(broker, tmp_path, monkeypatch, capsys,
                                                                    canary_rank, action, status, flags, says):
-    import uuid
-
     import stream.quality
-    from model.artifact import current_version, latest_version_dir, set_current
-    from stream.announce import announce, latest_announcement
+    from model.artifact import current_version
+    from stream.announce import latest_announcement
     from stream.cli import main as hrnn
 
-    registry = make_registry(tmp_path / "registry", seed=1)
-    stable = current_version(registry)
-    canary = latest_version_dir(make_registry(registry, seed=2)).name
-    set_current(registry, stable)  # the canary is published beside the current version, not over it
-    topic = f"upd-{uuid.uuid4().hex[:8]}"
-    announce(broker.bootstrap, topic, canary, registry / canary, reason="canary", share=0.5)
+    registry, stable, canary, topic, _ = _announced_canary(broker.bootstrap, tmp_path)
     rows = [(stable, t, 1, u) for t in range(0, 100_000, 10_000) for u in range(200)]
     waiting = canary_rank is None  # too few canary users yet
     rows += [(canary, t, 1 if waiting else canary_rank, u) for t in range(0, 100_000, 10_000)
@@ -348,23 +358,16 @@ def test_decide_canary_promotes_ends_or_keeps_the_announced_canary(broker, tmp_p
 
 def test_decide_canary_promotes_nothing_when_the_canary_can_no_longer_be_served(broker, tmp_path, monkeypatch,
                                                                                  capsys):
-    import uuid
-
     import torch
 
     import stream.quality
-    from model.artifact import current_version, latest_version_dir, set_current
+    from model.artifact import current_version
     from model.config import HRNNConfig
     from model.network import HRNN
-    from stream.announce import announce, latest_announcement
+    from stream.announce import latest_announcement
     from stream.cli import main as hrnn
 
-    registry = make_registry(tmp_path / "registry", seed=1)
-    stable = current_version(registry)
-    canary = latest_version_dir(make_registry(registry, seed=2)).name
-    set_current(registry, stable)
-    topic = f"upd-{uuid.uuid4().hex[:8]}"
-    announce(broker.bootstrap, topic, canary, registry / canary, reason="canary", share=0.5)
+    registry, stable, canary, topic, _ = _announced_canary(broker.bootstrap, tmp_path)
     # signed, but weights of another shape: only the worker's own check finds it
     torch.save(HRNN(10, HRNNConfig(hidden_dimension=48)).state_dict(), registry / canary / "weights.pt")
     resign(registry / canary)
@@ -382,21 +385,13 @@ def test_decide_canary_promotes_nothing_when_the_canary_can_no_longer_be_served(
 def test_decide_canary_judges_the_canary_from_its_announcement_on_not_only_the_window(broker, tmp_path, monkeypatch,
                                                                                        capsys):
     import time
-    import uuid
     from datetime import datetime
 
     import stream.quality
-    from model.artifact import current_version, latest_version_dir, set_current
-    from stream.announce import announce
     from stream.cli import main as hrnn
     from stream.cli_quality import CANARY_LEAD_MS
 
-    registry = make_registry(tmp_path / "registry", seed=1)
-    stable = current_version(registry)
-    canary = latest_version_dir(make_registry(registry, seed=2)).name
-    set_current(registry, stable)
-    topic = f"upd-{uuid.uuid4().hex[:8]}"
-    ann = announce(broker.bootstrap, topic, canary, registry / canary, reason="canary", share=0.5)
+    registry, stable, canary, topic, ann = _announced_canary(broker.bootstrap, tmp_path)
     time.sleep(0.05)  # the window below starts after the announcement
     windows = []
 
