@@ -15,7 +15,7 @@ from model.errors import ConfigError
 from model.evaluate import evaluate, format_table
 from model.inference import HRNNScorer
 from model.network import resolve_device
-from model.pipeline import HOLDOUTS, prepare
+from model.pipeline import HOLDOUT_POPULATION, HOLDOUTS, prepare
 from model.plots import check_format, plot_eval_table
 from model.splits import PERSONALIZE, PROTOCOLS, make_split
 
@@ -110,5 +110,9 @@ def split_seed(protocol: str, seed: int | None, loaded: list[LoadedModel]) -> in
             if s != seed:
                 print(f"warning: {m.path} held out the personalize users of seed {s}, not {seed}: "
                       "its scores may include users it trained on", file=sys.stderr)
+            elif m.metrics.get("holdout_population") != HOLDOUT_POPULATION:
+                print(f"warning: {m.path} drew its held-out personalize users before 2026-12-06, leaving out the "
+                      "users the history-length filter keeps out of training; they are drawn from all users now, "
+                      "so its scores may include users it trained on (train it again)", file=sys.stderr)
     return seed
 

@@ -120,17 +120,23 @@ def validation_sessions(train: Interactions, learn: np.ndarray, data_config: Dat
     as the last-session split takes it; its train is what the early-stopping run learns from: the other sessions
     of the learning users. The users the history-length filter keeps out of training are validated too
     (validation is an evaluation, and the worker serves them), in the network's codes: their events of items no
-    learning user has are left out, as the network cannot know them."""
+    learning user has are left out, as the network cannot know them, and so are targets of items only the
+    filtered users' earlier sessions hold: the early-stopping run never learns them."""
     learnt = np.zeros(train.n_items, dtype=bool)
     learnt[train.item[learn]] = True
     known = learnt[train.item]
     every = train.subset(known)  # compacted: the items, and so the codes, of learning_part's
-    split = last_session_split(every, session_starts(every, data_config.session_timeout_s,
-                                                     data_config.whole_history_session))
+    starts = session_starts(every, data_config.session_timeout_s, data_config.whole_history_session)
     learns = np.zeros(every.n_users, dtype=bool)
     learns[every.user[learn[known]]] = True
+    split = last_session_split(every, starts)
     rows = learns[split.train.user]
-    return replace(split, train=split.train.subset(rows, reindex=False), train_starts=split.train_starts[rows])
+    fit = split.train.subset(rows, reindex=False)
+    fitted = np.zeros(every.n_items, dtype=bool)
+    fitted[fit.item] = True
+    if not fitted.all():  # some item only the filtered users' earlier sessions hold: no target of it
+        split = last_session_split(every, starts, known=fitted)
+    return replace(split, train=fit, train_starts=split.train_starts[rows])
 
 
 def validator(split: Split, seed: int = 0) -> Validator:
@@ -250,10 +256,14 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
     return TrainingRun(path, result, inputs.prep.report, metrics)
 
 
+HOLDOUT_POPULATION = "all users"  # whom the personalize sample is drawn from since 2026-12-06 (before: the users
+# the history-length filter let training learn from, so the same seed drew other users)
+
+
 def holdout_seed_metric(holdout: str, seed: int) -> dict:
     """`hrnn evaluate` must draw the personalize protocol's users with the seed that held them out of training,
-    or it scores users the model trained on; only that protocol samples."""
-    return {"holdout_seed": seed} if holdout == PERSONALIZE else {}
+    from the same users, or it scores users the model trained on; only that protocol samples."""
+    return {"holdout_seed": seed, "holdout_population": HOLDOUT_POPULATION} if holdout == PERSONALIZE else {}
 
 
 def report_dict(report: FeaturizeReport) -> dict:

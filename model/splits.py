@@ -82,11 +82,13 @@ def _sequence(data: Interactions, rows: np.ndarray, starts: np.ndarray, known: n
                         session_start=starts[rows].astype(bool), targets=targets.astype(np.int64))
 
 
-def last_session_split(data: Interactions, starts: np.ndarray, *, min_test_session_len: int = 2) -> Split:
+def last_session_split(data: Interactions, starts: np.ndarray, *, min_test_session_len: int = 2,
+                       known: np.ndarray | None = None) -> Split:
     """Each user's last session (users with >= 2 sessions) is the test session.
 
     Targets of a test sequence are all positions of its test session; `target_first` marks the
-    session's first event (scored given the user's earlier sessions only).
+    session's first event (scored given the user's earlier sessions only). `known` (bool per item): the items
+    a model knows, by default those of the training rows; test events of other items are left out.
     """
     if min_test_session_len < 1:
         raise ConfigError(f"min_test_session_len must be >= 1, got {min_test_session_len}")
@@ -105,8 +107,9 @@ def last_session_split(data: Interactions, starts: np.ndarray, *, min_test_sessi
     in_test_session = row_tested & (sess == row_last)
 
     train_mask = ~in_test_session
-    known = np.zeros(data.n_items, dtype=bool)
-    known[data.item[train_mask]] = True
+    if known is None:
+        known = np.zeros(data.n_items, dtype=bool)
+        known[data.item[train_mask]] = True
     keep_test = in_test_session & known[data.item]
     # Test sessions that are too short after dropping unknown items leave the data entirely.
     kept_len = np.bincount(sess[keep_test], minlength=int(sess[-1]) + 1)

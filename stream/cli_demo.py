@@ -74,6 +74,8 @@ class LiveRun:
     off_sale_at_ms: int | None = None  # wall time the worker's availability reader held it
     retrain_error: str | None = None  # why v2 does not serve: the replay stops waiting for it, the demo fails
     retrain_proc: subprocess.Popen | None = None  # the retraining child, ended with the demo
+    stopping: bool = False  # the demo is ending: no retraining child may start
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # retrain_proc and stopping
 
 
 def _say(msg: str) -> None:
@@ -182,10 +184,10 @@ def _retrain_and_swap(hist: Interactions, seen, out: Path, registry: Path, epoch
         y = np.concatenate([np.array(hist.event_types)[hist.event_type], [e.event_type for e in seen]])
         archive = write(Interactions.from_columns(u, i, t, y), out / "archive.csv")
         _say(f"\n== retraining v2 in a separate process on {len(u):,} archived events (the new item included)")
-        proc = run.retrain_proc = subprocess.Popen(
-            [sys.executable, "-m", "stream.cli", "train", "--data", str(archive), "--registry", str(registry),
-             "--epochs", str(epochs), *TRAIN_FLAGS, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True)
+        proc = _start_retrain(run, [sys.executable, "-m", "stream.cli", "train", "--data", str(archive), "--registry",
+                                    str(registry), "--epochs", str(epochs), *TRAIN_FLAGS, "--quiet"])
+        if proc is None:
+            return
         stdout, stderr = proc.communicate()
         if proc.returncode != 0:
             run.retrain_error = f"the retraining exited with code {proc.returncode}: {stderr[-2000:]}"
@@ -208,6 +210,16 @@ def _retrain_and_swap(hist: Interactions, seen, out: Path, registry: Path, epoch
     return th
 
 
+def _start_retrain(run: LiveRun, cmd: list[str]) -> subprocess.Popen | None:
+    """The retraining child, or None once the demo is ending: started after _ending_retrain looked, it would
+    outlive the demo (and ignore SIGTERM, which the unwinding demo ignores, as a child inherits)."""
+    with run.lock:
+        if run.stopping:
+            return None
+        run.retrain_proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return run.retrain_proc
+
+
 @contextmanager
 def _ending_retrain(run: LiveRun) -> Iterator[None]:
     """End the retraining child with the demo (Ctrl-C, SIGTERM, an error): it would go on training and then
@@ -215,7 +227,8 @@ def _ending_retrain(run: LiveRun) -> Iterator[None]:
     try:
         yield
     finally:
-        proc = run.retrain_proc
+        with run.lock:
+            run.stopping, proc = True, run.retrain_proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:

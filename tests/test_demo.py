@@ -91,3 +91,13 @@ def test_the_retraining_child_ends_with_the_demo_however_it_stops():
         run.retrain_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
         raise SystemExit(143)
     assert run.retrain_proc.wait(timeout=15) != 0  # terminated, not left training
+
+
+def test_no_retraining_child_starts_once_the_demo_is_ending():
+    from stream.cli_demo import LiveRun, _ending_retrain, _start_retrain
+
+    run = LiveRun()
+    with _ending_retrain(run):
+        pass  # the demo ended while the retrain thread was still writing its archive
+    assert _start_retrain(run, [sys.executable, "-c", "import time; time.sleep(120)"]) is None
+    assert run.retrain_proc is None

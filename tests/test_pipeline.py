@@ -106,6 +106,18 @@ def test_evaluate_with_another_personalize_seed_warns_that_it_tests_training_use
     assert _untested_users(data, 0) != trained_users  # what the warning is about
 
 
+def test_evaluate_warns_that_a_personalize_version_drew_its_users_before_every_user_was_evaluated(personalize_version,
+                                                                                                   capsys):
+    import copy
+
+    _, loaded, _ = personalize_version
+    assert loaded.metrics["holdout_population"] == "all users"
+    older = copy.copy(loaded)  # as a version of an earlier build records it (the fixture's is shared)
+    older.metrics = {k: v for k, v in loaded.metrics.items() if k != "holdout_population"}
+    assert split_seed("personalize", None, [older]) == 7
+    assert "drew its held-out personalize users before 2026-12-06" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("data_config, step, setting", [
     (DataConfig(event_types=("foo",)), "event_types", "event_types = foo matches none of the file's types (click"),
     (DataConfig(min_item_support=100_000), "min_item_support", "min_item_support = 100000"),
@@ -140,7 +152,7 @@ def _names(ids, seqs) -> set[str]:
 
 
 def test_the_users_the_history_length_filter_keeps_out_of_training_are_evaluated_and_validated_but_never_learnt_from():
-    log = _log_of_lengths([12] * 20 + [40, 40], session=4)  # three sessions or more each; max 0.9 keeps out the 40s
+    log = _log_of_lengths([21] * 20 + [60, 60], session=7)  # three sessions or more each; max 0.9 keeps out the 60s
     cfg = DataConfig(max_user_history_length_percentile=0.9)
     out = {"u20", "u21"}
     prep = pipeline.prepare(log, cfg)
@@ -152,7 +164,24 @@ def test_the_users_the_history_length_filter_keeps_out_of_training_are_evaluated
     val = inputs.validation
     assert _names(val.train.user_ids, val.test) == {f"u{u:02d}" for u in range(22)}  # early stopping scores them
     assert list(val.train.item_ids) == list(inputs.full.item_ids)  # in the network's codes
-    assert prep.report.history_users_out == 2 and "-80 events, -2 users kept out of training" in str(prep.report)
+    assert prep.report.history_users_out == 2 and "-120 events, -2 users kept out of training" in str(prep.report)
+
+
+def test_validation_targets_only_items_the_early_stopping_run_learns():
+    """An item a learning user has only in the validation session, and a filtered user has earlier: scored, it
+    could only be a miss (the early-stopping network never trains on it), as before the filtered users were
+    validated."""
+    base = _log_of_lengths([21] * 20 + [60, 60], session=7)  # a session holds each of the 7 items
+    items = base.item_ids[base.item].astype(object)
+    users = base.user_ids[base.user]
+    items[np.flatnonzero(users == "u00")[10]] = "rare"  # u00's last session
+    items[np.flatnonzero(users == "u20")[1]] = "rare"  # the first session of a user kept out of training
+    log = Interactions.from_columns(users, items, base.ts_ms, source="events.csv")
+    val = pipeline.fit_inputs(log, DataConfig(max_user_history_length_percentile=0.9), "last-session",
+                              BASE.seed).validation
+    targets = {str(val.train.item_ids[s.items[t]]) for s in val.test for t in s.targets}
+    assert "rare" not in targets and "i3" in targets
+    assert "rare" not in set(val.train.item_ids[val.train.item])  # the early-stopping run never learns it
 
 
 @pytest.mark.parametrize("holdout, per_user", [("last-session", 1), ("none", 1), ("last-session", 2)])
