@@ -132,9 +132,9 @@ def validation_sessions(train: Interactions, learn: np.ndarray, data_config: Dat
     split = last_session_split(every, starts)
     rows = learns[split.train.user]
     fit = split.train.subset(rows, reindex=False)
-    fitted = np.zeros(every.n_items, dtype=bool)
-    fitted[fit.item] = True
-    if not fitted.all():  # some item only the filtered users' earlier sessions hold: no target of it
+    fitted, trained = np.zeros(every.n_items, dtype=bool), np.zeros(every.n_items, dtype=bool)
+    fitted[fit.item], trained[split.train.item] = True, True
+    if (fitted != trained).any():  # some item only the filtered users' earlier sessions hold: no target of it
         split = last_session_split(every, starts, known=fitted)
     return replace(split, train=fit, train_starts=split.train_starts[rows])
 

@@ -522,11 +522,11 @@ class Worker:
             raise WorkerError(f"following the availability topic {reader.topic!r} failed: {reader.error}")
         if reader.unavailable is not self.filters.unavailable_items:
             self.filters = replace(self.filters, unavailable_items=reader.unavailable)
-            self.metrics.unavailable_items.set(len(reader.unavailable))
+            self._report_unavailable()
 
     def _report_unavailable(self) -> None:
-        """While idle the gauge follows the reader too: batches set it as they take its set, so a worker without
-        events (one restarted on a topic that lists items) reported 0 items off sale."""
+        """The gauge of items off sale, as the reader has them: set as a batch takes the reader's set and while idle
+        too, or a worker without events (one restarted on a topic that lists items) reported 0."""
         reader = self.availability
         if reader is not None:
             self.metrics.unavailable_items.set(len(reader.unavailable))
