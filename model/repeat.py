@@ -82,7 +82,8 @@ class HistoryWindow:
 
     def now_ms(self) -> torch.Tensor:
         """(R,) time the prediction is made from: the newest event of the window (0 for an empty one)."""
-        return torch.where(self.present, self.ts_ms, torch.zeros_like(self.ts_ms)).amax(dim=1)
+        newest = torch.where(self.present, self.ts_ms, torch.full_like(self.ts_ms, torch.iinfo(torch.int64).min))
+        return torch.where(self.present.any(dim=1), newest.amax(dim=1), 0)  # padding is no time: times may be < 0
 
 
 def gather_windows(items: torch.Tensor, ts_ms: torch.Tensor, types: torch.Tensor, ends: torch.Tensor,

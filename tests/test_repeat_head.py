@@ -189,6 +189,19 @@ def test_ages_are_measured_from_the_newest_event_so_a_common_time_shift_changes_
     assert not torch.allclose(a[0, 1], c[0, 1])  # an older first event of item 1 changes item 1's score
 
 
+@pytest.mark.parametrize("shift_ms", [-10_000_000, -1_700_000_000_000], ids=["just-before-1970", "1916"])
+def test_a_shift_to_times_before_1970_changes_no_repeat_score(shift_ms):
+    head = _random_head(10)
+    evs = [(1, 0, 1, True), (2, HOUR_MS, 1, False), (1, 2 * HOUR_MS, 2, False)]  # the window of 10 is not full
+    shifted = [(i, t + shift_ms, ty, f) for i, t, ty, f in evs]
+    h = torch.randn(1, 8)
+    with torch.no_grad():
+        a = head.dense(h, window_from_events([evs], 10, torch.device("cpu")), 10)
+        b = head.dense(h, window_from_events([shifted], 10, torch.device("cpu")), 10)
+    assert int(window_from_events([shifted], 10, torch.device("cpu")).now_ms()[0]) == 2 * HOUR_MS + shift_ms
+    torch.testing.assert_close(a, b)
+
+
 def test_the_online_recommender_uses_the_head_with_the_models_item_and_type_index(tmp_path):
     from model.artifact import save_version
 
