@@ -25,6 +25,11 @@ T = TypeVar("T")
 VARIANTS = ("hrnn-init", "hrnn-all", "session-only")
 LOSSES = ("top1", "bpr-max", "cross-entropy")
 OPTIMIZERS = ("adagrad", "adam")
+# One user's state is one changelog record: its last H stepped events and last H skipped ones (UserState.skipped),
+# each with an item id and an event type of up to 256 characters (1 KiB in UTF-8), encode to at most ~875 KB at
+# H = 200 (tests/test_config.py builds that case), below Kafka's 1 MB record limit. A larger record failed its
+# batch on every restart of the worker, and the partition stopped for good.
+MAX_HISTORY_LENGTH = 200
 
 
 @dataclass
@@ -116,7 +121,8 @@ class HRNNConfig:
         _in_range("bpreg", self.bpreg, 0.0, 100.0)
         _in_range("distill_teachers", self.distill_teachers, 0, 16)
         _in_range("distill_weight", self.distill_weight, 0.0, 100.0)
-        _in_range("history_length", self.history_length, 1, 10_000)
+        _in_range("history_length", self.history_length, 1, MAX_HISTORY_LENGTH,
+                  why="one user's state must fit a Kafka record (1 MB) on the state changelog")
         _in_range("seed", self.seed, 0, 2**32 - 1)  # numpy's and torch's generators take no negative seed
         if self.tied_embeddings and self.embedding_dimension not in (0, self.hidden_dimension):
             raise ConfigError("tied_embeddings needs embedding_dimension equal to hidden_dimension (or 0)")
@@ -126,10 +132,10 @@ class HRNNConfig:
         return self.embedding_dimension or self.hidden_dimension
 
 
-def _in_range(name: str, value: float, lo: float, hi: float) -> None:
+def _in_range(name: str, value: float, lo: float, hi: float, why: str = "") -> None:
     # Written so NaN fails too (every comparison with NaN is False); a bound check `value < lo` would let it pass.
     if not lo <= value <= hi:
-        raise ConfigError(f"{name} = {value} is outside its range [{lo}, {hi}]")
+        raise ConfigError(f"{name} = {value} is outside its range [{lo}, {hi}]" + (f": {why}" if why else ""))
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

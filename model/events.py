@@ -17,9 +17,11 @@ from model.errors import EventError
 TimeUnit = Literal["s", "ms", "iso"]
 # Timestamps outside [1990, 2200) in epoch-ms are almost always a unit mix-up (seconds sent as ms).
 MIN_EVENT_MS, MAX_EVENT_MS = 631_152_000_000, 7_258_118_400_000
-# An event is a few hundred bytes. Bounds keep every record the worker writes for one (its recommendation, dead
-# letter, re-keyed copy, the user's state on the changelog) far below Kafka's 1 MB record limit: a record past
-# it failed its batch on every restart, and the partition stopped for good.
+# An event is a few hundred bytes. These bounds keep a recommendation far below Kafka's 1 MB record limit: a record
+# the worker writes past it failed its batch on every restart, and the partition stopped for good. The other records
+# are bounded where they are made: a dead letter is clipped (stream/records.py), a re-keyed copy that would not fit
+# (the producer's headers are carried) is dead-lettered instead, and the user's state on the changelog, which
+# grows with history_length, stays below ~900 KB because model/config.py caps it (MAX_HISTORY_LENGTH).
 MAX_EVENT_BYTES = 65_536
 MAX_ID_CHARS = 256  # user_id, item_id, event_type, session_id, event_id
 

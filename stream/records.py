@@ -11,12 +11,16 @@ carry these headers (values UTF-8):
   hrnn-source-partition
   hrnn-source-offset
   hrnn-source-log       the input topic's id (hex), when the broker gives one
+  hrnn-dlq-clipped      what was cut to keep the record below Kafka's limit, when something was: the key or
+                        value past 64 KiB (their first 64 KiB kept), the producer's headers past 64 KiB
+                        together (dropped)
 Changelog records (`<group>.state-changelog`, key user_id, value the encoded state) carry
   hrnn-source-offset    the input offset that produced the state (restores skip uncommitted ones)
   hrnn-source-log       the input topic's id (hex) then, when the broker gives one: offsets of a
                         deleted and recreated input topic name other records
-Repartitioned events (re-keyed by user_id onto the input topic) carry
-  hrnn-repartitioned-from  "<topic>/<partition>/<offset>" of the mis-keyed original.
+Repartitioned events (re-keyed by user_id onto the input topic) carry the producer's headers, then
+  hrnn-repartitioned-from  "<topic>/<partition>/<offset>" of the mis-keyed original;
+a mis-keyed record whose copy would be past MAX_RECORD_BYTES is dead-lettered (too_large) instead.
 """
 from __future__ import annotations
 
@@ -81,7 +85,25 @@ def scored_items(items: Sequence[tuple[str, float]]) -> list[ScoredItem]:
 
 
 H_CLIPPED = "hrnn-dlq-clipped"
-DLQ_MAX_PART_BYTES = 65_536  # of a dead letter's key and of its value: far below Kafka's 1 MB record limit
+# Of a dead letter's key, of its value and of the producer's headers it carries: together far below Kafka's 1 MB
+# record limit (the broker's default accepts a little more than librdkafka's 1,000,000 bytes do).
+DLQ_MAX_PART_BYTES = 65_536
+# A record the worker writes is refused by produce() past librdkafka's message.max.bytes (1,000,000 by default); a
+# record a producer wrote near the broker's limit and copied with our headers would be, and fail its batch on every
+# restart. Below this bound (key, value and headers with their framing) there is room for Kafka's own.
+MAX_RECORD_BYTES = 900_000
+
+
+def headers_bytes(headers: Sequence[tuple[str, bytes | None]] | None) -> int:
+    """What headers add to a record at most: names, values, and a length of each (a varint, up to 5 bytes)."""
+    return sum(len(k.encode()) + len(v or b"") + 10 for k, v in headers or ())
+
+
+def record_bytes(key: bytes | str | None, value: bytes | None,
+                 headers: Sequence[tuple[str, bytes | None]] | None) -> int:
+    """A record's size as produce() counts it against message.max.bytes, less Kafka's fixed framing."""
+    key_bytes = key.encode() if isinstance(key, str) else key or b""
+    return len(key_bytes) + len(value or b"") + headers_bytes(headers)
 
 
 def carried_headers(original: Sequence[tuple[str, bytes | None]] | None, ours: Headers) -> Headers:
@@ -91,15 +113,22 @@ def carried_headers(original: Sequence[tuple[str, bytes | None]] | None, ours: H
     return [(k, v) for k, v in original or () if k not in names] + ours
 
 
-def clipped_dead_letter(key: bytes | None, value: bytes | None) -> tuple[bytes | None, bytes | None, Headers]:
-    """A dead letter's key and value, each cut to DLQ_MAX_PART_BYTES, with a header giving the sizes cut: an
-    input record too large for the dead-letter topic failed its batch on every restart."""
+def clipped_dead_letter(key: bytes | None, value: bytes | None, original: Sequence[tuple[str, bytes | None]] | None,
+                        ours: Headers) -> tuple[bytes | None, bytes | None, Headers]:
+    """A dead letter's key, value and headers (the producer's, then `ours`): key and value each cut to
+    DLQ_MAX_PART_BYTES, the producer's headers dropped when they are larger than that together, and a header
+    saying what was cut. An input record too large for the dead-letter topic failed its batch on every restart."""
     cut = [f"{name}={len(part)}" for name, part in (("key", key), ("value", value))
            if part is not None and len(part) > DLQ_MAX_PART_BYTES]
-    if not cut:
-        return key, value, []
-    clip = (lambda b: b if b is None else b[:DLQ_MAX_PART_BYTES])
-    return clip(key), clip(value), [(H_CLIPPED, f"first {DLQ_MAX_PART_BYTES} bytes of {', '.join(cut)}".encode())]
+    said = [f"first {DLQ_MAX_PART_BYTES} bytes of {', '.join(cut)}"] if cut else []
+    theirs = headers_bytes(original)
+    if theirs > DLQ_MAX_PART_BYTES:
+        said.append(f"the producer's headers ({theirs} bytes) dropped")
+        original = None
+    if said:
+        clip = (lambda b: b if b is None else b[:DLQ_MAX_PART_BYTES])
+        key, value, ours = clip(key), clip(value), ours + [(H_CLIPPED, "; ".join(said).encode())]
+    return key, value, carried_headers(original, ours)
 
 
 def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: int,

@@ -81,6 +81,13 @@ def _open_error(path: Path, exc: Exception) -> StoreError:
     return StoreError(f"cannot open state store {path}: {detail}")
 
 
+def _read_error(path: Path, exc: Exception) -> StoreError:
+    """What a failed read means: opening reads no data block, so a damaged one is found here."""
+    if str(exc).startswith("Corruption:"):
+        return StoreCorrupt(f"state store {path} is damaged: {exc}")
+    return StoreError(f"cannot read state store {path}: {exc}")
+
+
 def _forgetting_input_offsets(value: bytes) -> bytes:
     try:
         state = decode_state(value)
@@ -106,20 +113,27 @@ class PartitionStore:
     @property
     def changelog_offset(self) -> int:
         """The last changelog offset reflected in this store; -1 when it has none yet."""
-        raw = self._db.get(_CHANGELOG_OFFSET)
+        raw = self._get(_CHANGELOG_OFFSET)
         return -1 if raw is None else int(raw)
 
     @property
     def input_log(self) -> str | None:
         """The input topic id whose offsets the stored source offsets are; None when not recorded."""
-        raw = self._db.get(_INPUT_LOG)
+        raw = self._get(_INPUT_LOG)
         return None if raw is None else raw.decode()
 
     @property
     def changelog_log(self) -> str | None:
         """The changelog topic id the changelog offset refers to; None when not recorded."""
-        raw = self._db.get(_CHANGELOG_LOG)
+        raw = self._get(_CHANGELOG_LOG)
         return None if raw is None else raw.decode()
+
+    def _get(self, key: bytes | list[bytes]) -> bytes | None | list[bytes | None]:
+        """rocksdict's get, its errors typed: StoreCorrupt for a damaged block (a checksum mismatch)."""
+        try:
+            return self._db.get(key)
+        except Exception as exc:  # rocksdict raises a bare Exception, as on open
+            raise _read_error(self.path, exc) from None
 
     def follow_changelog_log(self, changelog_log: str | None) -> None:
         """Record the changelog topic id this store catches up from. A store recorded with another id
@@ -154,11 +168,12 @@ class PartitionStore:
         return forgotten
 
     def get_many(self, user_ids: Iterable[str]) -> dict[str, UserState | None]:
-        """Multi-get; a user without a state (or with an unreadable one) maps to None."""
+        """Multi-get; a user without a state (or with an unreadable one) maps to None. StoreCorrupt when a data
+        block holding one is damaged: the store is a copy of the changelog, rebuilt from there."""
         ids = list(user_ids)
         if not ids:
             return {}
-        raws = self._db.get([_user_key(u) for u in ids])
+        raws = self._get([_user_key(u) for u in ids])
         return {u: self._decode(u, raw) for u, raw in zip(ids, raws)}
 
     def get(self, user_id: str) -> UserState | None:

@@ -25,7 +25,9 @@ A store built from another changelog than the broker's (the topics were recreate
 now talks to another cluster: the store's recorded changelog topic id differs; where the broker
 gives no ids, its changelog offset lies past the changelog's end) is discarded and rebuilt from
 the changelog: the input offsets its states remember belong to another log, and trusting them
-would skip new events as replays. So is a store RocksDB finds damaged. When only the input topic
+would skip new events as replays. So is a store RocksDB finds damaged: on opening it, or on a read (it
+checks a data block when a read first needs it), at assignment or in a batch, which then reads the rebuilt
+store's states (those of committed batches: what the changelog restore applies). When only the input topic
 was recreated, the store's recorded input topic id differs from the broker's: the states keep
 their histories and forget their input offsets (PartitionStore.follow_input_log), and a restore
 does the same for changelog records of the old log (their hrnn-source-log header).
@@ -157,7 +159,8 @@ class BatchResult:
 
 def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
     """Split consumed records into valid events, dead letters and records to re-key. An event stamped more than
-    `max_lead_s` (> 0) ahead of its record's Kafka timestamp is a dead letter."""
+    `max_lead_s` (> 0) ahead of its record's Kafka timestamp is a dead letter, and so is a mis-keyed record whose
+    re-keyed copy would be too large a record."""
     out = Routed([], [], [], {}, {})
     for msg in msgs:
         err = msg.error()
@@ -185,7 +188,11 @@ def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
             continue
         key = msg.key()
         if key is None or key != event.user_id.encode():
-            out.rekey.append((msg, event))
+            too_large = _copy_too_large(msg, event)
+            if too_large is None:
+                out.rekey.append((msg, event))
+            else:
+                out.dead.append((msg, too_large))
             continue
         headers = msg.headers()
         origin = records.repartitioned_from(headers) if headers else None  # most records carry no headers
@@ -193,6 +200,23 @@ def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
                                    origin[1:] if origin and origin[0] == msg.topic() else None))
     out.events.sort(key=lambda e: (e.partition, e.offset))
     return out
+
+
+def _rekeyed_headers(msg: Message) -> records.Headers:
+    """The headers of a mis-keyed record's re-keyed copy: the producer's, then the one naming the original."""
+    return records.carried_headers(msg.headers(), records.repartition_headers(msg.topic(), msg.partition(),
+                                                                              msg.offset()))
+
+
+def _copy_too_large(msg: Message, event: Event) -> EventError | None:
+    """Why a mis-keyed record cannot be re-keyed: its copy, the producer's headers carried, would be refused by
+    produce() (a record near the broker's limit with large headers) and fail its batch on every restart."""
+    size = records.record_bytes(event.user_id, msg.value(), _rekeyed_headers(msg))
+    if size <= records.MAX_RECORD_BYTES:
+        return None
+    return EventError("too_large", f"mis-keyed, and its re-keyed copy would have {size} bytes with the producer's "
+                                   f"headers, more than the {records.MAX_RECORD_BYTES} a record the worker writes "
+                                   "may have")
 
 
 def _undecodable(msg: Message, exc: Exception) -> EventError:
@@ -560,9 +584,15 @@ class Worker:
 
     def open_partition(self, partition: int) -> None:
         """Open the partition's store and catch it up from the changelog."""
+        try:
+            self._catch_up(partition, self._open_store(partition))
+        except StoreCorrupt as exc:  # a damaged block opening did not read (it reads none): found by a read
+            self._catch_up(partition, self._rebuilt_store(partition, "is damaged", error=str(exc)))
+
+    def _catch_up(self, partition: int, store: PartitionStore) -> None:
+        """Discard a store of another changelog, then catch the store up from the changelog."""
         s = self.settings
         t0 = time.perf_counter()
-        store = self._open_store(partition)
         stale = self._stale_store(store)
         if stale:
             store = self._rebuilt_store(partition, f"{stale} (topics recreated, or another cluster)",
@@ -703,7 +733,11 @@ class Worker:
             if store is None:  # poll_batch drops records of partitions not assigned (anymore): a bug if reached
                 raise WorkerError(f"records of partition {p} reached a batch while it is not assigned to this "
                                   "worker; nothing of the batch is committed")
-            states.update(store.get_many(users))
+            try:
+                states.update(store.get_many(users))
+            except StoreCorrupt as exc:  # a damaged block under these users: the changelog holds their states
+                self._catch_up(p, self._rebuilt_store(p, "is damaged", error=str(exc)))
+                states.update(self.stores[p].get_many(users))
         return states
 
     # ---- produce ----------------------------------------------------------------------------
@@ -755,19 +789,18 @@ class Worker:
 
     def _produce_dead(self, dead: list[tuple[Message, EventError]], result: BatchResult) -> None:
         for msg, exc in dead:
-            key, value, clipped = records.clipped_dead_letter(msg.key(), msg.value())
             ours = records.dlq_headers(exc.reason, exc.detail, msg.topic(), msg.partition(), msg.offset(),
-                                       self._input_log) + clipped
-            self._produce(self.settings.dlq_topic, value, key, headers=records.carried_headers(msg.headers(), ours))
+                                       self._input_log)
+            key, value, headers = records.clipped_dead_letter(msg.key(), msg.value(), msg.headers(), ours)
+            self._produce(self.settings.dlq_topic, value, key, headers=headers)
             result.dead_reasons[exc.reason] = result.dead_reasons.get(exc.reason, 0) + 1
         result.dead_lettered += len(dead)
 
     def _produce_rekeyed(self, rekey: list[tuple[Message, Event]], result: BatchResult) -> None:
-        for msg, event in rekey:
-            ours = records.repartition_headers(msg.topic(), msg.partition(), msg.offset())
+        for msg, event in rekey:  # each fits a record (route dead-letters the others)
             ts_type, ts = msg.timestamp()
-            self._produce(self.settings.input_topic, msg.value(), event.user_id,
-                          headers=records.carried_headers(msg.headers(), ours), timestamp=ts if ts_type else None)
+            self._produce(self.settings.input_topic, msg.value(), event.user_id, headers=_rekeyed_headers(msg),
+                          timestamp=ts if ts_type else None)
         result.repartitioned += len(rekey)
 
     # ---- commit -----------------------------------------------------------------------------

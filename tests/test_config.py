@@ -189,3 +189,47 @@ def test_a_top_level_serve_key_that_is_no_table_is_still_refused(tmp_path):
     path.write_text('serve = "yes"\n')
     with pytest.raises(ConfigError, match="unknown setting 'serve'"):
         configs_from_args(_train_args("--config", str(path)))
+
+
+def _worst_case_state(history_length: int):
+    """One user's state at its largest: the last H stepped and H skipped events, each with an item id and an event
+    type of 256 four-byte characters seen once, plus the names of the events that left the window a history keeps
+    until it compacts, 256 hidden units and the longest session id and model version."""
+    import numpy as np
+
+    from model.events import MAX_ID_CHARS
+    from model.state import _SLACK, History, UserState
+
+    def name(tag: str, i: int) -> str:
+        return f"{tag}{i:06d}".ljust(MAX_ID_CHARS, "\U0001F600")
+
+    def history(tag: str) -> History:
+        h = History()
+        for i in range(history_length + _SLACK):
+            h.append(name(tag + "i", i), 2**62 + i, name(tag + "t", i), True)
+        for column in (h.item_codes, h.type_codes, h.ts, h.opens):  # the oldest left; their names are kept
+            del column[:_SLACK]
+        return h
+
+    hidden = np.ones(256, np.float32)
+    return UserState(name("v", 0), hidden, hidden, name("s", 0), 2**62, 2**62, history("h"), 2**62, 2**62,
+                     {p: 2**62 for p in range(1000)}, 2**62, history("s"))
+
+
+def test_one_users_state_at_the_largest_history_length_encodes_below_kafkas_record_limit():
+    from model.config import MAX_HISTORY_LENGTH
+    from model.state import FORMATS, encode_state
+
+    state = _worst_case_state(MAX_HISTORY_LENGTH)
+    assert len(state.history) == len(state.skipped) == MAX_HISTORY_LENGTH
+    assert max(len(encode_state(state, fmt)) for fmt in FORMATS) < 900_000
+
+
+def test_a_history_length_whose_states_could_pass_kafkas_record_limit_is_a_config_error_saying_why():
+    from model.config import MAX_HISTORY_LENGTH
+
+    HRNNConfig(history_length=MAX_HISTORY_LENGTH).validate()
+    with pytest.raises(ConfigError, match=rf"^history_length = {MAX_HISTORY_LENGTH + 1} is outside its range "
+                                          rf"\[1, {MAX_HISTORY_LENGTH}\]: one user's state must fit a Kafka record "
+                                          r"\(1 MB\) on the state changelog"):
+        _configs("--history-length", str(MAX_HISTORY_LENGTH + 1))

@@ -260,3 +260,26 @@ def test_a_store_held_by_another_handle_is_not_taken_for_a_damaged_one(tmp_path)
         assert not isinstance(raised.value, StoreCorrupt)
     finally:
         first.close()
+
+
+def test_a_damaged_data_block_opens_and_its_first_read_is_a_corrupt_store_error(stores):
+    """RocksDB checks a data block's checksum when a read first needs it, not on open: a read that finds one damaged
+    says so as opening a damaged store does, and the store is rebuilt from the changelog like one."""
+    from stream.store import StoreCorrupt
+
+    users = [f"user-{i}" for i in range(2000)]
+    store = stores.open(0)
+    store.put_states({u: make_state(i) for i, u in enumerate(users)}, changelog_offset=5)
+    stores.close(0)  # opened again, it flushes its log into a table
+    stores.open(0)
+    stores.close(0)
+    [table] = stores.path(0).glob("*.sst")
+    data = bytearray(table.read_bytes())
+    data[len(data) // 3:len(data) // 3 + 64] = b"\xff" * 64
+    table.write_bytes(bytes(data))
+    store = stores.open(0)
+    assert store.changelog_offset == 5  # a block of states, not the one of the offsets
+    with pytest.raises(StoreCorrupt, match="is damaged: Corruption: block checksum mismatch"):
+        store.get_many(users)
+    stores.wipe(0)
+    assert stores.open(0).get_many(users[:1]) == {users[0]: None}

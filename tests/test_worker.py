@@ -254,3 +254,30 @@ def test_re_keyed_copies_follow_the_producers_partitioner_when_the_worker_is_giv
     assert copy.partition == home[last.user_id]
     per_user = Counter(e.user_id for e in events)
     assert {u: s.n_events for u, s in stored_states(settings, range(settings.partitions)).items()} == dict(per_user)
+
+
+def test_records_whose_dead_letter_or_re_keyed_copy_would_pass_the_record_limit_by_their_headers_are_dead_lettered(
+        broker, registry, tmp_path):
+    """A record near the broker's limit (accepted) with large producer headers: carried whole, its dead letter or
+    re-keyed copy was refused by produce() and failed its batch on every restart, stopping the partition."""
+    settings = settings_for(broker.bootstrap, registry, tmp_path, partitions=1)
+    good = make_events(2, 2, purchase_every=0)
+    miskeyed = Event("user-9", "item-3", "click", good[0].timestamp_ms, event_id="mis")
+    big = [("traceparent", TRACE[0][1]), ("trace", b"t" * 1_010_000)]
+    with running(settings) as worker:
+        produce(broker.bootstrap, settings.input_topic, good[:1])
+        produce(broker.bootstrap, settings.input_topic,
+                [(b"user-2", b"{not json"), (b"wrong", encode_event(miskeyed))], headers=big,
+                config={"message.max.bytes": 2_000_000})
+        produce(broker.bootstrap, settings.input_topic, good[1:])
+        recs = recommendations(broker.bootstrap, settings.output_topic, 2)
+    assert [r["source_offset"] for r in recs] == [0, 3]  # the partition went on past both
+    assert worker.totals.dead_lettered == 2 and worker.totals.repartitioned == 0
+    dlq = sorted(records_of(broker.bootstrap, settings.dlq_topic), key=lambda r: r.offset)
+    assert [(records.header(r.headers, records.H_REASON), records.header(r.headers, records.H_SOURCE_OFFSET))
+            for r in dlq] == [("bad_json", "1"), ("too_large", "2")]
+    for r in dlq:
+        assert records.header(r.headers, "trace") is None and records.header(r.headers, "traceparent") is None
+        assert "the producer's headers (1010" in records.header(r.headers, records.H_CLIPPED)
+    assert "re-keyed copy would have" in records.header(dlq[1].headers, records.H_DETAIL)
+    assert dlq[1].value == encode_event(miskeyed)

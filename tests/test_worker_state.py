@@ -222,6 +222,65 @@ def test_a_damaged_local_store_is_rebuilt_from_the_changelog(broker, registry, t
     assert set(restored) == set(before) and all(same_state(restored[u], before[u], atol=0) for u in before)
 
 
+def _damage_sst(settings, where: str, partition: int = 0) -> None:
+    """Overwrite 64 bytes of a data block of the partition store's table (`where`: "first" or "middle"), as bit rot
+    or a torn write does. The states are in one table once written (a store opened again flushes what its log
+    held). RocksDB opens a store without reading its data blocks: the first read of a key in the damaged one fails
+    its checksum."""
+    from stream.store import StateStores
+
+    stores = StateStores(settings.state_dir, settings.group, settings.input_topic)
+    [table] = stores.path(partition).glob("*.sst")
+    data = bytearray(table.read_bytes())
+    start = 100 if where == "first" else len(data) // 2
+    data[start:start + 64] = b"\xff" * 64
+    table.write_bytes(bytes(data))
+
+
+def _reads_failing(settings, users, partition: int = 0) -> tuple[bool, bool]:
+    """Whether reading the store's offsets, and reading the users' states, fail (with anything: typed or not)."""
+    from stream.store import PartitionStore, StateStores
+
+    store = PartitionStore(StateStores(settings.state_dir, settings.group, settings.input_topic).path(partition),
+                           partition)
+    failing = []
+    try:
+        for read in (lambda: store.changelog_offset, lambda: store.get_many(users)):
+            try:
+                read()
+                failing.append(False)
+            except Exception as exc:  # noqa: BLE001
+                assert "Corruption" in str(exc)
+                failing.append(True)
+    finally:
+        store.close()
+    return failing[0], failing[1]
+
+
+@pytest.mark.parametrize("block, found", [("first", "at assignment"), ("middle", "by a batch")])
+def test_a_store_whose_data_block_is_damaged_is_rebuilt_from_the_changelog_when_a_read_finds_it(
+        broker, registry, tmp_path, caplog, block, found):
+    """The damage is found by the read of the store's offsets on assignment (its first block holds them), or
+    by a batch reading states of a later block: either way the store is rebuilt and the partition goes on."""
+    caplog.set_level(logging.WARNING, logger="stream.worker")
+    settings = settings_for(broker.bootstrap, registry, tmp_path, partitions=1, batch_size=50)
+    events = make_events(180, 60, seed=13)
+    with running(settings):
+        produce(broker.bootstrap, settings.input_topic, events[:120])
+        recommendations(broker.bootstrap, settings.output_topic, 120)
+    users = list(stored_states(settings, [0]))
+    _damage_sst(settings, block)
+    assert _reads_failing(settings, users) == ((True, True) if found == "at assignment" else (False, True))
+    with running(settings) as worker:
+        produce(broker.bootstrap, settings.input_topic, events[120:])
+        recommendations(broker.bootstrap, settings.output_topic, len(events))
+        wait_until(lambda: worker.totals.recommendations == 60, 30, message="outputs of the later events")
+    assert worker.metrics.value("hrnn_stores_discarded_total") == 1
+    assert "partition store is damaged" in caplog.text
+    assert len(records_of(broker.bootstrap, settings.output_topic)) == len(events)
+    assert_states_match_offline(settings, registry, broker.bootstrap, partitions=[0])
+
+
 @pytest.mark.parametrize("store", ["kept", "lost"])
 def test_a_recreated_input_topic_is_not_taken_for_replays_and_states_keep_their_histories(
         broker, registry, tmp_path, store):

@@ -280,10 +280,34 @@ def test_a_dead_letter_keeps_the_producers_headers_and_is_clipped_below_kafkas_r
     carried = records.carried_headers([("traceparent", b"t"), (records.H_REASON, b"forged")], ours)
     assert carried[0] == ("traceparent", b"t") and records.header(carried, records.H_REASON) == "too_large"
     assert [k for k, _ in carried].count(records.H_REASON) == 1
-    key, value, clip = records.clipped_dead_letter(b"k" * 10, b"v" * 2_000_000)
+    key, value, headers = records.clipped_dead_letter(b"k" * 10, b"v" * 2_000_000, [("traceparent", b"t")], ours)
     assert key == b"k" * 10 and len(value) == records.DLQ_MAX_PART_BYTES
-    assert clip == [(records.H_CLIPPED, b"first 65536 bytes of value=2000000")]
-    assert records.clipped_dead_letter(b"k", b"v") == (b"k", b"v", [])
+    assert headers == [("traceparent", b"t")] + ours + [(records.H_CLIPPED, b"first 65536 bytes of value=2000000")]
+    assert records.clipped_dead_letter(b"k", b"v", [("traceparent", b"t")], ours) == \
+        (b"k", b"v", [("traceparent", b"t")] + ours)
+
+
+def test_a_dead_letter_drops_the_producers_headers_when_together_they_pass_the_bound_and_says_so():
+    ours = records.dlq_headers("bad_json", "not JSON", "ev", 0, 5)
+    big = [("traceparent", b"t"), ("trace", b"t" * 1_010_000)]
+    key, value, headers = records.clipped_dead_letter(b"k", b"v" * 70_000, big, ours)
+    assert (key, value[:1], len(value)) == (b"k", b"v", records.DLQ_MAX_PART_BYTES)
+    assert headers[:-1] == ours and headers[-1][0] == records.H_CLIPPED
+    assert records.header(headers, records.H_CLIPPED) == \
+        f"first 65536 bytes of value=70000; the producer's headers ({records.headers_bytes(big)} bytes) dropped"
+    assert records.record_bytes(key, value, headers) < 3 * records.DLQ_MAX_PART_BYTES
+
+
+def test_a_mis_keyed_record_whose_copy_would_pass_the_record_limit_is_set_aside_as_too_large_not_re_keyed():
+    fits = Message(topic="ev", partition=0, offset=0, key=b"x", value=event_bytes("a"), timestamp=(1, TS),
+                   headers=[("trace", b"t" * 500_000)])
+    too_large = Message(topic="ev", partition=0, offset=1, key=b"x", value=event_bytes("b"), timestamp=(1, TS),
+                        headers=[("trace", b"t" * 1_010_000)])
+    routed = route([fits, too_large])
+    assert [(m.offset(), e.user_id) for m, e in routed.rekey] == [(0, "a")]
+    assert [(m.offset(), exc.reason) for m, exc in routed.dead] == [(1, "too_large")]
+    assert "re-keyed copy would have 1010" in routed.dead[0][1].detail and "900000" in routed.dead[0][1].detail
+    assert routed.next_offsets == {0: 2}
 
 
 def test_a_timestamp_in_seconds_past_the_float_range_is_a_bad_timestamp():
