@@ -28,6 +28,9 @@ from model.network import HRNN, WINDOW_OFFSET
 POINTER = "CURRENT"
 HISTORY = "CURRENT.history"
 HISTORY_MAX = 100  # entries kept: far more rollbacks than anyone runs in a row
+# What save_version writes into every version: a manifest that does not list one of them vouches for nothing about
+# it, and a changed copy would serve unchecked.
+REQUIRED_FILES = ("weights.pt", "config.json", "items.json", "metrics.json")
 
 
 @dataclass
@@ -244,8 +247,13 @@ def list_versions(registry: str | Path) -> list[VersionInfo]:
     return out
 
 
+def _is_file_name(name: str) -> bool:
+    """A name of a file in the version directory itself, not a path to one elsewhere."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
 def verify(path: str | Path) -> dict[str, Any]:
-    """Check the manifest's checksums; return the manifest."""
+    """Check the manifest's checksums, and that it lists every file a version holds; return the manifest."""
     d = Path(path)
     try:
         manifest = json.loads((d / "manifest.json").read_text())
@@ -255,6 +263,13 @@ def verify(path: str | Path) -> dict[str, Any]:
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         raise ArtifactError(f"{d}: manifest.json is not a version manifest (expected a JSON object whose \"files\" "
                             "maps each file name to its sha256)")
+    odd = [name for name in files if not _is_file_name(name)]
+    if odd:
+        raise ArtifactError(f"{d}: manifest.json lists {odd[0]!r}, which is no file name of the version directory")
+    unlisted = [name for name in REQUIRED_FILES if name not in files]
+    if unlisted:
+        raise ArtifactError(f"{d}: manifest.json does not list {', '.join(unlisted)} (the files of every version, "
+                            "each with its sha256)")
     for name, digest in files.items():
         f = d / name
         if not f.exists():

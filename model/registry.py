@@ -12,24 +12,84 @@ goes one step further back and forgets the steps it undid, so two rollbacks in a
 rather than bouncing between two. When the history names no version left (a registry written before it
 was kept, or every step rolled back or pruned), a rollback goes to the version published just before the
 current one.
+
+`hrnn models promote|rollback|canary` hold the registry's pointer lock (current_lock) from their read of CURRENT
+to their announcement: two at once take turns, so CURRENT ends at the version announced last and its history
+holds every step. A retraining run holds another lock of the registry for the whole run (RegistryLock).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from model.artifact import (VersionInfo, current_history, current_version, list_versions, set_current, verify,
                             write_current_history)
-from model.errors import ArtifactError
+from model.errors import ArtifactError, ConfigError
 
 # A temp dir of save_version (or a retraining run's staging registry) older than this is a leftover of a
 # crashed or killed publisher, not one in progress.
 STALE_TEMP_S = 3600.0
 STAGING_PREFIX = ".staging-"  # a retraining run's staging registry (stream/retrain_job.py)
 TEMP_PREFIXES = (".tmp-", ".trash-", STAGING_PREFIX)
+CURRENT_LOCK = ".current.lock"  # held by a promote, rollback or canary of the models commands (current_lock)
+# A holder announces under the lock, and an announcement to a broker that is down takes up to a minute to fail.
+CURRENT_LOCK_WAIT_S = 120.0
+
+
+class RegistryLock:
+    """An exclusive flock on a file of the registry: one holder among all processes, dropped by release() or by
+    the holder's death, so a killed holder never leaves it taken."""
+
+    def __init__(self, registry: str | Path, name: str) -> None:
+        registry = Path(registry)
+        try:
+            registry.mkdir(parents=True, exist_ok=True)
+            # read-only: flock needs no write access, so an operator running as another user than the one who
+            # made the file can take it too
+            self._fd = os.open(registry / name, os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError as exc:  # a file of the registry's name (or a parent's), or no permission
+            raise ConfigError(f"registry {registry} cannot hold model versions: {exc}") from None
+
+    def acquire(self, wait_s: float = 0.0) -> bool:
+        """Take the lock, waiting up to `wait_s` for its holder to let it go; False when it is still held."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        os.close(self._fd)  # closing drops the flock
+
+
+@contextmanager
+def current_lock(registry: str | Path, wait_s: float | None = None) -> Iterator[None]:
+    """Hold the registry's pointer lock: a command that reads CURRENT, moves it and announces the result does all
+    three under it, else two at once could move CURRENT in one order and announce in the other. A holder that
+    keeps it past `wait_s` (default CURRENT_LOCK_WAIT_S) is an ArtifactError, nothing changed."""
+    reg = Path(registry)
+    if not reg.is_dir():  # before the lock file: it must not make a registry of a mistyped path
+        raise ArtifactError(f"registry {reg} {'is not a directory' if reg.exists() else 'does not exist'}")
+    wait_s = CURRENT_LOCK_WAIT_S if wait_s is None else wait_s
+    lock = RegistryLock(reg, CURRENT_LOCK)
+    try:
+        if not lock.acquire(wait_s):
+            raise ArtifactError(f"another promote, rollback or canary of {reg} has held its lock "
+                                f"({reg / CURRENT_LOCK}) for over {wait_s:g} s: nothing was changed; run this "
+                                "again once it has finished")
+        yield
+    finally:
+        lock.release()
 
 
 def ordered_versions(registry: str | Path) -> list[VersionInfo]:

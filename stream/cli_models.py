@@ -5,7 +5,9 @@ promote and rollback also announce the new current version on the model-updates 
 serve the version to a share of the users beside the current one, which stays CURRENT in the registry
 (so a worker starting meanwhile serves it as the stable version); promoting either version ends the canary.
 All three first check the version as a worker does before serving it (stream/hotswap.py validate_version), and
-refuse one every worker would refuse.
+refuse one every worker would refuse. All three hold the registry's pointer lock (model/registry.py current_lock)
+from their read of CURRENT to their announcement: two at once take turns (the second waits for the first, or
+fails with nothing changed when it waits too long), so CURRENT names the version announced last.
 """
 from __future__ import annotations
 
@@ -70,14 +72,15 @@ def run(args: argparse.Namespace) -> int:
             latest_version_dir(args.registry)
         return 0
     if args.action == "rollback":
-        from model.registry import previous_version, rollback, version_path
+        from model.registry import current_lock, previous_version, rollback, version_path
         from stream.hotswap import check_servable
 
-        target = previous_version(args.registry)
-        if target is not None:  # else rollback() says there is none
-            check_servable(version_path(args.registry, target), target)
-        version = rollback(args.registry)
-        _announce(args, kafka, version, version_path(args.registry, version))
+        with current_lock(args.registry):
+            target = previous_version(args.registry)
+            if target is not None:  # else rollback() says there is none
+                check_servable(version_path(args.registry, target), target)
+            version = rollback(args.registry)
+            _announce(args, kafka, version, version_path(args.registry, version))
         print(f"current version of {args.registry}: {version} (rolled back)")
         return 0
     if args.action == "prune":
@@ -93,13 +96,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     d = _version_dir(args.registry, args.version)
     if args.action == "canary":
+        from model.registry import current_lock
         from stream.canary import check_share
         from stream.hotswap import check_servable
 
         check_share(args.share)
-        _refuse_current_as_canary(args.registry, args.version)
-        check_servable(d, args.version)
-        _announce(args, kafka, args.version, d, reason="canary", share=args.share)
+        with current_lock(args.registry):
+            _refuse_current_as_canary(args.registry, args.version)
+            check_servable(d, args.version)
+            _announce(args, kafka, args.version, d, reason="canary", share=args.share)
         print(f"{args.version} announced as a canary for {args.share:.1%} of the users of {args.registry}")
         return 0
     if args.action == "show":
@@ -108,12 +113,13 @@ def run(args: argparse.Namespace) -> int:
                "metrics": {k: v for k, v in _read_json(d, "metrics.json").items() if k != "history"}}
         print(json.dumps(out, indent=2))
         return 0
-    from model.registry import promote
+    from model.registry import current_lock, promote
     from stream.hotswap import check_servable
 
     check_servable(d, args.version)
-    promote(args.registry, args.version)
-    _announce(args, kafka, args.version, d)
+    with current_lock(args.registry):
+        promote(args.registry, args.version)
+        _announce(args, kafka, args.version, d)
     print(f"current version of {args.registry}: {args.version}")
     return 0
 

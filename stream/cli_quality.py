@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from model.cli_common import output_file
-from model.errors import ConfigError
+from model.errors import ArtifactError, ConfigError
 from stream.canary import Rule, anytime_z, decide
 from stream.cli_common import add_deployment_flags, deployment_settings, positive
 from stream.settings import MAX_K
@@ -179,7 +179,7 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
     judged again from there (`judge(since_ms)`), so a daily judge decides on the growing experiment the
     anytime interval is made for, not on the last day alone."""
     from model.artifact import current_version
-    from model.registry import promote, version_path
+    from model.registry import current_lock, promote, version_path
     from stream.announce import announce, latest_canary, registry_id
     from stream.hotswap import check_servable
 
@@ -203,9 +203,13 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
     if decision.action != "wait":
         target = ann.version if decision.action == "promote" else stable
         check_servable(version_path(registry, target), target)  # as `models promote` does: CURRENT stays servable
-        path = promote(registry, target) if decision.action == "promote" else version_path(registry, target)
-        announce(settings.bootstrap_servers, settings.updates_topic, target, path, reason="promote",
-                 registry_id=key, extra=settings.producer_kafka)
+        with current_lock(registry):  # as `models promote` holds it: CURRENT ends at the version announced last
+            if current_version(registry) != stable:  # moved while the canary was judged against it
+                raise ArtifactError(f"CURRENT of {registry} moved from {stable} to {current_version(registry)} "
+                                    "while the canary was judged: nothing was announced; judge it again")
+            path = promote(registry, target) if decision.action == "promote" else version_path(registry, target)
+            announce(settings.bootstrap_servers, settings.updates_topic, target, path, reason="promote",
+                     registry_id=key, extra=settings.producer_kafka)
         print(f"announced {target} for all users on {settings.updates_topic}")
         out["announced"] = target
     return out

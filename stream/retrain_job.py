@@ -16,7 +16,6 @@ it is visible. A staging registry left by a killed run is removed by the next ru
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import shutil
@@ -38,7 +37,7 @@ from model.inference import HRNNScorer
 from model.metrics import NextItemMetrics
 from model.network import HRNN, WINDOW_OFFSET
 from model.pipeline import learning_part, prepare, train_version
-from model.registry import STAGING_PREFIX, prune
+from model.registry import STAGING_PREFIX, RegistryLock, prune
 from model.splits import LAST_SESSION, make_split
 from stream.archive import ArchiveError, read_window, scan_window
 
@@ -133,27 +132,6 @@ def warm_start_state(serving: LoadedModel, item_ids: list[str], config: HRNNConf
                    "items_new": len(item_ids) - len(rows_new)}
 
 
-class _RegistryLock:
-    """Only one retraining run per registry, even when leadership moves mid-run."""
-
-    def __init__(self, registry: Path) -> None:
-        try:
-            registry.mkdir(parents=True, exist_ok=True)
-            self._f = open(registry / LOCK_NAME, "w")
-        except OSError as exc:  # a file of the registry's name (or a parent's), or no permission
-            raise ConfigError(f"registry {registry} cannot hold model versions: {exc}") from None
-
-    def acquire(self) -> bool:
-        try:
-            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            return False
-
-    def release(self) -> None:
-        self._f.close()  # closing drops the flock
-
-
 def _metrics_on_split(models: dict[str, LoadedModel], data, data_config: DataConfig) -> dict[str, dict[str, float]]:
     """Scores on every user's last session: the users the history-length filter kept out of training too, as the
     worker serves them."""
@@ -184,7 +162,7 @@ def retrain(spec: RetrainSpec) -> RetrainOutcome:
     t0 = time.monotonic()
     registry = Path(spec.registry)
     try:
-        lock = _RegistryLock(registry)
+        lock = RegistryLock(registry, LOCK_NAME)  # only one run per registry, even when leadership moves mid-run
     except ConfigError as exc:
         return RetrainOutcome("failed", str(exc))
     if not lock.acquire():
@@ -259,8 +237,8 @@ def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> Retrain
         return out
     now_current = current_version(registry)
     if now_current != serving_name:
-        # a rollback or promotion during the run (they do not take the lock): the gate judged the candidate against
-        # a version that no longer serves, and publishing would override the operator's choice
+        # a rollback or promotion during the run (they hold the pointer lock, not this one): the gate judged the
+        # candidate against a version that no longer serves, and publishing would override the operator's choice
         out.status = "skipped"
         out.reason = (f"CURRENT moved from {serving_name or 'none'} to {now_current or 'none'} during the run: "
                       "not published over it")

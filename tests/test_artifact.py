@@ -1,6 +1,7 @@
 """Model versions: complete or invisible, checksummed, shape-checked."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -102,4 +103,38 @@ def test_a_listed_file_that_cannot_be_read_is_an_artifact_error(tmp_path):
     (path / "items.json").unlink()
     (path / "items.json").mkdir()  # exists, but reading it fails with an OSError
     with pytest.raises(ArtifactError, match="items.json unreadable"):
+        verify(path)
+
+
+def _rewrite_manifest(path, edit) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest["files"])
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("dropped, said", [(["weights.pt"], "weights.pt"), (["metrics.json"], "metrics.json"),
+                                           ("all", "weights.pt, config.json, items.json, metrics.json")],
+                         ids=["without weights.pt", "without metrics.json", "files empty"])
+def test_a_manifest_that_does_not_list_a_file_every_version_holds_is_refused(tmp_path, dropped, said):
+    path = _save(tmp_path)
+    dropped = list(json.loads((path / "manifest.json").read_text())["files"]) if dropped == "all" else dropped
+    _rewrite_manifest(path, lambda files: [files.pop(name) for name in dropped])
+    if "weights.pt" in dropped:  # changed since publishing, with nothing to check it against
+        state = torch.load(path / "weights.pt", weights_only=True)
+        torch.save({k: v + 1 for k, v in state.items()}, path / "weights.pt")
+    else:
+        (path / dropped[0]).write_text('{"val_mrr@20": 0.9}')
+    with pytest.raises(ArtifactError, match=f"manifest.json does not list {said} "):
+        verify(path)
+
+
+@pytest.mark.parametrize("name", ["../outside.pt", "sub/weights.pt"])
+def test_a_manifest_naming_a_path_rather_than_a_file_of_the_version_is_refused(tmp_path, name):
+    path = _save(tmp_path)
+    (path / "sub").mkdir()
+    for copy in (tmp_path / "outside.pt", path / "sub" / "weights.pt"):
+        copy.write_bytes((path / "weights.pt").read_bytes())  # checksums that match: only the name is wrong
+    digest = hashlib.sha256((path / "weights.pt").read_bytes()).hexdigest()
+    _rewrite_manifest(path, lambda files: files.update({name: digest}))
+    with pytest.raises(ArtifactError, match="which is no file name of the version directory"):
         verify(path)

@@ -382,6 +382,49 @@ def test_decide_canary_promotes_nothing_when_the_canary_can_no_longer_be_served(
     assert (latest.version, latest.share, current_version(registry)) == (canary, 0.5, stable)
 
 
+@pytest.mark.parametrize("meanwhile", ["a promote moved CURRENT", "a models command holds the registry lock"])
+def test_decide_canary_announces_nothing_when_current_moved_while_judging_or_another_command_holds_the_registry(
+        broker, tmp_path, monkeypatch, capsys, meanwhile):
+    """The decision is about the canary against the version it was judged with: a promote landing meanwhile, or
+    one still holding the registry's pointer lock, leaves CURRENT and the announcements as they are (exit 2)."""
+    import model.registry
+    import stream.hotswap
+    import stream.quality
+    from model.artifact import current_version, latest_version_dir, set_current
+    from stream.announce import latest_announcement
+    from stream.cli import main as hrnn
+
+    registry, stable, canary, topic, _ = _announced_canary(broker.bootstrap, tmp_path)
+    other = latest_version_dir(make_registry(registry, seed=3)).name
+    set_current(registry, stable)
+    rows = [(v, t, 1, u) for t in range(0, 100_000, 10_000)
+            for v, us in ((stable, range(200)), (canary, range(200, 400))) for u in us]
+
+    monkeypatch.setattr(stream.quality, "quality_worker",
+                        lambda settings, **kw: QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG))
+    check_servable = stream.hotswap.check_servable
+
+    def checked_meanwhile(path, version):  # the last step before the decision is carried out
+        if meanwhile == "a promote moved CURRENT":
+            set_current(registry, other)
+        check_servable(path, version)
+
+    monkeypatch.setattr(stream.hotswap, "check_servable", checked_meanwhile)
+    monkeypatch.setattr(model.registry, "CURRENT_LOCK_WAIT_S", 0.2)
+    held = model.registry.RegistryLock(registry, model.registry.CURRENT_LOCK)
+    if meanwhile == "a models command holds the registry lock":
+        assert held.acquire()
+    try:
+        assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry),
+                     "--updates-topic", topic, "--decide-canary", "--min-users", "50"]) == 2
+    finally:
+        held.release()
+    assert "nothing was" in capsys.readouterr().err
+    latest = latest_announcement(broker.bootstrap, topic, str(registry.resolve()))
+    assert (latest.version, latest.share) == (canary, 0.5)
+    assert (current_version(registry) == stable) == (meanwhile != "a promote moved CURRENT")
+
+
 def test_decide_canary_judges_the_canary_from_its_announcement_on_not_only_the_window(broker, tmp_path, monkeypatch,
                                                                                        capsys):
     import time

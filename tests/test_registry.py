@@ -1,16 +1,19 @@
 """Registry helpers: promote, rollback, retention."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from model.artifact import HISTORY, current_version, list_versions, save_version, set_current
+from model.artifact import HISTORY, current_history, current_version, list_versions, save_version, set_current
 from model.config import DataConfig, HRNNConfig
 from model.errors import ArtifactError
 from model.network import HRNN
@@ -313,3 +316,78 @@ def test_promote_and_rollback_without_bootstrap_servers_warn_that_running_worker
     assert "workers started from now on serve v-a" in err
     assert hrnn(["models", "rollback", str(registry)]) == 0
     assert "not announced" in capsys.readouterr().err and current_version(registry) == "v-e"
+
+
+def test_promote_refuses_a_version_whose_manifest_no_longer_lists_its_weights(registry, capsys):
+    d = _signed_copy(registry, "v-b", "v-unlisted")
+    manifest = json.loads((d / "manifest.json").read_text())
+    del manifest["files"]["weights.pt"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    torch.save(HRNN(10, CFG).state_dict(), d / "weights.pt")  # other weights, which nothing checks now
+    assert hrnn(["models", "promote", str(registry), "v-unlisted"]) == 2
+    err = capsys.readouterr().err
+    assert "refused (integrity)" in err and "does not list weights.pt" in err and current_version(registry) == "v-e"
+
+
+# A `hrnn models promote` in a process of its own. The announcement's stand-in appends to a file, in the order
+# the announcements are made; set_current reads CURRENT's history just after CURRENT itself, and waits there for
+# the other promote to have read CURRENT too (or 5 s: the other then waits for this one's lock).
+_PROMOTER = """
+import os, sys, time
+from pathlib import Path
+import model.artifact, stream.announce
+from stream.cli import main
+
+meet, announced = Path(sys.argv[1]), Path(sys.argv[2])
+read_history = model.artifact.current_history
+
+def history_once_both_read_current(registry):
+    (meet / str(os.getpid())).touch()
+    deadline = time.monotonic() + 5
+    while len(list(meet.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return read_history(registry)
+
+def announce(bootstrap, topic, version, path, **kw):
+    with open(announced, "a") as f:
+        f.write(version + "\\n")
+
+model.artifact.current_history = history_once_both_read_current
+stream.announce.announce = announce
+sys.exit(main(["models", "promote", *sys.argv[3:], "--bootstrap-servers", "127.0.0.1:9"]))
+"""
+
+
+def test_two_promotes_at_once_take_turns_so_current_is_the_version_announced_last_with_both_steps_in_its_history(
+        tmp_path):
+    reg = tmp_path / "registry"
+    _publish(reg, ["v-a", "v-b"], make_current=False)
+    _publish(reg, ["v-c"])
+    meet, announced = tmp_path / "meet", tmp_path / "announced"
+    meet.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    promoters = [subprocess.Popen([sys.executable, "-c", _PROMOTER, str(meet), str(announced), str(reg), version],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for version in ("v-a", "v-b")]
+    errors = [p.communicate(timeout=120)[1] for p in promoters]
+    assert [p.returncode for p in promoters] == [0, 0], errors
+    first, last = announced.read_text().split()
+    assert current_version(reg) == last and current_history(reg) == ["v-c", first]
+
+
+@pytest.mark.parametrize("command", [["promote", "v-a"], ["rollback"], ["canary", "v-a", "--share", "0.1"]])
+def test_a_models_command_that_waits_too_long_for_the_registry_lock_fails_with_nothing_changed(
+        registry, capsys, monkeypatch, command):
+    import model.registry
+    import stream.announce
+
+    announced = []
+    monkeypatch.setattr(stream.announce, "announce", lambda *a, **k: announced.append(a))
+    monkeypatch.setattr(model.registry, "CURRENT_LOCK_WAIT_S", 0.2)
+    history = current_history(registry)
+    with open(registry / model.registry.CURRENT_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another promote is announcing
+        assert hrnn(["models", command[0], str(registry), *command[1:], "--bootstrap-servers", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "has held its lock" in err and "for over 0.2 s: nothing was changed" in err
+    assert current_version(registry) == "v-e" and current_history(registry) == history and announced == []
