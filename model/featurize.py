@@ -13,9 +13,15 @@ Steps, in order (each one sees what the previous left):
    Personalize documents these settings: they stay in the featurized log, so every evaluation
    (`hrnn evaluate`, validation, tune's objective, the retrainer's comparison) scores them as the
    worker serves them. `learning_users` says who training learns from.
+
+Event type names of `event_types` or `event_type_weights` that no event of the data has are warned about (the
+logger and the report), not refused: a retraining window may lack a type the config names (no purchase this
+month), but a misspelt name would otherwise drop that type's events or leave its weight at 1, silently.
 """
 from __future__ import annotations
 
+import difflib
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +29,8 @@ import numpy as np
 from model.config import DataConfig
 from model.interactions import Interactions
 from model.sessions import session_starts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class FeaturizeReport:
     max_user_events: float = float("inf")
     history_users_out: int = 0  # users outside those bounds (kept out of training, still evaluated)
     history_events_out: int = 0  # their events in the featurized log
+    warnings: tuple[str, ...] = ()  # event type names of the config that no event has (unmatched_types)
 
     def dropped(self, step: str) -> StepCount:
         return next(s for s in self.steps if s.step == step)
@@ -69,6 +78,7 @@ class FeaturizeReport:
         out.append(f"  user history length kept for training: {self.min_user_events:g} .. {self.max_user_events:g} "
                    f"events: -{self.history_events_out} events, -{self.history_users_out} users kept out of "
                    "training (still evaluated)")
+        out += [f"  warning: {w}" for w in self.warnings]
         return out
 
     def __str__(self) -> str:
@@ -79,6 +89,9 @@ def featurize(data: Interactions, cfg: DataConfig) -> tuple[Interactions, Featur
     """Apply the steps of the module docstring; the result has compacted vocabularies."""
     cur = data.compact()
     steps: list[StepCount] = []
+    warnings = unmatched_types(cfg, tuple(cur.event_types[t] for t in np.unique(cur.event_type)))
+    for w in warnings:
+        log.warning("%s", w)
 
     def apply(step: str, keep: np.ndarray) -> None:
         nonlocal cur
@@ -120,8 +133,24 @@ def featurize(data: Interactions, cfg: DataConfig) -> tuple[Interactions, Featur
         items_before=_n_present(data.item), items_after=cur.n_items,
         steps=tuple(steps), min_user_events=lo, max_user_events=hi,
         history_users_out=int(out_user.sum()), history_events_out=int(lengths[out_user].sum()),
+        warnings=tuple(warnings),
     )
     return cur, report
+
+
+def unmatched_types(cfg: DataConfig, types_in_data: tuple[str, ...]) -> list[str]:
+    """A warning for each event type name of `cfg.event_types` and `cfg.event_type_weights` that none of
+    `types_in_data` is, with the data's types and the closest of them to a misspelling."""
+    out = []
+    for setting, names in (("event_types", cfg.event_types), ("event_type_weights", tuple(cfg.event_type_weights))):
+        for name in names:
+            if name in types_in_data:
+                continue
+            close = difflib.get_close_matches(name, types_in_data, n=1)
+            out.append(f"{setting} names event type {name!r}, which no event of the data has"
+                       + (f" (did you mean {close[0]!r}?)" if close else "")
+                       + f": it matches nothing (the data's types: {', '.join(types_in_data) or 'none'})")
+    return out
 
 
 def learning_users(data: Interactions, report: FeaturizeReport) -> np.ndarray:

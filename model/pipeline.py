@@ -33,7 +33,7 @@ from model.network import HRNN
 from model.plots import plot_training_curve
 from model.sessions import session_starts
 from model.splits import PERSONALIZE, Split, last_session_split, make_split
-from model.train import FitResult, Validator, fit
+from model.train import FitResult, Validator, fit, has_targets
 
 HOLDOUTS = ("last-session", "personalize", "none")
 MAX_VALIDATION_USERS = 3000  # validation runs every epoch; a sample keeps it cheap
@@ -90,10 +90,12 @@ class FitInputs:
 
 
 def fit_inputs(data: Interactions, data_config: DataConfig, holdout: str = "last-session", seed: int = 0,
-               early_stopping: bool = True) -> FitInputs:
+               early_stopping: bool = True, config: HRNNConfig | None = None) -> FitInputs:
     """Featurize, reserve the `holdout` protocol's test events, keep the users the history-length filter lets
     training learn from, then (early_stopping) hold out each user's last session as the validation split; never
-    touches the test events."""
+    touches the test events. With `config`, no validation split either when what it leaves the early-stopping
+    run holds no row that run would predict (every pair in a last session): it would learn nothing, and its
+    untrained network's validation would choose the refit's epoch count."""
     prep = prepare(data, data_config)
     steps = "; ".join(line.strip() for line in prep.report.lines())
     if not len(prep.data):
@@ -110,7 +112,7 @@ def fit_inputs(data: Interactions, data_config: DataConfig, holdout: str = "last
     fit_on, fit_starts, val = full, full_starts, None
     if early_stopping:
         cand = validation_sessions(train, learn, data_config)
-        if cand.test:
+        if cand.test and (config is None or has_targets(cand.train, cand.train_starts, config)):
             fit_on, fit_starts, val = cand.train, cand.train_starts, cand
     return FitInputs(prep, fit_on, fit_starts, val, full, full_starts)
 
@@ -228,7 +230,7 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
                   holdout: str = "last-session", early_stopping: bool = True, device: str = "auto",
                   progress: bool = True, init_state: dict | None = None, make_current: bool = True,
                   extra_metrics: dict | None = None) -> TrainingRun:
-    inputs = fit_inputs(data, data_config, holdout, config.seed, early_stopping)
+    inputs = fit_inputs(data, data_config, holdout, config.seed, early_stopping, config)
     validate = validator(inputs.validation, config.seed) if inputs.validation is not None else None
     run = dict(device=device, progress=progress, init_state=init_state)
     teachers = train_teachers(inputs, config, data_config, validate, **run)

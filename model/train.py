@@ -108,22 +108,46 @@ def check_target_weights(data: Interactions, session_start: np.ndarray, cfg: HRN
     target_weights(data.ts_ms, session_start | first, first, cfg, type_weights)
 
 
+def has_targets(data: Interactions, session_start: np.ndarray, cfg: HRNNConfig) -> bool:
+    """Whether training on `data` with `cfg` has any row to predict (target_weights refuses to train otherwise)."""
+    first = user_first_rows(data.user_bounds(), len(data))
+    return bool(target_rows(session_start | first, first, cfg).any())
+
+
+def target_rows(new_session: np.ndarray, user_first: np.ndarray, cfg: HRNNConfig) -> np.ndarray:
+    """Per row: the trainer predicts it. A user's first event never; a session's first only from the user state
+    (predict_session_start, not session-only)."""
+    return ~user_first & (~new_session | (cfg.predict_session_start and cfg.variant != "session-only"))
+
+
 def target_weights(ts_ms: np.ndarray, new_session: np.ndarray, user_first: np.ndarray, cfg: HRNNConfig,
                    type_weights: np.ndarray | None = None) -> np.ndarray:
-    """Each row's weight as a target, rescaled to mean 1. A ConfigError names the setting when every row that
-    is a target weighs 0: the loss would be 0 from the first step and the random network would be published."""
+    """Each row's weight as a target, rescaled to mean 1. A ConfigError names the setting when no row is a
+    target, or every row that is one weighs 0: the loss would be 0 from the first step and the random network
+    would be published."""
     w = recency_weights(ts_ms, cfg) if cfg.recency_mask else np.ones(len(ts_ms), dtype=np.float32)
     if type_weights is not None:
         w = w * type_weights
-    starts_are_targets = cfg.predict_session_start and cfg.variant != "session-only"
-    targets = ~user_first & (~new_session | starts_are_targets)  # a user's first event is never a target
-    if targets.any() and not float(w[targets].sum(dtype=np.float64)) > 0:
+    targets = target_rows(new_session, user_first, cfg)
+    if not targets.any():
+        raise ConfigError(_no_target(cfg))
+    if not float(w[targets].sum(dtype=np.float64)) > 0:
         if type_weights is not None and not (type_weights[targets] > 0).any():
             raise ConfigError("event_type_weights give every training target a weight of 0 (of the event types "
                               "trained on, at least one needs a weight above 0): nothing would be learnt")
         raise ConfigError(f"recency_half_life_days {cfg.recency_half_life_days:g} gives every training target a "
                           "weight of 0: nothing would be learnt (lengthen it, or set recency_mask false)")
-    return (w / max(float(w.mean()), 1e-12)).astype(np.float32)
+    # mean 1 over the targets (of weight 0 too): a chunk's loss is its rows' mean weighted loss (_weighted)
+    return (w / max(float(w[targets].mean(dtype=np.float64)), 1e-12)).astype(np.float32)
+
+
+def _no_target(cfg: HRNNConfig) -> str:
+    if cfg.predict_session_start and cfg.variant != "session-only":
+        return "no user has two events in the events trained on: there is no next event to learn"
+    setting = "variant session-only" if cfg.variant == "session-only" else "predict_session_start false"
+    return (f"{setting} learns only next-in-session pairs (a session's first event is never a target) and no session "
+            "of the events trained on has two events: nothing would be learnt (use variant hrnn-init with "
+            "predict_session_start true, or a longer session_timeout_s)")
 
 
 def recency_weights(ts_ms: np.ndarray, cfg: HRNNConfig) -> np.ndarray:
@@ -221,7 +245,11 @@ def _chunk_loss(model: HRNN, rows: list, probs: torch.Tensor, cfg: HRNNConfig, s
 
 
 def _weighted(per_row: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (per_row * w).sum() / w.sum().clamp(min=1e-6)
+    """The chunk's mean weighted loss. Divided by the row count, not by the chunk's weight sum: that would give
+    each row w / (its chunk's mean w), undoing the weights wherever a chunk's rows weigh alike (at batch_size 1
+    and bptt 1, every row alone: the recency mask did nothing). The weights average 1 over the log's targets,
+    so the learning rate stays the unweighted one; rows of weight 0 count as rows, as they do in that mean."""
+    return (per_row * w).sum() / max(len(w), 1)
 
 
 def _row_logits(model: HRNN, h: torch.Tensor, window: HistoryWindow | None, cands: torch.Tensor,

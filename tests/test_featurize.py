@@ -129,3 +129,28 @@ def test_event_weights_follow_the_config_and_default_to_one():
     assert w.dtype == np.float32
     by_type = {data.event_types[t]: float(x) for t, x in zip(data.event_type, w)}
     assert by_type == pytest.approx({"click": 1.0, "purchase": 3.0, "view": 0.5})
+
+
+def _clicks_and_purchases() -> Interactions:
+    return Interactions.from_columns(["a", "a", "b", "b"], ["x", "y", "x", "z"], [0, 1, 2, 3],
+                                     event_types=["click", "purchase", "click", "purchase"])
+
+
+@pytest.mark.parametrize("cfg, setting", [(DataConfig(event_type_weights={"purchse": 5.0}), "event_type_weights"),
+                                          (DataConfig(event_types=("click", "purchse")), "event_types")])
+def test_an_event_type_name_no_event_has_is_warned_about_naming_it_the_data_types_and_the_close_match(
+        cfg, setting, caplog):
+    with caplog.at_level("WARNING", logger="model.featurize"):
+        out, report = featurize(_clicks_and_purchases(), cfg)
+    want = (f"{setting} names event type 'purchse', which no event of the data has (did you mean 'purchase'?): "
+            "it matches nothing (the data's types: click, purchase)")
+    assert [r.getMessage() for r in caplog.records] == [want]
+    assert report.warnings == (want,) and f"  warning: {want}" in report.lines()
+    assert len(out) == (4 if setting == "event_type_weights" else 2)  # a warning, not a refusal
+
+
+def test_event_type_names_that_all_match_warn_of_nothing(caplog):
+    cfg = DataConfig(event_types=("click", "purchase"), event_type_weights={"purchase": 5.0})
+    with caplog.at_level("WARNING", logger="model.featurize"):
+        _, report = featurize(_clicks_and_purchases(), cfg)
+    assert not caplog.records and report.warnings == () and not any("warning" in line for line in report.lines())

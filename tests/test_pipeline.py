@@ -203,3 +203,34 @@ def test_event_type_weights_that_leave_nothing_to_learn_publish_nothing(data, da
     with pytest.raises(ConfigError, match="^event_type_weights give every training target a weight of 0"):
         pipeline.train_version(data, tmp_path, config=BASE, data_config=data_config, progress=False)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flags, setting", [(["--variant", "session-only"], "variant session-only"),
+                                            (["--predict-session-start", "false"], "predict_session_start false")])
+def test_a_variant_that_learns_no_pair_of_one_event_sessions_exits_2_naming_it_and_publishes_nothing(
+        tmp_path, capsys, flags, setting):
+    """Every session has one event (an hour apart, the timeout half an hour): next-in-session pairs are the only
+    targets these settings learn, and there is none; the untrained network must not become CURRENT."""
+    from stream.cli import main
+
+    log = tmp_path / "log.csv"
+    log.write_text("USER_ID,ITEM_ID,TIMESTAMP\n" + "".join(
+        f"u{u},i{(u * 7 + k * 3) % 40},{1767225600 + u * 10 + k * 3600}\n" for u in range(60) for k in range(8)))
+    reg = tmp_path / "reg"
+    assert main(["train", "--data", str(log), "--registry", str(reg), "--epochs", "1", "--hidden-dimension", "32",
+                 "--device", "cpu", "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {setting} learns only next-in-session pairs" in err
+    assert "no session of the events trained on has two events" in err and "session_timeout_s" in err
+    assert not reg.exists() or not any(reg.iterdir())
+
+
+def test_when_every_pair_lies_in_a_last_session_training_skips_validation_rather_than_learn_nothing(tmp_path, fits):
+    """One event a day, then two a minute apart the next: held out for validation, those pairs would leave the
+    early-stopping run one event per user, nothing to learn (and a refusal that no user has two events)."""
+    users, items, ts = zip(*[(f"u{u}", f"i{(u + j) % 7}", u * 60_000 + min(j, 1) * 86_400_000 + j * 60_000)
+                             for u in range(40) for j in range(3)])
+    log = Interactions.from_columns(users, items, ts, source="events.csv")
+    run = pipeline.train_version(log, tmp_path, config=BASE, data_config=DataConfig(), holdout="none", progress=False)
+    assert fits == [(len(log), BASE.epochs, False)]
+    assert all(h["loss"] > 0 for h in run.metrics["history"]) and "val_mrr@20" not in run.metrics
