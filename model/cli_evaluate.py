@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from model.artifact import LoadedModel, load_version
 from model.baselines import BASELINES, make_baseline
@@ -21,6 +22,8 @@ from model.splits import PERSONALIZE, PROTOCOLS, make_split
 
 DEFAULT_BASELINES = "pop,recent-pop,item-knn,sknn,user-knn,user-repeat+session"  # the strongest bars by default
 DEFAULT_SEED = 0  # the personalize sample's seed when no model says which users it held out
+# The DataConfig settings that decide the test events: which events featurization keeps, where sessions start.
+SPLIT_SETTINGS = ("event_types", "collapse_repeats", "min_item_support", "session_timeout_s", "whole_history_session")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,11 +51,17 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         check_format(args.plot, "--plot")
     plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot and args.json and Path(plot).resolve() == Path(args.json).resolve():
+        # The chart is written after the JSON: it would replace the result it charts.
+        where = "--plot names it too" if args.plot else "the chart goes next to --json, as .png"
+        raise ConfigError(f"--json {args.json}: the chart would overwrite it ({where}): name the JSON file .json, "
+                          "or give --plot another path")
     output_file(args.json, "--json")
     output_file(plot, "--plot")
     device = resolve_device(args.device)
     loaded = [load_version(d, device) for d in args.model]
-    # The split must match the one the models were trained around: use the first model's featurization.
+    # The split must match the one the models were trained around: use the first model's featurization. A model
+    # featurized otherwise (a later --model, or any under an overriding flag or --config) is warned of below.
     base = to_dict(loaded[0].data_config) if loaded else None
     data_config = data_config_from_args(args, base)
     args.protocol = args.protocol or protocol_of(config_holdout(args, HOLDOUTS))
@@ -60,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
         if m.metrics.get("holdout") not in (args.protocol, None):
             print(f"warning: {m.path} was trained holding out {m.metrics.get('holdout')!r}, not {args.protocol!r}: "
                   "its scores may include events it trained on", file=sys.stderr)
+        for name, own, used in differing_split_settings(m.data_config, data_config):
+            print(f"warning: {m.path} was featurized with {name} {own!r}, this split with {used!r}: it held out "
+                  "other events, so its scores may include events it trained on", file=sys.stderr)
     seed = split_seed(args.protocol, args.seed, loaded)
     prep = prepare(load_data(args), data_config)
     split = make_split(args.protocol, prep.data, prep.starts, seed=seed)
@@ -84,6 +96,17 @@ def run(args: argparse.Namespace) -> int:
 def protocol_of(holdout: str | None) -> str:
     """The protocol that tests what `holdout` kept out of training; a holdout of none kept nothing out."""
     return holdout if holdout in PROTOCOLS else PROTOCOLS[0]
+
+
+def differing_split_settings(own: DataConfig, used: DataConfig) -> list[tuple[str, Any, Any]]:
+    """(setting, own value, used value) for each setting that decides the test events (which events featurization
+    keeps, where sessions start) and differs. The history-length percentiles only keep users out of training, and
+    the event-type weights only weigh its loss: the test events are the same whatever they are."""
+    def key(v: Any) -> Any:
+        return sorted(v) if isinstance(v, (tuple, list)) else v  # event types filter as a set
+
+    return [(name, getattr(own, name), getattr(used, name)) for name in SPLIT_SETTINGS
+            if key(getattr(own, name)) != key(getattr(used, name))]
 
 
 def baseline_names(text: str) -> list[str]:

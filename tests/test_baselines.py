@@ -102,6 +102,16 @@ def test_user_repeat_ranks_unseen_items_by_popularity(bg):
     assert ranking(ur, sequence(data, ["e"], [0]), data)[:2] == ["e", "pop"]
 
 
+@pytest.mark.parametrize("name", ["user-repeat", "user-repeat+session"])
+@pytest.mark.parametrize("days", [300, 8000])
+def test_user_repeat_ranks_the_users_old_items_above_unseen_ones_and_by_recency_however_old(name, days):
+    """At a 7-day half-life, 300 days make a weight 2^-43, under a popularity tie-break of 1e-9; 8000 days
+    make it 0 in float64. Still: the user's items by recency, then the items the user never saw."""
+    data, starts = build(background() + [(f"q{k}", "b", k * DAY_MS) for k in range(10)])  # b: 15 events, a: 5
+    seq = sequence(data, ["b", "a", "e"], [0, 20 * DAY_MS, days * DAY_MS])
+    assert ranking(fitted(name, data, starts), seq, data)[:4] == ["e", "a", "b", "pop"]
+
+
 def test_the_popularity_tie_break_survives_between_close_popularities():
     ev = background() + [("solo", "z", 3 * HOUR_MS)]  # z one event more popular than y
     for k in range(5):

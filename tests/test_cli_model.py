@@ -181,6 +181,53 @@ def test_evaluate_reads_event_types_by_name_when_the_file_lists_other_types_than
     assert results[0] == results[1]
 
 
+def _untrained_version(registry: Path, items: list[str], data_config: DataConfig) -> Path:
+    """A version of an untrained network: evaluate only needs it to load and to score."""
+    cfg = HRNNConfig(hidden_dimension=32, seed=3)
+    torch.manual_seed(3)
+    return save_version(registry, HRNN(len(items), cfg).eval(), cfg, data_config, items, ["click"])
+
+
+def _sessions_log(path: Path) -> Path:
+    rows, t = [], 1_700_000_000
+    for u in range(20):
+        for k in range(10):
+            t += 5 * 3600 if k % 4 == 0 else 60  # 5 h gaps open sessions under the default timeout, not under a day's
+            rows.append((f"u{u}", f"i{(u + k) % 15}", t, "click"))
+    return _write_log(path, rows)
+
+
+def test_evaluate_warns_of_each_model_featurized_otherwise_than_its_split_and_of_no_model_featurized_alike(
+        tmp_path, capsys):
+    data = _sessions_log(tmp_path / "log.csv")
+    items = [f"i{k}" for k in range(15)]
+    first = _untrained_version(tmp_path / "a", items, DataConfig())
+    alike = _untrained_version(tmp_path / "b", items, DataConfig(max_user_history_length_percentile=1.0))
+    other = _untrained_version(tmp_path / "c", items, DataConfig(session_timeout_s=86400.0))
+    evaluate_here("--data", str(data), "--model", str(first), "--model", str(alike), "--model", str(other),
+                  "--baselines", "", "--quiet")
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warning.startswith(f"warning: {other} was featurized with session_timeout_s 86400.0, this split with "
+                              "1800.0") and "its scores may include events it trained on" in warning
+
+
+def test_evaluate_warns_when_a_flag_featurizes_the_split_otherwise_than_the_model(tmp_path, capsys):
+    data = _sessions_log(tmp_path / "log.csv")
+    version = _untrained_version(tmp_path / "a", [f"i{k}" for k in range(15)], DataConfig())
+    evaluate_here("--data", str(data), "--model", str(version), "--baselines", "", "--quiet", "--min-item-support",
+                  "2")
+    err = capsys.readouterr().err
+    assert f"warning: {version} was featurized with min_item_support 1, this split with 2" in err
+    assert err.count("warning:") == 1
+
+
+@pytest.mark.parametrize("flags", [["--json", "{d}/r.png"], ["--json", "{d}/r.png", "--plot", "{d}/./r.png"]])
+def test_evaluate_refuses_a_chart_path_that_is_its_json_path_before_it_reads_the_data(tmp_path, monkeypatch, flags):
+    monkeypatch.setattr(cli_evaluate, "load_data", lambda args: pytest.fail("read the data first"))
+    with pytest.raises(ConfigError, match="the chart would overwrite it"):
+        evaluate_here("--data", "events.csv", "--baselines", "pop", *[f.format(d=tmp_path) for f in flags])
+
+
 @pytest.mark.parametrize("flags", [["--json", "{f}/eval.json"], ["--json", "{d}/eval.json", "--plot", "{f}/p.png"],
                                    ["--json", "{d}"]])
 def test_evaluate_refuses_an_output_path_it_cannot_write_before_it_reads_the_data(tmp_path, monkeypatch, flags):
