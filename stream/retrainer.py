@@ -608,6 +608,8 @@ class RetrainerService:
             if server is not None:
                 server.shutdown()
             shutil.rmtree(self._datadir, ignore_errors=True)
+            # the app keeps this service reachable after the run: its client would go on dialling the broker
+            self.__dict__.pop("_admin", None)
         return 0
 
     def _serve_metrics(self) -> MetricsServer | None:

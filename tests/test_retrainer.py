@@ -637,6 +637,26 @@ def test_bad_flags_exit_2_with_what_to_fix(tmp_path, monkeypatch, capsys, busy_p
     assert not registry.exists() or registry == a_file
 
 
+def test_a_service_refused_at_start_leaves_no_kafka_client_dialling(tmp_path, monkeypatch, busy_port):
+    """A start refused after the service was built (its metrics port taken) drops the admin client it built,
+    which otherwise went on dialling the broker until the process ended."""
+    import gc
+
+    import stream.observability
+    from confluent_kafka.admin import AdminClient
+    from stream.cli import main as hrnn
+
+    def admins() -> int:
+        gc.collect()
+        return sum(isinstance(o, AdminClient) for o in gc.get_objects())
+
+    monkeypatch.setattr(stream.observability, "setup_json_logging", lambda level: None)
+    before = admins()
+    assert hrnn(["retrainer", "--bootstrap-servers", "127.0.0.1:9", "--registry", str(tmp_path / "r"),
+                 "--archive", str(tmp_path / "a"), "--metrics-port", str(busy_port)]) == 2
+    assert admins() == before
+
+
 def test_a_registry_that_cannot_be_one_fails_the_run_instead_of_raising(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.touch()
