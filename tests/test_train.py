@@ -219,40 +219,10 @@ def test_settings_that_learn_only_next_in_session_pairs_on_one_event_sessions_ar
         fit(synth, every_event_a_session, HRNNConfig(**SMALL, **settings), progress=False)
 
 
-def test_at_batch_1_and_bptt_1_the_recency_mask_scales_each_targets_loss_by_its_weight(monkeypatch):
-    """A target's share of the gradient is its weight, not its weight over its chunk-mates' mean: alone in its
-    chunk, the chunk's own weight sum cancelled it and recency_mask true trained exactly as false."""
-    import model.train as train_mod
-
-    data = generate(20, 30, seed=5, events_per_user=10, start_spread_days=60)
-    starts = session_starts(data, 1800)
-    real_loss = train_mod._chunk_loss
-    monkeypatch.setattr(train_mod, "_make_optimizer", lambda model, cfg: torch.optim.SGD(model.parameters(), lr=0.0))
-    chunks: dict[bool, list[tuple[int, float, float]]] = {}
-    for mask in (False, True):
-        seen = chunks[mask] = []
-
-        def spy(model, rows, *args, **kwargs):
-            loss = real_loss(model, rows, *args, **kwargs)
-            if rows:
-                w = torch.cat([r[2] for r in rows])
-                seen.append((len(w), float(w.mean()), float(loss.detach())))
-            return loss
-
-        monkeypatch.setattr(train_mod, "_chunk_loss", spy)
-        cfg = HRNNConfig(hidden_dimension=32, batch_size=1, bptt=1, n_sample=16, epochs=1, recency_mask=mask, seed=3)
-        fit(data, starts, cfg, progress=False, device="cpu")  # lr 0: both runs score the same network, same draws
-    alone = [(on, off) for on, off in zip(chunks[True], chunks[False]) if on[0] == 1]
-    assert len(alone) > 50 and len(chunks[True]) == len(chunks[False])
-    weights = np.array([on[1] for on, _ in alone])
-    assert weights.max() / weights.min() > 5  # 60 days of a half life of a quarter of the span
-    np.testing.assert_allclose([on[2] for on, _ in alone], [w * off[2] for (_, off), w in zip(alone, weights)],
-                               rtol=1e-4)
-
-
-def test_a_chunks_loss_is_the_mean_of_its_rows_weighted_losses_rows_of_weight_0_counting_as_rows():
+def test_a_chunks_loss_is_its_rows_weighted_mean_so_weights_balance_rows_not_the_step_size():
     from model.train import _weighted
 
     per_row = torch.tensor([1.0, 2.0, 4.0])
-    torch.testing.assert_close(_weighted(per_row, torch.tensor([0.5, 0.5, 0.5])), torch.tensor(7 / 6))
+    torch.testing.assert_close(_weighted(per_row, torch.tensor([0.5, 0.5, 0.5])), torch.tensor(7 / 3))
+    torch.testing.assert_close(_weighted(per_row, torch.tensor([1.0, 1.0, 2.0])), torch.tensor(11 / 4))
     torch.testing.assert_close(_weighted(per_row, torch.tensor([0.0, 0.0, 3.0])), torch.tensor(4.0))
