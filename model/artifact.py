@@ -299,7 +299,8 @@ def load_version(path: str | Path, device: torch.device | str = "cpu") -> Loaded
         hrnn, data = version_settings(d)
         items = json.loads((d / "items.json").read_text())
         metrics = json.loads((d / "metrics.json").read_text())
-        config = load_config(HRNNConfig, file_values=hrnn)
+        config = load_config(HRNNConfig, file_values=hrnn, validate=False)
+        config.validate(published=True)
         data_config = load_config(DataConfig, file_values=data)
         state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
         item_ids = [str(i) for i in items["item_ids"]]

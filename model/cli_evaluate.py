@@ -105,8 +105,9 @@ def differing_split_settings(own: DataConfig, used: DataConfig) -> list[tuple[st
     def key(v: Any) -> Any:
         return sorted(v) if isinstance(v, (tuple, list)) else v  # event types filter as a set
 
+    whole = own.whole_history_session and used.whole_history_session  # no timeout cuts a session then
     return [(name, getattr(own, name), getattr(used, name)) for name in SPLIT_SETTINGS
-            if key(getattr(own, name)) != key(getattr(used, name))]
+            if key(getattr(own, name)) != key(getattr(used, name)) and not (whole and name == "session_timeout_s")]
 
 
 def baseline_names(text: str) -> list[str]:

@@ -30,6 +30,7 @@ OPTIMIZERS = ("adagrad", "adam")
 # H = 200 (tests/test_config.py builds that case), below Kafka's 1 MB record limit. A larger record failed its
 # batch on every restart of the worker, and the partition stopped for good.
 MAX_HISTORY_LENGTH = 200
+PUBLISHED_MAX_HISTORY_LENGTH = 10_000  # the bound before it: versions published then stay loadable
 
 
 @dataclass
@@ -100,7 +101,9 @@ class HRNNConfig:
     calibrate_window_offset: bool = True
     seed: int = 42
 
-    def validate(self) -> None:
+    def validate(self, published: bool = False) -> None:
+        """Refuse a setting out of its range; `published`: the settings of a version already published, held to
+        the bounds it was published under."""
         _one_of("variant", self.variant, VARIANTS)
         _one_of("loss", self.loss, LOSSES)
         _one_of("optimizer", self.optimizer, OPTIMIZERS)
@@ -121,8 +124,8 @@ class HRNNConfig:
         _in_range("bpreg", self.bpreg, 0.0, 100.0)
         _in_range("distill_teachers", self.distill_teachers, 0, 16)
         _in_range("distill_weight", self.distill_weight, 0.0, 100.0)
-        _in_range("history_length", self.history_length, 1, MAX_HISTORY_LENGTH,
-                  why="one user's state must fit a Kafka record (1 MB) on the state changelog")
+        _in_range("history_length", self.history_length, 1, PUBLISHED_MAX_HISTORY_LENGTH if published else
+                  MAX_HISTORY_LENGTH, why="one user's state must fit a Kafka record (1 MB) on the state changelog")
         _in_range("seed", self.seed, 0, 2**32 - 1)  # numpy's and torch's generators take no negative seed
         if self.tied_embeddings and self.embedding_dimension not in (0, self.hidden_dimension):
             raise ConfigError("tied_embeddings needs embedding_dimension equal to hidden_dimension (or 0)")

@@ -8,8 +8,6 @@ one batched network step, and all events are scored with one matmul at the end.
 """
 from __future__ import annotations
 
-import heapq
-import re
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from pathlib import Path
@@ -193,27 +191,10 @@ class Recommender:
 
     @torch.inference_mode()
     def rebuild(self, states: list[UserState]) -> list[UserState]:
-        """Recompute hidden states with this version from each state's stored last-H events as it featurizes
-        them, in one batch."""
+        """Recompute hidden states with this version from each state's stored last-H events, in one batch."""
         if not states:
             return []
-        fitted = [self._refeaturized(s) for s in states]
-        return self._replay(fitted, [s.history for s in fitted])
-
-    def _refeaturized(self, s: UserState) -> UserState:
-        """`s` as serving its stored events (the history and the skipped ones, merged by time) one at a time from a
-        blank state leaves it under this version's featurization (the types it steps, repeats collapsed, sessions
-        cut by its rules), so a rebuild steps what `hrnn evaluate` scores; `s` itself where that is what it stores
-        (the version that wrote it featurized alike): its counts, clock and session then reach past the window."""
-        fresh = self.blank_state()
-        for e in _stored_events(s):
-            if self._kept(fresh, e):
-                self._bookkeep(fresh, e)
-        if _same_events(fresh.history, s.history) and fresh.skipped == s.skipped:
-            return s
-        return replace(s, session_id=fresh.session_id, last_event_ms=fresh.last_event_ms,
-                       session_length=fresh.session_length, history=fresh.history, n_events=fresh.n_events,
-                       repeat_ms=fresh.repeat_ms, skipped=fresh.skipped)
+        return self._replay(states, [s.history for s in states])
 
     def _replay(self, states: Sequence[UserState], events: list[History],
                 start: Sequence[Prebuilt] | None = None) -> list[UserState]:
@@ -256,8 +237,6 @@ class Recommender:
         p = self.prebuilt.pop(user, None)
         if p is None or not 0 <= s.n_events - p.n_events <= len(s.history):
             return None  # never prebuilt, or more events since than the history holds: rebuild
-        if self._refeaturized(s) is not s:
-            return None  # its stored events are not the ones this version steps: only a rebuild re-featurizes them
         return p
 
     def _prepare(self, states: Mapping[str, UserState | None], users: list[str]) -> tuple[dict, int]:
@@ -412,32 +391,6 @@ class Recommender:
             cols = torch.tensor(known, dtype=torch.long, device=self.device) if known else None
             self._unavailable = (items, cols)
         return cols
-
-
-def _stored_events(s: UserState) -> list[StepInput]:
-    """The events `s` stores (its history and skipped ones, merged by time, each in arrival order) as serving was
-    given them, as far as the state tells. A session the worker opened is named `{user}-{ts}` (its first event's
-    time): that names the user, and the rules may cut the sessions again. A session id of the events' own is not
-    stored per event: each stored session opening then starts another session, the newest one named as before."""
-    opened = [t for t, o in zip(s.history.ts, s.history.opens) if o]
-    made = re.fullmatch(r"(.*?)-(-?\d+)", s.session_id) if s.session_id is not None else None
-    if made is not None and opened and int(made[2]) != opened[-1]:
-        made = None
-    by_rule = s.session_id is None or made is not None
-    user, k = ("" if made is None else made[1]), 0
-    events = []
-    for e, stepped in heapq.merge(zip(s.history, repeat(True)), zip(s.skipped, repeat(False)),
-                                  key=lambda x: x[0].ts_ms):
-        k += stepped and e.new_session
-        sid = None if by_rule else s.session_id if k == len(opened) else f"{s.session_id}#{k}"
-        events.append(StepInput(user, e.item_id, e.event_type, e.ts_ms, sid))
-    return events
-
-
-def _same_events(a: History, b: History) -> bool:
-    """The same events and sessions, but for the first event's flag (a replay opens a session there)."""
-    return (a.items, a.ts_ms, a.types, a.opens[1:]) == (b.items, b.ts_ms, b.types, b.opens[1:])
-
 
 def _waves(events: Sequence[StepInput]) -> list[list[int]]:
     """Split event indices so each user appears at most once per wave, keeping per-user order."""

@@ -138,3 +138,14 @@ def test_a_manifest_naming_a_path_rather_than_a_file_of_the_version_is_refused(t
     _rewrite_manifest(path, lambda files: files.update({name: digest}))
     with pytest.raises(ArtifactError, match="which is no file name of the version directory"):
         verify(path)
+
+
+def test_a_version_published_with_a_history_length_past_todays_bound_still_loads(tmp_path):
+    """The bound on history_length (one state per Kafka record) holds for versions trained from now on; a version
+    published under the bound before it stays servable, so workers and rollbacks still take it."""
+    from model.config import MAX_HISTORY_LENGTH
+
+    cfg = HRNNConfig(hidden_dimension=32, history_length=MAX_HISTORY_LENGTH + 100)
+    torch.manual_seed(0)
+    path = save_version(tmp_path, HRNN(len(ITEMS), cfg), cfg, DataConfig(), ITEMS, ["click"], {"val_mrr@20": 0.5})
+    assert load_version(path).config.history_length == MAX_HISTORY_LENGTH + 100

@@ -306,3 +306,14 @@ def test_evaluate_reads_no_training_setting_so_a_worker_variable_or_its_own_seed
     monkeypatch.setenv("HRNN_MIN_ITEM_SUPPORT", "0")  # its own settings are still read, and checked
     with pytest.raises(ConfigError, match="min_item_support"):
         evaluate_here("--data", str(data), "--baselines", "pop", "--quiet")
+
+
+def test_the_split_settings_warning_ignores_the_session_timeout_when_both_take_each_history_as_one_session():
+    from model.cli_evaluate import differing_split_settings
+    from model.config import DataConfig
+
+    whole = dict(whole_history_session=True)
+    assert differing_split_settings(DataConfig(session_timeout_s=86400, **whole),
+                                    DataConfig(session_timeout_s=1800, **whole)) == []
+    assert [d[0] for d in differing_split_settings(DataConfig(session_timeout_s=86400),
+                                                   DataConfig(session_timeout_s=1800))] == ["session_timeout_s"]

@@ -364,41 +364,6 @@ def test_a_prebuilt_state_that_stepped_nothing_catches_up_as_a_user_served_fresh
                                atol=1e-5)
 
 
-# (the serving version's featurization, the incoming one's): the same network, so a rebuild must give what the
-# incoming version serving the user's events from the start gives.
-@pytest.mark.parametrize("prebuilt", [False, True], ids=["rebuilt", "prebuilt"])
-@pytest.mark.parametrize("featurization", [
-    (DataConfig(), DataConfig(event_types=("click",))), (DataConfig(event_types=("click",)), DataConfig()),
-    (DataConfig(), DataConfig(collapse_repeats=True)), (DataConfig(), DataConfig(session_timeout_s=60))],
-    ids=["to-clicks-only", "from-clicks-only", "to-collapse", "to-a-shorter-timeout"])
-def test_a_rebuild_featurizes_the_stored_events_as_the_new_version_serving_them_from_the_start(
-        version, featurization, prebuilt, device, tmp_path):
-    data, path = version
-    before, after = featurization
-    serving = Recommender.load(_republished(path, tmp_path / "serving", before), device=device)
-    incoming = Recommender.load(_republished(path, tmp_path / "incoming", after), device=device)
-    serving.version = "the-serving-version"
-    t0, it = 1_700_000_000_000, data.item_ids
-    # minutes apart (sessions of 30 min, or one per event at 60 s), purchases between clicks, a click repeated
-    events = [StepInput("u", it[i], etype, t0 + m * 60_000) for i, etype, m in
-              [(1, "click", 0), (2, "purchase", 1), (3, "click", 5), (3, "click", 6), (4, "purchase", 12),
-               (5, "click", 20)]]
-    nxt = [StepInput("u", it[6], "click", t0 + 25 * 60_000)]
-    stored = serving.advance({}, events).states["u"]
-    if prebuilt:  # scanned after three events: the others came since
-        incoming.prebuild({"u": serving.advance({}, events[:3]).states["u"]})
-    adv = incoming.advance({"u": stored}, nxt)
-    fresh = incoming.advance({}, events + nxt)
-    assert adv.rebuilt_users == 1
-    np.testing.assert_allclose(adv.scores.cpu().numpy(), fresh.scores.cpu().numpy()[-1:], rtol=1e-5, atol=1e-5)
-    s, ref = adv.states["u"], fresh.states["u"]
-    np.testing.assert_allclose(s.user_hidden, ref.user_hidden, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(s.session_hidden, ref.session_hidden, rtol=1e-5, atol=1e-5)
-    assert (s.history, s.skipped, s.n_events, s.last_event_ms, s.session_id, s.session_length, s.repeat_ms) == \
-        (ref.history, ref.skipped, ref.n_events, ref.last_event_ms, ref.session_id, ref.session_length, ref.repeat_ms)
-    assert adv.new_session == fresh.new_session[-1:]
-
-
 def test_the_repeat_head_rescores_the_users_own_items_and_the_window_profile_shifts_the_catalogue(version, device):
     data, path = version
     rec = Recommender.load(path, device=device)
