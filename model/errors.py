@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 class HRNNError(Exception):
@@ -42,9 +42,22 @@ class ArtifactError(HRNNError):
     """A model version is unreadable, incomplete or fails validation."""
 
 
+_stopping_status: int | None = None  # set by stop_with: the process was told to stop (SIGTERM)
+
+
+def stop_with(status: int) -> NoReturn:
+    """From a signal handler: raise SystemExit(status), so `with` blocks and `finally` clauses unwind, and remember
+    it. The handler runs wherever the main thread is; inside a confluent-kafka callback (a delivery report, a log
+    line of a broker still starting) the library turns the SystemExit into a SystemError, which then unwinds
+    instead: exit_status still ends the command with `status`."""
+    global _stopping_status
+    _stopping_status = status
+    sys.exit(status)
+
+
 def exit_status(main: Callable[[], int | None], name: str) -> int:
     """Run a command's main: its status, or 2 with "name: error: message" on stderr for an HRNNError (bad
-    input, said plainly, no traceback), or 130 on Ctrl-C."""
+    input, said plainly, no traceback), or 130 on Ctrl-C, or the status of a stop_with whatever it became."""
     try:
         return int(main() or 0)
     except HRNNError as exc:
@@ -52,3 +65,7 @@ def exit_status(main: Callable[[], int | None], name: str) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        if _stopping_status is not None:
+            return _stopping_status
+        raise

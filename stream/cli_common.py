@@ -6,12 +6,11 @@ import argparse
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.errors import ConfigError
+from model.errors import ConfigError, stop_with
 
 if TYPE_CHECKING:
     from stream.settings import WorkerSettings
@@ -86,7 +85,7 @@ def _exit_143(signum: int, _frame) -> None:
     # A second SIGTERM while the first unwinds would cut the clean-up short and leave the broker again;
     # SIGKILL still ends a clean-up that hangs.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(SIGTERM_STATUS)
+    stop_with(SIGTERM_STATUS)
 
 
 def positive(value: float) -> bool:

@@ -185,3 +185,28 @@ def test_canary_peeking_gives_a_user_one_judged_list_per_event_but_the_last(tmp_
     rows = [(1, 0)] + [(2, t) for t in (1, 2)] + [(3, t) for t in range(3, 8)]
     log.write_text("".join(f"{user}\t7\t{t}\n" for user, t in rows))
     assert sorted(lists_per_user(log, live_share=1.0).tolist()) == [1, 4]
+
+
+def test_a_sigterm_that_a_kafka_callback_turns_into_another_error_still_ends_the_command_with_its_status(
+        monkeypatch):
+    """SIGTERM's handler raises SystemExit wherever the main thread is: inside a confluent-kafka callback (a
+    producer's log line while the broker starts) the library re-raised it as a SystemError, and the bench exited 1
+    with a traceback instead of 143 (its clean-up still unwound)."""
+    import model.errors
+    from model.errors import exit_status
+    from stream.cli_common import SIGTERM_STATUS, _exit_143
+
+    monkeypatch.setattr(model.errors, "_stopping_status", None)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # leave pytest's own SIGTERM handling alone
+
+    def bench(told_to_stop: bool) -> int:
+        try:
+            if told_to_stop:
+                _exit_143(signal.SIGTERM, None)
+        except SystemExit:
+            pass
+        raise SystemError("_PyErr_SetObject: exception <class 'int'> is not a BaseException subclass")
+
+    with pytest.raises(SystemError):  # an error of its own is not taken for a stop
+        exit_status(lambda: bench(False), "bench")
+    assert exit_status(lambda: bench(True), "bench") == SIGTERM_STATUS
