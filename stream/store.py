@@ -251,18 +251,32 @@ class PartitionStore:
     def user_ids(self) -> list[str]:
         """Every stored user (a full scan: for tests and tools, not the hot path)."""
         out = []
-        for key in self._db.keys(from_key=_USER):
+        for key, _ in self._items_from(_USER):
             if not key.startswith(_USER):
                 break
             out.append(key[len(_USER):].decode())
         return out
+
+    def _items_from(self, start: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """The stored pairs from `start` on. StoreCorrupt where a damaged block ends them: rocksdict's items()
+        just stops there, and a scan would take the users before it for all there are."""
+        it = self._db.iter()
+        it.seek(start)
+        while it.valid():
+            yield it.key(), it.value()
+            it.next()
+        try:
+            it.status()
+        except Exception as exc:  # rocksdict raises a bare Exception, as on open
+            raise _read_error(self.path, exc) from None
 
     def scan_states(self, chunk: int = 256) -> Iterator[dict[str, UserState]]:
         """Every stored state, `chunk` users at a time, safe to run on another thread than the writer's.
 
         Each chunk is read under the close lock with an iterator of its own, so a close (on
         revocation) waits for at most one chunk and a scan that meets a closed store just ends.
-        A state written during the scan may be seen before or after its update."""
+        A state written during the scan may be seen before or after its update. StoreCorrupt at a damaged
+        block, as a read there raises it."""
         start = _USER
         while True:
             with self._closing:
@@ -270,7 +284,7 @@ class PartitionStore:
                     return
                 out: dict[str, UserState] = {}
                 last = None
-                for key, raw in self._db.items(from_key=start):
+                for key, raw in self._items_from(start):
                     if not key.startswith(_USER) or len(out) >= chunk:
                         break
                     last, user = key, key[len(_USER):].decode()
