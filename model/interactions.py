@@ -19,7 +19,7 @@ class Interactions:
     ts_ms: np.ndarray  # int64 epoch milliseconds
     event_type: np.ndarray  # int16 codes into event_types
     value: np.ndarray  # float32 EVENT_VALUE (NaN where absent)
-    session_key: np.ndarray | None  # int64 codes of SESSION_ID when the file has one
+    session_key: np.ndarray | None  # int64 codes of SESSION_ID when the file has one; -1: this event has none
     user_ids: np.ndarray  # object array of str
     item_ids: np.ndarray  # object array of str
     event_types: tuple[str, ...]
@@ -48,10 +48,7 @@ class Interactions:
         else:
             t_vocab, etype = encode_text(event_types)
         val = np.full(n, np.nan, dtype=np.float32) if values is None else np.asarray(values, dtype=np.float32)
-        skey = None
-        if session_ids is not None:
-            _, skey = encode_text(session_ids)
-            skey = skey.astype(np.int64)
+        skey = None if session_ids is None else _session_codes(session_ids)
         ts = np.asarray(ts_ms, dtype=np.int64)
         order = np.lexsort((np.arange(n), ts, user))
         return cls(
@@ -84,6 +81,17 @@ class Interactions:
 
     def type_code(self, name: str) -> int | None:
         return self.event_types.index(name) if name in self.event_types else None
+
+
+def _session_codes(session_ids) -> np.ndarray:
+    """Codes of the session ids, -1 where an event has none (None): such an event is sessionized by its time gap,
+    as the worker sessionizes it (model/sessions.py)."""
+    ids = np.asarray(session_ids, dtype=object)
+    missing = np.fromiter((v is None for v in ids), dtype=bool, count=len(ids))
+    codes = np.full(len(ids), -1, dtype=np.int64)
+    if not missing.all():
+        codes[~missing] = encode_text(ids[~missing])[1]
+    return codes
 
 
 def encode_text(values) -> tuple[np.ndarray, np.ndarray]:

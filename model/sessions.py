@@ -33,10 +33,11 @@ def session_starts(data: Interactions, timeout_s: float, whole_history: bool = F
     same_user = data.user[1:] == data.user[:-1]
     if whole_history:
         boundary = np.zeros(n - 1, dtype=bool)
-    elif data.session_key is not None:
-        boundary = data.session_key[1:] != data.session_key[:-1]
     else:
         boundary = np.diff(data.ts_ms) > int(timeout_s * 1000)
+        if data.session_key is not None:  # an event with an id starts a session where the id changes (is_new_session)
+            key = data.session_key
+            boundary = np.where(key[1:] >= 0, key[1:] != key[:-1], boundary)
     starts[1:] = ~same_user | boundary
     return starts
 

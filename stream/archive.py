@@ -518,10 +518,8 @@ def read_window(root: str | Path, days: int, *, end: date | None = None, window:
 
     values = column("EVENT_VALUE", pa.float64())
     sessions = column("SESSION_ID", pa.string())
-    session_ids = None
-    if sessions.null_count < n:
-        # events without a session id get an empty one: a change to or from it still starts a session
-        session_ids = np.asarray(sessions.fill_null("").to_numpy(zero_copy_only=False))
+    # events without a session id keep None: they are sessionized by their time gap, as the worker does
+    session_ids = sessions.to_numpy(zero_copy_only=False) if sessions.null_count < n else None
     dirs = window.days
     return Interactions.from_columns(
         column("USER_ID", pa.string()).to_numpy(zero_copy_only=False),

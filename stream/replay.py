@@ -52,10 +52,14 @@ def events_from_interactions(data: Interactions, *, limit: int | None = None) ->
             item_id=str(item_ids[data.item[row]]),
             event_type=types[data.event_type[row]],
             timestamp_ms=int(data.ts_ms[row]),
-            session_id=None if data.session_key is None else str(int(data.session_key[row])),
+            session_id=_session_id(data.session_key, row),
             event_id=str(row),
             event_value=None if math.isnan(value) else value,
         )
+
+
+def _session_id(keys: np.ndarray | None, row: int) -> str | None:
+    return None if keys is None or keys[row] < 0 else str(int(keys[row]))  # -1: the event has none
 
 
 class _Pacer:

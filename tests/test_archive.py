@@ -268,3 +268,18 @@ def test_a_file_is_synced_to_disk_before_it_is_renamed_to_its_archive_name(tmp_p
     at = calls.index(("replace", renamed[0]))
     assert ("fsync", renamed[0]) in calls[:at]
     assert ("fsync", str(written[0].parent)) in calls[at:]  # and the rename itself
+
+
+def test_a_window_mixing_events_with_and_without_session_ids_sessionizes_the_ones_without_by_their_time_gap(
+        tmp_path):
+    """One producer sending session ids must not make the whole window of every other user one session: the
+    worker starts a session after the timeout gap for an event without an id, and training does the same."""
+    from model.sessions import session_starts
+
+    hours = [0, 1, 10, 11, 20]
+    ArchiveWriter(tmp_path, "ev").write(
+        [ArchivedEvent(0, k, Event("a", f"i{k}", "click", T0 + h * 3_600_000)) for k, h in enumerate(hours)]
+        + [ArchivedEvent(0, 5, Event("b", "i9", "click", T0, session_id="s1"))])
+    data = read_window(tmp_path, 7)
+    starts = session_starts(data, 1800)
+    assert int(starts[data.user == list(data.user_ids).index("a")].sum()) == len(hours)
