@@ -165,8 +165,35 @@ def _complete_batches(root: Path) -> dict[BatchKey, list[Path]]:
             out[key] = [by_part[k][0] for k in sorted(by_part)]
         else:
             log.warning("ignoring an archive batch: %s", problem,
-                        extra={"batch": "%s p%d %d-%d" % (_log_name(*key[:2]), *key[2:]),
+                        extra={"batch": _batch_name(key),
                                "files": sorted(str(f) for files in by_part.values() for f in files)})
+    return _without_covered(out)
+
+
+def _batch_name(key: BatchKey) -> str:
+    return "%s p%d %d-%d" % (_log_name(*key[:2]), *key[2:])
+
+
+def _without_covered(batches: dict[BatchKey, list[Path]]) -> dict[BatchKey, list[Path]]:
+    """The batches less those whose offsets another complete batch of the same log and partition covers: two
+    instances archived the same records (one retried a write after the other took the partition over), and both
+    read would count each event twice. A partial overlap cannot be told apart by row: it is logged and read."""
+    out = dict(batches)
+    by_partition: dict[tuple[str, str, int], list[BatchKey]] = defaultdict(list)
+    for key in batches:
+        by_partition[key[:3]].append(key)
+    for keys in by_partition.values():
+        widest: BatchKey | None = None
+        for key in sorted(keys, key=lambda k: (k[3], -k[4])):  # by first offset, the widest first
+            if widest is not None and key[4] <= widest[4]:
+                log.warning("ignoring an archive batch: another batch holds its records too",
+                            extra={"batch": _batch_name(key), "covered_by": _batch_name(widest)})
+                del out[key]
+                continue
+            if widest is not None and key[3] <= widest[4]:
+                log.warning("archive batches overlap: the records of both ranges are read, those of the overlap "
+                            "twice", extra={"batch": _batch_name(key), "overlaps": _batch_name(widest)})
+            widest = key
     return out
 
 
@@ -472,7 +499,8 @@ def scan_window(root: str | Path, days: int, *, end: date | None = None) -> Wind
                     if any(usable(f) for f in by_day[day])), None)
     window: list[Path] = []
     if end is not None:
-        first = end - timedelta(days=days - 1)
+        # a window reaching before year 1 is all of the archive (a timedelta that far raises OverflowError)
+        first = end - timedelta(days=days - 1) if days - 1 <= (end - date.min).days else date.min
         window = sorted((f for day, files in by_day.items() if first <= day <= end for f in files),
                         key=lambda f: (f.parent.name, f.name))
     read = [f for f in window if usable(f)]

@@ -283,3 +283,23 @@ def test_a_window_mixing_events_with_and_without_session_ids_sessionizes_the_one
     data = read_window(tmp_path, 7)
     starts = session_starts(data, 1800)
     assert int(starts[data.user == list(data.user_ids).index("a")].sum()) == len(hours)
+
+
+def _batch(root: Path, first: int, last: int) -> list[Path]:
+    return ArchiveWriter(root, "ev").write(
+        [ArchivedEvent(0, k, Event(f"u{k % 4}", f"i{k % 5}", "click", T0 + k * 1000)) for k in range(first, last + 1)])
+
+
+def test_a_batch_whose_records_another_batch_holds_too_is_read_once(tmp_path, caplog):
+    """Two instances archived offsets 0..99 and 0..149 of one partition (one retried a write after the other took
+    the partition over): each event is counted and trained on once."""
+    _batch(tmp_path / "b", 0, 149)
+    for f in _batch(tmp_path / "a", 0, 99):
+        shutil.copy(f, tmp_path / "b" / DAY / f.name)
+    assert count_events(tmp_path / "b", 7) == len(read_window(tmp_path / "b", 7)) == 150
+    assert "another batch holds its records too" in caplog.text
+
+
+def test_a_window_of_more_days_than_the_calendar_holds_reads_the_whole_archive(tmp_path):
+    _good_archive(tmp_path)
+    assert count_events(tmp_path, 100_000_000) == 20
