@@ -12,10 +12,12 @@ are each user's most recent ones, the behaviour (and the new items) a retrained 
 With `distill_teachers` = N > 0, N networks of the same config (other seeds) are trained that way
 first, and both runs of the published network also learn the teachers' mean predictions.
 With the repeat head, the published network's window offset is then calibrated (model.calibration).
+A publish that makes the version CURRENT holds the registry's pointer lock (model/registry.py current_lock).
 """
 from __future__ import annotations
 
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,12 +27,13 @@ from model.artifact import save_version
 from model.calibration import Calibration, calibrate_window_offset, set_window_offset
 from model.config import DataConfig, HRNNConfig
 from model.evaluate import evaluate
-from model.errors import DataError
+from model.errors import ArtifactError, DataError
 from model.featurize import FeaturizeReport, event_weights, featurize, learning_users, why_empty, why_no_learning_user
 from model.inference import HRNNScorer
 from model.interactions import Interactions
 from model.network import HRNN
 from model.plots import plot_training_curve
+from model.registry import current_lock
 from model.sessions import session_starts
 from model.splits import PERSONALIZE, Split, last_session_split, make_split
 from model.train import FitResult, Validator, fit, has_targets
@@ -250,12 +253,26 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
                "train_events": len(train), "train_users": int(len(np.unique(train.user))),
                "featurize": report_dict(inputs.prep.report), **extra, **validation_metrics(result, calibration),
                **(extra_metrics or {})}
-    path = save_version(registry, trained.published, config, data_config, [str(i) for i in train.item_ids],
-                        list(train.event_types), metrics, make_current=make_current,
-                        extras=lambda d: plot_training_curve(result.history, d / "training_curve.png",
-                                                             refit=again.history if again else None,
-                                                             calibrated=calibration and calibration.chosen))
+    with _pointer_lock(registry, make_current):
+        path = save_version(registry, trained.published, config, data_config, [str(i) for i in train.item_ids],
+                            list(train.event_types), metrics, make_current=make_current,
+                            extras=lambda d: plot_training_curve(result.history, d / "training_curve.png",
+                                                                 refit=again.history if again else None,
+                                                                 calibrated=calibration and calibration.chosen))
     return TrainingRun(path, result, inputs.prep.report, metrics)
+
+
+def _pointer_lock(registry: str | Path, make_current: bool) -> AbstractContextManager:
+    """The registry's pointer lock for a publish that moves CURRENT: a promote at the same moment would otherwise
+    interleave with it, and CURRENT's history (what a rollback returns to) could lose a step. Taken before the
+    version is written, so a lock held too long (an ArtifactError) leaves nothing behind."""
+    if not make_current:
+        return nullcontext()
+    try:
+        Path(registry).mkdir(parents=True, exist_ok=True)  # a first publish makes the registry; the lock lives in it
+    except OSError as exc:
+        raise ArtifactError(f"cannot create the registry {registry} ({exc.strerror})") from None
+    return current_lock(registry)
 
 
 HOLDOUT_POPULATION = "all users"  # whom the personalize sample is drawn from since 2026-12-06 (before: the users

@@ -15,7 +15,11 @@ current one.
 
 `hrnn models promote|rollback|canary` hold the registry's pointer lock (current_lock) from their read of CURRENT
 to their announcement: two at once take turns, so CURRENT ends at the version announced last and its history
-holds every step. A retraining run holds another lock of the registry for the whole run (RegistryLock).
+holds every step. The other writers of CURRENT or of the version set hold it too: `hrnn quality --decide-canary`
+(as promote does), `hrnn models prune` (from its read of CURRENT to its last deletion), `hrnn train` while it
+publishes, a retraining run from its last look at CURRENT through its publishing and pruning, and the retraining
+service while it announces what the run published.
+A retraining run holds another lock of the registry for the whole run (RegistryLock).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from model.errors import ArtifactError, ConfigError
 STALE_TEMP_S = 3600.0
 STAGING_PREFIX = ".staging-"  # a retraining run's staging registry (stream/retrain_job.py)
 TEMP_PREFIXES = (".tmp-", ".trash-", STAGING_PREFIX)
-CURRENT_LOCK = ".current.lock"  # held by a promote, rollback or canary of the models commands (current_lock)
+CURRENT_LOCK = ".current.lock"  # held by whoever moves CURRENT or deletes versions (current_lock)
 # A holder announces under the lock, and an announcement to a broker that is down takes up to a minute to fail.
 CURRENT_LOCK_WAIT_S = 120.0
 
@@ -84,7 +88,7 @@ def current_lock(registry: str | Path, wait_s: float | None = None) -> Iterator[
     lock = RegistryLock(reg, CURRENT_LOCK)
     try:
         if not lock.acquire(wait_s):
-            raise ArtifactError(f"another promote, rollback or canary of {reg} has held its lock "
+            raise ArtifactError(f"another promote, rollback, canary, prune or publish of {reg} has held its lock "
                                 f"({reg / CURRENT_LOCK}) for over {wait_s:g} s: nothing was changed; run this "
                                 "again once it has finished")
         yield

@@ -7,7 +7,9 @@ serve the version to a share of the users beside the current one, which stays CU
 All three first check the version as a worker does before serving it (stream/hotswap.py validate_version), and
 refuse one every worker would refuse. All three hold the registry's pointer lock (model/registry.py current_lock)
 from their read of CURRENT to their announcement: two at once take turns (the second waits for the first, or
-fails with nothing changed when it waits too long), so CURRENT names the version announced last.
+fails with nothing changed when it waits too long), so CURRENT names the version announced last. prune holds it
+too, from its read of CURRENT and the rollback target to its last deletion, so it never deletes a version
+promoted meanwhile.
 """
 from __future__ import annotations
 
@@ -84,10 +86,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"current version of {args.registry}: {version} (rolled back)")
         return 0
     if args.action == "prune":
-        from model.registry import prune
+        from model.registry import current_lock, prune
 
-        canary = _announced_canary(args, kafka) if args.bootstrap_servers else None
-        removed = prune(args.registry, args.keep, protect=(canary.version,) if canary else ())
+        # the canary is looked up under the lock too: `models canary` and the retrainer announce one under it
+        with current_lock(args.registry):  # a promote of an old version must not land between its read and delete
+            canary = _announced_canary(args, kafka) if args.bootstrap_servers else None
+            removed = prune(args.registry, args.keep, protect=(canary.version,) if canary else ())
         print(f"removed {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else "")
               + (f"; kept the canary {canary.version}" if canary else ""))
         if not args.bootstrap_servers:

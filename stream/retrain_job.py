@@ -9,9 +9,12 @@ version's hyperparameters (plus overrides), holding out each user's last session
 sessions; publish the candidate (and make it CURRENT) only if its metric is not worse than the
 serving one's by more than `margin` (relative), and not when CURRENT has moved since the run read
 it (a rollback or promotion during the run: the comparison is then with a version that no longer
-serves). The candidate is trained into a staging registry first, so a rejected one never appears
-in the registry, and a published one carries the comparison in its metrics.json from the moment
-it is visible. A staging registry left by a killed run is removed by the next run.
+serves). That last look at CURRENT, the publishing and the pruning after it hold the registry's
+pointer lock (model/registry.py current_lock), so a promote or rollback lands before or after
+them, never in between. The candidate is trained into a staging registry first, so a rejected
+one never appears in the registry, and a published one carries the comparison in its
+metrics.json from the moment it is visible. A staging registry left by a killed run is removed
+by the next run.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ from model.inference import HRNNScorer
 from model.metrics import NextItemMetrics
 from model.network import HRNN, WINDOW_OFFSET
 from model.pipeline import learning_part, prepare, train_version
-from model.registry import STAGING_PREFIX, RegistryLock, prune
+from model.registry import STAGING_PREFIX, RegistryLock, current_lock, prune
 from model.splits import LAST_SESSION, make_split
 from stream.archive import ArchiveError, read_window, scan_window
 
@@ -82,6 +85,9 @@ class RetrainOutcome:
     warm_start: dict[str, Any] | None = None
     seconds: float = 0.0
     pruned: list[str] = field(default_factory=list)
+    # what CURRENT named right after publishing (the version itself, or the one a canary serves beside): the
+    # service announces the version only while CURRENT still names it (stream/retrainer.py announce_published)
+    current: str | None = None
 
 
 def passes_gate(candidate: float, serving: float | None, margin: float) -> bool:
@@ -235,26 +241,30 @@ def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> Retrain
         out.reason = f"{spec.metric} {cand_m:.4f} is worse than the serving {serv_m:.4f} by more than {spec.margin:g}"
         log.warning("candidate rejected", extra={"comparison": comparison})
         return out
-    now_current = current_version(registry)
-    if now_current != serving_name:
-        # a rollback or promotion during the run (they hold the pointer lock, not this one): the gate judged the
-        # candidate against a version that no longer serves, and publishing would override the operator's choice
-        out.status = "skipped"
-        out.reason = (f"CURRENT moved from {serving_name or 'none'} to {now_current or 'none'} during the run: "
-                      "not published over it")
-        log.warning("candidate not published: CURRENT moved during the run",
-                    extra={"serving_version": serving_name, "current_version": now_current})
-        return out
-    curve = run.version_dir / "training_curve.png"
-    path = save_version(registry, candidate.model, candidate.config, candidate.data_config, candidate.item_ids,
-                        candidate.event_types, {**candidate.metrics, "comparison": comparison},
-                        version=candidate.version, make_current=not spec.canary,
-                        extras=(lambda d: shutil.copy(curve, d / curve.name)) if curve.exists() else None)
-    out.status, out.version, out.path = "published", candidate.version, str(path)
-    out.reason = (f"{spec.metric} {cand_m:.4f} vs serving {serv_m:.4f} (margin {spec.margin:g})"
-                  if serv_m is not None else "no serving version to compare with")
-    if spec.keep_versions:
-        out.pruned = _prune_after_publishing(registry, spec.keep_versions, out)
+    # the pointer lock from the look at CURRENT to the last deletion: a promote or rollback landing in between would
+    # be overridden by the publish, or have its version pruned
+    with current_lock(registry):
+        now_current = current_version(registry)
+        if now_current != serving_name:
+            # a rollback or promotion during the run: the gate judged the candidate against a version that no
+            # longer serves, and publishing would override the operator's choice
+            out.status = "skipped"
+            out.reason = (f"CURRENT moved from {serving_name or 'none'} to {now_current or 'none'} during the run: "
+                          "not published over it")
+            log.warning("candidate not published: CURRENT moved during the run",
+                        extra={"serving_version": serving_name, "current_version": now_current})
+            return out
+        curve = run.version_dir / "training_curve.png"
+        path = save_version(registry, candidate.model, candidate.config, candidate.data_config, candidate.item_ids,
+                            candidate.event_types, {**candidate.metrics, "comparison": comparison},
+                            version=candidate.version, make_current=not spec.canary,
+                            extras=(lambda d: shutil.copy(curve, d / curve.name)) if curve.exists() else None)
+        out.status, out.version, out.path = "published", candidate.version, str(path)
+        out.current = now_current if spec.canary else candidate.version
+        out.reason = (f"{spec.metric} {cand_m:.4f} vs serving {serv_m:.4f} (margin {spec.margin:g})"
+                      if serv_m is not None else "no serving version to compare with")
+        if spec.keep_versions:
+            out.pruned = _prune_after_publishing(registry, spec.keep_versions, out)
     log.info("candidate published", extra={"version": out.version, "comparison": comparison})
     return out
 

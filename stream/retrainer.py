@@ -18,7 +18,9 @@
   and runs at its first look when no run is recorded.
 - A run is a child process (`python -m stream.retrain_job`), so the event loop keeps
   heartbeating and archiving while torch trains; a published version is announced on
-  hrnn.model-updates with reason "retrain" (with --canary-share: "canary", for that share of the users).
+  hrnn.model-updates with reason "retrain" (with --canary-share: "canary", for that share of the users),
+  under the registry's pointer lock as `hrnn models promote` announces, and not when a promote or
+  rollback has moved CURRENT since the run published it (the operator's choice stands).
   On Linux the child dies with the service, however the service dies (SIGKILL, OOM kill).
 
 Kafka client settings (`--kafka-config`, as the workers take them) reach the librdkafka clients (the topic
@@ -245,22 +247,49 @@ class RetrainerMetrics:
 
 def announce_published(settings: RetrainerSettings, out: RetrainOutcome) -> bool:
     """Announce a published version as the settings published it: with a canary share, as a canary for that share
-    of the users (CURRENT, unchanged, serves the rest), else to everyone. A failure leaves the version published:
-    False, with why added to out.reason and the command that announces it again in the log."""
+    of the users (CURRENT, unchanged, serves the rest), else to everyone. True when announced (only then does the
+    last-published gauge move: it tells that retraining reaches the workers).
+
+    Under the registry's pointer lock, as `hrnn models promote|canary` announce, and only while CURRENT still names
+    what it named when the run published (out.current: the version, or the one a canary serves beside). A promote
+    or rollback since then superseded the version: announced after it, workers would serve a version CURRENT does
+    not name (or a canary judged against a version that no longer serves). That is False, with why added to
+    out.reason; so is a failure to announce, with the command that announces it again in the log. Either way the
+    version stays published."""
+    from model.registry import current_lock
     from stream.announce import announce
 
     s = settings
     try:
-        announce(s.bootstrap_servers, s.updates_topic, out.version, out.path, registry_id=s.registry_id,
-                 reason="canary" if s.canary_share else "retrain", share=s.canary_share or 1.0, extra=s.kafka)
+        with current_lock(s.registry):
+            now = current_version(s.registry)
+            if now != (out.current if s.canary_share else out.version):
+                _superseded(s, out, now)
+                return False
+            announce(s.bootstrap_servers, s.updates_topic, out.version, out.path, registry_id=s.registry_id,
+                     reason="canary" if s.canary_share else "retrain", share=s.canary_share or 1.0, extra=s.kafka)
         return True
     except Exception as exc:  # noqa: BLE001 (the version is published; announcing is retried by promote)
         out.reason += f"; announcing failed: {exc}"
-        retry = (f"canary {s.registry} {out.version} --share {s.canary_share:g}" if s.canary_share
-                 else f"promote {s.registry} {out.version}")
         log.error("published %s but could not announce it: %s (run `hrnn models %s --bootstrap-servers "
-                  "...`)", out.version, exc, retry)
+                  "...`)", out.version, exc, _announce_command(s, out.version))
         return False
+
+
+def _superseded(s: RetrainerSettings, out: RetrainOutcome, now: str | None) -> None:
+    out.reason += f"; not announced: CURRENT moved to {now or 'none'} after publishing (a promote or rollback)"
+    if now == out.version:  # a canary promoted before its announcement: it serves everyone already
+        log.warning("published %s as a canary but did not announce it as one: it was promoted since", out.version)
+        return
+    log.warning("published %s but did not announce it: CURRENT names %s since (a promote or rollback), which "
+                "stands; to serve %s anyway: `hrnn models %s --bootstrap-servers ...`", out.version,
+                now or "no version", out.version, _announce_command(s, out.version))
+
+
+def _announce_command(s: RetrainerSettings, version: str) -> str:
+    """The `hrnn models` action that announces a published version as the settings would have."""
+    return (f"canary {s.registry} {version} --share {s.canary_share:g}" if s.canary_share
+            else f"promote {s.registry} {version}")
 
 
 def canary_skip(settings: RetrainerSettings, window_events: int = 0) -> RetrainOutcome | None:

@@ -375,9 +375,12 @@ def test_two_promotes_at_once_take_turns_so_current_is_the_version_announced_las
     assert current_version(reg) == last and current_history(reg) == ["v-c", first]
 
 
-@pytest.mark.parametrize("command", [["promote", "v-a"], ["rollback"], ["canary", "v-a", "--share", "0.1"]])
+@pytest.mark.parametrize("command", [["promote", "v-a"], ["rollback"], ["canary", "v-a", "--share", "0.1"],
+                                     ["prune", "--keep", "1"]])
 def test_a_models_command_that_waits_too_long_for_the_registry_lock_fails_with_nothing_changed(
         registry, capsys, monkeypatch, command):
+    """prune too: it reads CURRENT and the rollback target, then deletes, so a promote of an old version landing
+    in between would be deleted from under the promote."""
     import model.registry
     import stream.announce
 
@@ -391,3 +394,27 @@ def test_a_models_command_that_waits_too_long_for_the_registry_lock_fails_with_n
     err = capsys.readouterr().err
     assert "has held its lock" in err and "for over 0.2 s: nothing was changed" in err
     assert current_version(registry) == "v-e" and current_history(registry) == history and announced == []
+    assert len(list_versions(registry)) == 5
+
+
+def test_train_publishing_a_current_version_waits_for_the_registry_lock_and_publishes_nothing_when_kept_waiting(
+        registry, tmp_path, capsys, monkeypatch):
+    """`hrnn train` moves CURRENT as a promote does: at the same moment, the two would interleave their moves of
+    CURRENT and its history (a rollback's steps), and one step would be lost."""
+    import model.registry
+
+    data = tmp_path / "events.csv"
+    data.write_text("USER_ID,ITEM_ID,TIMESTAMP\n" + "".join(f"u{k % 3},i{k % 5},{1_700_000_000 + k}\n"
+                                                              for k in range(30)))
+    train = ["train", "--data", str(data), "--registry", str(registry), "--epochs", "1", "--quiet"]
+    monkeypatch.setattr(model.registry, "CURRENT_LOCK_WAIT_S", 0.2)
+    history = current_history(registry)
+    with open(registry / model.registry.CURRENT_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a promote is announcing
+        assert hrnn(train) == 2
+    assert "has held its lock" in capsys.readouterr().err
+    assert current_version(registry) == "v-e" and current_history(registry) == history
+    assert len(list_versions_unchecked(registry)) == 5  # nothing written, not even a version beside CURRENT
+    assert not [p.name for p in registry.iterdir() if p.name.startswith(".tmp-")]
+    assert hrnn(train) == 0  # once it is free
+    assert current_version(registry) != "v-e" and current_history(registry) == [*history, "v-e"]

@@ -80,6 +80,53 @@ def test_a_first_run_does_not_publish_over_a_version_made_current_while_it_train
     assert current_version(reg) == "v-other" and [v.version for v in list_versions(reg)] == ["v-other"]
 
 
+def _pointer_lock_held(reg: Path) -> bool:
+    """Whether someone holds the registry's pointer lock (model/registry.py current_lock) now."""
+    from model.registry import CURRENT_LOCK
+
+    with open(reg / CURRENT_LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_promote_landing_while_a_run_publishes_waits_for_it_instead_of_being_overridden(
+        tmp_path, archive, monkeypatch, capsys):
+    """From its last look at CURRENT through its publish and its pruning, the run holds the pointer lock that
+    `hrnn models promote` takes: a promote in that gap waits (here, too long: it fails with nothing changed) rather
+    than move CURRENT just before the publish moves it again, or have its version pruned."""
+    import model.registry
+    from stream.cli import main as hrnn
+
+    reg = tmp_path / "registry"
+    first = retrain(_spec(tmp_path, archive))
+    canary = retrain(_spec(tmp_path, archive, canary=True))
+    real_save, real_prune = retrain_job.save_version, retrain_job.prune
+    promoted, held = [], []
+
+    def save_while_an_operator_promotes(*a, **k):
+        promoted.append(hrnn(["models", "promote", str(reg), canary.version]))
+        held.append(("save", _pointer_lock_held(reg)))
+        return real_save(*a, **k)
+
+    def prune_under(*a, **k):
+        held.append(("prune", _pointer_lock_held(reg)))
+        return real_prune(*a, **k)
+
+    monkeypatch.setattr(model.registry, "CURRENT_LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr(retrain_job, "save_version", save_while_an_operator_promotes)
+    monkeypatch.setattr(retrain_job, "prune", prune_under)
+    out = retrain(_spec(tmp_path, archive, keep_versions=5))
+    assert promoted == [2] and "has held its lock" in capsys.readouterr().err
+    assert held == [("save", True), ("prune", True)]
+    assert out.status == "published" and out.current == out.version == current_version(reg)
+    assert artifact.current_history(reg) == [first.version]  # the promote changed nothing
+    assert not _pointer_lock_held(reg)  # let go once published
+
+
 # --- pruning after publishing (#2) ---
 
 def test_keep_versions_never_prunes_the_canary_the_run_has_just_published(tmp_path, archive, monkeypatch):

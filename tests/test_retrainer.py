@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -143,6 +144,7 @@ def test_with_a_canary_share_the_service_announces_what_it_publishes_as_a_canary
     assert settings.spec().canary
     monkeypatch.setattr(retrainer.RetrainerService, "_admin", None)
     svc = retrainer.RetrainerService(settings)
+    (tmp_path / "r").mkdir()  # announced under the registry's pointer lock, which lives in it
     assert retrainer.announce_published(settings, RetrainOutcome("published", "", version="v9",
                                                                  path=str(tmp_path / "r" / "v9")))
     with AnnouncementWatcher(broker.bootstrap, topic) as w:
@@ -420,6 +422,100 @@ def test_a_run_that_reads_its_window_checks_each_file_once(tmp_path, caplog):
         retrain(RetrainSpec(registry=str(tmp_path / "r"), archive=str(tmp_path / "archive"), window_days=30,
                             min_events=1, hrnn=dict(TINY)))
     assert [r.file for r in caplog.records if r.getMessage().startswith("skipping archive file")] == [str(bad)]
+
+
+# --- announcing a published version: under the registry's pointer lock, never over a promote since ---
+
+def _published(tmp_path: Path, names: list[str], current: str) -> Path:
+    """A registry holding `names`, CURRENT at `current` (as a run's publish left it)."""
+    reg, cfg, items = tmp_path / "r", HRNNConfig(hidden_dimension=32), [f"i{k}" for k in range(10)]
+    for name in names:
+        save_version(reg, HRNN(len(items), cfg), cfg, DataConfig(), items, ["click"], version=name, make_current=False)
+    from model.registry import promote
+
+    promote(reg, current)
+    return reg
+
+
+def _recorded_announcements(monkeypatch) -> list[tuple[str, str, float]]:
+    import stream.announce
+
+    sent = []
+    monkeypatch.setattr(stream.announce, "announce",
+                        lambda bootstrap, topic, version, path, **k: sent.append((version, k["reason"], k["share"])))
+    return sent
+
+
+def test_a_version_promoted_over_before_the_service_announces_it_is_not_announced(tmp_path, monkeypatch, caplog):
+    """The run (a child process) publishes; an operator's promote lands before the service announces: announced
+    after it, workers would serve a version CURRENT does not name. The operator's choice stands."""
+    import stream.retrainer as retrainer
+    from model.registry import promote
+    from stream.archive import Window
+    from stream.retrain_job import RetrainOutcome
+
+    reg = _published(tmp_path, ["v-old", "v-new"], current="v-new")
+    sent = _recorded_announcements(monkeypatch)
+
+    async def publish_then_an_operator_promotes(spec, timeout_s):
+        promote(reg, "v-old")  # `hrnn models promote`, between the child's publish and the announcement
+        return RetrainOutcome("published", "mrr@20 better", version="v-new", path=str(reg / "v-new"))
+
+    monkeypatch.setattr(retrainer, "run_job", publish_then_an_operator_promotes)
+    svc = _offline_service(tmp_path, monkeypatch, min_events=1)
+    out = asyncio.run(svc._retrain_on(Window([], [], 5000, {}, 0)))
+    assert out.status == "published" and sent == [] and current_version(reg) == "v-old"
+    assert out.reason == "mrr@20 better; not announced: CURRENT moved to v-old after publishing (a promote or rollback)"
+    assert "published v-new but did not announce it: CURRENT names v-old since" in caplog.text
+    # the gauge says when retraining last reached the workers: this version never did
+    assert svc.metrics.registry.get_sample_value("hrnn_retrainer_last_published_timestamp_seconds") == 0
+
+
+def test_the_service_announces_a_published_version_under_the_registrys_pointer_lock(tmp_path, monkeypatch):
+    """Announcing takes the lock `hrnn models promote` holds from its move of CURRENT to its announcement: a
+    promote in progress is waited for (here, too long: nothing is announced, and the run says why)."""
+    import model.registry
+    import stream.retrainer as retrainer
+    from stream.retrain_job import RetrainOutcome
+
+    reg = _published(tmp_path, ["v-old", "v-new"], current="v-new")
+    sent = _recorded_announcements(monkeypatch)
+    settings = retrainer.RetrainerSettings(bootstrap_servers="127.0.0.1:9", registry=str(reg), archive="a")
+    published = RetrainOutcome("published", "", version="v-new", path=str(reg / "v-new"))
+    monkeypatch.setattr(model.registry, "CURRENT_LOCK_WAIT_S", 0.2)
+    with open(reg / model.registry.CURRENT_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a promote is announcing
+        assert not retrainer.announce_published(settings, published)
+    assert sent == [] and "has held its lock" in published.reason
+    assert retrainer.announce_published(settings, published)  # once it is free
+    assert sent == [("v-new", "retrain", 1.0)]
+
+
+def test_a_canary_is_announced_only_beside_the_version_current_when_it_was_published(tmp_path, monkeypatch):
+    """A canary is not CURRENT: it is announced while CURRENT still names the version it was compared with. Once
+    a promote moved CURRENT (to another version, or to the canary itself, which then serves everyone already),
+    announcing it would start a canary the operator's choice came after, judged against a version that no longer
+    serves."""
+    import stream.retrainer as retrainer
+    from model.registry import promote
+    from stream.retrain_job import RetrainOutcome
+
+    reg = _published(tmp_path, ["v-old", "v-cur", "v-canary"], current="v-cur")
+    sent = _recorded_announcements(monkeypatch)
+    settings = retrainer.RetrainerSettings(bootstrap_servers="127.0.0.1:9", registry=str(reg), archive="a",
+                                           canary_share=0.25)
+
+    def canary() -> RetrainOutcome:
+        out = RetrainOutcome("published", "", version="v-canary", path=str(reg / "v-canary"))
+        out.current = "v-cur"  # as the run published it: beside v-cur
+        return out
+
+    assert retrainer.announce_published(settings, canary()) and sent == [("v-canary", "canary", 0.25)]
+    for moved_to in ("v-old", "v-canary"):
+        promote(reg, moved_to)
+        out = canary()
+        assert not retrainer.announce_published(settings, out), moved_to
+        assert f"not announced: CURRENT moved to {moved_to}" in out.reason and len(sent) == 1
 
 
 # --- one retraining run ---
