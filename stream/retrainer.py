@@ -470,15 +470,16 @@ class RetrainerService:
         (None: the batch is released unacked). An error escaping the agent would have Faust ack the batch
         unwritten, and its offsets would be committed."""
         delay = self.settings.archive_retry_first_s
+        retried = False
         while True:
             try:
-                files = await asyncio.get_running_loop().run_in_executor(None, self._write_batch, good)
+                files = await asyncio.get_running_loop().run_in_executor(None, self._write_batch, good, retried)
             except Exception as exc:  # noqa: BLE001 (any failure: giving up would lose the batch)
                 self._archive_write_failed(exc, len(good), delay)
                 if not await self._backoff(delay):
                     self._release_unwritten(batch)
                     return None
-                delay = min(delay * 2, self.settings.archive_retry_max_s)
+                delay, retried = min(delay * 2, self.settings.archive_retry_max_s), True
                 continue
             if self._archive_error is not None:
                 log.warning("the archive is written again", extra={"after_error": self._archive_error})
@@ -507,11 +508,12 @@ class RetrainerService:
         log.warning("stopping with a batch not archived: it is read again on the next start",
                     extra={"events": len(batch)})
 
-    def _write_batch(self, good: list[ArchivedEvent]) -> list[Path]:
+    def _write_batch(self, good: list[ArchivedEvent], retried: bool = False) -> list[Path]:
         """One attempt (on an executor thread)."""
-        if not self._followed or any(self.writer.archived(a) for a in good):
+        if retried or not self._followed or any(self.writer.archived(a) for a in good):
             # the first batch may come before the assignment's follow has run, or after it failed (its files would
-            # name no log); replays, or a new log of the same name whose offsets start again at 0
+            # name no log); replays, or a new log of the same name whose offsets start again at 0; and while this
+            # instance retried, a rebalance may have handed the partition to another that archived the records
             self._follow_events_log()
         return self.writer.write(good)
 

@@ -1025,3 +1025,26 @@ def test_the_service_archives_a_recreated_events_topic_from_its_start(broker, tm
     data = read_window(tmp_path / "archive", 30)
     assert sorted(zip(data.user_ids[data.user], data.item_ids[data.item], data.ts_ms // 1000)) == \
         sorted(zip(synth.user_ids[synth.user], synth.item_ids[synth.item], synth.ts_ms // 1000))
+
+
+def test_a_retried_archive_write_skips_the_records_another_instance_archived_meanwhile(tmp_path, monkeypatch):
+    """While this instance retried a failing write, a rebalance handed the partition to another instance, which
+    archived the same records from the committed offset: the retry reads the archive's marks again first."""
+    from stream.archive import ArchiveError, ArchivedEvent, ArchiveWriter
+
+    svc = _offline_service(tmp_path, monkeypatch, archive_retry_first_s=0.01)
+    real_write_file, calls = svc.writer._write_file, []
+
+    def failing_once_while_the_other_writes(day, name, rows):
+        calls.append(name)
+        if len(calls) == 1:
+            other = ArchiveWriter(tmp_path / "a", svc.settings.events_topic, "0a" * 16)
+            other.write([ArchivedEvent(0, k, Event(f"u0-{k}", "i", "click", T0 + k)) for k in range(15)])
+            raise ArchiveError(f"cannot write {name}: [Errno 5] Input/output error")
+        return real_write_file(day, name, rows)
+
+    svc._follow_events_log()
+    monkeypatch.setattr(svc.writer, "_write_file", failing_once_while_the_other_writes)
+    asyncio.run(svc._archive(_batch([(0, k, T0 + k) for k in range(10)])))
+    assert count_events(tmp_path / "a", 30) == 15
+    assert svc.metrics.registry.get_sample_value("hrnn_retrainer_duplicate_events_total") == 10
