@@ -24,6 +24,8 @@ class Interactions:
     item_ids: np.ndarray  # object array of str
     event_types: tuple[str, ...]
     source: str = "<memory>"
+    # the SESSION_ID text session_key codes into: replay sends it, so sessions of two files never share an id
+    session_ids: np.ndarray | None = None  # object array of str; None when only codes are known
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -48,7 +50,7 @@ class Interactions:
         else:
             t_vocab, etype = encode_text(event_types)
         val = np.full(n, np.nan, dtype=np.float32) if values is None else np.asarray(values, dtype=np.float32)
-        skey = None if session_ids is None else _session_codes(session_ids)
+        s_vocab, skey = (None, None) if session_ids is None else _session_codes(session_ids)
         ts = np.asarray(ts_ms, dtype=np.int64)
         order = np.lexsort((np.arange(n), ts, user))
         return cls(
@@ -56,7 +58,7 @@ class Interactions:
             event_type=etype.astype(np.int16)[order], value=val[order],
             session_key=None if skey is None else skey[order],
             user_ids=u_vocab, item_ids=i_vocab,
-            event_types=tuple(str(t) for t in t_vocab), source=source,
+            event_types=tuple(str(t) for t in t_vocab), source=source, session_ids=s_vocab,
         )
 
     def subset(self, mask: np.ndarray, *, reindex: bool = True) -> "Interactions":
@@ -83,15 +85,17 @@ class Interactions:
         return self.event_types.index(name) if name in self.event_types else None
 
 
-def _session_codes(session_ids) -> np.ndarray:
-    """Codes of the session ids, -1 where an event has none (None): such an event is sessionized by its time gap,
-    as the worker sessionizes it (model/sessions.py)."""
+def _session_codes(session_ids) -> tuple[np.ndarray, np.ndarray]:
+    """The vocabulary of the session ids and their codes in it, -1 where an event has none (None): such an event
+    is sessionized by its time gap, as the worker sessionizes it (model/sessions.py)."""
     ids = np.asarray(session_ids, dtype=object)
     missing = np.fromiter((v is None for v in ids), dtype=bool, count=len(ids))
     codes = np.full(len(ids), -1, dtype=np.int64)
-    if not missing.all():
-        codes[~missing] = encode_text(ids[~missing])[1]
-    return codes
+    if missing.all():
+        return np.array([], dtype=object), codes
+    vocab, present = encode_text(ids[~missing])
+    codes[~missing] = present
+    return vocab, codes
 
 
 def encode_text(values) -> tuple[np.ndarray, np.ndarray]:

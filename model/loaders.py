@@ -278,12 +278,14 @@ def _read_parquet(name: str, mapping: dict[str, str]) -> tuple[pa.Table, LineOf,
 def _sample_text(name: str) -> str:
     with open(name, "rb") as fh:
         raw = fh.read(_SNIFF_BYTES)
+    cut = len(raw) == _SNIFF_BYTES  # before the BOM goes, or a cut sample that began with one looks whole
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
-    if len(raw) == _SNIFF_BYTES and b"\n" in raw:
+    if cut and b"\n" in raw:
         raw = raw[: raw.rindex(b"\n") + 1]  # never cut a multi-byte character in half
     try:
-        return raw.decode("utf-8")
+        # a first line longer than the sample still ends mid-character: a cut sample may end in an incomplete one
+        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=not cut)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(name, f"not UTF-8 text (byte 0x{raw[exc.start]:02x})", line=line,
@@ -300,6 +302,20 @@ def _sniff_delimiter(name: str, lines: list[str]) -> str:
             if counts[0] > best_count or (counts[0] == best_count and cand == by_ext):
                 best, best_count = cand, counts[0]
     return best or by_ext or ","
+
+
+def _check_delimiter(name: str, delim: str) -> None:
+    """pyarrow splits on one byte and fails with a bare ValueError on any other delimiter; the quote and line breaks
+    already mean something else in delimited text."""
+    if len(delim) != 1:
+        problem = "is not a single character"
+    elif not delim.isascii():
+        problem = "is not an ASCII character"
+    elif delim in "\"\r\n":
+        problem = "is the quote character" if delim == '"' else "is a line break"
+    else:
+        return
+    raise DataError(name, f"delimiter {delim!r} {problem}", expected="',', '\\t', ';' or '|'")
 
 
 def _split(line: str, delimiter: str) -> list[str]:
@@ -323,8 +339,7 @@ def _read_text(name: str, mapping: dict[str, str], delimiter: str | None,
     leading = next(k for k, ln in enumerate(physical) if ln.strip())
     first_line = leading + 1
     delim = delimiter if delimiter is not None else _sniff_delimiter(name, lines)
-    if len(delim) != 1:
-        raise DataError(name, f"delimiter {delim!r} is not a single character", expected="',', '\\t', ';' or '|'")
+    _check_delimiter(name, delim)
     first = _split(lines[0], delim)
     if len(first) == 1:
         others = [d for d in _DELIMITER_NAMES if d != delim and lines[0].count(d) > 0
@@ -552,7 +567,16 @@ def _timestamps(name: str, arr: pa.ChunkedArray, unit: TimeUnit, base_epoch_s: f
             raise DataError(name, f"timestamp {_compact(values[row])} is too large for epoch seconds",
                             line=line_of(row), column="TIMESTAMP",
                             expected="epoch seconds; for epoch milliseconds use time unit 'ms'")
-        return _epoch_ms(name, values, unit, base_epoch_s, line_of, expected)
+        ms = _epoch_ms(name, values, unit, base_epoch_s, line_of, expected)
+        # past year 5000 in milliseconds: a finer unit read 1,000x too late; checked after int64's range, whose
+        # message names a base epoch that pushed a time out
+        if unit == "ms" and values.max() > 1e14:
+            row = int(np.argmax(values > 1e14))
+            raise DataError(name, f"timestamp {_compact(values[row])} is too large for epoch milliseconds; it looks "
+                                  "like microseconds or nanoseconds", line=line_of(row), column="TIMESTAMP",
+                            expected="epoch milliseconds; divide microseconds by 1,000 and nanoseconds by "
+                                     "1,000,000 first")
+        return ms
     if not is_text:
         raise DataError(name, f"time unit 'iso' but the column holds {arr.type}", column="TIMESTAMP",
                         expected="ISO-8601 strings, or time_unit 's'/'ms' for numbers")

@@ -40,10 +40,12 @@ def run(args: argparse.Namespace) -> int:
     data = load_interactions(args.data, **loader_options(args))
 
     from stream.kafka_clients import admin_client, create_producer
-    from stream.replay import replay
+    from stream.replay import check_event_times, replay
     from stream.topics import TopicSpec, ensure_topics, partition_counts
 
     extra = kafka_settings(args)
+    if not args.retime:  # retimed events carry the send time, whatever the file says
+        check_event_times(data, limit=args.limit)
     admin = admin_client(args.bootstrap_servers, extra)
     partitions = args.partitions or partition_counts(admin).get(args.topic, DEFAULT_PARTITIONS)
     ensure_topics(admin, [TopicSpec(args.topic, partitions)])

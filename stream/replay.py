@@ -12,13 +12,14 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
-from model.errors import ConfigError, HRNNError
-from model.events import Event, encode_event
+from model.errors import ConfigError, DataError, HRNNError
+from model.events import MAX_EVENT_MS, MIN_EVENT_MS, Event, encode_event
 from model.interactions import Interactions
 from stream.kafka_clients import produce_waiting
 
@@ -38,9 +39,36 @@ def event_order(data: Interactions) -> np.ndarray:
     return np.argsort(data.ts_ms, kind="stable")
 
 
+def check_event_times(data: Interactions, *, limit: int | None = None) -> None:
+    """Refuse to send events that every worker dead-letters as bad_timestamp (outside 1990..2200 in epoch ms): the
+    replay would end with exit 0 and the whole stream would reach the DLQ. A research log that counts seconds from
+    its own start is the usual case."""
+    order = event_order(data)[:limit]
+    ts = data.ts_ms[order]
+    outside = (ts < MIN_EVENT_MS) | (ts >= MAX_EVENT_MS)
+    if not outside.any():
+        return
+    row = int(order[int(np.argmax(outside))])
+    first = (f"user {str(data.user_ids[data.user[row]])!r}, item {str(data.item_ids[data.item[row]])!r} "
+             f"at {_when(int(data.ts_ms[row]))}")
+    raise DataError(data.source, f"{int(outside.sum())} of the {len(order)} events to send have a timestamp outside "
+                                 f"1990..2200, which every worker dead-letters (bad_timestamp); the first: {first}",
+                    expected="epoch times between 1990 and 2200: --base-epoch SECONDS for a log that counts from "
+                             "its own start, --time-unit for a unit read wrongly, or --retime to stamp each event "
+                             "with the time it is sent")
+
+
+def _when(ts_ms: int) -> str:
+    """Epoch ms with its UTC date where it has one, so a log counting from 0 is seen to be in 1970."""
+    try:
+        date = datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"epoch ms {ts_ms}"
+    return f"epoch ms {ts_ms} ({date})"
+
+
 def events_from_interactions(data: Interactions, *, limit: int | None = None) -> Iterator[Event]:
-    """The rows as Events in global time order, event_id = row index. SESSION_ID codes become strings
-    (the loader keeps only codes; equal codes still mean one session)."""
+    """The rows as Events in global time order, event_id = row index, session_id the file's own SESSION_ID."""
     order = event_order(data)
     if limit is not None:
         order = order[:limit]
@@ -52,14 +80,21 @@ def events_from_interactions(data: Interactions, *, limit: int | None = None) ->
             item_id=str(item_ids[data.item[row]]),
             event_type=types[data.event_type[row]],
             timestamp_ms=int(data.ts_ms[row]),
-            session_id=_session_id(data.session_key, row),
+            session_id=_session_id(data, row),
             event_id=str(row),
             event_value=None if math.isnan(value) else value,
         )
 
 
-def _session_id(keys: np.ndarray | None, row: int) -> str | None:
-    return None if keys is None or keys[row] < 0 else str(int(keys[row]))  # -1: the event has none
+def _session_id(data: Interactions, row: int) -> str | None:
+    """The event's SESSION_ID as the file wrote it: a per-file code would give the sessions of two files replayed
+    one after the other the same id, and the worker would join them. Only codes are known of data built without
+    the vocabulary; equal codes still mean one session there."""
+    keys = data.session_key
+    if keys is None or keys[row] < 0:  # -1: the event has none
+        return None
+    code = int(keys[row])
+    return str(code) if data.session_ids is None else str(data.session_ids[code])
 
 
 class _Pacer:

@@ -222,6 +222,16 @@ def test_wrong_delimiter_semicolons(tmp_path):
         load_interactions(write(tmp_path, "x.csv", "USER_ID;ITEM_ID;TIMESTAMP\na;x;1\n"), delimiter=",")
 
 
+@pytest.mark.parametrize("delimiter, problem", [("é", "not an ASCII character"), ('"', "the quote character"),
+                                                ("\r", "a line break"), ("\n", "a line break")])
+def test_a_delimiter_that_cannot_split_delimited_text_is_refused_naming_it(tmp_path, delimiter, problem):
+    # pyarrow splits on one byte: "é" crashed inside it with a ValueError; a quote or line break means something else
+    path = write(tmp_path, "x.csv", f"USER_ID{delimiter}ITEM_ID{delimiter}TIMESTAMP\nu1{delimiter}i1{delimiter}1\n")
+    with pytest.raises(DataError) as err:
+        load_interactions(path, delimiter=delimiter)
+    assert err.value.problem == f"delimiter {delimiter!r} is {problem}"
+
+
 def test_ragged_line_is_reported_with_its_number(tmp_path):
     text = "USER_ID,ITEM_ID,TIMESTAMP\na,x,1\na,y,2\na,z,3,extra\n"
     with pytest.raises(DataError) as err:
@@ -244,6 +254,16 @@ def test_non_utf8_byte_beyond_the_sniffed_sample_is_still_located(tmp_path):
     assert err.value.line == 20_002 and "UTF-8" in str(err.value)
 
 
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+@pytest.mark.parametrize("item", ["i1", "i12"])  # one byte more: the sample's end falls inside an "é" or after it
+def test_a_utf8_first_line_longer_than_the_sniffed_sample_loads(tmp_path, bom, item):
+    # the 64 KiB sample ended in the middle of an "é" and the file was refused as "not UTF-8"
+    description = "é" * 40_000
+    text = f"u1\t{item}\t1600000000\t{description}\nu1\ti2\t1600000001\tshort\n"
+    data = load_interactions(write(tmp_path, "x.tsv", bom + text.encode()), columns=REDDIT_MAP)
+    assert sorted(data.item_ids[data.item]) == sorted([item, "i2"])
+
+
 def test_corrupt_parquet_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="x.parquet.*Parquet"):
         load_interactions(write(tmp_path, "x.parquet", b"PAR1 this is not parquet"))
@@ -259,6 +279,23 @@ def test_milliseconds_read_as_seconds_suggest_the_ms_unit(tmp_path):
     with pytest.raises(DataError) as err:
         load_interactions(write(tmp_path, "x.csv", text))
     assert err.value.line == 2 and "'ms'" in str(err.value)
+
+
+@pytest.mark.parametrize("stamp, unit", [("1767225600000000", "microseconds"), ("1767225600000000000", "nanoseconds")])
+def test_microseconds_or_nanoseconds_read_as_milliseconds_are_refused_naming_the_line(tmp_path, stamp, unit):
+    # the 's' unit refuses milliseconds; 'ms' took these silently, as times thousands of years ahead
+    text = f"USER_ID,ITEM_ID,TIMESTAMP\na,x,1767225600000\nb,y,{stamp}\n"
+    with pytest.raises(DataError) as err:
+        load_interactions(write(tmp_path, "x.csv", text), time_unit="ms")
+    assert err.value.line == 3 and err.value.column == "TIMESTAMP"
+    assert "too large for epoch milliseconds" in str(err.value) and "microseconds or nanoseconds" in str(err.value)
+
+
+def test_a_parquet_column_of_microseconds_read_as_milliseconds_is_refused(tmp_path):
+    table = pa.table({"USER_ID": ["a"], "ITEM_ID": ["x"], "TIMESTAMP": pa.array([1_767_225_600_000_000], pa.int64())})
+    pq.write_table(table, tmp_path / "x.parquet")
+    with pytest.raises(DataError, match="microseconds or nanoseconds"):
+        load_interactions(tmp_path / "x.parquet", time_unit="ms")
 
 
 def test_byte_order_mark_and_windows_line_ends_are_accepted(tmp_path):

@@ -241,3 +241,92 @@ def test_produce_cli_hands_its_base_epoch_to_the_loader_before_touching_the_brok
     assert proc.returncode == 2
     assert "hrnn produce: error:" in proc.stderr and "--base-epoch 1e+300 is out of range" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --- session ids go out as the file wrote them: per-file codes gave two files' sessions the same id "0" ---------
+
+def _session_files(tmp_path) -> tuple[Path, Path]:
+    day1, day2 = tmp_path / "day1.csv", tmp_path / "day2.csv"
+    header = "USER_ID,ITEM_ID,TIMESTAMP,SESSION_ID\n"
+    day1.write_text(header + "u1,i1,1767225600,checkout-7781\nu1,i2,1767225660,checkout-7781\n")
+    day2.write_text(header + "u1,i3,1767225720,browse-9902\nu1,i4,1767225780,browse-9902\n")
+    return day1, day2
+
+
+def test_replayed_events_carry_the_files_own_session_ids_so_two_files_never_share_one(tmp_path):
+    from model.loaders import load_interactions
+
+    day1, day2 = (load_interactions(p) for p in _session_files(tmp_path))
+    assert [e.session_id for e in events_from_interactions(day1)] == ["checkout-7781", "checkout-7781"]
+    assert [e.session_id for e in events_from_interactions(day2)] == ["browse-9902", "browse-9902"]
+
+
+def test_an_event_without_a_session_id_is_replayed_without_one_beside_events_that_keep_theirs():
+    data = Interactions.from_columns(["a", "a", "b"], ["x", "y", "z"], [T0, T0 + 1, T0 + 2],
+                                     session_ids=["cart-1", None, "cart-2"])
+    assert [(e.user_id, e.session_id) for e in events_from_interactions(data)] == [
+        ("a", "cart-1"), ("a", None), ("b", "cart-2")]
+
+
+def test_a_subset_of_the_events_still_replays_their_session_ids():
+    data = Interactions.from_columns(["a", "b", "c"], ["x", "y", "z"], [T0, T0 + 1, T0 + 2],
+                                     session_ids=["s-a", "s-b", "s-c"])
+    part = data.subset(np.array([False, True, True]))
+    assert [e.session_id for e in events_from_interactions(part)] == ["s-b", "s-c"]
+
+
+@pytest.mark.broker
+def test_produce_cli_sends_each_files_own_session_ids(broker, tmp_path):
+    topic = f"cli-{uuid.uuid4().hex[:8]}"
+    for path in _session_files(tmp_path):
+        proc = _hrnn("produce", "--bootstrap-servers", broker.bootstrap, "--data", str(path), "--topic", topic,
+                     "--partitions", "1", "--quiet")
+        assert proc.returncode == 0, proc.stderr
+    events = [decode_event(r.value) for r in read_all(broker.bootstrap, topic, idle_s=1.0, timeout_s=30)]
+    assert [(e.item_id, e.session_id) for e in events] == [
+        ("i1", "checkout-7781"), ("i2", "checkout-7781"), ("i3", "browse-9902"), ("i4", "browse-9902")]
+
+
+# --- times the worker dead-letters (outside 1990..2200) are refused before the broker is touched: the replay
+# --- ended with exit 0 and every event in the DLQ as bad_timestamp ------------------------------------------
+
+def test_produce_cli_refuses_a_log_whose_times_every_worker_dead_letters_before_touching_the_broker(tmp_path):
+    proc = _hrnn("produce", "--bootstrap-servers", "127.0.0.1:1", "--data", str(_relative_tab_log(tmp_path)),
+                 "--columns", "USER_ID=0,ITEM_ID=1,TIMESTAMP=2", "--delimiter", "tab", "--quiet", timeout=8)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    assert "hrnn produce: error:" in err and "3 of the 3 events" in err and "bad_timestamp" in err
+    assert "user 'u,1,a', item 'i1' at epoch ms 0 (1970-01-01" in err  # the first one in sending order
+    assert "--base-epoch" in err and "--retime" in err
+    assert "Traceback" not in err and "broker" not in err
+
+
+def test_a_replay_check_of_times_looks_only_at_the_events_a_limit_sends():
+    from model.errors import DataError
+    from stream.replay import check_event_times
+
+    data = Interactions.from_columns(["a", "a", "b"], ["x", "y", "z"], [T0, T0 + 1, 8_000_000_000_000])
+    check_event_times(data, limit=2)
+    with pytest.raises(DataError, match=r"1 of the 3 events .* user 'b', item 'z' at epoch ms 8000000000000"):
+        check_event_times(data)
+
+
+@pytest.mark.broker
+def test_produce_cli_sends_a_log_of_relative_times_when_retime_stamps_send_times(broker, tmp_path):
+    topic = f"cli-{uuid.uuid4().hex[:8]}"
+    before = int(time.time() * 1000)
+    proc = _hrnn("produce", "--bootstrap-servers", broker.bootstrap, "--data", str(_relative_tab_log(tmp_path)),
+                 "--topic", topic, "--columns", "USER_ID=0,ITEM_ID=1,TIMESTAMP=2", "--delimiter", "tab",
+                 "--retime", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    events = [decode_event(r.value) for r in read_all(broker.bootstrap, topic, idle_s=1.0, timeout_s=30)]
+    assert len(events) == 3 and all(e.timestamp_ms >= before for e in events)
+
+
+def test_produce_cli_refuses_a_non_ascii_delimiter_with_exit_2_not_a_traceback(tmp_path):
+    path = tmp_path / "events.csv"
+    path.write_text("USER_IDéITEM_IDéTIMESTAMP\nu1éi1é1767225600\n", encoding="utf-8")
+    proc = _hrnn("produce", "--bootstrap-servers", "127.0.0.1:1", "--data", str(path), "--delimiter", "é", timeout=8)
+    assert proc.returncode == 2, proc.stderr
+    assert "hrnn produce: error:" in proc.stderr and "delimiter 'é' is not an ASCII character" in proc.stderr
+    assert "Traceback" not in proc.stderr
