@@ -157,7 +157,7 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
             produce_waiting(producer, topic, encode_event(event), event.user_id.encode(), on_delivery=on_delivery)
             sent += 1
             bar.update(1)
-            if i % 1000 == 0:
+            if i % 1000 == 0 or rate or speedup:  # paced: a replay behind its schedule hears of rejections too
                 producer.poll(0)
         remaining = producer.flush(60)
     finally:

@@ -198,6 +198,13 @@ def test_a_replay_stops_sending_at_the_first_rejection_and_says_how_far_it_got()
             f"first rejection, {120 - sent} not sent): Broker: Unknown topic or partition") in str(err.value)
 
 
+def test_a_paced_replay_behind_its_schedule_still_stops_at_the_first_rejection():
+    """A loaded machine (or a rate above what the producer takes) leaves no wait in which pacing polls."""
+    producer = _RejectingProducer(first_rejected=10)
+    with pytest.raises(ReplayError, match="sending stopped at the first rejection, 109 not sent"):
+        replay(_small(n=120), producer, "t", rate=1e9, progress=False)
+
+
 def test_rejections_heard_of_only_at_the_end_are_reported_without_claiming_a_stop():
     producer = _RejectingProducer(first_rejected=29)
     with pytest.raises(ReplayError, match=r"1 of the 30 events sent to 't' were rejected \(29 delivered\): Broker"):
