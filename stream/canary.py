@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -70,6 +71,32 @@ def split_as_canary(version: str, its_users: Iterable[str], other_users: Iterabl
     hash pass by chance once in C(n, k) (k of n users): for a canary of 5 users among 50, once in two million."""
     mine, others = [_bucket(u, version) for u in its_users], [_bucket(u, version) for u in other_users]
     return bool(mine) and bool(others) and max(mine) < min(others)
+
+
+# Below it, users split as much like a canary's as `canary_split_chance` measures were not split at random.
+SPLIT_CHANCE = 1e-6
+
+
+def canary_split_chance(version: str, its_users: Iterable[str], other_users: Iterable[str]) -> float:
+    """How likely two sides of users drawn at random (as many on each) look at least this much split by
+    `version`'s canary hash: as many of `its_users` hashing below all of `other_users`, and as many of those
+    above all of `its_users`. A share raised (or lowered) mid-way leaves users of the range between its shares
+    on either side, by when they were active, so `split_as_canary` fails for the real canary; but by its key
+    the users below its smaller share are still all its, and those above its larger share all the other's,
+    while by another key the sides interleave from end to end. 1/C(n, k) for a split at one share; 1 when a
+    side is empty."""
+    mine = sorted(_bucket(u, version) for u in its_users)
+    others = sorted(_bucket(u, version) for u in other_users)
+    if not mine or not others:
+        return 1.0
+    below = bisect_left(mine, others[0])  # of its users, those below every other user
+    above = len(others) - bisect_right(others, mine[-1])  # of the others, those above every one of its users
+    n, k = len(mine) + len(others), len(mine)
+    return math.exp(_log_comb(n - below - above, k - below) - _log_comb(n, k))
+
+
+def _log_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 
 
 @dataclass(frozen=True)

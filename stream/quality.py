@@ -270,17 +270,26 @@ class QualityReport:
 
     def _is_canary(self, a: int, b: int, users_a: np.ndarray, users_b: np.ndarray) -> bool:
         """Whether `a`, the first of the two to serve in what was read, is the canary beside `b`: its users
-        and `b`'s are split as `a`'s canary hash splits users, and not as `b`'s. What was read can open while a
-        canary serves, with either version's list; when the split does not tell (no user names, too few
+        and `b`'s are split as `a`'s canary hash splits users (at one share, or at a share raised mid-way:
+        stream.canary.canary_split_chance), and not as `b`'s. What was read can open while a canary serves, with
+        either version's list; when the split does not tell (no user names, too few
         users), the first to serve is the baseline."""
-        from stream.canary import split_as_canary  # not at the top: stream.canary imports this module
+        # not at the top: stream.canary imports this module
+        from stream.canary import SPLIT_CHANCE, canary_split_chance, split_as_canary
 
         v = self.verdicts
         if not v.user_names:
             return False
         names_a, names_b = ([v.user_names[u] for u in users] for users in (users_a, users_b))
-        return (split_as_canary(v.versions[a], names_a, names_b)
-                and not split_as_canary(v.versions[b], names_b, names_a))
+        version_a, version_b = v.versions[a], v.versions[b]
+        split_a, split_b = split_as_canary(version_a, names_a, names_b), split_as_canary(version_b, names_b, names_a)
+        if split_a or split_b:
+            return split_a and not split_b
+        # A share raised mid-way leaves the users between its shares on both sides: no side lies wholly below
+        # the other by either key, and taking the first to serve as the baseline would face the canary the wrong
+        # way (a worse canary reported better). Its key still splits them far beyond chance; the other's does not.
+        return (canary_split_chance(version_a, names_a, names_b) < SPLIT_CHANCE
+                <= canary_split_chance(version_b, names_b, names_a))
 
     def to_dict(self) -> dict:
         return {"input_topic": self.input_topic, "output_topic": self.output_topic, "input_log": self.input_log,
@@ -322,13 +331,15 @@ class Judge:
     each recommendation against the item of its user's next event."""
 
     def __init__(self, bounds: Bounds, input_topic: str, input_log: str | None, depth: int,
-                 judged_from: Mapping[int, int] | None = None) -> None:
+                 judged_from: Mapping[int, int] | None = None,
+                 max_event_lead_s: float = WorkerSettings.max_event_lead_s) -> None:
         if not 1 <= depth <= MAX_K:  # ranks up to `depth` are kept as int16
             raise ConfigError(f"the largest cutoff must lie in [1, {MAX_K}], got {depth}")
         self.boards = {p: Board(first, end) for p, (first, end) in bounds.items()}
         # Events before these offsets (the history read for the reference list) are not judged.
         self.judged_from = judged_from or {}
         self.topic, self.log, self.depth = input_topic, input_log, depth
+        self.max_event_lead_s = max_event_lead_s  # the workers': an event they dead-letter is no user's next
         self.last: dict[tuple[int, str], int] = {}  # (partition, user) -> offset of the user's latest event
         self.recent: dict[str, list[int]] = {}  # user -> the reference list: distinct item codes, newest first
         self.items: dict[str, int] = {}  # item -> code; item_names[code] -> item
@@ -347,6 +358,8 @@ class Judge:
             event = decode_event(r.value)
         except EventError:
             return  # a dead letter: no recommendation to judge, and not an event of the user
+        if records.invalid_event(event, r.timestamp_ms, self.max_event_lead_s) is not None:
+            return  # dead-lettered too (bad_timestamp)
         if r.key != event.user_id.encode():
             return  # mis-keyed: the worker re-keys it and scores the copy, which is read in its own partition
         origin = records.repartitioned_from(r.headers)
@@ -414,11 +427,12 @@ class Judge:
 
 def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable[int] = DEFAULT_KS,
             extra: ClientSettings | None = None, since_ms: int | None = None, history_ms: int = 0,
-            idle_s: float = 2.0, timeout_s: float = 600.0,
+            idle_s: float = 2.0, timeout_s: float = 600.0, max_event_lead_s: float = WorkerSettings.max_event_lead_s,
             progress: Callable[[str], None] = lambda _: None) -> QualityReport:
     """Judge the recommendations on `output_topic` against the next events on `input_topic`; with `since_ms`,
     those of the input records of that time on (Kafka timestamps, epoch ms), the events of `history_ms` before
-    it read too, for the reference list only."""
+    it read too, for the reference list only. Events the workers dead-letter (stamped more than
+    `max_event_lead_s` ahead of their record, as their settings say) are no user's next event."""
     ks = sorted(set(ks))
     bounds = window_bounds(bootstrap, {input_topic: earlier(since_ms, history_ms),
                                        output_topic: earlier(since_ms, ANSWER_SKEW_MS)}, extra)
@@ -431,7 +445,7 @@ def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable
         else bounds[input_topic]
     log = topic_id(admin_client(bootstrap, extra), input_topic)
     judge = Judge(bounds[input_topic], input_topic, log, depth=max(ks),
-                  judged_from={p: first for p, (first, _) in judged.items()})
+                  judged_from={p: first for p, (first, _) in judged.items()}, max_event_lead_s=max_event_lead_s)
     read_window(bootstrap, input_topic, bounds[input_topic], judge.add_event, idle_s=idle_s, timeout_s=timeout_s,
                 extra=extra, progress=progress)
     read_window(bootstrap, output_topic, bounds[output_topic], judge.add_recommendation, idle_s=idle_s,
@@ -440,9 +454,9 @@ def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable
 
 
 def quality_worker(settings: WorkerSettings, **kwargs) -> QualityReport:
-    """`quality` of the worker group `settings` configure: its topics and client settings."""
+    """`quality` of the worker group `settings` configure: its topics, client settings and event checks."""
     return quality(settings.bootstrap_servers, input_topic=settings.input_topic, output_topic=settings.output_topic,
-                   extra=settings.consumer_kafka, **kwargs)
+                   extra=settings.consumer_kafka, max_event_lead_s=settings.max_event_lead_s, **kwargs)
 
 
 def bucket_ms_for(report: QualityReport, buckets: int = 30) -> int:

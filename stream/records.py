@@ -25,8 +25,14 @@ a mis-keyed record whose copy would be past MAX_RECORD_BYTES is dead-lettered (t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
+
+from model.errors import EventError
+
+if TYPE_CHECKING:
+    from model.events import Event
 
 H_REASON = "hrnn-dlq-reason"
 H_DETAIL = "hrnn-dlq-detail"
@@ -78,6 +84,18 @@ def names_log(topic: str, log: str | None, named_topic: str | None, named_log: s
     """Whether a record naming (named_topic, named_log) as its source answers input topic `topic` whose id
     is `log`: None where a record does not name them (builds before these fields) or the broker gives no id."""
     return named_topic in (None, topic) and (log is None or named_log in (None, log))
+
+
+def invalid_event(event: Event, record_timestamp_ms: int | None, max_lead_s: float) -> EventError | None:
+    """Why the worker dead-letters the decoded `event` of a record with Kafka timestamp `record_timestamp_ms`
+    (None: the record has none), or None. One test for the worker and for `hrnn quality`: a recommendation is
+    judged by its user's next event the worker took, never by one it dead-lettered. An event stamped more than
+    `max_lead_s` (> 0, else no check) ahead of its record is one (see WorkerSettings.max_event_lead_s)."""
+    ts, at = record_timestamp_ms, event.timestamp_ms
+    if max_lead_s and ts is not None and at > ts + max_lead_s * 1000:
+        return EventError("bad_timestamp", f"timestamp {at} is {(at - ts) / 1000:.0f} s ahead of the record's Kafka "
+                                           f"timestamp {ts}, more than max_event_lead_s = {max_lead_s:g}")
+    return None
 
 
 def scored_items(items: Sequence[tuple[str, float]]) -> list[ScoredItem]:

@@ -181,10 +181,9 @@ def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
             out.dead.append((msg, _undecodable(msg, exc)))
             continue
         ts_type, ts = msg.timestamp()
-        if max_lead_s and ts_type and event.timestamp_ms > ts + max_lead_s * 1000:
-            out.dead.append((msg, EventError("bad_timestamp", f"timestamp {event.timestamp_ms} is "
-                                             f"{(event.timestamp_ms - ts) / 1000:.0f} s ahead of the record's Kafka "
-                                             f"timestamp {ts}, more than max_event_lead_s = {max_lead_s:g}")))
+        invalid = records.invalid_event(event, ts if ts_type else None, max_lead_s)
+        if invalid is not None:
+            out.dead.append((msg, invalid))
             continue
         key = msg.key()
         if key is None or key != event.user_id.encode():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,6 +44,24 @@ def test_the_users_of_a_canary_and_of_the_stable_version_tell_which_version_was_
     assert split_as_canary("v2", on_v2, on_v1)
     assert not split_as_canary("v1", on_v1, on_v2) and not split_as_canary("v3", on_v2, on_v1)
     assert not split_as_canary("v2", on_v1, on_v2) and not split_as_canary("v2", on_v2, [])
+
+
+def test_the_users_of_a_canary_whose_share_was_raised_still_tell_which_version_was_the_canary():
+    from stream.canary import SPLIT_CHANCE, canary_split_chance
+
+    users = USERS[:300]
+    # Raised from 10% to 40%: users of that range seen only before it stayed stable, those seen only after moved.
+    before_only, after_only = users[::2], users[1::2]
+    on_v2 = [u for u in before_only if in_canary(u, "v2", 0.1)] + [u for u in after_only if in_canary(u, "v2", 0.4)]
+    on_v1 = [u for u in users if u not in set(on_v2)]
+    assert not split_as_canary("v2", on_v2, on_v1)
+    assert canary_split_chance("v2", on_v2, on_v1) < 1e-20
+    assert canary_split_chance("v1", on_v1, on_v2) > SPLIT_CHANCE  # by another key the sides interleave
+    assert canary_split_chance("v3", on_v2, on_v1) > SPLIT_CHANCE
+    exact = [u for u in users[:20] if in_canary(u, "v2", 0.3)]
+    assert canary_split_chance("v2", exact, [u for u in users[:20] if u not in exact]) == pytest.approx(
+        1 / math.comb(20, len(exact)))  # split at one share: the chance split_as_canary's docstring gives
+    assert canary_split_chance("v2", on_v2, []) == 1.0
 
 
 def test_a_share_must_lie_strictly_between_zero_and_one():

@@ -89,6 +89,34 @@ def test_a_replayed_answer_is_judged_once_and_other_logs_and_offsets_outside_the
     assert (row["judged"], row["recall@1"], report.pending) == (2, 1.0, 0)
 
 
+def test_an_event_the_worker_dead_letters_for_its_timestamp_is_no_users_next_event(monkeypatch, tmp_path):
+    """README: a recommendation is judged by the item of its user's next valid event. One stamped more than
+    max_event_lead_s ahead of its record is dead-lettered (bad_timestamp): the worker answers the one after it."""
+    import stream.quality
+    from confluent_kafka import Message
+
+    from stream.worker import route
+    hour = 3_600_000
+    msgs = [Message(topic="ev", partition=0, offset=o, key=b"u1", value=encode_event(Event("u1", item, "click", at)),
+                    timestamp=(1, T0)) for o, item, at in ((0, "a", T0), (1, "junk", T0 + 2 * hour), (2, "b", T0))]
+    assert [e.offset for e in route(msgs, max_lead_s=3600).events] == [0, 2]
+    events, recs = [Record.from_message(m) for m in msgs], [_rec(0, 0, ["b"]), _rec(0, 2, ["c"])]
+    row = _row(_report(events, recs), "v1")  # the workers' default lead, 3600 s
+    assert (row["judged"], row["recall@1"]) == (1, 1.0)
+
+    # Workers that check no lead (0) answer the junk event, and it is the next one: so the judge reads their setting.
+    assert [e.offset for e in route(msgs, max_lead_s=0).events] == [0, 1, 2]
+    judge = Judge({0: (0, 3)}, "ev", LOG, depth=20, max_event_lead_s=0)
+    for r in events:
+        judge.add_event(r)
+    judge.add_recommendation(_rec(0, 0, ["b"]))
+    assert judge.verdicts().rank.tolist() == [0]
+    seen = {}
+    monkeypatch.setattr(stream.quality, "quality", lambda *a, **kw: seen.update(kw))
+    quality_worker(settings_for("127.0.0.1:9", tmp_path, tmp_path, max_event_lead_s=60.0))
+    assert seen["max_event_lead_s"] == 60.0
+
+
 def test_events_read_as_history_inform_the_reference_but_are_not_judged():
     events = [_event(0, o, "u1", item) for o, item in enumerate("abcab")]
     recs = [_rec(0, o, ["z"]) for o in range(5)]
@@ -214,6 +242,36 @@ def test_the_canary_is_the_candidate_even_when_what_was_read_opens_on_one_of_its
     report = _opening_mid_canary()
     assert report.verdicts.versions == ["v2", "v1"]  # first to serve in what was read: the canary
     (c,) = report.comparisons()
+    assert (c.baseline, c.candidate, c.verdict("recall@20")) == ("v1", "v2", "worse")
+    monkeypatch.setattr(stream.quality, "quality_worker", lambda settings, **kw: report)
+    assert hrnn(["quality", "--bootstrap-servers", "127.0.0.1:9", "--fail-if-worse"]) == 1
+    assert "v2 vs v1 on recall@20" in capsys.readouterr().err
+
+
+def test_the_canary_is_the_candidate_when_its_share_was_raised_while_what_was_read_opens_on_one_of_its_lists(
+        monkeypatch, capsys):
+    """Raised from 20% to 50% mid-way: users of that range active only before stay on the stable side, those
+    active only after are the canary's, so neither side lies wholly below the other by the canary's key."""
+    import stream.quality
+    from stream.canary import in_canary
+    from stream.cli import main as hrnn
+
+    users = sorted((f"user-{n}" for n in range(240)), key=lambda u: not in_canary(u, "v2", 0.2))
+    events, recs = [], []
+    for phase, share in enumerate((0.2, 0.5)):
+        for step in range(2):
+            for n, user in enumerate(users):
+                if n % 3 == 1 - phase:
+                    continue  # active before the raise only (n % 3 == 0), after it only (1), or both (2)
+                offset, side = len(events), "v2" if in_canary(user, "v2", share) else "v1"
+                item = f"i{phase}{step}"
+                events.append(_event(0, offset, user, item))
+                recs.append(_rec(0, offset, ["other"] if side == "v2" else [f"i{phase}{step + 1}", f"i{phase + 1}0"],
+                                 version=side, emitted=offset, user=user))
+    report = _report(events, recs, bounds={0: (0, len(events))})
+    assert report.verdicts.versions == ["v2", "v1"]  # first to serve in what was read: the canary
+    (c,) = report.comparisons()
+    assert c.left_out_users > 0  # users of the raised range active before and after saw both
     assert (c.baseline, c.candidate, c.verdict("recall@20")) == ("v1", "v2", "worse")
     monkeypatch.setattr(stream.quality, "quality_worker", lambda settings, **kw: report)
     assert hrnn(["quality", "--bootstrap-servers", "127.0.0.1:9", "--fail-if-worse"]) == 1
