@@ -8,8 +8,12 @@ record as it comes. Subclasses say what a record means (`_take`) and what to do 
 
 "Caught up" needs care on Tansu: its high watermark is the base offset of the last record
 batch + 1, not the log end. A reader is caught up once it holds a record at or past
-(high watermark - 1) and a consume then comes back empty, or when the topic holds no records
-(high watermark <= low watermark: never written, or every record removed by compaction or retention).
+(high watermark - 1) and a consume then comes back with fewer records than it asked for: a fetch
+brings a record batch whole, so the rest of that last batch was taken with it. Not "comes back
+empty": a topic written to a few times a second (a catalogue service's availability feed) never
+gives an empty consume, and the worker waiting for the reader would never start. Also caught up when
+the topic holds no records (high watermark <= low watermark: never written, or every record removed
+by compaction or retention).
 
 No single record can stop a reader: one whose `_take` raises is logged, counted (`malformed`) and
 skipped, since every reader reads every record again on each start and one bad producer would
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 CATCH_UP_IDLE_S = 10.0  # fetches empty this long below the watermark: the watermark's record is gone
 _WATERMARK_RETRY_MAX_S = 5.0  # between two tries to read the offsets: a topic just created, or a broker restarting
 _WATERMARK_LOG_S = 30.0  # how often a reader still waiting for the offsets says so
+_POLL_RECORDS = 100  # records asked of one consume
 
 
 def ensure_table_topic(bootstrap: str, topic: str, *, extra: ClientSettings | None = None,
@@ -110,7 +115,7 @@ class CompactedTopicReader:
             reached_end = high <= max(low, 0)
             last_progress = time.monotonic()
             while not self._stop.is_set():
-                msgs = consumer.consume(num_messages=100, timeout=self.poll_timeout_s)
+                msgs = consumer.consume(num_messages=_POLL_RECORDS, timeout=self.poll_timeout_s)
                 if msgs:
                     last_progress = time.monotonic()
                 elif not reached_end and time.monotonic() - last_progress > CATCH_UP_IDLE_S:
@@ -127,7 +132,7 @@ class CompactedTopicReader:
                         continue
                     reached_end = reached_end or msg.offset() >= high - 1
                     self._take_guarded(msg.key(), msg.value(), msg.offset())
-                caught_up_now = not self.caught_up and not msgs and reached_end
+                caught_up_now = not self.caught_up and reached_end and len(msgs) < _POLL_RECORDS
                 self._polled(caught_up_now)  # first: whoever waits for caught_up reads what it published
                 if caught_up_now:
                     self._caught_up.set()

@@ -121,3 +121,45 @@ def test_a_reader_stopped_while_waiting_for_the_offsets_ends_without_an_error(mo
     time.sleep(0.5)
     reader.stop()
     assert not reader._thread.is_alive() and reader.error is None and not reader.caught_up
+
+
+class _FeedConsumer(_FakeConsumer):
+    """Hands out `batches` one per consume, then one new record on every consume (a topic written to steadily)."""
+
+    def __init__(self, high: int, batches: list[list[_Msg]]) -> None:
+        super().__init__(0, high, [])
+        self.batches, self.next_offset = list(batches), sum(len(b) for b in batches)
+
+    def consume(self, num_messages: int, timeout: float) -> list[_Msg]:
+        assert num_messages == getattr(stream.compacted, "_POLL_RECORDS", 100)
+        if self.batches:
+            return self.batches.pop(0)
+        time.sleep(0.01)
+        self.next_offset += 1
+        return [_Msg(self.next_offset - 1, b"good")]
+
+
+def test_a_topic_written_to_on_every_poll_is_caught_up_once_what_was_there_at_start_is_held(monkeypatch):
+    """An availability feed writing a few statuses a second never lets a consume come back empty."""
+    with _reading(monkeypatch, _FeedConsumer(5, [[_Msg(k, b"good") for k in range(5)]])) as reader:
+        assert reader.wait_caught_up(CATCH_UP_IDLE_S / 3)
+        assert reader.taken[:5] == [0, 1, 2, 3, 4]
+
+
+def test_a_full_consume_reaching_the_watermark_is_not_the_end_of_its_record_batch(monkeypatch):
+    """Tansu's watermark is the last batch's base offset + 1: a consume that filled up there may have left the
+    rest of that batch for the next consume."""
+    full = getattr(stream.compacted, "_POLL_RECORDS", 100)
+    consumer = _FeedConsumer(full, [[_Msg(k, b"good") for k in range(full)],
+                                    [_Msg(k, b"good") for k in range(full, full + 20)]])
+    seen_at_catch_up: list[int] = []
+
+    class _Watching(_Recorder):
+        def _polled(self, caught_up_now: bool) -> None:
+            if caught_up_now:
+                seen_at_catch_up.append(len(self.taken))
+
+    monkeypatch.setattr(stream.compacted, "reader_consumer", lambda bootstrap, extra=None: consumer)
+    with _Watching() as reader:
+        assert reader.wait_caught_up(CATCH_UP_IDLE_S / 3)
+    assert seen_at_catch_up == [full + 20]
