@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stream.cli_common import exit_on_sigterm  # noqa: E402
-from bench.stream_throughput import check_hidden, make_events, make_model  # noqa: E402
+from bench.stream_throughput import check_counts, check_hidden, make_events, make_model  # noqa: E402
 from model.errors import exit_status  # noqa: E402
 from model.inference import Filters, Recommender, StepInput  # noqa: E402
 from stream.canary import Serving, ShareError, check_share, in_canary  # noqa: E402
@@ -66,6 +66,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.repeats < 1:  # no pass: no rate to report
         ap.error("--repeats must be >= 1")
+    check_counts(ap, args, "events", "users", "items", "batch_size")
     check_hidden(ap, args.hidden)
     import torch
 

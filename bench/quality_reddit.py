@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from model.artifact import load_version  # noqa: E402
 from model.baselines import make_baseline  # noqa: E402
-from model.config import DataConfig, HRNNConfig, load_config, read_config_file, to_dict  # noqa: E402
+from model.cli_common import file_settings  # noqa: E402
+from model.config import DataConfig, HRNNConfig, field_names, load_config, to_dict, unknown_setting  # noqa: E402
 from model.errors import exit_status  # noqa: E402
 from model.evaluate import evaluate, format_table  # noqa: E402
 from model.inference import HRNNScorer  # noqa: E402
@@ -49,14 +50,29 @@ PLAIN_DEFAULTS: dict = {"repeat_head": False, "epochs": 12}
 
 
 def _pairs(text: str) -> dict[str, str]:
-    return dict(kv.split("=", 1) for kv in text.split(",") if kv.strip()) if text else {}
+    """A --*-set's key=value,... items (an argparse type: a malformed one is a usage error before any data)."""
+    pairs = {}
+    for kv in text.split(","):
+        if not kv.strip():
+            continue
+        key, eq, value = kv.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {kv.strip()!r}")
+        pairs[key.strip()] = value
+    return pairs
 
 
-def _config(base: dict, file: str | None, pairs: str) -> tuple[HRNNConfig, DataConfig]:
+def _config(base: dict, file: str | None, pairs: dict[str, str], flag: str) -> tuple[HRNNConfig, DataConfig]:
+    # Every key must be a setting, as `hrnn train --config` holds them: a misspelt one would train the default
+    # and report it as the config asked for. file_settings also takes a tune best.json (its `holdout`).
     values = dict(base)
     if file:
-        values.update(read_config_file(file))
-    values.update(_pairs(pairs))
+        values.update(file_settings(file))
+    every = field_names(HRNNConfig) | field_names(DataConfig)
+    for key in pairs:
+        if key not in every:
+            raise unknown_setting(key, every, flag)
+    values.update(pairs)
     return load_config(HRNNConfig, file_values=values), load_config(DataConfig, file_values=values)
 
 
@@ -89,9 +105,9 @@ def main() -> int:
     p.add_argument("--out-dir", default=str(Path(tempfile.gettempdir()) / "quality_reddit"))
     p.add_argument("--models", default="repeat,plain", help="which networks to train: repeat, plain")
     p.add_argument("--repeat-config", help="config file for the repeat model (e.g. hrnn tune's best.json)")
-    p.add_argument("--repeat-set", default="", help="overrides for the repeat model: key=value,...")
+    p.add_argument("--repeat-set", type=_pairs, default="", help="overrides for the repeat model: key=value,...")
     p.add_argument("--plain-config", help="config file for plain HRNN-Init")
-    p.add_argument("--plain-set", default="", help="overrides for plain HRNN-Init: key=value,...")
+    p.add_argument("--plain-set", type=_pairs, default="", help="overrides for plain HRNN-Init: key=value,...")
     p.add_argument("--synth", action="store_true", help="hrnn synth's default log (2000 users, 1000 items) instead")
     p.add_argument("--repeat-share", type=float, default=0.0, help="with --synth: the repeat knob")
     p.add_argument("--seeds", type=_seeds, default=[], help="train each network once per seed (comma list) and compare the "
@@ -103,6 +119,12 @@ def main() -> int:
     if unknown:  # a typo trained no network and reported the baselines alone
         p.error(f"--models: unknown network {', '.join(unknown)} (known: repeat, plain)")
 
+    configs = {}  # before the data: a bad setting is refused before minutes of loading
+    if "repeat" in wanted:
+        configs["hrnn-repeat"] = _config(REPEAT_DEFAULTS, args.repeat_config, args.repeat_set, "--repeat-set")
+    if "plain" in wanted:
+        configs["hrnn-init"] = _config(PLAIN_DEFAULTS, args.plain_config, args.plain_set, "--plain-set")
+
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.synth:
@@ -111,11 +133,6 @@ def main() -> int:
     else:
         data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"},
                                  time_unit="s")
-    configs = {}
-    if "repeat" in wanted:
-        configs["hrnn-repeat"] = _config(REPEAT_DEFAULTS, args.repeat_config, args.repeat_set)
-    if "plain" in wanted:
-        configs["hrnn-init"] = _config(PLAIN_DEFAULTS, args.plain_config, args.plain_set)
 
     seeds = args.seeds
     if seeds:

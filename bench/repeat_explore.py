@@ -52,6 +52,7 @@ from model.errors import exit_status  # noqa: E402
 from model.inference import HRNNScorer  # noqa: E402
 from model.loaders import load_interactions  # noqa: E402
 from model.pipeline import prepare  # noqa: E402
+from model.plots import check_format  # noqa: E402
 from model.scorer import Scorer, UserSequence  # noqa: E402
 from model.splits import make_split  # noqa: E402
 
@@ -196,6 +197,7 @@ def main() -> int:
     p.add_argument("--png", default="/tmp/repeat_explore.png", help="where to write the chart")
     p.add_argument("versions", nargs="*", help="trained version directories to score too")
     args = p.parse_args()
+    check_format(args.png, "--png")  # before the scoring: a chart it cannot write lost every figure after it
 
     data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}, time_unit="s")
     prep = prepare(data, DataConfig())
@@ -228,8 +230,9 @@ def main() -> int:
     best = max(m[f"explore_recall@{CUT}_new_items_only"] for m in report["models"].values())
     report["perfect_gate_bound"] = {f"recall@{CUT}": round(share + (1 - share) * best, 4),
                                     "explore_scorer": best}
-    report["png"] = str(plot(report, Path(args.png)))
-    print(json.dumps(report))
+    report["png"] = str(Path(args.png))
+    print(json.dumps(report), flush=True)  # the figures first: a chart that fails to write leaves them printed
+    plot(report, Path(args.png))
     return 0
 
 

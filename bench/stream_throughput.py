@@ -76,6 +76,14 @@ def check_hidden(ap: argparse.ArgumentParser, hidden: int) -> None:
         ap.error(f"--hidden: {exc}")
 
 
+def check_counts(ap: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
+    """A count below 1 (no user, no item, batches of nothing) is a usage error, said before anything starts:
+    it crashed mid-run, after the broker had started."""
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+
+
 def make_events(n: int, n_users: int, n_items: int, seed: int, start_ms: int) -> list[Event]:
     rng = np.random.default_rng(seed)
     users = rng.integers(0, n_users, n)
@@ -362,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.events < 1 or args.baseline_events < 1:  # a worker's target of 0 means "until stopped": it never ends
         ap.error("--events and --baseline-events must be >= 1")
+    check_counts(ap, args, "users", "items", "batch_size", "partitions")
     check_hidden(ap, args.hidden)
 
     from model.network import device_label, resolve_device

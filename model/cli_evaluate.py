@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if not baselines and not args.model:
         raise ConfigError("nothing to evaluate: --baselines is empty and no --model is given "
                           f"(baselines: {', '.join(BASELINES)})")
+    if args.seed is not None and args.seed < 0:  # numpy's generator, which draws that sample, takes any other
+        raise ConfigError(f"seed = {args.seed} is outside its range [0, inf): the personalize sample's generator "
+                          "takes no negative seed")
     if args.plot:
         check_format(args.plot, "--plot")
     plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)

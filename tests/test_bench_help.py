@@ -49,7 +49,19 @@ STREAM_SMALL = ["--events", "200", "--items", "200", "--hidden", "32", "--latenc
     ("train_throughput.py", [*TRAIN_SMALL, "--threads", "-1"], "--threads must be >= 0"),
     ("quality_reddit.py", ["--data", NO_DATA, "--quiet", "--out-dir", "{tmp}", "--models", "plian"],
      "--models: unknown network plian"),
+    ("quality_reddit.py", ["--data", NO_DATA, "--quiet", "--out-dir", "{tmp}", "--repeat-set", "hiden_dimension=82"],
+     "--repeat-set: unknown setting 'hiden_dimension' (did you mean 'hidden_dimension'?)"),
+    ("quality_reddit.py", ["--data", NO_DATA, "--quiet", "--out-dir", "{tmp}", "--plain-set", "histroy_length=63"],
+     "--plain-set: unknown setting 'histroy_length' (did you mean 'history_length'?)"),
+    ("quality_reddit.py", ["--data", NO_DATA, "--quiet", "--out-dir", "{tmp}", "--repeat-set", "epochs12"],
+     "argument --repeat-set: expected key=value, got 'epochs12'"),
+    ("quality_reddit.py", ["--data", NO_DATA, "--quiet", "--out-dir", "{tmp}", "--repeat-set", "epochs=0"],
+     "epochs = 0 is outside its range"),
     ("canary.py", [*CANARY_SMALL, "--repeats", "0"], "--repeats must be >= 1"),
+    ("canary.py", [*CANARY_SMALL, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("canary.py", [*CANARY_SMALL, "--events", "0"], "--events must be >= 1, got 0"),
+    ("canary.py", [*CANARY_SMALL, "--users", "0"], "--users must be >= 1, got 0"),
+    ("canary.py", [*CANARY_SMALL, "--items", "0"], "--items must be >= 1, got 0"),
     ("canary.py", [*CANARY_SMALL, "--shares", "0.1,1.5"], "strictly between 0 and 1, got 1.5"),
     ("canary.py", [*CANARY_SMALL, "--hidden", "16"], "--hidden: hidden_dimension = 16 is outside its range"),
     ("canary_peeking.py", [*PEEKING_SMALL, "--looks", "2", "--experiments", "0"],
@@ -60,6 +72,15 @@ STREAM_SMALL = ["--events", "200", "--items", "200", "--hidden", "32", "--latenc
      "--train-share must lie strictly between 0 and 1"),
     ("online_reddit.py", ["--data", NO_DATA, "--canary-share", "1"],
      "--canary-share must lie strictly between 0 and 1"),
+    ("online_reddit.py", ["--data", NO_DATA, "--canary-set", "sed=7"],  # README's A/A test, mistyped
+     "--canary-set: unknown setting 'sed' (did you mean 'seed'?)"),
+    ("online_reddit.py", ["--data", NO_DATA, "--set", "hiden_dimension=64"],
+     "--set: unknown setting 'hiden_dimension' (did you mean 'hidden_dimension'?)"),
+    ("online_reddit.py", ["--data", NO_DATA, "--canary-set", "seed"], "argument --canary-set: expected key=value, "
+     "got 'seed'"),
+    ("online_reddit.py", ["--data", NO_DATA, "--set", "seed=7,,epochs"], "argument --set: expected key=value, "
+     "got 'epochs'"),
+    ("repeat_explore.py", ["--data", NO_DATA, "--png", "{tmp}/x.txt"], "matplotlib cannot write '.txt' files"),
     ("worker_scaling.py", [*WORKERS_SMALL, "--events", "0"], "--events must be >= 1"),
     ("worker_scaling.py", [*WORKERS_SMALL, "--hidden", "16"],
      "--hidden: hidden_dimension = 16 is outside its range"),
@@ -68,6 +89,10 @@ STREAM_SMALL = ["--events", "200", "--items", "200", "--hidden", "32", "--latenc
      "--events and --baseline-events must be >= 1"),
     ("stream_throughput.py", [*STREAM_SMALL, "--hidden", "16"],
      "--hidden: hidden_dimension = 16 is outside its range"),
+    ("stream_throughput.py", [*STREAM_SMALL, "--users", "0"], "--users must be >= 1, got 0"),
+    ("stream_throughput.py", [*STREAM_SMALL, "--items", "0"], "--items must be >= 1, got 0"),
+    ("stream_throughput.py", [*STREAM_SMALL, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("stream_throughput.py", [*STREAM_SMALL, "--partitions", "0"], "--partitions must be >= 1, got 0"),
 ])
 def test_a_benchmark_refuses_a_count_it_cannot_measure_with_a_usage_error(script, argv, says, tmp_path):
     # exit 2 before any broker starts or model is built: no traceback, and no row measuring nothing. A small
@@ -75,10 +100,50 @@ def test_a_benchmark_refuses_a_count_it_cannot_measure_with_a_usage_error(script
     small = ["--devices", "cpu", "--items", "100", "--seconds", "0.1", "--png", str(tmp_path / "s.png")] \
         if script == "serving_scale.py" else []
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    started = time.monotonic()
     proc = subprocess.run([sys.executable, str(BENCH / script), *small, *argv], capture_output=True, text=True,
                           timeout=120, cwd=BENCH.parent)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
     assert says in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 30  # the imports alone: no broker, no data, no training
+
+
+def test_quality_reddit_refuses_a_misspelt_setting_in_a_config_file_but_takes_a_tune_best_json(tmp_path):
+    # its --repeat-config is held as `hrnn train --config` holds one: a typo would train the default and report
+    # it as the config asked for; a best.json's `holdout` (the run's, not a setting) is no typo
+    typo, best = tmp_path / "typo.json", tmp_path / "best.json"
+    typo.write_text('{"hidden_dimensions": 64}')
+    best.write_text('{"hidden_dimension": 64, "holdout": "last-session"}')
+
+    def run(config: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(BENCH / "quality_reddit.py"), "--data", str(tmp_path / "none.tsv"),
+                               "--quiet", "--out-dir", str(tmp_path), "--repeat-config", str(config)],
+                              capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+
+    proc = run(typo)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (f"config file {typo}: unknown setting 'hidden_dimensions' (did you mean 'hidden_dimension'?)"
+            in proc.stderr), proc.stderr[-2000:]
+    proc = run(best)  # past the config, to the log that is not there
+    assert proc.returncode == 2 and "none.tsv" in proc.stderr and "unknown setting" not in proc.stderr, \
+        proc.stderr[-2000:]
+
+
+def test_repeat_explore_prints_its_figures_before_it_draws_the_chart_that_may_fail(tmp_path):
+    # a chart that cannot be written (its folder is a file here) lost the whole scoring run's JSON
+    from model.synth import generate
+
+    d = generate(60, 40, seed=3, events_per_user=12)
+    log = tmp_path / "log.tsv"
+    seconds = (d.ts_ms - d.ts_ms.min()) // 1000  # reddit-jodie's: seconds from the log's start
+    log.write_text("".join(f"{u}\t{i}\t{t}\n" for u, i, t in zip(d.user, d.item, seconds)))
+    (tmp_path / "a-file").write_text("")
+    proc = subprocess.run([sys.executable, str(BENCH / "repeat_explore.py"), "--data", str(log),
+                           "--png", str(tmp_path / "a-file" / "chart.png")], capture_output=True, text=True,
+                          timeout=300, cwd=BENCH.parent)
+    assert proc.returncode != 0
+    report = json.loads(proc.stdout)
+    assert report["png"] == str(tmp_path / "a-file" / "chart.png") and "user-repeat+session" in report["models"]
 
 
 # ---- what some benchmarks measure -------------------------------------------------------------------------

@@ -248,6 +248,13 @@ def test_evaluate_refuses_a_plot_format_matplotlib_cannot_write_before_it_writes
     assert str(tmp_path / plot) in str(err.value) and not (tmp_path / "out").exists()
 
 
+def test_evaluate_refuses_a_negative_seed_before_it_reads_the_data(monkeypatch):
+    # numpy's generator, which draws the personalize sample, ended the run in a traceback
+    monkeypatch.setattr(cli_evaluate, "load_data", lambda args: pytest.fail("read the data first"))
+    with pytest.raises(ConfigError, match=r"seed = -1 is outside its range \[0, "):
+        evaluate_here("--data", "events.csv", "--baselines", "pop", "--protocol", "personalize", "--seed", "-1")
+
+
 def test_evaluate_with_no_baseline_and_no_model_refuses_before_it_reads_the_data(monkeypatch):
     monkeypatch.setattr(cli_evaluate, "load_data", lambda args: pytest.fail("read the data first"))
     with pytest.raises(ConfigError, match="nothing to evaluate"):
