@@ -6,6 +6,7 @@ managed Kafka (SASL/SSL) needs no code change: give `security.protocol`, `sasl.*
 """
 from __future__ import annotations
 
+import codecs
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -175,6 +176,11 @@ def parse_client_settings(items: Iterable[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"Kafka client setting {item!r} must look like KEY=VALUE, e.g. security.protocol=SASL_SSL")
+        if key.strip() == "bootstrap.servers":
+            # Every client is built with the command's --bootstrap-servers, whose default (the local broker) would
+            # replace this one without a word: the command would dial 127.0.0.1:9092, not the cluster named here.
+            raise ConfigError("Kafka client setting 'bootstrap.servers' is not taken from the client settings: name "
+                              "the cluster with --bootstrap-servers (or HRNN_BOOTSTRAP_SERVERS) instead")
         out[key.strip()] = value.strip()
     return out
 
@@ -183,14 +189,28 @@ def load_client_settings(path: str | Path) -> dict[str, str]:
     """A Java-style client.properties file (`key=value` lines, `#` comments), as managed Kafka consoles hand out."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read Kafka client properties {p}: {exc.strerror or exc}") from None
-    lines = [ln.strip() for ln in text.splitlines()]
+    lines = [ln.strip() for ln in _properties_text(p, raw).splitlines()]
     try:
         return parse_client_settings(ln for ln in lines if ln and not ln.startswith(("#", "!")))
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None
+
+
+def _properties_text(path: Path, raw: bytes) -> str:
+    # Java writes .properties files in ISO-8859-1 and Windows editors put a BOM first: read either as one
+    # encoding would silently change a password (or, the BOM, the first key's name). The byte itself is not
+    # shown: it may be part of a secret.
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset, line = exc.start + len(raw) - len(body), body.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"Kafka client properties {path} is not UTF-8 text: the byte at offset {offset} (line "
+                          f"{line}) cannot be decoded; save the file as UTF-8 (e.g. iconv -f ISO-8859-1 -t UTF-8)"
+                          ) from None
 
 
 def murmur2(data: bytes) -> int:

@@ -8,25 +8,36 @@ HRNN_KAFKA as `key=value,key=value` or JSON, or in repeatable `--kafka-config KE
 they are passed to librdkafka unchanged.
 `kafka_consumer` / `kafka_producer` tables (HRNN_KAFKA_CONSUMER, HRNN_KAFKA_PRODUCER) add
 settings for one kind of client only, e.g. session.timeout.ms, which a producer would warn about.
+These tables merge key by key, file < environment < flags: a higher layer adds or replaces single keys, and
+its key for every client (`kafka`, `--kafka-config`) also wins over a lower layer's key for one kind.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import logging
 import math
+import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.config import load_config, read_config_file
+from model.config import DataConfig, HRNNConfig, field_names, load_config, read_config_file
 from model.errors import ConfigError
 from model.state import FORMAT_VERSION, FORMATS
 from stream import topics
 from stream.cli_common import directory_flag
 
+log = logging.getLogger(__name__)
+
 ENV_PREFIX = "HRNN_"
+# HRNN_* variables read outside any settings object (stream.worker.FAULT_ENV, imported with torch), and the
+# test suite's (HRNN_TEST_*): no typo of a setting.
+_READ_DIRECTLY = ("FAULT_INJECT",)
+_TEST_VARIABLES = "TEST_"
 GUARANTEES = ("at_least_once", "exactly_once")
 MAX_K = 500
 _TABLE_SETTINGS = ("kafka", "kafka_consumer", "kafka_producer")  # the worker's settings that are tables
@@ -234,19 +245,51 @@ def _file_settings(path: str | Path, raw: dict[str, Any]) -> dict[str, Any]:
 
 def load_settings(config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
                   *, env_prefix: str | None = ENV_PREFIX, serving: bool = True) -> WorkerSettings:
-    """Defaults < file (top level or its [serve] table) < HRNN_* env < overrides (None: not given).
+    """Defaults < file (top level or its [serve] table) < HRNN_* env < overrides (None: not given); the Kafka
+    tables key by key (`_kafka_tables`).
     serving=False (`hrnn audit`): only `validate_kafka`'s settings are checked, no registry or state needed."""
     file_values: dict[str, Any] = {}
     if config_file:
         file_values = _file_settings(config_file, read_config_file(config_file))
-    extra_kafka = dict((overrides or {}).get("kafka") or {})
-    rest = {k: v for k, v in (overrides or {}).items() if k != "kafka"}
+    if env_prefix:
+        _warn_unknown_env(env_prefix)
+    rest = {k: v for k, v in (overrides or {}).items() if k not in _TABLE_SETTINGS}
     settings = load_config(WorkerSettings, file_values=file_values, env_prefix=env_prefix, overrides=rest,
                            strict_file=True, validate=False)
-    if extra_kafka:  # flags add to (and override single keys of) the file/env table
-        settings.kafka = {**settings.kafka, **_parse_kafka(extra_kafka)}
+    env_values = {t: os.environ.get(env_prefix + t.upper()) for t in _TABLE_SETTINGS} if env_prefix else {}
+    for table, values in _kafka_tables([file_values, env_values, overrides or {}]).items():
+        setattr(settings, table, values)
     if serving:
         settings.validate()
     else:
         settings.validate_kafka()
     return settings
+
+
+def _kafka_tables(layers: list[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """The Kafka tables from layers in rising priority, merged key by key. A layer that replaced a lower one's
+    whole table dropped its security.protocol and sasl.* without a word (HRNN_KAFKA=client.id=x, and the worker
+    connected without TLS); and a layer's setting for every client must reach the consumers and producers even
+    when a lower layer's table for one kind names the same key (--kafka-config session.timeout.ms=10000 over the
+    file's kafka_consumer)."""
+    tables: dict[str, dict[str, str]] = {t: {} for t in _TABLE_SETTINGS}
+    for layer in layers:
+        given = {t: _parse_kafka(layer.get(t)) for t in _TABLE_SETTINGS}
+        for table in ("kafka_consumer", "kafka_producer"):
+            tables[table] = {k: v for k, v in tables[table].items() if k not in given["kafka"]}
+        for table in _TABLE_SETTINGS:
+            tables[table].update(given[table])
+    return tables
+
+
+def _warn_unknown_env(prefix: str) -> None:
+    """Say which <prefix>* variables no command reads: a misspelt one (HRNN_PROCESSING_GUARANTE) would leave its
+    setting at the default without a word, where a misspelt file key is refused. Only a warning, and only for
+    names no settings object has: one environment serves the worker, training and the client commands."""
+    known = {prefix + name.upper() for cls in (WorkerSettings, HRNNConfig, DataConfig) for name in field_names(cls)}
+    known |= {prefix + name for name in _READ_DIRECTLY}
+    for var in sorted(os.environ):
+        if var.startswith(prefix) and var not in known and not var.startswith(prefix + _TEST_VARIABLES):
+            close = difflib.get_close_matches(var, known, n=1)
+            log.warning("ignoring environment variable %s: no hrnn setting has that name%s", var,
+                        f" (did you mean {close[0]}?)" if close else "")

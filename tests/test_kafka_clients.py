@@ -89,6 +89,30 @@ def test_client_settings_come_from_key_value_flags_and_properties_files(tmp_path
         load_client_settings(tmp_path / "missing.properties")
 
 
+def test_a_properties_file_saved_with_a_utf8_byte_order_mark_keeps_its_first_keys_name(tmp_path):
+    props = tmp_path / "client.properties"
+    props.write_bytes(b"\xef\xbb\xbfsecurity.protocol=SASL_SSL\nsasl.password=p\xc3\xa4ss\n")
+    assert load_client_settings(props) == {"security.protocol": "SASL_SSL", "sasl.password": "p\u00e4ss"}
+
+
+def test_a_properties_file_that_is_not_utf8_is_refused_naming_the_file_the_offset_and_the_fix(tmp_path):
+    props = tmp_path / "client.properties"
+    props.write_bytes(b"\xef\xbb\xbfsecurity.protocol=SASL_SSL\nsasl.password=p\xe4ss\n")  # Java's ISO-8859-1
+    with pytest.raises(ConfigError, match=rf"{props} is not UTF-8 text: the byte at offset 45 \(line 2\).*save the "
+                                          "file as UTF-8") as refused:
+        load_client_settings(props)
+    assert "p\u00e4ss" not in str(refused.value)  # nor any other part of the secret
+
+
+def test_bootstrap_servers_among_the_client_settings_is_refused_naming_the_flag_that_sets_it(tmp_path):
+    with pytest.raises(ConfigError, match="'bootstrap.servers' .* --bootstrap-servers \\(or HRNN_BOOTSTRAP_SERVERS"):
+        parse_client_settings(["bootstrap.servers=kafka:9092"])
+    props = tmp_path / "client.properties"
+    props.write_text("bootstrap.servers=kafka.example.com:9092\nsecurity.protocol=SASL_SSL\n")
+    with pytest.raises(ConfigError, match=f"{props}: .*'bootstrap.servers'"):
+        load_client_settings(props)
+
+
 @pytest.mark.broker
 def test_read_all_returns_every_record_even_when_produced_as_one_batch(broker):
     topic = f"readall-{uuid.uuid4().hex[:8]}"
@@ -232,6 +256,37 @@ def test_every_kafka_command_reads_a_client_properties_file_and_names_one_it_can
     missing = tmp_path / "client.properties"
     assert cli.main([*argv, "--kafka-config-file", str(missing)]) == 2
     assert f"cannot read Kafka client properties {missing}" in capsys.readouterr().err
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+@pytest.mark.parametrize("content, complaint", [
+    # a managed-Kafka console's file names its cluster: the --bootstrap-servers default silently replaced it
+    pytest.param(b"bootstrap.servers=kafka.example.com:9092\n",
+                 "'bootstrap.servers' is not taken from the client settings", id="bootstrap.servers"),
+    pytest.param(b"sasl.password=p\xe4ss\n", "is not UTF-8 text: the byte at offset 15", id="iso-8859-1"),  # Java's
+])
+@pytest.mark.parametrize("argv", [
+    ["produce", "--data", "../events.csv"], ["tail", "--timeout", "5"], ["items", "list", "--timeout-s", "5"],
+    ["models", "list", "reg", "--bootstrap-servers", "h:1"],
+    ["retrainer", "--once", "--registry", "reg", "--archive", "arc", "--bootstrap-servers", "h:1"],
+    ["audit", "--timeout-s", "5"], ["quality", "--timeout-s", "5"], ["serve", "--registry", "reg", "--state-dir", "st"],
+])
+@pytest.mark.timeout(30)  # a command that took the file would dial a broker: fail, not hang
+def test_every_kafka_command_refuses_a_client_properties_file_it_cannot_apply_as_written(tmp_path, capsys,
+                                                                                        monkeypatch, argv, content,
+                                                                                        complaint):
+    """Exit 2 naming the file, before any broker is reached or anything written."""
+    from stream import cli
+
+    (tmp_path / "events.csv").write_text("USER_ID,ITEM_ID,TIMESTAMP\nu,i,1\n")
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    monkeypatch.setattr("stream.observability.setup_json_logging", lambda level: None)
+    props = tmp_path / "client.properties"
+    props.write_bytes(content)
+    assert cli.main([*argv, "--kafka-config-file", str(props)]) == 2
+    err = capsys.readouterr().err
+    assert str(props) in err and complaint in err and "Traceback" not in err
     assert list((tmp_path / "run").iterdir()) == []
 
 

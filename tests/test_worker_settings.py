@@ -99,6 +99,51 @@ def test_kafka_settings_can_come_from_the_environment(monkeypatch):
     assert s.producer_kafka == s.kafka
 
 
+def secured_worker_toml(tmp_path: Path) -> Path:
+    cfg = tmp_path / "worker.toml"
+    cfg.write_text('[serve]\n[serve.kafka]\nsecurity.protocol = "SASL_SSL"\nsasl.mechanism = "PLAIN"\n'
+                   '[serve.kafka_consumer]\n"session.timeout.ms" = "45000"\n')
+    return cfg
+
+
+def test_kafka_settings_from_the_environment_add_to_the_files_tables_key_by_key(tmp_path, monkeypatch):
+    # Replacing the file's table dropped its security.protocol and sasl.*: the worker connected without TLS.
+    monkeypatch.setenv("HRNN_KAFKA", "client.id=worker-7")
+    monkeypatch.setenv("HRNN_KAFKA_CONSUMER", "fetch.wait.max.ms=10")
+    s = load_settings(secured_worker_toml(tmp_path), {}, serving=False)
+    assert s.kafka == {"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", "client.id": "worker-7"}
+    assert s.consumer_kafka == {**s.kafka, "session.timeout.ms": "45000", "fetch.wait.max.ms": "10"}
+    monkeypatch.setenv("HRNN_KAFKA", "sasl.mechanism=SCRAM-SHA-512")
+    assert load_settings(secured_worker_toml(tmp_path), {}, serving=False).kafka == {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}
+
+
+def test_a_kafka_config_flag_wins_over_the_same_key_in_a_consumer_or_producer_table_of_the_file_or_environment(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("HRNN_KAFKA_PRODUCER", "linger.ms=50")
+    argv = ["serve", "--registry", "reg", "--state-dir", "st", "--config", str(secured_worker_toml(tmp_path)),
+            "--kafka-config", "session.timeout.ms=10000", "--kafka-config", "linger.ms=5"]
+    args = cli.build_parser(argv).parse_args(argv)
+    s = load_settings(args.config, overrides_from(args))
+    assert (s.consumer_kafka["session.timeout.ms"], s.producer_kafka["linger.ms"]) == ("10000", "5")
+    assert s.consumer_kafka["security.protocol"] == s.producer_kafka["security.protocol"] == "SASL_SSL"
+
+
+def test_a_misspelt_hrnn_variable_is_warned_about_with_the_setting_probably_meant(monkeypatch, caplog):
+    monkeypatch.setenv("HRNN_PROCESSING_GUARANTE", "exactly_once")
+    monkeypatch.setenv("HRNN_NOTHING_LIKE_IT", "1")
+    # read by another command (training), by the worker outside its settings, or by the tests: no typo
+    for name in ("HRNN_EPOCHS", "HRNN_MIN_ITEM_SUPPORT", "HRNN_FAULT_INJECT", "HRNN_TEST_APACHE_KAFKA"):
+        monkeypatch.setenv(name, "1")
+    with caplog.at_level("WARNING", logger="stream.settings"):
+        s = load_settings(None, {"registry": "r", "state_dir": "s"})
+    assert s.processing_guarantee == "at_least_once"  # warned, not refused: the variable may be another program's
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignoring environment variable HRNN_NOTHING_LIKE_IT: no hrnn setting has that name",
+        "ignoring environment variable HRNN_PROCESSING_GUARANTE: no hrnn setting has that name "
+        "(did you mean HRNN_PROCESSING_GUARANTEE?)"]
+
+
 @pytest.mark.parametrize("overrides, complaint", [
     ({"k": 501}, "k = 501"),
     ({"k": 0}, "k = 0"),
