@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="announce it on the model-updates topic" + ("" if q is canary else " too"))
     for q in (ls, promote, rollback, canary, prune):
         q.add_argument("--topic", default=MODEL_UPDATES_TOPIC)
-        q.add_argument("--registry-id", help="announcement key (default: the registry's absolute path)")
+        q.add_argument("--registry-id", help="announcement key (default: the registry's absolute path); workers "
+                       "follow the key of their registry_id setting")
         add_kafka_flags(q)
 
 

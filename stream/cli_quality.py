@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       "instead, right only for a judge that looks once, when --planned-users is reached")
     a("--registry", help="with --decide-canary: the workers' model registry (default: their settings')")
     a("--updates-topic", help="with --decide-canary: the model-updates topic (default: the workers' settings')")
+    a("--registry-id", help="with --decide-canary: the key of the registry's announcements (default: the workers' "
+      "settings', else the registry's absolute path)")
 
 
 def _ks(text: str) -> list[int]:
@@ -183,7 +185,7 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
     from stream.announce import announce, latest_canary, registry_id
     from stream.hotswap import check_servable
 
-    registry, key = settings.registry, registry_id(settings.registry)
+    registry, key = settings.registry, settings.registry_id or registry_id(settings.registry)
     ann = latest_canary(settings.bootstrap_servers, settings.updates_topic, key, extra=settings.consumer_kafka)
     if ann is None:
         print(f"canary: none serving for {key}")

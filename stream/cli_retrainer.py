@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
            "current version serving the rest until `hrnn models promote` (default 0: publish as current)")
     a("--events-topic", default=EVENTS_TOPIC)
     a("--updates-topic", default=MODEL_UPDATES_TOPIC)
-    a("--registry-id", help="key of the announcements (default: the registry's absolute path)")
+    a("--registry-id", help="key of the announcements (default: the registry's absolute path); workers follow "
+      "the key of their registry_id setting")
     a("--app-id", default="hrnn-retrainer", help="Faust app id = consumer group of the archive")
     a("--group-session-timeout-s", type=float, default=10.0,
       help="consumer-group session timeout; a join on Tansu takes about half of it")

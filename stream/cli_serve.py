@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--follow-updates", action=argparse.BooleanOptionalAction, default=None,
       help="swap to model versions announced for this registry (default on)")
     a("--updates-topic", help="model announcements topic (default hrnn.model-updates)")
+    a("--registry-id", help="key of the announcements to follow: the --registry-id the announcers give (default: "
+      "the registry's absolute path here, which must then be the announcers' path too)")
     a("--follow-availability", action=argparse.BooleanOptionalAction, default=None,
       help="leave out items taken off sale on the availability topic (default on; see `hrnn items`)")
     a("--availability-topic", help="item availability topic (default hrnn.item-availability)")
@@ -61,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _FIELDS = ("bootstrap_servers", "registry", "state_dir", "input_topic", "output_topic", "group", "partitions",
            "metrics_port", "batch_size", "batch_timeout_s", "k", "exclude_purchased", "purchase_types",
            "exclude_session_items", "exclude_event_types", "processing_guarantee", "device", "log_level",
-           "follow_updates", "updates_topic", "torch_threads", "prebuild_max_users", "gc_threshold",
+           "follow_updates", "updates_topic", "registry_id", "torch_threads", "prebuild_max_users", "gc_threshold",
            "state_format", "follow_availability", "availability_topic")
 
 

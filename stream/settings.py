@@ -105,6 +105,9 @@ class WorkerSettings:
     # user's next event). Each costs 8 x hidden_dimension bytes until that event.
     prebuild_max_users: int = 200_000
     updates_topic: str = "hrnn.model-updates"
+    # The key of the announcements followed: the one `hrnn models promote|canary --registry-id` and the retrainer
+    # announce under. Empty: the registry's absolute path here, which differs where hosts mount it elsewhere.
+    registry_id: str = ""
     # Items taken off sale (stream/availability.py): read whole before the first batch, then followed.
     follow_availability: bool = True
     availability_topic: str = "hrnn.item-availability"

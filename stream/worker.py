@@ -385,8 +385,9 @@ class Worker:
         self._consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
         if s.follow_updates and self._own_models:
-            self.models.follow(s.bootstrap_servers, s.updates_topic, registry_id=registry_id(s.registry),
-                               extra=s.consumer_kafka, create_topic=s.create_topics)
+            key = s.registry_id or registry_id(s.registry)
+            self.models.follow(s.bootstrap_servers, s.updates_topic, registry_id=key, extra=s.consumer_kafka,
+                               create_topic=s.create_topics)
         self.health.update(alive=True, state="running", group=s.group, model_version=self.models.version)
         log.info("worker started", extra={"group": s.group, "input_topic": s.input_topic,
                                           "model_version": self.models.version,

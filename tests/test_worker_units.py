@@ -398,6 +398,29 @@ def test_a_worker_that_may_not_create_topics_follows_announcements_without_creat
     assert [(b["topic"], b.get("create_topic", True)) for b in built] == [("shop1.model-updates", False)]
 
 
+@pytest.mark.parametrize("registry_id", ["", "team-a"])
+def test_a_worker_follows_the_announcements_of_the_registry_id_its_settings_name_else_of_its_registrys_path(
+        tmp_path, monkeypatch, registry_id):
+    """`hrnn models promote --registry-id team-a` (or a retrainer's) reaches workers set to the same key; without
+    one, the key is the registry's absolute path, which hosts mounting it elsewhere must then share."""
+    built = _start_and_close(tmp_path, monkeypatch, create_topics=False, registry_id=registry_id)
+    assert [b["registry_id"] for b in built] == [registry_id or str((tmp_path / "reg").resolve())]
+
+
+def test_serve_and_quality_take_the_registry_id_flag_into_the_workers_settings(tmp_path):
+    import argparse
+
+    from stream import cli_quality, cli_serve
+    from stream.settings import load_settings
+
+    for module in (cli_serve, cli_quality):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        args, _ = parser.parse_known_args(["--registry", str(tmp_path), "--state-dir", str(tmp_path),
+                                           "--registry-id", "team-a"])
+        assert load_settings(None, cli_serve.overrides_from(args), serving=False).registry_id == "team-a"
+
+
 def test_a_worker_creates_and_checks_the_updates_topic_its_settings_name(tmp_path, monkeypatch):
     asked: list[str] = []
     monkeypatch.setattr(worker, "partition_counts", lambda admin: {})
