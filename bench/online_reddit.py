@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from stream.cli_common import exit_on_sigterm  # noqa: E402
-from model.config import DataConfig, HRNNConfig, field_names, load_config, unknown_setting  # noqa: E402
+from bench.quality_reddit import configs_from, setting_pairs  # noqa: E402
+from model.config import DataConfig, HRNNConfig  # noqa: E402
 from model.errors import exit_status  # noqa: E402
 from model.loaders import load_interactions  # noqa: E402
 from model.pipeline import train_version  # noqa: E402
@@ -65,29 +66,6 @@ CONFIG = ("repeat_head=true,hidden_dimension=82,history_length=63,n_sample=1024,
 
 def _say(msg: str) -> None:
     print(f"[online-reddit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _pairs(text: str) -> dict[str, str]:
-    """A --set's key=value,... items (an argparse type: a malformed one is a usage error before the log loads)."""
-    pairs = {}
-    for kv in text.split(","):
-        if not kv.strip():
-            continue
-        key, eq, value = kv.partition("=")
-        if not eq:
-            raise argparse.ArgumentTypeError(f"expected key=value, got {kv.strip()!r}")
-        pairs[key.strip()] = value
-    return pairs
-
-
-def _configs(pairs: dict[str, str], flag: str) -> tuple[HRNNConfig, DataConfig]:
-    # Every key must be a setting, as `hrnn train --config` holds them: `--canary-set sed=7` trained the base
-    # config again and reported an A/A test of nothing.
-    every = field_names(HRNNConfig) | field_names(DataConfig)
-    for key in pairs:
-        if key not in every:
-            raise unknown_setting(key, every, flag)
-    return load_config(HRNNConfig, file_values=pairs), load_config(DataConfig, file_values=pairs)
 
 
 def _train(train, registry: Path, configs: tuple[HRNNConfig, DataConfig], *, current: bool):
@@ -115,9 +93,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REDDIT))
     ap.add_argument("--train-share", type=float, default=0.8)
-    ap.add_argument("--set", type=_pairs, default="", help="hyperparameters over the default config, key=value,...")
+    ap.add_argument("--set", type=setting_pairs, default="",
+                    help="hyperparameters over the default config, key=value,...")
     ap.add_argument("--png", help="also draw recall@20 / MRR@20 over time to this PNG")
-    ap.add_argument("--canary-set", type=_pairs,
+    ap.add_argument("--canary-set", type=setting_pairs,
                     help="a canary: the config with these changes, key=value,... (e.g. seed=7)")
     ap.add_argument("--canary-share", type=float, default=0.5)
     args = ap.parse_args()
@@ -125,10 +104,10 @@ def main() -> int:
         ap.error(f"--train-share must lie strictly between 0 and 1, got {args.train_share:g}")
     if not 0 < args.canary_share < 1:
         ap.error(f"--canary-share must lie strictly between 0 and 1, got {args.canary_share:g}")
-    pairs = {**_pairs(CONFIG), **args.set}
+    pairs = {**setting_pairs(CONFIG), **args.set}
     canary_pairs = None if args.canary_set is None else {**pairs, **args.canary_set}
-    configs = _configs(pairs, "--set")  # before the log loads: a bad setting is refused at once
-    canary_configs = None if canary_pairs is None else _configs(canary_pairs, "--canary-set")
+    configs = configs_from({}, pairs, "--set")  # before the log loads: a bad setting is refused at once
+    canary_configs = None if canary_pairs is None else configs_from({}, canary_pairs, "--canary-set")
     data = load_interactions(args.data, columns={"USER_ID": "0", "ITEM_ID": "1", "TIMESTAMP": "2"}, time_unit="s")
     data = dataclasses.replace(data, ts_ms=data.ts_ms - data.ts_ms.min() + START_MS)
     cut = np.quantile(data.ts_ms, args.train_share)

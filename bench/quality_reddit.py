@@ -49,7 +49,7 @@ REPEAT_DEFAULTS: dict = {"repeat_head": True, "epochs": 12}
 PLAIN_DEFAULTS: dict = {"repeat_head": False, "epochs": 12}
 
 
-def _pairs(text: str) -> dict[str, str]:
+def setting_pairs(text: str) -> dict[str, str]:
     """A --*-set's key=value,... items (an argparse type: a malformed one is a usage error before any data)."""
     pairs = {}
     for kv in text.split(","):
@@ -63,16 +63,18 @@ def _pairs(text: str) -> dict[str, str]:
 
 
 def _config(base: dict, file: str | None, pairs: dict[str, str], flag: str) -> tuple[HRNNConfig, DataConfig]:
-    # Every key must be a setting, as `hrnn train --config` holds them: a misspelt one would train the default
-    # and report it as the config asked for. file_settings also takes a tune best.json (its `holdout`).
-    values = dict(base)
-    if file:
-        values.update(file_settings(file))
+    # file_settings holds a file as `hrnn train --config` does, and takes a tune best.json (its `holdout`)
+    return configs_from({**base, **(file_settings(file) if file else {})}, pairs, flag)
+
+
+def configs_from(values: dict, pairs: dict[str, str], flag: str) -> tuple[HRNNConfig, DataConfig]:
+    """The configs of `values` under the `flag`'s pairs, every key of which must be a setting, as `hrnn train
+    --config` holds them: a misspelt one would train the default and report it as the config asked for."""
     every = field_names(HRNNConfig) | field_names(DataConfig)
     for key in pairs:
         if key not in every:
             raise unknown_setting(key, every, flag)
-    values.update(pairs)
+    values = {**values, **pairs}
     return load_config(HRNNConfig, file_values=values), load_config(DataConfig, file_values=values)
 
 
@@ -105,9 +107,9 @@ def main() -> int:
     p.add_argument("--out-dir", default=str(Path(tempfile.gettempdir()) / "quality_reddit"))
     p.add_argument("--models", default="repeat,plain", help="which networks to train: repeat, plain")
     p.add_argument("--repeat-config", help="config file for the repeat model (e.g. hrnn tune's best.json)")
-    p.add_argument("--repeat-set", type=_pairs, default="", help="overrides for the repeat model: key=value,...")
+    p.add_argument("--repeat-set", type=setting_pairs, default="", help="overrides for the repeat model: key=value,...")
     p.add_argument("--plain-config", help="config file for plain HRNN-Init")
-    p.add_argument("--plain-set", type=_pairs, default="", help="overrides for plain HRNN-Init: key=value,...")
+    p.add_argument("--plain-set", type=setting_pairs, default="", help="overrides for plain HRNN-Init: key=value,...")
     p.add_argument("--synth", action="store_true", help="hrnn synth's default log (2000 users, 1000 items) instead")
     p.add_argument("--repeat-share", type=float, default=0.0, help="with --synth: the repeat knob")
     p.add_argument("--seeds", type=_seeds, default=[], help="train each network once per seed (comma list) and compare the "
