@@ -9,7 +9,8 @@ they are passed to librdkafka unchanged.
 `kafka_consumer` / `kafka_producer` tables (HRNN_KAFKA_CONSUMER, HRNN_KAFKA_PRODUCER) add
 settings for one kind of client only, e.g. session.timeout.ms, which a producer would warn about.
 These tables merge key by key, file < environment < flags: a higher layer adds or replaces single keys, and
-its key for every client (`kafka`, `--kafka-config`) also wins over a lower layer's key for one kind.
+its key for every client (`kafka`, `--kafka-config`) also wins over a lower layer's key for one kind. An empty
+variable adds nothing (a layer cannot remove a lower one's key).
 """
 from __future__ import annotations
 
