@@ -94,8 +94,11 @@ def new_version_name() -> str:
 def save_version(registry: str | Path, model: HRNN, config: HRNNConfig, data_config: DataConfig,
                  item_ids: list[str], event_types: list[str], metrics: dict[str, Any] | None = None,
                  *, version: str | None = None, make_current: bool = True,
-                 extras: Callable[[Path], None] | None = None) -> Path:
+                 extras: Callable[[Path], None] | None = None, holdout: str | None = None) -> Path:
     """Write a complete version, rename it into place, then (optionally) point CURRENT at it.
+
+    `holdout`: the protocol whose test events training held out, kept in config.json beside the settings, so
+    `hrnn train --config config.json` holds out the same events again (model/cli_common.py config_holdout).
 
     `extras(dir)` may add files (plots, reports) before the manifest is written; they are checksummed too.
     """
@@ -116,6 +119,7 @@ def save_version(registry: str | Path, model: HRNN, config: HRNNConfig, data_con
     try:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
         _write_json(tmp / "config.json", {"version": version, "n_items": len(item_ids),
+                                          **({"holdout": holdout} if holdout else {}),
                                           "hrnn": to_dict(config), "data": to_dict(data_config)})
         _write_json(tmp / "items.json", {"item_ids": list(item_ids), "event_types": list(event_types)})
         _write_json(tmp / "metrics.json", metrics or {})

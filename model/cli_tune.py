@@ -5,6 +5,7 @@ import argparse
 
 from model.cli_common import (add_config_flags, add_data_flags, configs_from_args, explicit_settings, load_data,
                                output_dir)
+from model.cli_train import resolve_holdout
 from model.config import DataConfig, HRNNConfig
 from model.pipeline import HOLDOUTS
 
@@ -16,8 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="directory for best.json, trials.json/csv and the history PNG")
     p.add_argument("--trials", type=int, default=20, help="trial budget (default 20)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="time budget in seconds (default 1800)")
-    p.add_argument("--holdout", choices=HOLDOUTS, default="last-session",
-                   help="the evaluation protocol whose test events tuning must never see")
+    p.add_argument("--holdout", choices=HOLDOUTS,
+                   help="the evaluation protocol whose test events tuning must never see (default: the --config "
+                   "file's holdout, else last-session)")
     p.add_argument("--tune-seed", type=int, default=0, help="seed of the Optuna sampler")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     add_config_flags(p, HRNNConfig, DataConfig)
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     config, data_config = configs_from_args(args, base={"epochs": TRIAL_EPOCHS})  # the lowest layer, not a flag
     output_dir(args.out, "--out")
     result = tune(load_data(args), args.out, base=config, data_config=data_config, trials=args.trials,
-                  timeout_s=args.timeout_s, holdout=args.holdout, device=args.device, seed=args.tune_seed,
+                  timeout_s=args.timeout_s, holdout=resolve_holdout(args), device=args.device, seed=args.tune_seed,
                   fixed=frozenset(explicit_settings(args)))
     print(result.out_dir / "best.json")
     return 0

@@ -255,7 +255,7 @@ def train_version(data: Interactions, registry: str | Path, *, config: HRNNConfi
                **(extra_metrics or {})}
     with _pointer_lock(registry, make_current):
         path = save_version(registry, trained.published, config, data_config, [str(i) for i in train.item_ids],
-                            list(train.event_types), metrics, make_current=make_current,
+                            list(train.event_types), metrics, make_current=make_current, holdout=holdout,
                             extras=lambda d: plot_training_curve(result.history, d / "training_curve.png",
                                                                  refit=again.history if again else None,
                                                                  calibrated=calibration and calibration.chosen))

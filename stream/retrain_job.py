@@ -257,7 +257,7 @@ def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> Retrain
         curve = run.version_dir / "training_curve.png"
         path = save_version(registry, candidate.model, candidate.config, candidate.data_config, candidate.item_ids,
                             candidate.event_types, {**candidate.metrics, "comparison": comparison},
-                            version=candidate.version, make_current=not spec.canary,
+                            version=candidate.version, make_current=not spec.canary, holdout=HOLDOUT,
                             extras=(lambda d: shutil.copy(curve, d / curve.name)) if curve.exists() else None)
         out.status, out.version, out.path = "published", candidate.version, str(path)
         out.current = now_current if spec.canary else candidate.version

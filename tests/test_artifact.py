@@ -149,3 +149,16 @@ def test_a_version_published_with_a_history_length_past_todays_bound_still_loads
     torch.manual_seed(0)
     path = save_version(tmp_path, HRNN(len(ITEMS), cfg), cfg, DataConfig(), ITEMS, ["click"], {"val_mrr@20": 0.5})
     assert load_version(path).config.history_length == MAX_HISTORY_LENGTH + 100
+
+
+def test_a_versions_config_json_holds_its_holdout_so_training_from_it_holds_out_the_same_events(tmp_path):
+    """`hrnn train --config REG/V/config.json` retrains the version: with its protocol too, not last-session."""
+    import argparse
+
+    from model.cli_train import add_arguments, resolve_holdout
+
+    path = _save(tmp_path, holdout="personalize")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", "x.csv", "--registry", "r", "--config", str(path / "config.json")])
+    assert resolve_holdout(args) == "personalize"

@@ -206,6 +206,28 @@ def test_only_the_settings_searched_are_left_out_of_the_search_when_given():
     assert "loss" not in tune_mod.base_params(BASE, frozenset({"loss"}))
 
 
+def test_tied_embeddings_of_a_given_size_fix_the_hidden_dimension_instead_of_failing_every_trial(data, tmp_path):
+    """The tie needs hidden_dimension == embedding_dimension: searching the one beside the other given made every
+    drawn trial a ConfigError."""
+    base = dataclasses.replace(BASE, tied_embeddings=True, embedding_dimension=40, hidden_dimension=40, epochs=1)
+    result = tune_mod.tune(data, tmp_path, base=base, data_config=DataConfig(), trials=3, device="cpu",
+                           log=lambda line: None)
+    trials = json.loads((tmp_path / "trials.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["complete"] * 3
+    assert all("hidden_dimension" not in t["params"] for t in trials) and result.best_config.hidden_dimension == 40
+
+
+def test_tune_takes_the_holdout_of_its_config_file_as_train_does(small_csv, tmp_path, monkeypatch):
+    asked = {}
+    monkeypatch.setattr(tune_mod, "tune", lambda *a, **kw: asked.update(kw) or
+                        types.SimpleNamespace(out_dir=tmp_path))
+    config = tmp_path / "best.json"
+    config.write_text('{"holdout": "personalize"}')
+    rc, _, err = hrnn_here(["tune", "--data", str(small_csv), "--out", str(tmp_path / "o"), "--config", str(config)])
+    assert rc == 0, err
+    assert asked["holdout"] == "personalize"
+
+
 def test_a_crash_in_a_trial_leaves_best_json_and_the_trials_completed_before_it(small, tmp_path, monkeypatch):
     calls = []
     real_fit = tune_mod.fit
