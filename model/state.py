@@ -367,6 +367,8 @@ def decode_state(raw: bytes) -> UserState:
         raise StateFormatError(f"corrupt state value: {exc}") from None
     if sess.shape[0] != w.hidden_dim or user.shape[0] != w.hidden_dim:
         raise StateFormatError("corrupt state value: hidden vectors do not match hidden_dim")
+    if not (np.isfinite(sess).all() and np.isfinite(user).all()):  # the network never writes one: NaN scores follow
+        raise StateFormatError("corrupt state value: a hidden vector is not finite")
     try:
         history = _history_v2(w) if isinstance(w, _Wire) else \
             History(w.hist_items, w.hist_ts, w.hist_types, w.hist_new)

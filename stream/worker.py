@@ -845,12 +845,19 @@ class Worker:
             log.warning("offset commit failed; the batch may be re-read", extra={"error": str(exc)})
 
     def _commit_transaction(self, offsets: list[TopicPartition], attempts: int = 3) -> bool:
+        """Add the offsets to the transaction, then commit it; False when it was aborted (the batch is read again).
+        Each step is retried on its own: a commit that timed out is still in progress in librdkafka, which resumes
+        it when called again and refuses to add offsets meanwhile."""
+        group = self._consumer.consumer_group_metadata()
+        steps = (lambda: self._producer.send_offsets_to_transaction(offsets, group, _CLIENT_TIMEOUT_S),
+                 lambda: self._producer.commit_transaction(_CLIENT_TIMEOUT_S))
+        return all(self._transaction_step(step, attempts) for step in steps)
+
+    def _transaction_step(self, step: Callable[[], None], attempts: int) -> bool:
         for attempt in range(1, attempts + 1):
             self.health.beat()
             try:
-                self._producer.send_offsets_to_transaction(offsets, self._consumer.consumer_group_metadata(),
-                                                           _CLIENT_TIMEOUT_S)
-                self._producer.commit_transaction(_CLIENT_TIMEOUT_S)
+                step()
                 return True
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None

@@ -70,6 +70,17 @@ def test_the_events_a_version_does_not_step_for_their_type_round_trip_and_a_stat
         decode_state(encode_state(bad))
 
 
+@pytest.mark.parametrize("fmt", [1, 2])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_state_whose_hidden_vector_is_not_finite_is_a_corrupt_state_the_user_starts_afresh_from(fmt, bad):
+    """The network never writes one; a damaged or foreign value would give the user NaN scores (JSON null, which
+    the recommendation contract and `hrnn audit` refuse) from then on."""
+    s = _state()
+    s.user_hidden[3] = bad
+    with pytest.raises(StateFormatError, match="not finite"):
+        decode_state(encode_state(s, fmt))
+
+
 def test_a_format_1_time_past_64_bits_is_a_corrupt_state_not_a_crash():
     s = _state(3)
     raw = _format_1(s)

@@ -37,6 +37,9 @@ class FakeProducer:
         self.sent: list[tuple] = []
         self.txn_offsets: list[list[tuple[int, int]]] = []
         self.fenced_commits = 0  # commits to fail as when the group moved on: the batch is aborted and read again
+        self.timed_out_commits = 0  # commits that time out and stay in progress, as librdkafka's do
+        self.commit_calls = 0
+        self._committing = False
         self._next: dict[tuple[str, int], int] = {}
 
     def produce(self, topic, value=None, key=None, partition=None, headers=None, on_delivery=None, **_):
@@ -55,13 +58,23 @@ class FakeProducer:
         self.pending = []
         return 0
 
-    def begin_transaction(self):
-        pass
-
     def send_offsets_to_transaction(self, offsets, metadata, timeout=None):
+        if self._committing:  # librdkafka refuses it while a commit that timed out is in progress
+            raise KafkaException(KafkaError(KafkaError._CONFLICT, "Conflicting commit_transaction API call is "
+                                            "already in progress", retriable=True))
         self.txn_offsets.append([(tp.partition, tp.offset) for tp in offsets])
 
+    def begin_transaction(self):
+        self._committing = False
+
     def commit_transaction(self, timeout=None):
+        self.commit_calls += 1
+        if self.timed_out_commits:
+            self.timed_out_commits -= 1
+            self._committing = True
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Timed out waiting for operation to finish, "
+                                            "retry call to resume", retriable=True))
+        self._committing = False
         if self.fenced_commits:
             self.fenced_commits -= 1
             raise KafkaException(KafkaError(KafkaError._FENCED, "fenced", txn_requires_abort=True))
@@ -221,6 +234,17 @@ def test_an_aborted_transaction_counts_its_dead_letters_and_latencies_only_when_
     assert counted() == (0, 0, 0)
     assert w.process_batch(batch).aborted == 0
     assert counted() == (2, 1, 2)
+
+
+def test_a_transaction_commit_that_timed_out_is_resumed_not_begun_again_with_its_offsets(make_worker):
+    """librdkafka keeps a commit that timed out in progress, resumes it when called again and refuses to add the
+    offsets meanwhile: sending them again on each retry stopped the worker on a slow broker."""
+    w = make_worker("exactly_once")
+    assign(w, 0)
+    w._producer.timed_out_commits = 1
+    result = w.process_batch([event(0, 0, "alice"), event(0, 1, "bob")])
+    assert result.aborted == 0 and result.recommendations == 2
+    assert w._producer.commit_calls == 2 and w._producer.txn_offsets == [[(0, 2)]]
 
 
 # ---- a rebalance inside the poll -----------------------------------------------------------------
