@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,24 @@ def file_settings(path: str) -> dict[str, Any]:
     return merged | top
 
 
+def _published_holdout(version_dir: Path) -> str | None:
+    """The holdout a version's metrics.json records: a config.json written before it kept the holdout itself
+    (2026-12-06) does not say, and training from it would change the split without a word."""
+    try:
+        return json.loads((version_dir / "metrics.json").read_text()).get(HOLDOUT_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def config_holdout(args: argparse.Namespace, choices: tuple[str, ...]) -> str | None:
     """The `holdout` the --config file records (None: no file or no such key), one of `choices`."""
     path = getattr(args, "config", None)
     if not path:
         return None
-    value = read_config_file(path).get(HOLDOUT_KEY)
+    values = read_config_file(path)
+    value = values.get(HOLDOUT_KEY)
+    if value is None and all(k in values for k in VERSION_KEYS):
+        value = _published_holdout(Path(path).parent)
     if value is not None and value not in choices:
         raise ConfigError(f"config file {path}: {HOLDOUT_KEY} {value!r} is not one of {', '.join(choices)}")
     return value

@@ -140,11 +140,13 @@ def tune(data: Interactions, out_dir: str | Path, *, base: HRNNConfig, data_conf
     weights = event_weights(inputs.train, data_config)
     check_target_weights(inputs.train, inputs.starts, base, weights)  # weights that leave nothing to learn: say so once
     fixed = frozenset(fixed) & set(SPACE)
-    if base.tied_embeddings and base.embedding_dimension:  # the tie needs hidden_dimension == embedding_dimension
-        fixed |= {"hidden_dimension"}
     if fixed:
         say("fixed in every trial (given explicitly, not searched): "
             + ", ".join(f"{k}={_short(getattr(base, k))}" for k in SPACE if k in fixed))
+    if base.tied_embeddings and base.embedding_dimension and "hidden_dimension" not in fixed:
+        fixed |= {"hidden_dimension"}
+        say(f"hidden_dimension={base.hidden_dimension} fixed in every trial: tied_embeddings needs it equal to "
+            f"embedding_dimension")
     configs: dict[int, HRNNConfig] = {}
     first_epochs: list[float] = []  # each trial's time to its first validation: what starting one costs at least
 

@@ -867,10 +867,16 @@ class Worker:
                     continue
                 if err.txn_requires_abort():  # e.g. the group moved on: someone else owns these offsets now
                     log.warning("transaction aborted; re-reading the batch", extra={"error": err.str()})
-                    self._producer.abort_transaction(_CLIENT_TIMEOUT_S)
+                    self._abort_transaction(err)
                     return False
                 raise WorkerError(f"transaction failed: {err.str()}") from None
         return False
+
+    def _abort_transaction(self, cause: KafkaError) -> None:
+        try:
+            self._producer.abort_transaction(_CLIENT_TIMEOUT_S)
+        except KafkaException as exc:  # the worker stops as for any failed transaction: a typed error, exit 2
+            raise WorkerError(f"transaction failed: {cause.str()}; aborting it failed too: {exc}") from None
 
     def _rewind(self, first_offsets: dict[int, int]) -> None:
         for p, o in first_offsets.items():

@@ -162,3 +162,22 @@ def test_a_versions_config_json_holds_its_holdout_so_training_from_it_holds_out_
     add_arguments(parser)
     args = parser.parse_args(["--data", "x.csv", "--registry", "r", "--config", str(path / "config.json")])
     assert resolve_holdout(args) == "personalize"
+
+
+def test_a_version_published_before_config_json_kept_its_holdout_is_retrained_on_the_holdout_its_metrics_record(
+        tmp_path):
+    import argparse
+    import json
+
+    from model.cli_train import add_arguments, resolve_holdout
+
+    path = _save(tmp_path, holdout="personalize")
+    config = json.loads((path / "config.json").read_text())
+    del config["holdout"]  # as versions of builds before 2026-12-06 wrote it
+    (path / "config.json").write_text(json.dumps(config))
+    metrics = json.loads((path / "metrics.json").read_text())
+    (path / "metrics.json").write_text(json.dumps({**metrics, "holdout": "personalize"}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", "x.csv", "--registry", "r", "--config", str(path / "config.json")])
+    assert resolve_holdout(args) == "personalize"

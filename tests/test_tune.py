@@ -210,8 +210,11 @@ def test_tied_embeddings_of_a_given_size_fix_the_hidden_dimension_instead_of_fai
     """The tie needs hidden_dimension == embedding_dimension: searching the one beside the other given made every
     drawn trial a ConfigError."""
     base = dataclasses.replace(BASE, tied_embeddings=True, embedding_dimension=40, hidden_dimension=40, epochs=1)
+    said: list[str] = []
     result = tune_mod.tune(data, tmp_path, base=base, data_config=DataConfig(), trials=3, device="cpu",
-                           log=lambda line: None)
+                           log=said.append)
+    assert "hidden_dimension=40 fixed in every trial: tied_embeddings needs it equal to embedding_dimension" in said
+    assert not any("given explicitly" in line for line in said)  # nobody gave it
     trials = json.loads((tmp_path / "trials.json").read_text())["trials"]
     assert [t["state"] for t in trials] == ["complete"] * 3
     assert all("hidden_dimension" not in t["params"] for t in trials) and result.best_config.hidden_dimension == 40

@@ -39,6 +39,7 @@ class FakeProducer:
         self.fenced_commits = 0  # commits to fail as when the group moved on: the batch is aborted and read again
         self.timed_out_commits = 0  # commits that time out and stay in progress, as librdkafka's do
         self.commit_calls = 0
+        self.failing_aborts = False
         self._committing = False
         self._next: dict[tuple[str, int], int] = {}
 
@@ -80,7 +81,8 @@ class FakeProducer:
             raise KafkaException(KafkaError(KafkaError._FENCED, "fenced", txn_requires_abort=True))
 
     def abort_transaction(self, timeout=None):
-        pass
+        if self.failing_aborts:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "abort timed out", retriable=True))
 
     def to(self, topic: str) -> list[tuple]:
         return [r for r in self.sent if r[0] == topic]
@@ -245,6 +247,16 @@ def test_a_transaction_commit_that_timed_out_is_resumed_not_begun_again_with_its
     result = w.process_batch([event(0, 0, "alice"), event(0, 1, "bob")])
     assert result.aborted == 0 and result.recommendations == 2
     assert w._producer.commit_calls == 2 and w._producer.txn_offsets == [[(0, 2)]]
+
+
+def test_a_transaction_whose_abort_fails_too_stops_the_worker_with_a_typed_error_naming_both(make_worker):
+    from stream.worker import WorkerError
+
+    w = make_worker("exactly_once")
+    assign(w, 0)
+    w._producer.fenced_commits, w._producer.failing_aborts = 1, True
+    with pytest.raises(WorkerError, match="transaction failed: fenced; aborting it failed too: .*abort timed out"):
+        w.process_batch([event(0, 0, "alice")])
 
 
 # ---- a rebalance inside the poll -----------------------------------------------------------------
