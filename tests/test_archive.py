@@ -290,11 +290,12 @@ def _batch(root: Path, first: int, last: int) -> list[Path]:
         [ArchivedEvent(0, k, Event(f"u{k % 4}", f"i{k % 5}", "click", T0 + k * 1000)) for k in range(first, last + 1)])
 
 
-def test_a_batch_whose_records_another_batch_holds_too_is_read_once(tmp_path, caplog):
-    """Two instances archived offsets 0..99 and 0..149 of one partition (one retried a write after the other took
-    the partition over): each event is counted and trained on once."""
+@pytest.mark.parametrize("first, last", [(0, 99), (50, 149), (40, 60)])
+def test_a_batch_whose_records_another_batch_holds_too_is_read_once(tmp_path, caplog, first, last):
+    """Two instances archived offsets 0..149 and a part of them of one partition (one retried a write after the
+    other took the partition over): each event is counted and trained on once."""
     _batch(tmp_path / "b", 0, 149)
-    for f in _batch(tmp_path / "a", 0, 99):
+    for f in _batch(tmp_path / "a", first, last):
         shutil.copy(f, tmp_path / "b" / DAY / f.name)
     assert count_events(tmp_path / "b", 7) == len(read_window(tmp_path / "b", 7)) == 150
     assert "another batch holds its records too" in caplog.text

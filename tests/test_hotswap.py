@@ -223,6 +223,16 @@ def test_the_latest_request_wins(versions):
         assert holder.swap_if_ready() is None and holder.current().version == a.name
 
 
+def test_a_loaded_version_waiting_to_swap_in_is_dropped_by_a_later_request_even_one_refused(versions):
+    reg, a, b = versions
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(b, b.name) and holder.wait_idle(60)
+        assert holder.stats().pending == b.name  # loaded, waiting for a batch boundary
+        bad = broken_copy(b, "integrity")
+        assert holder.request(bad, bad.name) and holder.wait_idle(60)  # supersedes b, then is refused
+        assert holder.swap_if_ready() is None and holder.current().version == a.name
+
+
 def test_an_announced_path_from_another_host_resolves_in_the_local_registry(versions):
     reg, _, b = versions
     with ModelHolder.open(reg, device="cpu") as holder:

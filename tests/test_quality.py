@@ -365,9 +365,10 @@ def test_the_json_report_holds_null_where_a_figure_has_nothing_to_judge(monkeypa
     assert metric["candidate"]["se"] is None and metric["ci95"] is None and metric["difference"] == 0.0
 
 
-def _announced_canary(bootstrap: str, tmp_path: Path):
+def _announced_canary(bootstrap: str, tmp_path: Path, registry_id: str | None = None):
     """A registry whose current version (stable) has a canary published beside it, not over it, announced for half
-    of the users on a topic of its own: (registry, stable, canary, topic, announcement)."""
+    of the users on a topic of its own (under `registry_id`, else the registry's path): (registry, stable, canary,
+    topic, announcement)."""
     import uuid
 
     from model.artifact import current_version, latest_version_dir, set_current
@@ -379,7 +380,24 @@ def _announced_canary(bootstrap: str, tmp_path: Path):
     set_current(registry, stable)
     topic = f"upd-{uuid.uuid4().hex[:8]}"
     return registry, stable, canary, topic, announce(bootstrap, topic, canary, registry / canary, reason="canary",
-                                                     share=0.5)
+                                                     share=0.5, registry_id=registry_id)
+
+
+def test_decide_canary_acts_on_the_canary_announced_under_the_registry_id_it_is_given(broker, tmp_path, monkeypatch,
+                                                                                       capsys):
+    import stream.quality
+    from stream.announce import latest_announcement
+    from stream.cli import main as hrnn
+
+    registry, stable, canary, topic, _ = _announced_canary(broker.bootstrap, tmp_path, registry_id="team-a")
+    rows = [(v, t, 1, u) for t in range(0, 100_000, 10_000) for v, users in ((stable, range(200)),
+                                                                            (canary, range(200, 400))) for u in users]
+    monkeypatch.setattr(stream.quality, "quality_worker",
+                        lambda settings, **kw: QualityReport("ev", "rec", [20], None, _verdicts(rows), 0, LOG))
+    assert hrnn(["quality", "--bootstrap-servers", broker.bootstrap, "--registry", str(registry), "--updates-topic",
+                 topic, "--registry-id", "team-a", "--decide-canary", "--min-users", "50"]) == 0
+    assert f"canary {canary} (50.0% of the users) vs {stable}: promote" in capsys.readouterr().out
+    assert latest_announcement(broker.bootstrap, topic, "team-a").version == canary
 
 
 @pytest.mark.parametrize("canary_rank, action, status, flags, says", [

@@ -54,7 +54,7 @@ def streamed(broker, registry, tmp_path_factory):
     """Stream the mixed input through one worker and collect everything it wrote."""
     settings = settings_for(broker.bootstrap, registry, tmp_path_factory.mktemp("state"), partitions=PARTITIONS,
                             batch_size=64)
-    events = make_events(N_VALID, N_USERS, unknown_every=37)
+    events = make_events(N_VALID, N_USERS, unknown_every=37, session_ids=True)  # the worker follows the clients
     keyed, miskeyed = events[:-8], events[-8:]
     wrong_keys = [None, b"someone-else"] * 4
     with running(settings) as worker:

@@ -61,10 +61,13 @@ def settings_for(bootstrap: str, registry: Path, state_dir: Path, *, name: str |
     return WorkerSettings(**values)
 
 
-def make_events(n: int, n_users: int, *, seed: int = 1, purchase_every: int = 7, unknown_every: int = 0) -> list[Event]:
-    """n events over n_users users, timestamps rising per user with a session gap now and then."""
+def make_events(n: int, n_users: int, *, seed: int = 1, purchase_every: int = 7, unknown_every: int = 0,
+                session_ids: bool = False) -> list[Event]:
+    """n events over n_users users, timestamps rising per user with a session gap now and then. With
+    `session_ids`, a third of the users send session ids, which change at a gap and now and then within one, and
+    leave them out on a fifth of their events."""
     rng = np.random.default_rng(seed)
-    out, clock = [], {}
+    out, clock, session = [], {}, {}
     for i in range(n):
         user = f"user-{rng.integers(n_users)}"
         gap = 3_600_000 if rng.random() < 0.15 else int(rng.integers(1_000, 60_000))
@@ -73,7 +76,11 @@ def make_events(n: int, n_users: int, *, seed: int = 1, purchase_every: int = 7,
         if unknown_every and i % unknown_every == 0:
             item = f"new-item-{i}"
         etype = "purchase" if purchase_every and i % purchase_every == 0 else "click"
-        out.append(Event(user, item, etype, clock[user], event_id=f"e{i}"))
+        sid = None
+        if session_ids and int(user.split("-")[1]) % 3 == 0:
+            session[user] = session.get(user, 0) + (gap >= 3_600_000 or rng.random() < 0.1)
+            sid = f"{user}-s{session[user]}" if rng.random() < 0.8 else None
+        out.append(Event(user, item, etype, clock[user], session_id=sid, event_id=f"e{i}"))
     return out
 
 
