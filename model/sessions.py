@@ -35,11 +35,25 @@ def session_starts(data: Interactions, timeout_s: float, whole_history: bool = F
         boundary = np.zeros(n - 1, dtype=bool)
     else:
         boundary = np.diff(data.ts_ms) > int(timeout_s * 1000)
-        if data.session_key is not None:  # an event with an id starts a session where the id changes (is_new_session)
-            key = data.session_key
-            boundary = np.where(key[1:] >= 0, key[1:] != key[:-1], boundary)
+        if data.session_key is not None:
+            boundary = _id_boundaries(data.session_key, ~same_user | boundary)
     starts[1:] = ~same_user | boundary
     return starts
+
+
+def _id_boundaries(key: np.ndarray, by_gap: np.ndarray) -> np.ndarray:
+    """Where rows 1.. start a session given session-id codes (-1: the event has none) and where the user or the
+    time gap would start one. As the worker does (is_new_session against the state's session id): an event with
+    an id starts one when its id differs from the id of the session it would join, which is the id of the event
+    that opened it, or one no event has (the worker makes one up) when that event had none; an event without an
+    id starts one by the gap, and otherwise keeps the session's id."""
+    n = len(key)
+    has = key >= 0
+    opens_without = ~has & np.concatenate(([True], by_gap))  # events without an id that open a session
+    session_key = np.where(has, key, -2 - np.arange(n))  # a key of its own for each session such an event opens
+    known = has | opens_without
+    carried = session_key[np.maximum.accumulate(np.where(known, np.arange(n), 0))]  # the key the session has
+    return np.where(has[1:], key[1:] != carried[:-1], by_gap)
 
 
 def session_index(starts: np.ndarray) -> np.ndarray:
