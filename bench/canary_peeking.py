@@ -108,6 +108,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.experiments < 1 or args.looks < 1:  # no experiment: no share to report; no look: no decision
         ap.error("--experiments and --looks must be >= 1")
+    if not args.data.is_file():  # said as a usage error, not numpy's FileNotFoundError traceback
+        ap.error(f"--data {args.data}: no such file")
     started = time.perf_counter()
     sizes = lists_per_user(args.data)
     base = Rule(max_loss=args.max_loss, planned_users=args.users // 2)

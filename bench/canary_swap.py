@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stream.cli_common import exit_on_sigterm  # noqa: E402
-from bench.swap import (H, Harness, Traffic, describe, log, pct, plot, scan, seed_states,  # noqa: E402
-                        two_versions)
+from bench.swap import (H, Harness, Traffic, describe, log, pct, plot, refuse_bad_flags, scan,  # noqa: E402
+                        seed_states, two_versions)
 from model.errors import exit_status  # noqa: E402
 
 
@@ -76,6 +76,9 @@ def main() -> None:
     args = p.parse_args()
     if not 0 < args.share < 1:
         p.error(f"--share must lie strictly between 0 and 1, got {args.share:g}")
+    refuse_bad_flags(p, args, counts=("items", "hidden", "users", "partitions", "batch_size", "calib_events"),
+                     windows=("base_s", "canary_s", "promote_s", "after_s", "max_rate"),
+                     at_least_zero=("settle_s", "rate"))
     print(json.dumps(run(args)), flush=True)
 
 

@@ -117,6 +117,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -648,9 +649,38 @@ def main() -> None:
     if args.retrain_child:
         retrain_child(*args.retrain_child, args.retrain_epochs, args.hidden, args.torch_threads)
         return
+    refuse_bad_flags(p, args, counts=("items", "hidden", "users", "partitions", "batch_size", "calib_events",
+                                      "new_item_min_events", "retrain_events", "retrain_epochs", "rebuild_users"),
+                     windows=("base_s", "swap_s", "base_after_s", "new_item_timeout_s", "max_rate",
+                              *(("seconds",) if args.seconds is not None else ())),
+                     at_least_zero=("settle_s", "rate"))
     if args.seconds:
         args.base_s = args.swap_s = args.seconds
     print(json.dumps(run(args)), flush=True)
+
+
+def refuse_bad_flags(p: argparse.ArgumentParser, args: argparse.Namespace, *, counts: tuple[str, ...],
+                     windows: tuple[str, ...], at_least_zero: tuple[str, ...]) -> None:
+    """A usage error (exit 2) before the broker starts: a count of nothing or a window of no time measured nothing
+    after minutes, and a negative seed or an out dir that cannot be made crashed part way with a traceback."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in counts:
+        if getattr(args, name) < 1:
+            p.error(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
+    for name in windows:
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):  # NaN fails too
+            p.error(f"{flag(name)} must be a number > 0, got {getattr(args, name):g}")
+    for name in at_least_zero:
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            p.error(f"{flag(name)} must be a number >= 0, got {getattr(args, name):g}")
+    if args.seed < 0:  # numpy's generators take no negative seed
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    try:  # last: made only once every other flag is fine
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--out-dir {args.out_dir}: cannot create it ({exc.strerror or exc})")
 
 
 def run(args) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 
 from model.errors import ConfigError
 from model.sessions import session_starts
-from model.synth import MAX_EVENTS, generate, measured_repeat_share, write
+from model.synth import MAX_EVENTS, MAX_ITEMS, generate, measured_repeat_share, write
 
 _SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 
@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} is a directory (expected a file name)")
     if args.seed < 0:  # numpy's generators take no negative seed
         raise ConfigError(f"--seed {args.seed}: the seed must be 0 or more")
+    if args.items > MAX_ITEMS:  # checked here too, to name the flag
+        raise ConfigError(f"--items {args.items}: at most {MAX_ITEMS:,} items")
     if args.users * args.events_per_user > MAX_EVENTS:  # checked here too, to name the flags
         raise ConfigError(f"--users {args.users} x --events-per-user {args.events_per_user:.10g} asks for about "
                           f"{args.users * args.events_per_user:.3g} events, more than the {MAX_EVENTS:.0e} "

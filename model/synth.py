@@ -47,6 +47,9 @@ BASE_EPOCH_S = 1_767_225_600  # 2026-01-01T00:00:00Z
 # bound on n_users x events_per_user, so a slip (--events-per-user 1e6 with 2000 users: 2e9 events) is a
 # message rather than a MemoryError part way through
 MAX_EVENTS = 100_000_000
+# bound on n_items, for the same reason: the catalogue arrays are drawn whole, so 10**11 items asked for a
+# 745 GiB allocation and 2**64 overflowed numpy's int64 (a traceback, not a message)
+MAX_ITEMS = 10_000_000
 EVENT_TYPES = ("click", "purchase")
 
 
@@ -252,6 +255,8 @@ def _check(n_users: int, n_items: int, n_categories: int, repeat_share: float, e
         raise ConfigError(f"n_categories must be at least 1, got {n_categories}")
     if n_items < n_categories:
         raise ConfigError(f"n_items ({n_items}) must be at least n_categories ({n_categories})")
+    if n_items > MAX_ITEMS:
+        raise ConfigError(f"n_items must be at most {MAX_ITEMS:,}, got {n_items}")
     if not 0.0 <= repeat_share < 1.0:
         raise ConfigError(f"repeat_share must be in [0, 1), got {repeat_share}")
     if not 2 <= events_per_user <= 1e6:  # NaN fails too

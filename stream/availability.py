@@ -76,6 +76,13 @@ def set_availability(bootstrap: str, items: Sequence[str], *, available: bool, r
     if too_long is not None:  # no event can name it: taking it off sale would change nothing
         raise AvailabilityError(f"item id {too_long[:40]!r}... has {len(too_long)} characters, more than the "
                                 f"{MAX_ID_CHARS} an event's item_id may have")
+    # Text in a terminal's bytes that are not UTF-8 reaches Python as lone surrogates, which neither a Kafka key nor
+    # the JSON value can carry: refuse it before the topic is created or anything produced.
+    for what, text in [*(("item id", i) for i in items), ("reason", reason or "")]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise AvailabilityError(f"{what} {text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
     ensure_table_topic(bootstrap, topic, extra=extra, timeout_s=timeout_s)
     # Putting an item back writes a tombstone: compaction then forgets the item altogether.
     value = None if available else _encoder.encode(ItemStatus(False, reason, int(time.time() * 1000)))

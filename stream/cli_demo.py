@@ -50,8 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse out-of-range flags before any work: the demo trains for minutes before it uses --rate."""
-    checks = [("--users", args.users, args.users >= 10, "at least 10"),
-              ("--items", args.items, args.items >= 20, "at least 20, one per synthetic category"),
+    from model.synth import MAX_EVENTS, MAX_ITEMS
+
+    # synth's own bounds, checked here to name the flags before the broker starts (25: its events per user)
+    checks = [("--users", args.users, 10 <= args.users <= MAX_EVENTS // 25, f"10 to {MAX_EVENTS // 25:,}"),
+              ("--items", args.items, 20 <= args.items <= MAX_ITEMS,
+               f"20 (one per synthetic category) to {MAX_ITEMS:,}"),
               ("--seed", args.seed, args.seed >= 0, ">= 0"),
               ("--epochs", args.epochs, 1 <= args.epochs <= 1000, "1 to 1000"),
               ("--rate", args.rate, math.isfinite(args.rate) and args.rate > 0, "events/s, a number > 0"),

@@ -100,11 +100,33 @@ def _merge(base: dict[str, Any], extra: ClientSettings | None) -> dict[str, Any]
     return out
 
 
+def _utf8_checked(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg`, once every name and text value encodes as UTF-8. A flag or variable in bytes that are not UTF-8
+    reaches Python as lone surrogates, which confluent-kafka cannot encode: it then fails inside the client's
+    constructor with a SystemError, not an error naming the setting. The value is not shown: it may be a secret."""
+    for key, value in cfg.items():
+        for text in (key, value):
+            if isinstance(text, str) and not _is_utf8(text):
+                name = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                where = ("in --bootstrap-servers (or HRNN_BOOTSTRAP_SERVERS)" if key == "bootstrap.servers" else
+                         "where it comes from: --kafka-config, a settings file's kafka tables or HRNN_KAFKA*")
+                raise ClientSettingError(f"Kafka client setting '{name}' is not UTF-8 text: fix it {where}")
+    return cfg
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def consumer_config(bootstrap: str, group: str, extra: ClientSettings | None = None) -> dict[str, Any]:
     """Settings for the worker's group consumer; `extra` overrides defaults, never bootstrap/group."""
     cfg = _merge(CONSUMER_DEFAULTS, extra)
     cfg.update({"bootstrap.servers": bootstrap, "group.id": group})
-    return cfg
+    return _utf8_checked(cfg)
 
 
 def producer_config(bootstrap: str, extra: ClientSettings | None = None, *,
@@ -114,7 +136,7 @@ def producer_config(bootstrap: str, extra: ClientSettings | None = None, *,
     cfg["bootstrap.servers"] = bootstrap
     if transactional_id:
         cfg["transactional.id"] = transactional_id
-    return cfg
+    return _utf8_checked(cfg)
 
 
 # librdkafka's consumer-only properties (its CONFIGURATION.md, C/P column "C"). librdkafka builds an admin
@@ -135,7 +157,7 @@ def admin_config(bootstrap: str, extra: ClientSettings | None = None) -> dict[st
     """Settings for an admin client: `extra` without the consumer-only properties."""
     cfg = {k: v for k, v in _merge({}, extra).items() if k not in CONSUMER_ONLY}
     cfg["bootstrap.servers"] = bootstrap
-    return cfg
+    return _utf8_checked(cfg)
 
 
 def admin_client(bootstrap: str, extra: ClientSettings | None = None) -> AdminClient:
@@ -247,7 +269,7 @@ def reader_consumer(bootstrap: str, extra: ClientSettings | None = None) -> Cons
     cfg = _merge({"enable.auto.commit": False, "enable.auto.offset.store": False}, extra)
     cfg.update({"bootstrap.servers": bootstrap, "group.id": f"hrnn-reader-{uuid.uuid4().hex[:12]}"})
     try:
-        return Consumer(cfg)
+        return Consumer(_utf8_checked(cfg))
     except (KafkaException, ValueError, TypeError) as exc:
         raise _refused("consumer", bootstrap, exc, extra) from None
 

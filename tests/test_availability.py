@@ -55,6 +55,23 @@ def test_an_item_id_no_event_could_carry_is_refused_before_the_broker_is_asked()
         set_availability("127.0.0.1:1", ["sku-1", "x" * (MAX_ID_CHARS + 1)], available=False)
 
 
+@pytest.mark.parametrize("items, reason, says", [
+    (["sku-1"], "recalled \udcff batch", r"reason b'recalled \\xff batch' is not UTF-8"),
+    (["sku-1", "sku-\udcff"], None, r"item id b'sku-\\xff' is not UTF-8"),
+])
+def test_text_that_is_not_utf8_is_refused_before_the_topic_is_made_or_anything_produced(monkeypatch, items, reason,
+                                                                                        says):
+    """A --reason typed in a Latin-1 terminal arrives as lone surrogates: a typed error, not a UnicodeEncodeError."""
+    import stream.availability as av
+
+    touched = []
+    monkeypatch.setattr(av, "ensure_table_topic", lambda *a, **k: touched.append("topic"))
+    monkeypatch.setattr(av, "create_producer", lambda *a, **k: touched.append("producer"))
+    with pytest.raises(AvailabilityError, match=says):
+        set_availability("127.0.0.1:1", items, available=False, reason=reason)
+    assert touched == []
+
+
 def test_waiting_for_a_reader_that_failed_ends_at_once_not_at_the_deadline():
     reader = AvailabilityReader("127.0.0.1:1", "never-read")  # not started: only its failure is set
     reader.error = KafkaClientError("reading 'never-read' failed: gone")

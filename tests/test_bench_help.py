@@ -33,6 +33,9 @@ TRAIN_SMALL = ["--users", "100", "--items", "100", "--no-warmup", "--out-dir", "
 CANARY_SMALL = ["--events", "200", "--users", "50", "--items", "200", "--hidden", "32", "--batch-size", "50"]
 WORKERS_SMALL = ["--workers", "1", "--partitions", "1", "--events", "200", "--items", "200", "--hidden", "32",
                  "--png", "{tmp}/w.png"]
+# A flag the swap benches took anyway ran a broker for minutes: beside it a negative seed, which crashed them at
+# once (numpy's ValueError), so a bench that lets the flag through fails quickly, not by the timeout.
+SWAP_FAST = ["--seed", "-1", "--out-dir", "{tmp}/out"]
 STREAM_SMALL = ["--events", "200", "--items", "200", "--hidden", "32", "--latency-seconds", "1",
                 "--baseline-events", "10"]
 
@@ -93,6 +96,21 @@ STREAM_SMALL = ["--events", "200", "--items", "200", "--hidden", "32", "--latenc
     ("stream_throughput.py", [*STREAM_SMALL, "--items", "0"], "--items must be >= 1, got 0"),
     ("stream_throughput.py", [*STREAM_SMALL, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     ("stream_throughput.py", [*STREAM_SMALL, "--partitions", "0"], "--partitions must be >= 1, got 0"),
+    ("canary_peeking.py", [*PEEKING_SMALL, "--data", "/proc/x/y"], "--data /proc/x/y: no such file"),
+    ("swap.py", ["--out-dir", "{tmp}/out", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    ("swap.py", ["--out-dir", "/proc/x/y"], "--out-dir /proc/x/y: cannot create it"),
+    ("swap.py", [*SWAP_FAST, "--rate", "-5"], "--rate must be a number >= 0, got -5"),
+    ("swap.py", [*SWAP_FAST, "--max-rate", "nan"], "--max-rate must be a number > 0, got nan"),
+    ("swap.py", [*SWAP_FAST, "--base-s", "0"], "--base-s must be a number > 0, got 0"),
+    ("swap.py", [*SWAP_FAST, "--seconds", "-1"], "--seconds must be a number > 0, got -1"),
+    ("swap.py", [*SWAP_FAST, "--settle-s", "-1"], "--settle-s must be a number >= 0, got -1"),
+    ("swap.py", [*SWAP_FAST, "--users", "0"], "--users must be >= 1, got 0"),
+    ("swap.py", [*SWAP_FAST, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ("canary_swap.py", ["--out-dir", "{tmp}/out", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    ("canary_swap.py", ["--out-dir", "/proc/x/y"], "--out-dir /proc/x/y: cannot create it"),
+    ("canary_swap.py", [*SWAP_FAST, "--rate", "-5"], "--rate must be a number >= 0, got -5"),
+    ("canary_swap.py", [*SWAP_FAST, "--canary-s", "0"], "--canary-s must be a number > 0, got 0"),
+    ("canary_swap.py", [*SWAP_FAST, "--users", "0"], "--users must be >= 1, got 0"),
 ])
 def test_a_benchmark_refuses_a_count_it_cannot_measure_with_a_usage_error(script, argv, says, tmp_path):
     # exit 2 before any broker starts or model is built: no traceback, and no row measuring nothing. A small

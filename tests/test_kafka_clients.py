@@ -9,7 +9,7 @@ from confluent_kafka import Producer
 
 from model.errors import ConfigError
 from stream.kafka_clients import (
-    WaitTimeout, consumer_config, create_producer, load_client_settings, parse_client_settings, produce_acknowledged,
+    WaitTimeout, admin_config, consumer_config, create_producer, load_client_settings, parse_client_settings, produce_acknowledged,
     producer_config, read_all, scan, wait_for_count, watermarks,
 )
 
@@ -287,3 +287,33 @@ def test_the_client_built_to_check_settings_is_closed_not_left_retrying_the_serv
     monkeypatch.setattr(kc, "create_producer", lambda bootstrap, extra=None: built.append(Recorded()) or built[-1])
     kc.check_client_settings("127.0.0.1:9", {"linger.ms": "5"})
     assert [c.closed for c in built] == [True]
+
+
+@pytest.mark.parametrize("argv, env, setting", [
+    (["--bootstrap-servers", "\udcff"], {}, "'bootstrap.servers'"),
+    ([], {"HRNN_BOOTSTRAP_SERVERS": "h\udcff:1"}, "'bootstrap.servers'"),
+    (["--bootstrap-servers", "127.0.0.1:9", "--kafka-config", "client.id=\udcffsecret"], {}, "'client.id'"),
+    (["--bootstrap-servers", "127.0.0.1:9", "--kafka-config", "\udcff=1"], {}, "'\\xff'"),
+])
+@pytest.mark.timeout(30)
+def test_kafka_settings_in_bytes_that_are_not_utf8_are_refused_naming_the_setting_not_its_value(
+        capsys, monkeypatch, argv, env, setting):
+    """A terminal in Latin-1 hands Python lone surrogates, which the client cannot encode: exit 2, no SystemError."""
+    from stream import cli
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("stream.observability.setup_json_logging", lambda level: None)
+    assert cli.main(["items", "list", *argv]) == 2
+    err = capsys.readouterr().err
+    assert setting in err and "not UTF-8" in err and "secret" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("build", [
+    lambda extra: consumer_config("h:1", "g", extra), lambda extra: producer_config("h:1", extra),
+    lambda extra: admin_config("h:1", extra),
+])
+def test_every_client_config_refuses_a_value_that_is_not_utf8_as_a_config_error(build):
+    with pytest.raises(ConfigError, match="'sasl.password' is not UTF-8") as caught:
+        build({"sasl.password": "se\udcffcret"})
+    assert "cret" not in str(caught.value)

@@ -198,3 +198,29 @@ def test_generate_refuses_more_events_than_it_can_make_naming_both_parameters():
     proc = _limited(sys.executable, "-c", "from model.synth import generate; "
                                           "generate(2000, 1000, seed=0, events_per_user=1e6)")
     assert "ConfigError" in proc.stderr and "n_users x events_per_user" in proc.stderr, proc.stderr[-500:]
+
+
+@pytest.mark.parametrize("items", [10**11, 2**63 - 1, 2**64])
+def test_generate_refuses_more_items_than_a_catalogue_may_have(items):
+    """Drawn whole, 10**11 items asked for 745 GiB and 2**64 overflowed int64: a message instead."""
+    with pytest.raises(ConfigError, match="n_items must be at most 10,000,000"):
+        generate(10, items, seed=0)
+
+
+@pytest.mark.parametrize("command", ["synth", "demo"])
+@pytest.mark.parametrize("items", ["100000000000", "9223372036854775807", "18446744073709551616"])
+@pytest.mark.timeout(30)
+def test_synth_and_demo_refuse_more_items_than_a_catalogue_may_have_naming_the_flag(tmp_path, capsys, command,
+                                                                                      items):
+    out = tmp_path / ("s.csv" if command == "synth" else "demo")
+    assert hrnn([command, "--out", str(out), "--items", items]) == 2
+    err = capsys.readouterr().err
+    assert f"--items {items}" in err and "10,000,000" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.timeout(30)
+def test_demo_refuses_more_users_than_synth_makes_events_for_naming_the_flag(tmp_path, capsys):
+    assert hrnn(["demo", "--out", str(tmp_path / "demo"), "--users", str(10**12)]) == 2
+    err = capsys.readouterr().err
+    assert f"--users {10**12}" in err and "4,000,000" in err
