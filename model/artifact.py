@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from model.config import DataConfig, HRNNConfig, load_config, to_dict
+from model.config import DataConfig, HRNNConfig, load_config, shown_path, to_dict
 from model.errors import ArtifactError
 from model.network import HRNN, WINDOW_OFFSET
 
@@ -65,6 +65,16 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of a version; a ValueError where it is no JSON, as for one nested too deeply, where the parser
+    runs out of stack: every caller refuses an unreadable file by OSError and ValueError."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path.name} is nested too deeply") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -225,8 +235,11 @@ def latest_version_dir(registry: str | Path) -> Path:
 
 def list_versions(registry: str | Path) -> list[VersionInfo]:
     reg = Path(registry)
-    if not reg.is_dir():
-        raise ArtifactError(f"registry {reg} {'is not a directory' if reg.exists() else 'does not exist'}")
+    try:
+        if not reg.is_dir():
+            raise ArtifactError(f"registry {reg} {'is not a directory' if reg.exists() else 'does not exist'}")
+    except OSError as exc:  # a name too long, a folder not searchable: is_dir() raises rather than say False
+        raise ArtifactError(f"registry {shown_path(reg)} cannot be read ({exc.strerror or exc})") from None
     cur = _pointer(reg)  # as written: a malformed CURRENT marks no version, and `models promote` still finds them
     out = []
     try:
@@ -235,8 +248,8 @@ def list_versions(registry: str | Path) -> list[VersionInfo]:
         raise ArtifactError(f"registry {reg} cannot be listed ({exc.strerror})") from None
     for d in dirs:
         try:
-            manifest = json.loads((d / "manifest.json").read_text())
-            metrics = json.loads((d / "metrics.json").read_text())
+            manifest = _read_json(d / "manifest.json")
+            metrics = _read_json(d / "metrics.json")
         except PermissionError as exc:  # a version there, but not for this user: saying none would mislead
             raise ArtifactError(f"{d} cannot be read ({exc.strerror}): the registry's files must be readable by "
                                 "every user that serves or manages it") from None
@@ -260,7 +273,7 @@ def verify(path: str | Path) -> dict[str, Any]:
     """Check the manifest's checksums, and that it lists every file a version holds; return the manifest."""
     d = Path(path)
     try:
-        manifest = json.loads((d / "manifest.json").read_text())
+        manifest = _read_json(d / "manifest.json")
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{d}: manifest.json unreadable ({exc})") from None
     files = manifest.get("files", {}) if isinstance(manifest, dict) else None
@@ -290,7 +303,7 @@ def verify(path: str | Path) -> dict[str, Any]:
 def version_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The HRNN and data settings a version was trained with, as its config.json holds them (OSError, ValueError,
     KeyError or TypeError where it cannot be read so)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg = _read_json(Path(path) / "config.json")
     # versions written before window_profile existed were trained without it
     return {"window_profile": False, **cfg["hrnn"]}, dict(cfg["data"])
 
@@ -301,8 +314,8 @@ def load_version(path: str | Path, device: torch.device | str = "cpu") -> Loaded
     manifest = verify(d)
     try:
         hrnn, data = version_settings(d)
-        items = json.loads((d / "items.json").read_text())
-        metrics = json.loads((d / "metrics.json").read_text())
+        items = _read_json(d / "items.json")
+        metrics = _read_json(d / "metrics.json")
         config = load_config(HRNNConfig, file_values=hrnn, validate=False)
         config.validate(published=True)
         data_config = load_config(DataConfig, file_values=data)

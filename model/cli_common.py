@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import (DataConfig, HRNNConfig, field_names, json_kind, load_config, read_config_file,
-                          unknown_setting)
+                          shown_path, unknown_setting)
 from model.errors import ConfigError
 from model.interactions import Interactions
 from model.loaders import add_loader_arguments, load_interactions, loader_options
@@ -98,7 +98,7 @@ def _published_holdout(version_dir: Path) -> str | None:
     (2026-12-06) does not say, and training from it would change the split without a word."""
     try:
         return json.loads((version_dir / "metrics.json").read_text()).get(HOLDOUT_KEY)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # nested too deeply to parse: no holdout read
         return None
 
 
@@ -158,10 +158,13 @@ def output_file(path: str | None, flag: str) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot create its folder ({exc.strerror})") from None
-    if target.is_dir() or not os.access(target.parent, os.W_OK):
-        raise ConfigError(f"{flag} {path}: " + ("a folder, not a file" if target.is_dir() else
-                                                "its folder is not writable"))
+        raise ConfigError(f"{flag} {shown_path(path)}: cannot create its folder ({exc.strerror})") from None
+    try:
+        is_dir = target.is_dir()
+    except OSError as exc:  # a file name too long: is_dir() raises rather than say False
+        raise ConfigError(f"{flag} {shown_path(path)}: cannot be written ({exc.strerror or exc})") from None
+    if is_dir or not os.access(target.parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: " + ("a folder, not a file" if is_dir else "its folder is not writable"))
 
 
 def output_dir(path: str, flag: str) -> None:

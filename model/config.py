@@ -217,17 +217,30 @@ def field_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def shown_path(path: str | Path, limit: int = 120) -> str:
+    """A path as a message shows it: cut in the middle when very long, since a 4,000-character name would bury
+    the reason beside it; both ends stay, as they tell where it was meant to be and which file."""
+    text = str(path)
+    if len(text) <= limit:
+        return text
+    keep = (limit - 3) // 2
+    return f"{text[:keep]}...{text[-keep:]}"
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {shown_path(p)}: {exc.strerror}") from None
     text = _utf8_text(p, raw)
     try:
         values = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {exc}") from None
+    except RecursionError:  # the parsers recurse per level of nesting: no config needs a thousand
+        raise ConfigError(f"config file {p} is not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: nested too "
+                          "deeply") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {p} holds {json_kind(values)}, not an object of settings "
                           '(e.g. {"hidden_dimension": 64})')

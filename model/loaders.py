@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from model.config import shown_path
 from model.errors import ConfigError, DataError, EventError
 from model.events import MAX_ID_CHARS, parse_timestamp
 from model.interactions import Interactions, encode_text
@@ -122,19 +123,36 @@ def load_interactions(path: str | Path, *, columns: dict[str, str] | None = None
         raise DataError(name, f"unknown time unit {time_unit!r}", expected="'s', 'ms' or 'iso'")
     mapping = _normalise_mapping(name, columns)
     base_epoch_s = _checked_base_epoch(base_epoch_s)
-    if not p.exists():
-        raise DataError(name, "file not found", expected="an existing CSV, TSV or Parquet file")
-    if not p.is_file():
-        raise DataError(name, "not a regular file", expected="a CSV, TSV or Parquet file")
-    if p.stat().st_size == 0:
-        raise DataError(name, "file is empty", expected="a header row and at least one event")
-    with open(p, "rb") as fh:
-        magic = fh.read(4)
+    magic = _first_bytes(p)
     if p.suffix.lower() in _PARQUET_SUFFIXES or magic == b"PAR1":
         table, line_of, resolved = _read_parquet(name, mapping)
     else:
         table, line_of, resolved = _read_text(name, mapping, delimiter, header)
     return _to_interactions(name, table, resolved, line_of, time_unit, base_epoch_s)
+
+
+def _first_bytes(p: Path) -> bytes:
+    """The file's first 4 bytes (Parquet's magic), once a path that is no readable data file is refused: pyarrow's
+    errors for one would be tracebacks."""
+    name = str(p)
+    try:
+        if not p.exists():
+            raise DataError(name, "file not found", expected="an existing CSV, TSV or Parquet file")
+        if not p.is_file():
+            raise DataError(name, "not a regular file", expected="a CSV, TSV or Parquet file")
+        empty = p.stat().st_size == 0
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:  # a name too long, a folder not searchable: exists() raises rather than say False
+        raise DataError(shown_path(name), f"cannot be read ({exc.strerror or exc})") from None
+    try:  # pyarrow opens it by its name in UTF-8, which bytes that are not (Python keeps them as surrogates) have not
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(repr(name), "the file name is not UTF-8 text, so pyarrow cannot open it",
+                        expected="a UTF-8 file name: rename the file") from None
+    if empty:
+        raise DataError(name, "file is empty", expected="a header row and at least one event")
+    return magic
 
 
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from model.config import shown_path
 from model.errors import ConfigError
 from stream.availability import AvailabilityReader, set_availability
 from stream.cli_common import add_client_flags, kafka_settings, positive
@@ -50,12 +51,14 @@ def _item_ids(args: argparse.Namespace) -> list[str]:
     items = list(args.items)
     if args.from_file:
         path = Path(args.from_file)
-        if not path.is_file():
-            raise ConfigError(f"--from-file {path}: no such file")
         try:
+            if not path.is_file():
+                raise ConfigError(f"--from-file {path}: no such file")
             text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is not part of an id
         except UnicodeDecodeError as exc:
             raise ConfigError(f"--from-file {path}: not UTF-8 text (byte {exc.start}): one item id per line") from None
+        except OSError as exc:  # a name too long, a file not readable: is_file() raises rather than say False
+            raise ConfigError(f"--from-file {shown_path(path)}: cannot be read ({exc.strerror or exc})") from None
         items += [line.strip() for line in text.splitlines() if line.strip()]
     if not items:
         raise ConfigError("no item ids given: name them, or pass --from-file FILE")

@@ -181,3 +181,35 @@ def test_a_version_published_before_config_json_kept_its_holdout_is_retrained_on
     add_arguments(parser)
     args = parser.parse_args(["--data", "x.csv", "--registry", "r", "--config", str(path / "config.json")])
     assert resolve_holdout(args) == "personalize"
+
+
+def test_a_registry_path_too_long_for_the_system_is_an_artifact_error_saying_so(tmp_path):
+    with pytest.raises(ArtifactError, match="cannot be read \\(File name too long\\)"):
+        list_versions(tmp_path / ("A" * 300))
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past the parser's recursion limit
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "metrics.json"])
+def test_a_version_whose_manifest_or_metrics_is_nested_too_deeply_is_not_listed(tmp_path, name):
+    good = _save(tmp_path)
+    odd = _save(tmp_path, make_current=False)
+    (odd / name).write_text(DEEP)
+    assert [v.version for v in list_versions(tmp_path)] == [good.name]
+
+
+def test_a_manifest_nested_too_deeply_is_an_artifact_error(tmp_path):
+    path = _save(tmp_path)
+    (path / "manifest.json").write_text(DEEP)
+    with pytest.raises(ArtifactError, match="manifest.json unreadable.*nested too deeply"):
+        verify(path)
+
+
+def test_a_config_json_nested_too_deeply_is_the_value_error_of_any_unreadable_one(tmp_path):
+    from model.artifact import version_settings
+
+    path = _save(tmp_path)
+    (path / "config.json").write_text(DEEP)
+    with pytest.raises(ValueError, match="nested too deeply"):  # the retrainer then starts from the defaults
+        version_settings(path)

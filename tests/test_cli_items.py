@@ -14,6 +14,7 @@ NO_BROKER = ["--bootstrap-servers", "127.0.0.1:9"]
     (["unavailable", "caf\udce9"], "is not UTF-8 text"),  # a Latin-1 byte in the terminal's argument
     (["unavailable", "sku-1", "--timeout-s", "nan"], "--timeout-s"),
     (["list", "--timeout-s", "inf"], "--timeout-s"),
+    (["unavailable", "--from-file", "/tmp/" + "A" * 300], "cannot be read (File name too long)"),
 ])
 def test_bad_items_input_exits_2_with_the_reason(argv, says, capsys):
     assert hrnn(["items", *argv, *NO_BROKER]) == 2

@@ -324,3 +324,21 @@ def test_the_split_settings_warning_ignores_the_session_timeout_when_both_take_e
                                     DataConfig(session_timeout_s=1800, **whole)) == []
     assert [d[0] for d in differing_split_settings(DataConfig(session_timeout_s=86400),
                                                    DataConfig(session_timeout_s=1800))] == ["session_timeout_s"]
+
+
+def test_a_registry_name_too_long_for_the_system_exits_2_saying_so(tmp_path):
+    for action in (["list"], ["show"], ["promote"], ["rollback"], ["prune", "--keep", "1"]):
+        version = ["v1"] if action[0] in ("show", "promote") else []
+        proc = hrnn("models", action[0], str(tmp_path / ("A" * 300)), *version, *action[1:], check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "File name too long" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_evaluate_refuses_an_output_file_name_too_long_for_the_system_before_it_reads_the_data(
+        tmp_path, monkeypatch, flag):
+    monkeypatch.setattr(cli_evaluate, "load_data", lambda args: pytest.fail("read the data first"))
+    flags = ["--json", str(tmp_path / "r.json")] if flag == "--plot" else []
+    with pytest.raises(ConfigError, match=f"{flag} .*: cannot be written \\(File name too long\\)"):
+        evaluate_here("--data", "events.csv", "--baselines", "pop", *flags, flag,
+                      str(tmp_path / ("A" * 300 + (".json" if flag == "--json" else ".png"))))

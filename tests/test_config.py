@@ -233,3 +233,29 @@ def test_a_history_length_whose_states_could_pass_kafkas_record_limit_is_a_confi
                                           rf"\[1, {MAX_HISTORY_LENGTH}\]: one user's state must fit a Kafka record "
                                           r"\(1 MB\) on the state changelog"):
         _configs("--history-length", str(MAX_HISTORY_LENGTH + 1))
+
+
+@pytest.mark.parametrize("suffix, text", [(".json", "[" * 100_000 + "]" * 100_000),
+                                          (".toml", "a = " + "[" * 100_000 + "]" * 100_000)])
+def test_a_config_file_nested_too_deeply_is_a_config_error_not_a_crash(tmp_path, suffix, text):
+    path = tmp_path / f"deep{suffix}"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="is not valid (JSON|TOML): nested too deeply"):
+        _configs("--config", str(path))
+
+
+def test_a_versions_metrics_nested_too_deeply_records_no_holdout_for_training_from_its_config(tmp_path):
+    from model.cli_train import resolve_holdout
+
+    path = save_version(tmp_path, HRNN(5, HRNNConfig(hidden_dimension=8)), HRNNConfig(hidden_dimension=8),
+                        DataConfig(), [f"i{k}" for k in range(5)], ["click"], {})
+    config = json.loads((path / "config.json").read_text())
+    config.pop("holdout", None)  # as versions of builds before 2026-12-06 wrote it: metrics.json is read instead
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "metrics.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert resolve_holdout(_train_args("--config", str(path / "config.json"))) == "last-session"
+
+
+def test_a_config_file_name_too_long_for_the_system_is_a_config_error_saying_so(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file .*\\.\\.\\..*: File name too long"):
+        _configs("--config", str(tmp_path / ("A" * 300 + ".json")))

@@ -611,3 +611,18 @@ def test_the_largest_float32_event_value_loads(tmp_path):
     top = float(np.finfo(np.float32).max)
     data = load_interactions(write(tmp_path, "x.csv", f"USER_ID,ITEM_ID,TIMESTAMP,EVENT_VALUE\nu1,i1,1,{top!r}\n"))
     assert np.isfinite(data.value[0])
+
+
+def test_a_file_name_too_long_for_the_system_is_a_data_error_saying_so(tmp_path):
+    with pytest.raises(DataError, match="cannot be read \\(File name too long\\)") as err:
+        load_interactions(tmp_path / ("A" * 300 + ".csv"))
+    assert "..." in str(err.value) and len(str(err.value)) < 300  # shortened: the reason is not buried
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_naming_it_and_saying_to_rename_it(tmp_path):
+    import os
+
+    path = write(tmp_path, os.fsdecode(b"events\xff.csv"), PERSONALIZE_CSV)  # as Python sees a Latin-1 byte
+    with pytest.raises(DataError, match="not UTF-8 text.*rename the file") as err:
+        load_interactions(path)
+    assert repr(str(path)) in str(err.value)
