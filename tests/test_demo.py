@@ -38,7 +38,8 @@ def test_the_demo_recommends_every_valid_event_dead_letters_the_bad_and_swaps_in
 
 @pytest.mark.parametrize("flag, value, allowed", [
     ("--live-share", "1.5", "0.01 to 0.9"), ("--live-share", "0", "0.01 to 0.9"), ("--rate", "0", "> 0"),
-    ("--rate", "nan", "> 0"), ("--users", "3", "at least 10"), ("--items", "5", "at least 20"),
+    ("--rate", "nan", "> 0"), ("--users", "3", "10 to 4,000,000"),
+    ("--items", "5", "20 (one per synthetic category) to"),
     ("--epochs", "0", "1 to 1000"), ("--seed", "-1", ">= 0"),
 ])
 def test_an_out_of_range_flag_exits_2_naming_it_before_any_work(tmp_path, flag, value, allowed):
