@@ -233,13 +233,20 @@ def latest_version_dir(registry: str | Path) -> Path:
     return Path(registry) / version
 
 
-def list_versions(registry: str | Path) -> list[VersionInfo]:
+def existing_registry(registry: str | Path) -> Path:
+    """The registry's directory, or an ArtifactError saying why it is none (a mistyped path is never made one)."""
     reg = Path(registry)
     try:
-        if not reg.is_dir():
-            raise ArtifactError(f"registry {reg} {'is not a directory' if reg.exists() else 'does not exist'}")
+        if reg.is_dir():
+            return reg
+        why = "is not a directory" if reg.exists() else "does not exist"
     except OSError as exc:  # a name too long, a folder not searchable: is_dir() raises rather than say False
-        raise ArtifactError(f"registry {shown_path(reg)} cannot be read ({exc.strerror or exc})") from None
+        why = f"cannot be read ({exc.strerror or exc})"
+    raise ArtifactError(f"registry {shown_path(reg)} {why}")
+
+
+def list_versions(registry: str | Path) -> list[VersionInfo]:
+    reg = existing_registry(registry)
     cur = _pointer(reg)  # as written: a malformed CURRENT marks no version, and `models promote` still finds them
     out = []
     try:

@@ -32,9 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from model.artifact import (VersionInfo, current_history, current_version, list_versions, set_current, verify,
-                            write_current_history)
-from model.config import shown_path
+from model.artifact import (VersionInfo, current_history, current_version, existing_registry, list_versions,
+                            set_current, verify, write_current_history)
 from model.errors import ArtifactError, ConfigError
 
 # A temp dir of save_version (or a retraining run's staging registry) older than this is a leftover of a
@@ -82,14 +81,7 @@ def current_lock(registry: str | Path, wait_s: float | None = None) -> Iterator[
     """Hold the registry's pointer lock: a command that reads CURRENT, moves it and announces the result does all
     three under it, else two at once could move CURRENT in one order and announce in the other. A holder that
     keeps it past `wait_s` (default CURRENT_LOCK_WAIT_S) is an ArtifactError, nothing changed."""
-    reg = Path(registry)
-    try:
-        usable = reg.is_dir()  # before the lock file: it must not make a registry of a mistyped path
-        why = "is not a directory" if reg.exists() else "does not exist"
-    except OSError as exc:  # a name too long for the system
-        usable, why = False, f"cannot be read ({exc.strerror})"
-    if not usable:
-        raise ArtifactError(f"registry {shown_path(reg)} {why}")
+    reg = existing_registry(registry)  # before the lock file: it must not make a registry of a mistyped path
     wait_s = CURRENT_LOCK_WAIT_S if wait_s is None else wait_s
     lock = RegistryLock(reg, CURRENT_LOCK)
     try:
