@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import (DataConfig, HRNNConfig, field_names, json_kind, load_config, read_config_file,
-                          shown_path, unknown_setting)
+                          path_arg, shown_path, unknown_setting)
 from model.errors import ConfigError
 from model.interactions import Interactions
 from model.loaders import add_loader_arguments, load_interactions, loader_options
@@ -32,7 +32,8 @@ SERVE_TABLE = "serve"  # the worker's table in a settings file shared by every c
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="interactions file (CSV, TSV or Parquet; Personalize columns)")
+    p.add_argument("--data", required=True, type=path_arg,
+                   help="interactions file (CSV, TSV or Parquet; Personalize columns)")
     add_loader_arguments(p)
 
 
@@ -41,7 +42,8 @@ def load_data(args: argparse.Namespace) -> Interactions:
 
 
 def add_config_flags(p: argparse.ArgumentParser, *classes: type) -> None:
-    p.add_argument("--config", help="JSON or TOML file of hyperparameters (e.g. the best.json of `hrnn tune`)")
+    p.add_argument("--config", type=path_arg,
+                   help="JSON or TOML file of hyperparameters (e.g. the best.json of `hrnn tune`)")
     for cls in classes:
         group = p.add_argument_group(cls.__name__)
         for f in dataclasses.fields(cls):

@@ -11,7 +11,7 @@ from model.artifact import LoadedModel, load_version
 from model.baselines import BASELINES, make_baseline
 from model.cli_common import (add_config_flags, add_data_flags, config_holdout, data_config_from_args, load_data,
                                output_file)
-from model.config import DataConfig, to_dict
+from model.config import DataConfig, path_arg, to_dict
 from model.errors import ConfigError
 from model.evaluate import evaluate, format_table
 from model.inference import HRNNScorer
@@ -28,13 +28,14 @@ SPLIT_SETTINGS = ("event_types", "collapse_repeats", "min_item_support", "sessio
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_flags(p)
-    p.add_argument("--model", action="append", default=[], metavar="DIR", help="a model version directory (repeatable)")
+    p.add_argument("--model", action="append", default=[], metavar="DIR", type=path_arg,
+                   help="a model version directory (repeatable)")
     p.add_argument("--baselines", default=DEFAULT_BASELINES, help=f"comma list of: {', '.join(BASELINES)} ('' for none)")
     p.add_argument("--protocol", choices=PROTOCOLS, default=None,
                    help="default: the --config file's holdout where it is a protocol (`hrnn tune` records it in "
                         "best.json), else last-session")
-    p.add_argument("--json", help="write the result as JSON here")
-    p.add_argument("--plot", help="write a bar chart PNG here (default: next to --json)")
+    p.add_argument("--json", type=path_arg, help="write the result as JSON here")
+    p.add_argument("--plot", type=path_arg, help="write a bar chart PNG here (default: next to --json)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the personalize protocol's user sample (default: the one the first --model held "
                         f"out of training with `hrnn train --holdout personalize`, else {DEFAULT_SEED})")

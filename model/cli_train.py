@@ -6,12 +6,13 @@ import sys
 
 from model.artifact import check_pointer_files
 from model.cli_common import add_config_flags, add_data_flags, config_holdout, configs_from_args, load_data, output_dir
+from model.config import path_arg
 from model.pipeline import HOLDOUTS, train_version
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_flags(p)
-    p.add_argument("--registry", required=True, help="model registry directory")
+    p.add_argument("--registry", required=True, type=path_arg, help="model registry directory")
     p.add_argument("--holdout", choices=HOLDOUTS, default=None,
                    help="reserve this protocol's test events so `hrnn evaluate` scores unseen events (default: the "
                         "--config file's holdout, as `hrnn tune` records it in best.json, else last-session)")

@@ -6,7 +6,7 @@ import argparse
 from model.cli_common import (add_config_flags, add_data_flags, configs_from_args, explicit_settings, load_data,
                                output_dir)
 from model.cli_train import resolve_holdout
-from model.config import DataConfig, HRNNConfig
+from model.config import DataConfig, HRNNConfig, path_arg
 from model.pipeline import HOLDOUTS
 
 TRIAL_EPOCHS = 4  # per-trial budget unless --epochs, HRNN_EPOCHS or --config says otherwise: pruning does the rest
@@ -14,7 +14,8 @@ TRIAL_EPOCHS = 4  # per-trial budget unless --epochs, HRNN_EPOCHS or --config sa
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_flags(p)
-    p.add_argument("--out", required=True, help="directory for best.json, trials.json/csv and the history PNG")
+    p.add_argument("--out", required=True, type=path_arg,
+                   help="directory for best.json, trials.json/csv and the history PNG")
     p.add_argument("--trials", type=int, default=20, help="trial budget (default 20)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="time budget in seconds (default 1800)")
     p.add_argument("--holdout", choices=HOLDOUTS,

@@ -6,6 +6,7 @@ overrides (command-line flags). Values are coerced to the field's type and range
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import json
@@ -215,6 +216,14 @@ def unknown_setting(key: str, known: Iterable[str], where: str) -> ConfigError:
 def field_names(cls: type) -> set[str]:
     """The settings a config dataclass has."""
     return {f.name for f in dataclasses.fields(cls)}
+
+
+def path_arg(text: str) -> str:
+    """The argparse type of a flag that names a file or directory: an empty name would read as the current
+    directory to pathlib (`--registry ''` published there) or as no flag at all (`--config ''` was ignored)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: name a file or directory")
+    return text
 
 
 def shown_path(path: str | Path, limit: int = 120) -> str:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model.config import path_arg
 from model.errors import ConfigError, stop_with
 
 if TYPE_CHECKING:
@@ -27,8 +28,8 @@ def add_kafka_flags(parser: argparse.ArgumentParser) -> None:
     """--kafka-config KEY=VALUE (repeatable) and --kafka-config-file: the Kafka client settings of every command."""
     parser.add_argument("--kafka-config", action="append", default=[], metavar="KEY=VALUE",
                         help="librdkafka client setting, repeatable (security.protocol, sasl.*, ssl.*)")
-    parser.add_argument("--kafka-config-file", help="client.properties file with librdkafka settings (the flags "
-                        "win over its lines)")
+    parser.add_argument("--kafka-config-file", type=path_arg,
+                        help="client.properties file with librdkafka settings (the flags win over its lines)")
 
 
 def kafka_settings(args: argparse.Namespace) -> dict[str, str]:
@@ -46,7 +47,7 @@ def add_deployment_flags(parser: argparse.ArgumentParser, checks: str) -> None:
     from stream.settings import WorkerSettings
 
     a = parser.add_argument
-    a("--config", help="the workers' settings file (JSON or TOML, as `hrnn serve --config`)")
+    a("--config", type=path_arg, help="the workers' settings file (JSON or TOML, as `hrnn serve --config`)")
     a("--bootstrap-servers", help=f"Kafka bootstrap servers (default {WorkerSettings.bootstrap_servers})")
     a("--input-topic", help=f"default {WorkerSettings.input_topic}")
     a("--output-topic", help=f"default {WorkerSettings.output_topic}")
@@ -55,7 +56,7 @@ def add_deployment_flags(parser: argparse.ArgumentParser, checks: str) -> None:
     a("--idle-s", type=float, default=2.0, help="a topic is read up to its end offsets as the command starts, or "
       "until no record came for S seconds (default 2)")
     a("--timeout-s", type=float, default=600.0, help="give up reading a topic after S seconds")
-    a("--json", help="also write the report as JSON to this file")
+    a("--json", type=path_arg, help="also write the report as JSON to this file")
     add_kafka_flags(parser)
 
 

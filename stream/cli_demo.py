@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.config import DataConfig, HRNNConfig
+from model.config import DataConfig, HRNNConfig, path_arg
 from model.errors import ConfigError
 from model.interactions import Interactions
 from stream.cli_common import directory_flag, exit_on_sigterm
@@ -38,7 +38,8 @@ OFF_SALE_AT = 0.4  # share of the live replay after which the most popular item 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="out/demo", help="directory for data, registry, state, plots, summary.json")
+    p.add_argument("--out", default="out/demo", type=path_arg,
+                   help="directory for data, registry, state, plots, summary.json")
     p.add_argument("--users", type=int, default=1500, help="synthetic users, at least 10")
     p.add_argument("--items", type=int, default=600, help="synthetic items, at least 20 (one per category)")
     p.add_argument("--seed", type=int, default=0, help="random seed, >= 0")

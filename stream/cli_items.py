@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from model.config import shown_path
+from model.config import path_arg, shown_path
 from model.errors import ConfigError
 from stream.availability import AvailabilityReader, set_availability
 from stream.cli_common import add_client_flags, kafka_settings, positive
@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     on = sub.add_parser("available", help="put items back on sale")
     for p in (off, on):
         p.add_argument("items", nargs="*", metavar="ITEM", help="item ids")
-        p.add_argument("--from-file", help="also the item ids in this file, one per line")
+        p.add_argument("--from-file", type=path_arg, help="also the item ids in this file, one per line")
     show = sub.add_parser("list", help="the items off sale now, with their reasons")
     show.add_argument("--json", action="store_true", help="one JSON object {item: reason}")
     for p in (off, on, show):
@@ -62,11 +62,6 @@ def _item_ids(args: argparse.Namespace) -> list[str]:
         items += [line.strip() for line in text.splitlines() if line.strip()]
     if not items:
         raise ConfigError("no item ids given: name them, or pass --from-file FILE")
-    for item in items:  # an argument in the terminal's bytes that are not UTF-8 cannot be a Kafka key
-        try:
-            item.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigError(f"item id {item.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
     return list(dict.fromkeys(items))  # once each, in the order given
 
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from model.artifact import current_version, latest_version_dir, list_versions, verify
+from model.config import path_arg
 from model.errors import ArtifactError, HRNNError
 from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.topics import MODEL_UPDATES_TOPIC, check_topic_name
@@ -28,24 +29,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     ls = sub.add_parser("list", help="versions, newest last; * marks the current one (~ a canary, read from the "
                                      "model-updates topic with --bootstrap-servers)")
-    ls.add_argument("registry")
+    ls.add_argument("registry", type=path_arg)
     show = sub.add_parser("show", help="manifest, config and metrics of one version")
-    show.add_argument("registry")
+    show.add_argument("registry", type=path_arg)
     show.add_argument("version")
     promote = sub.add_parser("promote", help="make VERSION the current one (rollback included)")
-    promote.add_argument("registry")
+    promote.add_argument("registry", type=path_arg)
     promote.add_argument("version")
     rollback = sub.add_parser("rollback", help="make the version that was current before the current one current "
                                                "again (a second rollback goes one further back)")
-    rollback.add_argument("registry")
+    rollback.add_argument("registry", type=path_arg)
     canary = sub.add_parser("canary", help="have running workers serve VERSION to a share of the users; "
                                            "promote it, or the current version, to end the canary")
-    canary.add_argument("registry")
+    canary.add_argument("registry", type=path_arg)
     canary.add_argument("version")
     canary.add_argument("--share", type=float, required=True, help="of the users, strictly between 0 and 1")
     prune = sub.add_parser("prune", help="delete all but the newest N versions (never the current one or the one a "
                                          "rollback returns to, nor with --bootstrap-servers the canary serving now)")
-    prune.add_argument("registry")
+    prune.add_argument("registry", type=path_arg)
     prune.add_argument("--keep", type=int, required=True)
     for q in (ls, prune):
         q.add_argument("--bootstrap-servers", help="also read the announcements: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from model.config import path_arg
 from model.errors import ConfigError
 from model.loaders import add_loader_arguments, load_interactions, loader_options
 from stream.cli_common import add_client_flags, kafka_settings
@@ -14,7 +15,8 @@ from stream.topics import DEFAULT_PARTITIONS, check_topic_name
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_client_flags(parser)
-    parser.add_argument("--data", required=True, help="interactions file: CSV, TSV or Parquet (Personalize columns)")
+    parser.add_argument("--data", required=True, type=path_arg,
+                        help="interactions file: CSV, TSV or Parquet (Personalize columns)")
     parser.add_argument("--topic", default="hrnn.events", help="events topic (default hrnn.events)")
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument("--rate", type=float, help="at most this many events per second")

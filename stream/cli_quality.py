@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TextIO
 
 from model.cli_common import output_file
+from model.config import path_arg
 from model.errors import ArtifactError, ConfigError
 from stream.canary import Rule, anytime_z, decide
 from stream.cli_common import add_deployment_flags, deployment_settings, positive
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       "1,5,10,20; MRR is at the largest); past the worker's list length recall@k is that of the whole list")
     a("--history-s", type=float, default=0.0, help="with --since-s: also read the events of S seconds before the "
       "window, not judged, so the recent-items reference knows the users' earlier items (default 0)")
-    a("--png", help="also draw recall@k and MRR@k (the largest k) over time, per version, to this PNG")
+    a("--png", type=path_arg, help="also draw recall@k and MRR@k (the largest k) over time, per version, to this PNG")
     a("--bucket-s", type=float, help="the chart's time buckets (default: about 30 over the recommendations judged)")
     a("--fail-if-worse", action="store_true", help="exit 1 when a version served side by side with an earlier one "
       "(a canary) did worse than it beyond the 95%% interval (too few users to tell passes: read the intervals)")

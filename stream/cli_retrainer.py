@@ -13,7 +13,7 @@ import json
 import logging
 
 from model.cli_common import add_config_flags, file_settings
-from model.config import DataConfig, HRNNConfig, field_names
+from model.config import DataConfig, HRNNConfig, field_names, path_arg
 from model.errors import ConfigError
 from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC
@@ -25,8 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--bootstrap-servers", help="Kafka bootstrap servers HOST:PORT[,...] (optional with --once, which then "
                                   "announces what it publishes; --canary-share needs it)")
-    a("--registry", required=True, help="model registry directory")
-    a("--archive", required=True, help="training store: Parquet files by day")
+    a("--registry", required=True, type=path_arg, help="model registry directory")
+    a("--archive", required=True, type=path_arg, help="training store: Parquet files by day")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--interval-s", type=float, help="retrain every N seconds (default 3600)")
     when.add_argument("--cron", help="retrain at crontab times, e.g. '0 3 * * *' (UTC)")

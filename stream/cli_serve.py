@@ -11,6 +11,7 @@ import signal
 import threading
 from typing import Any
 
+from model.config import path_arg
 from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.settings import GUARANTEES, MAX_K, load_settings
 
@@ -20,14 +21,14 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--bootstrap-servers", help="Kafka bootstrap servers, HOST:PORT[,HOST:PORT]")
-    a("--registry", help="model registry directory (the CURRENT version is served)")
-    a("--state-dir", help="directory for the per-partition RocksDB state stores")
+    a("--registry", type=path_arg, help="model registry directory (the CURRENT version is served)")
+    a("--state-dir", type=path_arg, help="directory for the per-partition RocksDB state stores")
     a("--input-topic", help="events topic (default hrnn.events)")
     a("--output-topic", help="recommendations topic (default hrnn.recommendations)")
     a("--group", help="consumer group; also names the state changelog <group>.state-changelog")
     a("--partitions", type=int, help="partitions for topics this worker creates (default: the input topic's)")
     a("--metrics-port", type=int, help="serve /metrics and /health on this port (0: off)")
-    a("--config", help="settings file (JSON or TOML)")
+    a("--config", type=path_arg, help="settings file (JSON or TOML)")
     a("--batch-size", type=int, help="most records per batch (default 500)")
     a("--batch-timeout", dest="batch_timeout_s", type=float,
       help="seconds to wait for more records after a batch's first one (default 0.01)")

@@ -342,3 +342,26 @@ def test_evaluate_refuses_an_output_file_name_too_long_for_the_system_before_it_
     with pytest.raises(ConfigError, match=f"{flag} .*: cannot be written \\(File name too long\\)"):
         evaluate_here("--data", "events.csv", "--baselines", "pop", *flags, flag,
                       str(tmp_path / ("A" * 300 + (".json" if flag == "--json" else ".png"))))
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "ev.csv", "--registry", ""], ["train", "--data", "ev.csv", "--registry", "r", "--config", ""],
+    ["tune", "--data", "ev.csv", "--out", ""], ["evaluate", "--data", "ev.csv", "--config", ""],
+    ["evaluate", "--data", "ev.csv", "--model", ""], ["evaluate", "--data", "", "--json", "r.json"],
+    ["serve", "--config", ""], ["serve", "--registry", "", "--state-dir", "s"], ["serve", "--state-dir", ""],
+    ["retrainer", "--registry", "", "--archive", "a", "--once"], ["retrainer", "--registry", "r", "--archive", ""],
+    ["audit", "--config", ""], ["audit", "--json", ""], ["audit", "--kafka-config-file", ""], ["quality", "--png", ""],
+    ["produce", "--data", ""], ["items", "unavailable", "x", "--from-file", ""], ["demo", "--out", ""],
+    ["models", "list", ""], ["models", "prune", "", "--keep", "1"],
+])
+def test_an_empty_path_flag_exits_2_naming_it_and_writes_nothing_to_the_working_directory(
+        argv, tmp_path, monkeypatch, capsys):
+    from stream.cli import main
+
+    monkeypatch.chdir(tmp_path)  # what pathlib makes of an empty name: `--registry ''` published here
+    (tmp_path / "ev.csv").write_text("USER_ID,ITEM_ID,TIMESTAMP\nu,i,1\n")
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "an empty path: name a file or directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev.csv"]
