@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from model.artifact import load_version  # noqa: E402
 from model.baselines import make_baseline  # noqa: E402
 from model.cli_common import file_settings  # noqa: E402
+from model.cli_evaluate import differing_split_settings  # noqa: E402
 from model.config import DataConfig, HRNNConfig, field_names, load_config, to_dict, unknown_setting  # noqa: E402
 from model.errors import exit_status  # noqa: E402
 from model.evaluate import evaluate, format_table  # noqa: E402
@@ -126,6 +127,10 @@ def main() -> int:
         configs["hrnn-repeat"] = _config(REPEAT_DEFAULTS, args.repeat_config, args.repeat_set, "--repeat-set")
     if "plain" in wanted:
         configs["hrnn-init"] = _config(PLAIN_DEFAULTS, args.plain_config, args.plain_set, "--plain-set")
+    if len(configs) == 2 and (differ := differing_split_settings(*(d for _, d in configs.values()))):
+        # Every network is tested on one split: one featurized otherwise would be tested on events it trained on.
+        p.error("the networks must split the log alike, but " + "; ".join(
+            f"{name} is {a!r} for hrnn-repeat and {b!r} for hrnn-init" for name, a, b in differ))
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

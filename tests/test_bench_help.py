@@ -60,6 +60,8 @@ STREAM_SMALL = ["--events", "200", "--items", "200", "--hidden", "32", "--latenc
      "argument --repeat-set: expected key=value, got 'epochs12'"),
     ("quality_reddit.py", ["--data", NO_DATA, "--quiet", "--out-dir", "{tmp}", "--repeat-set", "epochs=0"],
      "epochs = 0 is outside its range"),
+    ("quality_reddit.py", ["--data", NO_DATA, "--quiet", "--out-dir", "{tmp}", "--plain-set", "session_timeout_s=60"],
+     "the networks must split the log alike, but session_timeout_s is 1800.0 for hrnn-repeat and 60.0 for hrnn-init"),
     ("canary.py", [*CANARY_SMALL, "--repeats", "0"], "--repeats must be >= 1"),
     ("canary.py", [*CANARY_SMALL, "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     ("canary.py", [*CANARY_SMALL, "--events", "0"], "--events must be >= 1, got 0"),
