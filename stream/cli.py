@@ -43,6 +43,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    from stream.settings import warn_unknown_env  # every command, as `hrnn train` reads HRNN_* settings too
+
+    warn_unknown_env()
     module = importlib.import_module(COMMANDS[args.command][0])
     return exit_status(lambda: module.run(args), f"hrnn {args.command}")
 

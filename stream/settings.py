@@ -255,8 +255,6 @@ def load_settings(config_file: str | Path | None = None, overrides: Mapping[str,
     file_values: dict[str, Any] = {}
     if config_file:
         file_values = _file_settings(config_file, read_config_file(config_file))
-    if env_prefix:
-        _warn_unknown_env(env_prefix)
     rest = {k: v for k, v in (overrides or {}).items() if k not in _TABLE_SETTINGS}
     settings = load_config(WorkerSettings, file_values=file_values, env_prefix=env_prefix, overrides=rest,
                            strict_file=True, validate=False)
@@ -286,10 +284,11 @@ def _kafka_tables(layers: list[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
     return tables
 
 
-def _warn_unknown_env(prefix: str) -> None:
+def warn_unknown_env(prefix: str = ENV_PREFIX) -> None:
     """Say which <prefix>* variables no command reads: a misspelt one (HRNN_PROCESSING_GUARANTE) would leave its
     setting at the default without a word, where a misspelt file key is refused. Only a warning, and only for
-    names no settings object has: one environment serves the worker, training and the client commands."""
+    names no settings object has: one environment serves the worker, training and the client commands. `hrnn`
+    warns as any command starts."""
     known = {prefix + name.upper() for cls in (WorkerSettings, HRNNConfig, DataConfig) for name in field_names(cls)}
     known |= {prefix + name for name in _READ_DIRECTLY}
     for var in sorted(os.environ):

@@ -129,16 +129,20 @@ def test_a_kafka_config_flag_wins_over_the_same_key_in_a_consumer_or_producer_ta
     assert s.consumer_kafka["security.protocol"] == s.producer_kafka["security.protocol"] == "SASL_SSL"
 
 
-def test_a_misspelt_hrnn_variable_is_warned_about_with_the_setting_probably_meant(monkeypatch, caplog):
+@pytest.mark.parametrize("argv", [["serve", "--registry", "/nonexistent/r", "--state-dir", "s"],
+                                  ["train", "--data", "/nonexistent/ev.csv", "--registry", "r"],
+                                  ["evaluate", "--data", "/nonexistent/ev.csv"], ["synth", "--out", "x.txt"]])
+def test_a_misspelt_hrnn_variable_is_warned_about_by_every_command_with_the_setting_probably_meant(
+        argv, monkeypatch, caplog, tmp_path):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HRNN_PROCESSING_GUARANTE", "exactly_once")
     monkeypatch.setenv("HRNN_NOTHING_LIKE_IT", "1")
     # read by another command (training), by the worker outside its settings, or by the tests: no typo
     for name in ("HRNN_EPOCHS", "HRNN_MIN_ITEM_SUPPORT", "HRNN_FAULT_INJECT", "HRNN_TEST_APACHE_KAFKA"):
         monkeypatch.setenv(name, "1")
     with caplog.at_level("WARNING", logger="stream.settings"):
-        s = load_settings(None, {"registry": "r", "state_dir": "s"})
-    assert s.processing_guarantee == "at_least_once"  # warned, not refused: the variable may be another program's
-    assert [r.getMessage() for r in caplog.records] == [
+        assert cli.main(argv) == 2  # warned, not refused (the variable may be another program's): exit 2 for argv
+    assert [r.getMessage() for r in caplog.records if r.name == "stream.settings"] == [
         "ignoring environment variable HRNN_NOTHING_LIKE_IT: no hrnn setting has that name",
         "ignoring environment variable HRNN_PROCESSING_GUARANTE: no hrnn setting has that name "
         "(did you mean HRNN_PROCESSING_GUARANTEE?)"]
