@@ -6,9 +6,13 @@ the base offset of the last record batch + 1, so "caught up" is decided by an em
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +23,21 @@ from model.errors import HRNNError
 
 class BrokerError(HRNNError):
     """The local broker could not be found or started."""
+
+
+# prctl(PR_SET_PDEATHSIG) (Linux): the broker gets SIGTERM when the thread that started it ends, so a program
+# killed with SIGKILL (which no `finally` survives) does not leave it holding its port.
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _ending_with(parent: int):
+    """The function the broker's child process runs before exec: die with `parent` (already gone: now)."""
+    def die_with_parent() -> None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died between fork and prctl
+            os._exit(1)
+    return die_with_parent
 
 
 def free_port() -> int:
@@ -53,8 +72,12 @@ class LocalBroker:
                "--storage-engine", "memory://tansu/"]
         out = self._open_log()
         try:
+            # Only from the main thread: the signal fires when the starting thread ends, which for another thread
+            # (a bench's helper) is not the end of the program.
+            tied = _prctl is not None and threading.current_thread() is threading.main_thread()
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")})
+                                            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+                                            preexec_fn=_ending_with(os.getpid()) if tied else None)
         finally:
             if out is not subprocess.DEVNULL:  # the broker holds its own copy
                 out.close()

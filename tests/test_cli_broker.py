@@ -117,3 +117,31 @@ def test_a_program_that_exits_on_sigterm_stops_its_local_broker_with_it(tmp_path
         return
     os.kill(broker_pid, signal.SIGKILL)  # do not leave it behind for the next test
     pytest.fail(f"the broker {broker_pid} outlived the program that started it")
+
+
+def _gone(pid: int, within_s: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.broker
+def test_a_broker_command_killed_with_sigkill_takes_its_broker_process_with_it():
+    """No `finally` runs on SIGKILL (a CI job's hard limit, the OOM killer): the broker must not hold its port on."""
+    proc = subprocess.Popen([HRNN, "broker"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    bootstrap = proc.stdout.readline().strip()
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert bootstrap.startswith("127.0.0.1:") and len(children) == 1, (bootstrap, children)
+    proc.kill()
+    proc.wait(timeout=10)
+    if not _gone(int(children[0]), within_s=15):
+        os.kill(int(children[0]), signal.SIGKILL)  # do not leave it behind for the next test
+        pytest.fail(f"the broker {children[0]} outlived `hrnn broker`, killed with SIGKILL")
+    assert _refuses_connections(bootstrap)
