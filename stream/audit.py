@@ -37,7 +37,7 @@ from confluent_kafka import KafkaException, TopicPartition
 from model.errors import ConfigError
 from stream import records
 from stream.kafka_clients import (ClientSettings, KafkaClientError, Record, admin_client, create_consumer,
-                                  error_detail, topic_id, topic_partitions)
+                                  error_detail, topic_id, topic_partitions, watermarks)
 from stream.settings import WorkerSettings
 from stream.topic_window import ANSWER_SKEW_MS, earlier, read_window, window_bounds
 
@@ -120,6 +120,18 @@ class Ledger:
         self.ranges, self.topic, self.log, self.ends = ranges, topic, log, ends or {}
         self.flags = {p: np.zeros(max(0, (c or s) - s), np.uint8) for p, (s, c) in ranges.items()}
         self.lag = dict.fromkeys(ranges, 0)
+        self.copied: set[tuple[int, int]] = set()  # originals outside the audited range a copy of was read
+
+    def copied_before(self, partition: int, offset: int) -> bool:
+        """Note a re-keyed copy of the record at the offset; whether one was read before in this read of the
+        input. An original outside the audited range (older than a window's start, or in flight) has no flags,
+        yet its copies may lie inside it: those are remembered apart, one entry per such original."""
+        start, committed = self.ranges.get(partition, (0, None))
+        if committed is not None and start <= offset < committed:
+            return bool(self.flags_of(partition, offset) & REKEYED)
+        before = (partition, offset) in self.copied
+        self.copied.add((partition, offset))
+        return before
 
     def can_hold(self, partition: int, offset: int) -> bool:
         """Whether the log can hold a record at the offset: answers naming one it cannot are strays."""
@@ -186,7 +198,7 @@ def note_input(ledger: Ledger, r: Record) -> None:
     # A re-keyed copy lies in the log it answers, so its topic is all it needs to name.
     if origin is None or origin[0] != ledger.topic:
         return
-    if ledger.flags_of(origin[1], origin[2]) & REKEYED:
+    if ledger.copied_before(origin[1], origin[2]):
         # A second copy of one record (the original's batch read again after a crash before its commit) lies
         # after the first in the user's partition: workers apply the first and skip this one as a replay.
         ledger.mark(r.partition, r.offset, COPY_AGAIN)
@@ -213,6 +225,13 @@ def note_dead_letter(ledger: Ledger, r: Record) -> bool:
     if topic is None or not ledger.names_this_log(topic, log) or p is None or o is None:
         return False
     return ledger.mark(p, o, DEAD)
+
+
+def holds_records(bootstrap: str, topic: str, extra: ClientSettings | None = None) -> bool:
+    """Whether any partition of the whole log holds a record, whatever window is audited: a misspelt group is
+    as wrong on an input quiet lately. The local broker's end (the last batch's base offset + 1) is past its
+    start wherever a record is, as a true high watermark is."""
+    return any(end > start for start, end in watermarks(bootstrap, topic, extra).values())
 
 
 def committed_offsets(bootstrap: str, group: str, topic: str, extra: ClientSettings | None = None,
@@ -251,7 +270,7 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
     if not bounds[output_topic]:
         raise MissingOutputTopic(output_topic, bootstrap)
     bounds |= window_bounds(bootstrap, {input_topic: since_ms}, extra)
-    if all(c is None for c in committed.values()) and any(e > s for s, e in bounds[input_topic].values()):
+    if all(c is None for c in committed.values()) and holds_records(bootstrap, input_topic, extra):
         raise NothingCommitted(group, input_topic)  # an empty input, though, has nothing to answer: audited
     # Every partition of the input, also one added since the offsets were read (nothing committed there).
     ranges = {p: (bounds[input_topic].get(p, (0, 0))[0], committed.get(p))

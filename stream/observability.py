@@ -68,7 +68,10 @@ class WorkerMetrics:
         self.model_version_info = Gauge("model_version_info", "Share of the users a model version serves now "
                                         "(1 for the only one; below 1 while a canary serves)",
                                         ["version"], namespace=ns, registry=r)
-        self.states_stored = Gauge("states_stored", "User states in the local stores", namespace=ns, registry=r)
+        # RocksDB's estimate: an exact count would cost a read per state written, or a scan per open.
+        self.states_stored = Gauge("states_stored", "RocksDB's estimate of the user-state entries in the local "
+                                   "stores (approximate: states overwritten and not yet compacted can count again)",
+                                   namespace=ns, registry=r)
         self.unavailable_items = Gauge("unavailable_items", "Items off sale on the availability topic, left out "
                                        "of every recommendation", namespace=ns, registry=r)
         self._versions: set[str] = set()

@@ -297,7 +297,9 @@ class PartitionStore:
             start = last + b"\x00"
 
     def estimate_count(self) -> int:
-        # RocksDB's estimate counts the three meta keys too; the gauge is approximate anyway.
+        """RocksDB's estimate of the stored states, not a count: an overwrite of a state still in a memtable
+        or an uncompacted file counts again until compaction (the hrnn_states_stored gauge says so)."""
+        # The estimate counts the three meta keys too.
         return max(0, int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0) - 3)
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import msgspec
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 
 from stream.kafka_clients import (ClientSettings, KafkaClientError, raise_if_fatal, reader_consumer,
-                                  wait_for_partitions)
+                                  wait_for_partitions, watermarks, window_offsets)
 from stream.records import Recommendation, decode_recommendation
 
 _DAY_MS = 86_400_000
@@ -42,6 +42,14 @@ def format_recommendation(value: bytes | None, *, top: int = 5) -> str:
             f"{session}  {_latency(rec)}  items: {items or '(none)'}{more}")
 
 
+def _ends(bootstrap: str, topic: str, extra: ClientSettings | None) -> dict[int, int]:
+    """Each partition's end as tail starts: the offset of the first record written after. Read from the
+    records, not the high watermark alone (Tansu's is the base offset of the last batch + 1, inside a batch
+    written before), and not from timestamps, which a writer's clock behind ours would put before our start."""
+    return {p: end for p, (_, end) in window_offsets(bootstrap, topic, None, watermarks(bootstrap, topic, extra),
+                                                     extra).items()}
+
+
 def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning: bool = False,
          timeout_s: float | None = None, extra: ClientSettings | None = None, out: TextIO | None = None,
          top: int = 5) -> int:
@@ -50,7 +58,6 @@ def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning
     still does not exist at the timeout."""
     out = out or sys.stdout
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    started_ms = int(time.time() * 1000)
     consumer = reader_consumer(bootstrap, extra)
     printed = 0
     try:
@@ -59,11 +66,8 @@ def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning
         if not partitions:  # a misspelt --topic, most often: printing nothing and exit 0 would hide it
             raise KafkaClientError(f"topic {topic!r} does not exist on {bootstrap} (waited {timeout_s:g} s): "
                                    "check --topic")
-        start = OFFSET_BEGINNING if from_beginning else OFFSET_END
-        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
-        # Tansu's "end" is the base offset of the last batch + 1, which can land inside a batch that
-        # was written before we started; skip such older records until a partition shows a new one.
-        skipping = set() if from_beginning else set(partitions)
+        starts = dict.fromkeys(partitions, OFFSET_BEGINNING) if from_beginning else _ends(bootstrap, topic, extra)
+        consumer.assign([TopicPartition(topic, p, starts.get(p, OFFSET_END)) for p in partitions])
         while count is None or printed < count:
             wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
             if wait <= 0:
@@ -75,11 +79,6 @@ def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning
             if err is not None:
                 raise_if_fatal(topic, err)
                 continue
-            if msg.partition() in skipping:
-                ts_type, ts = msg.timestamp()
-                if ts_type != 0 and ts < started_ms:
-                    continue
-                skipping.discard(msg.partition())
             line = format_recommendation(msg.value(), top=top)
             if line.startswith("WARNING"):
                 line = f"{line}  [p{msg.partition()}@{msg.offset()} key={msg.key()!r}]"

@@ -89,6 +89,15 @@ def test_a_second_re_keyed_copy_of_one_record_is_answered_by_the_first_and_the_r
     assert (original.rekeyed, original.duplicated, original.unanswered) == (1, 1, 0)  # twice: not exactly once
 
 
+def test_a_second_re_keyed_copy_is_answered_by_the_first_also_when_the_original_is_older_than_the_window():
+    """A window's start can leave the mis-keyed original out (its timestamp is older) and hold both its copies:
+    the audited range of the original's partition is empty, and the second copy is still a skipped replay."""
+    inputs = [_record("ev", 1, o, headers=records.repartition_headers("ev", 0, 0)) for o in (0, 1)]
+    ledger, _ = _ledger({0: (1, 1), 1: (0, 2)}, inputs, [_record("rec", 0, 0, _rec(1, 0))])
+    copies = ledger.partition(1)
+    assert (copies.records, copies.recommended, copies.copies_again, copies.unanswered) == (2, 1, 1, 0)
+
+
 def test_every_unanswered_record_is_counted_but_only_the_first_are_listed():
     ledger, _ = _ledger({0: (0, 1000)}, [_record("ev", 0, o) for o in range(1000)])
     got = ledger.partition(0)
@@ -312,6 +321,22 @@ def test_a_group_that_committed_nothing_and_an_output_topic_that_does_not_exist_
     commit_offsets(settings, {0: 3})
     proc = _audit(broker.bootstrap, settings, out, "--output-topic", "no-such-recs")
     assert proc.returncode == 2 and "output topic 'no-such-recs' does not exist" in proc.stderr
+
+
+@pytest.mark.broker
+def test_a_group_that_committed_nothing_is_refused_also_when_the_window_holds_no_input_record(broker, tmp_path):
+    settings = settings_for(broker.bootstrap, NO_DIR, NO_DIR)
+    ensure_topics(admin_client(broker.bootstrap), [TopicSpec(settings.input_topic, 1),
+                                                   TopicSpec(settings.output_topic, 1)])
+    producer, old_ms = create_producer(broker.bootstrap), int(time.time() * 1000) - 3 * 3_600_000
+    for offset in range(3):  # three hours old, answered: the last hour holds no input record
+        producer.produce(settings.input_topic, b"{}", b"u", partition=0, timestamp=old_ms)
+        producer.produce(settings.output_topic, _rec(0, offset), b"u", partition=0)
+    assert producer.flush(15) == 0
+    out = tmp_path / "report.json"
+    proc = _audit(broker.bootstrap, settings, out, "--since-s", "3600")  # a misspelt --group, audited lately
+    assert proc.returncode == 2 and not out.exists() and "Traceback" not in proc.stderr
+    assert f"group {settings.group!r} has committed no offsets" in proc.stderr
 
 
 @pytest.mark.broker

@@ -47,6 +47,14 @@ def test_metrics_endpoint_serves_the_worker_counters_on_a_free_port(served):
         assert f"hrnn_{name}" in text, name
 
 
+def test_the_states_stored_gauge_says_it_is_rocksdbs_estimate_not_a_count_of_users(served):
+    """RocksDB's estimate-num-keys counts a state overwritten but not yet compacted again (7 users read 83)."""
+    _, _, server = served
+    text = http_get(server.port, "/metrics")[2].decode()
+    help_line = next(line for line in text.splitlines() if line.startswith("# HELP hrnn_states_stored "))
+    assert "RocksDB's estimate" in help_line and "approximate" in help_line
+
+
 def test_health_is_200_json_while_alive_and_503_when_not(served):
     _, health, server = served
     status, ctype, body = http_get(server.port, "/health")

@@ -45,11 +45,31 @@ def test_a_record_that_is_not_a_recommendation_prints_a_warning_with_its_bytes(v
     assert (repr(value) if value is not None else "None") in line
 
 
-def _produce(bootstrap: str, topic: str, values: list[bytes], key: bytes = b"u1") -> None:
+def _produce(bootstrap: str, topic: str, values: list[bytes], key: bytes = b"u1", behind_ms: int | None = None) -> None:
+    """With `behind_ms`, the records' CreateTime is that far behind this host's clock, as a writer's can be."""
     producer = create_producer(bootstrap)
     for v in values:
-        producer.produce(topic, key=key, value=v)
+        stamp = {} if behind_ms is None else {"timestamp": int(time.time() * 1000) - behind_ms}
+        producer.produce(topic, key=key, value=v, **stamp)
     assert producer.flush(15) == 0
+
+
+def _tail_while_sending_new(bootstrap: str, topic: str, count: int, timeout_s: float,
+                            behind_ms: int | None = None) -> tuple[list[int], list[str]]:
+    """Tail `count` records without --from-beginning, sending new ones until it has them (or `timeout_s`)."""
+    out = io.StringIO()
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(tail(bootstrap, topic, count=count, timeout_s=timeout_s,
+                                                                out=out)))
+    worker.start()
+    deadline = time.monotonic() + timeout_s
+    sent = 0
+    while worker.is_alive() and time.monotonic() < deadline:  # keep sending until tail has seen them
+        _produce(bootstrap, topic, [encode_recommendation(_rec("new", offset=1000 + sent))], behind_ms=behind_ms)
+        sent += 1
+        worker.join(timeout=0.3)
+    worker.join(timeout=5)
+    return result, out.getvalue().splitlines()
 
 
 @pytest.mark.broker
@@ -69,20 +89,18 @@ def test_tail_from_beginning_prints_n_records_and_survives_junk(broker):
 def test_tail_without_from_beginning_prints_only_new_records(broker):
     topic = f"recs-{uuid.uuid4().hex[:8]}"
     _produce(broker.bootstrap, topic, [encode_recommendation(_rec("old", offset=i)) for i in range(20)])
-    out = io.StringIO()
-    result: list[int] = []
-    worker = threading.Thread(target=lambda: result.append(
-        tail(broker.bootstrap, topic, count=3, timeout_s=40, out=out)))
-    worker.start()
-    deadline = time.monotonic() + 40
-    sent = 0
-    while worker.is_alive() and time.monotonic() < deadline:  # keep sending until tail has seen 3
-        _produce(broker.bootstrap, topic, [encode_recommendation(_rec("new", offset=1000 + sent))])
-        sent += 1
-        worker.join(timeout=0.3)
-    worker.join(timeout=5)
+    result, lines = _tail_while_sending_new(broker.bootstrap, topic, 3, timeout_s=40)
     assert result == [3]
-    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and all(line.startswith("user new ") for line in lines)
+
+
+@pytest.mark.broker
+def test_tail_prints_new_records_of_a_writer_whose_clock_is_behind_its_own(broker):
+    topic = f"recs-{uuid.uuid4().hex[:8]}"
+    _produce(broker.bootstrap, topic, [encode_recommendation(_rec("old", offset=i)) for i in range(20)])
+    # new by their offsets, though their CreateTime (a minute behind) is before tail started
+    result, lines = _tail_while_sending_new(broker.bootstrap, topic, 3, timeout_s=15, behind_ms=60_000)
+    assert result == [3]
     assert len(lines) == 3 and all(line.startswith("user new ") for line in lines)
 
 
