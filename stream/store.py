@@ -60,6 +60,7 @@ class RestoreResult:
     applied: int
     skipped: int  # records of batches whose input offsets were never committed
     changelog_offset: int
+    superseded: int = 0  # records older than the user's state already applied (a late write of a former owner)
 
 
 def _user_key(user_id: str) -> bytes:
@@ -218,10 +219,15 @@ class PartitionStore:
         processed again, so its state must not be applied now. A record read from another log
         of the input topic than `input_log` (its id) is applied with its source offset
         forgotten: that log's batches are never read again.
+
+        A record whose source offset is below that of the user's state already applied is superseded, not
+        applied: a worker that lost the partition while it stalled in a batch (past max.poll.interval.ms, or
+        cut from its group's coordinator) writes its batch's states after the new owner's newer ones.
         """
-        applied = skipped = 0
+        applied = skipped = superseded = 0
         last = self.changelog_offset
         batch, pending = WriteBatch(raw_mode=True), 0
+        sources: dict[str, int] = {}  # user -> source offset of the state applied (-1: none known)
         for rec in records:
             if rec.offset <= last:
                 continue
@@ -232,8 +238,11 @@ class PartitionStore:
                 value = _forgetting_input_offsets(value)
             if not old_log and (committed_offset < 0 or rec.source_offset >= committed_offset):
                 skipped += 1
+            elif not old_log and rec.source_offset < self._applied_source(rec.user_id, sources):
+                superseded += 1
             else:
                 applied += 1
+                sources[rec.user_id] = -1 if old_log or value is None else rec.source_offset
                 if value is None:
                     batch.delete(_user_key(rec.user_id))
                 else:
@@ -246,7 +255,14 @@ class PartitionStore:
         if pending:
             batch.put(_CHANGELOG_OFFSET, str(last).encode())
             self._write(batch)
-        return RestoreResult(applied, skipped, last)
+        return RestoreResult(applied, skipped, last, superseded)
+
+    def _applied_source(self, user_id: str, sources: dict[str, int]) -> int:
+        """The source offset of the user's state: applied in this restore, else stored (read once)."""
+        if user_id not in sources:
+            state = self.get(user_id)
+            sources[user_id] = state.source_offset if state is not None else -1
+        return sources[user_id]
 
     def user_ids(self) -> list[str]:
         """Every stored user (a full scan: for tests and tools, not the hot path)."""

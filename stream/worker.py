@@ -89,6 +89,12 @@ class WorkerError(HRNNError):
 T = TypeVar("T")
 
 
+_MAX_POLL_INTERVAL_MS = 300_000
+# Commit errors that say the group's generation has moved on without this member: its partitions may be another's.
+_NOT_A_MEMBER = frozenset({KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
+                           KafkaError.REBALANCE_IN_PROGRESS, KafkaError.FENCED_INSTANCE_ID})
+
+
 def liveness_timeout_s(settings: WorkerSettings) -> float:
     """How long the worker loop may go without a heartbeat before /health reports it stuck (503: the
     liveness probe restarts it). The loop beats every iteration (an empty poll too: idle is not stuck)
@@ -359,6 +365,8 @@ class Worker:
         self._last_lag = 0.0
         self._announced_read = False  # whether the first batch waited for the announced version
         self._consume_calls = 0  # consume() calls of the input consumer so far
+        self._consumed_at = time.monotonic()  # when the last consume() call returned
+        self._max_poll_s = _MAX_POLL_INTERVAL_MS / 1000  # the consumer's max.poll.interval.ms, read in start()
         self._revoked_in: dict[int, int] = {}  # partition -> the consume() call of this poll that revoked it
         self._assigned_in: dict[int, int] = {}  # partition -> the consume() call of this poll that assigned it
         self.assigned = threading.Event()  # set once the first partitions are assigned and restored
@@ -382,6 +390,7 @@ class Worker:
                                          restore_extra)
         extra = {**s.consumer_kafka, **({"isolation.level": "read_committed"} if s.exactly_once else {})}
         self._consumer = create_consumer(s.bootstrap_servers, s.group, extra)
+        self._max_poll_s = int(extra.get("max.poll.interval.ms", _MAX_POLL_INTERVAL_MS)) / 1000  # accepted: an int
         self._consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                  on_lost=self._on_lost)
         if s.follow_updates and self._own_models:
@@ -452,7 +461,9 @@ class Worker:
     def _consume(self, n: int, timeout_s: float) -> tuple[int, list[Message]]:
         """One consume() call and its number: _on_revoke notes the number of the call it ran in."""
         self._consume_calls += 1
-        return self._consume_calls, self._consumer.consume(num_messages=n, timeout=timeout_s)
+        msgs = self._consumer.consume(num_messages=n, timeout=timeout_s)
+        self._consumed_at = time.monotonic()
+        return self._consume_calls, msgs
 
     def _still_owned(self, calls: list[tuple[int, list[Message]]]) -> list[Message]:
         """The polled records less those of partitions revoked in or after the consume() call that returned them.
@@ -610,7 +621,8 @@ class Worker:
         result = store.restore(_beating(changelog, self.health.beat), committed, self._input_log)
         log.info("partition assigned", extra={
             "partition": partition, "committed_offset": committed, "restored": result.applied,
-            "skipped_uncommitted": result.skipped, "changelog_offset": result.changelog_offset,
+            "skipped_uncommitted": result.skipped, "superseded": result.superseded,
+            "changelog_offset": result.changelog_offset,
             "seconds": round(time.perf_counter() - t0, 3)})
 
     def _open_store(self, partition: int) -> PartitionStore:
@@ -681,6 +693,9 @@ class Worker:
         self._follow_availability()
         self.health.beat()
         routed = route(msgs, self.settings.max_event_lead_s)
+        if self._left_group():
+            self._rewind(routed.first_offsets)  # ours again after the rejoin, or read by their new owner
+            return BatchResult(records=len(msgs), batches=1, aborted=1)
         result = BatchResult(records=len(msgs), batches=1)
         self._deliveries.reset()
         if self.settings.exactly_once:
@@ -815,8 +830,9 @@ class Worker:
             if not self._commit_transaction(offsets):
                 self._rewind(routed.first_offsets)
                 return True
-        else:
-            self._commit_offsets(offsets)
+        elif not self._commit_offsets(offsets):
+            self._rewind(routed.first_offsets)
+            return False  # delivered all the same: counted, and delivered again when read again
         _maybe_crash("after_commit", batch_no)
         self._write_stores(encoded)
         return False
@@ -831,18 +847,38 @@ class Worker:
             raise WorkerError(f"{len(self._deliveries.errors)} records were not delivered, first: "
                               f"{self._deliveries.errors[0]}; offsets not committed, the batch will be re-read")
 
-    def _commit_offsets(self, offsets: list[TopicPartition]) -> None:
+    def _left_group(self) -> bool:
+        """Whether the batch in hand was held past max.poll.interval.ms since its poll (a stall, or the first
+        batch's waits): librdkafka has then left the group, and a worker that took its partitions may already
+        have written newer states, which this batch's would follow in the changelog. Not processed: read again."""
+        held = time.monotonic() - self._consumed_at
+        if held <= self._max_poll_s:
+            return False
+        log.warning("batch held past max.poll.interval.ms: the group has moved on without this worker; the batch "
+                    "is not processed and is read again", extra={"held_s": round(held, 1),
+                                                                  "max_poll_interval_s": self._max_poll_s})
+        return True
+
+    def _commit_offsets(self, offsets: list[TopicPartition]) -> bool:
+        """Commit; False when the group has moved on without this worker, whose states must then not be stored."""
         if not offsets:
-            return
+            return True
         try:
             done = self._consumer.commit(offsets=offsets, asynchronous=False)
             failed = [tp for tp in done or () if tp.error is not None]
             if failed:
                 raise KafkaException(failed[0].error)
         except KafkaException as exc:
-            # Typically a rebalance in progress. The outputs are delivered, so the states are still
-            # stored: their source offsets keep a later re-read of these records from applying them twice.
+            if exc.args[0].code() in _NOT_A_MEMBER:
+                # Another worker may own these partitions and have stored newer states: storing ours would move
+                # the store's changelog offset past that worker's records, which a later catch-up then misses.
+                log.warning("offset commit refused: the group moved on without this worker; the batch's states "
+                            "are not stored and it is read again", extra={"error": str(exc)})
+                return False
+            # Still the owner (a timeout, the coordinator moving): the states are stored, and their source
+            # offsets keep a later re-read of these records from applying them twice.
             log.warning("offset commit failed; the batch may be re-read", extra={"error": str(exc)})
+        return True
 
     def _commit_transaction(self, offsets: list[TopicPartition], attempts: int = 3) -> bool:
         """Add the offsets to the transaction, then commit it; False when it was aborted (the batch is read again).

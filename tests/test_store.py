@@ -103,6 +103,29 @@ def test_restore_ignores_records_the_store_already_reflects(stores):
     assert store.get("b") is not None
 
 
+def test_a_late_record_of_a_former_owner_is_superseded_by_the_newer_state_restored_before_it(stores):
+    """A worker that stalled in a batch past max.poll.interval.ms wrote its states after the new owner's newer ones:
+    the newest by source offset is the user's state, not the last written."""
+    store = stores.open(0)
+    newer = ChangelogRecord("a", encode_state(make_state(2, 180)), offset=0, source_offset=180)
+    late = ChangelogRecord("a", encode_state(make_state(1, 140)), offset=1, source_offset=140)
+    other = ChangelogRecord("b", encode_state(make_state(3, 150)), offset=2, source_offset=150)
+    result = store.restore([newer, late, other], committed_offset=200)
+    assert (result.applied, result.superseded, result.changelog_offset) == (2, 1, 2)
+    assert same_state(store.get("a"), make_state(2, 180)) and same_state(store.get("b"), make_state(3, 150))
+
+
+def test_catching_up_skips_a_late_record_older_than_the_state_the_store_holds(stores):
+    store = stores.open(0)
+    store.put_states({"a": make_state(2, 180)}, changelog_offset=4)
+    late = ChangelogRecord("a", encode_state(make_state(1, 140)), offset=5, source_offset=140)
+    newer = ChangelogRecord("a", encode_state(make_state(3, 190)), offset=6, source_offset=190)
+    assert store.restore([late], committed_offset=200).superseded == 1
+    assert same_state(store.get("a"), make_state(2, 180))
+    assert store.restore([newer], committed_offset=200).applied == 1
+    assert same_state(store.get("a"), make_state(3, 190))
+
+
 def test_restore_with_nothing_committed_applies_nothing(stores):
     store = stores.open(0)
     rec = ChangelogRecord("a", encode_state(make_state(1, 0)), offset=0, source_offset=0)

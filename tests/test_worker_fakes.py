@@ -197,6 +197,47 @@ def test_a_batch_holding_poison_records_dead_letters_them_and_answers_and_commit
     assert (result.dead_lettered, result.recommendations) == (2, 2)
 
 
+# ---- a worker the group moved on without ----------------------------------------------------------
+
+def _refusing_commit(code: int):
+    def commit(offsets=None, asynchronous=True):
+        raise KafkaException(KafkaError(code, "commit refused"))
+    return commit
+
+
+def test_a_batch_whose_commit_says_the_group_moved_on_is_not_stored_and_is_rewound(make_worker):
+    """Its partitions may be another worker's, which stored newer states: storing this batch's would move the store's
+    changelog offset past them, so a later catch-up would miss them."""
+    w = make_worker()
+    assign(w, 0)
+    w._consumer.commit = _refusing_commit(KafkaError.UNKNOWN_MEMBER_ID)
+    w.process_batch([event(0, 3, "alice"), event(0, 4, "bob")])
+    assert users_answered(w) == ["alice", "bob"]  # delivered: at least once
+    assert w.stores[0].get("alice") is None and w.stores[0].changelog_offset == -1
+    assert w._consumer.seeks == [(0, 3)]
+
+
+def test_a_batch_whose_commit_failed_otherwise_is_stored_as_the_owner_it_still_is(make_worker):
+    w = make_worker()
+    assign(w, 0)
+    w._consumer.commit = _refusing_commit(KafkaError.REQUEST_TIMED_OUT)
+    w.process_batch([event(0, 3, "alice")])
+    assert w.stores[0].get("alice").source_offset == 3 and w._consumer.seeks == []
+
+
+def test_a_batch_held_past_max_poll_interval_is_not_processed_but_read_again(make_worker):
+    """librdkafka has left the group by then: another worker may be writing newer states of these users."""
+    w = make_worker()
+    assign(w, 0)
+    w._max_poll_s = 0.05
+    w._consumer.script = [[event(0, 5, "alice")]]
+    batch = w.poll_batch()
+    time.sleep(0.1)  # a stall between the poll and the batch's work
+    result = w.process_batch(batch)
+    assert result.aborted == 1 and w._producer.sent == [] and w._consumer.commits == []
+    assert w.stores[0].get("alice") is None and w._consumer.seeks == [(0, 5)]
+
+
 # ---- metrics -------------------------------------------------------------------------------------
 
 class ListedItems:
