@@ -18,7 +18,9 @@ A request may also make a version a *canary* (a share of the users, stream/canar
 one, which stays *stable* for the rest. A canary is loaded and validated like any version and prebuilds its
 own users' states; a full request for the canary's version promotes it without loading it again (the loader
 only rebuilds the other users' states with it first, as before any swap), one for the stable version ends
-the canary, and one for a third version replaces both (a full rollout ends any canary). The worker reads
+the canary, and one for a third version replaces both (a full rollout ends any canary). A canary requested
+while a full rollout is still loading or pending goes beside the version rolled out, not beside the one it
+replaces: the result never depends on whether the worker swapped between the two requests. The worker reads
 `serving()` once per batch, so a batch sees one stable version, one canary and one share.
 
 A version that fails validation is refused with a log line and a counter per reason; the
@@ -34,6 +36,7 @@ serving version is untouched. Reasons:
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -90,6 +93,7 @@ def validate_version(path: str | Path, *, device: str = "cpu", expected_version:
         verify(d)
     except ArtifactError as exc:
         raise ModelRefused("integrity", d, str(exc)) from None
+    _check_item_index(d)
     try:
         rec = Recommender.load(d, device)
     except ArtifactError as exc:
@@ -100,8 +104,6 @@ def validate_version(path: str | Path, *, device: str = "cpu", expected_version:
         raise ModelRefused("unreadable", d, f"{type(exc).__name__}: {exc}") from None
     if expected_version is not None and rec.version != expected_version:
         raise ModelRefused("mismatch", d, f"directory holds version {rec.version!r}, announced {expected_version!r}")
-    if not rec.item_ids or len(set(rec.item_ids)) != len(rec.item_ids):
-        raise ModelRefused("item_index", d, f"{len(rec.item_ids)} item ids, {len(set(rec.item_ids))} distinct")
     bad = [name for name, t in rec.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ModelRefused("nonfinite", d, f"non-finite values in {', '.join(bad[:3])}")
@@ -112,6 +114,17 @@ def validate_version(path: str | Path, *, device: str = "cpu", expected_version:
     except Exception as exc:  # noqa: BLE001
         raise ModelRefused("smoke", d, f"{type(exc).__name__}: {exc}") from None
     return rec
+
+
+def _check_item_index(d: Path) -> None:
+    """Refuse an empty item index or one with duplicate ids before the model is built: an empty one builds a model
+    no weights fit, which would read as a shape refusal. An index that cannot be read is left to the load."""
+    try:
+        item_ids = [str(i) for i in json.loads((d / "items.json").read_text())["item_ids"]]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return
+    if not item_ids or len(set(item_ids)) != len(item_ids):
+        raise ModelRefused("item_index", d, f"{len(item_ids)} item ids, {len(set(item_ids))} distinct")
 
 
 def check_servable(path: str | Path, version: str) -> None:
@@ -189,18 +202,27 @@ class _Request:
     reason: str
     share: float = 1.0  # below 1: a canary
     model: Recommender | None = None  # the canary to promote: loaded already, only its prebuild runs
+    # A canary's: the full rollout still under way that it goes beside, to load first (a request) or ready (a
+    # model); None: beside the stable version serving now
+    stable: "_Request | Recommender | None" = None
 
     @property
     def name(self) -> str:
         return self.version or self.path.name
 
 
+def _name(change: _Request | Recommender) -> str:
+    return change.name if isinstance(change, _Request) else change.version
+
+
 @dataclass(frozen=True)
 class _Change:
-    """What the next swap does: serve `model` to `share` of the users (1: to all, ending any canary)."""
+    """What the next swap does: serve `model` to `share` of the users (1: to all, ending any canary); a canary's
+    `stable`, where set, becomes the stable version in the same swap."""
 
     model: Recommender
     share: float
+    stable: Recommender | None = None
 
 
 class ModelHolder:
@@ -274,6 +296,8 @@ class ModelHolder:
             if change.share >= 1.0:
                 self._serving, self._canary, self._share = change.model, None, 0.0
             else:
+                if change.stable is not None:  # a rollout with a canary beside it: both in one swap
+                    self._serving = change.stable
                 self._canary, self._share = change.model, change.share
             after = self.serving()
             swapped = after.stable is not before.stable
@@ -301,16 +325,25 @@ class ModelHolder:
 
         The latest request wins: it supersedes a load in progress or a pending change. A request for what
         is already in flight or pending changes nothing. One for a version serving now loads nothing: it
-        promotes the canary, changes its share or ends it (the stable version requested in full)."""
+        promotes the canary, changes its share or ends it (the stable version requested in full). A full
+        rollout ends any canary, not the reverse: a canary requested while a full rollout is under way is
+        loaded to serve beside the version rolled out, and a request for that version ends such a canary."""
         share = serving_share(share)
         req = _Request(self._resolve(Path(path), version), version, reason, share)
         with self._lock:
             if self._closed or self._under_way() == (req.name, req.share):
                 return False
-            if req.name in (self._serving.version, self._canary and self._canary.version):
+            rollout = self._rollout_under_way()
+            if rollout is not None and req.name == _name(rollout):
+                self._end_planned_canary(rollout, req)
+                return False
+            if rollout is not None and req.share < 1.0:
+                self._queue(replace(req, stable=rollout))
+            elif req.name in (self._serving.version, self._canary and self._canary.version):
                 self._settle(req)
                 return False
-            self._queue(req)
+            else:
+                self._queue(req)
         log.info("model version requested", extra={"version": req.name, "path": str(req.path), "reason": reason,
                                                     "share": share})
         return True
@@ -322,6 +355,34 @@ class ModelHolder:
         if in_flight is not None:
             return in_flight.name, in_flight.share
         return (self._pending.model.version, self._pending.share) if self._pending is not None else None
+
+    def _rollout_under_way(self) -> _Request | Recommender | None:
+        """(Under the lock) the full rollout of another version than the stable one that is under way, alone or
+        with a canary planned beside it: its request while it loads, its model once pending (prebuilt already)."""
+        live_load = self._loading if self._loading_gen == self._generation else None
+        in_flight = self._wanted or live_load
+        if in_flight is not None:
+            return in_flight if in_flight.share == 1.0 else in_flight.stable
+        change = self._pending
+        if change is None:
+            return None
+        if change.share < 1.0:
+            return change.stable
+        return change.model if change.model is not self._serving else None  # not the end of a canary
+
+    def _end_planned_canary(self, rollout: _Request | Recommender, req: _Request) -> None:
+        """(Under the lock) a request for the version a rollout under way makes stable: the rollout stays, any
+        canary planned beside it goes (as a request for the stable version ends a canary)."""
+        if self._under_way() == (_name(rollout), 1.0):
+            return  # the rollout alone: nothing planned beside it
+        if isinstance(rollout, _Request):
+            self._queue(rollout)
+        else:
+            self._generation += 1
+            self._pending, self._wanted = _Change(rollout, 1.0), None
+            self._lock.notify_all()
+        log.info("the version a rollout under way makes stable requested: the canary planned beside it dropped",
+                 extra={"version": req.name, "share": req.share, "reason": req.reason})
 
     def _queue(self, req: _Request) -> None:
         """(Under the lock) hand `req` to the loader thread; whatever it loads now finishes unused."""
@@ -462,43 +523,54 @@ class ModelHolder:
                 req, self._wanted, self._loading = self._wanted, None, self._wanted
                 generation = self._loading_gen = self._generation
             t0 = time.perf_counter()
-            rec: Recommender | None = None
             with _short_gil_slices():
-                try:
-                    rec = req.model or validate_version(req.path, device=self.device, expected_version=req.version)
-                except ModelRefused as exc:
-                    self._refuse(exc)
-                except Exception as exc:  # noqa: BLE001 (a check that crashed: this thread must live for the next)
-                    self._refuse(ModelRefused("unreadable", req.path, f"{type(exc).__name__}: {exc}"))
-                if rec is not None:
-                    self._prebuild(rec, generation, req.share)
+                # a rollout the canary goes beside loads first; refused, the canary goes beside the stable version
+                stable = self._load(req.stable, generation) if isinstance(req.stable, _Request) else req.stable
+                rec = self._load(req, generation)
             secs = time.perf_counter() - t0
             with self._lock:
                 self._loading = None
-                if rec is not None:
+                change = _Change(rec, req.share, stable) if rec is not None else \
+                    _Change(stable, 1.0) if stable is not None else None  # the canary refused: the rollout alone
+                if change is not None:
                     if generation != self._generation:
-                        log.info("model version superseded before it was ready", extra={"version": rec.version})
+                        log.info("model version superseded before it was ready", extra={
+                            "version": change.model.version})
                     else:
-                        self._pending, self._last_load_s = _Change(rec, req.share), secs
+                        self._pending, self._last_load_s = change, secs
                         log.info("model version ready to swap", extra={
-                            "version": rec.version, "load_s": round(secs, 3), "reason": req.reason,
-                            "share": req.share})
+                            "version": change.model.version, "load_s": round(secs, 3), "reason": req.reason,
+                            "share": change.share, "stable_version": change.stable and change.stable.version})
                 self._lock.notify_all()
+
+    def _load(self, req: _Request, generation: int) -> Recommender | None:
+        """(On the loader thread) `req`'s version validated and prebuilt; None where it is refused."""
+        rec: Recommender | None = None
+        try:
+            rec = req.model or validate_version(req.path, device=self.device, expected_version=req.version)
+        except ModelRefused as exc:
+            self._refuse(exc)
+        except Exception as exc:  # noqa: BLE001 (a check that crashed: this thread must live for the next)
+            self._refuse(ModelRefused("unreadable", req.path, f"{type(exc).__name__}: {exc}"))
+        if rec is not None:
+            self._prebuild(rec, generation, req.share)
+        return rec
 
     def _prebuild(self, rec: Recommender, generation: int, share: float) -> None:
         """Rebuild stored states with `rec` (a canary's: only its users') at half duty, up to the cap."""
         if self._prebuild_source is None or self._prebuild_max <= 0:
             return
-        t0 = time.perf_counter()
+        t0, done = time.perf_counter(), 0
         try:
             for chunk in self._prebuild_source():
                 if self._closed or generation != self._generation:
                     return  # superseded: this version will never serve
                 t = time.perf_counter()
-                if share < 1.0:
-                    chunk = {u: s for u, s in chunk.items() if in_canary(u, rec.version, share)}
-                rec.prebuild(dict(islice(chunk.items(), self._prebuild_max - len(rec.prebuilt))))
-                if len(rec.prebuilt) >= self._prebuild_max:
+                # a canary being promoted holds its own users' entries already (those not served since)
+                chunk = {u: s for u, s in chunk.items() if u not in rec.prebuilt
+                         and (share == 1.0 or in_canary(u, rec.version, share))}
+                done += rec.prebuild(dict(islice(chunk.items(), self._prebuild_max - done)))
+                if done >= self._prebuild_max:
                     break
                 # Half duty: on a host whose cores the batches need, a swap may wait; the batches may not.
                 time.sleep(min(time.perf_counter() - t, 0.1))
@@ -507,11 +579,11 @@ class ModelHolder:
                         extra={"version": rec.version, "error": f"{type(exc).__name__}: {exc}"})
         secs = time.perf_counter() - t0
         with self._lock:
-            self._last_prebuilt, self._last_prebuild_s = len(rec.prebuilt), secs
+            self._last_prebuilt, self._last_prebuild_s = done, secs
         if self.metrics is not None:
-            self.metrics.prebuilt_states_total.inc(len(rec.prebuilt))
+            self.metrics.prebuilt_states_total.inc(done)
         log.info("states rebuilt ahead of the swap", extra={
-            "version": rec.version, "states": len(rec.prebuilt), "seconds": round(secs, 3)})
+            "version": rec.version, "states": done, "seconds": round(secs, 3)})
 
     def _refuse(self, exc: ModelRefused) -> None:
         with self._lock:

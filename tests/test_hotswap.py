@@ -108,6 +108,17 @@ def test_missing_and_mismatched_versions_are_refused(versions, tmp_path):
     assert err.value.reason == "mismatch"
 
 
+def test_an_empty_item_index_is_refused_for_its_item_index_not_for_the_weights_it_cannot_fit(versions):
+    _, a, _ = versions
+    d = _copy(a, "no-items")
+    items = json.loads((d / "items.json").read_text())
+    (d / "items.json").write_text(json.dumps({**items, "item_ids": []}))
+    resign(d)
+    with pytest.raises(ModelRefused) as err:
+        validate_version(d)
+    assert err.value.reason == "item_index"
+
+
 def test_a_version_this_user_may_not_enter_is_refused_as_unreadable_not_raised(versions, monkeypatch):
     _, a, _ = versions
     real = Path.is_file
@@ -399,6 +410,167 @@ def test_a_broken_canary_is_refused_and_nothing_changes(versions):
         assert holder.request(bad, bad.name, share=0.5) and holder.wait_idle(60)
         assert holder.swap_if_ready() is None and holder.serving().canary is None
         assert holder.stats().refused == {"nonfinite": 1}
+
+
+class _LoadGate:
+    """A prebuild source that holds the loader (every load prebuilds) until opened: a change requested before
+    then finds the one before it still loading. Opened at once, it lets each load through."""
+
+    def __init__(self, opened: bool) -> None:
+        self.loading, self.opened = threading.Event(), threading.Event()
+        if opened:
+            self.opened.set()
+
+    def __call__(self):
+        self.loading.set()
+        assert self.opened.wait(60)
+        return iter([{}])
+
+    def until_under_way(self, holder: ModelHolder, version: str) -> None:
+        """Until `version` is loading (held at the gate) or, with the gate open, pending."""
+        if self.opened.is_set():
+            assert holder.wait_idle(60) and holder.stats().pending == version
+        else:
+            assert self.loading.wait(60) and holder.stats().loading == version
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+def _held(holder: ModelHolder, still_loading: bool) -> _LoadGate:
+    gate = _LoadGate(opened=not still_loading)
+    holder.prebuild_from(gate, max_users=10)
+    return gate
+
+
+def _serves(holder: ModelHolder) -> tuple[str, str | None, float]:
+    serving = holder.serving()
+    return serving.stable.version, serving.canary and serving.canary.version, serving.share
+
+
+@pytest.mark.parametrize("rollout", ["loading", "pending"])
+def test_a_canary_requested_while_a_full_rollout_is_under_way_serves_beside_the_version_rolled_out(versions,
+                                                                                                  rollout):
+    reg, a, b = versions
+    c = _copy(a, "canary")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        gate = _held(holder, rollout == "loading")
+        assert holder.request(b, b.name)
+        gate.until_under_way(holder, b.name)
+        assert holder.request(c, c.name, share=0.1)
+        gate.open()
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready().version == b.name  # the rollout and its canary in one swap
+        assert _serves(holder) == (b.name, c.name, 0.1)  # as if the worker had swapped between the two
+
+
+@pytest.mark.parametrize("promotion", ["loading", "pending"])
+def test_a_new_canary_requested_while_a_canary_is_being_promoted_serves_beside_the_promoted_version(versions,
+                                                                                                     promotion):
+    reg, a, b = versions
+    c = _copy(a, "canary")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(b, b.name, share=0.1) and holder.wait_idle(60)
+        holder.swap_if_ready()
+        promoted = holder.serving().canary
+        gate = _held(holder, promotion == "loading")
+        assert not holder.request(b, b.name)  # the promotion: only the others' prebuild runs
+        gate.until_under_way(holder, b.name)
+        assert holder.request(c, c.name, share=0.1)
+        gate.open()
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready() is promoted
+        assert _serves(holder) == (b.name, c.name, 0.1)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.2])
+@pytest.mark.parametrize("rollout", ["loading", "pending"])
+def test_the_serving_canary_requested_again_after_a_full_rollout_serves_beside_the_version_rolled_out(
+        versions, rollout, share):
+    reg, a, b = versions
+    c = _copy(a, "rollout")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(b, b.name, share=0.1) and holder.wait_idle(60)
+        holder.swap_if_ready()
+        gate = _held(holder, rollout == "loading")
+        assert holder.request(c, c.name)  # ends the canary b
+        gate.until_under_way(holder, c.name)
+        holder.request(b, b.name, share=share)  # b again, as a canary beside c: a re-announcement or a new share
+        gate.open()
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready().version == c.name
+        assert _serves(holder) == (c.name, b.name, share)
+
+
+@pytest.mark.parametrize("rollout", ["loading", "pending"])
+def test_requesting_the_version_rolled_out_ends_the_canary_requested_beside_it(versions, rollout):
+    reg, a, b = versions
+    c = _copy(a, "canary")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        gate = _held(holder, rollout == "loading")
+        assert holder.request(b, b.name)
+        gate.until_under_way(holder, b.name)
+        assert holder.request(c, c.name, share=0.1)
+        if rollout == "pending":
+            gate.until_under_way(holder, c.name)
+        assert not holder.request(b, b.name, share=0.3)  # the stable version to be, at any share
+        gate.open()
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready().version == b.name
+        assert _serves(holder) == (b.name, None, 0.0)
+
+
+def test_a_canary_beside_a_refused_rollout_serves_beside_the_stable_version(versions):
+    reg, a, b = versions
+    bad = broken_copy(b, "nonfinite")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(bad, bad.name) and holder.request(b, b.name, share=0.1) and holder.wait_idle(60)
+        assert holder.swap_if_ready() is None
+        assert _serves(holder) == (a.name, b.name, 0.1) and set(holder.stats().refused) == {"nonfinite"}
+
+
+def _stored_users(holder: ModelHolder, n: int) -> dict:
+    items = holder.current().item_ids
+    events = [StepInput(f"user-{u}", items[(u * 7 + j) % len(items)], "click", 1_700_000_000_000 + j * 60_000)
+              for u in range(n) for j in range(3)]
+    return holder.current().advance({}, events).states
+
+
+def test_a_canarys_promotion_prebuilds_up_to_the_cap_beyond_the_canarys_own_unused_states(versions):
+    from stream.canary import in_canary
+
+    reg, a, b = versions
+    metrics = WorkerMetrics()
+    with ModelHolder.open(reg, device="cpu", metrics=metrics) as holder:
+        stored = _stored_users(holder, 60)
+        holder.prebuild_from(lambda: iter([stored]), max_users=10)
+        assert holder.request(b, b.name, share=0.5) and holder.wait_idle(60)
+        holder.swap_if_ready()
+        canary = holder.serving().canary
+        assert len({u for u in stored if in_canary(u, b.name, 0.5)}) > 10 and len(canary.prebuilt) == 10
+        assert not holder.request(b, b.name) and holder.wait_idle(60)  # none of its users served since
+        assert holder.swap_if_ready() is canary
+        assert len(canary.prebuilt) == 20  # its own 10 kept, 10 more rebuilt
+        assert holder.stats().last_prebuilt == 10 and metrics.value("hrnn_prebuilt_states_total") == 20
+
+
+def test_a_canarys_promotion_counts_only_the_states_it_rebuilt(versions):
+    from stream.canary import in_canary
+
+    reg, a, b = versions
+    metrics = WorkerMetrics()
+    with ModelHolder.open(reg, device="cpu", metrics=metrics) as holder:
+        stored = _stored_users(holder, 40)
+        holder.prebuild_from(lambda: iter([stored]), max_users=1000)
+        assert holder.request(b, b.name, share=0.5) and holder.wait_idle(60)
+        holder.swap_if_ready()
+        canary = holder.serving().canary
+        mine = {u for u in stored if in_canary(u, b.name, 0.5)}
+        assert 0 < len(mine) < 40 and holder.stats().last_prebuilt == len(mine)
+        assert not holder.request(b, b.name) and holder.wait_idle(60)  # none of its users served since
+        assert holder.swap_if_ready() is canary and set(canary.prebuilt) == set(stored)
+        assert holder.stats().last_prebuilt == 40 - len(mine)
+        assert metrics.value("hrnn_prebuilt_states_total") == 40
 
 
 def test_a_canary_share_outside_zero_to_one_is_a_typed_error(versions):
