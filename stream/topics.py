@@ -57,6 +57,8 @@ class TopicSpec:
     replication: int = -1  # -1: the broker's default.replication.factor
     # True: exactly `partitions`, more is a mismatch too (a table topic is read on partition 0 only).
     exact_partitions: bool = False
+    # Where the count comes from another topic's, which no flag changes: what a mismatch then says.
+    partitions_of: str | None = None
 
 
 def table_topic(name: str) -> TopicSpec:
@@ -85,9 +87,9 @@ def standard_topics(input_topic: str = EVENTS_TOPIC, output_topic: str = RECOMME
     announcements topic (a deployment may name its own)."""
     return [
         TopicSpec(input_topic, partitions),
-        TopicSpec(output_topic, partitions),
+        TopicSpec(output_topic, partitions, partitions_of=input_topic),
         TopicSpec(dlq_topic(input_topic), 1),  # low volume; order across users does not matter
-        TopicSpec(changelog_topic(group), partitions, compacted=True),
+        TopicSpec(changelog_topic(group), partitions, compacted=True, partitions_of=input_topic),
         table_topic(updates_topic),  # one announcement stream, read whole
     ]
 
@@ -145,10 +147,13 @@ def _topic_config(spec: TopicSpec) -> dict[str, str]:
 
 def _check_existing(admin: AdminClient, spec: TopicSpec, partitions: int, timeout_s: float) -> None:
     if partitions < spec.partitions:
+        # --partitions sets only a topic's own count, not one that follows the input topic's
+        why, flag = ((f", one per partition of the input topic {spec.partitions_of!r}", "") if spec.partitions_of
+                     else ("", f"or run with --partitions {partitions}, "))
         raise TopicMismatchError(
-            f"topic {spec.name!r} has {partitions} partition(s) but {spec.partitions} are needed: "
+            f"topic {spec.name!r} has {partitions} partition(s) but {spec.partitions} are needed{why}: "
             f"add partitions (kafka-topics.sh --alter --topic {spec.name} --partitions {spec.partitions}), "
-            f"or run with --partitions {partitions}, or delete the topic so it is re-created")
+            f"{flag}or delete the topic so it is re-created")
     if spec.exact_partitions and partitions > spec.partitions:
         # Kafka cannot remove partitions: the only fix is a new topic.
         compact = " --config cleanup.policy=compact" if spec.compacted else ""

@@ -68,6 +68,17 @@ def test_existing_topic_with_fewer_partitions_is_a_mismatch_naming_the_fix(admin
 
 
 @pytest.mark.broker
+def test_a_changelog_with_fewer_partitions_than_the_input_names_the_input_and_no_flag_that_would_not_help(admin):
+    grp, inp = _name("grp"), _name("in")
+    ensure_topics(admin, [TopicSpec(changelog_topic(grp), 3, compacted=True)])
+    with pytest.raises(TopicMismatchError) as info:
+        ensure_topics(admin, standard_topics(inp, _name("out"), grp, 5))
+    msg = str(info.value)
+    assert f"has 3 partition(s) but 5 are needed, one per partition of the input topic {inp!r}" in msg
+    assert "--partitions 5" in msg and "run with --partitions" not in msg  # --partitions 5: kafka-topics.sh's
+
+
+@pytest.mark.broker
 def test_existing_topic_without_compaction_is_a_mismatch_when_compaction_is_needed(admin):
     name = _name("notcompact")
     admin.create_topics([NewTopic(name, 1, 1, config={"cleanup.policy": "delete"})])[name].result(timeout=10)
