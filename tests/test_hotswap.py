@@ -448,20 +448,27 @@ def _serves(holder: ModelHolder) -> tuple[str, str | None, float]:
     return serving.stable.version, serving.canary and serving.canary.version, serving.share
 
 
+@pytest.mark.parametrize("share", [0.1, 0.2])
 @pytest.mark.parametrize("rollout", ["loading", "pending"])
-def test_a_canary_requested_while_a_full_rollout_is_under_way_serves_beside_the_version_rolled_out(versions,
-                                                                                                  rollout):
+@pytest.mark.parametrize("canary_serving", [False, True])
+def test_a_canary_requested_while_a_full_rollout_is_under_way_serves_beside_the_version_rolled_out(
+        versions, rollout, canary_serving, share):
     reg, a, b = versions
-    c = _copy(a, "canary")
+    other = _copy(a, "other")
     with ModelHolder.open(reg, device="cpu") as holder:
+        rolled, canary = b, other
+        if canary_serving:  # the canary serving now, announced again (or at a new share) after the rollout
+            assert holder.request(b, b.name, share=0.1) and holder.wait_idle(60)
+            holder.swap_if_ready()
+            rolled, canary = other, b
         gate = _held(holder, rollout == "loading")
-        assert holder.request(b, b.name)
-        gate.until_under_way(holder, b.name)
-        assert holder.request(c, c.name, share=0.1)
+        assert holder.request(rolled, rolled.name)  # ends any canary
+        gate.until_under_way(holder, rolled.name)
+        holder.request(canary, canary.name, share=share)
         gate.open()
         assert holder.wait_idle(60)
-        assert holder.swap_if_ready().version == b.name  # the rollout and its canary in one swap
-        assert _serves(holder) == (b.name, c.name, 0.1)  # as if the worker had swapped between the two
+        assert holder.swap_if_ready().version == rolled.name  # the rollout and its canary in one swap
+        assert _serves(holder) == (rolled.name, canary.name, share)  # as if the worker had swapped between the two
 
 
 @pytest.mark.parametrize("promotion", ["loading", "pending"])
@@ -481,25 +488,6 @@ def test_a_new_canary_requested_while_a_canary_is_being_promoted_serves_beside_t
         assert holder.wait_idle(60)
         assert holder.swap_if_ready() is promoted
         assert _serves(holder) == (b.name, c.name, 0.1)
-
-
-@pytest.mark.parametrize("share", [0.1, 0.2])
-@pytest.mark.parametrize("rollout", ["loading", "pending"])
-def test_the_serving_canary_requested_again_after_a_full_rollout_serves_beside_the_version_rolled_out(
-        versions, rollout, share):
-    reg, a, b = versions
-    c = _copy(a, "rollout")
-    with ModelHolder.open(reg, device="cpu") as holder:
-        assert holder.request(b, b.name, share=0.1) and holder.wait_idle(60)
-        holder.swap_if_ready()
-        gate = _held(holder, rollout == "loading")
-        assert holder.request(c, c.name)  # ends the canary b
-        gate.until_under_way(holder, c.name)
-        holder.request(b, b.name, share=share)  # b again, as a canary beside c: a re-announcement or a new share
-        gate.open()
-        assert holder.wait_idle(60)
-        assert holder.swap_if_ready().version == c.name
-        assert _serves(holder) == (c.name, b.name, share)
 
 
 @pytest.mark.parametrize("rollout", ["loading", "pending"])
@@ -536,41 +524,26 @@ def _stored_users(holder: ModelHolder, n: int) -> dict:
     return holder.current().advance({}, events).states
 
 
-def test_a_canarys_promotion_prebuilds_up_to_the_cap_beyond_the_canarys_own_unused_states(versions):
+@pytest.mark.parametrize("cap", [10, 1000])
+def test_a_canarys_promotion_rebuilds_up_to_the_cap_beyond_its_own_unused_states_and_counts_only_those(versions, cap):
     from stream.canary import in_canary
 
     reg, a, b = versions
     metrics = WorkerMetrics()
     with ModelHolder.open(reg, device="cpu", metrics=metrics) as holder:
         stored = _stored_users(holder, 60)
-        holder.prebuild_from(lambda: iter([stored]), max_users=10)
-        assert holder.request(b, b.name, share=0.5) and holder.wait_idle(60)
-        holder.swap_if_ready()
-        canary = holder.serving().canary
-        assert len({u for u in stored if in_canary(u, b.name, 0.5)}) > 10 and len(canary.prebuilt) == 10
-        assert not holder.request(b, b.name) and holder.wait_idle(60)  # none of its users served since
-        assert holder.swap_if_ready() is canary
-        assert len(canary.prebuilt) == 20  # its own 10 kept, 10 more rebuilt
-        assert holder.stats().last_prebuilt == 10 and metrics.value("hrnn_prebuilt_states_total") == 20
-
-
-def test_a_canarys_promotion_counts_only_the_states_it_rebuilt(versions):
-    from stream.canary import in_canary
-
-    reg, a, b = versions
-    metrics = WorkerMetrics()
-    with ModelHolder.open(reg, device="cpu", metrics=metrics) as holder:
-        stored = _stored_users(holder, 40)
-        holder.prebuild_from(lambda: iter([stored]), max_users=1000)
+        holder.prebuild_from(lambda: iter([stored]), max_users=cap)
         assert holder.request(b, b.name, share=0.5) and holder.wait_idle(60)
         holder.swap_if_ready()
         canary = holder.serving().canary
         mine = {u for u in stored if in_canary(u, b.name, 0.5)}
-        assert 0 < len(mine) < 40 and holder.stats().last_prebuilt == len(mine)
+        own = min(len(mine), cap)
+        assert 10 < len(mine) < 60 and len(canary.prebuilt) == holder.stats().last_prebuilt == own
         assert not holder.request(b, b.name) and holder.wait_idle(60)  # none of its users served since
-        assert holder.swap_if_ready() is canary and set(canary.prebuilt) == set(stored)
-        assert holder.stats().last_prebuilt == 40 - len(mine)
-        assert metrics.value("hrnn_prebuilt_states_total") == 40
+        assert holder.swap_if_ready() is canary
+        rebuilt = min(60 - own, cap)  # its own entries kept, not rebuilt again nor counted
+        assert len(canary.prebuilt) == own + rebuilt and holder.stats().last_prebuilt == rebuilt
+        assert metrics.value("hrnn_prebuilt_states_total") == own + rebuilt
 
 
 def test_a_canary_share_outside_zero_to_one_is_a_typed_error(versions):
