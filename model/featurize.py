@@ -9,7 +9,8 @@ Steps, in order (each one sees what the previous left):
 4. user history length: the users whose event count is below the
    `min_user_history_length_percentile` quantile or above the
    `max_user_history_length_percentile` quantile of all users' counts (with max 0.99 the
-   longest 1%; a percentile of 0.0 / 1.0 disables its side) are kept out of TRAINING only, as
+   longest 1%; a percentile of 0.0 / 1.0 disables its side, as does one whose share of the users
+   is less than one user: max 0.99 applies from 100 users on) are kept out of TRAINING only, as
    Personalize documents these settings: they stay in the featurized log, so every evaluation
    (`hrnn evaluate`, validation, tune's objective, the retrainer's comparison) scores them as the
    worker serves them. `learning_users` says who training learns from.
@@ -120,11 +121,13 @@ def featurize(data: Interactions, cfg: DataConfig) -> tuple[Interactions, Featur
     # 4. user history length percentiles: bounds only, the users outside them leave training alone (pipeline)
     lengths = np.bincount(cur.user, minlength=cur.n_users)
     lo, hi = 0.0, float("inf")
-    if len(lengths):
-        if cfg.min_user_history_length_percentile > 0.0:
-            lo = float(np.quantile(lengths, cfg.min_user_history_length_percentile))
-        if cfg.max_user_history_length_percentile < 1.0:
-            hi = float(np.quantile(lengths, cfg.max_user_history_length_percentile))
+    # A side applies only where its share is at least one whole user: the interpolated 0.99 quantile lies below a
+    # unique maximum, so a log of 5 users lost its longest one (20%, where the setting says 1%).
+    n = len(lengths)
+    if n * cfg.min_user_history_length_percentile >= 1.0:
+        lo = float(np.quantile(lengths, cfg.min_user_history_length_percentile))
+    if n * (1.0 - cfg.max_user_history_length_percentile) >= 1.0:
+        hi = float(np.quantile(lengths, cfg.max_user_history_length_percentile))
     out_user = (lengths < lo) | (lengths > hi)
 
     report = FeaturizeReport(

@@ -111,13 +111,20 @@ def fit_inputs(data: Interactions, data_config: DataConfig, holdout: str = "last
     if len(full) == len(np.unique(full.user)):  # a network trained on no pair would publish its random weights
         raise DataError(data.source, f"no user has two events in what training may learn from ({len(full)} events "
                                      f"of {len(full)} users, after the {holdout!r} holdout): there is no next event "
-                                     "to learn. Is USER_ID mapped to a per-event column?")
+                                     f"to learn. {_why_single_events(prep.report)}")
     fit_on, fit_starts, val = full, full_starts, None
     if early_stopping:
         cand = validation_sessions(train, learn, data_config)
         if cand.test and (config is None or has_targets(cand.train, cand.train_starts, config)):
             fit_on, fit_starts, val = cand.train, cand.train_starts, cand
     return FitInputs(prep, fit_on, fit_starts, val, full, full_starts)
+
+
+def _why_single_events(report: FeaturizeReport) -> str:
+    if report.history_users_out:  # the users it kept out may be all those with a next event
+        return (f"The user history length percentiles kept {report.history_users_out} user(s) out of training: "
+                "widen min/max_user_history_length_percentile (0.0 / 1.0 turn them off)")
+    return "Is USER_ID mapped to a per-event column?"
 
 
 def validation_sessions(train: Interactions, learn: np.ndarray, data_config: DataConfig) -> Split:

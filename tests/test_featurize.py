@@ -41,6 +41,28 @@ def test_max_percentile_keeps_the_longest_one_percent_of_users_out_of_training_n
     assert "-100 events, -1 users kept out of training" in str(report)
 
 
+@pytest.mark.parametrize("n", [2, 5, 10, 50, 99])
+def test_a_percentile_whose_share_is_less_than_one_user_keeps_nobody_out_of_training(n):
+    """The interpolated 0.99 quantile lies below a unique maximum: 5 users lost their longest one (20%, not 1%)."""
+    data = users_with_lengths(list(range(1, n + 1)))
+    out, report = featurize(data, DataConfig(min_user_history_length_percentile=0.01,
+                                             max_user_history_length_percentile=0.99))
+    assert report.history_users_out == 0 and learning_users(out, report).all()
+
+
+def test_training_refused_for_want_of_a_next_event_names_the_percentiles_when_they_kept_users_out():
+    from model.errors import DataError
+    from model.pipeline import fit_inputs
+
+    # 199 users of one event, and one of two sessions: the only one with a next event is the longest 1%
+    users = [f"u{u:03d}" for u in range(199)] + ["long"] * 6
+    times = [0] * 199 + [0, MIN, 2 * MIN, 3 * 3600_000, 3 * 3600_000 + MIN, 3 * 3600_000 + 2 * MIN]
+    data = Interactions.from_columns(users, [f"i{j % 3}" for j in range(len(users))], times)
+    with pytest.raises(DataError, match="percentiles kept 1 user"):
+        fit_inputs(data, DataConfig(), "last-session", seed=0)
+    assert fit_inputs(data, DataConfig(max_user_history_length_percentile=1.0), "last-session", seed=0)
+
+
 def test_min_percentile_zero_keeps_short_users_and_min_percentile_keeps_the_shortest_out_of_training():
     data = users_with_lengths(list(range(1, 101)))
     out, report = featurize(data, DataConfig(min_user_history_length_percentile=0.0,
