@@ -238,8 +238,8 @@ class PartitionStore:
                 value = _forgetting_input_offsets(value)
             if not old_log and (committed_offset < 0 or rec.source_offset >= committed_offset):
                 skipped += 1
-            elif not old_log and rec.source_offset < self._applied_source(rec.user_id, sources):
-                superseded += 1
+            elif not old_log and value is not None and rec.source_offset < self._applied_source(rec.user_id, sources):
+                superseded += 1  # a tombstone (an operator's, without a source offset) deletes whatever it follows
             else:
                 applied += 1
                 sources[rec.user_id] = -1 if old_log or value is None else rec.source_offset

@@ -831,6 +831,10 @@ class Worker:
                 self._rewind(routed.first_offsets)
                 return True
         elif not self._commit_offsets(offsets):
+            # The states are stored (so the batch, read again, is replays: a batch slower than max.poll.interval.ms
+            # would otherwise be redone and refused forever), but not the changelog offset: a later catch-up then
+            # reads the changelog from before this batch, and the newer states another owner wrote since win.
+            self._write_stores(encoded, changelog=False)
             self._rewind(routed.first_offsets)
             return False  # delivered all the same: counted, and delivered again when read again
         _maybe_crash("after_commit", batch_no)
@@ -870,10 +874,10 @@ class Worker:
                 raise KafkaException(failed[0].error)
         except KafkaException as exc:
             if exc.args[0].code() in _NOT_A_MEMBER:
-                # Another worker may own these partitions and have stored newer states: storing ours would move
-                # the store's changelog offset past that worker's records, which a later catch-up then misses.
-                log.warning("offset commit refused: the group moved on without this worker; the batch's states "
-                            "are not stored and it is read again", extra={"error": str(exc)})
+                # Another worker may own these partitions and have stored newer states: the store's changelog
+                # offset must not move past that worker's records, which a later catch-up would then miss.
+                log.warning("offset commit refused: the group moved on without this worker; the batch is read "
+                            "again", extra={"error": str(exc)})
                 return False
             # Still the owner (a timeout, the coordinator moving): the states are stored, and their source
             # offsets keep a later re-read of these records from applying them twice.
@@ -921,9 +925,9 @@ class Worker:
             except KafkaException as exc:  # no longer ours: the new owner reads from the committed offset
                 log.info("not rewinding a partition we no longer own", extra={"partition": p, "error": str(exc)})
 
-    def _write_stores(self, encoded: dict[int, dict[str, bytes]]) -> None:
+    def _write_stores(self, encoded: dict[int, dict[str, bytes]], changelog: bool = True) -> None:
         for p, states in encoded.items():
-            self.stores[p].write(states, self._deliveries.changelog_offsets.get(p))
+            self.stores[p].write(states, self._deliveries.changelog_offsets.get(p) if changelog else None)
 
     # ---- metrics ----------------------------------------------------------------------------
 

@@ -126,6 +126,14 @@ def test_catching_up_skips_a_late_record_older_than_the_state_the_store_holds(st
     assert same_state(store.get("a"), make_state(3, 190))
 
 
+def test_a_tombstone_without_a_source_offset_deletes_the_state_it_follows(stores):
+    """An operator's null value on a user's key (any Kafka tool: no source header, source offset -1)."""
+    store = stores.open(0)
+    state = ChangelogRecord("a", encode_state(make_state(2, 180)), offset=0, source_offset=180)
+    result = store.restore([state, ChangelogRecord("a", None, offset=1, source_offset=-1)], committed_offset=200)
+    assert (result.applied, result.superseded) == (2, 0) and store.get("a") is None
+
+
 def test_restore_with_nothing_committed_applies_nothing(stores):
     store = stores.open(0)
     rec = ChangelogRecord("a", encode_state(make_state(1, 0)), offset=0, source_offset=0)

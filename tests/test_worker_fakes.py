@@ -205,16 +205,21 @@ def _refusing_commit(code: int):
     return commit
 
 
-def test_a_batch_whose_commit_says_the_group_moved_on_is_not_stored_and_is_rewound(make_worker):
-    """Its partitions may be another worker's, which stored newer states: storing this batch's would move the store's
-    changelog offset past them, so a later catch-up would miss them."""
+def test_a_batch_whose_commit_says_the_group_moved_on_keeps_its_states_but_not_the_changelog_offset_and_is_rewound(
+        make_worker):
+    """Its partitions may be another worker's, which stored newer states: the store's changelog offset must not move
+    past them, or a later catch-up would miss them. Its states are kept: read again, the batch is replays, so one
+    slower than max.poll.interval.ms is not redone and refused forever."""
     w = make_worker()
     assign(w, 0)
     w._consumer.commit = _refusing_commit(KafkaError.UNKNOWN_MEMBER_ID)
     w.process_batch([event(0, 3, "alice"), event(0, 4, "bob")])
     assert users_answered(w) == ["alice", "bob"]  # delivered: at least once
-    assert w.stores[0].get("alice") is None and w.stores[0].changelog_offset == -1
+    assert w.stores[0].get("alice").source_offset == 3 and w.stores[0].changelog_offset == -1
     assert w._consumer.seeks == [(0, 3)]
+    del w._consumer.commit  # the group takes its commits again
+    result = w.process_batch([event(0, 3, "alice"), event(0, 4, "bob")])  # read again: replays, and committed
+    assert result.replayed == 2 and w._consumer.commits == [[(0, 5)]]
 
 
 def test_a_batch_whose_commit_failed_otherwise_is_stored_as_the_owner_it_still_is(make_worker):
