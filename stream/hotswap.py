@@ -24,7 +24,9 @@ replaces: the result never depends on whether the worker swapped between the two
 `serving()` once per batch, so a batch sees one stable version, one canary and one share.
 
 A version that fails validation is refused with a log line and a counter per reason; the
-serving version is untouched. Reasons:
+serving version is untouched, and so is what the request superseded: a change loading or pending before it is under
+way again, and a canary requested beside a refused rollout applies as if requested after the refusal, so a refused
+version changes nothing whether or not the worker swapped before it came. Reasons:
   missing     no such version directory / manifest
   integrity   manifest unreadable or not a manifest, a file missing or unreadable, or a checksum mismatch
   unreadable  config, item index or weights cannot be read (or a check failed in a way not foreseen)
@@ -205,6 +207,9 @@ class _Request:
     # A canary's: the full rollout still under way that it goes beside, to load first (a request) or ready (a
     # model); None: beside the stable version serving now
     stable: "_Request | Recommender | None" = None
+    # what this request superseded (a request or a pending change), under way again where it is refused: a refused
+    # version changes nothing, whether or not the worker swapped before it came
+    fallback: "_Request | _Change | None" = None
 
     @property
     def name(self) -> str:
@@ -213,6 +218,17 @@ class _Request:
 
 def _name(change: _Request | Recommender) -> str:
     return change.name if isinstance(change, _Request) else change.version
+
+
+def _restored(refused: _Request, stable: Recommender | None) -> "_Request | _Change | None":
+    """What is under way again once `refused` is refused: what it superseded. A canary's beside the rollout `stable`,
+    loaded with it, keeps that rollout (with the canary planned beside it before, if any) without loading it again."""
+    back = refused.fallback
+    if stable is None or isinstance(back, _Change):
+        return back
+    if isinstance(back, _Request) and back.share < 1.0:  # a canary beside the same rollout
+        return replace(back, stable=stable)
+    return _Change(stable, 1.0)  # the rollout alone
 
 
 @dataclass(frozen=True)
@@ -323,7 +339,8 @@ class ModelHolder:
         """Load and validate a version in the background, to serve everyone or, with `share` below 1, as a
         canary; True if a load was scheduled.
 
-        The latest request wins: it supersedes a load in progress or a pending change. A request for what
+        The latest request wins: it supersedes a load in progress or a pending change (under way again where
+        the request is refused: a refused version changes nothing). A request for what
         is already in flight or pending changes nothing. One for a version serving now loads nothing: it
         promotes the canary, changes its share or ends it (the stable version requested in full). A full
         rollout ends any canary, not the reverse: a canary requested while a full rollout is under way is
@@ -331,21 +348,27 @@ class ModelHolder:
         share = serving_share(share)
         req = _Request(self._resolve(Path(path), version), version, reason, share)
         with self._lock:
-            if self._closed or self._under_way() == (req.name, req.share):
+            if self._closed or not self._apply(req):
                 return False
-            rollout = self._rollout_under_way()
-            if rollout is not None and req.name == _name(rollout):
-                self._end_planned_canary(rollout, req)
-                return False
-            if rollout is not None and req.share < 1.0:
-                self._queue(replace(req, stable=rollout))
-            elif req.name in (self._serving.version, self._canary and self._canary.version):
-                self._settle(req)
-                return False
-            else:
-                self._queue(req)
         log.info("model version requested", extra={"version": req.name, "path": str(req.path), "reason": reason,
                                                     "share": share})
+        return True
+
+    def _apply(self, req: _Request) -> bool:
+        """(Under the lock) `req` as the latest request (see `request`); True if a load was scheduled."""
+        if self._under_way() == (req.name, req.share):
+            return False
+        rollout = self._rollout_under_way()
+        if rollout is not None and req.name == _name(rollout):
+            self._end_planned_canary(rollout, req)
+            return False
+        if rollout is not None and req.share < 1.0:
+            self._queue(replace(req, stable=rollout))
+        elif req.name in (self._serving.version, self._canary and self._canary.version):
+            self._settle(req)
+            return False
+        else:
+            self._queue(req)
         return True
 
     def _under_way(self) -> tuple[str, float] | None:
@@ -385,9 +408,12 @@ class ModelHolder:
                  extra={"version": req.name, "share": req.share, "reason": req.reason})
 
     def _queue(self, req: _Request) -> None:
-        """(Under the lock) hand `req` to the loader thread; whatever it loads now finishes unused."""
+        """(Under the lock) hand `req` to the loader thread; whatever it loads now finishes unused, and what was under
+        way comes back where `req` is refused."""
+        live_load = self._loading if self._loading_gen == self._generation else None
+        superseded = self._wanted or live_load or self._pending
         self._generation += 1
-        self._pending, self._wanted = None, req
+        self._pending, self._wanted = None, replace(req, fallback=superseded)
         self._lock.notify_all()
         if self._thread is None:
             self._thread = threading.Thread(target=self._load_loop, name="hrnn-model-loader", daemon=True)
@@ -524,14 +550,18 @@ class ModelHolder:
                 generation = self._loading_gen = self._generation
             t0 = time.perf_counter()
             with _short_gil_slices():
-                # a rollout the canary goes beside loads first; refused, the canary goes beside the stable version
-                stable = self._load(req.stable, generation) if isinstance(req.stable, _Request) else req.stable
-                rec = self._load(req, generation)
+                stable = req.stable
+                if isinstance(stable, _Request):  # the rollout the canary goes beside loads first
+                    stable = self._load(stable, generation, then=self._after_refusal(stable))
+                    beside = self._beside_rollout(req, stable, generation)
+                    if beside is None:
+                        continue
+                    req = beside
+                rec = self._load(req, generation, then=stable or self._after_refusal(req))
             secs = time.perf_counter() - t0
             with self._lock:
                 self._loading = None
-                change = _Change(rec, req.share, stable) if rec is not None else \
-                    _Change(stable, 1.0) if stable is not None else None  # the canary refused: the rollout alone
+                change = _Change(rec, req.share, stable) if rec is not None else None
                 if change is not None:
                     if generation != self._generation:
                         log.info("model version superseded before it was ready", extra={
@@ -541,17 +571,86 @@ class ModelHolder:
                         log.info("model version ready to swap", extra={
                             "version": change.model.version, "load_s": round(secs, 3), "reason": req.reason,
                             "share": change.share, "stable_version": change.stable and change.stable.version})
+                elif generation == self._generation:
+                    self._reinstate(req, stable)
+                if generation != self._generation:
+                    self._hand_over(req, change, stable)
                 self._lock.notify_all()
 
-    def _load(self, req: _Request, generation: int) -> Recommender | None:
-        """(On the loader thread) `req`'s version validated and prebuilt; None where it is refused."""
+    def _beside_rollout(self, req: _Request, stable: Recommender | None, generation: int) -> _Request | None:
+        """(On the loader thread, the rollout the canary `req` goes beside loaded or refused) the canary's request
+        to load now, else None. Loaded, the rollout is kept with the load in flight: a canary requested meanwhile
+        goes beside it without loading it again. Refused, it is no longer under way, and `req` applies as if
+        requested after the refusal: it may only end or change the canary serving (`_settle`), or load, in a later
+        turn of the loader, beside the stable version."""
+        with self._lock:
+            if generation == self._generation and stable is not None:
+                self._loading = req = replace(req, stable=stable)
+                return req
+            self._loading = None
+            if generation == self._generation:
+                self._rollout_refused(req)
+            else:
+                self._hand_over(req.stable, _Change(stable, 1.0) if stable is not None else None, None)
+            self._lock.notify_all()
+            return None
+
+    def _hand_over(self, superseded: _Request, change: _Change | None, stable: Recommender | None) -> None:
+        """(Under the lock, the load of `superseded` finished after a newer request) the request still to load that
+        refers to it takes its result (`change`, None where refused beside the rollout `stable` or alone) rather than
+        loading it again: as what it puts back if refused (a loaded change waits as it is, its prebuild maybe cut
+        short), and as the rollout it goes beside (its load only goes on with the rollout's prebuild; refused, it
+        applies as after the refusal)."""
+        wanted = self._wanted
+        if wanted is not None and wanted.fallback is superseded:
+            self._wanted = wanted = replace(wanted, fallback=change or _restored(superseded, stable))
+        if wanted is None or wanted.stable is not superseded:
+            return
+        if change is not None:
+            self._wanted = replace(wanted, stable=replace(superseded, model=change.model))
+        else:
+            self._wanted = None
+            self._rollout_refused(wanted)
+
+    def _rollout_refused(self, req: _Request) -> None:
+        """(Under the lock) the rollout the canary `req` was to go beside is refused: what the rollout superseded is
+        under way again, and `req` applies to it as a request made after the refusal (by `request`'s rules)."""
+        log.info("the rollout a canary was to go beside was refused: the canary applies as requested after it",
+                 extra={"version": req.name, "share": req.share, "reason": req.reason})
+        if isinstance(req.stable, _Request):
+            self._reinstate(req.stable, None)
+        self._apply(replace(req, stable=None, fallback=None))
+
+    def _reinstate(self, refused: _Request, stable: Recommender | None) -> None:
+        """(Under the lock) `refused` (a canary: beside the rollout `stable` where set) changes nothing: what it
+        superseded is under way again."""
+        back = _restored(refused, stable)
+        if isinstance(back, _Change):
+            self._pending = back
+        else:
+            self._wanted = back
+        if back is not None:
+            log.info("a refused version changes nothing: what it superseded is under way again", extra={
+                "refused_version": refused.name, "version": _name(back.model if isinstance(back, _Change) else back)})
+
+    def _after_refusal(self, req: _Request) -> Recommender:
+        """The stable version once `req` is refused: the one that what it superseded makes stable, where loaded
+        already, else the one serving now."""
+        back = req.fallback
+        if isinstance(back, _Change):
+            return back.model if back.share == 1.0 else back.stable or self._serving
+        return self._serving
+
+    def _load(self, req: _Request, generation: int, *, then: Recommender) -> Recommender | None:
+        """(On the loader thread) `req`'s version validated and prebuilt; None where it is refused (and `then`
+        is the stable version that serves on)."""
         rec: Recommender | None = None
         try:
             rec = req.model or validate_version(req.path, device=self.device, expected_version=req.version)
         except ModelRefused as exc:
-            self._refuse(exc)
+            self._refuse(exc, then)
         except Exception as exc:  # noqa: BLE001 (a check that crashed: this thread must live for the next)
-            self._refuse(ModelRefused("unreadable", req.path, f"{type(exc).__name__}: {exc}"))
+            self._refuse(ModelRefused("unreadable", req.path, f"{type(exc).__name__}: {exc}"), then)
         if rec is not None:
             self._prebuild(rec, generation, req.share)
         return rec
@@ -564,7 +663,7 @@ class ModelHolder:
         try:
             for chunk in self._prebuild_source():
                 if self._closed or generation != self._generation:
-                    return  # superseded: this version will never serve
+                    return  # superseded: the newer request loads what it needs (`_hand_over`)
                 t = time.perf_counter()
                 # a canary being promoted holds its own users' entries already (those not served since)
                 chunk = {u: s for u, s in chunk.items() if u not in rec.prebuilt
@@ -585,11 +684,14 @@ class ModelHolder:
         log.info("states rebuilt ahead of the swap", extra={
             "version": rec.version, "states": done, "seconds": round(secs, 3)})
 
-    def _refuse(self, exc: ModelRefused) -> None:
+    def _refuse(self, exc: ModelRefused, then: Recommender) -> None:
+        """Count and log a refusal; `then` is the stable version that serves on (a canary refused beside a
+        rollout: the version rolled out, not the one serving now)."""
         with self._lock:
             self._refused[exc.reason] += 1
             self._last_refusal = str(exc)
         if self.metrics is not None:
             self.metrics.model_refused_total.labels(reason=exc.reason).inc()
-        log.error("model version refused; %s keeps serving: %s", self._serving.version, exc,
-                  extra={"reason": exc.reason, "path": exc.path, "serving_version": self._serving.version})
+        serves = "keeps serving" if then is self._serving else "serves next (the rollout under way)"
+        log.error("model version refused; %s %s: %s", then.version, serves, exc,
+                  extra={"reason": exc.reason, "path": exc.path, "serving_version": then.version})

@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -234,14 +235,38 @@ def test_the_latest_request_wins(versions):
         assert holder.swap_if_ready() is None and holder.current().version == a.name
 
 
-def test_a_loaded_version_waiting_to_swap_in_is_dropped_by_a_later_request_even_one_refused(versions):
+def test_a_loaded_version_waiting_to_swap_in_still_swaps_in_after_a_later_request_is_refused(versions):
     reg, a, b = versions
     with ModelHolder.open(reg, device="cpu") as holder:
         assert holder.request(b, b.name) and holder.wait_idle(60)
         assert holder.stats().pending == b.name  # loaded, waiting for a batch boundary
         bad = broken_copy(b, "integrity")
         assert holder.request(bad, bad.name) and holder.wait_idle(60)  # supersedes b, then is refused
-        assert holder.swap_if_ready() is None and holder.current().version == a.name
+        assert holder.swap_if_ready().version == b.name  # as if the worker had swapped before the bad request
+
+
+@pytest.mark.parametrize("before", ["pending", "loading"])
+@pytest.mark.parametrize("change", ["a rollout", "the end of a canary", "a canary"])
+def test_a_refused_request_leaves_the_change_it_superseded_under_way(versions, monkeypatch, before, change):
+    reg, a, b = versions
+    bad = broken_copy(b, "integrity")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        if change == "the end of a canary":
+            assert holder.request(b, b.name, share=0.1) and holder.wait_idle(60)
+            holder.swap_if_ready()
+        gate = _held(holder, before == "loading")
+        holder.request(a if change == "the end of a canary" else b, share=0.2 if change == "a canary" else 1.0)
+        if change != "the end of a canary":  # (that one loads nothing: pending at once)
+            gate.until_under_way(holder, b.name)
+        held = _HeldValidation(monkeypatch, Path("/nowhere"))
+        assert holder.request(bad, bad.name)
+        gate.open()
+        assert holder.wait_idle(60)
+        holder.swap_if_ready()
+        want = {"a rollout": (b.name, None, 0.0), "the end of a canary": (a.name, None, 0.0),
+                "a canary": (a.name, b.name, 0.2)}[change]
+        assert _serves(holder) == want  # as if the worker had swapped before the bad request
+        assert held.calls == [bad] and holder.stats().refused == {"integrity": 1}  # nothing loaded twice
 
 
 def test_an_announced_path_from_another_host_resolves_in_the_local_registry(versions):
@@ -416,12 +441,16 @@ class _LoadGate:
     """A prebuild source that holds the loader (every load prebuilds) until opened: a change requested before
     then finds the one before it still loading. Opened at once, it lets each load through."""
 
-    def __init__(self, opened: bool) -> None:
+    def __init__(self, opened: bool, let_through: int = 0) -> None:
         self.loading, self.opened = threading.Event(), threading.Event()
+        self.let_through = let_through  # the first loads pass unheld
         if opened:
             self.opened.set()
 
     def __call__(self):
+        if self.let_through:
+            self.let_through -= 1
+            return iter([{}])
         self.loading.set()
         assert self.opened.wait(60)
         return iter([{}])
@@ -515,6 +544,124 @@ def test_a_canary_beside_a_refused_rollout_serves_beside_the_stable_version(vers
         assert holder.request(bad, bad.name) and holder.request(b, b.name, share=0.1) and holder.wait_idle(60)
         assert holder.swap_if_ready() is None
         assert _serves(holder) == (a.name, b.name, 0.1) and set(holder.stats().refused) == {"nonfinite"}
+
+
+class _HeldValidation:
+    """Holds the loader in the validation of `path` until released: a request made meanwhile finds that version
+    loading, and it is refused (or loaded) only after."""
+
+    def __init__(self, monkeypatch, path: Path) -> None:
+        import stream.hotswap as hotswap
+
+        self.started, self.released, real = threading.Event(), threading.Event(), hotswap.validate_version
+        self.calls: list[Path] = []
+
+        def held(p, **kw):
+            self.calls.append(Path(p))
+            if Path(p) == path:
+                self.started.set()
+                assert self.released.wait(60)
+            return real(p, **kw)
+
+        monkeypatch.setattr(hotswap, "validate_version", held)
+
+
+@pytest.mark.parametrize("planned", ["loading", "pending"])
+def test_a_canary_refused_beside_a_rollout_leaves_the_canary_planned_beside_it_before(versions, monkeypatch,
+                                                                                       planned):
+    reg, a, b = versions
+    c, bad = _copy(a, "canary"), broken_copy(a, "integrity")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        held = _HeldValidation(monkeypatch, Path("/nowhere"))
+        gate = _LoadGate(opened=planned == "pending", let_through=1)  # the rollout's prebuild passes
+        holder.prebuild_from(gate, max_users=10)
+        assert holder.request(b, b.name) and holder.request(c, c.name, share=0.1)
+        gate.until_under_way(holder, c.name)
+        assert holder.request(bad, bad.name, share=0.2)
+        gate.open()
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready().version == b.name
+        assert _serves(holder) == (b.name, c.name, 0.1)  # as if the worker had swapped before the bad request
+        assert Counter(held.calls) == {b: 1, c: 1, bad: 1}
+
+
+@pytest.mark.parametrize("canary_serving", [False, True])
+def test_a_canary_of_a_version_serving_now_requested_beside_a_refused_rollout_changes_only_the_canary(
+        versions, monkeypatch, canary_serving):
+    reg, a, b = versions
+    bad = broken_copy(b, "integrity")
+    metrics = WorkerMetrics()
+    with ModelHolder.open(reg, device="cpu", metrics=metrics) as holder:
+        if canary_serving:
+            assert holder.request(b, b.name, share=0.1) and holder.wait_idle(60)
+            holder.swap_if_ready()
+        canary = holder.serving().canary
+        held = _HeldValidation(monkeypatch, bad)
+        assert holder.request(bad, bad.name)
+        assert held.started.wait(60)
+        # the stable version ends the canary, and the canary's version at another share only changes it
+        wanted = (b, 0.2) if canary_serving else (a, 0.1)
+        holder.request(wanted[0], wanted[0].name, share=wanted[1])
+        held.released.set()
+        assert holder.wait_idle(60)
+        holder.swap_if_ready()
+        assert _serves(holder) == ((a.name, b.name, 0.2) if canary_serving else (a.name, None, 0.0))
+        assert holder.serving().canary is canary and held.calls == [bad]  # validated once, nothing loaded again
+        assert holder.stats().refused == {"integrity": 1}
+    assert metrics.value("hrnn_model_version_info", {"version": a.name}) == (0.8 if canary_serving else 1.0)
+
+
+@pytest.mark.parametrize("later", ["another canary", "the refused version again"])
+def test_a_refused_rollout_is_no_longer_under_way_while_the_canary_requested_beside_it_loads(versions, monkeypatch,
+                                                                                            later):
+    reg, a, b = versions
+    bad, c, d = broken_copy(b, "integrity"), _copy(a, "canary"), _copy(a, "other")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        gate = _held(holder, still_loading=True)
+        assert holder.request(bad, bad.name) and holder.request(c, c.name, share=0.1)
+        gate.until_under_way(holder, c.name)  # the rollout refused already
+        held = _HeldValidation(monkeypatch, Path("/nowhere"))
+        if later == "another canary":
+            assert holder.request(d, d.name, share=0.2)
+        else:  # announced again: validated again, as it would be had the worker swapped in between
+            assert holder.request(bad, bad.name)
+        gate.open()
+        assert holder.wait_idle(60)
+        holder.swap_if_ready()
+        if later == "another canary":
+            assert held.calls == [d] and holder.stats().refused == {"integrity": 1}
+            assert _serves(holder) == (a.name, d.name, 0.2)
+        else:  # refused again, the canary still serves beside the stable version
+            assert held.calls == [bad] and holder.stats().refused == {"integrity": 2}
+            assert _serves(holder) == (a.name, c.name, 0.1)
+
+
+def test_a_canary_requested_while_the_canary_beside_a_loaded_rollout_loads_does_not_load_the_rollout_again(
+        versions, monkeypatch):
+    reg, a, b = versions
+    c, d = _copy(a, "canary"), _copy(a, "other")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        gate = _LoadGate(opened=False, let_through=1)  # the rollout's prebuild passes, the canary's is held
+        holder.prebuild_from(gate, max_users=10)
+        assert holder.request(b, b.name) and holder.request(c, c.name, share=0.1)
+        gate.until_under_way(holder, c.name)
+        held = _HeldValidation(monkeypatch, Path("/nowhere"))
+        assert holder.request(d, d.name, share=0.2)
+        gate.open()
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready().version == b.name and held.calls == [d]
+        assert _serves(holder) == (b.name, d.name, 0.2)
+
+
+def test_a_canary_refused_beside_a_rollout_logs_the_version_rolled_out_as_the_one_that_serves(versions, caplog):
+    reg, a, b = versions
+    bad = broken_copy(a, "integrity")
+    with ModelHolder.open(reg, device="cpu") as holder, caplog.at_level(logging.ERROR, logger="stream.hotswap"):
+        assert holder.request(b, b.name) and holder.request(bad, bad.name, share=0.1) and holder.wait_idle(60)
+        assert holder.swap_if_ready().version == b.name
+    [refusal] = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert refusal.serving_version == b.name and f"{b.name} " in refusal.getMessage()
+    assert f"{a.name} " not in refusal.getMessage()
 
 
 def _stored_users(holder: ModelHolder, n: int) -> dict:
