@@ -122,11 +122,12 @@ def featurize(data: Interactions, cfg: DataConfig) -> tuple[Interactions, Featur
     lengths = np.bincount(cur.user, minlength=cur.n_users)
     lo, hi = 0.0, float("inf")
     # A side applies only where its share is at least one whole user: the interpolated 0.99 quantile lies below a
-    # unique maximum, so a log of 5 users lost its longest one (20%, where the setting says 1%).
+    # unique maximum, so a log of 5 users lost its longest one (20%, where the setting says 1%). With a tolerance:
+    # 1 - 0.9 is 0.0999..., and 10 users at max 0.9 keep one out.
     n = len(lengths)
-    if n * cfg.min_user_history_length_percentile >= 1.0:
+    if n * cfg.min_user_history_length_percentile >= 1.0 - 1e-9:
         lo = float(np.quantile(lengths, cfg.min_user_history_length_percentile))
-    if n * (1.0 - cfg.max_user_history_length_percentile) >= 1.0:
+    if n * (1.0 - cfg.max_user_history_length_percentile) >= 1.0 - 1e-9:
         hi = float(np.quantile(lengths, cfg.max_user_history_length_percentile))
     out_user = (lengths < lo) | (lengths > hi)
 

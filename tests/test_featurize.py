@@ -50,6 +50,14 @@ def test_a_percentile_whose_share_is_less_than_one_user_keeps_nobody_out_of_trai
     assert report.history_users_out == 0 and learning_users(out, report).all()
 
 
+@pytest.mark.parametrize("n, low, high", [(10, 0.0, 0.9), (5, 0.0, 0.8), (10, 0.1, 1.0), (100, 0.0, 0.99)])
+def test_a_percentile_whose_share_is_exactly_one_user_keeps_that_user_out_of_training(n, low, high):
+    data = users_with_lengths(list(range(1, n + 1)))
+    _, report = featurize(data, DataConfig(min_user_history_length_percentile=low,
+                                           max_user_history_length_percentile=high))
+    assert report.history_users_out == 1
+
+
 def test_training_refused_for_want_of_a_next_event_names_the_percentiles_when_they_kept_users_out():
     from model.errors import DataError
     from model.pipeline import fit_inputs
