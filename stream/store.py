@@ -25,7 +25,7 @@ from pathlib import Path
 from rocksdict import Options, Rdict, WriteBatch
 
 from model.errors import HRNNError
-from model.state import FORMAT_VERSION, StateFormatError, UserState, decode_state, encode_state
+from model.state import FORMAT_VERSION, StateFormatError, UserState, decode_state, encode_state, source_offset_of
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +260,11 @@ class PartitionStore:
     def _applied_source(self, user_id: str, sources: dict[str, int]) -> int:
         """The source offset of the user's state: applied in this restore, else stored (read once)."""
         if user_id not in sources:
-            state = self.get(user_id)
-            sources[user_id] = state.source_offset if state is not None else -1
+            raw = self._get(_user_key(user_id))
+            try:
+                sources[user_id] = -1 if raw is None else source_offset_of(raw)
+            except StateFormatError:  # unreadable: its user starts afresh, anything may replace it
+                sources[user_id] = -1
         return sources[user_id]
 
     def user_ids(self) -> list[str]:

@@ -8,8 +8,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from model.state import (FORMAT_VERSION, History, HistoryEvent, StateFormatError, UserState, decode_state,
-                         encode_state, pack)
+from model.state import (FORMAT_VERSION, FORMATS, History, HistoryEvent, StateFormatError, UserState,
+                         decode_state, encode_state, pack, source_offset_of)
 
 
 def _state(h: int = 100) -> UserState:
@@ -199,3 +199,11 @@ def test_packed_histories_index_one_list_of_names_across_rows():
     assert [cols.type_names[c] for c in cols.type_codes] == ["click"] * 3 + ["purchase"]
     assert cols.ts_ms.tolist() == [1, 2, 3, 9] and cols.opens.tolist() == [True, False, False, True]
     assert [x.tolist() for x in cols.split(cols.ts_ms)] == [[1, 2, 3], [], [9]]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_source_offset_read_alone_is_the_decoded_states(fmt):
+    raw = encode_state(replace(_state(), source_offset=1234, origins={3: 99}), fmt)
+    assert source_offset_of(raw) == decode_state(raw).source_offset == 1234
+    with pytest.raises(StateFormatError):
+        source_offset_of(raw[:5])
