@@ -220,6 +220,30 @@ def _name(change: _Request | Recommender) -> str:
     return change.name if isinstance(change, _Request) else change.version
 
 
+def _relinked(req: _Request, superseded: _Request, back: "_Request | _Change | None", loaded: _Request | None,
+              done: dict[int, _Request] | None = None) -> _Request:
+    """`req` with every link to `superseded`, whose load finished, replaced throughout its chain of fallbacks and
+    rollouts: as what a request puts back, by `back`; as the rollout a canary goes beside, by `loaded` (None:
+    refused, the stable version). Else a request deeper in the chain, under way again after a refusal, would load
+    that version again. A request linked twice (a rollout, and what a canary beside it superseded) is replaced by
+    one copy (`done`), so the canary still tells the rollout it goes beside."""
+    done = {} if done is None else done
+    if id(req) in done:
+        return done[id(req)]
+    fallback, stable = req.fallback, req.stable
+    if fallback is superseded:
+        fallback = back
+    elif isinstance(fallback, _Request):
+        fallback = _relinked(fallback, superseded, back, loaded, done)
+    if stable is superseded:
+        stable = loaded
+    elif isinstance(stable, _Request):
+        stable = _relinked(stable, superseded, back, loaded, done)
+    done[id(req)] = req if fallback is req.fallback and stable is req.stable \
+        else replace(req, fallback=fallback, stable=stable)
+    return done[id(req)]
+
+
 def _restored(refused: _Request, stable: Recommender | None) -> "_Request | _Change | None":
     """What is under way again once `refused` is refused: what it superseded. A canary's beside the rollout `stable`,
     loaded with it, keeps that rollout (with the canary planned beside it before, if any) without loading it again."""
@@ -540,42 +564,49 @@ class ModelHolder:
 
     def _load_loop(self) -> None:
         _lowest_cpu_priority()
-        while True:
-            with self._lock:
-                while self._wanted is None and not self._closed:
-                    self._lock.wait()
-                if self._closed:
-                    return
-                req, self._wanted, self._loading = self._wanted, None, self._wanted
-                generation = self._loading_gen = self._generation
-            t0 = time.perf_counter()
-            with _short_gil_slices():
-                stable = req.stable
-                if isinstance(stable, _Request):  # the rollout the canary goes beside loads first
-                    stable = self._load(stable, generation, then=self._after_refusal(stable))
-                    beside = self._beside_rollout(req, stable, generation)
-                    if beside is None:
-                        continue
-                    req = beside
-                rec = self._load(req, generation, then=stable or self._after_refusal(req))
-            secs = time.perf_counter() - t0
-            with self._lock:
-                self._loading = None
-                change = _Change(rec, req.share, stable) if rec is not None else None
-                if change is not None:
-                    if generation != self._generation:
-                        log.info("model version superseded before it was ready", extra={
-                            "version": change.model.version})
-                    else:
-                        self._pending, self._last_load_s = change, secs
-                        log.info("model version ready to swap", extra={
-                            "version": change.model.version, "load_s": round(secs, 3), "reason": req.reason,
-                            "share": change.share, "stable_version": change.stable and change.stable.version})
-                elif generation == self._generation:
-                    self._reinstate(req, stable)
+        while self._load_next():
+            pass
+
+    def _load_next(self) -> bool:
+        """(On the loader thread) wait for the next request and load it; False once closed. One turn a call: its
+        locals (requests, the versions they loaded) go with it, so a version retired meanwhile is not kept alive
+        while the loader waits for the next request."""
+        with self._lock:
+            while self._wanted is None and not self._closed:
+                self._lock.wait()
+            if self._closed:
+                return False
+            req, self._wanted, self._loading = self._wanted, None, self._wanted
+            generation = self._loading_gen = self._generation
+        t0 = time.perf_counter()
+        with _short_gil_slices():
+            stable = req.stable
+            if isinstance(stable, _Request):  # the rollout the canary goes beside loads first
+                stable = self._load(stable, generation, then=self._after_refusal(stable))
+                beside = self._beside_rollout(req, stable, generation)
+                if beside is None:
+                    return True
+                req = beside
+            rec = self._load(req, generation, then=stable or self._after_refusal(req))
+        secs = time.perf_counter() - t0
+        with self._lock:
+            self._loading = None
+            change = _Change(rec, req.share, stable) if rec is not None else None
+            if change is not None:
                 if generation != self._generation:
-                    self._hand_over(req, change, stable)
-                self._lock.notify_all()
+                    log.info("model version superseded before it was ready", extra={
+                        "version": change.model.version})
+                else:
+                    self._pending, self._last_load_s = change, secs
+                    log.info("model version ready to swap", extra={
+                        "version": change.model.version, "load_s": round(secs, 3), "reason": req.reason,
+                        "share": change.share, "stable_version": change.stable and change.stable.version})
+            elif generation == self._generation:
+                self._reinstate(req, stable)
+            if generation != self._generation:
+                self._hand_over(req, change, stable)
+            self._lock.notify_all()
+        return True
 
     def _beside_rollout(self, req: _Request, stable: Recommender | None, generation: int) -> _Request | None:
         """(On the loader thread, the rollout the canary `req` goes beside loaded or refused) the canary's request
@@ -596,35 +627,50 @@ class ModelHolder:
             return None
 
     def _hand_over(self, superseded: _Request, change: _Change | None, stable: Recommender | None) -> None:
-        """(Under the lock, the load of `superseded` finished after a newer request) the request still to load that
-        refers to it takes its result (`change`, None where refused beside the rollout `stable` or alone) rather than
-        loading it again: as what it puts back if refused (a loaded change waits as it is, its prebuild maybe cut
-        short), and as the rollout it goes beside (its load only goes on with the rollout's prebuild; refused, it
-        applies as after the refusal)."""
+        """(Under the lock, the load of `superseded` finished after a newer request) the request still to load, and
+        every one its chain holds, that refers to it takes its result (`change`, None where refused beside the
+        rollout `stable` or alone) rather than loading it again: as what it puts back if refused (a loaded change
+        waits as it is, its prebuild maybe cut short), and as the rollout it goes beside (its load only goes on with
+        the rollout's prebuild; refused, it applies as after the refusal, with the canaries it superseded beside
+        that rollout)."""
         wanted = self._wanted
-        if wanted is not None and wanted.fallback is superseded:
-            self._wanted = wanted = replace(wanted, fallback=change or _restored(superseded, stable))
-        if wanted is None or wanted.stable is not superseded:
+        if wanted is None:
             return
-        if change is not None:
-            self._wanted = replace(wanted, stable=replace(superseded, model=change.model))
-        else:
+        if wanted.stable is superseded and change is None:  # what it superseded beside the rollout applies anew
             self._wanted = None
             self._rollout_refused(wanted)
+            return
+        loaded = None if change is None else replace(superseded, model=change.model, fallback=None)  # not under way
+        self._wanted = _relinked(wanted, superseded, change or _restored(superseded, stable), loaded)
 
     def _rollout_refused(self, req: _Request) -> None:
         """(Under the lock) the rollout the canary `req` was to go beside is refused: what the rollout superseded is
         under way again, and `req` applies to it as a request made after the refusal (by `request`'s rules)."""
         log.info("the rollout a canary was to go beside was refused: the canary applies as requested after it",
                  extra={"version": req.name, "share": req.share, "reason": req.reason})
-        if isinstance(req.stable, _Request):
-            self._reinstate(req.stable, None)
+        rollout = req.stable
+        if isinstance(rollout, _Request):
+            self._reinstate(rollout, None)
+        self._apply_after(req, rollout)
+
+    def _apply_after(self, req: _Request, rollout: "_Request | Recommender | None") -> None:
+        """(Under the lock) the canary `req` as requested after the refusal of `rollout`; a canary it superseded
+        beside the same rollout first, as it was requested first (else it would be lost, or come back where `req`
+        is refused after something requested after it ended that one)."""
+        back = req.fallback
+        if isinstance(back, _Request) and back.share < 1.0 and back.stable is rollout:
+            self._apply_after(back, rollout)
         self._apply(replace(req, stable=None, fallback=None))
 
     def _reinstate(self, refused: _Request, stable: Recommender | None) -> None:
         """(Under the lock) `refused` (a canary: beside the rollout `stable` where set) changes nothing: what it
         superseded is under way again."""
         back = _restored(refused, stable)
+        if isinstance(back, _Request) and back.stable is None \
+                and back.name in (self._serving.version, self._canary and self._canary.version):
+            # a canary whose rollout was refused, of a version serving now: it only changes the canary (`_settle`)
+            self._apply(replace(back, fallback=None))
+            return
         if isinstance(back, _Change):
             self._pending = back
         else:
@@ -693,5 +739,7 @@ class ModelHolder:
         if self.metrics is not None:
             self.metrics.model_refused_total.labels(reason=exc.reason).inc()
         serves = "keeps serving" if then is self._serving else "serves next (the rollout under way)"
-        log.error("model version refused; %s %s: %s", then.version, serves, exc,
+        # the message, not the exception: a handler keeping the record would keep the loader's frames (the versions
+        # its requests would put back) alive through the traceback
+        log.error("model version refused; %s %s: %s", then.version, serves, str(exc),
                   extra={"reason": exc.reason, "path": exc.path, "serving_version": then.version})

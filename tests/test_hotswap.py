@@ -1,6 +1,7 @@
 """ModelHolder: background load + validation, swap between batches, refusal of broken versions."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -16,7 +17,7 @@ import torch
 
 from model.artifact import set_current
 from model.config import DataConfig, HRNNConfig
-from model.inference import StepInput
+from model.inference import Recommender, StepInput
 from model.network import HRNN
 from model.pipeline import train_version
 from model.synth import generate
@@ -662,6 +663,89 @@ def test_a_canary_refused_beside_a_rollout_logs_the_version_rolled_out_as_the_on
     [refusal] = [r for r in caplog.records if "refused" in r.getMessage()]
     assert refusal.serving_version == b.name and f"{b.name} " in refusal.getMessage()
     assert f"{a.name} " not in refusal.getMessage()
+
+
+def _alive(version: str) -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is Recommender and o.version == version)
+
+
+def test_a_version_superseded_before_its_swap_is_not_kept_alive_while_the_loader_waits(versions, monkeypatch):
+    reg, a, b = versions
+    retired, c, first = _copy(b, "retired"), _copy(a, "other"), reg / "first"
+    with ModelHolder.open(reg, device="cpu") as holder:
+        assert holder.request(retired, retired.name) and holder.wait_idle(60)
+        assert holder.stats().pending == retired.name and _alive(retired.name) == 1  # loaded, never swapped in
+        held = _HeldValidation(monkeypatch, first)
+        assert holder.request(first) and held.started.wait(60)  # the loader busy: the next two wait their turn
+        assert holder.request(c, c.name) and holder.request(a, a.name, share=0.1)
+        held.released.set()
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready().version == c.name and _serves(holder) == (c.name, a.name, 0.1)
+        assert _alive(retired.name) == 0  # its weights and prebuilt states freed, the loader idle
+
+
+def test_a_request_superseded_during_a_refused_load_does_not_validate_that_version_again(versions, monkeypatch):
+    reg, a, b = versions
+    bad, missing, nonfinite = broken_copy(b, "integrity"), reg / "absent", broken_copy(b, "nonfinite")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        held = _HeldValidation(monkeypatch, bad)
+        assert holder.request(bad, bad.name, share=0.2)
+        assert held.started.wait(60)
+        assert holder.request(missing, share=0.2) and holder.request(nonfinite, nonfinite.name, share=0.3)
+        held.released.set()
+        assert holder.wait_idle(60)
+        assert holder.swap_if_ready() is None and _serves(holder) == (a.name, None, 0.0)
+        assert Counter(held.calls) == {bad: 1, missing: 1, nonfinite: 1}  # each refused once, as requested
+        assert holder.stats().refused == {"integrity": 1, "missing": 1, "nonfinite": 1}
+
+
+@pytest.mark.parametrize("rollout", ["loading", "queued"])
+def test_canaries_requested_beside_a_refused_rollout_apply_in_turn_as_requested_after_the_refusal(
+        versions, monkeypatch, rollout):
+    reg, a, b = versions
+    bad, nonfinite, first = broken_copy(b, "integrity"), broken_copy(a, "nonfinite"), reg / "first"
+    c = _copy(a, "canary")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        held = _HeldValidation(monkeypatch, bad if rollout == "loading" else first)
+        if rollout == "queued":  # all requested while the loader is busy with an earlier one
+            assert holder.request(first)
+        else:
+            assert holder.request(bad, bad.name)
+        assert held.started.wait(60)
+        if rollout == "queued":
+            assert holder.request(bad, bad.name)
+        # the refused rollout changes nothing: a canary, then another one refused, which leaves the first
+        assert holder.request(c, c.name, share=0.1) and holder.request(nonfinite, nonfinite.name, share=0.1)
+        held.released.set()
+        assert holder.wait_idle(60)
+        holder.swap_if_ready()
+        assert _serves(holder) == (a.name, c.name, 0.1)  # as if the worker had swapped after each request
+        assert set(Counter(held.calls).values()) == {1}, held.calls  # nothing validated twice
+
+
+@pytest.mark.parametrize("rollout", ["loading", "queued behind a canary", "queued behind a refused rollout"])
+def test_the_stable_version_requested_beside_a_refused_rollout_ends_the_canary_under_way_before_it(
+        versions, monkeypatch, rollout):
+    reg, a, b = versions
+    bad, nonfinite, first = broken_copy(b, "integrity"), broken_copy(a, "nonfinite"), reg / "first"
+    c = _copy(a, "canary")
+    with ModelHolder.open(reg, device="cpu") as holder:
+        held = _HeldValidation(monkeypatch, bad if rollout == "loading" else first)
+        if rollout != "loading":  # all requested while the loader is busy with an earlier request
+            assert holder.request(first, share=0.2 if rollout == "queued behind a canary" else 1.0)
+            assert held.started.wait(60)
+        assert holder.request(c, c.name, share=0.3) and holder.request(bad, bad.name)
+        if rollout == "loading":
+            assert held.started.wait(60)
+        # after the refusal: the canary c, ended by the stable version at any share, then a refused canary
+        holder.request(a, a.name, share=0.3)
+        assert holder.request(nonfinite, nonfinite.name, share=0.3)
+        held.released.set()
+        assert holder.wait_idle(60)
+        holder.swap_if_ready()
+        assert _serves(holder) == (a.name, None, 0.0)  # as if the worker had swapped after each request
+        assert set(Counter(held.calls).values()) == {1}, held.calls  # nothing validated twice
 
 
 def _stored_users(holder: ModelHolder, n: int) -> dict:
