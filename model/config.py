@@ -226,6 +226,16 @@ def path_arg(text: str) -> str:
     return text
 
 
+def is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8. Bytes that are not UTF-8 (a terminal's argument, a file name) reach Python
+    as lone surrogates, which neither Kafka clients, pyarrow nor JSON can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def shown_path(path: str | Path, limit: int = 120) -> str:
     """A path as a message shows it: cut in the middle when very long, since a 4,000-character name would bury
     the reason beside it; both ends stay, as they tell where it was meant to be and which file."""

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from model.config import shown_path
+from model.config import is_utf8, shown_path
 from model.errors import ConfigError, DataError, EventError
 from model.events import MAX_ID_CHARS, parse_timestamp
 from model.interactions import Interactions, encode_text
@@ -145,11 +145,9 @@ def _first_bytes(p: Path) -> bytes:
             magic = fh.read(4)
     except OSError as exc:  # a name too long, a folder not searchable: exists() raises rather than say False
         raise DataError(shown_path(name), f"cannot be read ({exc.strerror or exc})") from None
-    try:  # pyarrow opens it by its name in UTF-8, which bytes that are not (Python keeps them as surrogates) have not
-        name.encode("utf-8")
-    except UnicodeEncodeError:
+    if not is_utf8(name):  # pyarrow opens it by its name in UTF-8
         raise DataError(repr(name), "the file name is not UTF-8 text, so pyarrow cannot open it",
-                        expected="a UTF-8 file name: rename the file") from None
+                        expected="a UTF-8 file name: rename the file")
     if empty:
         raise DataError(name, "file is empty", expected="a header row and at least one event")
     return magic

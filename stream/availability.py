@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from model.config import is_utf8
 from model.errors import HRNNError
 from model.events import MAX_ID_CHARS
 from stream.compacted import CompactedTopicReader, ensure_table_topic
@@ -79,10 +80,8 @@ def set_availability(bootstrap: str, items: Sequence[str], *, available: bool, r
     # Text in a terminal's bytes that are not UTF-8 reaches Python as lone surrogates, which neither a Kafka key nor
     # the JSON value can carry: refuse it before the topic is created or anything produced.
     for what, text in [*(("item id", i) for i in items), ("reason", reason or "")]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise AvailabilityError(f"{what} {text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text") from None
+        if not is_utf8(text):
+            raise AvailabilityError(f"{what} {text.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text")
     ensure_table_topic(bootstrap, topic, extra=extra, timeout_s=timeout_s)
     # Putting an item back writes a tombstone: compaction then forgets the item altogether.
     value = None if available else _encoder.encode(ItemStatus(False, reason, int(time.time() * 1000)))

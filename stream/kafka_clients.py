@@ -17,6 +17,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from model.config import is_utf8
 from model.errors import ConfigError, HRNNError
 
 ClientSettings = Mapping[str, Any]
@@ -106,20 +107,12 @@ def _utf8_checked(cfg: dict[str, Any]) -> dict[str, Any]:
     constructor with a SystemError, not an error naming the setting. The value is not shown: it may be a secret."""
     for key, value in cfg.items():
         for text in (key, value):
-            if isinstance(text, str) and not _is_utf8(text):
+            if isinstance(text, str) and not is_utf8(text):
                 name = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
                 where = ("in --bootstrap-servers (or HRNN_BOOTSTRAP_SERVERS)" if key == "bootstrap.servers" else
                          "where it comes from: --kafka-config, a settings file's kafka tables or HRNN_KAFKA*")
                 raise ClientSettingError(f"Kafka client setting '{name}' is not UTF-8 text: fix it {where}")
     return cfg
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def consumer_config(bootstrap: str, group: str, extra: ClientSettings | None = None) -> dict[str, Any]:
