@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from model.config import DataConfig, HRNNConfig, load_config, shown_path, to_dict
+from model.config import DataConfig, HRNNConfig, load_config, read_json, shown_path, to_dict
 from model.errors import ArtifactError
 from model.network import HRNN, WINDOW_OFFSET
 
@@ -65,16 +65,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file of a version; a ValueError where it is no JSON, as for one nested too deeply, where the parser
-    runs out of stack: every caller refuses an unreadable file by OSError and ValueError."""
-    text = path.read_text()
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError(f"{path.name} is nested too deeply") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -255,8 +245,8 @@ def list_versions(registry: str | Path) -> list[VersionInfo]:
         raise ArtifactError(f"registry {reg} cannot be listed ({exc.strerror})") from None
     for d in dirs:
         try:
-            manifest = _read_json(d / "manifest.json")
-            metrics = _read_json(d / "metrics.json")
+            manifest = read_json(d / "manifest.json")
+            metrics = read_json(d / "metrics.json")
         except PermissionError as exc:  # a version there, but not for this user: saying none would mislead
             raise ArtifactError(f"{d} cannot be read ({exc.strerror}): the registry's files must be readable by "
                                 "every user that serves or manages it") from None
@@ -280,7 +270,7 @@ def verify(path: str | Path) -> dict[str, Any]:
     """Check the manifest's checksums, and that it lists every file a version holds; return the manifest."""
     d = Path(path)
     try:
-        manifest = _read_json(d / "manifest.json")
+        manifest = read_json(d / "manifest.json")
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{d}: manifest.json unreadable ({exc})") from None
     files = manifest.get("files", {}) if isinstance(manifest, dict) else None
@@ -310,7 +300,7 @@ def verify(path: str | Path) -> dict[str, Any]:
 def version_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The HRNN and data settings a version was trained with, as its config.json holds them (OSError, ValueError,
     KeyError or TypeError where it cannot be read so)."""
-    cfg = _read_json(Path(path) / "config.json")
+    cfg = read_json(Path(path) / "config.json")
     # versions written before window_profile existed were trained without it
     return {"window_profile": False, **cfg["hrnn"]}, dict(cfg["data"])
 
@@ -321,8 +311,8 @@ def load_version(path: str | Path, device: torch.device | str = "cpu") -> Loaded
     manifest = verify(d)
     try:
         hrnn, data = version_settings(d)
-        items = _read_json(d / "items.json")
-        metrics = _read_json(d / "metrics.json")
+        items = read_json(d / "items.json")
+        metrics = read_json(d / "metrics.json")
         config = load_config(HRNNConfig, file_values=hrnn, validate=False)
         config.validate(published=True)
         data_config = load_config(DataConfig, file_values=data)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from model.config import (DataConfig, HRNNConfig, field_names, json_kind, load_config, read_config_file,
-                          path_arg, shown_path, unknown_setting)
+                          path_arg, read_json, shown_path, unknown_setting)
 from model.errors import ConfigError
 from model.interactions import Interactions
 from model.loaders import add_loader_arguments, load_interactions, loader_options
@@ -99,8 +98,8 @@ def _published_holdout(version_dir: Path) -> str | None:
     """The holdout a version's metrics.json records: a config.json written before it kept the holdout itself
     (2026-12-06) does not say, and training from it would change the split without a word."""
     try:
-        return json.loads((version_dir / "metrics.json").read_text()).get(HOLDOUT_KEY)
-    except (OSError, ValueError, AttributeError, RecursionError):  # nested too deeply to parse: no holdout read
+        return read_json(version_dir / "metrics.json").get(HOLDOUT_KEY)
+    except (OSError, ValueError, AttributeError):
         return None
 
 

@@ -246,6 +246,16 @@ def shown_path(path: str | Path, limit: int = 120) -> str:
     return f"{text[:keep]}...{text[-keep:]}"
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file (a model version's); a ValueError where it is no JSON, as for one nested too deeply, where the
+    parser runs out of stack: every caller refuses an unreadable file by OSError and ValueError."""
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path.name} is nested too deeply") from None
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from model.artifact import current_version, latest_version_dir, list_versions, verify
-from model.config import path_arg
+from model.config import path_arg, read_json
 from model.errors import ArtifactError, HRNNError
 from stream.cli_common import add_kafka_flags, kafka_settings
 from stream.topics import MODEL_UPDATES_TOPIC, check_topic_name
@@ -170,8 +170,8 @@ def _announce(args: argparse.Namespace, kafka: dict[str, str], version: str, pat
 def _read_json(d: Path, name: str) -> dict:
     """A version's JSON file, or ArtifactError naming it (a signed version may still hold one that is not JSON)."""
     try:
-        return json.loads((d / name).read_text())
-    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        return read_json(d / name)
+    except (OSError, ValueError) as exc:  # ValueError: not JSON (or nested too deeply), or not UTF-8
         raise ArtifactError(f"{d}: {name} unreadable ({exc})") from None
 
 

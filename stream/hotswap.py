@@ -38,7 +38,6 @@ version changes nothing whether or not the worker swapped before it came. Reason
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -57,6 +56,7 @@ import numpy as np
 import torch
 
 from model.artifact import current_version, current_written_at, latest_version_dir, verify
+from model.config import read_json
 from model.errors import ArtifactError
 from model.inference import Filters, Recommender, StepInput
 from model.network import device_label
@@ -122,8 +122,8 @@ def _check_item_index(d: Path) -> None:
     """Refuse an empty item index or one with duplicate ids before the model is built: an empty one builds a model
     no weights fit, which would read as a shape refusal. An index that cannot be read is left to the load."""
     try:
-        item_ids = [str(i) for i in json.loads((d / "items.json").read_text())["item_ids"]]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        item_ids = [str(i) for i in read_json(d / "items.json")["item_ids"]]
+    except (OSError, ValueError, KeyError, TypeError):
         return
     if not item_ids or len(set(item_ids)) != len(item_ids):
         raise ModelRefused("item_index", d, f"{len(item_ids)} item ids, {len(set(item_ids))} distinct")
