@@ -87,6 +87,7 @@ class WorkerError(HRNNError):
 
 
 T = TypeVar("T")
+_Stepped = tuple[list["Incoming"], Recommendations]  # the events one version stepped, and what it made of them
 
 
 _MAX_POLL_INTERVAL_MS = 300_000
@@ -693,16 +694,19 @@ class Worker:
         self._follow_availability()
         self.health.beat()
         routed = route(msgs, self.settings.max_event_lead_s)
+        result = BatchResult(records=len(msgs), batches=1)
+        steps = self._step(serving, routed.events, result)
+        # Checked after the model's work, before anything is produced: a stall there too (a throttled pod, a
+        # slow device) must not put this batch's states after those of a worker that took the partitions over.
         if self._left_group():
             self._rewind(routed.first_offsets)  # ours again after the rejoin, or read by their new owner
             return BatchResult(records=len(msgs), batches=1, aborted=1)
-        result = BatchResult(records=len(msgs), batches=1)
         self._deliveries.reset()
         if self.settings.exactly_once:
             self._producer.begin_transaction()
         self._produce_dead(routed.dead, result)
         self._produce_rekeyed(routed.rekey, result)
-        encoded = self._step(serving, routed.events, result)
+        encoded = self._produce_steps(steps, result)
         _maybe_crash("after_produce", self.totals.batches + 1)
         if self._finish(routed, encoded):  # aborted: nothing of this batch counts, it is read again
             result = BatchResult(records=len(msgs), batches=1, aborted=1)
@@ -710,33 +714,40 @@ class Worker:
         self._observe(result, len(msgs), time.perf_counter() - t0)
         return result
 
-    def _step(self, serving: Serving, events: list[Incoming], result: BatchResult) -> dict[int, dict[str, bytes]]:
-        """Apply the events and produce their outputs; returns the encoded new states per partition."""
-        encoded: dict[int, dict[str, bytes]] = defaultdict(dict)
+    def _step(self, serving: Serving, events: list[Incoming], result: BatchResult) -> list[_Stepped]:
+        """Apply the events to their users' states; nothing is produced yet."""
+        steps: list[_Stepped] = []
         pending = events
         while pending:
             now, pending = split_by_owner(pending)
-            self._step_round(serving, now, encoded, result)
-        return encoded
+            steps.extend(self._step_round(serving, now, result))
+        return steps
 
-    def _step_round(self, serving: Serving, events: list[Incoming], encoded: dict[int, dict[str, bytes]],
-                    result: BatchResult) -> None:
+    def _step_round(self, serving: Serving, events: list[Incoming], result: BatchResult) -> list[_Stepped]:
         stored = self._load_states(events)
         fresh = fresh_events(events, stored)
         result.replayed += len(events) - len(fresh)
+        steps = []
         for model, mine in serving.split(fresh, lambda e: e.event.user_id):
             users = {e.event.user_id for e in mine}
-            recs = model.recommend(
+            steps.append((mine, model.recommend(
                 {u: stored[u] for u in users},
                 [StepInput(e.event.user_id, e.event.item_id, e.event.event_type, e.event.timestamp_ms,
                            e.event.session_id) for e in mine],
-                k=self.settings.k, filters=self.filters)
+                k=self.settings.k, filters=self.filters)))
+        return steps
+
+    def _produce_steps(self, steps: list[_Stepped], result: BatchResult) -> dict[int, dict[str, bytes]]:
+        """Produce the stepped states and recommendations; returns the encoded new states per partition."""
+        encoded: dict[int, dict[str, bytes]] = defaultdict(dict)
+        for mine, recs in steps:
             self._produce_changelog(mine, recs, encoded)
             self._produce_recommendations(mine, recs, result)
             result.recommendations += len(mine)
             result.users += len(recs.states)
             result.unknown_items += recs.known.count(False)
             result.rebuilt_states += recs.rebuilt_users
+        return encoded
 
     def _load_states(self, events: list[Incoming]) -> dict[str, UserState | None]:
         by_partition: dict[int, set[str]] = defaultdict(set)

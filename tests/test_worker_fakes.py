@@ -243,6 +243,30 @@ def test_a_batch_held_past_max_poll_interval_is_not_processed_but_read_again(mak
     assert w.stores[0].get("alice") is None and w._consumer.seeks == [(0, 5)]
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_a_batch_whose_model_step_stalled_past_max_poll_interval_produces_nothing_and_is_read_again(
+        make_worker, monkeypatch, guarantee):
+    """A stall inside the model's work (a throttled pod, a slow device): a worker that took the partition over
+    may have written newer states meanwhile, which this batch's changelog records would follow."""
+    w = make_worker(guarantee)
+    assign(w, 0)
+    w._max_poll_s = 0.05
+    w._consumer.script = [[event(0, 5, "alice"), Message(topic="ev", partition=0, offset=6, key=b"a",
+                                                         value=b"not json")]]
+    batch = w.poll_batch()
+    recommend = Recommender.recommend
+
+    def stalling(self, *args, **kwargs):
+        time.sleep(0.1)
+        return recommend(self, *args, **kwargs)
+
+    monkeypatch.setattr(Recommender, "recommend", stalling)
+    result = w.process_batch(batch)
+    assert result.aborted == 1 and w._producer.sent == [] and w._producer.pending == []
+    assert w._consumer.commits == [] and w._producer.txn_offsets == []
+    assert w.stores[0].get("alice") is None and w._consumer.seeks == [(0, 5)]
+
+
 # ---- metrics -------------------------------------------------------------------------------------
 
 class ListedItems:
