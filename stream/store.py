@@ -227,7 +227,7 @@ class PartitionStore:
         applied = skipped = superseded = 0
         last = self.changelog_offset
         batch, pending = WriteBatch(raw_mode=True), 0
-        sources: dict[str, int] = {}  # user -> source offset of the state applied (-1: none known)
+        sources: dict[str, int] = {}  # user -> source offset of the state applied in this chunk (-1: none known)
         for rec in records:
             if rec.offset <= last:
                 continue
@@ -252,13 +252,15 @@ class PartitionStore:
                 batch.put(_CHANGELOG_OFFSET, str(last).encode())
                 self._write(batch)
                 batch, pending = WriteBatch(raw_mode=True), 0
+                sources.clear()  # the store answers for the states written: one chunk's users held, not millions
         if pending:
             batch.put(_CHANGELOG_OFFSET, str(last).encode())
             self._write(batch)
         return RestoreResult(applied, skipped, last, superseded)
 
     def _applied_source(self, user_id: str, sources: dict[str, int]) -> int:
-        """The source offset of the user's state: applied in this restore, else stored (read once)."""
+        """The source offset of the user's state: applied in the chunk not yet written, else stored (read once
+        per chunk)."""
         if user_id not in sources:
             raw = self._get(_user_key(user_id))
             try:

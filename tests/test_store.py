@@ -8,6 +8,7 @@ import pytest
 from rocksdict import Options, Rdict
 
 from model.state import HistoryEvent, UserState, encode_state
+from stream import store as store_module
 from stream.store import ChangelogRecord, PartitionStore, StateStores, StoreError
 
 
@@ -113,6 +114,35 @@ def test_a_late_record_of_a_former_owner_is_superseded_by_the_newer_state_restor
     result = store.restore([newer, late, other], committed_offset=200)
     assert (result.applied, result.superseded, result.changelog_offset) == (2, 1, 2)
     assert same_state(store.get("a"), make_state(2, 180)) and same_state(store.get("b"), make_state(3, 150))
+
+
+def test_a_late_record_is_superseded_by_a_newer_state_restored_in_an_earlier_chunk(stores, monkeypatch):
+    monkeypatch.setattr(store_module, "_RESTORE_CHUNK", 2)
+    store = stores.open(0)
+    newer = ChangelogRecord("a", encode_state(make_state(2, 180)), offset=0, source_offset=180)
+    fillers = [ChangelogRecord(f"f{i}", encode_state(make_state(i, 150 + i)), offset=1 + i, source_offset=150 + i)
+               for i in range(3)]
+    late = ChangelogRecord("a", encode_state(make_state(1, 140)), offset=4, source_offset=140)
+    result = store.restore([newer, *fillers, late], committed_offset=200)
+    assert (result.applied, result.superseded) == (4, 1)
+    assert same_state(store.get("a"), make_state(2, 180))
+
+
+def test_a_restore_holds_the_source_offsets_of_one_chunk_of_users_not_of_all(stores, monkeypatch):
+    """A partition of millions of users restores in memory bounded by the chunk, not by its users."""
+    monkeypatch.setattr(store_module, "_RESTORE_CHUNK", 100)
+    store = stores.open(0)
+    value = encode_state(make_state(1, 0))
+    held: list[int] = []
+    applied_source = PartitionStore._applied_source
+
+    def watched(self, user_id, sources):
+        held.append(len(sources))
+        return applied_source(self, user_id, sources)
+
+    monkeypatch.setattr(PartitionStore, "_applied_source", watched)
+    result = store.restore((ChangelogRecord(f"u{i}", value, i, i) for i in range(5000)), committed_offset=5000)
+    assert result.applied == 5000 and max(held) < 100
 
 
 def test_catching_up_skips_a_late_record_older_than_the_state_the_store_holds(stores):
