@@ -28,7 +28,7 @@ from stream.topics import MODEL_UPDATES_TOPIC
 
 log = logging.getLogger(__name__)
 
-REASONS = ("retrain", "promote", "canary")
+REASONS = ("retrain", "promote", "rollback", "canary")
 
 
 class AnnouncementError(HRNNError):

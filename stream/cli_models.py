@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             if target is not None:  # else rollback() says there is none
                 check_servable(version_path(args.registry, target), target)
             version = rollback(args.registry)
-            _announce(args, kafka, version, version_path(args.registry, version))
+            _announce(args, kafka, version, version_path(args.registry, version), reason="rollback")
         print(f"current version of {args.registry}: {version} (rolled back)")
         return 0
     if args.action == "prune":

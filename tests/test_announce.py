@@ -116,7 +116,8 @@ def test_promote_and_rollback_announce_and_a_watcher_follows(broker, tmp_path):
         ann = w.wait_for(v1, 20)
         assert ann is not None and ann.reason == "promote" and Path(ann.path) == (reg / v1).resolve()
         assert hrnn(["models", "rollback", str(reg), *args]) == 0  # v1 -> v2, current before v1 was promoted
-        assert w.wait_for(v2, 20) is not None and current_version(reg) == v2
+        ann = w.wait_for(v2, 20)
+        assert ann is not None and ann.reason == "rollback" and current_version(reg) == v2
         assert hrnn(["models", "promote", str(reg), v0, *args]) == 0
         assert w.wait_for(v0, 20) is not None
     assert current_version(reg) == v0
