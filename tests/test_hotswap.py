@@ -700,12 +700,17 @@ def test_a_request_superseded_during_a_refused_load_does_not_validate_that_versi
         assert holder.stats().refused == {"integrity": 1, "missing": 1, "nonfinite": 1}
 
 
+def _refusal_cast(versions) -> tuple[Path, Path, Path, Path, Path, Path]:
+    """The registry, its serving version a, a rollout refused (integrity), a canary refused (nonfinite), a first
+    request that does not exist (held by the loader while the others queue) and a good canary c."""
+    reg, a, b = versions
+    return reg, a, broken_copy(b, "integrity"), broken_copy(a, "nonfinite"), reg / "first", _copy(a, "canary")
+
+
 @pytest.mark.parametrize("rollout", ["loading", "queued"])
 def test_canaries_requested_beside_a_refused_rollout_apply_in_turn_as_requested_after_the_refusal(
         versions, monkeypatch, rollout):
-    reg, a, b = versions
-    bad, nonfinite, first = broken_copy(b, "integrity"), broken_copy(a, "nonfinite"), reg / "first"
-    c = _copy(a, "canary")
+    reg, a, bad, nonfinite, first, c = _refusal_cast(versions)
     with ModelHolder.open(reg, device="cpu") as holder:
         held = _HeldValidation(monkeypatch, bad if rollout == "loading" else first)
         if rollout == "queued":  # all requested while the loader is busy with an earlier one
@@ -727,9 +732,7 @@ def test_canaries_requested_beside_a_refused_rollout_apply_in_turn_as_requested_
 @pytest.mark.parametrize("rollout", ["loading", "queued behind a canary", "queued behind a refused rollout"])
 def test_the_stable_version_requested_beside_a_refused_rollout_ends_the_canary_under_way_before_it(
         versions, monkeypatch, rollout):
-    reg, a, b = versions
-    bad, nonfinite, first = broken_copy(b, "integrity"), broken_copy(a, "nonfinite"), reg / "first"
-    c = _copy(a, "canary")
+    reg, a, bad, nonfinite, first, c = _refusal_cast(versions)
     with ModelHolder.open(reg, device="cpu") as holder:
         held = _HeldValidation(monkeypatch, bad if rollout == "loading" else first)
         if rollout != "loading":  # all requested while the loader is busy with an earlier request
