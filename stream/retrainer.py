@@ -60,7 +60,8 @@ from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.observability import Health, MetricsServer
 from stream.records import H_REPARTITIONED_FROM
 from stream.retrain_job import GATE_METRICS, RetrainOutcome, RetrainSpec
-from stream.topics import EVENTS_TOPIC, MODEL_UPDATES_TOPIC, check_topic_name
+from stream.topics import (DEFAULT_PARTITIONS, EVENTS_TOPIC, MODEL_UPDATES_TOPIC, TopicError, TopicSpec,
+                          check_topic_name, ensure_topics, partition_counts)
 
 log = logging.getLogger(__name__)
 
@@ -630,6 +631,7 @@ class RetrainerService:
         server = None
         try:
             server = self._serve_metrics()
+            self.create_events_topic()
             worker = faust.Worker(self.app, quiet=True, override_logging=False, redirect_stdouts=False,
                                   loglevel=logging.getLevelName(logging.getLogger().level))
             worker.execute_from_commandline()
@@ -642,6 +644,20 @@ class RetrainerService:
             # the app keeps this service reachable after the run: its client would go on dialling the broker
             self.__dict__.pop("_admin", None)
         return 0
+
+    def create_events_topic(self) -> None:
+        """The events topic at a worker's default partition count, where none exists yet. Faust's consumer asks
+        for its metadata with auto-creation on: a broker would make it with its own num.partitions (1 on Apache
+        Kafka by default), and its partitions bound how many workers of the group have work. Best effort: a
+        broker not reachable yet is waited for by Faust, as before."""
+        topic = self.settings.events_topic
+        try:
+            if topic not in partition_counts(self._admin) and ensure_topics(
+                    self._admin, [TopicSpec(topic, DEFAULT_PARTITIONS)]):
+                log.info("events topic created", extra={"topic": topic, "partitions": DEFAULT_PARTITIONS})
+        except (KafkaClientError, TopicError) as exc:  # a mismatch: made meanwhile by a worker, at its own count
+            log.warning("the events topic was not created by the retrainer", extra={"topic": topic,
+                                                                                    "error": str(exc)})
 
     def _serve_metrics(self) -> MetricsServer | None:
         """/metrics and /health on --metrics-port (None when 0)."""

@@ -99,6 +99,13 @@ def test_every_volume_is_writable_by_the_user_the_image_runs_as():
     assert "chown -R hrnn /var/lib/hrnn" in dockerfile
 
 
+def test_the_compose_services_that_run_for_good_come_back_after_exiting():
+    """A worker started on a registry with no version yet exits 2: it must be up once the first is published."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    for name in ("worker", "retrainer"):
+        assert services[name].get("restart") in ("on-failure", "unless-stopped", "always"), name
+
+
 def test_every_pod_reads_the_kafka_client_settings_of_one_secret_which_the_retrainer_can_apply():
     """Workers, retrainer, audit and quality connect alike, the retrainer's Faust consumer included; the Secret's
     example is no manifest, so applying the folder cannot overwrite the real Secret with its placeholders."""

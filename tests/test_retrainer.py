@@ -158,6 +158,38 @@ def test_with_a_canary_share_the_service_announces_what_it_publishes_as_a_canary
                                         canary_share=bad).validate()
 
 
+@pytest.mark.broker
+@pytest.mark.parametrize("existing", [None, 2])
+def test_the_service_creates_a_missing_events_topic_at_the_workers_count_before_faust_subscribes(
+        broker, tmp_path, monkeypatch, existing):
+    """Faust's consumer asks for the topic's metadata with auto-creation on: the broker's own num.partitions (1 on
+    Apache Kafka) would bound how many workers have work. An existing topic keeps its count."""
+    import faust
+
+    import stream.retrainer as retrainer
+    from stream.kafka_clients import admin_client
+    from stream.topics import DEFAULT_PARTITIONS, TopicSpec, ensure_topics, partition_counts
+
+    topic, admin = f"ev-{uuid.uuid4().hex[:8]}", admin_client(broker.bootstrap, {})
+    if existing:
+        ensure_topics(admin, [TopicSpec(topic, existing)])
+    seen: list[int | None] = []
+
+    class Subscribing:
+        def __init__(self, *args, **kwargs) -> None:
+            seen.append(partition_counts(admin).get(topic))
+
+        def execute_from_commandline(self) -> None:
+            raise SystemExit(0)
+
+    monkeypatch.setattr(faust, "Worker", Subscribing)
+    svc = retrainer.RetrainerService(retrainer.RetrainerSettings(
+        bootstrap_servers=broker.bootstrap, registry=str(tmp_path / "r"), archive=str(tmp_path / "a"),
+        events_topic=topic, metrics_port=0))
+    assert svc.run() == 0
+    assert seen == [existing or DEFAULT_PARTITIONS]
+
+
 def test_a_first_batch_before_the_assignments_follow_is_archived_under_the_topics_log(tmp_path, monkeypatch):
     """Faust can hand the agent a batch before the assignment signal's follow has run: the batch must
     still be named for the topic's log (unnamed files of two logs would share names and overwrite)."""
