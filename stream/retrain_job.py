@@ -42,7 +42,7 @@ from model.network import HRNN, WINDOW_OFFSET
 from model.pipeline import learning_part, prepare, train_version
 from model.registry import STAGING_PREFIX, RegistryLock, current_lock, prune
 from model.splits import LAST_SESSION, make_split
-from stream.archive import ArchiveError, read_window, scan_window
+from stream.archive import ArchiveError, Window, read_window, scan_window
 
 log = logging.getLogger("stream.retrain_job")  # also when run as __main__
 
@@ -200,6 +200,12 @@ def _remove_left_staging(registry: Path) -> None:
 
 def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> RetrainOutcome:
     window = scan_window(spec.archive, spec.window_days)
+    out = _retrain_window(spec, registry, staging, window)
+    out.reason += window.note()  # what the window left out (unreadable files): a JSON reader must learn it too
+    return out
+
+
+def _retrain_window(spec: RetrainSpec, registry: Path, staging: Path, window: Window) -> RetrainOutcome:
     n = window.events
     if n < spec.min_events:
         return RetrainOutcome("skipped", f"{n} events in the {spec.window_days}-day window, "

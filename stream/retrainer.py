@@ -599,9 +599,7 @@ class RetrainerService:
             log.error("cannot count the events of the archive's window", exc_info=True)
             return RetrainOutcome("failed", f"cannot count the events of the {s.window_days}-day window of "
                                             f"{s.archive}: {type(exc).__name__}: {exc}")
-        out = await self._retrain_on(window)
-        out.reason += window.note()  # files left out of the window (the child process reads the same window)
-        return out
+        return await self._retrain_on(window)
 
     async def _retrain_on(self, window: Window) -> RetrainOutcome:
         s = self.settings
@@ -611,11 +609,12 @@ class RetrainerService:
         skip = await asyncio.get_running_loop().run_in_executor(None, canary_skip, s, n)
         if skip is not None:
             out = skip
+            out.reason += window.note()
         elif n < s.min_events:
             # decided here, so an empty archive costs no child process
-            out = RetrainOutcome("skipped", f"{n} events in the {s.window_days}-day window, {s.min_events} needed",
-                                 window_events=n)
-        else:
+            out = RetrainOutcome("skipped", f"{n} events in the {s.window_days}-day window, {s.min_events} needed"
+                                 + window.note(), window_events=n)
+        else:  # the job's outcome says what its own read of the window left out
             t0 = time.monotonic()
             out = await run_job(s.spec(), s.job_timeout_s)
             self.metrics.run_seconds.observe(time.monotonic() - t0)

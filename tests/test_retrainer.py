@@ -445,6 +445,7 @@ def test_a_run_over_an_archive_with_an_unreadable_file_reads_the_window_without_
     out = retrain(RetrainSpec(registry=str(tmp_path / "r"), archive=str(tmp_path / "archive"), window_days=30,
                               min_events=1000))
     assert out.status == "skipped" and out.window_events == 20
+    assert out.reason.endswith("; 1 archive file(s) skipped as unreadable or not the archive's (the log names each)")
 
 
 def test_a_run_that_reads_its_window_checks_each_file_once(tmp_path, caplog):
