@@ -268,7 +268,8 @@ def _trial_line(study: optuna.Study, t: optuna.trial.FrozenTrial, total: int, el
         offset += ", stopped for time" if row["stopped_for_time"] else ""
         what = f"{OBJECTIVE} {t.value:.4f} (epoch {row['best_epoch']}/{row['epochs']}{offset})"
     elif row["state"] == "interrupted":
-        what = f"interrupted in epoch {row['epochs'] + 1}"
+        # after its last epoch the cut may have come in the calibration: the epochs done, not the one "in"
+        what = f"interrupted after epoch {row['epochs']}" if row["epochs"] else "interrupted in its first epoch"
     elif t.state == optuna.trial.TrialState.PRUNED:
         what = f"pruned at epoch {row['epochs']} ({row['last_reported'] or 0:.4f})"
     else:

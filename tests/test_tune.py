@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 
 import model.tune as tune_mod
@@ -281,6 +282,17 @@ def test_ctrl_c_during_tune_keeps_the_completed_trials_and_exits_130_with_one_li
     trials = json.loads((out / "trials.json").read_text())["trials"]
     assert trials[0]["state"] == "complete"
     assert json.loads((out / "best.json").read_text())["hidden_dimension"] == 32
+
+
+@pytest.mark.parametrize("epochs, said", [(4, "interrupted after epoch 4;"), (0, "interrupted in its first epoch;")])
+def test_an_interrupted_trials_line_names_the_epochs_it_finished_not_one_past_its_last(epochs, said):
+    """Ctrl-C after a trial's last epoch (in its calibration) named an epoch the trial does not have."""
+    study = optuna.create_study(direction="maximize")
+    t = optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"hidden_dimension": 32},
+                                  distributions={"hidden_dimension": optuna.distributions.IntDistribution(32, 256)},
+                                  user_attrs={"interrupted": True, "epochs": epochs})
+    line = tune_mod._trial_line(study, t, 50, 10.0)
+    assert f": {said} no best yet;" in line, line
 
 
 @pytest.fixture(scope="module")
