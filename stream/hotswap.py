@@ -224,9 +224,10 @@ def _relinked(req: _Request, superseded: _Request, back: "_Request | _Change | N
               done: dict[int, _Request] | None = None) -> _Request:
     """`req` with every link to `superseded`, whose load finished, replaced throughout its chain of fallbacks and
     rollouts: as what a request puts back, by `back`; as the rollout a canary goes beside, by `loaded` (None:
-    refused, the stable version). Else a request deeper in the chain, under way again after a refusal, would load
-    that version again. A request linked twice (a rollout, and what a canary beside it superseded) is replaced by
-    one copy (`done`), so the canary still tells the rollout it goes beside."""
+    refused: the canary applies anew beside what the refused rollout put back, `_beside`). Else a request deeper in
+    the chain, under way again after a refusal, would load that version again. A request linked twice (a rollout,
+    and what a canary beside it superseded) is replaced by one copy (`done`), so the canary still tells the rollout
+    it goes beside."""
     done = {} if done is None else done
     if id(req) in done:
         return done[id(req)]
@@ -234,7 +235,10 @@ def _relinked(req: _Request, superseded: _Request, back: "_Request | _Change | N
     if fallback is superseded:
         fallback = back
     elif isinstance(fallback, _Request):
+        refused_beside = fallback.stable is superseded and loaded is None
         fallback = _relinked(fallback, superseded, back, loaded, done)
+        if refused_beside:  # a canary (only ever a fallback) whose rollout was refused
+            fallback = _beside(fallback)
     if stable is superseded:
         stable = loaded
     elif isinstance(stable, _Request):
@@ -242,6 +246,32 @@ def _relinked(req: _Request, superseded: _Request, back: "_Request | _Change | N
     done[id(req)] = req if fallback is req.fallback and stable is req.stable \
         else replace(req, fallback=fallback, stable=stable)
     return done[id(req)]
+
+
+def _rollout_of(change: "_Request | _Change | None") -> "_Request | Recommender | None":
+    """The full rollout that `change`, once under way, makes stable (as `_rollout_under_way` tells it)."""
+    if change is not None and change.share < 1.0:
+        return change.stable
+    return change.model if isinstance(change, _Change) else change
+
+
+def _beside(canary: _Request) -> "_Request | _Change":
+    """`canary`, whose rollout was refused, as if requested again once what that rollout superseded
+    (`canary.fallback`) is under way (by `request`'s rules): beside the rollout that makes stable; a request for
+    that very version leaves the rollout alone, still putting back what it superseded should it be refused."""
+    rollout = _rollout_of(canary.fallback)
+    if rollout is None or canary.name != _name(rollout):
+        return replace(canary, stable=rollout)
+    if isinstance(rollout, Recommender):
+        return _Change(rollout, 1.0)
+    return rollout if canary.fallback is rollout else replace(rollout, fallback=canary.fallback)
+
+
+def _repeats(req: _Request, loaded: _Request) -> bool:
+    """`req` a full rollout of the version whose load `loaded` was: that load's result serves it too (a copy queued
+    with another fallback, as `_end_planned_canary` does, is not the same request but the same load)."""
+    return req.share == loaded.share == 1.0 and req.model is None and loaded.model is None \
+        and (req.path, req.version) == (loaded.path, loaded.version)
 
 
 def _restored(refused: _Request, stable: Recommender | None) -> "_Request | _Change | None":
@@ -641,7 +671,15 @@ class ModelHolder:
             self._rollout_refused(wanted)
             return
         loaded = None if change is None else replace(superseded, model=change.model, fallback=None)  # not under way
-        self._wanted = _relinked(wanted, superseded, change or _restored(superseded, stable), loaded)
+        relinked = _relinked(wanted, superseded, change or _restored(superseded, stable), loaded)
+        if _repeats(relinked, superseded):  # requested again meanwhile (`_end_planned_canary`): one validation
+            self._wanted = None
+            if change is not None:
+                self._pending = change
+            else:
+                self._reinstate(relinked, None)
+            return
+        self._wanted = relinked
 
     def _rollout_refused(self, req: _Request) -> None:
         """(Under the lock) the rollout the canary `req` was to go beside is refused: what the rollout superseded is

@@ -751,6 +751,63 @@ def test_the_stable_version_requested_beside_a_refused_rollout_ends_the_canary_u
         assert set(Counter(held.calls).values()) == {1}, held.calls  # nothing validated twice
 
 
+# (serving before, the rollout, the canary and its share requested beside the refused rollout after it, expected)
+_BESIDE_WHAT_A_REFUSED_ROLLOUT_REPLACED = {
+    "another version": ("a", "b", "c", 0.2, ("b", "c", 0.2)),
+    "the version rolled out": ("a", "b", "b", 0.5, ("b", None, 0.0)),
+    "the stable version": ("a", "b", "a", 0.1, ("b", "a", 0.1)),
+    "the stable version, rolled back from": ("b", "a", "b", 0.1, ("a", "b", 0.1)),
+}
+
+
+@pytest.mark.parametrize("rollout", ["pending", "loading"])
+@pytest.mark.parametrize("canary", list(_BESIDE_WHAT_A_REFUSED_ROLLOUT_REPLACED))
+def test_a_canary_requested_beside_a_refused_rollout_queued_behind_another_goes_beside_the_rollout_it_replaced(
+        versions, monkeypatch, canary, rollout):
+    reg, a, bad, _, missing, c = _refusal_cast(versions)
+    b = versions[2]
+    named = {"a": a, "b": b, "c": c}
+    before, rolled, beside, share, expected = _BESIDE_WHAT_A_REFUSED_ROLLOUT_REPLACED[canary]
+    with ModelHolder.open(reg, device="cpu") as holder:
+        if before != "a":
+            assert holder.request(named[before], named[before].name) and holder.wait_idle(60)
+            holder.swap_if_ready()
+        first = _HeldValidation(monkeypatch, named[rolled] if rollout == "loading" else Path("/nowhere"))
+        assert holder.request(named[rolled], named[rolled].name)
+        if rollout == "loading":  # the refused rollout requested while this one loads: its result is handed over
+            assert first.started.wait(60) and holder.request(bad, bad.name)
+        held = _HeldValidation(monkeypatch, bad)  # wraps `first`: the refused rollout is held while it loads
+        first.released.set()
+        if rollout == "pending":
+            assert holder.wait_idle(60) and holder.request(bad, bad.name)
+        assert held.started.wait(60)
+        holder.request(named[beside], named[beside].name, share=share)
+        assert holder.request(missing, missing.name)  # refused after it: the canary's request applies after all
+        held.released.set()
+        assert holder.wait_idle(60)
+        holder.swap_if_ready()
+        assert _serves(holder) == tuple(named[x].name if x in named else x for x in expected)
+        assert holder.stats().refused == {"integrity": 1, "missing": 1}
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_rollout_requested_again_while_it_loads_after_a_canary_beside_it_is_validated_once(
+        versions, monkeypatch, broken):
+    reg, a, bad, _, _, c = _refusal_cast(versions)
+    rolled = bad if broken else versions[2]
+    with ModelHolder.open(reg, device="cpu") as holder:
+        held = _HeldValidation(monkeypatch, rolled)
+        assert holder.request(rolled, rolled.name) and held.started.wait(60)
+        assert holder.request(c, c.name, share=0.5)
+        assert not holder.request(rolled, rolled.name)  # drops the canary planned beside it
+        held.released.set()
+        assert holder.wait_idle(60)
+        holder.swap_if_ready()
+        # refused: the canary it had dropped applies, as if the worker had swapped after each request
+        assert _serves(holder) == ((a.name, c.name, 0.5) if broken else (rolled.name, None, 0.0))
+        assert held.calls.count(rolled) == 1 and holder.stats().refused == ({"integrity": 1} if broken else {})
+
+
 def _stored_users(holder: ModelHolder, n: int) -> dict:
     items = holder.current().item_ids
     events = [StepInput(f"user-{u}", items[(u * 7 + j) % len(items)], "click", 1_700_000_000_000 + j * 60_000)
