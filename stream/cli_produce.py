@@ -43,14 +43,13 @@ def run(args: argparse.Namespace) -> int:
 
     from stream.kafka_clients import admin_client, create_producer
     from stream.replay import check_event_times, replay
-    from stream.topics import TopicSpec, ensure_topics, partition_counts
+    from stream.topics import ensure_input_topic
 
     extra = kafka_settings(args)
     if not args.retime:  # retimed events carry the send time, whatever the file says
         check_event_times(data, limit=args.limit)
     admin = admin_client(args.bootstrap_servers, extra)
-    partitions = args.partitions or partition_counts(admin).get(args.topic, DEFAULT_PARTITIONS)
-    ensure_topics(admin, [TopicSpec(args.topic, partitions)])
+    ensure_input_topic(admin, args.topic, args.partitions or 0)
     producer = create_producer(args.bootstrap_servers, extra)
     sent = replay(data, producer, args.topic, rate=args.rate, speedup=args.speedup, limit=args.limit,
                   progress=not args.quiet, retime=args.retime)

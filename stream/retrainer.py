@@ -60,8 +60,8 @@ from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.observability import Health, MetricsServer
 from stream.records import H_REPARTITIONED_FROM
 from stream.retrain_job import GATE_METRICS, RetrainOutcome, RetrainSpec
-from stream.topics import (DEFAULT_PARTITIONS, EVENTS_TOPIC, MODEL_UPDATES_TOPIC, TopicError, TopicSpec,
-                          check_topic_name, ensure_topics, partition_counts)
+from stream.topics import (DEFAULT_PARTITIONS, EVENTS_TOPIC, MODEL_UPDATES_TOPIC, TopicError, check_topic_name,
+                          ensure_input_topic)
 
 log = logging.getLogger(__name__)
 
@@ -651,8 +651,7 @@ class RetrainerService:
         broker not reachable yet is waited for by Faust, as before."""
         topic = self.settings.events_topic
         try:
-            if topic not in partition_counts(self._admin) and ensure_topics(
-                    self._admin, [TopicSpec(topic, DEFAULT_PARTITIONS)]):
+            if ensure_input_topic(self._admin, topic):
                 log.info("events topic created", extra={"topic": topic, "partitions": DEFAULT_PARTITIONS})
         except (KafkaClientError, TopicError) as exc:  # a mismatch: made meanwhile by a worker, at its own count
             log.warning("the events topic was not created by the retrainer", extra={"topic": topic,

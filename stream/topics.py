@@ -103,6 +103,13 @@ def partition_counts(admin: AdminClient, timeout_s: float = 10.0) -> dict[str, i
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 
+def ensure_input_topic(admin: AdminClient, name: str, partitions: int = 0) -> bool:
+    """An input (events) topic: a missing one is created with `partitions`, else DEFAULT_PARTITIONS; an existing
+    one keeps its count unless `partitions` asks for more (TopicMismatchError). True when it was created."""
+    n = partitions or partition_counts(admin).get(name, DEFAULT_PARTITIONS)
+    return bool(ensure_topics(admin, [TopicSpec(name, n)]))
+
+
 def ensure_topics(admin: AdminClient, specs: list[TopicSpec], *, timeout_s: float = 30.0) -> list[str]:
     """Create the missing topics and check the existing ones; returns the names created.
 
