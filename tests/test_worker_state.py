@@ -460,7 +460,10 @@ def test_a_canary_serves_its_share_of_users_beside_the_stable_version_until_prom
     assert {served[k] for k in canary} == {v2}  # every event of a canary user, and only those, restart or not
     assert {served[k] for k in side_by_side.keys() - canary.keys()} == {v1}
     users = {e.user_id for e in side_by_side.values()}
-    assert 0.2 < len({e.user_id for e in canary.values()}) / len(users) < 0.6
+    # Both sides served someone. Not a band around 40%: v2's name is a timestamp, so which of 40 users hash below
+    # 0.4 changes every run (outside 20-60% once in about 70 runs, by the binomial tails; it failed CI once).
+    # test_canary checks the share itself, on 20,000 users.
+    assert 0 < len({e.user_id for e in canary.values()}) < len(users)
     # hrnn quality compares the two over the time both served, each on its own users
     from stream.quality import quality_worker
 
