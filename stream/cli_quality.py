@@ -210,9 +210,11 @@ def decide_canary(settings: WorkerSettings, report: QualityReport, rule: Rule,
             if current_version(registry) != stable:  # moved while the canary was judged against it
                 raise ArtifactError(f"CURRENT of {registry} moved from {stable} to {current_version(registry)} "
                                     "while the canary was judged: nothing was announced; judge it again")
-            path = promote(registry, target) if decision.action == "promote" else version_path(registry, target)
-            announce(settings.bootstrap_servers, settings.updates_topic, target, path, reason="promote",
-                     registry_id=key, extra=settings.producer_kafka)
+            promoting = decision.action == "promote"
+            path = promote(registry, target) if promoting else version_path(registry, target)
+            # an ended canary is rolled back: its users return to the stable version, which CURRENT never left
+            announce(settings.bootstrap_servers, settings.updates_topic, target, path,
+                     reason="promote" if promoting else "rollback", registry_id=key, extra=settings.producer_kafka)
         print(f"announced {target} for all users on {settings.updates_topic}")
         out["announced"] = target
     return out

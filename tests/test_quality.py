@@ -430,6 +430,7 @@ def test_decide_canary_promotes_ends_or_keeps_the_announced_canary(broker, tmp_p
     latest = latest_announcement(broker.bootstrap, topic, str(registry.resolve()))
     want = {"promote": (canary, 1.0, canary), "end": (stable, 1.0, stable), "wait": (canary, 0.5, stable)}[action]
     assert (latest.version, latest.share, current_version(registry)) == want
+    assert latest.reason == {"promote": "promote", "end": "rollback", "wait": "canary"}[action]
 
 
 def test_decide_canary_promotes_nothing_when_the_canary_can_no_longer_be_served(broker, tmp_path, monkeypatch,
