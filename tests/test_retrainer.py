@@ -909,7 +909,7 @@ def test_two_instances_run_the_schedule_on_the_leader_only_and_fail_over(broker,
             last = [s.logs("partitions assigned") for s in services]
             return all(last) and sum(bool(x[-1]["leader"]) for x in last) == 1 \
                 and time.monotonic() - max(x[-1]["_t"] for x in last) > 1.5
-        _until(stable, 60, "both instances to be assigned")
+        _until(stable, 120, "both instances to be assigned")
         since = time.monotonic()
         time.sleep(4)
         assert not any(s.logs("partitions assigned", since) for s in services), "rebalanced while observing"
@@ -953,12 +953,13 @@ def test_the_service_archives_retrains_publishes_and_announces(broker, tmp_path,
                   tmpdir=tmp)
     try:
         with AnnouncementWatcher(broker.bootstrap, f"{topic}.updates") as watcher:
-            _until(lambda: count_events(tmp_path / "archive", 30) == len(synth), 60, "the archive to fill")
+            _until(lambda: count_events(tmp_path / "archive", 30) == len(synth), 120, "the archive to fill")
             data = read_window(tmp_path / "archive", 30)
             assert sorted(map(tuple, np.c_[data.user_ids[data.user], data.item_ids[data.item]])) == \
                 sorted(map(tuple, np.c_[synth.user_ids[synth.user], synth.item_ids[synth.item]]))
             assert sum(r["invalid"] for r in svc.logs("archived events")) == 1
-            _until(lambda: watcher.latest is not None, 90, "a retrained version to be announced")
+            # 37 s quiet, 58 s on a loaded machine: the wait returns once announced, so a wide limit costs nothing
+            _until(lambda: watcher.latest is not None, 240, "a retrained version to be announced")
             ann = watcher.latest
             assert ann.reason == "retrain" and current_version(tmp_path / "registry") == ann.version
             metrics = json.loads((Path(ann.path) / "metrics.json").read_text())
@@ -1015,7 +1016,7 @@ def test_a_batch_the_archive_cannot_take_is_never_committed_and_is_archived_afte
     blocker.unlink()
     svc = Service("b", args)
     try:
-        _until(lambda: count_events(tmp_path / "archive", 30) == len(data), 60, "the archive to fill")
+        _until(lambda: count_events(tmp_path / "archive", 30) == len(data), 120, "the archive to fill")
         assert health_of(port)[0] == 200
     finally:
         assert svc.stop() == 0
@@ -1041,7 +1042,7 @@ def test_the_service_archives_a_recreated_events_topic_from_its_start(broker, tm
         assert replay(data, create_producer(cluster.bootstrap), topic, progress=False) == len(data)
         svc = Service("a", _service_args(cluster, tmp_path, topic, app_id, "--min-events", "1000000000"))
         try:
-            _until(lambda: count_events(tmp_path / "archive", 30) == expected, 60, f"{expected} archived events")
+            _until(lambda: count_events(tmp_path / "archive", 30) == expected, 120, f"{expected} archived events")
         except AssertionError as exc:  # say how far it got and what the service said last
             raise AssertionError(f"{exc}; {count_events(tmp_path / 'archive', 30)} archived; the service's last "
                                  f"lines: {svc.lines[-6:]}") from None
