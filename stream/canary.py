@@ -148,7 +148,10 @@ class Rule:
     """How `decide` judges a canary."""
 
     max_loss: float = 0.01  # the largest loss of a metric (absolute) a promotion may risk
-    min_users: int = 100  # on each side, before a promotion
+    # On each side, before any decision, end as well as promote: the interval is asymptotic and its per-user
+    # standard error is badly underestimated on a few users (0 when all of a handful missed), so on a tiny
+    # side it would end an equal canary far more often than its 95% says.
+    min_users: int = 100
     anytime: bool = True  # False: the plain 95% interval, right only for one look at a size fixed in advance
     planned_users: int = PLANNED_USERS
 
@@ -156,14 +159,19 @@ class Rule:
 def decide(comparison: Comparison | None, rule: Rule = Rule()) -> Decision:
     """What to do with a canary, from its comparison with the stable version (candidate = the canary).
 
+    Neither end nor promote before `min_users` users on each side: the intervals' standard errors are only
+    right on many users (on a handful, all of whom missed, one is 0).
     end      it did worse on some metric: the whole interval of the difference lies below 0
-    promote  on every metric the interval rules out a loss larger than `max_loss` (absolute), with at least
-             `min_users` users on each side: a non-inferiority test, so "no difference shown" on too few
-             users is not enough
+    promote  on every metric the interval rules out a loss larger than `max_loss` (absolute): a
+             non-inferiority test, so "no difference shown" is not enough
     wait     neither yet: more users will narrow the intervals"""
     if comparison is None:
         return Decision("wait", "the canary has not served side by side with the stable version yet")
     max_loss, min_users = rule.max_loss, rule.min_users
+    users = min(e.users for pair in comparison.metrics.values() for e in pair)
+    if users < min_users:
+        return Decision("wait", f"{users} users on the smaller side, {min_users} needed before the canary is "
+                                "ended or promoted")
     kind = "anytime 95%" if rule.anytime else "95%"
     z = anytime_z(comparison.users, rule.planned_users) if rule.anytime else Z95
     bounds = {m: (d - z * se, d + z * se) for m, (d, se) in
@@ -171,9 +179,6 @@ def decide(comparison: Comparison | None, rule: Rule = Rule()) -> Decision:
     worse = [m for m, (_, high) in bounds.items() if high < 0]
     if worse:
         return Decision("end", f"worse than the stable version beyond the {kind} interval on {', '.join(worse)}")
-    users = min(e.users for pair in comparison.metrics.values() for e in pair)
-    if users < min_users:
-        return Decision("wait", f"{users} users on the smaller side, {min_users} needed")
     short = {m: low for m, (low, _) in bounds.items() if not low > -max_loss}
     if short:
         return Decision("wait", "a loss larger than the allowed {:g} is not ruled out yet by the {} interval on {}"

@@ -40,13 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--fail-if-worse", action="store_true", help="exit 1 when a version served side by side with an earlier one "
       "(a canary) did worse than it beyond the 95%% interval (too few users to tell passes: read the intervals)")
     a("--decide-canary", action="store_true", help="if the workers' registry has a canary serving, act on its "
-      "comparison with the current version: end it if it did worse, promote it if a loss above --max-loss is "
-      "ruled out with --min-users users per side, else wait (stream/canary.py decide); by an anytime-valid "
+      "comparison with the current version, once --min-users users are on each side: end it if it did worse, "
+      "promote it if a loss above --max-loss is ruled out, else wait (stream/canary.py decide); by an anytime-valid "
       "interval, so the judge may run every day and stop at the first answer")
     a("--max-loss", type=float, default=Rule.max_loss, help="with --decide-canary: the largest loss of recall@k or "
       "MRR@k (absolute) a promotion may risk (default %(default)s)")
     a("--min-users", type=int, default=Rule.min_users, help="with --decide-canary: users needed on each side "
-      "(default %(default)s)")
+      "before the canary is ended or promoted (default %(default)s)")
     a("--planned-users", type=int, default=Rule.planned_users, help="the users (both sides of a canary) at which "
       "the anytime interval, printed and --decide-canary's, is narrowest (default %(default)s; it widens slowly "
       "either side)")

@@ -73,6 +73,7 @@ STREAM_SMALL = ["--events", "200", "--items", "200", "--hidden", "32", "--latenc
      "--experiments and --looks must be >= 1"),
     ("canary_peeking.py", [*PEEKING_SMALL, "--experiments", "2", "--looks", "0"],
      "--experiments and --looks must be >= 1"),
+    ("canary_peeking.py", [*PEEKING_SMALL, "--early-looks", "-1"], "--early-looks must be >= 0, got -1"),
     ("online_reddit.py", ["--data", NO_DATA, "--train-share", "1.5"],
      "--train-share must lie strictly between 0 and 1"),
     ("online_reddit.py", ["--data", NO_DATA, "--canary-share", "1"],
