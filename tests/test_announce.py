@@ -56,7 +56,7 @@ def test_a_share_below_one_announces_a_canary_and_a_record_without_one_a_full_ro
 def test_an_announcement_round_trips_through_the_compacted_topic(broker, tmp_path):
     topic = _topic()
     sent = announce(broker.bootstrap, topic, "v007", tmp_path / "v007", reason="retrain")
-    records = read_all(broker.bootstrap, topic, idle_s=0.5)
+    records = read_all(broker.bootstrap, topic, idle_s=1.5)
     assert len(records) == 1 and records[0].partition == 0
     got = Announcement.decode(records[0].key, records[0].value)
     assert got == sent and got.registry_id == str(tmp_path.resolve())
@@ -166,7 +166,7 @@ def test_canary_announces_a_share_and_leaves_the_registry_current_alone(broker, 
     args = ["--bootstrap-servers", broker.bootstrap, "--topic", topic]
     assert hrnn(["models", "canary", str(reg), v1, "--share", "0.1", *args]) == 0
     assert "10.0% of the users" in capsys.readouterr().out
-    (record,) = read_all(broker.bootstrap, topic, idle_s=0.5)
+    (record,) = read_all(broker.bootstrap, topic, idle_s=1.5)
     ann = Announcement.decode(record.key, record.value)
     assert (ann.version, ann.reason, ann.share) == (v1, "canary", 0.1) and current_version(reg) == v0
     assert hrnn(["models", "list", str(reg), *args]) == 0
@@ -180,7 +180,7 @@ def test_canary_announces_a_share_and_leaves_the_registry_current_alone(broker, 
     assert "no version 'v999'" in capsys.readouterr().err
     assert hrnn(["models", "canary", str(reg), v0, "--share", "0.5", *args]) == 2  # it serves everyone already
     assert f"{v0} is already the current version" in capsys.readouterr().err
-    assert len(read_all(broker.bootstrap, topic, idle_s=0.5)) == 1  # nothing more announced
+    assert len(read_all(broker.bootstrap, topic, idle_s=1.5)) == 1  # nothing more announced
     assert hrnn(["models", "promote", str(reg), v1, *args]) == 0  # the canary promoted: no canary left
     capsys.readouterr()
     assert hrnn(["models", "list", str(reg), *args]) == 0
@@ -211,7 +211,7 @@ def test_promote_of_an_unknown_version_fails_without_announcing(broker, tmp_path
     assert hrnn(["models", "promote", str(reg), "v999", "--bootstrap-servers", broker.bootstrap,
                  "--topic", topic]) == 2
     assert "no version 'v999'" in capsys.readouterr().err
-    assert read_all(broker.bootstrap, topic, idle_s=0.5) == []
+    assert read_all(broker.bootstrap, topic, idle_s=1.5) == []
 
 
 def test_a_tombstone_on_a_registrys_key_retires_its_announcement_and_one_on_another_key_does_not(broker, tmp_path):
