@@ -200,7 +200,10 @@ def _remove_left_staging(registry: Path) -> None:
 
 def _retrain_locked(spec: RetrainSpec, registry: Path, staging: Path) -> RetrainOutcome:
     window = scan_window(spec.archive, spec.window_days)
-    out = _retrain_window(spec, registry, staging, window)
+    try:
+        out = _retrain_window(spec, registry, staging, window)
+    except HRNNError as exc:  # a failed run is where an incomplete window matters most
+        out = RetrainOutcome("failed", str(exc))
     out.reason += window.note()  # what the window left out (unreadable files): a JSON reader must learn it too
     return out
 

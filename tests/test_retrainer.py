@@ -439,13 +439,51 @@ def test_a_scheduled_run_over_future_events_only_says_they_were_left_out(tmp_pat
     assert out.status == "skipped" and "1 archive file(s) dated after tomorrow left out until their day" in out.reason
 
 
+SKIPPED_NOTE = "; 1 archive file(s) skipped as unreadable or not the archive's (the log names each)"
+
+
 def test_a_run_over_an_archive_with_an_unreadable_file_reads_the_window_without_it(tmp_path):
     """`hrnn retrainer --once`: one bad file is no traceback, and the window's other events still count."""
     _archive_with_a_zero_byte_file(tmp_path / "archive")
     out = retrain(RetrainSpec(registry=str(tmp_path / "r"), archive=str(tmp_path / "archive"), window_days=30,
                               min_events=1000))
     assert out.status == "skipped" and out.window_events == 20
-    assert out.reason.endswith("; 1 archive file(s) skipped as unreadable or not the archive's (the log names each)")
+    assert out.reason.endswith(SKIPPED_NOTE)
+
+
+def test_a_run_that_fails_after_reading_its_window_still_says_what_the_window_left_out(tmp_path, monkeypatch):
+    import stream.retrain_job
+    from stream.archive import ArchiveError
+
+    _archive_with_a_zero_byte_file(tmp_path / "archive")
+
+    def unreadable(*args, **kwargs):
+        raise ArchiveError("the window's files cannot be read")
+
+    monkeypatch.setattr(stream.retrain_job, "read_window", unreadable)
+    out = retrain(RetrainSpec(registry=str(tmp_path / "r"), archive=str(tmp_path / "archive"), window_days=30,
+                              min_events=1))
+    assert out.status == "failed" and out.reason == "the window's files cannot be read" + SKIPPED_NOTE
+
+
+@pytest.mark.parametrize("job_says", ["the retraining process ran past 0.3 s and was killed",
+                                      "mrr@20 not better" + SKIPPED_NOTE])
+def test_the_service_says_once_what_the_window_left_out_whether_or_not_its_job_got_to_say_it(
+        tmp_path, monkeypatch, job_says):
+    """A job killed at --job-timeout-s, or crashed, writes no outcome of its own: the service's scan speaks for it."""
+    import stream.retrainer as retrainer
+    from stream.archive import scan_window
+    from stream.retrain_job import RetrainOutcome
+
+    _archive_with_a_zero_byte_file(tmp_path / "archive")
+
+    async def job(spec, timeout_s):
+        return RetrainOutcome("failed" if "killed" in job_says else "rejected", job_says)
+
+    monkeypatch.setattr(retrainer, "run_job", job)
+    svc = _offline_service(tmp_path, monkeypatch, min_events=1)
+    out = asyncio.run(svc._retrain_on(scan_window(tmp_path / "archive", 30)))
+    assert out.reason.count(SKIPPED_NOTE) == 1 and out.reason.endswith(SKIPPED_NOTE)
 
 
 def test_a_run_that_reads_its_window_checks_each_file_once(tmp_path, caplog):
