@@ -184,14 +184,26 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
 
 def _refuse_wrong_kind(name: str, tp: Any, origin: Any, value: Any) -> None:
     """A file value of another JSON kind than the field's is a mistake, not something to convert: bool(0.5),
-    float(true) and list({...}) all succeed and train with a value nobody wrote. Strings stay accepted:
-    environment variables and flags are strings by nature."""
+    float(true), list({...}) and str(null) all succeed and run with a value nobody wrote (str(null) gave every
+    exactly-once worker the transactional id "None"). Strings stay accepted: environment variables and flags
+    are strings by nature."""
     if tp is bool and not isinstance(value, (bool, str)):
         raise _wrong_kind(name, value, "a boolean (true or false)")
     if tp in (int, float) and isinstance(value, bool):
         raise _wrong_kind(name, value, "an integer" if tp is int else "a number")
-    if origin is tuple and isinstance(value, dict):
+    if tp is str and not isinstance(value, str):
+        raise _wrong_kind(name, value, "a string")
+    if origin is tuple:
+        _refuse_wrong_names(name, value)
+
+
+def _refuse_wrong_names(name: str, value: Any) -> None:
+    # A list of names is text or a list of strings; str() of an item would make a name of 1, true or null.
+    if not isinstance(value, (str, list, tuple)):
         raise _wrong_kind(name, value, 'a list of names (e.g. ["click", "purchase"])')
+    for i, item in enumerate(value if not isinstance(value, str) else ()):
+        if not isinstance(item, str):
+            raise _wrong_kind(f"{name}[{i}]", item, "a string", whole_setting=False)
 
 
 def _weight(name: str, key: Any, value: Any) -> float:
@@ -200,7 +212,10 @@ def _weight(name: str, key: Any, value: Any) -> float:
     return float(value)
 
 
-def _wrong_kind(name: str, value: Any, wanted: str) -> ConfigError:
+def _wrong_kind(name: str, value: Any, wanted: str, whole_setting: bool = True) -> ConfigError:
+    if value is None:  # null is no value of any kind; leaving the key out is how a file asks for the default
+        hint = " (leave the key out for its default)" if whole_setting else ""
+        return ConfigError(f"setting {name}: null is not {wanted}{hint}")
     shown = json.dumps(value, default=repr)  # in the file's own spelling: true, not True
     return ConfigError(f"setting {name}: {shown} is {json_kind(value)}, not {wanted}")
 
@@ -289,7 +304,7 @@ def _utf8_text(path: Path, raw: bytes) -> str:
 def json_kind(value: Any) -> str:
     """What a parsed JSON/TOML value is, in the file's words (for messages)."""
     kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-             dict: "an object"}
+             dict: "an object", type(None): "null"}
     return kinds.get(type(value), f"a {type(value).__name__}")
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.config import DataConfig, HRNNConfig, field_names, load_config, read_config_file
+from model.config import DataConfig, HRNNConfig, field_names, json_kind, load_config, read_config_file
 from model.errors import ConfigError
 from model.state import FORMAT_VERSION, FORMATS
 from stream import topics
@@ -44,7 +44,9 @@ MAX_K = 500
 _TABLE_SETTINGS = ("kafka", "kafka_consumer", "kafka_producer")  # the worker's settings that are tables
 
 
-def _parse_kafka(value: Any) -> dict[str, str]:
+def _parse_kafka(value: Any, name: str) -> dict[str, str]:
+    """The Kafka table `name` (kafka, kafka_consumer or kafka_producer) from a file's table, or from a variable's
+    or flag's text: `key=value,key=value` or JSON."""
     if value is None:
         return {}
     if isinstance(value, str):
@@ -55,26 +57,39 @@ def _parse_kafka(value: Any) -> dict[str, str]:
             try:
                 value = json.loads(text)
             except ValueError as exc:
-                raise ConfigError(f"setting kafka: not valid JSON: {exc}") from None
+                raise ConfigError(f"setting {name}: not valid JSON: {exc}") from None
         else:
             pairs = [kv.split("=", 1) for kv in text.split(",") if kv.strip()]
             if any(len(p) != 2 for p in pairs):
-                raise ConfigError(f"setting kafka: {value!r} must look like key=value,key=value")
+                raise ConfigError(f"setting {name}: {value!r} must look like key=value,key=value")
             value = dict(pairs)
     if not isinstance(value, Mapping):
-        raise ConfigError(f"setting kafka must be a table of librdkafka settings, got {type(value).__name__}")
-    return {k: str(v).strip() if not isinstance(v, bool) else str(v).lower() for k, v in _flat(value).items()}
+        raise ConfigError(f"setting {name} must be a table of librdkafka settings, got {type(value).__name__}")
+    return {k: _kafka_value(name, k, v) for k, v in _flat(value, name).items()}
 
 
-def _flat(table: Mapping, prefix: str = "") -> dict[str, Any]:
+def _kafka_value(table: str, key: str, value: Any) -> str:
+    """librdkafka takes every setting as text: a number or boolean of a file becomes its text (booleans as
+    librdkafka spells them, true/false). Anything else has no text librdkafka would read as meant: str(null) was
+    the client.id "None", str of an array "['a', 'b']"."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (str, int, float)):
+        return str(value).strip()
+    shown = "null is not" if value is None else f"{json.dumps(value, default=repr)} is {json_kind(value)}, not"
+    raise ConfigError(f"setting {table}: {key!r} = {shown} a string, number or boolean (librdkafka takes one "
+                      "value per key)")
+
+
+def _flat(table: Mapping, name: str, prefix: str = "") -> dict[str, Any]:
     """librdkafka's names as keys: TOML reads a bare dotted key (security.protocol = ...) as nested tables,
     which are joined back into the dotted name a quoted key ("security.protocol" = ...) gives."""
     out: dict[str, Any] = {}
     for key, value in table.items():
-        name = prefix + str(key).strip()
-        for k, v in (_flat(value, name + ".") if isinstance(value, Mapping) else {name: value}).items():
+        dotted = prefix + str(key).strip()
+        for k, v in (_flat(value, name, dotted + ".") if isinstance(value, Mapping) else {dotted: value}).items():
             if k in out:
-                raise ConfigError(f"setting kafka: {k!r} is given twice (as a dotted and as a quoted key)")
+                raise ConfigError(f"setting {name}: {k!r} is given twice (as a dotted and as a quoted key)")
             out[k] = v
     return out
 
@@ -130,9 +145,9 @@ class WorkerSettings:
     kafka_producer: Mapping[str, str] = field(default_factory=dict)  # producers only (linger.ms, ...)
 
     def __post_init__(self) -> None:
-        self.kafka = _parse_kafka(self.kafka)
-        self.kafka_consumer = _parse_kafka(self.kafka_consumer)
-        self.kafka_producer = _parse_kafka(self.kafka_producer)
+        self.kafka = _parse_kafka(self.kafka, "kafka")
+        self.kafka_consumer = _parse_kafka(self.kafka_consumer, "kafka_consumer")
+        self.kafka_producer = _parse_kafka(self.kafka_producer, "kafka_producer")
 
     def validate(self) -> None:
         if not self.registry:
@@ -141,6 +156,7 @@ class WorkerSettings:
             raise ConfigError("no state directory given: pass --state-dir DIR (or set HRNN_STATE_DIR)")
         directory_flag("--state-dir", self.state_dir)  # now, not in the first rebalance callback
         self.validate_kafka()
+        _check_log_level(self.log_level)
         from model.network import resolve_device  # torch loads only once a worker is being set up
 
         resolve_device(self.device)
@@ -233,6 +249,14 @@ class WorkerSettings:
         return f"{self.group}-{socket.gethostname()}-{where}"
 
 
+def _check_log_level(level: str) -> None:
+    # Here, with the other settings, so the message names the setting wherever it came from; the logging setup
+    # would name only the flag.
+    if level.upper() not in logging.getLevelNamesMapping():
+        raise ConfigError(f"log_level = {level!r} is not a log level: DEBUG, INFO, WARNING, ERROR or CRITICAL "
+                          "(from --log-level, HRNN_LOG_LEVEL or the settings file's log_level)")
+
+
 def _file_settings(path: str | Path, raw: dict[str, Any]) -> dict[str, Any]:
     """The worker's keys of a settings file: its `serve` table if it has one, else its top level. Beside a
     `serve` table only other commands' tables may sit: a setting there (a value, or a `kafka*` table) would be
@@ -276,7 +300,7 @@ def _kafka_tables(layers: list[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
     file's kafka_consumer)."""
     tables: dict[str, dict[str, str]] = {t: {} for t in _TABLE_SETTINGS}
     for layer in layers:
-        given = {t: _parse_kafka(layer.get(t)) for t in _TABLE_SETTINGS}
+        given = {t: _parse_kafka(layer.get(t), t) for t in _TABLE_SETTINGS}
         for table in ("kafka_consumer", "kafka_producer"):
             tables[table] = {k: v for k, v in tables[table].items() if k not in given["kafka"]}
         for table in _TABLE_SETTINGS:

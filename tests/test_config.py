@@ -113,6 +113,13 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_the_file_and_th
     ("recency_mask", 1, "true", "setting recency_mask: 1 is a number, not a boolean"),
     ("event_types", {"a": 1}, "click,purchase", 'setting event_types: {"a": 1} is an object, not a list'),
     ("event_type_weights", {"click": True}, "click=2", "setting event_type_weights['click']: true is a boolean"),
+    # str() made text of any kind: the variant "None", the event type "1"
+    ("variant", None, "hrnn-all", "setting variant: null is not a string (leave the key out for its default)"),
+    ("optimizer", True, "adagrad", "setting optimizer: true is a boolean, not a string"),
+    ("loss", ["top1"], "top1", 'setting loss: ["top1"] is an array, not a string'),
+    ("event_types", [1, True], "1,true", "setting event_types[0]: 1 is a number, not a string"),
+    ("event_types", ["click", None], "click", "setting event_types[1]: null is not a string"),
+    ("event_types", None, "", "setting event_types: null is not a list of names"),
 ])
 def test_a_config_value_of_another_kind_than_its_setting_is_refused_while_its_spelling_as_a_string_is_read(
         tmp_path, setting, wrong, as_string, found):
@@ -130,6 +137,18 @@ def test_a_toml_config_value_of_another_kind_than_its_setting_is_refused_too(tmp
     path.write_text("[hrnn]\nrecency_mask = 0.5\n")
     with pytest.raises(ConfigError, match="setting recency_mask: 0.5 is a number, not a boolean"):
         _configs("--config", str(path))
+
+
+def test_a_toml_config_list_of_event_types_holding_another_kind_than_text_is_refused_naming_the_item(tmp_path):
+    path = tmp_path / "kind.toml"
+    path.write_text('[data]\nevent_types = ["click", true]\n')
+    with pytest.raises(ConfigError, match=r"setting event_types\[1\]: true is a boolean, not a string"):
+        _configs("--config", str(path))
+
+
+def test_text_settings_from_the_environment_are_read_as_written_even_when_they_look_like_numbers(monkeypatch):
+    monkeypatch.setenv("HRNN_EVENT_TYPES", "1,2")
+    assert _configs()[1].event_types == ("1", "2")
 
 
 def _train_args(*argv: str) -> argparse.Namespace:

@@ -268,9 +268,90 @@ def test_a_state_dir_that_is_a_file_or_under_one_is_refused_before_the_worker_st
     assert not (tmp_path / "fresh").exists()
 
 
-@pytest.mark.parametrize("command", [["serve", "--registry", "r", "--state-dir", "s"],
-                                     ["retrainer", "--once", "--registry", "r", "--archive", "a"]])
-def test_an_unknown_log_level_exits_2_naming_it(command, capsys, monkeypatch, tmp_path):
+@pytest.mark.parametrize("command, complaint", [
+    (["serve", "--registry", "r", "--state-dir", "s"], "log_level = 'verbose' is not a log level"),
+    (["retrainer", "--once", "--registry", "r", "--archive", "a"], "--log-level verbose is not a log level")])
+def test_an_unknown_log_level_exits_2_naming_it(command, complaint, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert cli.main([*command, "--log-level", "verbose"]) == 2
-    assert "--log-level verbose is not a log level" in capsys.readouterr().err
+    assert complaint in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["file", "environment"])
+def test_an_unknown_log_level_of_the_settings_file_or_environment_is_named_as_the_setting_not_the_flag(
+        where, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    Path("l.toml").write_text('log_level = "verbose"\n')
+    if where == "environment":
+        monkeypatch.setenv("HRNN_LOG_LEVEL", "verbose")
+    config = ["--config", "l.toml"] if where == "file" else []
+    assert cli.main(["serve", "--registry", "r", "--state-dir", "s", *config]) == 2
+    err = capsys.readouterr().err
+    assert "log_level = 'verbose' is not a log level" in err and "--log-level verbose" not in err
+    assert "HRNN_LOG_LEVEL" in err and "settings file" in err  # where else it may have come from
+
+
+@pytest.mark.parametrize("suffix, text, complaint", [
+    (".json", '{"group": null}', r"setting group: null is not a string \(leave the key out for its default\)"),
+    # "None" would have been every exactly-once worker's transactional id, and the announcements' key followed
+    (".json", '{"transactional_id": null}', "setting transactional_id: null is not a string"),
+    (".json", '{"registry_id": null}', "setting registry_id: null is not a string"),
+    (".json", '{"input_topic": null}', "setting input_topic: null is not a string"),
+    (".toml", "group = true", "setting group: true is a boolean, not a string"),
+    (".toml", 'registry_id = ["a", "b"]', r'setting registry_id: \["a", "b"\] is an array, not a string'),
+    (".toml", "input_topic = 123", "setting input_topic: 123 is a number, not a string"),
+    (".json", '{"purchase_types": ["purchase", 1]}', r"setting purchase_types\[1\]: 1 is a number, not a string"),
+])
+def test_a_text_setting_of_the_settings_file_given_null_or_another_kind_is_refused_naming_it(
+        suffix, text, complaint, tmp_path):
+    cfg = tmp_path / f"w{suffix}"
+    cfg.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=complaint):
+        load_settings(cfg, {"registry": "r", "state_dir": "s"})
+
+
+def test_text_settings_from_the_environment_are_text_whatever_they_look_like(monkeypatch):
+    monkeypatch.setenv("HRNN_GROUP", "123")
+    monkeypatch.setenv("HRNN_REGISTRY_ID", "true")
+    s = load_settings(None, {"registry": "r", "state_dir": "s"})
+    assert (s.group, s.registry_id) == ("123", "true")
+
+
+@pytest.mark.parametrize("suffix, text, complaint", [
+    (".json", '{"kafka": {"client.id": null}}', "setting kafka: 'client.id' = null is not a string, number or boolean"),
+    (".toml", '[kafka]\n"client.id" = ["a", "b"]',
+     r"setting kafka: 'client.id' = \[\"a\", \"b\"\] is an array, not a string, number or boolean"),
+    (".toml", '[kafka_producer]\nlinger.ms = [5]', r"setting kafka_producer: 'linger.ms' = \[5\] is an array"),
+])
+def test_a_kafka_table_value_that_is_not_a_string_number_or_boolean_is_refused_naming_the_table_and_key(
+        suffix, text, complaint, tmp_path):
+    cfg = tmp_path / f"w{suffix}"
+    cfg.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=complaint):
+        load_settings(cfg, serving=False)
+
+
+def test_a_kafka_variable_in_json_is_held_to_the_files_kinds_too(monkeypatch):
+    monkeypatch.setenv("HRNN_KAFKA_CONSUMER", '{"client.id": null}')
+    with pytest.raises(ConfigError, match="setting kafka_consumer: 'client.id' = null is not"):
+        load_settings(None, serving=False)
+
+
+def test_kafka_table_numbers_and_booleans_reach_librdkafka_as_its_text(tmp_path):
+    cfg = tmp_path / "w.toml"
+    cfg.write_text('[kafka_producer]\nlinger.ms = 5\nenable.idempotence = true\n"enable.gapless.guarantee" = false\n')
+    assert load_settings(cfg, serving=False).kafka_producer == {
+        "linger.ms": "5", "enable.idempotence": "true", "enable.gapless.guarantee": "false"}
+
+
+@pytest.mark.parametrize("variable, value, complaint", [
+    ("HRNN_KAFKA_PRODUCER", "linger.ms", "setting kafka_producer: 'linger.ms' must look like key=value,key=value"),
+    ("HRNN_KAFKA_CONSUMER", "{bad", "setting kafka_consumer: not valid JSON"),
+    ("HRNN_KAFKA_CONSUMER", '{"session": {"timeout.ms": 1}, "session.timeout.ms": 2}',
+     "setting kafka_consumer: 'session.timeout.ms' is given twice"),
+    ("HRNN_KAFKA", "client.id", "setting kafka: 'client.id' must look like"),
+])
+def test_a_malformed_kafka_table_is_refused_naming_its_own_setting(variable, value, complaint, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=complaint):
+        load_settings(None, serving=False)
