@@ -364,6 +364,7 @@ class Worker:
         self._input_log: str | None = None  # the input topic's id, read on every assignment
         self._changelog_log: str | None = None  # the changelog topic's id, read on every assignment (None: unknown)
         self._last_lag = 0.0
+        self._assigned_at: dict[int, int] = {}  # partition -> the group's committed offset when it was assigned
         self._announced_read = False  # whether the first batch waited for the announced version
         self._consume_calls = 0  # consume() calls of the input consumer so far
         self._consumed_at = time.monotonic()  # when the last consume() call returned
@@ -616,7 +617,7 @@ class Worker:
                         "(deleted and created again): the states keep their histories and forget their input "
                         "offsets", extra={"partition": partition, "states": forgotten, "input_log": self._input_log})
             self.metrics.input_new_logs_total.inc()
-        committed = self._committed_offset(partition)
+        committed = self._assigned_at[partition] = self._committed_offset(partition)
         start = store.changelog_offset + 1
         changelog = read_changelog(self._restorer, s.changelog_topic, partition, start, s.restore_timeout_s)
         result = store.restore(_beating(changelog, self.health.beat), committed, self._input_log)
@@ -966,9 +967,13 @@ class Worker:
         tps = [TopicPartition(topic, p) for p in self.stores.partitions]
         try:
             for tp in self._consumer.position(tps):
-                _, high = self._consumer.get_watermark_offsets(tp, cached=True)
-                if tp.offset >= 0 and high >= 0:
-                    self.metrics.set_lag(tp.partition, high - tp.offset)
+                low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                # No position until a record is read since the assignment: an idle partition reads from where
+                # the group committed (the log's start when never committed), so it reports 0, not nothing.
+                at = tp.offset if tp.offset >= 0 else self._assigned_at.get(tp.partition, -1)
+                at = at if at >= 0 else low
+                if at >= 0 and high >= 0:
+                    self.metrics.set_lag(tp.partition, high - at)
         except KafkaException as exc:
             log.debug("lag not available", extra={"error": str(exc)})
         self.metrics.states_stored.set(self.stores.estimate_count())

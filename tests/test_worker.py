@@ -17,7 +17,7 @@ from stream import records
 from stream.audit import audit_worker
 from stream.kafka_clients import admin_client, partition_for, topic_id
 from worker_testkit import (make_events, make_registry, offline, produce, records_of, recommendations, running,
-                            same_state, settings_for, stored_states)
+                            same_state, settings_for, stored_states, wait_until)
 
 pytestmark = pytest.mark.broker
 
@@ -281,3 +281,21 @@ def test_records_whose_dead_letter_or_re_keyed_copy_would_pass_the_record_limit_
         assert "the producer's headers (1010" in records.header(r.headers, records.H_CLIPPED)
     assert "re-keyed copy would have" in records.header(dlq[1].headers, records.H_DETAIL)
     assert dlq[1].value == encode_event(miskeyed)
+
+
+def test_every_assigned_partition_reports_its_lag_even_before_a_record_arrives_on_it(broker, tmp_path):
+    """An idle partition, never committed or caught up before a restart, reports 0, not nothing: a missing series
+    reads as a missing worker to an alert on absent lag."""
+    registry = make_registry(tmp_path / "registry", seed=3)
+    settings = settings_for(broker.bootstrap, registry, tmp_path / "state", partitions=2, batch_size=20)
+    events = make_events(40, 8, seed=4)
+
+    def lags(worker) -> list:
+        return [worker.metrics.value("hrnn_consumer_lag", {"partition": str(p)}) for p in range(2)]
+
+    with running(settings) as worker:  # nothing produced yet: both partitions never committed
+        wait_until(lambda: lags(worker) == [0, 0], 30, message="a lag of 0 on both idle partitions")
+        produce(broker.bootstrap, settings.input_topic, events)
+        recommendations(broker.bootstrap, settings.output_topic, len(events))
+    with running(settings) as worker:  # restarted caught up: no record to read, the committed offset is the end
+        wait_until(lambda: lags(worker) == [0, 0], 30, message="a lag of 0 on both caught-up partitions")
