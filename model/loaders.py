@@ -475,9 +475,19 @@ def _to_interactions(name: str, table: pa.Table, resolved: dict[str, int], line_
     types = ids("EVENT_TYPE") if "EVENT_TYPE" in resolved else None
     with _arrow_errors(name, "EVENT_VALUE"):
         values = _event_values(name, col("EVENT_VALUE"), line_of) if "EVENT_VALUE" in resolved else None
-    sessions = ids("SESSION_ID") if "SESSION_ID" in resolved else None
+    sessions = _session_ids(name, col("SESSION_ID"), line_of) if "SESSION_ID" in resolved else None
     return Interactions.from_columns(users, items, ts_ms, event_types=types, values=values,
                                      session_ids=sessions, source=name)
+
+
+def _session_ids(name: str, column: pa.ChunkedArray, line_of: LineOf) -> np.ndarray:
+    """SESSION_ID is optional per event, as in an event record and the retrainer's archive: an empty or null cell
+    is an event without one (None), which is sessionized by its time gap as the worker does."""
+    with _arrow_errors(name, "SESSION_ID"):
+        arr = _id_text(column)
+    _refuse_long_ids(name, arr, "SESSION_ID", line_of)
+    arr = pc.if_else(pc.equal(pc.utf8_length(arr), 0), pa.scalar(None, arr.type), arr)
+    return np.asarray(arr.to_numpy(zero_copy_only=False))
 
 
 @contextmanager

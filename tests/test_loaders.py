@@ -57,6 +57,19 @@ def test_session_id_column_is_kept_as_session_keys(tmp_path):
     assert data.session_key[0] == data.session_key[1] != data.session_key[2]
 
 
+def test_an_event_without_a_session_id_is_read_as_having_none_in_a_csv_and_in_the_archives_parquet(tmp_path):
+    """As an event record may leave session_id out and the retrainer's archive writes null for it, a file may too:
+    such an event is sessionized by its time gap (session code -1), the others keep theirs."""
+    csv = write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP,SESSION_ID\na,x,1,s1\na,y,2,\nb,x,1, \nb,y,2,s2\n")
+    pq.write_table(pa.table({"USER_ID": ["a", "a", "b", "b"], "ITEM_ID": ["x", "y", "x", "y"],
+                             "TIMESTAMP": [1, 2, 1, 2], "SESSION_ID": ["s1", None, None, "s2"]}),
+                   tmp_path / "x.parquet")
+    for data in (load_interactions(csv), load_interactions(tmp_path / "x.parquet")):
+        keys = {(data.user_ids[u], data.item_ids[i]): k for u, i, k in zip(data.user, data.item, data.session_key)}
+        assert keys[("a", "y")] == keys[("b", "x")] == -1
+        assert [data.session_ids[keys[p]] for p in (("a", "x"), ("b", "y"))] == ["s1", "s2"]
+
+
 def test_ids_that_look_numeric_keep_their_text(tmp_path):
     data = load_interactions(write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\n007,0042,1\n"))
     assert data.user_ids[0] == "007" and data.item_ids[0] == "0042"
