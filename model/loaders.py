@@ -150,7 +150,16 @@ def _first_bytes(p: Path) -> bytes:
                         expected="a UTF-8 file name: rename the file")
     if empty:
         raise DataError(name, "file is empty", expected="a header row and at least one event")
+    packed = next((kind for kind, head in _COMPRESSED.items() if magic.startswith(head)), None)
+    if packed:  # read as text it is "not UTF-8", and re-encoding, the remedy that message gives, cannot help
+        raise DataError(name, f"a {packed}-compressed file",
+                        expected="a CSV, TSV or Parquet file: decompress it first")
     return magic
+
+
+# The first bytes of the compressed files an interaction log is most often shipped as.
+# Binary magics only: bzip2's "BZh" could open a headerless text file.
+_COMPRESSED = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd", "xz": b"\xfd7zX", "zip": b"PK\x03\x04"}
 
 
 def add_loader_arguments(parser: argparse.ArgumentParser) -> None:

@@ -639,3 +639,15 @@ def test_a_file_name_that_is_not_utf8_is_refused_naming_it_and_saying_to_rename_
     with pytest.raises(DataError, match="not UTF-8 text.*rename the file") as err:
         load_interactions(path)
     assert repr(str(path)) in str(err.value)
+
+
+@pytest.mark.parametrize("pack", ["gz", "xz"])
+def test_a_compressed_file_is_refused_as_compressed_not_as_text_to_re_encode(tmp_path, pack):
+    import gzip
+    import lzma
+
+    raw = b"USER_ID,ITEM_ID,TIMESTAMP\na,x,1\na,y,2\n"
+    path = write(tmp_path, f"x.csv.{pack}", gzip.compress(raw) if pack == "gz" else lzma.compress(raw))
+    with pytest.raises(DataError, match="compressed file") as err:
+        load_interactions(path)
+    assert "decompress it first" in str(err.value) and "iconv" not in str(err.value)
