@@ -82,7 +82,10 @@ def _atomic_write(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses even the unlink of a file never made (EROFS, not ENOENT)
+            pass
         raise ArtifactError(f"cannot write {path} ({exc.strerror or exc})") from None
 
 

@@ -65,15 +65,21 @@ def run(args: argparse.Namespace) -> int:
     kafka = _kafka_settings(args)  # before the registry changes: a bad setting then changes nothing
     if args.action == "list":
         canary = _announced_canary(args, kafka) if args.bootstrap_servers else None
-        for v in list_versions(args.registry):
+        versions = list_versions(args.registry)
+        for v in versions:
             val = v.metrics.get("val_mrr@20")
             score = f"val_mrr@20={val:.4f}" if isinstance(val, (int, float)) else ""
             is_canary = canary is not None and v.version == canary.version
             mark = "*" if v.current else "~" if is_canary else " "
             print(f"{mark} {v.version}  {v.created_at}  {score}"
                   + (f"  canary: {canary.share:.1%} of the users" if is_canary else ""))
-        if current_version(args.registry) is not None:  # a CURRENT no worker can serve: said below the list, exit 2
+        current = current_version(args.registry)
+        if current is not None:  # a CURRENT no worker can serve: said below the list, exit 2
             latest_version_dir(args.registry)
+            if not any(v.current for v in versions):
+                raise ArtifactError(f"CURRENT of {args.registry} names {current!r}, which is no complete version (no "
+                                    f"manifest.json): no worker can start from it; point it at a listed version with "
+                                    f"`hrnn models promote {args.registry} VERSION`")
         return 0
     if args.action == "rollback":
         from model.registry import current_lock, previous_version, rollback, version_path
@@ -83,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             target = previous_version(args.registry)
             if target is not None:  # else rollback() says there is none
                 check_servable(version_path(args.registry, target), target)
+            _check_updates_topic(args, kafka)
             version = rollback(args.registry)
             _announce(args, kafka, version, version_path(args.registry, version), reason="rollback")
         print(f"current version of {args.registry}: {version} (rolled back)")
@@ -124,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_servable(d, args.version)
     with current_lock(args.registry):
+        _check_updates_topic(args, kafka)
         promote(args.registry, args.version)
         _announce(args, kafka, args.version, d)
     print(f"current version of {args.registry}: {args.version}")
@@ -140,6 +148,15 @@ def _kafka_settings(args: argparse.Namespace) -> dict[str, str]:
     kafka = kafka_settings(args)
     check_client_settings(args.bootstrap_servers, kafka)
     return kafka
+
+
+def _check_updates_topic(args: argparse.Namespace, kafka: dict[str, str]) -> None:
+    """Reach the broker (and make the announcements topic) before CURRENT moves: a broker down then changes
+    nothing, rather than leave CURRENT and the workers' version apart until someone announces it by hand."""
+    if args.bootstrap_servers:
+        from stream.compacted import ensure_table_topic
+
+        ensure_table_topic(args.bootstrap_servers, args.topic, extra=kafka)
 
 
 def _announce(args: argparse.Namespace, kafka: dict[str, str], version: str, path, *, reason: str = "promote",

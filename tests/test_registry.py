@@ -318,6 +318,47 @@ def test_promote_and_rollback_without_bootstrap_servers_warn_that_running_worker
     assert "not announced" in capsys.readouterr().err and current_version(registry) == "v-e"
 
 
+def test_promote_and_rollback_with_a_broker_that_cannot_be_reached_change_nothing(registry, capsys, monkeypatch):
+    """The broker is reached before CURRENT moves: else CURRENT and the running workers' version stay apart until
+    someone announces it by hand. The promote reaches for a real address nobody listens on (about 30 s)."""
+    import stream.compacted
+    from stream.topics import TopicCreationError
+
+    history = current_history(registry)
+    assert hrnn(["models", "promote", str(registry), "v-a", "--bootstrap-servers", "127.0.0.1:9"]) == 2
+    assert "is the broker reachable?" in capsys.readouterr().err
+    assert current_version(registry) == "v-e" and current_history(registry) == history
+
+    def unreachable(*args, **kwargs):
+        raise TopicCreationError("cannot list topics (is the broker reachable?)")
+
+    monkeypatch.setattr(stream.compacted, "ensure_table_topic", unreachable)
+    assert hrnn(["models", "rollback", str(registry), "--bootstrap-servers", "127.0.0.1:9"]) == 2
+    assert current_version(registry) == "v-e" and current_history(registry) == history
+
+
+def test_models_list_says_when_current_names_a_version_without_its_manifest(registry, capsys):
+    (registry / "v-e" / "manifest.json").unlink()  # a copy cut short, a version deleted by hand
+    assert hrnn(["models", "list", str(registry)]) == 2
+    out, err = capsys.readouterr()
+    assert out.count(" v-") == 4 and "*" not in out
+    assert "CURRENT of" in err and "names 'v-e', which is no complete version" in err
+
+
+def test_a_pointer_that_cannot_be_written_on_a_read_only_registry_is_an_error_naming_it(registry, monkeypatch):
+    import errno
+
+    from model.artifact import set_current
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)  # EROFS even for a file never made, not ENOENT
+    with pytest.raises(ArtifactError, match=r"cannot write .*CURRENT.* \(Read-only file system\)"):
+        set_current(registry, "v-a")
+
+
 def test_promote_refuses_a_version_whose_manifest_no_longer_lists_its_weights(registry, capsys):
     d = _signed_copy(registry, "v-b", "v-unlisted")
     manifest = json.loads((d / "manifest.json").read_text())
@@ -335,7 +376,7 @@ def test_promote_refuses_a_version_whose_manifest_no_longer_lists_its_weights(re
 _PROMOTER = """
 import os, sys, time
 from pathlib import Path
-import model.artifact, stream.announce
+import model.artifact, stream.announce, stream.compacted
 from stream.cli import main
 
 meet, announced = Path(sys.argv[1]), Path(sys.argv[2])
@@ -354,6 +395,7 @@ def announce(bootstrap, topic, version, path, **kw):
 
 model.artifact.current_history = history_once_both_read_current
 stream.announce.announce = announce
+stream.compacted.ensure_table_topic = lambda *args, **kwargs: None  # the broker answers
 sys.exit(main(["models", "promote", *sys.argv[3:], "--bootstrap-servers", "127.0.0.1:9"]))
 """
 
