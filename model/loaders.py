@@ -526,7 +526,7 @@ def _refuse_long_ids(name: str, arr: pa.ChunkedArray, field: str, line_of: LineO
     """An id longer than an event may carry: the worker would dead-letter every event of it, so the file is
     refused here, where the line can be named (and before a vocabulary of such ids is built)."""
     lengths = pc.utf8_length(arr)
-    if pc.max(lengths).as_py() > MAX_ID_CHARS:
+    if (pc.max(lengths).as_py() or 0) > MAX_ID_CHARS:  # None: every value null (a SESSION_ID column may be)
         row = int(pc.index(pc.greater(lengths, MAX_ID_CHARS), True).as_py())
         value = arr[row].as_py()
         raise DataError(name, f"id of {len(value)} characters ({value[:20]!r}...), more than the "

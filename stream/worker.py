@@ -364,7 +364,9 @@ class Worker:
         self._input_log: str | None = None  # the input topic's id, read on every assignment
         self._changelog_log: str | None = None  # the changelog topic's id, read on every assignment (None: unknown)
         self._last_lag = 0.0
-        self._assigned_at: dict[int, int] = {}  # partition -> the group's committed offset when it was assigned
+        # partition -> where the consumer reads from while it has no position (none until a record is read after an
+        # assignment or a seek): the committed offset at the assignment, the offset of the last rewind
+        self._reads_from: dict[int, int] = {}
         self._announced_read = False  # whether the first batch waited for the announced version
         self._consume_calls = 0  # consume() calls of the input consumer so far
         self._consumed_at = time.monotonic()  # when the last consume() call returned
@@ -617,7 +619,7 @@ class Worker:
                         "(deleted and created again): the states keep their histories and forget their input "
                         "offsets", extra={"partition": partition, "states": forgotten, "input_log": self._input_log})
             self.metrics.input_new_logs_total.inc()
-        committed = self._assigned_at[partition] = self._committed_offset(partition)
+        committed = self._reads_from[partition] = self._committed_offset(partition)
         start = store.changelog_offset + 1
         changelog = read_changelog(self._restorer, s.changelog_topic, partition, start, s.restore_timeout_s)
         result = store.restore(_beating(changelog, self.health.beat), committed, self._input_log)
@@ -934,6 +936,7 @@ class Worker:
         for p, o in first_offsets.items():
             try:
                 self._consumer.seek(TopicPartition(self.settings.input_topic, p, o))
+                self._reads_from[p] = o
             except KafkaException as exc:  # no longer ours: the new owner reads from the committed offset
                 log.info("not rewinding a partition we no longer own", extra={"partition": p, "error": str(exc)})
 
@@ -968,10 +971,9 @@ class Worker:
         try:
             for tp in self._consumer.position(tps):
                 low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-                # No position until a record is read since the assignment: an idle partition reads from where
-                # the group committed (the log's start when never committed), so it reports 0, not nothing.
-                at = tp.offset if tp.offset >= 0 else self._assigned_at.get(tp.partition, -1)
-                at = at if at >= 0 else low
+                # No position until a record is read after an assignment or a seek: an idle partition reports
+                # from where it reads (never committed, or committed below what retention kept: the log's start).
+                at = tp.offset if tp.offset >= 0 else max(self._reads_from.get(tp.partition, -1), low)
                 if at >= 0 and high >= 0:
                     self.metrics.set_lag(tp.partition, high - at)
         except KafkaException as exc:

@@ -70,6 +70,13 @@ def test_an_event_without_a_session_id_is_read_as_having_none_in_a_csv_and_in_th
         assert [data.session_ids[keys[p]] for p in (("a", "x"), ("b", "y"))] == ["s1", "s2"]
 
 
+@pytest.mark.parametrize("column", [pa.array([None, None], pa.string()), pa.nulls(2)])
+def test_a_session_id_column_without_any_value_reads_as_events_without_one(tmp_path, column):
+    pq.write_table(pa.table({"USER_ID": ["a", "a"], "ITEM_ID": ["x", "y"], "TIMESTAMP": [1, 2], "SESSION_ID": column}),
+                   tmp_path / "x.parquet")
+    assert list(load_interactions(tmp_path / "x.parquet").session_key) == [-1, -1]
+
+
 def test_ids_that_look_numeric_keep_their_text(tmp_path):
     data = load_interactions(write(tmp_path, "x.csv", "USER_ID,ITEM_ID,TIMESTAMP\n007,0042,1\n"))
     assert data.user_ids[0] == "007" and data.item_ids[0] == "0042"

@@ -491,3 +491,44 @@ def test_a_restore_silent_short_of_the_watermark_after_a_fetch_without_records_f
     with pytest.raises(WorkerError, match=r"not caught up within 1 s \(at 4, end ~5\)"):
         restored(SlowChangelog(answers_after_s=0, high=5, position_after=4, n_records=0), timeout_s=1)
     assert time.monotonic() - t0 < 5
+
+
+# ---- lag -----------------------------------------------------------------------------------------
+
+class Watermarks(FakeConsumer):
+    """No position (librdkafka has none until a record is read after an assignment or a seek); these watermarks."""
+
+    def __init__(self, low: int, high: int) -> None:
+        super().__init__()
+        self.low, self.high = low, high
+
+    def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        return self.low, self.high
+
+
+def reported_lag(w: Worker) -> float | None:
+    w._last_lag = 0.0
+    w._maybe_report_lag()
+    return w.metrics.value("hrnn_consumer_lag", {"partition": "0"})
+
+
+@pytest.mark.parametrize("low, committed, lag", [(0, 400, 0), (0, 350, 50), (0, None, 400), (500, 200, 0)])
+def test_a_partition_without_a_position_reports_its_lag_from_where_it_reads(make_worker, low, committed, lag):
+    """From the committed offset (none: the log's start; below the log's start, as retention deleted what the
+    group had not read: there)."""
+    w = make_worker()
+    w._consumer = Watermarks(low, max(low, 400))
+    if committed is not None:
+        w._consumer.committed_offsets[0] = committed
+    assign(w, 0)
+    assert reported_lag(w) == lag
+
+
+def test_a_rewound_partition_reports_its_lag_from_the_offset_it_was_rewound_to(make_worker):
+    """A rewind (an aborted transaction, a failed commit) leaves no position either: not the lag at assignment."""
+    w = make_worker()
+    w._consumer = Watermarks(0, 400)
+    assign(w, 0)  # never committed: 400 behind
+    w._consumer.committed_offsets[0] = 400
+    w._rewind({0: 350})
+    assert reported_lag(w) == 50
