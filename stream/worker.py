@@ -385,7 +385,7 @@ class Worker:
         txn_id = s.effective_transactional_id() if s.exactly_once else None
         self._producer = create_producer(s.bootstrap_servers, s.producer_kafka, transactional_id=txn_id)
         if s.exactly_once:
-            self._producer.init_transactions(_CLIENT_TIMEOUT_S)
+            self._init_transactions()
         if s.follow_availability:  # read while the group forms; the first batch waits for its end
             self.availability = AvailabilityReader(s.bootstrap_servers, s.availability_topic, extra=s.consumer_kafka,
                                                    create_topic=s.create_topics).start()
@@ -405,6 +405,21 @@ class Worker:
         log.info("worker started", extra={"group": s.group, "input_topic": s.input_topic,
                                           "model_version": self.models.version,
                                           "guarantee": s.processing_guarantee})
+
+    def _init_transactions(self) -> None:
+        """Fence an earlier producer of this transactional id; a coordinator not up yet is waited for (librdkafka
+        says retry) up to restore_timeout_s, as an at-least-once worker waits for its broker."""
+        deadline = time.monotonic() + self.settings.restore_timeout_s
+        while True:
+            try:
+                self._producer.init_transactions(_CLIENT_TIMEOUT_S)
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not (isinstance(err, KafkaError) and err.retriable()) or time.monotonic() >= deadline:
+                    raise WorkerError(f"cannot start the worker's transactions: {exc}") from None
+                log.warning("transactions not ready yet; retrying", extra={"error": err.str()})
+                time.sleep(1.0)  # librdkafka's own wait is the call's timeout; not every retriable error waits
 
     def _ensure_topics(self, admin: AdminClient) -> None:
         s = self.settings
@@ -705,17 +720,28 @@ class Worker:
             self._rewind(routed.first_offsets)  # ours again after the rejoin, or read by their new owner
             return BatchResult(records=len(msgs), batches=1, aborted=1)
         self._deliveries.reset()
-        if self.settings.exactly_once:
-            self._producer.begin_transaction()
-        self._produce_dead(routed.dead, result)
-        self._produce_rekeyed(routed.rekey, result)
-        encoded = self._produce_steps(steps, result)
+        try:
+            encoded = self._produce_batch(routed, steps, result)
+        except KafkaException as exc:
+            if not self.settings.exactly_once:
+                raise
+            self._end_failed_transaction(exc)  # a fenced producer or a failed abort raise WorkerError
+            self._rewind(routed.first_offsets)
+            encoded = None
         _maybe_crash("after_produce", self.totals.batches + 1)
-        if self._finish(routed, encoded):  # aborted: nothing of this batch counts, it is read again
+        if encoded is None or self._finish(routed, encoded):  # aborted: nothing of it counts, it is read again
             result = BatchResult(records=len(msgs), batches=1, aborted=1)
         self.totals.add(result)
         self._observe(result, len(msgs), time.perf_counter() - t0)
         return result
+
+    def _produce_batch(self, routed: Routed, steps: list[_Stepped], result: BatchResult) -> dict[int, dict[str, bytes]]:
+        """Produce everything the batch writes (in its transaction under exactly_once); the states encoded."""
+        if self.settings.exactly_once:
+            self._producer.begin_transaction()
+        self._produce_dead(routed.dead, result)
+        self._produce_rekeyed(routed.rekey, result)
+        return self._produce_steps(steps, result)
 
     def _step(self, serving: Serving, events: list[Incoming], result: BatchResult) -> list[_Stepped]:
         """Apply the events to their users' states; nothing is produced yet."""
@@ -925,6 +951,16 @@ class Worker:
                     return False
                 raise WorkerError(f"transaction failed: {err.str()}") from None
         return False
+
+    def _end_failed_transaction(self, exc: KafkaException) -> None:
+        """After begin or a produce failed: abort (the batch is then read again). librdkafka refuses produce() in
+        an abortable state with _STATE, flagged or not, so any error short of fatal is aborted; a fatal one (a
+        fenced producer) or a failed abort stop the worker with a WorkerError."""
+        err = exc.args[0] if exc.args else None
+        if not isinstance(err, KafkaError) or err.fatal():
+            raise WorkerError(f"transaction failed: {exc}") from None
+        log.warning("transaction aborted after a failed produce; re-reading the batch", extra={"error": err.str()})
+        self._abort_transaction(err)
 
     def _abort_transaction(self, cause: KafkaError) -> None:
         try:

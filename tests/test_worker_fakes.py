@@ -532,3 +532,52 @@ def test_a_rewound_partition_reports_its_lag_from_the_offset_it_was_rewound_to(m
     w._consumer.committed_offsets[0] = 400
     w._rewind({0: 350})
     assert reported_lag(w) == 50
+
+
+# ---- a transaction that fails before its commit ------------------------------------------------------
+
+def failing(error: KafkaError):
+    def call(*args, **kwargs):
+        raise KafkaException(error)
+    return call
+
+
+def test_a_produce_refused_in_an_abortable_transaction_aborts_it_and_reads_the_batch_again(make_worker):
+    """librdkafka refuses produce() with _STATE once the transaction can only be aborted (an earlier record
+    failed, the coordinator aborted it): the batch must not stay half-produced in an open transaction."""
+    w = make_worker("exactly_once")
+    assign(w, 0)
+    aborts = []
+    w._producer.abort_transaction = lambda *args: aborts.append("abort")
+    w._producer.produce = failing(KafkaError(KafkaError._STATE, "transactional state is abortable"))
+    result = w.process_batch([event(0, 0, "alice"), event(0, 1, "bob")])
+    assert result.aborted == 1 and aborts == ["abort"] and w._producer.commit_calls == 0
+    assert w.stores[0].get("alice") is None and w._consumer.seeks == [(0, 0)]
+
+
+@pytest.mark.parametrize("call", ["begin_transaction", "produce"])
+def test_a_fenced_producer_stops_the_worker_with_a_typed_error_and_stores_nothing(make_worker, call):
+    w = make_worker("exactly_once")
+    assign(w, 0)
+    setattr(w._producer, call, failing(KafkaError(KafkaError._FENCED, "producer fenced", fatal=True)))
+    with pytest.raises(WorkerError, match="transaction failed: .*producer fenced"):
+        w.process_batch([event(0, 0, "alice")])
+    assert w.stores[0].get("alice") is None and w._consumer.commits == []
+
+
+def test_transactions_not_ready_at_start_are_waited_for_then_a_typed_error(make_worker, monkeypatch):
+    monkeypatch.setattr(worker.time, "sleep", lambda s: None)
+    w = make_worker("exactly_once")
+    answers = [KafkaError(KafkaError._TIMED_OUT, "retry call to resume", retriable=True)] * 2 + [None]
+
+    def init_transactions(timeout=None):
+        if (error := answers.pop(0)) is not None:
+            raise KafkaException(error)
+
+    w._producer.init_transactions = init_transactions
+    w._init_transactions()
+    assert answers == []
+    w.settings.restore_timeout_s = 0
+    w._producer.init_transactions = failing(KafkaError(KafkaError._TIMED_OUT, "retry call to resume", retriable=True))
+    with pytest.raises(WorkerError, match="cannot start the worker's transactions"):
+        w._init_transactions()
