@@ -199,9 +199,11 @@ def _refuse_wrong_kind(name: str, tp: Any, origin: Any, value: Any) -> None:
 
 def _refuse_wrong_names(name: str, value: Any) -> None:
     # A list of names is text or a list of strings; str() of an item would make a name of 1, true or null.
-    if not isinstance(value, (str, list, tuple)):
+    if isinstance(value, str):
+        return
+    if not isinstance(value, (list, tuple)):
         raise _wrong_kind(name, value, 'a list of names (e.g. ["click", "purchase"])')
-    for i, item in enumerate(value if not isinstance(value, str) else ()):
+    for i, item in enumerate(value):
         if not isinstance(item, str):
             raise _wrong_kind(f"{name}[{i}]", item, "a string", whole_setting=False)
 

@@ -238,10 +238,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
+def check_log_level(level: str, named: str, where: str = "") -> None:
+    """ConfigError unless `level` names a log level; `named` is how the message shows it, `where` what follows."""
+    if level.upper() not in logging.getLevelNamesMapping():
+        raise ConfigError(f"{named} is not a log level: DEBUG, INFO, WARNING, ERROR or CRITICAL{where}")
+
+
 def setup_json_logging(level: int | str = "INFO", stream: Any = None) -> logging.Handler:
     """Route the root logger to JSON lines on stderr (or `stream`), replacing earlier handlers."""
-    if isinstance(level, str) and level.upper() not in logging.getLevelNamesMapping():
-        raise ConfigError(f"--log-level {level} is not a log level: DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    if isinstance(level, str):
+        check_log_level(level, f"--log-level {level}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

@@ -609,18 +609,17 @@ class RetrainerService:
         skip = await asyncio.get_running_loop().run_in_executor(None, canary_skip, s, n)
         if skip is not None:
             out = skip
-            out.reason += window.note()
         elif n < s.min_events:
             # decided here, so an empty archive costs no child process
-            out = RetrainOutcome("skipped", f"{n} events in the {s.window_days}-day window, {s.min_events} needed"
-                                 + window.note(), window_events=n)
+            out = RetrainOutcome("skipped", f"{n} events in the {s.window_days}-day window, {s.min_events} needed",
+                                 window_events=n)
         else:
             t0 = time.monotonic()
             out = await run_job(s.spec(), s.job_timeout_s)
             self.metrics.run_seconds.observe(time.monotonic() - t0)
-            # A job that read the window said what it left out; one killed, crashed or locked out did not.
-            if not out.reason.endswith(window.note()):
-                out.reason += window.note()
+        # What the window left out, once: a job that read it said so; one killed, crashed or locked out did not.
+        if not out.reason.endswith(window.note()):
+            out.reason += window.note()
         if out.status == "published" and out.version and out.path:
             if await asyncio.get_running_loop().run_in_executor(None, announce_published, s, out):
                 self.metrics.last_published.set_to_current_time()

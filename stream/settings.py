@@ -252,9 +252,10 @@ class WorkerSettings:
 def _check_log_level(level: str) -> None:
     # Here, with the other settings, so the message names the setting wherever it came from; the logging setup
     # would name only the flag.
-    if level.upper() not in logging.getLevelNamesMapping():
-        raise ConfigError(f"log_level = {level!r} is not a log level: DEBUG, INFO, WARNING, ERROR or CRITICAL "
-                          "(from --log-level, HRNN_LOG_LEVEL or the settings file's log_level)")
+    from stream.observability import check_log_level
+
+    check_log_level(level, f"log_level = {level!r}",
+                    " (from --log-level, HRNN_LOG_LEVEL or the settings file's log_level)")
 
 
 def _file_settings(path: str | Path, raw: dict[str, Any]) -> dict[str, Any]:
