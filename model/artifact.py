@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from model.config import DataConfig, HRNNConfig, load_config, read_json, shown_path, to_dict
+from model.config import DataConfig, HRNNConfig, field_names, load_config, read_json, shown_path, to_dict
 from model.errors import ArtifactError
 from model.network import HRNN, WINDOW_OFFSET
 
@@ -308,12 +310,32 @@ def version_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"window_profile": False, **cfg["hrnn"]}, dict(cfg["data"])
 
 
+def _refuse_unknown_settings(d: Path, hrnn: dict[str, Any], data: dict[str, Any]) -> None:
+    """A setting this build does not know (a version from a newer trainer) would be dropped, and the version
+    served otherwise than it was trained and evaluated: refused, as `hrnn train --config` refuses it."""
+    unknown = sorted(set(hrnn) - field_names(HRNNConfig)) + sorted(set(data) - field_names(DataConfig))
+    if unknown:
+        raise ArtifactError(f"{d}: config.json has settings this build does not know ({', '.join(unknown)}): a "
+                            "version trained by a newer release is served by that release")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _first_lines(exc: BaseException, n: int) -> str:
+    """An exception's first n non-empty lines on one line, without terminal colours (torch adds them): a refusal
+    goes to a one-line log record and a CLI error. Says so when the exception has no message."""
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    return "; ".join(lines[:n]) or "no message (the file is empty or cut short?)"
+
+
 def load_version(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Load and validate a version: checksums, config, item index and weight shapes."""
     d = Path(path)
     manifest = verify(d)
     try:
         hrnn, data = version_settings(d)
+        _refuse_unknown_settings(d, hrnn, data)
         items = read_json(d / "items.json")
         metrics = read_json(d / "metrics.json")
         config = load_config(HRNNConfig, file_values=hrnn, validate=False)
@@ -322,16 +344,19 @@ def load_version(path: str | Path, device: torch.device | str = "cpu") -> Loaded
         state = torch.load(d / "weights.pt", map_location="cpu", weights_only=True)
         item_ids = [str(i) for i in items["item_ids"]]
         event_types = list(items.get("event_types", []))
-    # TypeError, AttributeError: a file that is JSON but not of the shape written (a list for an object...)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
-        raise ArtifactError(f"{d}: cannot read version ({type(exc).__name__}: {exc})") from None
+    # TypeError, AttributeError: a file that is JSON but not of the shape written (a list for an object...);
+    # EOFError, UnpicklingError: a weights.pt that is empty, cut short, or pickles more than tensors
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, EOFError,
+            pickle.UnpicklingError) as exc:
+        raise ArtifactError(f"{d}: cannot read version ({type(exc).__name__}: {_first_lines(exc, 1)})") from None
     model = HRNN(len(item_ids), config)
     # versions written before rank calibration have no window offset; they were served without one
     state = {**{k: v for k, v in model.state_dict().items() if k == WINDOW_OFFSET}, **state}
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ArtifactError(f"{d}: weights do not fit the config/item index: {str(exc).splitlines()[0]}") from None
+        # torch's first line only says there are errors; the next ones name each tensor and both shapes
+        raise ArtifactError(f"{d}: weights do not fit the config/item index: {_first_lines(exc, 4)}") from None
     model.to(device).eval()
     return LoadedModel(manifest.get("version", d.name), d, model, config, data_config, item_ids, event_types,
                        metrics)

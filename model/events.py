@@ -179,13 +179,41 @@ def _decode_general(raw: bytes | None) -> Event:
         raise EventError("empty_value", "message has no value")
     if len(raw) > MAX_EVENT_BYTES:
         raise EventError("too_large", f"{len(raw)} bytes, more than the {MAX_EVENT_BYTES} an event may have")
+    if not raw.strip():
+        raise EventError("empty_value", f"message value is empty ({len(raw)} bytes of nothing or whitespace)")
     try:
         obj = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
-        raise EventError("bad_json", str(exc)) from None
+        obj = _event_fields(raw)
+        if obj is None:
+            raise EventError("bad_json", str(exc)) from None
     except RecursionError:  # msgspec's own limit: a few KB of brackets, never an event
         raise EventError("bad_json", "JSON nested too deeply to decode (an event is one flat object)") from None
     return event_from_mapping(obj)
+
+
+_fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_EVENT_FIELDS = ("user_id", "item_id", "event_type", "timestamp", "session_id", "event_id", "event_value")
+
+
+def _event_fields(raw: bytes) -> dict[str, Any] | None:
+    """The event's fields of a JSON object msgspec refused as a whole for a number beyond a float's range (1e400),
+    which its error names only as `$[...]`: such a number in a field the event does not use is ignored, as the
+    typed decoder ignores it; in one of its fields it is refused naming the field. None: not such an object."""
+    try:
+        fields = _fields_decoder.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    obj = {}
+    for name in _EVENT_FIELDS:
+        if name in fields:
+            try:
+                obj[name] = _decoder.decode(fields[name])
+            except (msgspec.DecodeError, RecursionError):
+                reason = "bad_timestamp" if name == "timestamp" else "bad_field"
+                raise EventError(reason, f"field {name!r} holds a number beyond a float's range (or nests too "
+                                         f"deeply): {_brief(bytes(fields[name]).decode(errors='replace'))}") from None
+    return obj
 
 
 def encode_event(event: Event) -> bytes:

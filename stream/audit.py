@@ -194,15 +194,16 @@ def _int(value: str | None) -> int | None:
 
 def note_input(ledger: Ledger, r: Record) -> None:
     ledger.see(r.partition, r.offset)
-    origin = records.repartitioned_from(r.headers)
-    # A re-keyed copy lies in the log it answers, so its topic is all it needs to name.
-    if origin is None or origin[0] != ledger.topic:
+    # The workers' own test: a header they would not take for their copy's (another log's, or naming a record
+    # not before the copy in its partition) answers nothing, and its record is an event to answer as any other.
+    origin = records.repartitioned_from(r.headers, ledger.topic, ledger.log, r.partition, r.offset)
+    if origin is None:
         return
-    if ledger.copied_before(origin[1], origin[2]):
+    if ledger.copied_before(*origin):
         # A second copy of one record (the original's batch read again after a crash before its commit) lies
         # after the first in the user's partition: workers apply the first and skip this one as a replay.
         ledger.mark(r.partition, r.offset, COPY_AGAIN)
-    ledger.mark(origin[1], origin[2], REKEYED)
+    ledger.mark(*origin, REKEYED)
 
 
 def note_recommendation(ledger: Ledger, r: Record) -> bool:
@@ -261,15 +262,17 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
     """Audit the group's committed input against the output, dead-letter and input topics; with
     `since_ms`, only the input records of that time on (Kafka timestamps, epoch ms). `extra` configures
     the clients."""
-    committed = committed_offsets(bootstrap, group, input_topic, extra)  # first: see the module docstring
+    # first: see the module docstring; within the command's timeout where shorter than the usual 30 s
+    committed = committed_offsets(bootstrap, group, input_topic, extra, timeout_s=min(timeout_s, 30.0))
     # Answers to committed records were written before the commit: they lie below the ends read now
     # (a re-keyed copy too, which may lie past its own partition's committed offset). The input's ends are
     # read after the answers': every answer read was written after its input record, so names one below them.
     answers_since = earlier(since_ms, ANSWER_SKEW_MS)
-    bounds = window_bounds(bootstrap, {output_topic: answers_since, dlq_topic: answers_since}, extra)
+    bounds = window_bounds(bootstrap, {output_topic: answers_since, dlq_topic: answers_since}, extra,
+                           timeout_s=timeout_s)
     if not bounds[output_topic]:
         raise MissingOutputTopic(output_topic, bootstrap)
-    bounds |= window_bounds(bootstrap, {input_topic: since_ms}, extra)
+    bounds |= window_bounds(bootstrap, {input_topic: since_ms}, extra, timeout_s=timeout_s)
     if all(c is None for c in committed.values()) and holds_records(bootstrap, input_topic, extra):
         raise NothingCommitted(group, input_topic)  # an empty input, though, has nothing to answer: audited
     # Every partition of the input, also one added since the offsets were read (nothing committed there).

@@ -66,6 +66,22 @@ def _overrides(args: argparse.Namespace, cls: type) -> dict:
     return out
 
 
+class _ConnectFailures(logging.Filter):
+    """aiokafka logs an ERROR at each failed connect, thousands while a broker is down: let one through at
+    most every CONNECTION_FAILURES_EVERY_S, as the librdkafka clients' are."""
+
+    def __init__(self, servers: str) -> None:
+        super().__init__()
+        self.key = f"aiokafka {servers}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from stream.kafka_clients import CONNECTION_FAILURES_EVERY_S, connection_failure_due
+
+        if not str(record.msg).startswith("Unable connect"):
+            return True
+        return connection_failure_due(self.key, CONNECTION_FAILURES_EVERY_S)
+
+
 def settings_from(args: argparse.Namespace):
     from stream.retrainer import RetrainerSettings
 
@@ -88,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     if args.log_level.upper() != "DEBUG":
         for noisy in ("faust", "mode", "aiokafka"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        aiokafka = logging.getLogger("aiokafka")
+        if not any(isinstance(f, _ConnectFailures) for f in aiokafka.filters):  # a test runs commands by the dozen
+            aiokafka.addFilter(_ConnectFailures(args.bootstrap_servers or ""))
     settings = settings_from(args)
     if args.once:
         return _once(settings)

@@ -7,6 +7,8 @@ managed Kafka (SASL/SSL) needs no code change: give `security.protocol`, `sasl.*
 from __future__ import annotations
 
 import codecs
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +23,10 @@ from model.config import is_utf8
 from model.errors import ConfigError, HRNNError
 
 ClientSettings = Mapping[str, Any]
+
+log = logging.getLogger(__name__)
+# librdkafka's own log lines: handed on by poll(), flush() and consume(), in the caller's thread.
+librdkafka_log = logging.getLogger(f"{__name__}.librdkafka")
 
 # Manual commits only: the worker commits offsets after outputs and changelog are flushed
 # (DESIGN.md commit order), so neither auto-commit nor auto offset store may run behind its back.
@@ -45,6 +51,86 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 
 class KafkaClientError(HRNNError):
     """A Kafka client could not be created or a read did not finish."""
+
+
+# Connection failures are said at most this often per set of servers: librdkafka logs each refused connect and
+# each dropped connection (facility FAIL), several a second per client, as long as a broker is down.
+CONNECTION_FAILURES_EVERY_S = 30.0
+_failing_since: dict[str, float] = {}  # servers -> when a failure to reach them was last said (or first seen)
+_failing_lock = threading.Lock()
+
+
+def connection_failure_due(servers: str, every_s: float) -> bool:
+    """Whether a connection failure to `servers` is to be said now: once they have gone on for `every_s`, then
+    once per `every_s`. Not at the first: a command that cannot reach the broker says so itself, once."""
+    now = time.monotonic()
+    with _failing_lock:
+        last = _failing_since.setdefault(servers, now)
+        if now - last < every_s:
+            return False
+        _failing_since[servers] = now
+        return True
+
+
+class _LibrdkafkaLog:
+    """The `logger` of the clients built here, in place of librdkafka's own lines on stderr: its lines go to
+    `librdkafka_log`, its connection failures to `log`, as one WARNING naming the servers at most every
+    CONNECTION_FAILURES_EVERY_S. A `logger` among the client settings replaces it."""
+
+    def __init__(self, servers: str) -> None:
+        self.servers = servers
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        """confluent-kafka calls this as it would a logging.Logger's: log(level, "%s [%s] %s", facility, client
+        name, text)."""
+        if args and args[0] == "FAIL":
+            every_s = CONNECTION_FAILURES_EVERY_S
+            if connection_failure_due(self.servers, every_s):
+                log.warning("cannot reach Kafka at %s (is the broker reachable? check --bootstrap-servers); "
+                            "retrying, said again every %g s while it fails: %s", self.servers, every_s, args[-1])
+            return
+        librdkafka_log.log(level, msg, *args)
+
+
+# Our clients remember their servers, so a failed request can name them (librdkafka's clients do not say).
+class _Consumer(Consumer):
+    bootstrap_servers: str
+
+
+class _Producer(Producer):
+    bootstrap_servers: str
+
+
+class _AdminClient(AdminClient):
+    bootstrap_servers: str
+
+
+def _built(cls: type, cfg: dict[str, Any]) -> Any:
+    """A `cls` client of `cfg`, logging through _LibrdkafkaLog unless `cfg` names a logger. Polled once at
+    once: librdkafka's warnings on the settings (CONFWARN) wait for a poll, which a client used only for
+    metadata never makes."""
+    client = cls({**cfg, "logger": cfg.get("logger") or _LibrdkafkaLog(cfg["bootstrap.servers"])})
+    client.bootstrap_servers = cfg["bootstrap.servers"]
+    client.poll(0)  # nothing is assigned or produced yet: this serves the log lines alone
+    return client
+
+
+def servers_of(client: object) -> str | None:
+    """The bootstrap servers a client built here was made for (None for one made elsewhere)."""
+    return getattr(client, "bootstrap_servers", None)
+
+
+def unreachable_hint(servers: str | None, question: str = "is the broker reachable?") -> str:
+    """What a failed request adds to its sentence: the servers it asked and the setting that names them."""
+    at = f" on {servers}" if servers else ""
+    return f"{at} ({question} check --bootstrap-servers)"
+
+
+def serve_log_lines(client: object) -> None:
+    """An admin client's log lines wait for a poll, which nothing else makes: serve them (rate-limited, see
+    _LibrdkafkaLog) where it is used, rather than let them pile up while a broker is down."""
+    if isinstance(client, AdminClient):
+        client.poll(0)
 
 
 class ClientSettingError(KafkaClientError, ConfigError):
@@ -155,7 +241,7 @@ def admin_config(bootstrap: str, extra: ClientSettings | None = None) -> dict[st
 
 def admin_client(bootstrap: str, extra: ClientSettings | None = None) -> AdminClient:
     try:
-        return AdminClient(admin_config(bootstrap, extra))
+        return _built(_AdminClient, admin_config(bootstrap, extra))
     except (KafkaException, ValueError, TypeError) as exc:
         raise _refused("admin client", bootstrap, exc, extra) from None
 
@@ -164,7 +250,7 @@ def create_producer(bootstrap: str, extra: ClientSettings | None = None, *,
                     transactional_id: str | None = None) -> Producer:
     """A Producer with our defaults; a bad pass-through setting becomes a ClientSettingError naming it."""
     try:
-        return Producer(producer_config(bootstrap, extra, transactional_id=transactional_id))
+        return _built(_Producer, producer_config(bootstrap, extra, transactional_id=transactional_id))
     except (KafkaException, ValueError, TypeError) as exc:
         raise _refused("producer", bootstrap, exc, extra) from None
 
@@ -172,7 +258,7 @@ def create_producer(bootstrap: str, extra: ClientSettings | None = None, *,
 def create_consumer(bootstrap: str, group: str, extra: ClientSettings | None = None) -> Consumer:
     """A group Consumer with our defaults; a bad pass-through setting becomes a ClientSettingError naming it."""
     try:
-        return Consumer(consumer_config(bootstrap, group, extra))
+        return _built(_Consumer, consumer_config(bootstrap, group, extra))
     except (KafkaException, ValueError, TypeError) as exc:
         raise _refused("consumer", bootstrap, exc, extra) from None
 
@@ -262,7 +348,7 @@ def reader_consumer(bootstrap: str, extra: ClientSettings | None = None) -> Cons
     cfg = _merge({"enable.auto.commit": False, "enable.auto.offset.store": False}, extra)
     cfg.update({"bootstrap.servers": bootstrap, "group.id": f"hrnn-reader-{uuid.uuid4().hex[:12]}"})
     try:
-        return Consumer(_utf8_checked(cfg))
+        return _built(_Consumer, _utf8_checked(cfg))
     except (KafkaException, ValueError, TypeError) as exc:
         raise _refused("consumer", bootstrap, exc, extra) from None
 
@@ -309,10 +395,11 @@ def error_detail(exc: KafkaException) -> str:
 
 def topic_partitions(client: Consumer | AdminClient, topic: str, timeout_s: float = 5.0) -> list[int]:
     """Partition ids of `topic`, or [] while it does not exist."""
+    serve_log_lines(client)
     try:
         md = client.list_topics(topic, timeout=max(0.1, timeout_s))
     except KafkaException as exc:
-        raise KafkaClientError(f"cannot read metadata of topic {topic!r} (is the broker reachable?): "
+        raise KafkaClientError(f"cannot read metadata of topic {topic!r}{unreachable_hint(servers_of(client))}: "
                                f"{error_detail(exc)}") from None
     meta = md.topics.get(topic)
     if meta is None or meta.error is not None:
@@ -331,11 +418,12 @@ def topic_id(admin: AdminClient, topic: str, timeout_s: float = 5.0) -> str | No
     alone cannot tell the two logs apart."""
     from confluent_kafka import TopicCollection
 
+    serve_log_lines(admin)
     try:
         desc = admin.describe_topics(TopicCollection([topic]), request_timeout=max(0.1, timeout_s))[topic].result()
     except KafkaException as exc:
-        raise KafkaClientError(f"cannot describe topic {topic!r} (does it exist, is the broker reachable?): "
-                               f"{error_detail(exc)}") from None
+        hint = unreachable_hint(servers_of(admin), "does it exist, is the broker reachable?")
+        raise KafkaClientError(f"cannot describe topic {topic!r}{hint}: {error_detail(exc)}") from None
     uid = desc.topic_id
     if uid is None:
         return None
@@ -343,16 +431,22 @@ def topic_id(admin: AdminClient, topic: str, timeout_s: float = 5.0) -> str | No
     return f"{bits:032x}" if bits else None
 
 
-def wait_for_partitions(client: Consumer | AdminClient, topic: str, deadline: float | None) -> list[int]:
+def wait_for_partitions(client: Consumer | AdminClient, topic: str, deadline: float | None, *,
+                        unreachable: Callable[[KafkaClientError], None] = lambda _: None) -> list[int]:
     """Partition ids of `topic` once it exists; [] if it still does not at `deadline` (monotonic
-    time; None: wait forever). An unreachable broker is retried until the deadline, then raised."""
+    time; None: wait forever). An unreachable broker is retried until the deadline, then raised;
+    `unreachable` hears of the first failure retried, so a caller waiting for ever can say why."""
+    failed = False
     while True:
         left = 5.0 if deadline is None else min(5.0, deadline - time.monotonic())
         try:
             partitions = topic_partitions(client, topic, timeout_s=left)
-        except KafkaClientError:
+        except KafkaClientError as exc:
             if deadline is not None and time.monotonic() >= deadline:
                 raise
+            if not failed:
+                failed = True
+                unreachable(exc)
             partitions = []
         if partitions or (deadline is not None and time.monotonic() >= deadline):
             return partitions

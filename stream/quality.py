@@ -362,11 +362,12 @@ class Judge:
             return  # dead-lettered too (bad_timestamp)
         if r.key != event.user_id.encode():
             return  # mis-keyed: the worker re-keys it and scores the copy, which is read in its own partition
-        origin = records.repartitioned_from(r.headers)
-        if origin is not None and origin[0] == self.topic:
-            if origin[1:] in self.copied:
+        # judged as the workers judge it: a header they would not take for their copy's makes an ordinary event
+        origin = records.repartitioned_from(r.headers, self.topic, self.log, r.partition, r.offset)
+        if origin is not None:
+            if origin in self.copied:
                 return  # copied again after a crash: the worker applies the first copy only, so the user's is that
-            self.copied.add(origin[1:])
+            self.copied.add(origin)
         user, item = event.user_id, self._item_code(event.item_id)  # codes: one int object per item, shared
         recent = self.recent.setdefault(user, [])
         before = self.last.get((r.partition, user))
@@ -435,7 +436,7 @@ def quality(bootstrap: str, *, input_topic: str, output_topic: str, ks: Iterable
     `max_event_lead_s` ahead of their record, as their settings say) are no user's next event."""
     ks = sorted(set(ks))
     bounds = window_bounds(bootstrap, {input_topic: earlier(since_ms, history_ms),
-                                       output_topic: earlier(since_ms, ANSWER_SKEW_MS)}, extra)
+                                       output_topic: earlier(since_ms, ANSWER_SKEW_MS)}, extra, timeout_s=timeout_s)
     if not bounds[input_topic]:
         raise KafkaClientError(f"topic {input_topic!r} does not exist on {bootstrap}")
     if not bounds[output_topic]:  # else nothing judged would read as a report, and pass --fail-if-worse

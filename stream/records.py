@@ -11,16 +11,22 @@ carry these headers (values UTF-8):
   hrnn-source-partition
   hrnn-source-offset
   hrnn-source-log       the input topic's id (hex), when the broker gives one
-  hrnn-dlq-clipped      what was cut to keep the record below Kafka's limit, when something was: the key or
-                        value past 64 KiB (their first 64 KiB kept), the producer's headers past 64 KiB
-                        together (dropped)
+  hrnn-dlq-clipped      what was cut to keep the record below the producer's message.max.bytes, when something
+                        was: the key or value past 64 KiB (their first 64 KiB kept; less, a third of the room
+                        each, under a limit below ~200 KB), the producer's headers past that together (dropped);
+                        a dead letter still refused as too large is written without key, value and the
+                        producer's headers, and says so here
 Changelog records (`<group>.state-changelog`, key user_id, value the encoded state) carry
   hrnn-source-offset    the input offset that produced the state (restores skip uncommitted ones)
   hrnn-source-log       the input topic's id (hex) then, when the broker gives one: offsets of a
                         deleted and recreated input topic name other records
 Repartitioned events (re-keyed by user_id onto the input topic) carry the producer's headers, then
   hrnn-repartitioned-from  "<topic>/<partition>/<offset>" of the mis-keyed original;
-a mis-keyed record whose copy would be past MAX_RECORD_BYTES is dead-lettered (too_large) instead.
+  hrnn-repartitioned-log   the input topic's id (hex) then, empty when the broker gives none; readers take
+                           the header for the worker's only where it names their topic and log and, on the
+                           copy's own partition, an offset below the copy's (copies of older builds name no log);
+a mis-keyed record whose copy would be past max_record_bytes (what the worker's producer's message.max.bytes
+admits) is dead-lettered (too_large) instead.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ H_SOURCE_PARTITION = "hrnn-source-partition"
 H_SOURCE_OFFSET = "hrnn-source-offset"
 H_SOURCE_LOG = "hrnn-source-log"
 H_REPARTITIONED_FROM = "hrnn-repartitioned-from"
+H_REPARTITIONED_LOG = "hrnn-repartitioned-log"
 
 Headers = list[tuple[str, bytes]]
 
@@ -103,13 +110,22 @@ def scored_items(items: Sequence[tuple[str, float]]) -> list[ScoredItem]:
 
 
 H_CLIPPED = "hrnn-dlq-clipped"
-# Of a dead letter's key, of its value and of the producer's headers it carries: together far below Kafka's 1 MB
-# record limit (the broker's default accepts a little more than librdkafka's 1,000,000 bytes do).
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's message.max.bytes where the producer's settings leave it unset
+# What produce() adds to a record's key, value and headers before comparing it with message.max.bytes: librdkafka's
+# largest v2 framing (rd_kafka_msg_max_wire_size: length, attributes, timestamp and offset deltas, key and value
+# lengths and header count as varints, 5 + 1 + 10 + 5 + 5 + 5 + 5). A record past it is refused before it is sent,
+# and failed its batch on every restart. tests/test_worker_units.py holds it against the client.
+RECORD_FRAMING_BYTES = 36
+# Of a dead letter's key, of its value and of the producer's headers it carries, at most (dlq_part_bytes: less
+# under a producer limit too small for three of them).
 DLQ_MAX_PART_BYTES = 65_536
-# A record the worker writes is refused by produce() past librdkafka's message.max.bytes (1,000,000 by default); a
-# record a producer wrote near the broker's limit and copied with our headers would be, and fail its batch on every
-# restart. Below this bound (key, value and headers with their framing) there is room for Kafka's own.
-MAX_RECORD_BYTES = 900_000
+_DROPPED_ALL = "key, value and the producer's headers dropped"
+_BARE_DETAIL_BYTES = 512  # of hrnn-dlq-detail in a dead letter written bare: the minimal dead letter is bounded
+
+
+def max_record_bytes(message_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES) -> int:
+    """The most a record the worker writes may have as record_bytes counts it: produce() refuses a larger one."""
+    return message_max_bytes - RECORD_FRAMING_BYTES
 
 
 def headers_bytes(headers: Sequence[tuple[str, bytes | None]] | None) -> int:
@@ -131,22 +147,52 @@ def carried_headers(original: Sequence[tuple[str, bytes | None]] | None, ours: H
     return [(k, v) for k, v in original or () if k not in names] + ours
 
 
+def _clip_note(part: int, cut: Sequence[str], dropped: int | None) -> str:
+    said = [f"first {part} bytes of {', '.join(cut)}"] if cut else []
+    return "; ".join(said + ([f"the producer's headers ({dropped} bytes) dropped"] if dropped is not None else []))
+
+
+# The longest note a clipped dead letter carries: sizes of a Kafka record have at most 10 digits.
+_LONGEST_NOTE = [(H_CLIPPED, _clip_note(2**31, ["key=2147483648", "value=2147483648"], 2**31).encode())]
+
+
+def dlq_part_bytes(ours: Headers, message_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES) -> int:
+    """The most a dead letter keeps of its key, of its value and of the producer's headers: DLQ_MAX_PART_BYTES, or
+    a third of the room our headers and the note of what was cut leave below the producer's message.max.bytes."""
+    room = max_record_bytes(message_max_bytes) - headers_bytes(ours) - headers_bytes(_LONGEST_NOTE)
+    return max(0, min(DLQ_MAX_PART_BYTES, room // 3))
+
+
 def clipped_dead_letter(key: bytes | None, value: bytes | None, original: Sequence[tuple[str, bytes | None]] | None,
-                        ours: Headers) -> tuple[bytes | None, bytes | None, Headers]:
+                        ours: Headers, message_max_bytes: int = DEFAULT_MESSAGE_MAX_BYTES
+                        ) -> tuple[bytes | None, bytes | None, Headers]:
     """A dead letter's key, value and headers (the producer's, then `ours`): key and value each cut to
-    DLQ_MAX_PART_BYTES, the producer's headers dropped when they are larger than that together, and a header
-    saying what was cut. An input record too large for the dead-letter topic failed its batch on every restart."""
-    cut = [f"{name}={len(part)}" for name, part in (("key", key), ("value", value))
-           if part is not None and len(part) > DLQ_MAX_PART_BYTES]
-    said = [f"first {DLQ_MAX_PART_BYTES} bytes of {', '.join(cut)}"] if cut else []
+    dlq_part_bytes, the producer's headers dropped when they are larger than that together, and a header saying
+    what was cut. An input record too large for the dead-letter topic failed its batch on every restart."""
+    part = dlq_part_bytes(ours, message_max_bytes)
+    cut = [f"{name}={len(b)}" for name, b in (("key", key), ("value", value)) if b is not None and len(b) > part]
     theirs = headers_bytes(original)
-    if theirs > DLQ_MAX_PART_BYTES:
-        said.append(f"the producer's headers ({theirs} bytes) dropped")
-        original = None
-    if said:
-        clip = (lambda b: b if b is None else b[:DLQ_MAX_PART_BYTES])
-        key, value, ours = clip(key), clip(value), ours + [(H_CLIPPED, "; ".join(said).encode())]
-    return key, value, carried_headers(original, ours)
+    dropped = theirs if theirs > part else None
+    if cut or dropped is not None:
+        clip = (lambda b: b if b is None else b[:part])
+        key, value, ours = clip(key), clip(value), ours + [(H_CLIPPED, _clip_note(part, cut, dropped).encode())]
+    return key, value, carried_headers(None if dropped is not None else original, ours)
+
+
+def bare_dead_letter(ours: Headers, key_bytes: int, value_bytes: int, theirs_bytes: int) -> Headers:
+    """The headers of a dead letter written without its key, value and producer's headers (of these sizes): a
+    produce() still refused as too large stopped the worker on every restart. Our detail is cut to
+    _BARE_DETAIL_BYTES, so the largest of these is known (smallest_dead_letter_bytes)."""
+    sizes = f"key={key_bytes}, value={value_bytes}, headers={theirs_bytes} bytes"
+    kept = [(k, v[:_BARE_DETAIL_BYTES] if k == H_DETAIL else v) for k, v in ours if k != H_CLIPPED]
+    return kept + [(H_CLIPPED, f"{_DROPPED_ALL} ({sizes}): the record was too large".encode())]
+
+
+def smallest_dead_letter_bytes(topic: str) -> int:
+    """The largest dead letter of input topic `topic` written bare, as record_bytes counts it: what the producer's
+    message.max.bytes must admit at least, beside the framing (a reason tag has far fewer than 32 characters)."""
+    ours = dlq_headers("x" * 32, "x" * _BARE_DETAIL_BYTES, topic, 2**31 - 1, 2**63 - 1, "f" * 32)
+    return record_bytes(None, None, bare_dead_letter(ours, 2**31, 2**31, 2**31))
 
 
 def dlq_headers(reason: str, detail: str, topic: str, partition: int, offset: int,
@@ -165,8 +211,11 @@ def changelog_headers(source_offset: int, source_log: str | None = None) -> Head
     return headers
 
 
-def repartition_headers(topic: str, partition: int, offset: int) -> Headers:
-    return [(H_REPARTITIONED_FROM, f"{topic}/{partition}/{offset}".encode())]
+def repartition_headers(topic: str, partition: int, offset: int, log: str | None = None) -> Headers:
+    """The headers naming a re-keyed copy's original on input topic `topic` whose id is `log`. The log header is
+    written even when the id is unknown (empty), so that a producer's header of that name is never carried on."""
+    return [(H_REPARTITIONED_FROM, f"{topic}/{partition}/{offset}".encode()),
+            (H_REPARTITIONED_LOG, (log or "").encode())]
 
 
 def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str | None:
@@ -178,14 +227,24 @@ def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str
     return found
 
 
-def repartitioned_from(headers: Sequence[tuple[str, bytes | None]] | None) -> tuple[str, int, int] | None:
-    """(topic, partition, offset) a re-keyed copy was made from, from its header; None for other records (or a
-    header naming no record)."""
+def repartitioned_from(headers: Sequence[tuple[str, bytes | None]] | None, topic: str, log: str | None,
+                       partition: int, offset: int) -> tuple[int, int] | None:
+    """(partition, offset) of the original that the record at `partition`/`offset` of input topic `topic` (id
+    `log`; None: unknown) is the worker's re-keyed copy of; None for any other record.
+
+    Any producer may write the header (a topic mirrored with other offsets keeps it, so does an app re-producing
+    consumed records with their headers), and a header taken for the worker's makes a real event a replay. So it
+    is not the worker's where it names another topic or log, or a record of the copy's own partition at or past
+    the copy (the worker writes a copy after reading its original). Copies of builds before the log header name
+    no log: the offset rule alone judges them."""
     parts = (header(headers, H_REPARTITIONED_FROM) or "").rsplit("/", 2)  # topic names hold no "/"
     try:
-        return (parts[0], int(parts[1]), int(parts[2])) if len(parts) == 3 else None
-    except ValueError:
+        named, p, o = parts[0], int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
         return None
+    if not names_log(topic, log, named, header(headers, H_REPARTITIONED_LOG) or None) or min(p, o) < 0:
+        return None
+    return None if p == partition and o >= offset else (p, o)
 
 
 def source_offset_of(headers: Sequence[tuple[str, bytes | None]] | None) -> int | None:

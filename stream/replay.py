@@ -21,7 +21,7 @@ from tqdm import tqdm
 from model.errors import ConfigError, DataError, HRNNError
 from model.events import MAX_EVENT_MS, MIN_EVENT_MS, Event, encode_event
 from model.interactions import Interactions
-from stream.kafka_clients import produce_waiting
+from stream.kafka_clients import produce_waiting, servers_of, unreachable_hint
 
 
 class ReplayError(HRNNError):
@@ -163,8 +163,8 @@ def replay(interactions: Interactions, producer: ProducerLike, topic: str, *, ra
     finally:
         bar.close()
     if remaining:
-        raise ReplayError(f"{remaining} events to {topic!r} were still undelivered after 60 s "
-                          f"(is the broker reachable?)")
+        raise ReplayError(f"{remaining} events to {topic!r} were still undelivered after 60 s"
+                          f"{unreachable_hint(servers_of(producer))}")
     if failures:
         shown = "; ".join(e.str() for e in failures if e is not None)
         stopped = f"; sending stopped at the first rejection, {total - sent} not sent" if sent < total else ""

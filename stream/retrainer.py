@@ -58,7 +58,7 @@ from stream.cli_common import directory_flag, positive
 from stream.faust_credentials import faust_credentials, librdkafka_only
 from stream.kafka_clients import KafkaClientError, admin_client, topic_id
 from stream.observability import Health, MetricsServer
-from stream.records import H_REPARTITIONED_FROM
+from stream.records import repartitioned_from
 from stream.retrain_job import GATE_METRICS, RetrainOutcome, RetrainSpec
 from stream.topics import (DEFAULT_PARTITIONS, EVENTS_TOPIC, MODEL_UPDATES_TOPIC, TopicError, check_topic_name,
                           ensure_input_topic)
@@ -443,9 +443,11 @@ class RetrainerService:
         copies = invalid = 0
         for ev in batch:
             msg = ev.message
-            if H_REPARTITIONED_FROM in ev.headers:
+            if repartitioned_from(ev.headers.items(), self.settings.events_topic, self.writer.topic_id,
+                                  msg.partition, msg.offset) is not None:
                 # the worker's re-keyed copy of a mis-keyed event: the original is archived by its own offset
-                # (archived again, the event would train twice, more after a worker's crash copied it again)
+                # (archived again, the event would train twice, more after a worker's crash copied it again); a
+                # record carrying the header that the worker did not give it (see repartitioned_from) is an event
                 copies += 1
                 continue
             try:
@@ -649,9 +651,13 @@ class RetrainerService:
     def create_events_topic(self) -> None:
         """The events topic at a worker's default partition count, where none exists yet. Faust's consumer asks
         for its metadata with auto-creation on: a broker would make it with its own num.partitions (1 on Apache
-        Kafka by default), and its partitions bound how many workers of the group have work. Best effort: a
-        broker not reachable yet is waited for by Faust, as before."""
+        Kafka by default), and its partitions bound how many workers of the group have work. A broker that cannot
+        be reached ends the service (TopicError naming the servers, exit 2): Faust would give up on it too, after
+        15 s and with a traceback. Else best effort."""
+        from stream.topics import partition_counts
+
         topic = self.settings.events_topic
+        partition_counts(self._admin)  # the broker first, within that call's timeout
         try:
             if ensure_input_topic(self._admin, topic):
                 log.info("events topic created", extra={"topic": topic, "partitions": DEFAULT_PARTITIONS})

@@ -31,6 +31,7 @@ from model.errors import ConfigError
 from model.state import FORMAT_VERSION, FORMATS
 from stream import topics
 from stream.cli_common import directory_flag
+from stream.records import DEFAULT_MESSAGE_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ _READ_DIRECTLY = ("FAULT_INJECT",)
 _TEST_VARIABLES = "TEST_"
 GUARANTEES = ("at_least_once", "exactly_once")
 MAX_K = 500
+MESSAGE_MAX_BYTES_RANGE = (1000, 1_000_000_000)  # what librdkafka accepts
 _TABLE_SETTINGS = ("kafka", "kafka_consumer", "kafka_producer")  # the worker's settings that are tables
 
 
@@ -185,6 +187,7 @@ class WorkerSettings:
             raise ConfigError(f"prebuild_max_users = {self.prebuild_max_users} must be >= 0 (0 turns it off)")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port = {self.metrics_port} is not a TCP port (0 turns the endpoint off)")
+        message_max_bytes(self.producer_kafka)  # one librdkafka refuses is named here, as a setting
 
     def validate_kafka(self) -> None:
         """The settings that say where the worker group's topics are and how it reads them: all that
@@ -228,6 +231,11 @@ class WorkerSettings:
         return {**self.kafka, **self.kafka_producer}
 
     @property
+    def message_max_bytes(self) -> int:
+        """The worker producer's effective message.max.bytes: the largest record its produce() accepts."""
+        return message_max_bytes(self.producer_kafka)
+
+    @property
     def dlq_topic(self) -> str:
         return topics.dlq_topic(self.input_topic)
 
@@ -247,6 +255,19 @@ class WorkerSettings:
             return self.transactional_id
         where = hashlib.sha1(str(Path(self.state_dir).resolve()).encode()).hexdigest()[:10]
         return f"{self.group}-{socket.gethostname()}-{where}"
+
+
+def message_max_bytes(producer: Mapping[str, str]) -> int:
+    """message.max.bytes of a producer's librdkafka settings; librdkafka's default where they leave it unset."""
+    text = producer.get("message.max.bytes")
+    if text is None:
+        return DEFAULT_MESSAGE_MAX_BYTES
+    low, high = MESSAGE_MAX_BYTES_RANGE
+    value = int(text) if text.isascii() and text.isdigit() else 0
+    if not low <= value <= high:
+        raise ConfigError(f"kafka_producer setting 'message.max.bytes' = {text!r} is not a whole number of bytes in "
+                          f"librdkafka's range [{low}, {high}]")
+    return value
 
 
 def _check_log_level(level: str) -> None:

@@ -52,17 +52,23 @@ def _ends(bootstrap: str, topic: str, extra: ClientSettings | None) -> dict[int,
 
 def tail(bootstrap: str, topic: str, *, count: int | None = None, from_beginning: bool = False,
          timeout_s: float | None = None, extra: ClientSettings | None = None, out: TextIO | None = None,
-         top: int = 5) -> int:
+         top: int = 5, err: TextIO | None = None) -> int:
     """Print records of `topic` to `out` until `count` were printed or `timeout_s` passed
     (None: until interrupted). Returns how many were printed; KafkaClientError if the topic
-    still does not exist at the timeout."""
+    still does not exist at the timeout. A broker not reached is waited for, said once on `err` (stderr)."""
     out = out or sys.stdout
+
+    def waiting(_: KafkaClientError) -> None:
+        # tail is meant to wait (for a worker to create its topic, a broker to start), but not in silence
+        print(f"waiting for Kafka at {bootstrap} (is the broker reachable? check --bootstrap-servers)",
+              file=err or sys.stderr, flush=True)
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     consumer = reader_consumer(bootstrap, extra)
     printed = 0
     try:
         # the worker may not have created the output topic yet
-        partitions = wait_for_partitions(consumer, topic, deadline)
+        partitions = wait_for_partitions(consumer, topic, deadline, unreachable=waiting)
         if not partitions:  # a misspelt --topic, most often: printing nothing and exit 0 would hide it
             raise KafkaClientError(f"topic {topic!r} does not exist on {bootstrap} (waited {timeout_s:g} s): "
                                    "check --topic")

@@ -17,18 +17,24 @@ ANSWER_SKEW_MS = 15 * 60_000
 
 Bounds = dict[int, tuple[int, int]]  # partition -> (first offset to read, end offset)
 
+# The longest wait for a topic's offsets; a command's own timeout, where shorter, shortens it (an unreachable
+# broker then fails the command within its --timeout-s).
+OFFSETS_WAIT_S = 10.0
+
 
 def earlier(since_ms: int | None, ms: int) -> int | None:
     """`ms` before `since_ms`; None (the whole log) stays None."""
     return None if since_ms is None else since_ms - ms
 
 
-def window_bounds(bootstrap: str, starts: Mapping[str, int | None],
-                  extra: ClientSettings | None = None) -> dict[str, Bounds]:
+def window_bounds(bootstrap: str, starts: Mapping[str, int | None], extra: ClientSettings | None = None, *,
+                  timeout_s: float = OFFSETS_WAIT_S) -> dict[str, Bounds]:
     """Each topic's (first, end) offsets per partition, ends as they are now: from the first record of its
     start time on (epoch ms; None: the whole log). Callers start a window's answers ANSWER_SKEW_MS before its
-    input (`earlier`)."""
-    return {t: window_offsets(bootstrap, t, since, watermarks(bootstrap, t, extra), extra) for t, since in starts.items()}
+    input (`earlier`). `timeout_s`: the command's timeout; the offsets are waited for OFFSETS_WAIT_S at most."""
+    wait_s = min(timeout_s, OFFSETS_WAIT_S)
+    return {t: window_offsets(bootstrap, t, since, watermarks(bootstrap, t, extra, wait_s), extra)
+            for t, since in starts.items()}
 
 
 def read_window(bootstrap: str, topic: str, bounds: Bounds, visit: Callable[[Record], None], *, idle_s: float,

@@ -17,7 +17,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from model.errors import ConfigError, HRNNError
-from stream.kafka_clients import error_detail
+from stream.kafka_clients import error_detail, serve_log_lines, servers_of, unreachable_hint
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,11 @@ def standard_topics(input_topic: str = EVENTS_TOPIC, output_topic: str = RECOMME
 
 def partition_counts(admin: AdminClient, timeout_s: float = 10.0) -> dict[str, int]:
     """Partition count of every topic the broker lists."""
+    serve_log_lines(admin)
     try:
         md = admin.list_topics(timeout=timeout_s)
     except KafkaException as exc:
-        raise TopicError(f"cannot list topics (is the broker reachable?): {error_detail(exc)}") from None
+        raise TopicError(f"cannot list topics{unreachable_hint(servers_of(admin))}: {error_detail(exc)}") from None
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 

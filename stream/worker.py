@@ -58,6 +58,7 @@ from stream import records
 from stream.announce import registry_id
 from stream.availability import AvailabilityReader
 from stream.canary import Serving
+from stream.record_limits import checked_message_max_bytes
 from stream.hotswap import ModelHolder
 from stream.kafka_clients import (KafkaClientError, admin_client, create_consumer, create_producer, error_detail,
                                   produce_waiting, topic_id)
@@ -164,10 +165,13 @@ class BatchResult:
         return {k: v for k, v in vars(self).items() if isinstance(v, int)}
 
 
-def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
+def route(msgs: Sequence[Message], max_lead_s: float = 0.0, input_log: str | None = None,
+          message_max_bytes: int = records.DEFAULT_MESSAGE_MAX_BYTES) -> Routed:
     """Split consumed records into valid events, dead letters and records to re-key. An event stamped more than
     `max_lead_s` (> 0) ahead of its record's Kafka timestamp is a dead letter, and so is a mis-keyed record whose
-    re-keyed copy would be too large a record."""
+    re-keyed copy would be too large a record for the producer's `message_max_bytes`. `input_log`: the input
+    topic's id (None: unknown), which the re-keyed copies name, and which tells them from records carrying a copy's
+    header they were not given by us."""
     out = Routed([], [], [], {}, {})
     for msg in msgs:
         err = msg.error()
@@ -194,35 +198,39 @@ def route(msgs: Sequence[Message], max_lead_s: float = 0.0) -> Routed:
             continue
         key = msg.key()
         if key is None or key != event.user_id.encode():
-            too_large = _copy_too_large(msg, event)
+            too_large = _copy_too_large(msg, event, input_log, message_max_bytes)
             if too_large is None:
                 out.rekey.append((msg, event))
             else:
                 out.dead.append((msg, too_large))
             continue
         headers = msg.headers()
-        origin = records.repartitioned_from(headers) if headers else None  # most records carry no headers
-        out.events.append(Incoming(p, o, event, ts if ts_type else None,
-                                   origin[1:] if origin and origin[0] == msg.topic() else None))
+        # most records carry no headers: the header scan is skipped for them
+        origin = records.repartitioned_from(headers, msg.topic(), input_log, p, o) if headers else None
+        out.events.append(Incoming(p, o, event, ts if ts_type else None, origin))
     out.events.sort(key=lambda e: (e.partition, e.offset))
     return out
 
 
-def _rekeyed_headers(msg: Message) -> records.Headers:
-    """The headers of a mis-keyed record's re-keyed copy: the producer's, then the one naming the original."""
+def _rekeyed_headers(msg: Message, input_log: str | None) -> records.Headers:
+    """The headers of a mis-keyed record's re-keyed copy: the producer's, then ours naming the original and its
+    log (the input topic's id)."""
     return records.carried_headers(msg.headers(), records.repartition_headers(msg.topic(), msg.partition(),
-                                                                              msg.offset()))
+                                                                              msg.offset(), input_log))
 
 
-def _copy_too_large(msg: Message, event: Event) -> EventError | None:
+def _copy_too_large(msg: Message, event: Event, input_log: str | None,
+                    message_max_bytes: int) -> EventError | None:
     """Why a mis-keyed record cannot be re-keyed: its copy, the producer's headers carried, would be refused by
-    produce() (a record near the broker's limit with large headers) and fail its batch on every restart."""
-    size = records.record_bytes(event.user_id, msg.value(), _rekeyed_headers(msg))
-    if size <= records.MAX_RECORD_BYTES:
+    produce() under `message_max_bytes` (a record near the broker's limit with large headers, a producer limit
+    below the input topic's) and fail its batch on every restart."""
+    size = records.record_bytes(event.user_id, msg.value(), _rekeyed_headers(msg, input_log))
+    bound = records.max_record_bytes(message_max_bytes)
+    if size <= bound:
         return None
     return EventError("too_large", f"mis-keyed, and its re-keyed copy would have {size} bytes with the producer's "
-                                   f"headers, more than the {records.MAX_RECORD_BYTES} a record the worker writes "
-                                   "may have")
+                                   f"headers, more than the {bound} a record the worker writes may have (its "
+                                   f"producer's message.max.bytes = {message_max_bytes})")
 
 
 def _undecodable(msg: Message, exc: Exception) -> EventError:
@@ -323,6 +331,11 @@ def tune_process_gc(threshold: int) -> None:
         gc.set_threshold(threshold, *gc.get_threshold()[1:])
 
 
+def _too_large(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    return isinstance(err, KafkaError) and err.code() == KafkaError.MSG_SIZE_TOO_LARGE
+
+
 def _maybe_crash(phase: str, batch_no: int) -> None:
     spec = os.environ.get(FAULT_ENV)
     if spec and spec == f"{phase}:{batch_no}":
@@ -352,6 +365,7 @@ class Worker:
                                       metrics=self.metrics)
         else:
             self.models = ModelHolder.open(settings.registry, device=settings.device, metrics=self.metrics)
+        self._message_max_bytes = checked_message_max_bytes(settings, self.models.serving())
         self.stores = StateStores(settings.state_dir, settings.group, settings.input_topic, settings.state_format)
         self.models.prebuild_from(lambda: self.stores.scan_states(chunk=64), settings.prebuild_max_users)
         self.totals = BatchResult()
@@ -711,7 +725,7 @@ class Worker:
         serving = self._serving_now()  # one stable version, one canary, one share for the whole batch
         self._follow_availability()
         self.health.beat()
-        routed = route(msgs, self.settings.max_event_lead_s)
+        routed = route(msgs, self.settings.max_event_lead_s, self._input_log, self._message_max_bytes)
         result = BatchResult(records=len(msgs), batches=1)
         steps = self._step(serving, routed.events, result)
         # Checked after the model's work, before anything is produced: a stall there too (a throttled pod, a
@@ -846,16 +860,32 @@ class Worker:
         for msg, exc in dead:
             ours = records.dlq_headers(exc.reason, exc.detail, msg.topic(), msg.partition(), msg.offset(),
                                        self._input_log)
-            key, value, headers = records.clipped_dead_letter(msg.key(), msg.value(), msg.headers(), ours)
-            self._produce(self.settings.dlq_topic, value, key, headers=headers)
+            self._produce_dead_letter(msg, ours)
             result.dead_reasons[exc.reason] = result.dead_reasons.get(exc.reason, 0) + 1
         result.dead_lettered += len(dead)
+
+    def _produce_dead_letter(self, msg: Message, ours: records.Headers) -> None:
+        """The dead letter clipped to the producer's limit; one still refused as too large goes again without its
+        key, value and producer's headers (a crash here failed the batch on every restart)."""
+        key, value, headers = records.clipped_dead_letter(msg.key(), msg.value(), msg.headers(), ours,
+                                                          self._message_max_bytes)
+        try:
+            self._produce(self.settings.dlq_topic, value, key, headers=headers)
+        except KafkaException as exc:
+            if not _too_large(exc):
+                raise
+            log.warning("dead letter refused as too large even clipped; written without key, value and the "
+                        "producer's headers", extra={"partition": msg.partition(), "offset": msg.offset(),
+                                                     "error": error_detail(exc)})
+            bare = records.bare_dead_letter(ours, len(msg.key() or b""), len(msg.value() or b""),
+                                            records.headers_bytes(msg.headers()))
+            self._produce(self.settings.dlq_topic, None, None, headers=bare)
 
     def _produce_rekeyed(self, rekey: list[tuple[Message, Event]], result: BatchResult) -> None:
         for msg, event in rekey:  # each fits a record (route dead-letters the others)
             ts_type, ts = msg.timestamp()
-            self._produce(self.settings.input_topic, msg.value(), event.user_id, headers=_rekeyed_headers(msg),
-                          timestamp=ts if ts_type else None)
+            self._produce(self.settings.input_topic, msg.value(), event.user_id,
+                          headers=_rekeyed_headers(msg, self._input_log), timestamp=ts if ts_type else None)
         result.repartitioned += len(rekey)
 
     # ---- commit -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 
 import pytest
 import torch
@@ -55,6 +56,48 @@ def test_weights_that_do_not_fit_the_item_index_are_refused(tmp_path):
     manifest["files"]["items.json"] = hashlib.sha256((path / "items.json").read_bytes()).hexdigest()
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="do not fit"):
+        load_version(path)
+
+
+def _rewrite(path, name, content: bytes):
+    """Replace one file of a version and its checksum, as a version published that way would hold it."""
+    (path / name).write_bytes(content)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256(content).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_weights_of_another_hidden_dimension_are_refused_naming_the_tensor_and_both_shapes(tmp_path):
+    path = _save(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["hrnn"]["hidden_dimension"] = 64
+    _rewrite(path, "config.json", json.dumps(config).encode())
+    with pytest.raises(ArtifactError) as refused:
+        load_version(path)
+    said = str(refused.value)
+    assert "do not fit" in said and "size mismatch for" in said and "[20, 32]" in said and "[20, 64]" in said
+    assert "\n" not in said
+
+
+@pytest.mark.parametrize("content, said", [
+    pytest.param(b"", "EOFError: no message (the file is empty or cut short?)", id="empty"),
+    pytest.param(pickle.dumps({"w": object()}, protocol=2), "UnpicklingError: Weights only load failed", id="pickle"),
+])
+def test_weights_that_are_empty_or_pickle_more_than_tensors_are_refused_on_one_line(tmp_path, content, said):
+    path = _save(tmp_path)
+    _rewrite(path, "weights.pt", content)
+    with pytest.raises(ArtifactError, match="cannot read version") as refused:
+        load_version(path)
+    assert said in str(refused.value) and "\n" not in str(refused.value) and "\x1b" not in str(refused.value)
+
+
+@pytest.mark.parametrize("section", ["hrnn", "data"])
+def test_a_version_with_a_setting_this_build_does_not_know_is_refused_naming_it(tmp_path, section):
+    path = _save(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config[section]["future_knob"] = 3
+    _rewrite(path, "config.json", json.dumps(config).encode())
+    with pytest.raises(ArtifactError, match=r"settings this build does not know \(future_knob\)"):
         load_version(path)
 
 

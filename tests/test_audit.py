@@ -129,6 +129,46 @@ def test_answers_naming_another_topic_or_a_deleted_log_of_the_same_name_answer_n
     assert (ledger.partition(0).first_unanswered, foreign) == ([2], 1)  # the topic still counts
 
 
+def _spoofed_sequence() -> list[Record]:
+    """The reviewer's partition: 67 and 69 mis-keyed, and between them an event whose producer gave it a re-keyed
+    copy's header naming 69 (a mirrored topic, an app re-producing consumed records with their headers)."""
+    spoof = [(records.H_REPARTITIONED_FROM, b"ev/0/69")]
+    return [_record("ev", 0, 67), _record("ev", 0, 68, headers=spoof), _record("ev", 0, 69)]
+
+
+def test_a_header_naming_a_later_record_of_its_own_partition_answers_nothing():
+    """A copy is written after its original: the header of 68 names no copy, so 69 is not answered by it."""
+    recs = [_record("rec", 0, 0, _rec(0, 68, "ev", LOG))]
+    ledger, _ = _ledger({0: (67, 70)}, _spoofed_sequence(), recs)
+    got = ledger.partition(0)
+    assert (got.recommended, got.rekeyed, got.unanswered, got.first_unanswered) == (1, 0, 2, [67, 69])
+
+
+def test_the_copies_of_records_a_spoofed_header_named_are_first_copies_to_answer():
+    """The workers' copies of 67 and 69 (at 70 and 71) are events to answer: the copy of 69 is no second copy."""
+    copies = [_record("ev", 0, 70, headers=records.repartition_headers("ev", 0, 67, LOG)),
+              _record("ev", 0, 71, headers=records.repartition_headers("ev", 0, 69, LOG))]
+    inputs = _spoofed_sequence() + copies
+    only_68 = [_record("rec", 0, 0, _rec(0, 68, "ev", LOG))]
+    got = _ledger({0: (67, 72)}, inputs, only_68)[0].partition(0)
+    assert (got.rekeyed, got.copies_again, got.first_unanswered) == (2, 0, [70, 71])
+    answered = only_68 + [_record("rec", 0, i, _rec(0, o, "ev", LOG)) for i, o in ((1, 70), (2, 71))]
+    got = _ledger({0: (67, 72)}, inputs, answered)[0].partition(0)
+    assert (got.recommended, got.rekeyed, got.unanswered, got.duplicated) == (3, 2, 0, 0)
+
+
+def test_a_copys_header_naming_another_log_answers_nothing_and_one_of_an_older_build_still_answers():
+    inputs = [_record("ev", 0, o) for o in range(3)]
+    inputs += [_record("ev", 1, 0, headers=records.repartition_headers("ev", 0, 0, OTHER_LOG)),  # a mirror's
+               _record("ev", 1, 1, headers=records.repartition_headers("ev", 0, 1, LOG)),
+               _record("ev", 1, 2, headers=[(records.H_REPARTITIONED_FROM, b"ev/0/2")])]  # no log: older build
+    ledger, _ = _ledger({0: (0, 3), 1: (0, None)}, inputs)
+    got = ledger.partition(0)
+    assert (got.rekeyed, got.first_unanswered) == (2, [0])
+    ledger, _ = _ledger({0: (0, 3), 1: (0, None)}, inputs, log=None)  # a broker that gives no topic ids
+    assert ledger.partition(0).rekeyed == 3
+
+
 def test_answers_naming_a_partition_or_offset_the_log_cannot_hold_are_counted_as_strays():
     inputs = [_record("ev", 0, o) for o in range(4)]
     named = [(0, 0), (0, 3), (0, -5), (7, 0), (0, 10**9), (0, 2**62)]  # 3: in flight, past the committed offset

@@ -67,6 +67,14 @@ def test_the_checking_jobs_read_the_settings_file_the_workers_read(job):
                                                                                               "worker.toml")
 
 
+@pytest.mark.parametrize("job", ["audit", "quality"])
+def test_a_checking_job_that_fails_is_not_retried_into_a_pass(job):
+    # a failed audit is a finding; a quality run fails on the run that ends a canary, and a retry would find no
+    # canary serving and succeed, and the failed-job alert would never fire
+    [doc] = yaml.safe_load_all((DEPLOY / "k8s" / f"{job}.yaml").read_text())
+    assert doc["kind"] == "CronJob" and doc["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0
+
+
 def test_the_quality_job_decides_canaries_on_the_workers_registry_at_their_path():
     containers = _containers()
 

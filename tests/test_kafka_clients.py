@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import pytest
@@ -49,8 +50,8 @@ CONSUMER_SETTINGS = {
 }
 
 
-def _client_warnings(make_admin) -> list[str]:
-    """librdkafka's log lines while an admin client is made with the consumer settings above (no broker needed)."""
+def _capturing_logger():
+    """A logger of its own for a client's `logger` setting, and the lines it receives."""
     import logging
 
     lines: list[str] = []
@@ -59,6 +60,12 @@ def _client_warnings(make_admin) -> list[str]:
     logger = logging.getLogger(f"rdkafka-{uuid.uuid4().hex}")
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
+    return logger, lines
+
+
+def _client_warnings(make_admin) -> list[str]:
+    """librdkafka's log lines while an admin client is made with the consumer settings above (no broker needed)."""
+    logger, lines = _capturing_logger()
     make_admin({**CONSUMER_SETTINGS, "logger": logger}).poll(0.5)  # log lines arrive on poll
     return [line for line in lines if "CONFWARN" in line]
 
@@ -317,3 +324,84 @@ def test_every_client_config_refuses_a_value_that_is_not_utf8_as_a_config_error(
     with pytest.raises(ConfigError, match="'sasl.password' is not UTF-8") as caught:
         build({"sasl.password": "se\udcffcret"})
     assert "cret" not in str(caught.value)
+
+
+# --- a broker that cannot be reached: said once, by the command, naming the servers ---
+
+UNREACHABLE = "127.0.0.1:1"  # nothing listens there: every connect is refused at once
+
+
+def _poll_for(client, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        client.poll(0.2)
+
+
+def test_clients_that_cannot_reach_their_broker_print_no_librdkafka_lines_but_keep_setting_warnings(capfd, caplog):
+    import logging
+
+    from stream.kafka_clients import reader_consumer
+
+    caplog.set_level(logging.WARNING)
+    producer = create_producer(UNREACHABLE, {"fetch.wait.max.ms": "10"})  # a consumer property: a CONFWARN
+    consumer = reader_consumer(UNREACHABLE)
+    try:
+        _poll_for(producer, 1.0)
+        _poll_for(consumer, 1.0)
+    finally:
+        consumer.close()
+    err = capfd.readouterr().err
+    assert "FAIL" not in err and "Connection refused" not in err  # librdkafka's ~20 lines a second, before
+    assert any("CONFWARN" in r.getMessage() and "fetch.wait.max.ms" in r.getMessage() for r in caplog.records)
+
+
+def test_connection_failures_that_go_on_are_logged_as_one_warning_per_interval_naming_the_servers(monkeypatch,
+                                                                                               caplog):
+    import logging
+
+    import stream.kafka_clients as kafka_clients
+
+    monkeypatch.setattr(kafka_clients, "CONNECTION_FAILURES_EVERY_S", 0.5)
+    servers = f"{UNREACHABLE},{UNREACHABLE}"  # this test's own: the interval runs per servers
+    caplog.set_level(logging.WARNING, logger="stream.kafka_clients")
+    consumer = kafka_clients.reader_consumer(servers)
+    try:
+        _poll_for(consumer, 2.6)
+    finally:
+        consumer.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "stream.kafka_clients"]
+    # not at the first failure, then at most every 0.5 s: not each of the ~50 refused connects (a loaded machine
+    # may see fewer of them, so only one warning is sure)
+    assert 1 <= len(said) <= 6, said
+    assert all(f"cannot reach Kafka at {servers}" in line for line in said)
+
+
+def test_a_logger_among_the_client_settings_still_gets_librdkafkas_lines():
+    logger, lines = _capturing_logger()
+    _poll_for(create_producer(UNREACHABLE, {"logger": logger}), 1.0)
+    assert any("FAIL" in line and "Connection refused" in line for line in lines)
+
+
+def test_requests_to_an_unreachable_broker_fail_naming_its_servers_and_the_flag():
+    from stream.kafka_clients import KafkaClientError, admin_client, reader_consumer, topic_id, topic_partitions
+
+    consumer = reader_consumer(UNREACHABLE)
+    try:
+        with pytest.raises(KafkaClientError, match=r"cannot read metadata of topic 't' on 127\.0\.0\.1:1 \(is the "
+                                                   r"broker reachable\? check --bootstrap-servers\): _TRANSPORT"):
+            topic_partitions(consumer, "t", timeout_s=1.0)
+    finally:
+        consumer.close()
+    with pytest.raises(KafkaClientError, match=r"cannot describe topic 't' on 127\.0\.0\.1:1 .*--bootstrap-servers"):
+        topic_id(admin_client(UNREACHABLE), "t", timeout_s=1.0)
+
+
+@pytest.mark.parametrize("command", ["audit", "quality"])
+def test_audit_and_quality_give_up_on_an_unreachable_broker_within_their_timeout(command, capsys):
+    from stream.cli import main as hrnn
+
+    started = time.monotonic()
+    rc = hrnn([command, "--bootstrap-servers", UNREACHABLE, "--timeout-s", "3"])
+    took = time.monotonic() - started
+    assert took < 8, took  # 30 s (audit) and 10 s (quality) before, whatever --timeout-s said
+    assert rc == 2 and f"on {UNREACHABLE} (is the broker reachable?" in capsys.readouterr().err

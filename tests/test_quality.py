@@ -726,3 +726,18 @@ def test_the_command_names_an_input_topic_that_does_not_exist(broker):
     proc = subprocess.run([HRNN, "quality", "--bootstrap-servers", broker.bootstrap, "--input-topic", "no-such-ev",
                            "--idle-s", "1"], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "'no-such-ev' does not exist" in proc.stderr
+
+
+def test_an_event_carrying_a_copys_header_that_names_a_later_record_of_its_partition_is_judged_as_an_event():
+    # a mirrored topic or an app re-producing consumed records carries the header; the worker answers such a record
+    # and its own copies of the records the header named, so the judge must count all of them
+    def with_origin(r: Record, origin: str) -> Record:
+        from stream import records
+        return Record(r.topic, r.partition, r.offset, r.key, r.value, None,
+                      ((records.H_REPARTITIONED_FROM, origin.encode()),))
+
+    events = [_event(0, 67, "u1", "a", key="zz"), with_origin(_event(0, 68, "u1", "b"), "ev/0/69"),
+              _event(0, 69, "u1", "c", key="zz"), with_origin(_event(0, 70, "u1", "a"), "ev/0/67"),
+              with_origin(_event(0, 71, "u1", "c"), "ev/0/69")]
+    report = _report(events, [_rec(0, 68, ["a"]), _rec(0, 70, ["c"])])
+    assert _row(report, "v1")["judged"] == 2 and report.pending == 0

@@ -337,3 +337,11 @@ def test_produce_cli_refuses_a_non_ascii_delimiter_with_exit_2_not_a_traceback(t
     assert proc.returncode == 2, proc.stderr
     assert "hrnn produce: error:" in proc.stderr and "delimiter 'é' is not an ASCII character" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_events_still_undelivered_name_the_servers_they_were_sent_to():
+    producer = create_producer("127.0.0.1:1")  # nothing listens there
+    producer.flush = lambda _timeout: len(producer)  # the 60 s wait, cut short: what is queued stays undelivered
+    with pytest.raises(ReplayError, match=r"10 events to 'ev' were still undelivered after 60 s on 127\.0\.0\.1:1 "
+                                          r"\(is the broker reachable\? check --bootstrap-servers\)"):
+        replay(_small(10), producer, "ev", progress=False)

@@ -1120,3 +1120,15 @@ def test_a_retried_archive_write_skips_the_records_another_instance_archived_mea
     asyncio.run(svc._archive(_batch([(0, k, T0 + k) for k in range(10)])))
     assert count_events(tmp_path / "a", 30) == 15
     assert svc.metrics.registry.get_sample_value("hrnn_retrainer_duplicate_events_total") == 10
+
+
+def test_an_event_carrying_a_copys_header_that_is_not_the_workers_is_archived(tmp_path, monkeypatch):
+    from stream import records
+    svc = _offline_service(tmp_path, monkeypatch)
+    svc._follow_events_log()
+    batch = _batch([(0, k, T0 + k) for k in range(5)])
+    topic = svc.settings.events_topic
+    batch[2].headers = {records.H_REPARTITIONED_FROM: f"{topic}/0/9".encode()}  # names a later record
+    batch[3].headers = {records.H_REPARTITIONED_FROM: f"{topic}/0/3".encode()}  # names itself
+    asyncio.run(svc._archive(batch))
+    assert len(read_window(tmp_path / "a", 30).user) == 5

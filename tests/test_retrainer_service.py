@@ -255,3 +255,14 @@ def test_once_refuses_a_bad_metric_hyperparameter_or_timeout_before_any_work(tmp
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("hrnn retrainer: error: ") and named in err and "Traceback" not in err
     assert not (tmp_path / "registry").exists()  # no run: not even its lock was taken
+
+
+def test_the_service_exits_2_with_one_line_naming_the_servers_when_the_broker_cannot_be_reached(tmp_path):
+    """Faust would give up after 15 s too, exit 1, with a traceback and a warning that the topic was not created."""
+    res = subprocess.run([str(Path(sys.executable).with_name("hrnn")), "retrainer", "--bootstrap-servers",
+                          "127.0.0.1:1", "--registry", str(tmp_path / "registry"), "--archive",
+                          str(tmp_path / "archive")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("hrnn retrainer: error: cannot list topics on 127.0.0.1:1 "), lines
+    assert "--bootstrap-servers" in lines[0] and "Traceback" not in res.stdout + res.stderr

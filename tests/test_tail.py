@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import select
 import subprocess
 import sys
 import threading
@@ -162,3 +163,17 @@ def test_tail_exits_2_saying_so_when_the_topic_still_does_not_exist_at_its_timeo
     assert hrnn(["tail", "--bootstrap-servers", broker.bootstrap, "--topic", topic, "--timeout", "2"]) == 2
     err = capsys.readouterr().err
     assert f"hrnn tail: error: topic {topic!r} does not exist" in err and "waited 2 s" in err
+
+
+def test_tail_without_a_timeout_says_once_that_it_waits_for_an_unreachable_broker_and_keeps_waiting():
+    proc = subprocess.Popen([HRNN, "tail", "--bootstrap-servers", "127.0.0.1:1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stderr], [], [], 30)
+        line = proc.stderr.readline() if ready else ""
+        assert line.startswith("waiting for Kafka at 127.0.0.1:1 (is the broker reachable?"), line
+        time.sleep(1.0)
+        assert proc.poll() is None  # still waiting: a broker may come up
+    finally:
+        proc.kill()
+        proc.wait()

@@ -10,7 +10,7 @@ from confluent_kafka.admin import NewTopic
 from model.errors import HRNNError
 from stream.kafka_clients import admin_client
 from stream.topics import (
-    MODEL_UPDATES_TOPIC, TopicCreationError, TopicMismatchError, TopicSpec, changelog_topic, cleanup_policy,
+    MODEL_UPDATES_TOPIC, TopicCreationError, TopicError, TopicMismatchError, TopicSpec, changelog_topic, cleanup_policy,
     ensure_topics, partition_counts, standard_topics, table_topic,
 )
 
@@ -224,3 +224,9 @@ def test_commands_that_create_or_write_a_topic_refuse_an_illegal_name_before_any
     assert hrnn([*argv, "--bootstrap-servers", "127.0.0.1:9", "--topic", "../events"]) == 2
     assert "--topic '../events' is not a Kafka topic name" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.csv"]
+
+
+def test_listing_the_topics_of_an_unreachable_broker_fails_naming_its_servers_and_the_flag():
+    with pytest.raises(TopicError, match=r"cannot list topics on 127\.0\.0\.1:1 \(is the broker reachable\? check "
+                                         r"--bootstrap-servers\): _TRANSPORT"):
+        partition_counts(admin_client("127.0.0.1:1"), timeout_s=1.0)

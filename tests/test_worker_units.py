@@ -8,15 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from model.artifact import latest_version_dir
 from model.errors import ConfigError, EventError
 from model.events import Event, _decode_general, decode_event, encode_event, parse_timestamp
+from model.config import MAX_HISTORY_LENGTH
 from model.inference import Recommender, StepInput
 from model.state import UserState
-from stream import records, worker
-from stream.settings import WorkerSettings
+from stream import record_limits, records, worker
+from stream.canary import Serving
+from stream.kafka_clients import create_producer
+from stream.settings import MAX_K, WorkerSettings
 from stream.worker import (TRACKED_PER_EVENT, Incoming, Worker, applied_before, filters_of, fresh_events,
                            gc_threshold_for, route, split_by_owner, tune_process_gc)
 from worker_testkit import make_registry
@@ -238,6 +241,13 @@ POISON_EVENTS = [
     pytest.param(poison(extra="[" * 2000 + "]" * 2000), "bad_json", "nested too deeply", id="nested-extra-field"),
     pytest.param(poison(user_id='{"a":' * 2000 + "1" + "}" * 2000), "bad_json", "nested too deeply",
                  id="nested-user-id"),
+    # beyond a float's range msgspec names no field (`$[...]`): the reason and the detail name it
+    pytest.param(poison(timestamp="1e400"), "bad_timestamp", "field 'timestamp' holds a number beyond a float's range",
+                 id="timestamp-float-1e400"),
+    pytest.param(poison(event_value="[-1e999]"), "bad_field", "field 'event_value' holds a number beyond",
+                 id="event_value-float-1e999"),
+    pytest.param(b"", "empty_value", "message value is empty (0 bytes", id="empty-bytes"),
+    pytest.param(b" \n", "empty_value", "message value is empty (2 bytes", id="whitespace-only"),
 ]
 
 
@@ -306,14 +316,107 @@ def test_a_mis_keyed_record_whose_copy_would_pass_the_record_limit_is_set_aside_
     routed = route([fits, too_large])
     assert [(m.offset(), e.user_id) for m, e in routed.rekey] == [(0, "a")]
     assert [(m.offset(), exc.reason) for m, exc in routed.dead] == [(1, "too_large")]
-    assert "re-keyed copy would have 1010" in routed.dead[0][1].detail and "900000" in routed.dead[0][1].detail
+    assert "re-keyed copy would have 1010" in routed.dead[0][1].detail and "999964" in routed.dead[0][1].detail
     assert routed.next_offsets == {0: 2}
+
+
+def test_a_record_as_large_as_max_record_bytes_says_is_accepted_by_produce_and_one_byte_more_is_refused():
+    """The framing is librdkafka's to the byte; headers are counted at their largest (a varint of 5 bytes)."""
+    producer = create_producer("127.0.0.1:9", {"message.max.bytes": "150000"})
+    headers = [("trace", b"t" * 1000)]
+    producer.produce("t", b"v" * (records.max_record_bytes(150_000) - 1000 - 15), b"k", headers=headers)
+    room = records.max_record_bytes(150_000) - records.record_bytes(b"k", None, None)
+    producer.produce("t", b"v" * room, b"k")
+    with pytest.raises(KafkaException, match="MSG_SIZE_TOO_LARGE"):
+        producer.produce("t", b"v" * (room + 1), b"k")
+    producer.purge()
+
+
+def test_a_dead_letter_is_clipped_to_fit_a_producer_limit_below_three_times_64_kib():
+    """The reviewer's record under message.max.bytes = 150000: 200 KB key and value, a 60 KB header."""
+    ours = records.dlq_headers("too_large", "big", "ev", 0, 5, "f" * 32)
+    key, value, headers = records.clipped_dead_letter(b"k" * 200_000, b"v" * 200_000, [("h", b"x" * 60_000)], ours,
+                                                      150_000)
+    part = records.dlq_part_bytes(ours, 150_000)
+    assert 40_000 < part < records.DLQ_MAX_PART_BYTES and len(key) == len(value) == part
+    assert records.header(headers, records.H_CLIPPED) == \
+        f"first {part} bytes of key=200000, value=200000; the producer's headers (60011 bytes) dropped"
+    producer = create_producer("127.0.0.1:9", {"message.max.bytes": "150000"})
+    producer.produce("t", value, key, headers=headers)  # refused with MSG_SIZE_TOO_LARGE before
+    producer.purge()
+
+
+def test_a_dead_letter_written_bare_keeps_our_headers_and_says_what_was_dropped():
+    ours = records.dlq_headers("bad_json", "d" * 5000, "ev", 0, 5)
+    bare = records.bare_dead_letter(ours, 200_000, 7, 60_010)
+    assert records.header(bare, records.H_REASON) == "bad_json" and len(records.header(bare, records.H_DETAIL)) == 512
+    assert records.header(bare, records.H_CLIPPED) == \
+        "key, value and the producer's headers dropped (key=200000, value=7, headers=60010 bytes): the record was too large"
+    assert records.record_bytes(None, None, bare) <= records.smallest_dead_letter_bytes("ev")
+
+
+def _worker(registry: Path, tmp_path: Path, **settings) -> Worker:
+    s = WorkerSettings(registry=str(registry), state_dir=str(tmp_path / "state"), input_topic="ev", output_topic="rec",
+                       group="g", device="cpu", follow_updates=False, follow_availability=False, **settings)
+    return Worker(s, recommender=Recommender.load(latest_version_dir(registry), "cpu"))
+
+
+def test_a_producer_limit_too_small_for_the_workers_own_records_is_refused_at_start_naming_the_least(tmp_path):
+    registry = make_registry(tmp_path / "reg")
+    model = Recommender.load(latest_version_dir(registry), "cpu")
+    least = record_limits.smallest_message_max_bytes(WorkerSettings(input_topic="ev"), Serving(model))
+    assert 100_000 < least < 1_000_000  # a state of history_length events of 256-character ids, both kinds
+    with pytest.raises(ConfigError, match=rf"'message.max.bytes' = {least - 1} is too small .* at least {least} bytes"):
+        _worker(registry, tmp_path, kafka_producer={"message.max.bytes": str(least - 1)})
+    w = _worker(registry, tmp_path, kafka={"message.max.bytes": str(least)})
+    w.stores.close_all()
+
+
+def test_the_default_producer_limit_admits_the_largest_k_and_history_length(tmp_path):
+    model = Recommender.load(latest_version_dir(make_registry(tmp_path / "reg")), "cpu")
+    model.history_length = MAX_HISTORY_LENGTH
+    for fmt in (1, 2):
+        settings = WorkerSettings(k=MAX_K, state_format=fmt, partitions=1000)
+        assert record_limits.smallest_message_max_bytes(settings, Serving(model)) <= records.DEFAULT_MESSAGE_MAX_BYTES
+
+
+def test_a_dead_letter_still_refused_as_too_large_is_written_bare_and_the_batch_goes_on(tmp_path):
+    from test_worker_fakes import EmptyChangelog, FakeConsumer, FakeProducer
+
+    class TooLargeForDeadLetters(FakeProducer):
+        def produce(self, topic, value=None, key=None, **kwargs):
+            if topic == "ev.dlq" and value is not None:  # as a broker-side or mis-sized limit would refuse it
+                raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+            super().produce(topic, value, key, **kwargs)
+
+    w = _worker(make_registry(tmp_path / "reg"), tmp_path)
+    w._producer, w._consumer, w._restorer = TooLargeForDeadLetters(), FakeConsumer(), EmptyChangelog()
+    w._read_input_log = lambda: None
+    w._on_assign(w._consumer, [TopicPartition("ev", 0)])
+    bad = Message(topic="ev", partition=0, offset=1, key=b"k" * 200_000, value=b"{" * 200_000, timestamp=(1, TS),
+                  headers=[("h", b"x" * 60_000)])
+    result = w.process_batch([message(0, 0, event_bytes("a"), b"a"), bad, message(0, 2, event_bytes("b"), b"b")])
+    [(_, _, key, value, headers)] = w._producer.to("ev.dlq")
+    assert (key, value, records.header(headers, records.H_REASON)) == (None, None, "too_large")
+    assert records.header(headers, records.H_CLIPPED).startswith("key, value and the producer's headers dropped "
+                                                                 "(key=200000, value=200000, headers=60011 bytes)")
+    assert [k for _, _, k, _, _ in w._producer.to("rec")] == ["a", "b"] and w._consumer.commits == [[(0, 3)]]
+    assert result.dead_lettered == 1
+    w.stores.close_all()
 
 
 def test_a_timestamp_in_seconds_past_the_float_range_is_a_bad_timestamp():
     with pytest.raises(EventError, match="bad_timestamp: timestamp is not finite"):
         parse_timestamp(1e308, "s")
     assert parse_timestamp(10**400, "s") == 10**403  # ints stay exact; the range check rejects them
+
+
+@pytest.mark.parametrize("extra", ["1e400", "[-1e999]", '{"a": 1e400}'])
+def test_a_number_beyond_a_floats_range_in_a_field_the_event_does_not_use_is_ignored_by_both_decoders(extra):
+    iso = poison(timestamp='"2026-01-01T00:00:00Z"', extra=extra)  # not the typed decoder's shape
+    for raw in (poison(extra=extra), iso):
+        for decode in (decode_event, _decode_general):
+            assert decode(raw).user_id == "a"
 
 
 def test_poison_records_are_set_aside_with_their_reason_and_the_rest_of_the_batch_routes():
@@ -492,3 +595,54 @@ def test_a_restore_silent_at_the_end_its_changelog_was_cut_back_to_ends_there(mo
     t0 = time.monotonic()
     assert read_back(StallingChangelog(stall_s=None, ends_at=3), timeout_s=30) == [0, 1, 2]
     assert time.monotonic() - t0 < 5
+
+
+INPUT_LOG, OTHER_INPUT_LOG = "01" * 16, "02" * 16  # the input topic's id, and another log's (a mirrored topic)
+
+
+def test_an_event_with_a_copys_header_naming_a_later_record_of_its_partition_is_answered_and_copies_are_no_replays():
+    """The reviewer's partition: 67 and 69 mis-keyed (key zz, user u10), 68 an event of u10 whose producer gave it
+    the header of a copy of 69. A copy is written after its original, so 68 is an ordinary event, and the
+    worker's copies of 67 and 69 are first copies, applied and answered."""
+    spoof = [(records.H_REPARTITIONED_FROM, b"ev/0/69")]
+    first = route([message(0, 67, event_bytes("u10"), b"zz"),
+                   Message(topic="ev", partition=0, offset=68, key=b"u10", value=event_bytes("u10"),
+                           timestamp=(1, TS), headers=spoof),
+                   message(0, 69, event_bytes("u10"), b"zz")])  # the offset rule holds without a topic id too
+    assert [(e.offset, e.origin) for e in first.events] == [(68, None)]
+    assert [m.offset() for m, _ in first.rekey] == [67, 69]
+    origins = {e.origin[0]: e.origin[1] for e in first.events if e.origin is not None}  # what the state records
+    copies = [Message(topic="ev", partition=0, offset=70 + i, key=b"u10", value=m.value(), timestamp=(1, TS),
+                      headers=worker._rekeyed_headers(m, INPUT_LOG)) for i, (m, _) in enumerate(first.rekey)]
+    second = route(copies, input_log=INPUT_LOG)
+    assert [e.origin for e in second.events] == [(0, 67), (0, 69)]
+    z = np.zeros(4, dtype=np.float32)
+    stored = {"u10": UserState("v", z, z, "s", TS, 1, [], source_offset=68, origins=origins)}
+    assert [e.offset for e in fresh_events(second.events, stored)] == [70, 71]
+
+
+def test_a_copys_header_is_the_workers_only_for_this_input_log_and_an_earlier_record_of_its_own_partition():
+    def origin(headers, partition: int = 1, offset: int = 5) -> tuple[int, int] | None:
+        msg = Message(topic="ev", partition=partition, offset=offset, key=b"a", value=event_bytes("a"),
+                      timestamp=(1, TS), headers=headers)
+        return route([msg], input_log=INPUT_LOG).events[0].origin
+    assert origin(records.repartition_headers("ev", 0, 9, INPUT_LOG)) == (0, 9)
+    assert origin(records.repartition_headers("ev", 0, 9, OTHER_INPUT_LOG)) is None  # a mirrored topic's copy
+    assert origin(records.repartition_headers("ev", 1, 4, INPUT_LOG)) == (1, 4)
+    assert origin(records.repartition_headers("ev", 1, 5, INPUT_LOG)) is None  # itself
+    assert origin(records.repartition_headers("ev", 1, 6, INPUT_LOG)) is None  # a later record
+    old_build = lambda p, o: [(records.H_REPARTITIONED_FROM, f"ev/{p}/{o}".encode())]  # noqa: E731 (no log header)
+    assert (origin(old_build(0, 9)), origin(old_build(1, 4)), origin(old_build(1, 6))) == ((0, 9), (1, 4), None)
+
+
+def test_a_re_keyed_copy_names_the_input_log_and_drops_a_producers_headers_of_those_names():
+    forged = [("traceparent", b"t"), (records.H_REPARTITIONED_FROM, b"ev/3/1"),
+              (records.H_REPARTITIONED_LOG, OTHER_INPUT_LOG.encode())]
+    msg = Message(topic="ev", partition=0, offset=7, key=b"zz", value=event_bytes("a"), timestamp=(1, TS),
+                  headers=forged)
+    for log, named in ((INPUT_LOG, INPUT_LOG), (None, None)):
+        headers = worker._rekeyed_headers(msg, log)
+        assert records.header(headers, "traceparent") == "t"
+        assert records.header(headers, records.H_REPARTITIONED_FROM) == "ev/0/7"
+        assert (records.header(headers, records.H_REPARTITIONED_LOG) or None) == named
+        assert [k for k, _ in headers].count(records.H_REPARTITIONED_LOG) == 1

@@ -1,0 +1,81 @@
+"""The producer's record limit (message.max.bytes) against the records the worker writes.
+
+librdkafka's produce() refuses a record past the producer's message.max.bytes before it is sent; a record of the
+worker's own refused so failed its batch on every restart, and the partition stopped for good. So the worker
+refuses at start a limit below its largest records (a recommendation, a user's changelog state, a dead letter
+written bare), and clips or dead-letters the records whose size a producer decides (stream/records.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from model.errors import ConfigError
+from model.events import MAX_ID_CHARS
+from model.inference import Recommender
+from model.state import _SLACK, History, UserState, encode_state
+from stream import records
+from stream.canary import Serving
+from stream.settings import WorkerSettings
+
+_WIDEST_ID = "\x01" * MAX_ID_CHARS  # an id at its longest in JSON: every character escaped (\u0001)
+_LONGEST_ID = "\U0001F600" * MAX_ID_CHARS  # an id at its longest in UTF-8 (a key, a msgpack string)
+_ORIGIN_PARTITIONS = 1_000  # input partitions a state remembers re-keyed originals of, at least (model/config.py)
+
+
+def _distinct_id(tag: str, i: int) -> str:
+    return f"{tag}{i:06d}".ljust(MAX_ID_CHARS, "\U0001F600")
+
+
+def _largest_history(history_length: int, tag: str) -> History:
+    """history_length events, each with an item id and an event type of its own at their longest, and the names
+    of the events that left the window a history keeps until it compacts."""
+    h = History()
+    for i in range(history_length + _SLACK):
+        h.append(_distinct_id(tag + "i", i), 2**62 + i, _distinct_id(tag + "t", i), True)
+    h.keep_last(history_length)
+    return h
+
+
+def _largest_state_record(settings: WorkerSettings, model: Recommender) -> int:
+    """A changelog record of one user's state at its largest under `model`: full stepped and skipped histories,
+    every input partition's re-keyed original remembered; as record_bytes counts it."""
+    big, hidden = 2**62, np.ones(model.config.hidden_dimension, np.float32)
+    state = UserState(model.version, hidden, hidden, _LONGEST_ID, big, big, _largest_history(model.history_length, "h"),
+                      big, big, dict.fromkeys(range(max(settings.partitions, _ORIGIN_PARTITIONS)), big), big,
+                      _largest_history(model.history_length, "s"))
+    return records.record_bytes(_LONGEST_ID, encode_state(state, settings.state_format),
+                                records.changelog_headers(big, "f" * 32))
+
+
+def _largest_recommendation(settings: WorkerSettings, version: str) -> int:
+    """A recommendation of k items at its largest under `version`, as record_bytes counts it."""
+    big = 2**63 - 1
+    items = [records.ScoredItem(_WIDEST_ID, -2.2250738585072014e-308)] * settings.k  # the longest float text
+    rec = records.Recommendation(_WIDEST_ID, items, version, _WIDEST_ID, _WIDEST_ID, 2**31 - 1, big, big, big,
+                                 settings.input_topic, "f" * 32)
+    return records.record_bytes(_LONGEST_ID, records.encode_recommendation(rec), None)
+
+
+def smallest_message_max_bytes(settings: WorkerSettings, serving: Serving) -> int:
+    """The least producer message.max.bytes under which every record the worker writes fits: a recommendation and
+    a changelog state at their largest under each version serving, and a dead letter written bare (a larger one
+    is clipped, a re-keyed copy too large dead-lettered)."""
+    models = [serving.stable] + ([serving.canary] if serving.canary is not None else [])
+    largest = max([records.smallest_dead_letter_bytes(settings.input_topic)]
+                  + [_largest_recommendation(settings, m.version) for m in models]
+                  + [_largest_state_record(settings, m) for m in models])
+    return largest + records.RECORD_FRAMING_BYTES
+
+
+def checked_message_max_bytes(settings: WorkerSettings, serving: Serving) -> int:
+    """The producer's message.max.bytes, refused (ConfigError) below smallest_message_max_bytes: a record of the
+    worker's own refused by produce() failed its batch on every restart, and the partition stopped for good."""
+    limit, least = settings.message_max_bytes, smallest_message_max_bytes(settings, serving)
+    if limit < least:
+        versions = ", ".join(f"{m.version} (history_length = {m.history_length})"
+                             for m in (serving.stable, serving.canary) if m is not None)
+        raise ConfigError(f"kafka_producer setting 'message.max.bytes' = {limit} is too small for the worker's own "
+                          f"records: at least {least} bytes (a recommendation of k = {settings.k} items, a changelog "
+                          f"state of version {versions} with ids of {MAX_ID_CHARS} characters, a dead letter); "
+                          f"raise message.max.bytes to {least} or more")
+    return limit
