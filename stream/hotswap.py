@@ -324,6 +324,7 @@ class ModelHolder:
         self._last_load_s: float | None = None
         self._prebuild_source: Callable[[], Iterable[Mapping[str, UserState]]] | None = None
         self._prebuild_max = 0
+        self._unfit: Callable[[Recommender], str | None] = lambda _: None
         self._last_prebuilt, self._last_prebuild_s = 0, None
         if metrics is not None:
             metrics.set_model_versions({recommender.version: 1.0})
@@ -387,6 +388,11 @@ class ModelHolder:
         self._prebuild_source, self._prebuild_max = source, max_users
 
     # --- the announcing side ---
+
+    def refuse_when(self, unfit: Callable[[Recommender], str | None]) -> None:
+        """Refuse (reason `unfit`) a version loaded from now on for which `unfit` gives a reason: what the
+        user of this holder cannot serve it with (the worker: its producer's record limit)."""
+        self._unfit = unfit
 
     def request(self, path: str | Path, version: str | None = None, *, reason: str = "request",
                 share: float = 1.0) -> bool:
@@ -731,6 +737,10 @@ class ModelHolder:
         rec: Recommender | None = None
         try:
             rec = req.model or validate_version(req.path, device=self.device, expected_version=req.version)
+            why = self._unfit(rec)
+            if why is not None:
+                rec = None
+                raise ModelRefused("unfit", req.path, why)
         except ModelRefused as exc:
             self._refuse(exc, then)
         except Exception as exc:  # noqa: BLE001 (a check that crashed: this thread must live for the next)

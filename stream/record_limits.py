@@ -7,6 +7,8 @@ written bare), and clips or dead-letters the records whose size a producer decid
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from model.errors import ConfigError
@@ -56,26 +58,34 @@ def _largest_recommendation(settings: WorkerSettings, version: str) -> int:
     return records.record_bytes(_LONGEST_ID, records.encode_recommendation(rec), None)
 
 
-def smallest_message_max_bytes(settings: WorkerSettings, serving: Serving) -> int:
+def smallest_message_max_bytes(settings: WorkerSettings, models: Sequence[Recommender]) -> int:
     """The least producer message.max.bytes under which every record the worker writes fits: a recommendation and
-    a changelog state at their largest under each version serving, and a dead letter written bare (a larger one
-    is clipped, a re-keyed copy too large dead-lettered)."""
-    models = [serving.stable] + ([serving.canary] if serving.canary is not None else [])
+    a changelog state at their largest under each of `models`, and a dead letter written bare (a larger one is
+    clipped, a re-keyed copy too large dead-lettered)."""
     largest = max([records.smallest_dead_letter_bytes(settings.input_topic)]
                   + [_largest_recommendation(settings, m.version) for m in models]
                   + [_largest_state_record(settings, m) for m in models])
     return largest + records.RECORD_FRAMING_BYTES
 
 
+def too_small_for(settings: WorkerSettings, models: Sequence[Recommender]) -> str | None:
+    """Why the producer's message.max.bytes cannot carry the records the worker writes serving `models`; None
+    when it can."""
+    limit, least = settings.message_max_bytes, smallest_message_max_bytes(settings, models)
+    if limit >= least:
+        return None
+    versions = ", ".join(f"{m.version} (history_length = {m.history_length})" for m in models)
+    return (f"kafka_producer setting 'message.max.bytes' = {limit} is too small for the worker's own records: at "
+            f"least {least} bytes (a recommendation of k = {settings.k} items, a changelog state of version "
+            f"{versions} with ids of {MAX_ID_CHARS} characters, a dead letter); raise message.max.bytes to {least} "
+            "or more")
+
+
 def checked_message_max_bytes(settings: WorkerSettings, serving: Serving) -> int:
-    """The producer's message.max.bytes, refused (ConfigError) below smallest_message_max_bytes: a record of the
-    worker's own refused by produce() failed its batch on every restart, and the partition stopped for good."""
-    limit, least = settings.message_max_bytes, smallest_message_max_bytes(settings, serving)
-    if limit < least:
-        versions = ", ".join(f"{m.version} (history_length = {m.history_length})"
-                             for m in (serving.stable, serving.canary) if m is not None)
-        raise ConfigError(f"kafka_producer setting 'message.max.bytes' = {limit} is too small for the worker's own "
-                          f"records: at least {least} bytes (a recommendation of k = {settings.k} items, a changelog "
-                          f"state of version {versions} with ids of {MAX_ID_CHARS} characters, a dead letter); "
-                          f"raise message.max.bytes to {least} or more")
-    return limit
+    """The producer's message.max.bytes, refused (ConfigError) where too_small_for the versions serving: a record
+    of the worker's own refused by produce() failed its batch on every restart, and the partition stopped for
+    good. (A version swapped in later is refused by the hot swap instead, ModelHolder.refuse_when.)"""
+    why = too_small_for(settings, [serving.stable] + ([serving.canary] if serving.canary is not None else []))
+    if why is not None:
+        raise ConfigError(why)
+    return settings.message_max_bytes

@@ -58,7 +58,7 @@ from stream import records
 from stream.announce import registry_id
 from stream.availability import AvailabilityReader
 from stream.canary import Serving
-from stream.record_limits import checked_message_max_bytes
+from stream.record_limits import checked_message_max_bytes, too_small_for
 from stream.hotswap import ModelHolder
 from stream.kafka_clients import (KafkaClientError, admin_client, create_consumer, create_producer, error_detail,
                                   produce_waiting, topic_id)
@@ -366,6 +366,7 @@ class Worker:
         else:
             self.models = ModelHolder.open(settings.registry, device=settings.device, metrics=self.metrics)
         self._message_max_bytes = checked_message_max_bytes(settings, self.models.serving())
+        self.models.refuse_when(lambda rec: too_small_for(settings, [rec]))
         self.stores = StateStores(settings.state_dir, settings.group, settings.input_topic, settings.state_format)
         self.models.prebuild_from(lambda: self.stores.scan_states(chunk=64), settings.prebuild_max_users)
         self.totals = BatchResult()

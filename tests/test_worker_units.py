@@ -17,7 +17,6 @@ from model.config import MAX_HISTORY_LENGTH
 from model.inference import Recommender, StepInput
 from model.state import UserState
 from stream import record_limits, records, worker
-from stream.canary import Serving
 from stream.kafka_clients import create_producer
 from stream.settings import MAX_K, WorkerSettings
 from stream.worker import (TRACKED_PER_EVENT, Incoming, Worker, applied_before, filters_of, fresh_events,
@@ -364,7 +363,7 @@ def _worker(registry: Path, tmp_path: Path, **settings) -> Worker:
 def test_a_producer_limit_too_small_for_the_workers_own_records_is_refused_at_start_naming_the_least(tmp_path):
     registry = make_registry(tmp_path / "reg")
     model = Recommender.load(latest_version_dir(registry), "cpu")
-    least = record_limits.smallest_message_max_bytes(WorkerSettings(input_topic="ev"), Serving(model))
+    least = record_limits.smallest_message_max_bytes(WorkerSettings(input_topic="ev"), [model])
     assert 100_000 < least < 1_000_000  # a state of history_length events of 256-character ids, both kinds
     with pytest.raises(ConfigError, match=rf"'message.max.bytes' = {least - 1} is too small .* at least {least} bytes"):
         _worker(registry, tmp_path, kafka_producer={"message.max.bytes": str(least - 1)})
@@ -372,12 +371,39 @@ def test_a_producer_limit_too_small_for_the_workers_own_records_is_refused_at_st
     w.stores.close_all()
 
 
+def test_a_version_whose_records_the_producer_limit_cannot_carry_is_refused_by_the_hot_swap(tmp_path):
+    import torch
+
+    from model.artifact import save_version
+    from model.config import DataConfig, HRNNConfig
+    from model.network import HRNN
+
+    registry = make_registry(tmp_path / "reg")
+    least = record_limits.smallest_message_max_bytes(
+        WorkerSettings(input_topic="ev"), [Recommender.load(latest_version_dir(registry), "cpu")])
+    w = _worker(registry, tmp_path, kafka_producer={"message.max.bytes": str(least)})
+    cfg = HRNNConfig(hidden_dimension=32, history_length=400)  # a longer history: a larger state record
+    torch.manual_seed(0)
+    longer = save_version(tmp_path / "reg", HRNN(20, cfg), cfg, DataConfig(), [f"i{k}" for k in range(20)],
+                          ["click"], make_current=False)
+    try:
+        serving = w.models.current()
+        assert w.models.request(longer, longer.name) and w.models.wait_idle(60)
+        assert w.models.swap_if_ready() is None and w.models.current() is serving
+        stats = w.models.stats()
+        assert stats.refused == {"unfit": 1} and "'message.max.bytes' = " in stats.last_refusal
+        assert f"{longer.name} (history_length = 400)" in stats.last_refusal
+    finally:
+        w.models.close()
+        w.stores.close_all()
+
+
 def test_the_default_producer_limit_admits_the_largest_k_and_history_length(tmp_path):
     model = Recommender.load(latest_version_dir(make_registry(tmp_path / "reg")), "cpu")
     model.history_length = MAX_HISTORY_LENGTH
     for fmt in (1, 2):
         settings = WorkerSettings(k=MAX_K, state_format=fmt, partitions=1000)
-        assert record_limits.smallest_message_max_bytes(settings, Serving(model)) <= records.DEFAULT_MESSAGE_MAX_BYTES
+        assert record_limits.smallest_message_max_bytes(settings, [model]) <= records.DEFAULT_MESSAGE_MAX_BYTES
 
 
 def test_a_dead_letter_still_refused_as_too_large_is_written_bare_and_the_batch_goes_on(tmp_path):
