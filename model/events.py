@@ -184,7 +184,7 @@ def _decode_general(raw: bytes | None) -> Event:
     try:
         obj = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
-        obj = _event_fields(raw)
+        obj = _event_fields(raw) if "out of range" in str(exc) else None
         if obj is None:
             raise EventError("bad_json", str(exc)) from None
     except RecursionError:  # msgspec's own limit: a few KB of brackets, never an event
@@ -209,10 +209,14 @@ def _event_fields(raw: bytes) -> dict[str, Any] | None:
         if name in fields:
             try:
                 obj[name] = _decoder.decode(fields[name])
-            except (msgspec.DecodeError, RecursionError):
+            except RecursionError:
+                raise EventError("bad_json", f"field {name!r} nests too deeply to decode") from None
+            except msgspec.DecodeError as exc:
+                if "out of range" not in str(exc):  # another fault of the field (invalid UTF-8...): msgspec's words
+                    raise EventError("bad_json", f"field {name!r}: {exc}") from None
                 reason = "bad_timestamp" if name == "timestamp" else "bad_field"
-                raise EventError(reason, f"field {name!r} holds a number beyond a float's range (or nests too "
-                                         f"deeply): {_brief(bytes(fields[name]).decode(errors='replace'))}") from None
+                raise EventError(reason, f"field {name!r} holds a number beyond a float's range: "
+                                         f"{_brief(bytes(fields[name]).decode(errors='replace'))}") from None
     return obj
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from model.config import MAX_HISTORY_LENGTH
 from model.errors import ConfigError
 from model.events import MAX_ID_CHARS
 from model.inference import Recommender
@@ -40,11 +41,16 @@ def _largest_history(history_length: int, tag: str) -> History:
 
 def _largest_state_record(settings: WorkerSettings, model: Recommender) -> int:
     """A changelog record of one user's state at its largest under `model`: full stepped and skipped histories,
-    every input partition's re-keyed original remembered; as record_bytes counts it."""
+    every input partition's re-keyed original remembered; as record_bytes counts it.
+
+    Of at most MAX_HISTORY_LENGTH events, which new versions cannot pass: versions published before that cap may
+    keep more (up to PUBLISHED_MAX_HISTORY_LENGTH) and still load, as they did before this check, whose worst case
+    (256-character ids of 4-byte characters throughout) would refuse them under Kafka's 1 MB default."""
     big, hidden = 2**62, np.ones(model.config.hidden_dimension, np.float32)
-    state = UserState(model.version, hidden, hidden, _LONGEST_ID, big, big, _largest_history(model.history_length, "h"),
+    length = min(model.history_length, MAX_HISTORY_LENGTH)
+    state = UserState(model.version, hidden, hidden, _LONGEST_ID, big, big, _largest_history(length, "h"),
                       big, big, dict.fromkeys(range(max(settings.partitions, _ORIGIN_PARTITIONS)), big), big,
-                      _largest_history(model.history_length, "s"))
+                      _largest_history(length, "s"))
     return records.record_bytes(_LONGEST_ID, encode_state(state, settings.state_format),
                                 records.changelog_headers(big, "f" * 32))
 

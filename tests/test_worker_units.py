@@ -245,6 +245,10 @@ POISON_EVENTS = [
                  id="timestamp-float-1e400"),
     pytest.param(poison(event_value="[-1e999]"), "bad_field", "field 'event_value' holds a number beyond",
                  id="event_value-float-1e999"),
+    pytest.param(poison(user_id='"a~"').replace(b"a~", b"a\xff"), "bad_json", "Invalid UTF-8",
+                 id="invalid-utf8-user-id"),
+    pytest.param(poison(user_id='"a~"', extra="1e400").replace(b"a~", b"a\xff"), "bad_json", "Invalid UTF-8",
+                 id="invalid-utf8-and-out-of-range"),
     pytest.param(b"", "empty_value", "message value is empty (0 bytes", id="empty-bytes"),
     pytest.param(b" \n", "empty_value", "message value is empty (2 bytes", id="whitespace-only"),
 ]
@@ -396,6 +400,12 @@ def test_a_version_whose_records_the_producer_limit_cannot_carry_is_refused_by_t
     finally:
         w.models.close()
         w.stores.close_all()
+
+
+def test_a_version_published_with_a_history_length_past_todays_cap_still_starts_under_the_default_limit(tmp_path):
+    model = Recommender.load(latest_version_dir(make_registry(tmp_path / "reg")), "cpu")
+    model.history_length = 10 * MAX_HISTORY_LENGTH  # loadable (PUBLISHED_MAX_HISTORY_LENGTH), as it was before
+    assert record_limits.too_small_for(WorkerSettings(k=MAX_K), [model]) is None
 
 
 def test_the_default_producer_limit_admits_the_largest_k_and_history_length(tmp_path):
