@@ -15,6 +15,7 @@ store is at some batch boundary and the offset says where catching up has to sta
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import threading
@@ -75,7 +76,10 @@ def _options() -> Options:
 
 def _open_error(path: Path, exc: Exception) -> StoreError:
     detail = str(exc)
-    if detail.startswith(("Corruption:", "Invalid argument:")):
+    # a file of the store that its CURRENT or MANIFEST names is gone (a MANIFEST deleted by hand or by a cleanup):
+    # RocksDB calls that an IO error, yet the store is as damaged as a truncated one, and rebuilt the same way
+    lost_file = detail.startswith("IO error: No such file or directory") and f"{path}{os.sep}" in detail
+    if detail.startswith(("Corruption:", "Invalid argument:")) or lost_file:
         return StoreCorrupt(f"state store {path} is damaged: {detail}")
     if re.search(r"\block\b", detail, re.IGNORECASE):  # RocksDB's LOCK file is held (not a "block" checksum)
         return StoreError(f"cannot open state store {path}: {detail} (is another worker using the same --state-dir?)")
@@ -325,8 +329,15 @@ class PartitionStore:
 
     def close(self) -> None:
         with self._closing:
-            if self._db is not None:
+            if self._db is None:
+                return
+            try:
                 self._db.close()
+            except Exception as exc:  # noqa: BLE001 (rocksdict raises a bare Exception)
+                # a store that failed a write (a full disk) fails its close too: what it lost is on the changelog,
+                # and the failed write's own error is the one to report, not this one raised while unwinding
+                log.warning("state store close failed", extra={"path": str(self.path), "error": str(exc)})
+            finally:
                 self._db = None
 
 

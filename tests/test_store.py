@@ -311,6 +311,38 @@ def test_a_damaged_store_is_a_corrupt_store_error_that_blames_no_other_worker(st
     assert stores.open(0).changelog_offset == -1
 
 
+@pytest.mark.parametrize("loss", ["manifest deleted", "current names a manifest that is not there"])
+def test_a_store_missing_a_file_its_current_names_is_a_corrupt_store_error(stores, loss):
+    from stream.store import StoreCorrupt
+
+    stores.open(0).put_states({"a": make_state(1)}, changelog_offset=3)
+    stores.close(0)
+    if loss == "manifest deleted":
+        next(stores.path(0).glob("MANIFEST-*")).unlink()
+    else:
+        (stores.path(0) / "CURRENT").write_text("MANIFEST-000099\n")
+    with pytest.raises(StoreCorrupt, match="is damaged: IO error: No such file or directory"):
+        stores.open(0)
+    stores.wipe(0)  # rebuilt from the changelog as any damaged store
+    assert stores.open(0).changelog_offset == -1
+
+
+def test_a_store_whose_close_fails_is_closed_all_the_same_and_says_so(tmp_path, caplog):
+    store = PartitionStore(tmp_path / "p0", 0)
+
+    class FailingClose:
+        def close(self):
+            raise Exception("IO error: File too large; IO error: Writer has previous error.")
+
+    real, store._db = store._db, FailingClose()
+    try:
+        with caplog.at_level("WARNING", logger="stream.store"):
+            store.close()  # a full disk failed a write, then fails the close: the write's error is the one reported
+        assert store._db is None and "state store close failed" in caplog.text
+    finally:
+        real.close()
+
+
 def test_a_store_held_by_another_handle_is_not_taken_for_a_damaged_one(tmp_path):
     from stream.store import StoreCorrupt
 
