@@ -40,13 +40,15 @@ def load_data(args: argparse.Namespace) -> Interactions:
     return load_interactions(args.data, **loader_options(args))
 
 
-def add_config_flags(p: argparse.ArgumentParser, *classes: type) -> None:
+def add_config_flags(p: argparse.ArgumentParser, *classes: type, base: dict[str, Any] | None = None) -> None:
+    """A flag per setting of `classes`, its help the default the command applies (`base` over the class's)."""
     p.add_argument("--config", type=path_arg,
                    help="JSON or TOML file of hyperparameters (e.g. the best.json of `hrnn tune`)")
     for cls in classes:
         group = p.add_argument_group(cls.__name__)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = (base or {}).get(f.name, default)
             group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="V",
                                help=f"(default {default!r})")
 

@@ -10,6 +10,7 @@ from model.config import DataConfig, HRNNConfig, path_arg
 from model.pipeline import HOLDOUTS
 
 TRIAL_EPOCHS = 4  # per-trial budget unless --epochs, HRNN_EPOCHS or --config says otherwise: pruning does the rest
+TUNE_BASE = {"epochs": TRIAL_EPOCHS}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "file's holdout, else last-session)")
     p.add_argument("--tune-seed", type=int, default=0, help="seed of the Optuna sampler")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    add_config_flags(p, HRNNConfig, DataConfig)
+    add_config_flags(p, HRNNConfig, DataConfig, base=TUNE_BASE)
     p.epilog = ("A searched hyperparameter given by flag, HRNN_<NAME> or --config is fixed in every trial, not "
                 "searched; --epochs is each trial's epoch budget (default 4).")
 
@@ -31,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from model.tune import tune
 
-    config, data_config = configs_from_args(args, base={"epochs": TRIAL_EPOCHS})  # the lowest layer, not a flag
+    config, data_config = configs_from_args(args, base=TUNE_BASE)  # the lowest layer, not a flag
     output_dir(args.out, "--out")
     result = tune(load_data(args), args.out, base=config, data_config=data_config, trials=args.trials,
                   timeout_s=args.timeout_s, holdout=resolve_holdout(args), device=args.device, seed=args.tune_seed,

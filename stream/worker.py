@@ -907,7 +907,7 @@ class Worker:
             # reads the changelog from before this batch, and the newer states another owner wrote since win.
             self._write_stores(encoded, changelog=False)
             self._rewind(routed.first_offsets)
-            return False  # delivered all the same: counted, and delivered again when read again
+            return False  # delivered all the same, and counted; read again, the batch is replays (states stored)
         _maybe_crash("after_commit", batch_no)
         self._write_stores(encoded)
         return False

@@ -355,3 +355,14 @@ def test_best_json_records_the_holdout_and_hrnn_train_with_it_reproduces_the_tri
     metrics = json.loads((Path(out.strip()) / "metrics.json").read_text())
     assert metrics["holdout"] == "personalize"
     assert metrics["val_mrr@20"] == json.loads((tuned / "trials.json").read_text())["best_value"]
+
+
+def test_tunes_help_gives_the_epoch_budget_each_trial_gets():
+    import argparse
+
+    from model.cli_tune import TRIAL_EPOCHS, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    [epochs] = [a for a in parser._actions if a.dest == "epochs"]
+    assert epochs.help == f"(default {TRIAL_EPOCHS})" and TRIAL_EPOCHS != 5  # not HRNNConfig's own default
