@@ -58,11 +58,11 @@ from stream import records
 from stream.announce import registry_id
 from stream.availability import AvailabilityReader
 from stream.canary import Serving
-from stream.record_limits import checked_message_max_bytes, too_small_for
 from stream.hotswap import ModelHolder
 from stream.kafka_clients import (KafkaClientError, admin_client, create_consumer, create_producer, error_detail,
                                   produce_waiting, topic_id)
 from stream.observability import Health, WorkerMetrics
+from stream.record_limits import checked_message_max_bytes, too_small_for
 from stream.settings import WorkerSettings
 from stream.store import ChangelogRecord, PartitionStore, StateStores, StoreCorrupt
 from stream.topics import DEFAULT_PARTITIONS, ensure_topics, partition_counts, standard_topics
