@@ -193,7 +193,7 @@ def _decode_general(raw: bytes | None) -> Event:
 
 
 _fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_EVENT_FIELDS = ("user_id", "item_id", "event_type", "timestamp", "session_id", "event_id", "event_value")
+_EVENT_FIELDS = _PlainEvent.__struct_fields__  # an event message's fields, as the typed decoder has them
 
 
 def _event_fields(raw: bytes) -> dict[str, Any] | None:

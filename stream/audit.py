@@ -235,8 +235,11 @@ def holds_records(bootstrap: str, topic: str, extra: ClientSettings | None = Non
     return any(end > start for start, end in watermarks(bootstrap, topic, extra).values())
 
 
+COMMITTED_WAIT_S = 30.0  # the longest wait for a group's committed offsets
+
+
 def committed_offsets(bootstrap: str, group: str, topic: str, extra: ClientSettings | None = None,
-                      timeout_s: float = 30.0) -> dict[int, int | None]:
+                      timeout_s: float = COMMITTED_WAIT_S) -> dict[int, int | None]:
     """The group's committed offset per partition of `topic` (None where it has none). Reading them does
     not join the group: a consumer that never subscribes takes no partition from the workers, so it has
     none to commit, whatever `extra` says of auto-commit. A client setting librdkafka refuses is the
@@ -263,7 +266,7 @@ def audit(bootstrap: str, *, input_topic: str, output_topic: str, dlq_topic: str
     `since_ms`, only the input records of that time on (Kafka timestamps, epoch ms). `extra` configures
     the clients."""
     # first: see the module docstring; within the command's timeout where shorter than the usual 30 s
-    committed = committed_offsets(bootstrap, group, input_topic, extra, timeout_s=min(timeout_s, 30.0))
+    committed = committed_offsets(bootstrap, group, input_topic, extra, timeout_s=min(timeout_s, COMMITTED_WAIT_S))
     # Answers to committed records were written before the commit: they lie below the ends read now
     # (a re-keyed copy too, which may lie past its own partition's committed offset). The input's ends are
     # read after the answers': every answer read was written after its input record, so names one below them.

@@ -387,10 +387,16 @@ def produce_acknowledged(producer: Producer, topic: str, records: Iterable[tuple
     return f"{left} record(s) not acknowledged within {timeout_s:g} s" if left else None
 
 
+def kafka_error(exc: KafkaException) -> KafkaError | None:
+    """The KafkaError a KafkaException carries (its code, retriable, fatal...); None where it carries none."""
+    err = exc.args[0] if exc.args else None
+    return err if isinstance(err, KafkaError) else None
+
+
 def error_detail(exc: KafkaException) -> str:
     """The error's name and the broker's or client's sentence inside a KafkaException."""
-    err = exc.args[0] if exc.args else None
-    return f"{err.name()}: {err.str()}" if isinstance(err, KafkaError) else str(exc)
+    err = kafka_error(exc)
+    return f"{err.name()}: {err.str()}" if err is not None else str(exc)
 
 
 def topic_partitions(client: Consumer | AdminClient, topic: str, timeout_s: float = 5.0) -> list[int]:

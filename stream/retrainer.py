@@ -61,7 +61,7 @@ from stream.observability import Health, MetricsServer
 from stream.records import repartitioned_from
 from stream.retrain_job import GATE_METRICS, RetrainOutcome, RetrainSpec
 from stream.topics import (DEFAULT_PARTITIONS, EVENTS_TOPIC, MODEL_UPDATES_TOPIC, TopicError, check_topic_name,
-                          ensure_input_topic)
+                          ensure_input_topic, partition_counts)
 
 log = logging.getLogger(__name__)
 
@@ -654,8 +654,6 @@ class RetrainerService:
         Kafka by default), and its partitions bound how many workers of the group have work. A broker that cannot
         be reached ends the service (TopicError naming the servers, exit 2): Faust would give up on it too, after
         15 s and with a traceback. Else best effort."""
-        from stream.topics import partition_counts
-
         topic = self.settings.events_topic
         partition_counts(self._admin)  # the broker first, within that call's timeout
         try:

@@ -17,7 +17,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 
 from model.errors import ConfigError, HRNNError
-from stream.kafka_clients import error_detail, serve_log_lines, servers_of, unreachable_hint
+from stream.kafka_clients import error_detail, kafka_error, serve_log_lines, servers_of, unreachable_hint
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,8 @@ def ensure_topics(admin: AdminClient, specs: list[TopicSpec], *, timeout_s: floa
                                          f"{timeout_s:g} s") from None
             except KafkaException as exc:
                 # Another worker of the group may have created it a moment ago: check it like any other.
-                if exc.args and isinstance(exc.args[0], KafkaError) and \
-                        exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                err = kafka_error(exc)
+                if err is not None and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                     continue
                 raise TopicCreationError(
                     f"the broker refused to create topic {spec.name!r} ({spec.partitions} partitions"

@@ -60,7 +60,7 @@ from stream.availability import AvailabilityReader
 from stream.canary import Serving
 from stream.hotswap import ModelHolder
 from stream.kafka_clients import (KafkaClientError, admin_client, create_consumer, create_producer, error_detail,
-                                  produce_waiting, topic_id)
+                                  kafka_error, produce_waiting, topic_id)
 from stream.observability import Health, WorkerMetrics
 from stream.record_limits import checked_message_max_bytes, too_small_for
 from stream.settings import WorkerSettings
@@ -332,8 +332,8 @@ def tune_process_gc(threshold: int) -> None:
 
 
 def _too_large(exc: KafkaException) -> bool:
-    err = exc.args[0] if exc.args else None
-    return isinstance(err, KafkaError) and err.code() == KafkaError.MSG_SIZE_TOO_LARGE
+    err = kafka_error(exc)
+    return err is not None and err.code() == KafkaError.MSG_SIZE_TOO_LARGE
 
 
 def _maybe_crash(phase: str, batch_no: int) -> None:
@@ -430,8 +430,8 @@ class Worker:
                 self._producer.init_transactions(_CLIENT_TIMEOUT_S)
                 return
             except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                if not (isinstance(err, KafkaError) and err.retriable()) or time.monotonic() >= deadline:
+                err = kafka_error(exc)
+                if not (err is not None and err.retriable()) or time.monotonic() >= deadline:
                     raise WorkerError(f"cannot start the worker's transactions: {exc}") from None
                 log.warning("transactions not ready yet; retrying", extra={"error": err.str()})
                 time.sleep(1.0)  # librdkafka's own wait is the call's timeout; not every retriable error waits
@@ -971,8 +971,8 @@ class Worker:
                 step()
                 return True
             except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                if not isinstance(err, KafkaError):
+                err = kafka_error(exc)
+                if err is None:
                     raise WorkerError(f"transaction failed: {exc}") from None
                 if err.retriable() and attempt < attempts:
                     continue
@@ -987,8 +987,8 @@ class Worker:
         """After begin or a produce failed: abort (the batch is then read again). librdkafka refuses produce() in
         an abortable state with _STATE, flagged or not, so any error short of fatal is aborted; a fatal one (a
         fenced producer) or a failed abort stop the worker with a WorkerError."""
-        err = exc.args[0] if exc.args else None
-        if not isinstance(err, KafkaError) or err.fatal():
+        err = kafka_error(exc)
+        if err is None or err.fatal():
             raise WorkerError(f"transaction failed: {exc}") from None
         log.warning("transaction aborted after a failed produce; re-reading the batch", extra={"error": err.str()})
         self._abort_transaction(err)
